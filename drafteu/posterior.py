@@ -1,0 +1,210 @@
+"""Low-rank Gaussian weight noise held as PEFT LoRA adapters (paper Sec. 4.1, App. B; TokUR).
+
+What sigma scales (both schemes).  For every targeted linear layer with weight W (out x in) a
+noise member adds
+
+    dW = U @ eps,    U: (out x r) with orthonormal columns,    eps: (r x in), eps_ij ~ N(0, sigma^2)
+
+stored as a LoRA adapter with B = U, A = eps and scaling alpha / r = 1.  So sigma is the standard
+deviation of the entries of the r x in noise matrix, and ||dW||_F^2 = ||eps||_F^2 has expectation
+r * in * sigma^2, independent of the basis.  The schemes differ only in U:
+
+- ``gaussian``: a Haar-random orthonormal basis (QR of a Gaussian matrix), drawn per member;
+- ``svd``: the top-r left singular vectors of W (TokUR's scheme: perturb along the weight's
+  principal output directions), shared by all members.
+
+A member is reproducible from ``(seed, name_of_module)``: noise is drawn on the CPU from a
+generator seeded by a hash of both, so the same seed gives the same weights on any device.
+sigma = 0 gives dW = 0 exactly: the member is the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from drafteu.errors import DraftEUError
+
+SCHEMES = ("gaussian", "svd")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Low-rank Gaussian noise for a target family, TokUR, noisy teachers and K-only drafts."""
+
+    sigma: float = field(default=0.1, metadata={"help": "std of the r x in noise matrix eps (dW = U eps)"})
+    rank: int = field(default=8, metadata={"help": "rank r of the noise dW"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "linear modules that receive noise"}
+    )
+    scheme: str = field(
+        default="gaussian",
+        metadata={"help": "basis U: 'gaussian' (random orthonormal) or 'svd' (TokUR: top-r of W)"},
+    )
+
+    def __post_init__(self):
+        if not self.sigma >= 0:
+            raise DraftEUError(f"sigma must be >= 0, got {self.sigma}")
+        if self.rank < 1:
+            raise DraftEUError(f"noise rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise DraftEUError("noise target_modules must name at least one module")
+        if self.scheme not in SCHEMES:
+            raise DraftEUError(f"unknown noise scheme {self.scheme!r}; choose one of {SCHEMES}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+def member_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts, e.g. (family_seed, k, module_name)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class NoisyModel:
+    """A causal LM wrapped in PEFT, holding named noise adapters ("members").
+
+    The base model's own weights are never changed: a member is a LoRA adapter, the unperturbed
+    model is ``with noisy.base():``.  The wrapped model is mutated in place (PEFT injects LoRA
+    layers), so create one NoisyModel per model and share it between estimators.
+    """
+
+    def __init__(self, model: torch.nn.Module, noise: NoiseConfig | None = None):
+        self.noise = noise or NoiseConfig()
+        self.model = model
+        self.members: dict[str, int] = {}  # name -> seed
+        self._basis: dict[str, torch.Tensor] = {}  # svd scheme: module name -> U (out, r)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        hits = [n for n in names if n.rsplit(".", 1)[-1] in self.noise.target_modules]
+        if not hits:
+            raise DraftEUError(
+                f"none of the noise target modules {list(self.noise.target_modules)} exist in "
+                f"{type(model).__name__}; available linear layers include "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in names})[:12]}"
+            )
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.noise.rank,
+            lora_alpha=self.noise.rank,  # scaling alpha / r = 1: dW = B @ A exactly
+            lora_dropout=0.0,
+            target_modules=list(self.noise.target_modules),
+            init_lora_weights=False,  # PEFT's gaussian init zeroes B; we overwrite A and B below
+            bias="none",
+        )
+
+    def set_member(self, name: str, seed: int) -> None:
+        """Create (or re-draw in place) the noise adapter ``name`` from ``seed``."""
+        from peft import PeftModel, get_peft_model
+
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, self._lora_config(), adapter_name=name)
+        elif name not in self.model.peft_config:
+            self.model.add_adapter(name, self._lora_config())
+        self.model.eval()
+        self._fill(name, seed)
+        self.members[name] = seed
+
+    def set_members(self, prefix: str, seeds: Sequence[int]) -> list[str]:
+        """Create/re-draw members ``prefix0..prefix{K-1}`` from ``seeds``; returns their names."""
+        names = [f"{prefix}{k}" for k in range(len(seeds))]
+        for name, seed in zip(names, seeds, strict=True):
+            self.set_member(name, seed)
+        return names
+
+    @torch.no_grad()
+    def _fill(self, name: str, seed: int) -> None:
+        r, sigma = self.noise.rank, self.noise.sigma
+        for mod_name, module in self.model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is None or name not in lora_a:
+                continue
+            a, b = lora_a[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
+            gen = torch.Generator().manual_seed(member_seed(seed, mod_name))
+            eps = torch.randn(a.shape, generator=gen, dtype=torch.float32) * sigma
+            if self.noise.scheme == "svd":
+                basis = self._svd_basis(mod_name, module)
+            else:
+                g = torch.randn(b.shape[0], r, generator=gen, dtype=torch.float32)
+                basis = torch.linalg.qr(g).Q  # (out, r) orthonormal columns
+            a.copy_(eps)
+            b.copy_(basis)
+
+    def _svd_basis(self, mod_name: str, module) -> torch.Tensor:
+        if mod_name not in self._basis:
+            w = module.get_base_layer().weight.detach().float()
+            u, _, _ = torch.linalg.svd(w, full_matrices=False)  # w: (out, in)
+            self._basis[mod_name] = u[:, : self.noise.rank].cpu()
+        return self._basis[mod_name]
+
+    @contextmanager
+    def base(self):
+        """The unperturbed model (all adapters off)."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        members: Sequence[str],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        batched: bool = True,
+    ) -> torch.Tensor:
+        """Next-token logits of each member: (B, L) ids -> (K, B, L', V), L' = logits_to_keep or L.
+
+        ``batched`` runs all K members in one forward (PEFT mixed-adapter batch, the inputs
+        repeated K times); otherwise one forward per member.  Both give the same numbers.
+        """
+        unknown = [m for m in members if m not in self.members]
+        if unknown:
+            raise DraftEUError(f"unknown noise members {unknown}; create them with set_member")
+        k, bsz = len(members), input_ids.shape[0]
+        if batched:
+            ids = input_ids.repeat(k, 1)
+            mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+            names = [m for m in members for _ in range(bsz)]
+            out = self.model(
+                input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=logits_to_keep
+            ).logits
+            return out.reshape(k, bsz, *out.shape[1:])
+        outs = []
+        for m in members:
+            self.model.set_adapter(m)
+            outs.append(
+                self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+                ).logits
+            )
+        return torch.stack(outs)
+
+    @torch.no_grad()
+    def base_logits(
+        self, input_ids: torch.Tensor, *, attention_mask=None, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Logits of the unperturbed model: (B, L) -> (B, L', V)."""
+        with self.base() as m:
+            return m(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+            ).logits
+
+
+def family_seeds(seed: int, size: int, tag: str = "family") -> list[int]:
+    """Seeds of a fixed family of ``size`` members: member k's noise depends on (seed, k) only."""
+    return [member_seed(tag, seed, k) for k in range(size)]

@@ -1,0 +1,109 @@
+"""`drafteu score`: generate (or take) an answer and report its token-level EU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from drafteu import data, estimators, models
+from drafteu.config import ScoreConfig
+from drafteu.errors import DraftEUError
+from drafteu.estimators import AGGREGATIONS, TokenScores
+from drafteu.posterior import NoisyModel
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy response token ids, cut before the first end-of-sequence token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    cut = next((i for i, t in enumerate(out) if t in eos), len(out))
+    return out[:cut]
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Text of each token such that the pieces concatenate to the decoded response.
+
+    Decoding prefixes (not single ids) keeps multi-byte characters split across tokens intact.
+    """
+    pieces, prev = [], ""
+    for i in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:i], skip_special_tokens=False)
+        if text.endswith("\ufffd") and i < len(ids):  # an incomplete UTF-8 character: wait
+            pieces.append("")
+            continue
+        pieces.append(text[len(prev):])
+        prev = text
+    return pieces
+
+
+def to_json(question: str, answer: str, method: str, target: str, scores: TokenScores, pieces) -> dict:
+    """The JSON shape shared by `score` and `speculate` (a public contract)."""
+    tokens = []
+    for i, (tid, piece) in enumerate(zip(scores.token_ids, pieces, strict=True)):
+        tok = {"id": int(tid), "text": piece, "eu": float(scores.eu[i])}
+        if scores.variance is not None:
+            tok["variance"] = float(scores.variance[i])
+        if scores.bias is not None:
+            tok["bias"] = float(scores.bias[i])
+        tokens.append(tok)
+    return {
+        "question": question,
+        "answer": answer,
+        "method": method,
+        "target": target,
+        "tokens": tokens,
+        "sequence": {how: scores.aggregate(how) for how in AGGREGATIONS},
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically: a killed run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def run(cfg: ScoreConfig) -> dict:
+    """Load the target, get the answer, score it, return (and optionally write) the JSON."""
+    if cfg.json is not None and Path(cfg.json).is_dir():
+        raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
+    lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    prompt_ids = data.format_prompt(lm.tokenizer, cfg.question)
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if cfg.answer is None:
+        if context and len(prompt_ids) + cfg.max_new_tokens > context:
+            raise DraftEUError(
+                f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                f"the model's context of {context} tokens; shorten the question or lower it"
+            )
+        response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
+    else:
+        response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
+    if context and len(prompt_ids) + len(response_ids) > context:
+        raise DraftEUError(
+            f"prompt + answer ({len(prompt_ids) + len(response_ids)} tokens) exceed the model's "
+            f"context of {context} tokens"
+        )
+    answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
+    noisy = NoisyModel(lm.model, cfg.noise)
+    est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
+    scores = est.score(prompt_ids, response_ids)
+    result = to_json(cfg.question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
+    if cfg.json is not None:
+        write_json(cfg.json, result)
+    return result
