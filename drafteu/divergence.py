@@ -87,8 +87,12 @@ def _kl_lp(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def _mixture_lp(logp: torch.Tensor) -> torch.Tensor:
-    # (K, n, V) -> (n, V); logsumexp keeps masked entries at -inf and is exact for large logits.
-    return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
+    # (K, n, V) -> (n, V).  log-mean-exp around the per-entry max m: stable for any magnitude,
+    # and exact when all members agree (exp(0) = 1, so the mixture returns m itself, and the MI of
+    # identical members is exactly 0).  Entries every member masks stay -inf.
+    m = logp.amax(dim=0)
+    m_safe = torch.where(m > -math.inf, m, 0.0)
+    return m_safe + (logp - m_safe).exp().mean(dim=0).log()
 
 
 def _jsd_lp(logp: torch.Tensor, logmix: torch.Tensor) -> torch.Tensor:
@@ -173,8 +177,13 @@ def kl(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """KL(p || q) in nats.  (..., V), (..., V) -> (...); +inf where q masks a token p allows."""
-    p_logits, q_logits = torch.broadcast_tensors(p_logits, q_logits)
     _check_vocab(p_logits, q_logits)
+    try:
+        p_logits, q_logits = torch.broadcast_tensors(p_logits, q_logits)
+    except RuntimeError as e:
+        raise ValueError(
+            f"kl: shapes {tuple(p_logits.shape)} and {tuple(q_logits.shape)} do not broadcast"
+        ) from e
     lead = p_logits.shape[:-1]
 
     def fn(p, q):

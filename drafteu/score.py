@@ -83,6 +83,7 @@ def run(cfg: ScoreConfig) -> dict:
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if cfg.answer is None:
@@ -100,7 +101,6 @@ def run(cfg: ScoreConfig) -> dict:
             f"context of {context} tokens"
         )
     answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
-    noisy = NoisyModel(lm.model, cfg.noise)
     est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
     scores = est.score(prompt_ids, response_ids)
     result = to_json(cfg.question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random Llama models with a locally trained tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+# One process, few threads: the suite never runs two torch-heavy processes at once, and a
+# small thread count avoids oversubscription on shared 2-core machines.
+torch.set_num_threads(int(os.environ.get("DRAFTEU_THREADS", "2")))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have now? The answer is 7.",
+    "Solve the following problem step by step. Put the final answer in \\boxed{}.",
+    "Sara had 9 pencils and gave 2 to a friend, so she has 7 left. 12 + 30 = 42, 6 * 7 = 42.",
+    "There are 5 bags with 8 marbles each, 40 marbles in total. #### 40",
+]
+
+
+def make_tokenizer(vocab_size: int = 300, corpus: list[str] = CORPUS):
+    """A byte-level BPE tokenizer trained on a tiny corpus, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(vocab_size: int, layers: int = 2, seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM with tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )
+    cfg = LlamaConfig(**{**kwargs, **overrides})
+    model = LlamaForCausalLM(cfg).eval()
+    # Larger-than-default weights so that noise and models give clearly non-uniform outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved tiny model directory (4 layers), loadable with drafteu.models.load."""
+    path = tmp_path_factory.mktemp("tiny-target")
+    model = make_model(len(tokenizer), layers=4)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """A freshly loaded tiny target (each test may mutate it, e.g. by adding noise adapters)."""
+    from drafteu import models
+
+    return models.load(str(tiny_dir))

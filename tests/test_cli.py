@@ -1,0 +1,93 @@
+"""`drafteu score` end to end on a tiny local model: output JSON, numbers, and clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from drafteu import data, divergence, models
+from drafteu.cli import app
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_score_given_answer_writes_json(tiny_dir, tmp_path):
+    out = tmp_path / "nested" / "score.json"
+    answer = "The answer is \\boxed{7}."
+    res = invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--answer", answer,
+                 "--method", "groundtruth", "-k", "3", "--sigma", "0.3", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "EU scale" in res.output and "groundtruth" in res.output
+    result = json.loads(out.read_text())
+    assert set(result) >= {"question", "answer", "method", "tokens", "sequence"}
+    assert result["question"] == QUESTION and result["answer"] == answer
+    assert "".join(t["text"] for t in result["tokens"]) == answer
+    eus = torch.tensor([t["eu"] for t in result["tokens"]])
+    assert (eus > 0).all()
+    assert result["sequence"]["mean"] == pytest.approx(eus.mean().item(), rel=1e-6)
+    assert result["sequence"]["max"] == pytest.approx(eus.max().item(), rel=1e-6)
+    assert result["sequence"]["sum"] == pytest.approx(eus.sum().item(), rel=1e-5)
+    # the same numbers as the library path: family MI at the response positions
+    lm = models.load(str(tiny_dir))
+    prompt = data.format_prompt(lm.tokenizer, QUESTION)
+    ids = [t["id"] for t in result["tokens"]]
+    from drafteu.posterior import NoiseConfig, NoisyModel
+    from drafteu.estimators import GroundTruth
+
+    gt = GroundTruth(NoisyModel(lm.model, NoiseConfig(sigma=0.3)), size=3, seed=0)
+    assert torch.allclose(gt.score(prompt, ids).eu, eus, atol=1e-6)
+    assert divergence.mutual_information is not None
+
+
+def test_score_generates_an_answer_with_each_method(tiny_dir, tmp_path):
+    for method in ("groundtruth", "tokur", "entropy"):
+        out = tmp_path / f"{method}.json"
+        res = invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--method", method,
+                     "--max-new-tokens", "12", "--json", str(out), "--threads", "1")
+        assert res.exit_code == 0, res.output
+        result = json.loads(out.read_text())
+        assert result["method"] == method
+        assert 1 <= len(result["tokens"]) <= 12
+        assert all(t["eu"] >= 0 for t in result["tokens"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-q", "   "], "question is empty"),
+        (["-q", QUESTION, "--method", "magic"], "unknown method"),
+        (["-q", QUESTION, "--target", "/no/such/model"], "model path not found"),
+        (["-q", QUESTION, "-k", "0"], "family-size"),
+        (["-q", QUESTION, "--sigma", "-1"], "sigma"),
+        (["-q", QUESTION, "--scheme", "bogus"], "scheme"),
+        (["-q", QUESTION, "--answer", ""], "answer is empty"),
+        (["-q", QUESTION, "--dtype", "int4"], "unknown dtype"),
+        (["-q", QUESTION, "--max-new-tokens", "100000"], "context"),
+        (["-q", QUESTION, "--noise-modules", "qkv"], "noise target modules"),
+    ],
+)
+def test_bad_input_is_one_line_error(tiny_dir, args, message):
+    if "--target" not in args:
+        args = [*args, "--target", str(tiny_dir)]
+    res = invoke("score", *args)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) <= 2
+
+
+def test_help_explains_every_option():
+    res = invoke("score", "--help")
+    assert res.exit_code == 0
+    for opt in ("--question", "--target", "--answer", "--method", "--family-size", "--sigma",
+                "--rank", "--scheme", "--seed", "--json", "--threads", "--device", "--dtype"):
+        assert opt in res.output

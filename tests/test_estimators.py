@@ -1,0 +1,90 @@
+"""Estimators: position alignment, agreement with the divergence functions, freshness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafteu import divergence as D
+from drafteu import estimators
+from drafteu.errors import DraftEUError
+from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds
+
+from .conftest import make_model
+
+V = 120
+PROMPT = [5, 17, 33, 8, 2]
+RESPONSE = [44, 12, 90, 7]
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_groundtruth_is_family_mi_at_response_positions():
+    noisy = NoisyModel(make_model(V), NoiseConfig(sigma=0.3))
+    gt = estimators.GroundTruth(noisy, size=3, seed=1)
+    scores = gt.score(PROMPT, RESPONSE)
+    assert scores.eu.shape == (4,) and scores.token_ids == RESPONSE
+    # manual: full forward of each member in a loop, logits at positions P-1 .. P+T-2
+    seq = PROMPT + RESPONSE
+    members = []
+    for name in gt.member_names:
+        noisy.model.set_adapter(name)
+        members.append(full_logits(noisy.model, seq)[len(PROMPT) - 1 : len(seq) - 1])
+    ref = D.mutual_information(torch.stack(members))
+    assert torch.allclose(scores.eu, ref, atol=1e-5)
+    assert (scores.eu > 0).all()
+    # fixed family: scoring twice gives the same numbers
+    assert torch.equal(gt.score(PROMPT, RESPONSE).eu, scores.eu)
+    assert family_seeds(1, 3) == [noisy.members[n] for n in gt.member_names]
+
+
+def test_groundtruth_sigma_zero_is_zero():
+    noisy = NoisyModel(make_model(V), NoiseConfig(sigma=0.0))
+    eu = estimators.GroundTruth(noisy, size=3).score(PROMPT, RESPONSE).eu
+    assert torch.equal(eu, torch.zeros(4))
+
+
+def test_tokur_draws_fresh_members_reproducibly():
+    a = estimators.TokUR(NoisyModel(make_model(V), NoiseConfig(sigma=0.3)), size=3, seed=4)
+    first, second = a.score(PROMPT, RESPONSE).eu, a.score(PROMPT, RESPONSE).eu
+    assert not torch.allclose(first, second)
+    b = estimators.TokUR(NoisyModel(make_model(V), NoiseConfig(sigma=0.3)), size=3, seed=4)
+    assert torch.equal(b.score(PROMPT, RESPONSE).eu, first)
+    # a TokUR draw is not the ground-truth family
+    gt = estimators.GroundTruth(NoisyModel(make_model(V), NoiseConfig(sigma=0.3)), size=3, seed=4)
+    assert not torch.allclose(gt.score(PROMPT, RESPONSE).eu, first)
+
+
+def test_entropy_is_unperturbed_target_entropy():
+    model = make_model(V)
+    ref = D.entropy(full_logits(model, PROMPT + RESPONSE)[len(PROMPT) - 1 : -1])
+    noisy = NoisyModel(model, NoiseConfig(sigma=0.5))
+    estimators.GroundTruth(noisy, size=2)  # adapters present must not change the entropy
+    got = estimators.PredictiveEntropy(noisy).score(PROMPT, RESPONSE).eu
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_aggregation_and_errors():
+    s = estimators.TokenScores(token_ids=[1, 2, 3], eu=torch.tensor([0.1, 0.5, 0.3]))
+    assert s.aggregate("mean") == pytest.approx(0.3)
+    assert s.aggregate("max") == pytest.approx(0.5)
+    assert s.aggregate("sum") == pytest.approx(0.9)
+    assert estimators.aggregate(torch.empty(0)) == 0.0
+    with pytest.raises(DraftEUError, match="aggregation"):
+        s.aggregate("median")
+    noisy = NoisyModel(make_model(V))
+    with pytest.raises(DraftEUError, match="unknown method"):
+        estimators.build("drafts?", noisy)
+    with pytest.raises(DraftEUError, match="family size"):
+        estimators.build("tokur", noisy, size=0)
+    with pytest.raises(DraftEUError, match="prompt is empty"):
+        estimators.build("entropy", noisy).score([], RESPONSE)
+
+
+def test_empty_response_scores_nothing():
+    noisy = NoisyModel(make_model(V))
+    s = estimators.build("groundtruth", noisy).score(PROMPT, [])
+    assert s.eu.shape == (0,) and s.aggregate("mean") == 0.0
