@@ -69,7 +69,8 @@ def score(
 ):
     """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU."""
     try:
-        from drafteu import models, score as score_stage
+        from drafteu import models
+        from drafteu import score as score_stage
         from drafteu.display import heatmap
 
         _quiet_libraries()

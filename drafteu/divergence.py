@@ -36,8 +36,9 @@ __all__ = [
     "log_softmax",
 ]
 
-# Largest number of float32 entries one intermediate tensor may hold (16M entries = 64 MiB).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Largest number of float32 entries one intermediate tensor may hold (4M entries = 16 MiB: below glibc's 32 MiB mmap threshold, so chunk buffers are reused
+# instead of page-faulted in afresh).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 class EUTerms(NamedTuple):
@@ -49,55 +50,89 @@ class EUTerms(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise kernels on log-probabilities (float32, already normalized).
+# Kernels on one chunk.  They work in place on chunk-sized float32 buffers: on a CPU, allocating
+# fresh (page-faulting) memory costs more than the arithmetic, so each chunk allocates a few
+# buffers of at most ``chunk_elements`` entries and reuses them.
 
 
-def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 log-probabilities of ``logits`` (..., V); raises ValueError on NaN / +inf rows."""
+def _check_floating(logits: torch.Tensor) -> None:
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.shape[-1] == 0:
         raise ValueError("logits have an empty vocabulary axis (V = 0)")
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if torch.isnan(logp).any():
-        # Find out which of the three causes it was, for a message that names the fix.
-        if torch.isnan(logits).any():
+
+
+def _diagnose(*inputs: torch.Tensor) -> None:
+    """Raise the ValueError that explains a NaN result (called only when one appeared)."""
+    for x in inputs:
+        if torch.isnan(x).any():
             raise ValueError("logits contain NaN; check the model's forward pass or the input dtype")
-        if torch.isposinf(logits).any():
+        if torch.isposinf(x).any():
             raise ValueError("logits contain +inf; mask tokens with -inf, never +inf")
-        raise ValueError(
-            "a distribution masks every vocabulary entry (all logits -inf); "
-            "at least one token must stay allowed"
-        )
+    raise ValueError(
+        "a distribution masks every vocabulary entry (all logits -inf); at least one token must stay allowed"
+    )
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities of ``logits`` (..., V); raises ValueError on NaN / +inf rows."""
+    _check_floating(logits)
+    return _log_softmax(logits)
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    # dtype= upcasts inside the kernel: one float32 buffer, no separate .float() copy.
+    logp = torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    # An invalid row (NaN, +inf, or all -inf) has a NaN normalizer, so its max is NaN; a read-only
+    # reduction is far cheaper than a full isnan pass.  Later kernels map 0 * log 0 NaNs to 0, so
+    # this is the one place where bad input can still be seen.
+    if torch.isnan(logp.amax(dim=-1)).any():
+        _diagnose(x)
     return logp
 
 
-def _xlogy_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Per-entry p * (log p - log q), with 0 where p = 0 (also when q = 0 there)."""
-    # where() rather than multiplication: p = 0 and log p - log q = nan/inf would give nan.
-    return torch.where(logp > -math.inf, logp.exp() * (logp - logq), 0.0)
+def _finite_sum_(terms: torch.Tensor) -> torch.Tensor:
+    # Terms are p * (log p - log q); a NaN there is 0 * (-inf or nan) at p = 0, which is 0.
+    # +inf (p > 0 where q = 0) is kept: that KL is infinite.
+    return torch.nan_to_num_(terms, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
 
 
-def _entropy_lp(logp: torch.Tensor) -> torch.Tensor:
-    return -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+def _entropy_lp_(logp: torch.Tensor) -> torch.Tensor:
+    """H from log-probabilities; overwrites ``logp``."""
+    p = logp.exp()
+    return -_finite_sum_(logp.mul_(p))
 
 
-def _kl_lp(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    return _xlogy_terms(logp, logq).sum(-1).clamp_min(0.0)
+def _kl_lp_(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) summed over V; overwrites ``logp``.  ``p`` = exp(logp) if already at hand."""
+    if p is None:
+        p = logp.exp()
+    return _finite_sum_(logp.sub_(logq).mul_(p))
 
 
-def _mixture_lp(logp: torch.Tensor) -> torch.Tensor:
-    # (K, n, V) -> (n, V).  log-mean-exp around the per-entry max m: stable for any magnitude,
-    # and exact when all members agree (exp(0) = 1, so the mixture returns m itself, and the MI of
-    # identical members is exactly 0).  Entries every member masks stay -inf.
+def _mixture_lp(logp: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, n, V) log-probabilities -> (n, V) log-probabilities of their uniform mixture.
+
+    log-mean-exp around the per-entry max m: stable for any magnitude, and exact when all
+    members agree (exp(0) = 1, so the mixture is m itself and the MI of identical members is
+    exactly 0).  Entries every member masks stay -inf.  ``buf`` (K, n, V) is scratch space.
+    """
     m = logp.amax(dim=0)
-    m_safe = torch.where(m > -math.inf, m, 0.0)
-    return m_safe + (logp - m_safe).exp().mean(dim=0).log()
+    m = torch.where(m > -math.inf, m, 0.0)
+    buf = torch.sub(logp, m, out=buf) if buf is not None else logp - m
+    return buf.exp_().mean(dim=0).log_().add_(m)
 
 
-def _jsd_lp(logp: torch.Tensor, logmix: torch.Tensor) -> torch.Tensor:
-    # E_k KL(q_k || q_mix): each term >= 0, no entropy cancellation.
-    return _xlogy_terms(logp, logmix.unsqueeze(0)).sum(-1).mean(0).clamp_min(0.0)
+def _jsd_lp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(JSD, log q_mix) of (K, n, V) log-probabilities; overwrites ``logp``.
+
+    JSD = E_k KL(q_k || q_mix), summed term by term (each >= 0): no entropy cancellation.
+    """
+    scratch = torch.empty_like(logp)
+    logmix = _mixture_lp(logp, scratch)
+    p = torch.exp(logp, out=scratch)
+    jsd = _kl_lp_(logp, logmix, p).mean(0).clamp_min_(0.0)
+    return jsd, logmix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,10 +197,11 @@ def _check_vocab(*tensors: torch.Tensor) -> None:
 
 def entropy(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """H(p) in nats.  logits (..., V) -> (...)."""
+    _check_floating(logits)
     lead = logits.shape[:-1]
 
     def fn(x):
-        return (_entropy_lp(log_softmax(x)),)
+        return (_entropy_lp_(_log_softmax(x)).clamp_min_(0.0),)
 
     return _chunked(fn, [], [_flat(logits)], lead, chunk_elements, 1)[0]
 
@@ -177,6 +213,8 @@ def kl(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """KL(p || q) in nats.  (..., V), (..., V) -> (...); +inf where q masks a token p allows."""
+    _check_floating(p_logits)
+    _check_floating(q_logits)
     _check_vocab(p_logits, q_logits)
     try:
         p_logits, q_logits = torch.broadcast_tensors(p_logits, q_logits)
@@ -187,20 +225,21 @@ def kl(
     lead = p_logits.shape[:-1]
 
     def fn(p, q):
-        return (_kl_lp(log_softmax(p), log_softmax(q)),)
+        return (_kl_lp_(_log_softmax(p), _log_softmax(q)).clamp_min_(0.0),)
 
     return _chunked(fn, [], [_flat(p_logits), _flat(q_logits)], lead, chunk_elements, 1)[0]
 
 
 def mixture(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Log-probabilities of the uniform mixture.  (K, ..., V) -> (..., V), float32."""
+    _check_floating(logits)
     flat = _flat_members(logits, "logits")
     k, n, v = flat.shape
     out = torch.empty(n, v, dtype=torch.float32, device=logits.device)
     step = _positions_per_chunk(k, v, chunk_elements)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        out[sl] = _mixture_lp(log_softmax(flat[:, sl]))
+        out[sl] = _mixture_lp(_log_softmax(flat[:, sl]))
     return out.reshape(logits.shape[1:])
 
 
@@ -212,12 +251,12 @@ def mutual_information(
     Ground-truth EU of a target family (METHOD.md §2), TokUR's EU, and the variance proxy of
     Theorem 3.4.  Computed in the E_k KL form (see the module docstring).
     """
+    _check_floating(logits)
     flat = _flat_members(logits, "logits")
     lead = logits.shape[1:-1]
 
     def fn(x):
-        logp = log_softmax(x)
-        return (_jsd_lp(logp, _mixture_lp(logp)),)
+        return (_jsd_lp(_log_softmax(x))[0],)
 
     return _chunked(fn, [flat], [], lead, chunk_elements, 1)[0]
 
@@ -236,6 +275,8 @@ def eu_decomposition(
     draft_logits (K, ..., V) of the drafts q_k; proxy_logits (..., V) of p (the OSD proxy p_mix,
     or the raw target).  Returns EUTerms(variance, bias, total), each (...) float32.
     """
+    _check_floating(draft_logits)
+    _check_floating(proxy_logits)
     flat_q = _flat_members(draft_logits, "draft_logits")
     if draft_logits.shape[1:] != proxy_logits.shape:
         raise ValueError(
@@ -245,10 +286,8 @@ def eu_decomposition(
     lead = proxy_logits.shape[:-1]
 
     def fn(q, p):
-        logq = log_softmax(q)  # (K, n, V)
-        logmix = _mixture_lp(logq)  # (n, V)
-        variance = _jsd_lp(logq, logmix)
-        bias = _kl_lp(logmix, log_softmax(p))
+        variance, logmix = _jsd_lp(_log_softmax(q))  # (n,), (n, V)
+        bias = _kl_lp_(logmix, _log_softmax(p)).clamp_min_(0.0)
         return variance, bias
 
     variance, bias = _chunked(fn, [flat_q], [_flat(proxy_logits)], lead, chunk_elements, 2)

@@ -8,9 +8,11 @@ import warnings
 import pytest
 import torch
 
-# One process, few threads: the suite never runs two torch-heavy processes at once, and a
-# small thread count avoids oversubscription on shared 2-core machines.
-torch.set_num_threads(int(os.environ.get("DRAFTEU_THREADS", "2")))
+# The suite runs in one process (never two torch-heavy processes at once).  DRAFTEU_THREADS pins
+# torch's threads, e.g. to 1 on a machine shared with another busy process; unset keeps torch's
+# default (all cores), so bigger machines are not held back.
+if os.environ.get("DRAFTEU_THREADS"):
+    torch.set_num_threads(int(os.environ["DRAFTEU_THREADS"]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 

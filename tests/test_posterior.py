@@ -69,7 +69,7 @@ def test_noise_is_u_times_eps_with_orthonormal_u(scheme):
     noisy = NoisyModel(model, NoiseConfig(sigma=sigma, rank=rank, scheme=scheme))
     noisy.set_member("m", 3)
     eps_all, checked = [], 0
-    for name, mod in noisy.model.named_modules():
+    for _name, mod in noisy.model.named_modules():
         if hasattr(mod, "lora_A") and "m" in mod.lora_A:
             a, b = mod.lora_A["m"].weight, mod.lora_B["m"].weight
             assert mod.scaling["m"] == 1.0
