@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from drafteu.data import (
-    SHOTS, easy_word, extract_answer, format_prompt, is_correct, load_jsonl, load_task, shots_for,
+    SHOTS,
+    easy_word,
+    extract_answer,
+    format_prompt,
+    is_correct,
+    load_jsonl,
+    load_task,
+    shots_for,
 )
 from drafteu.errors import DraftEUError
 
