@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from drafteu.config import ScoreConfig, help_of
+from drafteu.generate import GenerateConfig
 from drafteu.errors import DraftEUError
 from drafteu.posterior import NoiseConfig
 
@@ -91,6 +92,59 @@ def score(
     console.print(heatmap(result))
     if json_out is not None:
         console.print(f"wrote {json_out}")
+
+
+@app.command()
+def generate(
+    out: Path = typer.Option(..., "--out", "-o", help=help_of(GenerateConfig, "out")),
+    target: str = typer.Option("embedded", help=help_of(GenerateConfig, "target")),
+    task: str = typer.Option("easy-word", help=help_of(GenerateConfig, "task")),
+    split: str = typer.Option("train", help=help_of(GenerateConfig, "split")),
+    questions: int | None = typer.Option(None, "--questions", "-n", help=help_of(GenerateConfig, "questions")),
+    samples: int = typer.Option(4, help=help_of(GenerateConfig, "samples")),
+    temperature: float = typer.Option(1.0, help=help_of(GenerateConfig, "temperature")),
+    top_p: float = typer.Option(1.0, help=help_of(GenerateConfig, "top_p")),
+    max_new_tokens: int = typer.Option(256, help=help_of(GenerateConfig, "max_new_tokens")),
+    batch_size: int = typer.Option(8, help=help_of(GenerateConfig, "batch_size")),
+    shots: int = typer.Option(2, help=help_of(GenerateConfig, "shots")),
+    prefix_cache: bool = typer.Option(True, help=help_of(GenerateConfig, "prefix_cache")),
+    member: int | None = typer.Option(None, help=help_of(GenerateConfig, "member")),
+    family_seed: int = typer.Option(0, help=help_of(GenerateConfig, "family_seed")),
+    sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
+    rank: int = typer.Option(8, help=help_of(NoiseConfig, "rank")),
+    steps: int = typer.Option(1, help=help_of(GenerateConfig, "steps")),
+    low: int = typer.Option(2, help=help_of(GenerateConfig, "low")),
+    high: int = typer.Option(9, help=help_of(GenerateConfig, "high")),
+    seed: int = typer.Option(0, help=help_of(GenerateConfig, "seed")),
+    backend: str = typer.Option("hf", help=help_of(GenerateConfig, "backend")),
+    dtype: str = typer.Option("auto", help=help_of(GenerateConfig, "dtype")),
+    device: str = typer.Option("cpu", help=help_of(GenerateConfig, "device")),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+):
+    """Sample answers per question from the target (or a noisy family member) into OUT/samples.jsonl.
+
+    Resumable: rerun the same command after an interruption and it continues where it stopped.
+    """
+    try:
+        from drafteu import generate as generate_stage
+        from drafteu import models
+
+        _quiet_libraries()
+        models.set_threads(threads)
+        cfg = GenerateConfig(
+            out=out, target=target, task=task, split=split, questions=questions, samples=samples,
+            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, shots=shots, prefix_cache=prefix_cache, member=member,
+            family_seed=family_seed, noise=NoiseConfig(sigma=sigma, rank=rank), steps=steps,
+            low=low, high=high, seed=seed, backend=backend, dtype=dtype, device=device,
+        )
+        summary = generate_stage.run(cfg)
+    except DraftEUError as e:
+        _fail(str(e))
+    console.print(
+        f"{summary['rows']} samples of {summary['questions']} questions in {out / 'samples.jsonl'}; "
+        f"accuracy {summary['accuracy']:.1%}"
+    )
 
 
 def main() -> None:  # pragma: no cover - entry point

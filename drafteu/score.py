@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
 from drafteu.posterior import NoisyModel
+from drafteu.runio import write_json
 
 
 @torch.no_grad()
@@ -67,15 +66,6 @@ def to_json(question: str, answer: str, method: str, target: str, scores: TokenS
         "tokens": tokens,
         "sequence": {how: scores.aggregate(how) for how in AGGREGATIONS},
     }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a killed run never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    tmp.replace(path)
 
 
 def run(cfg: ScoreConfig) -> dict:

@@ -57,7 +57,7 @@ def make_model(vocab_size: int, layers: int = 2, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1,
     )
     cfg = LlamaConfig(**{**kwargs, **overrides})

@@ -1,0 +1,289 @@
+"""`drafteu generate`: sample answers from the target (or a noisy family member) into a jsonl.
+
+Paper Sec. 4.2 (4 answers per question for draft data), App. B.1 (5 per question per noisy
+teacher for proxy data), App. B.5 (one answer per test question, 3 repeats).
+
+Output ``<out>/samples.jsonl``, one row per (question, sample), schema ``ROW_FIELDS``:
+  qid, question, gold           the problem
+  model, member                 the model spec; null or the family member index it came from
+  sample                        sample index 0..n-1 for this question
+  prompt_ids, response_ids      token ids (the response is cut before end-of-sequence)
+  response, extracted, correct  decoded text, extract_answer(response), is_correct(extracted, gold)
+  finish                        "eos" or "length" (hit max_new_tokens)
+plus ``config.yaml`` and ``manifest.json``.  Resumable: rows are appended one batch at a time
+(a single write + fsync); a rerun skips every (qid, sample) already written and drops a torn
+last line, so nothing is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import yaml
+
+from drafteu import data, models, runio
+from drafteu.errors import DraftEUError
+from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
+
+ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_ids", "response_ids",
+              "response", "extracted", "correct", "finish")
+
+
+@dataclass
+class GenerateConfig:
+    """`drafteu generate`: n sampled answers per question."""
+
+    out: Path = field(metadata={"help": "output directory (samples.jsonl, config.yaml, manifest.json)"})
+    target: str = field(default="embedded", metadata={"help": "model: embedded, hub id, local dir or .gguf"})
+    task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or a HF dataset id (openai/gsm8k)"})
+    split: str = field(default="train", metadata={"help": "dataset split: train or test"})
+    questions: int | None = field(default=None, metadata={"help": "use the first N questions (easy-word: generate N; default 200 there, all elsewhere)"})
+    samples: int = field(default=4, metadata={"help": "answers per question (paper: 4 for drafts, 5 per teacher for the proxy)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "length limit of an answer"})
+    batch_size: int = field(default=8, metadata={"help": "sequences generated together"})
+    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
+    prefix_cache: bool = field(default=True, metadata={"help": "compute the prompts' shared prefix (system + shots) once and reuse its KV cache"})
+    member: int | None = field(default=None, metadata={"help": "sample from member k of the noisy target family instead of the target"})
+    family_seed: int = field(default=0, metadata={"help": "seed of the noisy family (with --member)"})
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    steps: int = field(default=1, metadata={"help": "easy-word: 1- or 2-step problems"})
+    low: int = field(default=2, metadata={"help": "easy-word: smallest number"})
+    high: int = field(default=9, metadata={"help": "easy-word: largest number"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling and of easy-word problems"})
+    backend: str = field(default="hf", metadata={"help": "generation backend: hf"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.samples < 1:
+            raise DraftEUError(f"--samples must be >= 1, got {self.samples}")
+        if self.questions is not None and self.questions < 1:
+            raise DraftEUError(f"--questions must be >= 1, got {self.questions}")
+        if self.temperature < 0:
+            raise DraftEUError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DraftEUError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise DraftEUError("--max-new-tokens and --batch-size must be >= 1")
+        if self.member is not None and self.member < 0:
+            raise DraftEUError(f"--member must be >= 0, got {self.member}")
+        if self.backend not in BACKENDS:
+            raise DraftEUError(f"unknown backend {self.backend!r}; available: {', '.join(BACKENDS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: a seam for other engines (e.g. vLLM) that take token ids and return token ids.
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[tuple[list[int], str]]:
+        """Response ids (cut before end-of-sequence) and finish reason for each prompt."""
+
+
+def _lcp(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+class HFBackend:
+    """Batched ``model.generate`` with left padding and an optional shared-prefix KV cache.
+
+    With ``prefix_cache``, the longest common prefix of the prompts (system prompt + k-shot
+    examples + instruction) runs once; each batch starts from a copy of its cache expanded to the
+    batch.  Prompts are laid out as [prefix, padding, suffix] with the padding masked, so position
+    ids stay those of an unpadded prompt.
+    """
+
+    def __init__(self, model, tokenizer, prefix_cache: bool = True):
+        self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
+        self.device = next(model.parameters()).device
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos.add(tokenizer.eos_token_id)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._prefix: tuple[tuple[int, ...], object] | None = None
+
+    def _cache_for(self, prefix: list[int]):
+        if self._prefix is None or self._prefix[0] != tuple(prefix):
+            with torch.no_grad():
+                out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            self._prefix = (tuple(prefix), out.past_key_values)
+        return self._prefix[1]
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling: Sampling):
+        if not prompts:
+            return []
+        plen = _lcp(prompts) if self.prefix_cache and len(prompts) > 0 else 0
+        plen = min(plen, min(len(p) for p in prompts) - 1)  # every prompt keeps >= 1 own token
+        prefix = prompts[0][:plen] if plen >= 8 else []
+        suffixes = [p[len(prefix):] for p in prompts]
+        width = max(len(s) for s in suffixes)
+        ids, mask = [], []
+        for s in suffixes:
+            pad = width - len(s)
+            ids.append(prefix + [self.pad] * pad + s)
+            mask.append([1] * len(prefix) + [0] * pad + [1] * len(s))
+        ids_t = torch.tensor(ids, device=self.device)
+        kwargs = {}
+        if prefix:
+            cache = copy.deepcopy(self._cache_for(prefix))
+            cache.batch_repeat_interleave(len(prompts))
+            kwargs["past_key_values"] = cache
+        do_sample = sampling.temperature > 0
+        if do_sample:
+            torch.manual_seed(sampling.seed)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        out = self.model.generate(
+            input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device),
+            max_new_tokens=sampling.max_new_tokens, do_sample=do_sample, pad_token_id=self.pad, **kwargs,
+        )[:, ids_t.shape[1]:].tolist()
+        results = []
+        for row in out:
+            cut = next((i for i, t in enumerate(row) if t in self.eos), None)
+            results.append((row[:cut], "eos") if cut is not None else (row, "length"))
+        return results
+
+
+BACKENDS = {"hf": HFBackend}
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions (DDD): disjoint by question.
+
+
+def partition(samples: list[dict], s: int, seed: int = 0) -> list[list[dict]]:
+    """S disjoint partitions by question (all samples of a question stay together; METHOD.md §6).
+
+    Questions are shuffled with ``seed`` and dealt round-robin, so sizes differ by at most one
+    question.  Deterministic given (samples, S, seed).
+    """
+    qids = sorted({r["qid"] for r in samples})
+    if s < 1:
+        raise DraftEUError(f"number of partitions must be >= 1, got {s}")
+    if len(qids) < s:
+        raise DraftEUError(f"cannot make {s} partitions from {len(qids)} questions; generate more questions")
+    random.Random(f"partition:{seed}").shuffle(qids)
+    part_of = {q: i % s for i, q in enumerate(qids)}
+    parts: list[list[dict]] = [[] for _ in range(s)]
+    for r in samples:
+        parts[part_of[r["qid"]]].append(r)
+    return parts
+
+
+def partition_stats(parts: list[list[dict]]) -> list[dict]:
+    """Size, question count and accuracy of each partition (for logs and manifests)."""
+    return [
+        {"partition": i, "samples": len(p), "questions": len({r["qid"] for r in p}),
+         "accuracy": sum(bool(r["correct"]) for r in p) / len(p) if p else 0.0}
+        for i, p in enumerate(parts)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _check_resumable(cfg: GenerateConfig) -> None:
+    existing = cfg.out / "config.yaml"
+    if not existing.exists():
+        return
+    old = yaml.safe_load(existing.read_text())
+    new = runio.plain(cfg)
+    keep = ("batch_size", "prefix_cache", "device", "backend")  # may change between resumes
+    diff = sorted(k for k in new if k not in keep and old.get(k) != new[k])
+    if diff:
+        raise DraftEUError(
+            f"{cfg.out} holds samples from a different config (differs in {', '.join(diff)}); "
+            "use another --out, or delete that directory to start over"
+        )
+
+
+def run(cfg: GenerateConfig) -> dict:
+    """Generate the missing samples, append them, and write config.yaml + manifest.json."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    started = time.time()
+    _check_resumable(cfg)
+    problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
+                              low=cfg.low, high=cfg.high)
+    shots = data.shots_for(cfg.task, cfg.shots)
+    lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    model = lm.model
+    if cfg.member is not None:
+        noisy = NoisyModel(lm.model, cfg.noise)
+        name = f"family{cfg.member}"
+        noisy.set_member(name, family_seeds(cfg.family_seed, cfg.member + 1)[cfg.member])
+        noisy.model.set_adapter(name)
+        model = noisy.model
+    prompts = {p.qid: data.format_prompt(lm.tokenizer, p.question, shots) for p in problems}
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    longest = max(prompts.values(), key=len)
+    if context and len(longest) + cfg.max_new_tokens > context:
+        raise DraftEUError(
+            f"the longest prompt ({len(longest)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+            f"the context of {cfg.target} ({context} tokens); lower --max-new-tokens or --shots"
+        )
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    runio.write_config(cfg.out, cfg)
+    path = cfg.out / "samples.jsonl"
+    done = {(r["qid"], r["sample"]) for r in runio.read_jsonl(path, repair=True)}
+    work = [(p, k) for p in problems for k in range(cfg.samples) if (p.qid, k) not in done]
+    backend = BACKENDS[cfg.backend](model, lm.tokenizer, prefix_cache=cfg.prefix_cache)
+    member = cfg.member
+    new_tokens = 0
+    t0 = time.time()
+    columns = [TextColumn("generate"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("generate", total=len(work) + len(done), completed=len(done), rate="")
+        for start in range(0, len(work), cfg.batch_size):
+            batch = work[start : start + cfg.batch_size]
+            seed = member_seed("generate", cfg.seed, member, batch[0][0].qid, batch[0][1])
+            outs = backend.generate([prompts[p.qid] for p, _ in batch],
+                                    Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed))
+            rows = []
+            for (p, k), (resp, finish) in zip(batch, outs, strict=True):
+                text = lm.tokenizer.decode(resp, skip_special_tokens=True)
+                extracted = data.extract_answer(text)
+                rows.append(dict(zip(ROW_FIELDS, (
+                    p.qid, p.question, p.gold, cfg.target, member, k, prompts[p.qid], resp, text,
+                    extracted, data.is_correct(extracted, p.gold), finish), strict=True)))
+                new_tokens += len(resp)
+            runio.append_jsonl(path, rows)
+            el = max(time.time() - t0, 1e-9)
+            bar.update(task, advance=len(batch),
+                       rate=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
+    rows = runio.read_jsonl(path)
+    accuracy = sum(bool(r["correct"]) for r in rows) / len(rows)
+    elapsed = time.time() - t0
+    summary = {
+        "rows": len(rows), "questions": len({r["qid"] for r in rows}), "accuracy": accuracy,
+        "new_rows": len(work), "new_tokens": new_tokens,
+        "samples_per_s": len(work) / elapsed if work else None,
+        "tokens_per_s": new_tokens / elapsed if work else None,
+    }
+    runio.write_manifest(cfg.out, "generate", cfg, started, **summary)
+    return summary

@@ -1,0 +1,110 @@
+"""Run-directory I/O shared by the stages: atomic writes, config.yaml, manifest.json, jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from drafteu.errors import DraftEUError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: a killed run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write."""
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def plain(obj):
+    """A config dataclass as YAML/JSON-ready builtins (Paths as str, tuples as lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def config_hash(cfg, ignore: tuple[str, ...] = ()) -> str:
+    """A short stable hash of the config fields that decide a stage's outputs."""
+    d = {k: v for k, v in plain(cfg).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from drafteu import __version__
+
+    return {"drafteu": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def write_config(directory: Path, cfg) -> None:
+    """The resolved config as ``config.yaml``."""
+    write_text_atomic(Path(directory) / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
+
+
+def write_manifest(directory: Path, stage: str, cfg, started: float, **extra) -> dict:
+    """``manifest.json``: stage, versions, seed, config hash, timings, plus stage facts."""
+    manifest = {
+        "stage": stage,
+        "versions": versions(),
+        "seed": getattr(cfg, "seed", None),
+        "config_hash": config_hash(cfg),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 3),
+        **extra,
+    }
+    write_json(Path(directory) / "manifest.json", manifest)
+    return manifest
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Rows of a jsonl file.  ``repair`` drops a torn last line (a write killed midway)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if repair and data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DraftEUError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+    return rows
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append rows with one write + fsync, so a batch lands whole or (at worst) as a torn tail."""
+    if not rows:
+        return
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,155 @@
+"""`drafteu generate`: schema, determinism, resume after a kill, partitions, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drafteu import data, generate, runio
+from drafteu.cli import app
+from drafteu.errors import DraftEUError
+from drafteu.generate import GenerateConfig, HFBackend, Sampling, partition, partition_stats
+
+pytestmark = pytest.mark.integration
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def cfg(tiny_dir, out, **kw):
+    base = dict(out=out, target=str(tiny_dir), questions=3, samples=2, max_new_tokens=6, batch_size=4)
+    return GenerateConfig(**{**base, **kw})
+
+
+def test_schema_and_determinism(tiny_dir, tmp_path):
+    a = generate.run(cfg(tiny_dir, tmp_path / "a"))
+    b = generate.run(cfg(tiny_dir, tmp_path / "b"))
+    ra = runio.read_jsonl(tmp_path / "a" / "samples.jsonl")
+    rb = runio.read_jsonl(tmp_path / "b" / "samples.jsonl")
+    assert a["rows"] == 6 and len(ra) == 6 and a["questions"] == 3
+    assert ra == rb  # same seed, same samples
+    for r in ra:
+        assert tuple(r) == generate.ROW_FIELDS
+        assert r["member"] is None and r["sample"] in (0, 1) and r["model"] == str(tiny_dir)
+        assert 1 <= len(r["response_ids"]) <= 6 or r["finish"] == "eos"
+        assert r["finish"] in ("eos", "length")
+        assert r["correct"] == data.is_correct(r["extracted"], r["gold"])
+    # two samples of one question differ (temperature 1)
+    by_q = {}
+    for r in ra:
+        by_q.setdefault(r["qid"], []).append(r["response_ids"])
+    assert any(v[0] != v[1] for v in by_q.values())
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["stage"] == "generate" and manifest["rows"] == 6 and "torch" in manifest["versions"]
+    assert (tmp_path / "a" / "config.yaml").read_text().startswith("out:")
+    other = runio.read_jsonl(generate.run(cfg(tiny_dir, tmp_path / "c", seed=1)) and tmp_path / "c" / "samples.jsonl")
+    assert [r["response_ids"] for r in other] != [r["response_ids"] for r in ra]
+
+
+def test_resume_after_kill(tiny_dir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    generate.run(cfg(tiny_dir, full, questions=5, batch_size=2))
+    want = runio.read_jsonl(full / "samples.jsonl")
+
+    out = tmp_path / "killed"
+    calls = {"n": 0}
+    real = runio.append_jsonl
+
+    def dying_append(path, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed while writing the third batch: a torn line is left behind
+            with Path(path).open("a") as f:
+                f.write(json.dumps(rows[0])[:25])
+            raise KeyboardInterrupt
+        real(path, rows)
+
+    monkeypatch.setattr(runio, "append_jsonl", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(cfg(tiny_dir, out, questions=5, batch_size=2))
+    monkeypatch.setattr(runio, "append_jsonl", real)
+    torn = (out / "samples.jsonl").read_bytes()
+    assert not torn.endswith(b"\n") and torn.count(b"\n") == 4  # two whole batches + a torn line
+    summary = generate.run(cfg(tiny_dir, out, questions=5, batch_size=2))
+    got = runio.read_jsonl(out / "samples.jsonl")
+    assert summary["rows"] == 10 and summary["new_rows"] == 6
+    keys = [(r["qid"], r["sample"]) for r in got]
+    assert len(keys) == len(set(keys)) == 10  # nothing duplicated, nothing lost
+    assert sorted(keys) == sorted((r["qid"], r["sample"]) for r in want)
+    # a finished run re-run does nothing
+    assert generate.run(cfg(tiny_dir, out, questions=5, batch_size=2))["new_rows"] == 0
+
+
+def test_resume_refuses_a_different_config(tiny_dir, tmp_path):
+    generate.run(cfg(tiny_dir, tmp_path, questions=2))
+    with pytest.raises(DraftEUError, match="different config.*temperature"):
+        generate.run(cfg(tiny_dir, tmp_path, questions=2, temperature=0.5))
+    # batch size may change between resumes
+    generate.run(cfg(tiny_dir, tmp_path, questions=2, batch_size=1))
+
+
+def test_member_samples_differ_from_target(tiny_dir, tmp_path):
+    t = generate.run(cfg(tiny_dir, tmp_path / "t", temperature=0.0, samples=1))
+    m = generate.run(cfg(tiny_dir, tmp_path / "m", temperature=0.0, samples=1, member=1))
+    rows_t = runio.read_jsonl(tmp_path / "t" / "samples.jsonl")
+    rows_m = runio.read_jsonl(tmp_path / "m" / "samples.jsonl")
+    assert all(r["member"] == 1 for r in rows_m) and t["rows"] == m["rows"] == 3
+    assert [r["response_ids"] for r in rows_t] != [r["response_ids"] for r in rows_m]
+
+
+def test_prefix_cache_and_batching_match_plain_greedy(tiny):
+    shots = data.shots_for("easy-word", 2)
+    prompts = [data.format_prompt(tiny.tokenizer, p.question, shots) for p in data.easy_word("test", n=5)]
+    s = Sampling(temperature=0.0, max_new_tokens=8)
+    single = [HFBackend(tiny.model, tiny.tokenizer, prefix_cache=False).generate([p], s)[0] for p in prompts]
+    plain = HFBackend(tiny.model, tiny.tokenizer, prefix_cache=False).generate(prompts, s)
+    cached = HFBackend(tiny.model, tiny.tokenizer, prefix_cache=True).generate(prompts, s)
+    assert plain == single and cached == single
+
+
+def test_partition_disjoint_deterministic_balanced():
+    rows = [{"qid": f"q{i}", "sample": k, "correct": (i + k) % 3 == 0} for i in range(11) for k in range(4)]
+    parts = partition(rows, 3, seed=0)
+    assert parts == partition(rows, 3, seed=0) and parts != partition(rows, 3, seed=1)
+    qsets = [{r["qid"] for r in p} for p in parts]
+    assert all(a.isdisjoint(b) for i, a in enumerate(qsets) for b in qsets[i + 1:])
+    assert sum(len(p) for p in parts) == len(rows)
+    assert sorted(len(q) for q in qsets) == [3, 4, 4]
+    stats = partition_stats(parts)
+    for st, p in zip(stats, parts, strict=True):
+        assert st["samples"] == len(p) and st["accuracy"] == pytest.approx(sum(r["correct"] for r in p) / len(p))
+    with pytest.raises(DraftEUError, match="cannot make 12 partitions from 11"):
+        partition(rows, 12)
+
+
+def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
+    s = generate.run(cfg(tiny_dir, tmp_path, task=str(GSM8K_TEST), questions=2, samples=1, shots=0))
+    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    assert s["rows"] == 2 and rows[0]["gold"] == "18"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--questions", "0"], "--questions must be >= 1"),
+        (["--top-p", "0"], "--top-p"),
+        (["--backend", "vllm"], "unknown backend"),
+        (["--task", "/no/such.jsonl"], "not found"),
+        (["--max-new-tokens", "4000"], "exceeds the context"),
+        (["--shots", "7"], "shots must be"),
+    ],
+)
+def test_bad_input(tiny_dir, tmp_path, args, message):
+    res = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "o"), "--target", str(tiny_dir), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_cli_generate(tiny_dir, tmp_path):
+    res = CliRunner().invoke(app, ["generate", "-o", str(tmp_path), "--target", str(tiny_dir), "-n", "2",
+                                   "--samples", "1", "--max-new-tokens", "4", "--temperature", "0"])
+    assert res.exit_code == 0, res.output
+    assert "2 samples of 2 questions" in res.output
+    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    assert [r["sample"] for r in rows] == [0, 0] and all(r["finish"] in ("eos", "length") for r in rows)
