@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from drafteu.config import ScoreConfig, help_of
-from drafteu.generate import GenerateConfig
 from drafteu.errors import DraftEUError
+from drafteu.generate import GenerateConfig
 from drafteu.posterior import NoiseConfig
 
 app = typer.Typer(
@@ -62,6 +62,7 @@ def score(
     noise_modules: str = typer.Option("q_proj,v_proj", help="comma-separated " + help_of(NoiseConfig, "target_modules")),
     scheme: str = typer.Option("gaussian", help=help_of(NoiseConfig, "scheme")),
     seed: int = typer.Option(0, help=help_of(ScoreConfig, "seed")),
+    shots: int = typer.Option(2, help=help_of(ScoreConfig, "shots")),
     max_new_tokens: int = typer.Option(256, help=help_of(ScoreConfig, "max_new_tokens")),
     dtype: str = typer.Option("auto", help=help_of(ScoreConfig, "dtype")),
     device: str = typer.Option("cpu", help=help_of(ScoreConfig, "device")),
@@ -82,7 +83,7 @@ def score(
         )
         cfg = ScoreConfig(
             question=question, target=target, answer=answer, method=method,
-            family_size=family_size, noise=noise, seed=seed, max_new_tokens=max_new_tokens,
+            family_size=family_size, noise=noise, seed=seed, shots=shots, max_new_tokens=max_new_tokens,
             dtype=dtype, device=device, json=json_out,
         )
         with console.status(f"scoring with {method} on {target} ..."):

@@ -40,6 +40,7 @@ class ScoreConfig:
     family_size: int = field(default=3, metadata={"help": "K: noisy target copies for groundtruth/tokur"})
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     seed: int = field(default=0, metadata={"help": "seed of the noise family (same seed, same numbers)"})
+    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu, cuda, cuda:1"})

@@ -225,14 +225,14 @@ def easy_word(split: str = "train", n: int = 200, seed: int = 0, steps: int = 1,
     if not 1 <= low < high:
         raise DraftEUError(f"easy-word needs 1 <= low < high, got low={low}, high={high}")
     rng = random.Random(f"easy-word:{seed}:{steps}:{low}:{high}")
-    seen, out = set(), []
-    for _ in range(200 * max(n, 1)):
-        if len(out) >= n:
-            break
+    seen, out, misses = set(), [], 0
+    while len(out) < n and misses < 20_000:  # 20k draws in a row without a new problem: exhausted
         q, v = _easy_problem(rng, steps, low, high)
         h = int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) % 10
         if q in seen or (h < 2) != (split == "test"):
+            misses += 1
             continue
+        misses = 0
         seen.add(q)
         out.append(Problem(qid=f"easy-{split}-{hashlib.sha1(q.encode()).hexdigest()[:10]}", question=q, gold=str(v)))
     if len(out) < n:

@@ -222,7 +222,13 @@ def _check_resumable(cfg: GenerateConfig) -> None:
 
 def run(cfg: GenerateConfig) -> dict:
     """Generate the missing samples, append them, and write config.yaml + manifest.json."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     started = time.time()
     _check_resumable(cfg)

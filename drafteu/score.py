@@ -4,32 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from drafteu import data, estimators, models
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
+from drafteu.generate import HFBackend, Sampling
 from drafteu.posterior import NoisyModel
 from drafteu.runio import write_json
 
 
-@torch.no_grad()
 def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy response token ids, cut before the first end-of-sequence token."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )[0, len(prompt_ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    cut = next((i for i, t in enumerate(out) if t in eos), len(out))
-    return out[:cut]
+    backend = HFBackend(model, tokenizer, prefix_cache=False)
+    return backend.generate([prompt_ids], Sampling(temperature=0.0, max_new_tokens=max_new_tokens))[0][0]
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -74,7 +61,7 @@ def run(cfg: ScoreConfig) -> dict:
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
-    prompt_ids = data.format_prompt(lm.tokenizer, cfg.question)
+    prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if cfg.answer is None:
         if context and len(prompt_ids) + cfg.max_new_tokens > context:

@@ -38,7 +38,7 @@ def test_score_given_answer_writes_json(tiny_dir, tmp_path):
     assert result["sequence"]["sum"] == pytest.approx(eus.sum().item(), rel=1e-5)
     # the same numbers as the library path: family MI at the response positions
     lm = models.load(str(tiny_dir))
-    prompt = data.format_prompt(lm.tokenizer, QUESTION)
+    prompt = data.format_prompt(lm.tokenizer, QUESTION, data.SHOTS)
     ids = [t["id"] for t in result["tokens"]]
     from drafteu.estimators import GroundTruth
     from drafteu.posterior import NoiseConfig, NoisyModel

@@ -64,3 +64,16 @@ def test_embedded_score_cli(tmp_path):
     eus = [t["eu"] for t in result["tokens"]]
     assert all(e >= 0 for e in eus) and 0 < result["sequence"]["mean"] < 2.0
     assert "".join(t["text"] for t in result["tokens"]).strip() == result["answer"].strip()
+
+
+def test_embedded_generate_easy_word(tmp_path):
+    from drafteu import generate, runio
+
+    cfg = generate.GenerateConfig(out=tmp_path, task="easy-word", split="test", questions=8, samples=1,
+                                  temperature=0.0, max_new_tokens=96, batch_size=8)
+    summary = generate.run(cfg)
+    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    assert summary["rows"] == 8 and all(r["finish"] == "eos" for r in rows)
+    # 2-shot prompts make the model answer in \boxed{}; it gets some, not all, right (50% on 160)
+    assert all("\\boxed{" in r["response"] and r["extracted"] is not None for r in rows)
+    assert 1 <= sum(r["correct"] for r in rows) <= 7

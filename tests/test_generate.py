@@ -24,7 +24,7 @@ def cfg(tiny_dir, out, **kw):
 
 def test_schema_and_determinism(tiny_dir, tmp_path):
     a = generate.run(cfg(tiny_dir, tmp_path / "a"))
-    b = generate.run(cfg(tiny_dir, tmp_path / "b"))
+    generate.run(cfg(tiny_dir, tmp_path / "b"))
     ra = runio.read_jsonl(tmp_path / "a" / "samples.jsonl")
     rb = runio.read_jsonl(tmp_path / "b" / "samples.jsonl")
     assert a["rows"] == 6 and len(ra) == 6 and a["questions"] == 3
@@ -43,7 +43,8 @@ def test_schema_and_determinism(tiny_dir, tmp_path):
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["stage"] == "generate" and manifest["rows"] == 6 and "torch" in manifest["versions"]
     assert (tmp_path / "a" / "config.yaml").read_text().startswith("out:")
-    other = runio.read_jsonl(generate.run(cfg(tiny_dir, tmp_path / "c", seed=1)) and tmp_path / "c" / "samples.jsonl")
+    generate.run(cfg(tiny_dir, tmp_path / "c", seed=1))
+    other = runio.read_jsonl(tmp_path / "c" / "samples.jsonl")
     assert [r["response_ids"] for r in other] != [r["response_ids"] for r in ra]
 
 
