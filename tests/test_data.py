@@ -154,3 +154,34 @@ def test_format_prompt_with_shots(tokenizer):
         shots_for("easy-word", 5)
     with pytest.raises(DraftEUError, match="empty"):
         format_prompt(tokenizer, " ")
+
+
+def test_hf_dataset_id_maps_rows(monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+
+    def load_dataset(name, config, split):
+        calls["args"] = (name, config, split)
+        return [{"question": "Q1?", "answer": "work\n#### 1,234"}, {"question": "Q2?", "answer": "#### -5"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    probs = load_task("openai/gsm8k", split="test")
+    assert calls["args"] == ("openai/gsm8k", "main", "test")
+    assert [(p.qid, p.gold) for p in probs] == [("gsm8k-test-0", "1234"), ("gsm8k-test-1", "-5")]
+
+
+def test_hf_dataset_errors_are_clear(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(*a, **k):
+        raise ConnectionError("could not reach the hub\nlong trace")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DraftEUError, match="could not load dataset 'openai/gsm8k'.*could not reach the hub$"):
+        load_task("openai/gsm8k", split="test")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DraftEUError, match="pip install datasets"):
+        load_task("openai/gsm8k", split="test")
