@@ -91,26 +91,31 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     return logp
 
 
-def _finite_sum_(terms: torch.Tensor) -> torch.Tensor:
+def _finite_sum_(terms: torch.Tensor, grad: bool = False) -> torch.Tensor:
     # Terms are p * (log p - log q); a NaN there is 0 * (-inf or nan) at p = 0, which is 0.
     # +inf (p > 0 where q = 0) is kept: that KL is infinite.
-    return torch.nan_to_num_(terms, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    fn = torch.nan_to_num if grad else torch.nan_to_num_
+    return fn(terms, nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
 
 
-def _entropy_lp_(logp: torch.Tensor) -> torch.Tensor:
-    """H from log-probabilities; overwrites ``logp``."""
+# Each kernel has an in-place path (default: inference, memory-lean) and an out-of-place path
+# (grad=True) that autograd can differentiate, used when an input requires grad (training losses).
+
+
+def _entropy_lp_(logp: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """H from log-probabilities; overwrites ``logp`` unless ``grad``."""
     p = logp.exp()
-    return -_finite_sum_(logp.mul_(p))
+    return -_finite_sum_(logp * p if grad else logp.mul_(p), grad)
 
 
-def _kl_lp_(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p || q) summed over V; overwrites ``logp``.  ``p`` = exp(logp) if already at hand."""
+def _kl_lp_(logp, logq, p=None, grad: bool = False) -> torch.Tensor:
+    """KL(p || q) summed over V; overwrites ``logp`` unless ``grad``.  ``p`` = exp(logp) if at hand."""
     if p is None:
         p = logp.exp()
-    return _finite_sum_(logp.sub_(logq).mul_(p))
+    return _finite_sum_((logp - logq) * p if grad else logp.sub_(logq).mul_(p), grad)
 
 
-def _mixture_lp(logp: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+def _mixture_lp(logp: torch.Tensor, buf: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
     """(K, n, V) log-probabilities -> (n, V) log-probabilities of their uniform mixture.
 
     log-mean-exp around the per-entry max m: stable for any magnitude, and exact when all
@@ -119,20 +124,30 @@ def _mixture_lp(logp: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Te
     """
     m = logp.amax(dim=0)
     m = torch.where(m > -math.inf, m, 0.0)
+    if grad:
+        m = m.detach()  # any shift gives the same mixture; a constant keeps the graph simple
+        return (logp - m).exp().mean(dim=0).log() + m
     buf = torch.sub(logp, m, out=buf) if buf is not None else logp - m
     return buf.exp_().mean(dim=0).log_().add_(m)
 
 
-def _jsd_lp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(JSD, log q_mix) of (K, n, V) log-probabilities; overwrites ``logp``.
+def _jsd_lp(logp: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(JSD, log q_mix) of (K, n, V) log-probabilities; overwrites ``logp`` unless ``grad``.
 
     JSD = E_k KL(q_k || q_mix), summed term by term (each >= 0): no entropy cancellation.
     """
+    if grad:
+        logmix = _mixture_lp(logp, grad=True)
+        return _kl_lp_(logp, logmix, grad=True).mean(0).clamp_min(0.0), logmix
     scratch = torch.empty_like(logp)
     logmix = _mixture_lp(logp, scratch)
     p = torch.exp(logp, out=scratch)
     jsd = _kl_lp_(logp, logmix, p).mean(0).clamp_min_(0.0)
     return jsd, logmix
+
+
+def _grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +176,13 @@ def _chunked(
     vocab = (stacked or flat)[0].shape[-1]
     step = _positions_per_chunk(members, vocab, chunk_elements)
     device = (stacked or flat)[0].device
-    outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(n_out)]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n_out)]
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        res = fn(*[t[:, sl] for t in stacked], *[t[sl] for t in flat])
-        for o, r in zip(outs, res, strict=True):
-            o[sl] = r
-    return [o.reshape(lead) for o in outs]
+        for acc, r in zip(parts, fn(*[t[:, sl] for t in stacked], *[t[sl] for t in flat]), strict=True):
+            acc.append(r)
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    return [(torch.cat(acc) if acc else empty).reshape(lead) for acc in parts]
 
 
 def _flat(logits: torch.Tensor) -> torch.Tensor:
@@ -200,8 +215,10 @@ def entropy(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENT
     _check_floating(logits)
     lead = logits.shape[:-1]
 
+    g = _grad(logits)
+
     def fn(x):
-        return (_entropy_lp_(_log_softmax(x)).clamp_min_(0.0),)
+        return (_entropy_lp_(_log_softmax(x), g).clamp_min(0.0),)
 
     return _chunked(fn, [], [_flat(logits)], lead, chunk_elements, 1)[0]
 
@@ -224,8 +241,10 @@ def kl(
         ) from e
     lead = p_logits.shape[:-1]
 
+    g = _grad(p_logits, q_logits)
+
     def fn(p, q):
-        return (_kl_lp_(_log_softmax(p), _log_softmax(q)).clamp_min_(0.0),)
+        return (_kl_lp_(_log_softmax(p), _log_softmax(q), grad=g).clamp_min(0.0),)
 
     return _chunked(fn, [], [_flat(p_logits), _flat(q_logits)], lead, chunk_elements, 1)[0]
 
@@ -235,11 +254,10 @@ def mixture(logits: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENT
     _check_floating(logits)
     flat = _flat_members(logits, "logits")
     k, n, v = flat.shape
-    out = torch.empty(n, v, dtype=torch.float32, device=logits.device)
+    g = _grad(logits)
     step = _positions_per_chunk(k, v, chunk_elements)
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        out[sl] = _mixture_lp(_log_softmax(flat[:, sl]))
+    parts = [_mixture_lp(_log_softmax(flat[:, s : s + step]), grad=g) for s in range(0, n, step)]
+    out = torch.cat(parts) if parts else torch.empty(0, v, dtype=torch.float32, device=logits.device)
     return out.reshape(logits.shape[1:])
 
 
@@ -255,8 +273,10 @@ def mutual_information(
     flat = _flat_members(logits, "logits")
     lead = logits.shape[1:-1]
 
+    g = _grad(logits)
+
     def fn(x):
-        return (_jsd_lp(_log_softmax(x))[0],)
+        return (_jsd_lp(_log_softmax(x), g)[0],)
 
     return _chunked(fn, [flat], [], lead, chunk_elements, 1)[0]
 
@@ -285,9 +305,11 @@ def eu_decomposition(
         )
     lead = proxy_logits.shape[:-1]
 
+    g = _grad(draft_logits, proxy_logits)
+
     def fn(q, p):
-        variance, logmix = _jsd_lp(_log_softmax(q))  # (n,), (n, V)
-        bias = _kl_lp_(logmix, _log_softmax(p)).clamp_min_(0.0)
+        variance, logmix = _jsd_lp(_log_softmax(q), g)  # (n,), (n, V)
+        bias = _kl_lp_(logmix, _log_softmax(p), grad=g).clamp_min(0.0)
         return variance, bias
 
     variance, bias = _chunked(fn, [flat_q], [_flat(proxy_logits)], lead, chunk_elements, 2)

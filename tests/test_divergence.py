@@ -209,3 +209,25 @@ def test_properties(k, n, v, scale, seed, chunk):
     # JSD is bounded by log K
     assert (t.variance <= math.log(k) + 1e-5).all()
     np.testing.assert_allclose(D.mutual_information(q).numpy(), ref_mi(q), atol=1e-4)
+
+
+def test_gradients_match_autograd_of_the_naive_formula():
+    # Training losses call these functions: they must be differentiable and give the same grads.
+    q = rand(3, 4, 16).requires_grad_()
+    p = rand(4, 16, seed=2).requires_grad_()
+    terms = D.eu_decomposition(q, p, chunk_elements=3 * 16)  # several chunks
+    (terms.total.sum() + D.kl(p, q[0]).sum() + D.entropy(p).sum() + D.mixture(q).logsumexp(-1).sum()).backward()
+    g_q, g_p = q.grad.clone(), p.grad.clone()
+
+    q2, p2 = q.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    lq, lp = torch.log_softmax(q2, -1), torch.log_softmax(p2, -1)
+    total = (lq.exp() * (lq - lp)).sum(-1).mean(0)  # Theorem 3.4: total = E_k KL(q_k || p)
+    kl_pq = (lp.exp() * (lp - lq[0])).sum(-1)
+    ent = -(lp.exp() * lp).sum(-1)
+    mix = torch.logsumexp(lq, 0) - math.log(3)
+    (total.sum() + kl_pq.sum() + ent.sum() + mix.logsumexp(-1).sum()).backward()
+    assert torch.allclose(g_q, q2.grad, atol=1e-5)
+    assert torch.allclose(g_p, p2.grad, atol=1e-5)
+    # without grad the in-place path gives the same values
+    with torch.no_grad():
+        assert torch.allclose(D.eu_decomposition(q, p).total, terms.total, atol=1e-6)
