@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -14,6 +15,10 @@ from drafteu.config import ScoreConfig, help_of
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.posterior import NoiseConfig
+from drafteu.train.draft_base import DraftBaseConfig
+from drafteu.train.drafts import DraftsConfig
+from drafteu.train.loop import TrainConfig
+from drafteu.train.proxy import ProxyConfig
 
 app = typer.Typer(
     help="drafteu: token-level epistemic uncertainty of an LLM from a small ensemble of drafts.",
@@ -56,6 +61,8 @@ def score(
     target: str = typer.Option("embedded", help=help_of(ScoreConfig, "target")),
     answer: str | None = typer.Option(None, help=help_of(ScoreConfig, "answer")),
     method: str = typer.Option("groundtruth", help=help_of(ScoreConfig, "method")),
+    drafts: Path | None = typer.Option(None, help=help_of(ScoreConfig, "drafts")),
+    proxy: Path | None = typer.Option(None, help=help_of(ScoreConfig, "proxy")),
     family_size: int = typer.Option(3, "--family-size", "-k", help=help_of(ScoreConfig, "family_size")),
     sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
     rank: int = typer.Option(8, help=help_of(NoiseConfig, "rank")),
@@ -82,7 +89,7 @@ def score(
             target_modules=tuple(m.strip() for m in noise_modules.split(",") if m.strip()),
         )
         cfg = ScoreConfig(
-            question=question, target=target, answer=answer, method=method,
+            question=question, target=target, answer=answer, method=method, drafts=drafts, proxy=proxy,
             family_size=family_size, noise=noise, seed=seed, shots=shots, max_new_tokens=max_new_tokens,
             dtype=dtype, device=device, json=json_out,
         )
@@ -146,6 +153,137 @@ def generate(
         f"{summary['rows']} samples of {summary['questions']} questions in {out / 'samples.jsonl'}; "
         f"accuracy {summary['accuracy']:.1%}"
     )
+
+
+def _train_cfg(defaults: TrainConfig, lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
+               mixed_precision, save_every) -> TrainConfig:
+    """Defaults of the stage, overridden by the options the user gave."""
+    given = dict(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                 warmup_steps=warmup_steps, mixed_precision=mixed_precision, save_every=save_every)
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
+def _train_options():
+    """The shared training options (help text from TrainConfig)."""
+    return dict(
+        lr=typer.Option(None, help=help_of(TrainConfig, "lr") + " [stage default]"),
+        epochs=typer.Option(None, help=help_of(TrainConfig, "epochs") + " [stage default]"),
+        max_steps=typer.Option(None, help=help_of(TrainConfig, "max_steps")),
+        batch_size=typer.Option(None, help=help_of(TrainConfig, "batch_size") + " [stage default]"),
+        grad_accum=typer.Option(None, help=help_of(TrainConfig, "grad_accum") + " [stage default]"),
+        warmup_steps=typer.Option(None, help=help_of(TrainConfig, "warmup_steps") + " [stage default]"),
+        mixed_precision=typer.Option(None, help=help_of(TrainConfig, "mixed_precision") + " [bf16]"),
+        save_every=typer.Option(None, help=help_of(TrainConfig, "save_every") + " [50]"),
+    )
+
+
+_T = _train_options()
+
+
+@app.command("train-draft-base")
+def train_draft_base(
+    samples: Path = typer.Option(..., help=help_of(DraftBaseConfig, "samples")),
+    out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftBaseConfig, "out")),
+    target: str = typer.Option("embedded", help=help_of(DraftBaseConfig, "target")),
+    layers: int = typer.Option(6, help=help_of(DraftBaseConfig, "layers")),
+    heldout: float = typer.Option(0.1, help=help_of(DraftBaseConfig, "heldout")),
+    seed: int = typer.Option(0, help=help_of(DraftBaseConfig, "seed")),
+    device: str = typer.Option("cpu", help=help_of(DraftBaseConfig, "device")),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
+    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
+    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
+    save_every: int | None = _T["save_every"],
+):
+    """Truncate the target to its first LAYERS layers and warm the draft up by logit distillation."""
+    def go():
+        from drafteu.train import draft_base
+
+        train = _train_cfg(DraftBaseConfig.__dataclass_fields__["train"].default_factory(), lr, epochs, max_steps,
+                           batch_size, grad_accum, warmup_steps, mixed_precision, save_every)
+        m = draft_base.run(DraftBaseConfig(samples=samples, out=out, target=target, layers=layers, heldout=heldout,
+                                           train=train, seed=seed, device=device))
+        console.print(f"draft base in {out}: top-1 agreement with the target "
+                      f"{m['top1_agreement_before']} -> {m['top1_agreement_after']}")
+    _stage(go, threads)
+
+
+@app.command("train-drafts")
+def train_drafts(
+    samples: Path = typer.Option(..., help=help_of(DraftsConfig, "samples")),
+    out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftsConfig, "out")),
+    base: str = typer.Option(..., help=help_of(DraftsConfig, "base")),
+    target: str = typer.Option("embedded", help=help_of(DraftsConfig, "target")),
+    method: str = typer.Option("ddd", help=help_of(DraftsConfig, "method")),
+    partitions: int = typer.Option(2, "--partitions", "-S", help=help_of(DraftsConfig, "partitions")),
+    per_partition: int = typer.Option(3, "--per-partition", "-M", help=help_of(DraftsConfig, "per_partition")),
+    lora_r: int = typer.Option(16, help=help_of(DraftsConfig, "lora_r")),
+    lora_alpha: int = typer.Option(32, help=help_of(DraftsConfig, "lora_alpha")),
+    init_sigma: float = typer.Option(0.5, help="IDD/FDD: " + help_of(NoiseConfig, "sigma")),
+    sigma: float = typer.Option(0.1, help="untrained/konly: " + help_of(NoiseConfig, "sigma")),
+    seed: int = typer.Option(0, help=help_of(DraftsConfig, "seed")),
+    device: str = typer.Option("cpu", help=help_of(DraftsConfig, "device")),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
+    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
+    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
+    save_every: int | None = _T["save_every"],
+):
+    """Train an S x M draft ensemble (DDD, IDD, FDD) or build an untrained / K-only one."""
+    def go():
+        from drafteu.train import drafts
+
+        train = _train_cfg(TrainConfig(), lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
+                           mixed_precision, save_every)
+        m = drafts.run(DraftsConfig(samples=samples, out=out, base=base, target=target, method=method,
+                                    partitions=partitions, per_partition=per_partition, lora_r=lora_r,
+                                    lora_alpha=lora_alpha, init_noise=NoiseConfig(sigma=init_sigma),
+                                    noise=NoiseConfig(sigma=sigma), train=train, seed=seed, device=device))
+        console.print(f"{m['method']} ensemble of {len(m['adapters'])} drafts in {out / m['method']}")
+    _stage(go, threads)
+
+
+@app.command("train-proxy")
+def train_proxy(
+    samples: list[Path] = typer.Option(..., help=help_of(ProxyConfig, "samples") + "; repeat the option"),
+    out: Path = typer.Option(..., "--out", "-o", help=help_of(ProxyConfig, "out")),
+    target: str = typer.Option("embedded", help=help_of(ProxyConfig, "target")),
+    teachers: int = typer.Option(2, help=help_of(ProxyConfig, "teachers")),
+    sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
+    heldout: float = typer.Option(0.1, help=help_of(ProxyConfig, "heldout")),
+    seed: int = typer.Option(0, help=help_of(ProxyConfig, "seed")),
+    device: str = typer.Option("cpu", help=help_of(ProxyConfig, "device")),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
+    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
+    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
+    save_every: int | None = _T["save_every"],
+):
+    """Train the proxy p_mix by Online Stochastic Distillation against fresh noisy teachers."""
+    def go():
+        from drafteu.train import proxy
+
+        defaults = ProxyConfig.__dataclass_fields__["train"].default_factory()
+        train = _train_cfg(defaults, lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
+                           mixed_precision, save_every)
+        m = proxy.run(ProxyConfig(samples=samples, out=out, target=target, teachers=teachers,
+                                  noise=NoiseConfig(sigma=sigma), heldout=heldout, train=train, seed=seed,
+                                  device=device))
+        h = m.get("heldout") or {}
+        console.print(f"proxy in {out / 'adapter'}; held-out KL to the family mean: proxy "
+                      f"{h.get('kl_ref_mean_to_proxy')}, raw target {h.get('kl_ref_mean_to_target')}")
+    _stage(go, threads)
+
+
+def _stage(go, threads) -> None:
+    try:
+        from drafteu import models
+
+        _quiet_libraries()
+        models.set_threads(threads)
+        go()
+    except DraftEUError as e:
+        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -35,7 +35,15 @@ class ScoreConfig:
     method: str = field(
         default="groundtruth",
         metadata={"help": "groundtruth (MI of a fixed noisy target family), tokur (MI of fresh "
-                  "noisy copies) or entropy (the target's predictive entropy)"},
+                  "noisy copies), entropy (the target's predictive entropy) or drafts (JSD of the "
+                  "drafts + KL to the proxy; needs --drafts)"},
+    )
+    drafts: Path | None = field(
+        default=None, metadata={"help": "with --method drafts: a run directory or a drafts directory"}
+    )
+    proxy: Path | None = field(
+        default=None, metadata={"help": "with --method drafts and a drafts directory: the proxy (train-proxy output); "
+                                "without it the bias term uses the raw target"}
     )
     family_size: int = field(default=3, metadata={"help": "K: noisy target copies for groundtruth/tokur"})
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -51,6 +59,8 @@ class ScoreConfig:
             raise DraftEUError("--question is empty; pass the problem text to score")
         if self.method not in METHODS:
             raise DraftEUError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "drafts" and self.drafts is None:
+            raise DraftEUError("--method drafts needs --drafts DIR (a run directory or a drafts directory)")
         if self.family_size < 1:
             raise DraftEUError(f"--family-size must be >= 1, got {self.family_size}")
         if self.max_new_tokens < 1:

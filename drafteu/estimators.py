@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -141,7 +142,7 @@ class PredictiveEntropy(Estimator):
         return TokenScores(token_ids=list(response_ids), eu=divergence.entropy(logits[0, :-1]).cpu())
 
 
-METHODS = ("groundtruth", "tokur", "entropy")
+METHODS = ("groundtruth", "tokur", "entropy", "drafts")
 
 
 def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0) -> Estimator:
@@ -152,4 +153,117 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0) -> Es
         return TokUR(noisy, size=size, seed=seed)
     if method == "entropy":
         return PredictiveEntropy(noisy)
+    if method == "drafts":
+        raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(drafts dir, proxy adapter dir or None) from a run directory or a drafts directory.
+
+    A run directory (``reproduce`` layout) gives its ``drafts/ddd`` ensemble and ``proxy/adapter``;
+    a drafts directory (one with a drafts manifest) gives itself, and the proxy only if ``proxy``
+    names one (else the bias term uses the raw target, METHOD.md §3).
+    """
+    path = Path(path)
+    if (path / "drafts" / "ddd" / "manifest.json").exists():
+        drafts, run_proxy = path / "drafts" / "ddd", path / "proxy" / "adapter"
+        proxy = proxy or (run_proxy if (run_proxy / "adapter_config.json").exists() else None)
+    elif (path / "manifest.json").exists() and '"drafts"' in (path / "manifest.json").read_text():
+        drafts = path
+    else:
+        raise DraftEUError(f"{path} is neither a run directory (with drafts/ddd) nor a drafts directory; "
+                           "train one with drafteu train-drafts")
+    if proxy is not None:
+        proxy = Path(proxy)
+        if (proxy / "adapter" / "adapter_config.json").exists():
+            proxy = proxy / "adapter"
+        if not (proxy / "adapter_config.json").exists():
+            raise DraftEUError(f"{proxy} is not a proxy adapter directory (train one with drafteu train-proxy)")
+    return drafts, proxy
+
+
+class DraftEnsemble(Estimator):
+    """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; METHOD.md §3).
+
+    The K drafts are PEFT adapters on one base draft, evaluated in one mixed-adapter forward
+    (``batched``) or one forward each; p is the OSD proxy (target + proxy adapter) when given,
+    else the raw target.  Logits are cut to the vocabulary range the models share.
+    """
+
+    name = "drafts"
+
+    def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device="cpu",
+                 batched: bool = True):
+        import json
+
+        from peft import PeftModel
+
+        from drafteu import models
+
+        manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
+        self.names = list(manifest["adapters"])
+        base = models.load(manifest["base"], device=device)
+        self.vocab = models.shared_vocab_size(target, base)
+        model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])
+        for n in self.names[1:]:
+            model.load_adapter(Path(drafts_dir) / n, adapter_name=n)
+        self.drafts = model.eval()
+        self.method = manifest.get("method", "drafts")
+        self.target = target.model
+        if proxy_dir is not None:
+            if isinstance(self.target, PeftModel):
+                self.target.load_adapter(proxy_dir, adapter_name="proxy")
+            else:
+                self.target = PeftModel.from_pretrained(self.target, proxy_dir, adapter_name="proxy")
+            self.target.set_adapter("proxy")
+        self.target.eval()
+        self.has_proxy, self.batched = proxy_dir is not None, batched
+
+    def base_target(self):
+        """Context: the unperturbed target (the proxy adapter off), e.g. for greedy answers."""
+        from contextlib import nullcontext
+
+        from peft import PeftModel
+
+        return self.target.disable_adapter() if isinstance(self.target, PeftModel) else nullcontext()
+
+    @torch.no_grad()
+    def draft_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """(K, B, keep, V_shared) logits of the drafts."""
+        k, bsz = len(self.names), ids.shape[0]
+        if self.batched:
+            out = self.drafts(input_ids=ids.repeat(k, 1), adapter_names=[n for n in self.names for _ in range(bsz)],
+                              logits_to_keep=keep).logits
+            out = out.reshape(k, bsz, *out.shape[1:])
+        else:
+            outs = []
+            for n in self.names:
+                self.drafts.set_adapter(n)
+                outs.append(self.drafts(input_ids=ids, logits_to_keep=keep).logits)
+            out = torch.stack(outs)
+        return out[..., : self.vocab]
+
+    @torch.no_grad()
+    def proxy_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """(B, keep, V_shared) logits of p: the proxy, or the raw target."""
+        from peft import PeftModel
+
+        if isinstance(self.target, PeftModel) and not self.has_proxy:
+            with self.target.disable_adapter():
+                out = self.target(input_ids=ids, logits_to_keep=keep).logits
+        elif isinstance(self.target, PeftModel):
+            n = ids.shape[0]
+            out = self.target(input_ids=ids, adapter_names=["proxy"] * n, logits_to_keep=keep).logits
+        else:
+            out = self.target(input_ids=ids, logits_to_keep=keep).logits
+        return out[..., : self.vocab]
+
+    def score(self, prompt_ids, response_ids) -> TokenScores:
+        device = next(self.drafts.parameters()).device
+        ids, keep = response_inputs(prompt_ids, response_ids, device)
+        q = self.draft_logits(ids, keep)[:, 0, :-1]  # (K, T, V)
+        p = self.proxy_logits(ids.to(next(self.target.parameters()).device), keep)[0, :-1].to(q.device)
+        terms = divergence.eu_decomposition(q, p)
+        return TokenScores(token_ids=list(response_ids), eu=terms.total.cpu(), variance=terms.variance.cpu(),
+                           bias=terms.bias.cpu())

@@ -35,9 +35,15 @@ _DTYPES = {
 class LoadedModel:
     """A causal LM, its tokenizer, and the name it was asked for (used in messages)."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     tokenizer: object
     name: str
+    vocab_out: int | None = None  # number of output logits (config.vocab_size when no model)
+
+    def output_size(self) -> int:
+        if self.model is not None:
+            return self.model.get_output_embeddings().weight.shape[0]
+        return self.vocab_out
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -157,7 +163,12 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer_only:
-            return LoadedModel(model=None, tokenizer=tokenizer, name=spec)
+            from transformers import AutoConfig
+
+            vocab = getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return LoadedModel(model=None, tokenizer=tokenizer, name=spec, vocab_out=vocab)
         torch_dtype = _DTYPES[dtype] or "auto"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as e:
@@ -175,8 +186,7 @@ def shared_vocab_size(target: LoadedModel, draft: LoadedModel) -> int:
     range), or one vocabulary that extends the other with identical ids on the shared range.
     """
     tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
-    t_out = target.model.get_output_embeddings().weight.shape[0]
-    d_out = draft.model.get_output_embeddings().weight.shape[0]
+    t_out, d_out = target.output_size(), draft.output_size()
     small, large = (tv, dv) if len(tv) <= len(dv) else (dv, tv)
     n = len(small)
     same_ids = all(large.get(tok) == i for tok, i in small.items())

@@ -121,27 +121,18 @@ class NoisyModel:
 
     @torch.no_grad()
     def _fill(self, name: str, seed: int) -> None:
-        r, sigma = self.noise.rank, self.noise.sigma
         for mod_name, module in self.model.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if lora_a is None or name not in lora_a:
                 continue
-            a, b = lora_a[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
-            gen = torch.Generator().manual_seed(member_seed(seed, mod_name))
-            eps = torch.randn(a.shape, generator=gen, dtype=torch.float32) * sigma
-            if self.noise.scheme == "svd":
-                basis = self._svd_basis(mod_name, module)
-            else:
-                g = torch.randn(b.shape[0], r, generator=gen, dtype=torch.float32)
-                basis = torch.linalg.qr(g).Q  # (out, r) orthonormal columns
-            a.copy_(eps)
-            b.copy_(basis)
+            basis = self._svd_basis(mod_name, module) if self.noise.scheme == "svd" else None
+            u, eps = draw_noise(self.noise, seed, mod_name, module.get_base_layer().weight, basis)
+            lora_a[name].weight.copy_(eps)  # A: (r, in)
+            module.lora_B[name].weight.copy_(u)  # B: (out, r)
 
     def _svd_basis(self, mod_name: str, module) -> torch.Tensor:
         if mod_name not in self._basis:
-            w = module.get_base_layer().weight.detach().float()
-            u, _, _ = torch.linalg.svd(w, full_matrices=False)  # w: (out, in)
-            self._basis[mod_name] = u[:, : self.noise.rank].cpu()
+            self._basis[mod_name] = svd_basis(module.get_base_layer().weight, self.noise.rank)
         return self._basis[mod_name]
 
     @contextmanager
@@ -203,6 +194,30 @@ class NoisyModel:
             return m(
                 input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep
             ).logits
+
+
+def svd_basis(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` left singular vectors of ``weight`` (out, in) -> (out, rank), float32 CPU."""
+    u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    return u[:, :rank].cpu()
+
+
+def draw_noise(
+    noise: NoiseConfig, seed: int, module_name: str, weight: torch.Tensor, basis: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, eps) with dW = U @ eps for one linear layer (see the module docstring).
+
+    U (out, r) has orthonormal columns (``basis`` for the svd scheme, Haar-random otherwise);
+    eps (r, in) ~ N(0, sigma^2).  Drawn on the CPU from (seed, module_name): device-independent.
+    """
+    out_f, in_f = weight.shape
+    gen = torch.Generator().manual_seed(member_seed(seed, module_name))
+    eps = torch.randn(noise.rank, in_f, generator=gen, dtype=torch.float32) * noise.sigma
+    if noise.scheme == "svd":
+        u = basis if basis is not None else svd_basis(weight, noise.rank)
+    else:
+        u = torch.linalg.qr(torch.randn(out_f, noise.rank, generator=gen, dtype=torch.float32)).Q
+    return u, eps
 
 
 def family_seeds(seed: int, size: int, tag: str = "family") -> list[int]:

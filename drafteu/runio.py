@@ -23,6 +23,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def json_load(path: Path):
+    """Read a JSON file written by write_json."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write."""
     write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from drafteu import data, estimators, models
@@ -61,6 +62,9 @@ def run(cfg: ScoreConfig) -> dict:
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
+    if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
+        drafts_dir, proxy_dir = estimators.resolve_drafts(cfg.drafts, cfg.proxy)
+        est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if cfg.answer is None:
@@ -69,7 +73,8 @@ def run(cfg: ScoreConfig) -> dict:
                 f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
                 f"the model's context of {context} tokens; shorten the question or lower it"
             )
-        response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
+        with est.base_target() if cfg.method == "drafts" else contextlib.nullcontext():
+            response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
     else:
         response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
     if context and len(prompt_ids) + len(response_ids) > context:
@@ -78,7 +83,8 @@ def run(cfg: ScoreConfig) -> dict:
             f"context of {context} tokens"
         )
     answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
-    est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
+    if cfg.method != "drafts":
+        est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
     scores = est.score(prompt_ids, response_ids)
     result = to_json(cfg.question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
     if cfg.json is not None:

@@ -1,0 +1,1 @@
+"""Training stages: the draft base, the draft ensembles, the OSD proxy."""

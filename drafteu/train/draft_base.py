@@ -1,0 +1,109 @@
+"""The draft base: a layer-truncated copy of the target warmed up by logit distillation.
+
+Offline there is no small sibling of the embedded target, so the "off-the-shelf" draft is the
+target's first n layers (``models.truncate_layers``), fully fine-tuned to minimize the forward
+KL(p_target || q_draft) over the response tokens of target samples.  It plays the role of the
+paper's Llama-3.2-1B/3B and is the "Baseline (No Train)" row.  With a real sibling this stage is
+skipped (point the drafts stage at the sibling instead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from drafteu import divergence, models, runio
+from drafteu.errors import DraftEUError
+from drafteu.train.loop import (
+    Example,
+    TrainConfig,
+    collate,
+    examples_from_rows,
+    fit,
+    masked_mean,
+    window_logits,
+)
+
+
+@dataclass
+class DraftBaseConfig:
+    """`drafteu train-draft-base`: truncate the target and warm the draft up."""
+
+    samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
+    out: Path = field(metadata={"help": "output directory (an HF model directory + manifest)"})
+    target: str = field(default="embedded", metadata={"help": "target model"})
+    layers: int = field(default=6, metadata={"help": "decoder layers kept from the target"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0, batch_size=8, grad_accum=1, warmup_steps=10))
+    seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+
+def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows, split by question."""
+    from drafteu.generate import partition
+
+    if not 0 <= fraction < 1:
+        raise DraftEUError(f"held-out fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return rows, []
+    parts = partition(rows, max(2, round(1 / fraction)), seed=seed)
+    return [r for p in parts[1:] for r in p], parts[0]
+
+
+@torch.no_grad()
+def top1_agreement(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Fraction of response positions where draft and target (teacher-forced) agree on the argmax."""
+    device = next(draft.parameters()).device
+    agree = total = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        a = window_logits(target, batch).argmax(-1)
+        b = window_logits(draft, batch).argmax(-1)
+        agree += float(((a == b).float() * batch["loss_mask"]).sum())
+        total += float(batch["loss_mask"].sum())
+    return agree / max(total, 1.0)
+
+
+def run(cfg: DraftBaseConfig) -> dict:
+    """Truncate, distil, save; returns the manifest (agreement before/after, timings)."""
+    started = time.time()
+    out = Path(cfg.out)
+    if (out / "manifest.json").exists() and (out / "config.json").exists():
+        return runio.json_load(out / "manifest.json")  # complete: skip
+    rows = runio.read_jsonl(cfg.samples)
+    if not rows:
+        raise DraftEUError(f"{cfg.samples} holds no samples; run drafteu generate first")
+    lm = models.load(cfg.target, device=cfg.device)
+    target = lm.model.eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    eos = lm.tokenizer.eos_token_id
+    pad = lm.tokenizer.pad_token_id
+    train_rows, held_rows = split_heldout(rows, cfg.heldout, cfg.seed)
+    train_ex, held_ex = examples_from_rows(train_rows, eos), examples_from_rows(held_rows, eos)
+
+    draft = models.truncate_layers(target, cfg.layers)
+    for p in draft.parameters():
+        p.requires_grad_(True)
+    before = top1_agreement(target, draft, held_ex, pad) if held_ex else None
+
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            teacher = window_logits(target, batch)
+        # Forward KL(p_target || q_draft) per response token (the divergence module, differentiable)
+        return masked_mean(divergence.kl(teacher, window_logits(model, batch)), batch["loss_mask"])
+
+    stats = fit(draft, train_ex, loss_fn, cfg.train, out / "trainer", pad_id=pad, seed=cfg.seed, desc="draft base")
+    after = top1_agreement(target, draft, held_ex, pad) if held_ex else None
+    draft.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    runio.write_config(out, cfg)
+    return runio.write_manifest(
+        out, "draft_base", cfg, started, layers=cfg.layers, target=cfg.target,
+        parameters=sum(p.numel() for p in draft.parameters()), train_examples=len(train_ex),
+        heldout_examples=len(held_ex), top1_agreement_before=before, top1_agreement_after=after, train=stats,
+    )

@@ -1,0 +1,208 @@
+"""Draft ensembles: DDD / IDD / FDD (LoRA SFT on target samples), untrained and K-only.
+
+Paper Sec. 4.3, App. B.2, B.6; METHOD.md §6-7.  Every draft is a PEFT adapter on one shared base
+(so K drafts run in one batched forward); a method directory holds
+
+    manifest.json   method, S, M, base (model dir), adapters, partitions, timings
+    s<i>_m<j>/      one PEFT adapter per draft (+ trainer/checkpoint.pt while training)
+
+- ddd:       S disjoint partitions by question x M drafts per partition (seeds differ).
+- idd:       S*M drafts on all the data, each started from its own initialization noise.
+- fdd:       both.
+- untrained: S*M noise copies (sigma, METHOD.md §7) of the base; no training.
+- konly:     one trained draft (the ddd s0_m0 adapter, trained here if missing) merged into
+             the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
+
+Initialization noise (IDD/FDD).  METHOD.md §7 merges a low-rank noise draw (sigma 0.5, q_proj
+and v_proj, the §2 scheme) into the draft before training.  Here that noise is the adapter's
+*initial value* instead: for q_proj/v_proj the first r_noise LoRA components start at
+B = U, A = eps / scaling, so that scaling * B @ A = U @ eps exactly (the other components start
+at B = 0, as in LoRA).  The starting point is identical; the draft stays a pure adapter on the
+shared base, so IDD/FDD ensembles keep the one-forward batched evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from drafteu import models, runio
+from drafteu.errors import DraftEUError
+from drafteu.generate import partition, partition_stats
+from drafteu.posterior import NoiseConfig, NoisyModel, draw_noise, member_seed
+from drafteu.train.loop import TrainConfig, examples_from_rows, fit, masked_mean, window_logits
+
+METHODS = ("ddd", "idd", "fdd", "untrained", "konly")
+
+
+@dataclass
+class DraftsConfig:
+    """`drafteu train-drafts`: an S x M draft ensemble."""
+
+    samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
+    out: Path = field(metadata={"help": "drafts root; the ensemble goes to OUT/<method>/"})
+    base: str = field(metadata={"help": "draft base: a model dir (train-draft-base output), hub id or .gguf"})
+    target: str = field(default="embedded", metadata={"help": "target model (vocabulary check)"})
+    method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained or konly"})
+    partitions: int = field(default=2, metadata={"help": "S: disjoint data partitions"})
+    per_partition: int = field(default=3, metadata={"help": "M: drafts per partition"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
+    init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5))
+    noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def __post_init__(self):
+        self.samples, self.out = Path(self.samples), Path(self.out)
+        if self.method not in METHODS:
+            raise DraftEUError(f"unknown draft method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.partitions < 1 or self.per_partition < 1:
+            raise DraftEUError("--partitions and --per-partition must be >= 1")
+
+    @property
+    def size(self) -> int:
+        return self.partitions * self.per_partition
+
+
+def adapter_names(cfg: DraftsConfig) -> list[str]:
+    return [f"s{s}_m{m}" for s in range(cfg.partitions) for m in range(cfg.per_partition)]
+
+
+def lora_config(cfg: DraftsConfig):
+    from peft import LoraConfig
+
+    modules = "all-linear" if cfg.lora_modules == "all-linear" else [m.strip() for m in cfg.lora_modules.split(",")]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=modules, bias="none", task_type="CAUSAL_LM")
+
+
+def save_adapter(peft_model, name: str, directory: Path) -> None:
+    """Save adapter ``name`` of ``peft_model`` as a standalone PEFT adapter directory (atomically)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    peft_model.peft_config[name].save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+@torch.no_grad()
+def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) -> int:
+    """Start ``adapter`` at scaling * B @ A = U @ eps on the noise modules (see module docstring)."""
+    touched = 0
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a or name.rsplit(".", 1)[-1] not in noise.target_modules:
+            continue
+        a, b = lora_a[adapter].weight, module.lora_B[adapter].weight  # (r, in), (out, r)
+        r = min(noise.rank, a.shape[0])
+        u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme,
+                                        target_modules=noise.target_modules), seed, name, module.get_base_layer().weight)
+        scale = module.scaling[adapter]
+        b[:, :r] = u.to(b)
+        a[:r] = (eps / scale).to(a)
+        touched += 1
+    if touched == 0:
+        raise DraftEUError(f"initialization noise found none of {noise.target_modules} among the LoRA modules")
+    return touched
+
+
+def _sft_loss(model, batch):
+    logits = window_logits(model, batch)  # (B, W, V)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")  # (B, W)
+    return masked_mean(ce, batch["loss_mask"])
+
+
+def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, seed: int, init_noise: bool,
+              directory: Path, tokenizer) -> dict:
+    """LoRA SFT of one draft on ``rows``; saves the adapter to ``directory``."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A init
+    base = models.load(base_dir, device=cfg.device).model
+    peft_model = get_peft_model(base, lora_config(cfg), adapter_name=name)
+    if init_noise:
+        apply_init_noise(peft_model, name, cfg.init_noise, seed)
+    examples = examples_from_rows(rows, tokenizer.eos_token_id)
+    stats = fit(peft_model, examples, _sft_loss, cfg.train, directory.with_name(directory.name + ".trainer"),
+                pad_id=tokenizer.pad_token_id, seed=seed, desc=f"{cfg.method} {name}")
+    save_adapter(peft_model, name, directory)
+    return stats
+
+
+def _noise_adapters(base_model, names: list[str], noise: NoiseConfig, seeds: list[int], out: Path) -> None:
+    noisy = NoisyModel(base_model, noise)
+    for name, seed in zip(names, seeds, strict=True):
+        noisy.set_member(name, seed)
+        save_adapter(noisy.model, name, out / name)
+
+
+def run(cfg: DraftsConfig) -> dict:
+    """Train (or build) every draft of the ensemble that is not complete yet; write the manifest."""
+    started = time.time()
+    out = cfg.out / cfg.method
+    rows = runio.read_jsonl(cfg.samples)
+    if not rows:
+        raise DraftEUError(f"{cfg.samples} holds no samples; run drafteu generate first")
+    names = adapter_names(cfg)
+    # All checks before any training: vocabulary, partitions.
+    target_tok = models.load(cfg.target, tokenizer_only=True)
+    base_lm = models.load(cfg.base, device=cfg.device)
+    models.shared_vocab_size(target_tok, base_lm)
+    needs_parts = cfg.method in ("ddd", "fdd", "konly")
+    parts = partition(rows, cfg.partitions, seed=cfg.seed) if needs_parts else [rows] * cfg.partitions
+    stats = partition_stats(parts) if needs_parts else []
+    out.mkdir(parents=True, exist_ok=True)
+    runio.write_config(out, cfg)
+    base_dir = cfg.base
+    timings = {}
+
+    if cfg.method == "untrained":
+        seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
+        _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
+    elif cfg.method == "konly":
+        ddd_dir = cfg.out / "ddd" / "s0_m0"
+        if not (ddd_dir / "adapter_model.safetensors").exists():
+            ddd_dir.parent.mkdir(parents=True, exist_ok=True)
+            timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
+                                         False, ddd_dir, base_lm.tokenizer)
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(models.load(cfg.base, device=cfg.device).model, ddd_dir).merge_and_unload()
+        base_dir = str(out / "base")
+        merged.save_pretrained(base_dir)
+        base_lm.tokenizer.save_pretrained(base_dir)
+        seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
+        _noise_adapters(merged, names, cfg.noise, seeds, out)
+    else:
+        for s in range(cfg.partitions):
+            for m in range(cfg.per_partition):
+                name = f"s{s}_m{m}"
+                if (out / name / "adapter_model.safetensors").exists():
+                    continue  # complete: skip
+                seed = member_seed("draft", cfg.seed, s, m)
+                timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, cfg.method in ("idd", "fdd"),
+                                          out / name, base_lm.tokenizer)
+    manifest = runio.write_manifest(
+        out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
+        base=str(Path(base_dir).resolve()) if Path(base_dir).exists() else base_dir,
+        target=cfg.target, adapters=names, partitions=stats, train=timings,
+    )
+    (out / "partitions.json").write_text(json.dumps(
+        {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}))
+    return manifest

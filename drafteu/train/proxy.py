@@ -1,0 +1,166 @@
+"""The proxy p_mix by Online Stochastic Distillation (paper Sec. 3.4, App. B.1; METHOD.md §8).
+
+p_mix = the target + a LoRA adapter (q_proj, v_proj; r 16, alpha 32).  At every micro-batch,
+N_teacher *fresh* noise members (sigma 0.1, the §2 scheme) are drawn into the teacher, and the
+loss is the mean over teachers of the forward KL(p_teacher || p_mix) over response tokens.  Its
+minimizer is the teachers' mean (the BMA), which is why forward, not reverse, KL.
+
+Teacher and student share one copy of the target's weights: the noise members and the proxy are
+adapters on the same PEFT model (teachers run in one mixed-adapter batch, eval mode, no grad).
+
+Outputs ``<out>/adapter/`` (a PEFT adapter on the target), ``config.yaml``, ``manifest.json``
+(including the held-out check below).
+
+Held-out check (Table 4's question, in its simplest form): on held-out responses, the mean
+per-token KL(p_ref || p) from the mean p_ref of a fixed reference family (K_ref members, seeds
+disjoint from training) to p = the proxy, against p = the raw target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from drafteu import divergence, models, runio
+from drafteu.errors import DraftEUError
+from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
+from drafteu.train.draft_base import split_heldout
+from drafteu.train.drafts import save_adapter
+from drafteu.train.loop import (
+    TrainConfig,
+    collate,
+    examples_from_rows,
+    fit,
+    masked_mean,
+    window_logits,
+)
+
+PROXY = "proxy"
+
+
+@dataclass
+class ProxyConfig:
+    """`drafteu train-proxy`: OSD for p_mix."""
+
+    samples: list[Path] = field(metadata={"help": "samples.jsonl files of noisy-teacher answers (mixed equally)"})
+    out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target)"})
+    target: str = field(default="embedded", metadata={"help": "target model"})
+    teachers: int = field(default=2, metadata={"help": "N_teacher: fresh noise members per batch"})
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the proxy"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the proxy"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout of the proxy"})
+    lora_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "proxy LoRA modules"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=3e-4, epochs=12, batch_size=8, grad_accum=8, warmup_steps=0, weight_decay=0.01, scheduler="linear"))
+    warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the check"})
+    reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
+    seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def __post_init__(self):
+        self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]
+        self.out = Path(self.out)
+        if self.teachers < 1:
+            raise DraftEUError(f"--teachers must be >= 1, got {self.teachers}")
+
+
+def _mix_equally(files: list[Path], seed: int) -> list[dict]:
+    """Rows of every file, each file cut to the smallest one's size (equal thirds for 3 teachers)."""
+    import random
+
+    sets = []
+    for f in files:
+        rows = runio.read_jsonl(f)
+        if not rows:
+            raise DraftEUError(f"{f} holds no samples; run drafteu generate --member K first")
+        sets.append(rows)
+    n = min(len(s) for s in sets)
+    out = []
+    for i, rows in enumerate(sets):
+        rows = list(rows)
+        random.Random(f"mix:{seed}:{i}").shuffle(rows)
+        out += rows[:n]
+    return out
+
+
+@torch.no_grad()
+def heldout_kl(noisy: NoisyModel, examples, pad_id: int, reference: list[str], batch_size: int = 4) -> dict:
+    """Mean per-token KL(p_ref_mean || proxy) and KL(p_ref_mean || raw target) on held-out data."""
+    device = next(noisy.model.parameters()).device
+    sums = {"proxy": 0.0, "target": 0.0}
+    count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        bsz = batch["input_ids"].shape[0]
+        rep = {k: batch[k].repeat(len(reference), 1) for k in ("input_ids", "attention_mask", "position_ids")}
+        fam = noisy.model(**rep, adapter_names=[n for n in reference for _ in range(bsz)],
+                          logits_to_keep=batch["keep"]).logits[:, :-1]
+        ref = divergence.mixture(fam.reshape(len(reference), bsz, *fam.shape[1:]))  # (B, W, V)
+        proxy = noisy.model(**{k: batch[k] for k in rep}, adapter_names=[PROXY] * bsz,
+                            logits_to_keep=batch["keep"]).logits[:, :-1]
+        with noisy.base() as m:
+            raw = m(**{k: batch[k] for k in rep}, logits_to_keep=batch["keep"]).logits[:, :-1]
+        mask = batch["loss_mask"]
+        sums["proxy"] += float((divergence.kl(ref, proxy) * mask).sum())
+        sums["target"] += float((divergence.kl(ref, raw) * mask).sum())
+        count += float(mask.sum())
+    return {f"kl_ref_mean_to_{k}": v / max(count, 1.0) for k, v in sums.items()} | {"tokens": count}
+
+
+def run(cfg: ProxyConfig) -> dict:
+    """Train p_mix by OSD; save the adapter; check it against the raw target on held-out data."""
+    from peft import LoraConfig
+
+    started = time.time()
+    if (cfg.out / "manifest.json").exists() and (cfg.out / "adapter" / "adapter_model.safetensors").exists():
+        return runio.json_load(cfg.out / "manifest.json")  # complete: skip
+    rows = _mix_equally(cfg.samples, cfg.seed)
+    lm = models.load(cfg.target, device=cfg.device)
+    pad, eos = lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id
+    train_rows, held_rows = split_heldout(rows, cfg.heldout, cfg.seed)
+    train_ex, held_ex = examples_from_rows(train_rows, eos), examples_from_rows(held_rows, eos)
+
+    noisy = NoisyModel(lm.model, cfg.noise)
+    teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, -1, k) for k in range(cfg.teachers)])
+    noisy.model.add_adapter(PROXY, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                              target_modules=list(cfg.lora_modules), bias="none"))
+    noisy.model.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
+    for n, p in noisy.model.named_parameters():
+        p.requires_grad_(f".{PROXY}." in n)
+    draws = {"n": 0}
+
+    def loss_fn(model, batch):
+        # Fresh teachers for every micro-batch (the "online stochastic" part).
+        draws["n"] += 1
+        with torch.no_grad():
+            for k, name in enumerate(teachers):
+                noisy._fill(name, member_seed("osd", cfg.seed, draws["n"], k))
+            model.eval()
+            bsz = batch["input_ids"].shape[0]
+            rep = {k: batch[k].repeat(len(teachers), 1) for k in ("input_ids", "attention_mask", "position_ids")}
+            t = model(**rep, adapter_names=[n for n in teachers for _ in range(bsz)],
+                      logits_to_keep=batch["keep"]).logits[:, :-1]
+            t = t.reshape(len(teachers), bsz, *t.shape[1:])
+            model.train()
+        student = window_logits(model, batch)  # the active adapter: the proxy
+        kls = torch.stack([divergence.kl(t[k], student) for k in range(len(teachers))]).mean(0)
+        return masked_mean(kls, batch["loss_mask"])
+
+    tc = cfg.train
+    steps = tc.max_steps or max(1, round(len(train_ex) / tc.batch_size * tc.epochs / tc.grad_accum))
+    tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
+    stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)")
+    noisy.model.eval()
+    check = {}
+    if held_ex:
+        reference = noisy.set_members("ref", family_seeds(cfg.seed + 10_000, cfg.reference_size, tag="proxy-ref"))
+        check = heldout_kl(noisy, held_ex, pad, reference)
+    save_adapter(noisy.model, PROXY, cfg.out / "adapter")
+    runio.write_config(cfg.out, cfg)
+    return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
+                                heldout_examples=len(held_ex), teachers=cfg.teachers, train=stats, heldout=check)

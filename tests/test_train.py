@@ -1,0 +1,211 @@
+"""Draft base, draft ensembles (every method), the OSD proxy and the DraftEnsemble estimator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from drafteu import divergence, estimators, generate, models, runio
+from drafteu.cli import app
+from drafteu.errors import DraftEUError
+from drafteu.train import draft_base, drafts, loop, proxy
+from drafteu.train.loop import TrainConfig
+
+from .conftest import make_model, make_tokenizer
+
+pytestmark = pytest.mark.integration
+FAST = dict(lr=1e-3, max_steps=3, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_dir):
+    """Target samples, teacher samples and a 2-layer draft base, built once for the module."""
+    root = tmp_path_factory.mktemp("train")
+    common = dict(target=str(tiny_dir), questions=8, max_new_tokens=6, batch_size=8)
+    generate.run(generate.GenerateConfig(out=root / "data", samples=2, **common))
+    for k in range(2):
+        generate.run(generate.GenerateConfig(out=root / f"teacher{k}", samples=1, member=k, **common))
+    draft_base.run(draft_base.DraftBaseConfig(samples=root / "data" / "samples.jsonl", out=root / "base",
+                                              target=str(tiny_dir), layers=2, heldout=0.25,
+                                              train=TrainConfig(**FAST)))
+    return root
+
+
+def test_draft_base_is_a_truncated_distilled_model(workdir, tiny_dir):
+    m = runio.json_load(workdir / "base" / "manifest.json")
+    assert m["layers"] == 2 and m["train"]["steps"] == 3
+    assert 0 <= m["top1_agreement_before"] <= 1 and 0 <= m["top1_agreement_after"] <= 1
+    base = models.load(str(workdir / "base"))
+    assert base.model.config.num_hidden_layers == 2
+    # a second run is skipped (outputs complete)
+    again = draft_base.run(draft_base.DraftBaseConfig(samples=workdir / "data" / "samples.jsonl",
+                                                      out=workdir / "base", target=str(tiny_dir)))
+    assert again["started"] == m["started"]
+
+
+def test_distillation_lowers_the_kl_to_the_target(tiny_dir, workdir):
+    lm = models.load(str(tiny_dir))
+    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")
+    ex = loop.examples_from_rows(rows, lm.tokenizer.eos_token_id)
+    draft = models.truncate_layers(lm.model, 2)
+
+    def mean_kl():
+        with torch.no_grad():
+            b = loop.collate(ex, lm.tokenizer.pad_token_id, "cpu")
+            kl = divergence.kl(loop.window_logits(lm.model, b), loop.window_logits(draft, b))
+            return float(loop.masked_mean(kl, b["loss_mask"]))
+
+    before = mean_kl()
+    cfg = draft_base.DraftBaseConfig(samples=workdir / "data" / "samples.jsonl", out=workdir / "kl",
+                                     target=str(tiny_dir), layers=2)
+
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            t = loop.window_logits(lm.model, batch)
+        return loop.masked_mean(divergence.kl(t, loop.window_logits(model, batch)), batch["loss_mask"])
+
+    loop.fit(draft, ex, loss_fn, TrainConfig(lr=3e-3, max_steps=25, batch_size=8, grad_accum=1, warmup_steps=1,
+                                             mixed_precision="no"), workdir / "kl", pad_id=lm.tokenizer.pad_token_id)
+    assert cfg.layers == 2 and mean_kl() < 0.7 * before
+
+
+@pytest.mark.parametrize("method", ["ddd", "idd", "fdd", "untrained", "konly"])
+def test_every_method_builds_a_working_ensemble(workdir, tiny_dir, method):
+    out = workdir / "drafts"
+    cfg = drafts.DraftsConfig(samples=workdir / "data" / "samples.jsonl", out=out, base=str(workdir / "base"),
+                              target=str(tiny_dir), method=method, partitions=2, per_partition=2,
+                              train=TrainConfig(**FAST))
+    m = drafts.run(cfg)
+    assert m["adapters"] == ["s0_m0", "s0_m1", "s1_m0", "s1_m1"]
+    for n in m["adapters"]:
+        assert (out / method / n / "adapter_model.safetensors").exists()
+    if method in ("ddd", "fdd"):
+        qsets = json.loads((out / method / "partitions.json").read_text())["qids"]
+        assert len(qsets) == 2 and not set(qsets[0]) & set(qsets[1])
+        assert [p["questions"] for p in m["partitions"]] == [4, 4]
+    target = models.load(str(tiny_dir))
+    ens = estimators.DraftEnsemble(out / method, target)
+    prompt, response = [5, 6, 7, 8, 9, 10], [11, 12, 13, 14]
+    s = ens.score(prompt, response)
+    assert torch.allclose(s.eu, s.variance + s.bias, atol=1e-6)
+    assert (s.variance > 0).all() and (s.bias > 0).all()
+    ens.batched = False
+    loop_s = ens.score(prompt, response)
+    assert torch.allclose(loop_s.eu, s.eu, atol=1e-5) and torch.allclose(loop_s.variance, s.variance, atol=1e-5)
+
+
+def test_init_noise_is_the_adapters_starting_value(workdir):
+    from peft import get_peft_model
+
+    cfg = drafts.DraftsConfig(samples=workdir / "data" / "samples.jsonl", out=workdir / "x", base=str(workdir / "base"))
+    model = get_peft_model(models.load(str(workdir / "base")).model, drafts.lora_config(cfg), adapter_name="d")
+    drafts.apply_init_noise(model, "d", cfg.init_noise, seed=3)
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "d" in mod.lora_A:
+            delta = mod.get_delta_weight("d")
+            if name.endswith(("q_proj", "v_proj")):
+                from drafteu.posterior import NoiseConfig, draw_noise
+
+                u, eps = draw_noise(NoiseConfig(sigma=0.5, rank=8), 3, name, mod.get_base_layer().weight)
+                assert torch.allclose(delta, u @ eps, atol=1e-5)
+            else:
+                assert torch.equal(delta, torch.zeros_like(delta))  # plain LoRA init elsewhere
+
+
+def test_resume_after_kill_matches_uninterrupted(workdir, tiny_dir, monkeypatch):
+    common = dict(samples=workdir / "data" / "samples.jsonl", base=str(workdir / "base"), target=str(tiny_dir),
+                  method="ddd", partitions=1, per_partition=1, lora_dropout=0.0,
+                  train=TrainConfig(lr=1e-3, max_steps=4, batch_size=2, grad_accum=1, warmup_steps=1, save_every=1))
+    drafts.run(drafts.DraftsConfig(out=workdir / "full", **common))
+    real, calls = drafts._sft_loss, {"n": 0}
+
+    def dying(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(drafts, "_sft_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        drafts.run(drafts.DraftsConfig(out=workdir / "killed", **common))
+    state = torch.load(workdir / "killed" / "ddd" / "s0_m0.trainer" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    monkeypatch.setattr(drafts, "_sft_loss", real)
+    m = drafts.run(drafts.DraftsConfig(out=workdir / "killed", **common))
+    assert m["train"]["s0_m0"]["steps"] == 4
+    from safetensors.torch import load_file
+
+    a = load_file(workdir / "full" / "ddd" / "s0_m0" / "adapter_model.safetensors")
+    b = load_file(workdir / "killed" / "ddd" / "s0_m0" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_proxy_osd(workdir, tiny_dir):
+    cfg = proxy.ProxyConfig(samples=[workdir / "teacher0" / "samples.jsonl", workdir / "teacher1" / "samples.jsonl"],
+                            out=workdir / "proxy", target=str(tiny_dir), heldout=0.25, reference_size=3,
+                            train=TrainConfig(**{**FAST, "grad_accum": 1}))
+    m = proxy.run(cfg)
+    assert (workdir / "proxy" / "adapter" / "adapter_config.json").exists()
+    h = m["heldout"]
+    assert h["tokens"] > 0 and h["kl_ref_mean_to_proxy"] > 0 and h["kl_ref_mean_to_target"] > 0
+    # the proxy is the target + its adapter; it differs from the raw target
+    target = models.load(str(tiny_dir))
+    ens = estimators.DraftEnsemble(workdir / "drafts" / "untrained", target, workdir / "proxy" / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with ens.base_target():
+        raw = ens.target(input_ids=ids).logits
+    assert not torch.allclose(ens.proxy_logits(ids, 0), raw)
+
+
+def test_osd_loss_gradient_pulls_towards_the_teacher_mean():
+    # forward KL against teachers: the minimizer of E_k KL(p_k || q) is the mean of the p_k
+    teachers = torch.randn(2, 3, 10) * 2
+    q = torch.zeros(3, 10, requires_grad=True)
+    opt = torch.optim.Adam([q], lr=0.1)
+    for _ in range(500):
+        opt.zero_grad()
+        torch.stack([divergence.kl(teachers[k], q) for k in range(2)]).mean(0).sum().backward()
+        opt.step()
+    assert torch.allclose(torch.softmax(q, -1), divergence.mixture(teachers).exp(), atol=1e-3)
+
+
+def test_clear_errors_before_training(workdir, tiny_dir, tmp_path):
+    base = dict(samples=workdir / "data" / "samples.jsonl", out=tmp_path, base=str(workdir / "base"),
+                target=str(tiny_dir))
+    with pytest.raises(DraftEUError, match="cannot make 9 partitions from 8 questions"):
+        drafts.run(drafts.DraftsConfig(method="ddd", partitions=9, **base))
+    with pytest.raises(DraftEUError, match="unknown draft method"):
+        drafts.DraftsConfig(method="gkd2", **base)
+    other = tmp_path / "other"
+    tok = make_tokenizer(corpus=["completely different words here", "zzz yyy"])
+    make_model(len(tok)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(DraftEUError, match="incompatible"):
+        drafts.run(drafts.DraftsConfig(method="ddd", **{**base, "base": str(other)}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DraftEUError, match="no samples"):
+        drafts.run(drafts.DraftsConfig(method="ddd", **{**base, "samples": empty}))
+    assert not (tmp_path / "ddd" / "s0_m0").exists()  # nothing was trained
+
+
+def test_score_cli_with_drafts(workdir, tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    (run / "drafts").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(workdir / "drafts" / "ddd", run / "drafts" / "ddd")
+    shutil.copytree(workdir / "proxy", run / "proxy")
+    out = tmp_path / "s.json"
+    res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "Tom has 3 apples.", "--answer",
+                                   "The answer is 7.", "--method", "drafts", "--drafts", str(run), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    for t in result["tokens"]:
+        assert t["eu"] == pytest.approx(t["variance"] + t["bias"], abs=1e-6) and t["variance"] > 0
+    bad = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "x", "--method", "drafts",
+                                   "--drafts", str(tmp_path)])
+    assert bad.exit_code == 2 and "neither a run directory" in bad.output
