@@ -209,3 +209,18 @@ def test_score_cli_with_drafts(workdir, tiny_dir, tmp_path):
     bad = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "x", "--method", "drafts",
                                    "--drafts", str(tmp_path)])
     assert bad.exit_code == 2 and "neither a run directory" in bad.output
+
+
+@pytest.mark.parametrize("method", ["gkd", "minillm"])
+def test_trl_baselines(workdir, tiny_dir, method):
+    pytest.importorskip("trl")
+    out = workdir / "drafts"
+    cfg = drafts.DraftsConfig(samples=workdir / "data" / "samples.jsonl", out=out, base=str(workdir / "base"),
+                              target=str(tiny_dir), method=method, partitions=1, per_partition=2, max_new_tokens=4,
+                              train=TrainConfig(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1,
+                                                save_every=1, mixed_precision="no"))
+    m = drafts.run(cfg)
+    assert [m["train"][n]["steps"] for n in ("s0_m0", "s0_m1")] == [2, 2]
+    ens = estimators.DraftEnsemble(out / method, models.load(str(tiny_dir)))
+    s = ens.score([5, 6, 7, 8], [9, 10, 11])
+    assert torch.allclose(s.eu, s.variance + s.bias, atol=1e-6) and (s.variance > 0).all()

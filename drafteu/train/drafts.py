@@ -10,6 +10,7 @@ Paper Sec. 4.3, App. B.2, B.6; METHOD.md §6-7.  Every draft is a PEFT adapter o
 - idd:       S*M drafts on all the data, each started from its own initialization noise.
 - fdd:       both.
 - untrained: S*M noise copies (sigma, METHOD.md §7) of the base; no training.
+- gkd, minillm: S*M on-policy TRL drafts on all the data, each from its own noise (baselines.py).
 - konly:     one trained draft (the ddd s0_m0 adapter, trained here if missing) merged into
              the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
 
@@ -38,7 +39,7 @@ from drafteu.generate import partition, partition_stats
 from drafteu.posterior import NoiseConfig, NoisyModel, draw_noise, member_seed
 from drafteu.train.loop import TrainConfig, examples_from_rows, fit, masked_mean, window_logits
 
-METHODS = ("ddd", "idd", "fdd", "untrained", "konly")
+METHODS = ("ddd", "idd", "fdd", "untrained", "konly", "gkd", "minillm")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DraftsConfig:
     out: Path = field(metadata={"help": "drafts root; the ensemble goes to OUT/<method>/"})
     base: str = field(metadata={"help": "draft base: a model dir (train-draft-base output), hub id or .gguf"})
     target: str = field(default="embedded", metadata={"help": "target model (vocabulary check)"})
-    method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained or konly"})
+    method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained, konly, gkd or minillm"})
     partitions: int = field(default=2, metadata={"help": "S: disjoint data partitions"})
     per_partition: int = field(default=3, metadata={"help": "M: drafts per partition"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -59,6 +60,7 @@ class DraftsConfig:
     init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5))
     noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1))
     train: TrainConfig = field(default_factory=TrainConfig)
+    max_new_tokens: int = field(default=128, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
@@ -189,6 +191,16 @@ def run(cfg: DraftsConfig) -> dict:
         base_lm.tokenizer.save_pretrained(base_dir)
         seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
         _noise_adapters(merged, names, cfg.noise, seeds, out)
+    elif cfg.method in ("gkd", "minillm"):
+        from drafteu.train import baselines
+
+        baselines._trl()  # a missing TRL is an error before any work
+        for s in range(cfg.partitions):
+            for m in range(cfg.per_partition):
+                name = f"s{s}_m{m}"
+                if not (out / name / "adapter_model.safetensors").exists():
+                    timings[name] = baselines.train(cfg.method, cfg, rows, name, member_seed(cfg.method, cfg.seed, s, m),
+                                                     out / name, base_lm.tokenizer)
     else:
         for s in range(cfg.partitions):
             for m in range(cfg.per_partition):

@@ -1,0 +1,103 @@
+"""GKD and MiniLLM draft baselines through TRL (paper App. B.3, B.4, Tables 9 and 10).
+
+Both are on-policy: the student samples its own continuations and is pulled towards the
+target (GKD: generalized JSD with beta, lambda; MiniLLM: reverse-KL policy gradient).  As
+METHOD.md §7 asks, each draft starts from its own noise (sigma 0.1, ``drafts.apply_init_noise``)
+so that a baseline ensemble has K distinct members too.
+
+TRL pin: ``trl>=1.14,<1.15``.  GKD lives in ``trl.experimental.gkd`` in every 1.x release, but
+MiniLLM was removed from TRL in 1.15; 1.14.x is the newest release that has both, and it runs
+with transformers 5.x and peft 0.21.  Imported lazily: ``pip install 'drafteu[baselines]'``.
+
+On a CPU TRL's configs would default to bf16 and gradient checkpointing; both are set here
+explicitly from the drafts config (bf16 autocast only when ``mixed_precision == "bf16"``, no
+checkpointing).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from drafteu import data, models
+from drafteu.errors import DraftEUError
+
+
+def _trl():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the pin above is the deliberate choice
+    try:
+        import trl  # noqa: F401
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
+    except ImportError as e:
+        raise DraftEUError(
+            "the GKD and MiniLLM baselines need TRL 1.14.x: pip install 'drafteu[baselines]' "
+            f"({e})"
+        ) from e
+    return GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer
+
+
+def _shots(samples: Path) -> tuple:
+    """The k-shot examples the samples were generated with (from their config.yaml)."""
+    cfg = Path(samples).parent / "config.yaml"
+    k = yaml.safe_load(cfg.read_text()).get("shots", 0) if cfg.exists() else 0
+    return data.SHOTS[:k]
+
+
+def _common_args(cfg, directory: Path, seed: int) -> dict:
+    t = cfg.train
+    return dict(
+        output_dir=str(directory), learning_rate=t.lr, num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        lr_scheduler_type="cosine", bf16=t.mixed_precision == "bf16", fp16=False,
+        gradient_checkpointing=False, save_steps=t.save_every, save_total_limit=1, logging_steps=1,
+        report_to=[], seed=seed % (2**31), use_cpu=cfg.device == "cpu", disable_tqdm=False,
+    )
+
+
+def train(kind: str, cfg, rows: list[dict], name: str, seed: int, directory: Path, tokenizer) -> dict:
+    """Train one GKD or MiniLLM draft (LoRA on the draft base); save its adapter to ``directory``."""
+    from datasets import Dataset
+    from peft import PeftModel
+
+    from drafteu.train.drafts import apply_init_noise, lora_config, save_adapter
+
+    GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer = _trl()
+    shots = _shots(cfg.samples)
+    teacher = models.load(cfg.target, device=cfg.device).model
+    student = models.load(cfg.base, device=cfg.device).model
+    trainer_dir = directory.with_name(directory.name + ".trainer")
+    torch.manual_seed(seed)
+    questions = list(dict.fromkeys(r["question"] for r in rows))
+    if kind == "gkd":
+        ds = Dataset.from_list([
+            {"messages": data.chat_messages(r["question"], shots) + [{"role": "assistant", "content": r["response"]}]}
+            for r in rows
+        ])
+        args = GKDConfig(**_common_args(cfg, trainer_dir, seed), temperature=1.0, lmbda=0.5, beta=0.5,
+                         max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                             processing_class=tokenizer, peft_config=lora_config(cfg))
+    elif kind == "minillm":
+        ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
+        args = MiniLLMConfig(**_common_args(cfg, trainer_dir, seed), temperature=1.0, top_p=1.0,
+                             num_generations=4, max_completion_length=cfg.max_new_tokens,
+                             single_step_decomposition=True, disable_dropout=False)
+        trainer = MiniLLMTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                 processing_class=tokenizer, peft_config=lora_config(cfg))
+    else:
+        raise DraftEUError(f"unknown baseline {kind!r}")
+    model = trainer.model
+    if not isinstance(model, PeftModel):
+        raise DraftEUError(f"TRL did not wrap the {kind} student in a PEFT model; check the peft install")
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+    apply_init_noise(model, adapter, cfg.noise, seed)
+    resume = any(trainer_dir.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    save_adapter(model, adapter, directory)
+    return {"steps": int(result.global_step), "loss": float(result.training_loss),
+            "seconds": round(result.metrics.get("train_runtime", 0.0), 2)}
