@@ -221,6 +221,7 @@ def train_drafts(
     lora_alpha: int = typer.Option(32, help=help_of(DraftsConfig, "lora_alpha")),
     init_sigma: float = typer.Option(0.5, help="IDD/FDD: " + help_of(NoiseConfig, "sigma")),
     sigma: float = typer.Option(0.1, help="untrained/konly: " + help_of(NoiseConfig, "sigma")),
+    max_new_tokens: int = typer.Option(128, help=help_of(DraftsConfig, "max_new_tokens")),
     seed: int = typer.Option(0, help=help_of(DraftsConfig, "seed")),
     device: str = typer.Option("cpu", help=help_of(DraftsConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
@@ -238,7 +239,8 @@ def train_drafts(
         m = drafts.run(DraftsConfig(samples=samples, out=out, base=base, target=target, method=method,
                                     partitions=partitions, per_partition=per_partition, lora_r=lora_r,
                                     lora_alpha=lora_alpha, init_noise=NoiseConfig(sigma=init_sigma),
-                                    noise=NoiseConfig(sigma=sigma), train=train, seed=seed, device=device))
+                                    noise=NoiseConfig(sigma=sigma), train=train, max_new_tokens=max_new_tokens,
+                                    seed=seed, device=device))
         console.print(f"{m['method']} ensemble of {len(m['adapters'])} drafts in {out / m['method']}")
     _stage(go, threads)
 

@@ -158,6 +158,15 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0) -> Es
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def _stage_of(manifest: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(manifest.read_text()).get("stage")
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[Path, Path | None]:
     """(drafts dir, proxy adapter dir or None) from a run directory or a drafts directory.
 
@@ -169,7 +178,7 @@ def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[P
     if (path / "drafts" / "ddd" / "manifest.json").exists():
         drafts, run_proxy = path / "drafts" / "ddd", path / "proxy" / "adapter"
         proxy = proxy or (run_proxy if (run_proxy / "adapter_config.json").exists() else None)
-    elif (path / "manifest.json").exists() and '"drafts"' in (path / "manifest.json").read_text():
+    elif (path / "manifest.json").exists() and _stage_of(path / "manifest.json") == "drafts":
         drafts = path
     else:
         raise DraftEUError(f"{path} is neither a run directory (with drafts/ddd) nor a drafts directory; "

@@ -30,6 +30,7 @@ import yaml
 from drafteu import data, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
+from drafteu.progress import progress
 
 ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_ids", "response_ids",
               "response", "extracted", "correct", "finish")
@@ -222,14 +223,6 @@ def _check_resumable(cfg: GenerateConfig) -> None:
 
 def run(cfg: GenerateConfig) -> dict:
     """Generate the missing samples, append them, and write config.yaml + manifest.json."""
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     started = time.time()
     _check_resumable(cfg)
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
@@ -261,10 +254,7 @@ def run(cfg: GenerateConfig) -> dict:
     member = cfg.member
     new_tokens = 0
     t0 = time.time()
-    columns = [TextColumn("generate"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("generate", total=len(work) + len(done), completed=len(done), rate="")
+    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar:
         for start in range(0, len(work), cfg.batch_size):
             batch = work[start : start + cfg.batch_size]
             seed = member_seed("generate", cfg.seed, member, batch[0][0].qid, batch[0][1])
@@ -280,8 +270,7 @@ def run(cfg: GenerateConfig) -> dict:
                 new_tokens += len(resp)
             runio.append_jsonl(path, rows)
             el = max(time.time() - t0, 1e-9)
-            bar.update(task, advance=len(batch),
-                       rate=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
+            bar.update(advance=len(batch), info=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
     rows = runio.read_jsonl(path)
     accuracy = sum(bool(r["correct"]) for r in rows) / len(rows)
     elapsed = time.time() - t0

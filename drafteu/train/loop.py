@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from drafteu.errors import DraftEUError
+from drafteu.progress import progress
 
 
 @dataclass
@@ -112,8 +113,8 @@ def _schedule(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else max(0.0, 1 - progress)
+        frac = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.scheduler == "cosine" else max(0.0, 1 - frac)
 
     return f
 
@@ -137,14 +138,6 @@ def fit(
 ) -> dict:
     """Train the parameters of ``model`` that require grad; returns steps, loss, tokens/s, time."""
     from accelerate import Accelerator
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     if not examples:
         raise DraftEUError(f"{desc}: no training examples (empty partition or empty data)")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,10 +185,7 @@ def fit(
     model.train()
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     t0, tokens_at_start = time.time(), tokens
-    columns = [TextColumn(desc), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not acc.is_main_process) as bar:
-        task = bar.add_task(desc, total=steps_total, completed=step, info="")
+    with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
         for micro in range(step * cfg.grad_accum, micro_total):
             if micro % acc.num_processes != acc.process_index:
                 continue
@@ -214,7 +204,7 @@ def fit(
             if (micro + 1) % cfg.grad_accum == 0 or micro + 1 == micro_total:
                 step += 1
                 rate = (tokens - tokens_at_start) / max(time.time() - t0, 1e-9)
-                bar.update(task, completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
+                bar.update(completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
                 if step % cfg.save_every == 0:
                     save()
     save()
