@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 import sys
 import warnings
@@ -155,32 +157,36 @@ def generate(
     )
 
 
-def _train_cfg(defaults: TrainConfig, lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
-               mixed_precision, save_every) -> TrainConfig:
-    """Defaults of the stage, overridden by the options the user gave."""
-    given = dict(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                 warmup_steps=warmup_steps, mixed_precision=mixed_precision, save_every=save_every)
-    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+_TRAIN_OPTIONS = {"lr": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
+                  "warmup_steps": int, "mixed_precision": str, "save_every": int}
 
 
-def _train_options():
-    """The shared training options (help text from TrainConfig)."""
-    return dict(
-        lr=typer.Option(None, help=help_of(TrainConfig, "lr") + " [stage default]"),
-        epochs=typer.Option(None, help=help_of(TrainConfig, "epochs") + " [stage default]"),
-        max_steps=typer.Option(None, help=help_of(TrainConfig, "max_steps")),
-        batch_size=typer.Option(None, help=help_of(TrainConfig, "batch_size") + " [stage default]"),
-        grad_accum=typer.Option(None, help=help_of(TrainConfig, "grad_accum") + " [stage default]"),
-        warmup_steps=typer.Option(None, help=help_of(TrainConfig, "warmup_steps") + " [stage default]"),
-        mixed_precision=typer.Option(None, help=help_of(TrainConfig, "mixed_precision") + " [bf16]"),
-        save_every=typer.Option(None, help=help_of(TrainConfig, "save_every") + " [50]"),
-    )
+def train_options(fn):
+    """Give a training command the TrainConfig options (help from TrainConfig, written once).
+
+    The command receives ``train_overrides``: the options the user set, to apply on top of the
+    stage's own defaults.
+    """
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "train_overrides"]
+    for name, typ in _TRAIN_OPTIONS.items():
+        option = typer.Option(None, help=f"{help_of(TrainConfig, name)} (default: the stage's)")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ | None))
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        overrides = {k: kwargs.pop(k) for k in _TRAIN_OPTIONS}
+        return fn(train_overrides={k: v for k, v in overrides.items() if v is not None}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {**fn.__annotations__, **{k: t | None for k, t in _TRAIN_OPTIONS.items()}}
+    return wrapper
 
 
-_T = _train_options()
 
 
 @app.command("train-draft-base")
+@train_options
 def train_draft_base(
     samples: Path = typer.Option(..., help=help_of(DraftBaseConfig, "samples")),
     out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftBaseConfig, "out")),
@@ -190,17 +196,13 @@ def train_draft_base(
     seed: int = typer.Option(0, help=help_of(DraftBaseConfig, "seed")),
     device: str = typer.Option("cpu", help=help_of(DraftBaseConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
-    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
-    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
-    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
-    save_every: int | None = _T["save_every"],
+    train_overrides: dict | None = None,
 ):
     """Truncate the target to its first LAYERS layers and warm the draft up by logit distillation."""
     def go():
         from drafteu.train import draft_base
 
-        train = _train_cfg(DraftBaseConfig.__dataclass_fields__["train"].default_factory(), lr, epochs, max_steps,
-                           batch_size, grad_accum, warmup_steps, mixed_precision, save_every)
+        train = dataclasses.replace(DraftBaseConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
         m = draft_base.run(DraftBaseConfig(samples=samples, out=out, target=target, layers=layers, heldout=heldout,
                                            train=train, seed=seed, device=device))
         console.print(f"draft base in {out}: top-1 agreement with the target "
@@ -209,6 +211,7 @@ def train_draft_base(
 
 
 @app.command("train-drafts")
+@train_options
 def train_drafts(
     samples: Path = typer.Option(..., help=help_of(DraftsConfig, "samples")),
     out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftsConfig, "out")),
@@ -225,17 +228,13 @@ def train_drafts(
     seed: int = typer.Option(0, help=help_of(DraftsConfig, "seed")),
     device: str = typer.Option("cpu", help=help_of(DraftsConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
-    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
-    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
-    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
-    save_every: int | None = _T["save_every"],
+    train_overrides: dict | None = None,
 ):
     """Train an S x M draft ensemble (DDD, IDD, FDD) or build an untrained / K-only one."""
     def go():
         from drafteu.train import drafts
 
-        train = _train_cfg(TrainConfig(), lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
-                           mixed_precision, save_every)
+        train = dataclasses.replace(TrainConfig(), **train_overrides)
         m = drafts.run(DraftsConfig(samples=samples, out=out, base=base, target=target, method=method,
                                     partitions=partitions, per_partition=per_partition, lora_r=lora_r,
                                     lora_alpha=lora_alpha, init_noise=NoiseConfig(sigma=init_sigma),
@@ -246,6 +245,7 @@ def train_drafts(
 
 
 @app.command("train-proxy")
+@train_options
 def train_proxy(
     samples: list[Path] = typer.Option(..., help=help_of(ProxyConfig, "samples") + "; repeat the option"),
     out: Path = typer.Option(..., "--out", "-o", help=help_of(ProxyConfig, "out")),
@@ -256,18 +256,13 @@ def train_proxy(
     seed: int = typer.Option(0, help=help_of(ProxyConfig, "seed")),
     device: str = typer.Option("cpu", help=help_of(ProxyConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
-    lr: float | None = _T["lr"], epochs: float | None = _T["epochs"], max_steps: int | None = _T["max_steps"],
-    batch_size: int | None = _T["batch_size"], grad_accum: int | None = _T["grad_accum"],
-    warmup_steps: int | None = _T["warmup_steps"], mixed_precision: str | None = _T["mixed_precision"],
-    save_every: int | None = _T["save_every"],
+    train_overrides: dict | None = None,
 ):
     """Train the proxy p_mix by Online Stochastic Distillation against fresh noisy teachers."""
     def go():
         from drafteu.train import proxy
 
-        defaults = ProxyConfig.__dataclass_fields__["train"].default_factory()
-        train = _train_cfg(defaults, lr, epochs, max_steps, batch_size, grad_accum, warmup_steps,
-                           mixed_precision, save_every)
+        train = dataclasses.replace(ProxyConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
         m = proxy.run(ProxyConfig(samples=samples, out=out, target=target, teachers=teachers,
                                   noise=NoiseConfig(sigma=sigma), heldout=heldout, train=train, seed=seed,
                                   device=device))

@@ -224,3 +224,19 @@ def test_trl_baselines(workdir, tiny_dir, method):
     ens = estimators.DraftEnsemble(out / method, models.load(str(tiny_dir)))
     s = ens.score([5, 6, 7, 8], [9, 10, 11])
     assert torch.allclose(s.eu, s.variance + s.bias, atol=1e-6) and (s.variance > 0).all()
+
+
+def test_train_cli_options_reach_the_config(workdir, tiny_dir, tmp_path):
+    res = CliRunner().invoke(app, ["train-drafts", "--samples", str(workdir / "data" / "samples.jsonl"),
+                                   "--base", str(workdir / "base"), "--target", str(tiny_dir), "-o", str(tmp_path),
+                                   "-S", "1", "-M", "1", "--max-steps", "2", "--batch-size", "2", "--lr", "0.01"])
+    assert res.exit_code == 0, res.output
+    m = runio.json_load(tmp_path / "ddd" / "manifest.json")
+    assert m["train"]["s0_m0"]["steps"] == 2
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "ddd" / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["batch_size"] == 2 and cfg["train"]["grad_accum"] == 2
+    bad = CliRunner().invoke(app, ["train-drafts", "--samples", str(workdir / "data" / "samples.jsonl"),
+                                   "--base", str(workdir / "base"), "-o", str(tmp_path), "--mixed-precision", "fp8"])
+    assert bad.exit_code == 2 and "mixed_precision" in bad.output
