@@ -16,6 +16,17 @@ if os.environ.get("DRAFTEU_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+def shared_data(*parts: str):
+    """A file under the project's shared/ data (``$DRAFTEU_SHARED`` or ../shared); skip if absent."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("DRAFTEU_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+    path = root.joinpath("data", *parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found (set DRAFTEU_SHARED to the shared/ folder)")
+    return path
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,7 @@ from drafteu.data import (
 )
 from drafteu.errors import DraftEUError
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+from .conftest import shared_data
 
 
 @pytest.mark.parametrize(
@@ -110,7 +109,7 @@ def test_easy_word_knobs():
 
 
 def test_gsm8k_jsonl_gold_and_limits():
-    probs = load_task(str(GSM8K / "test.jsonl"), n=5)
+    probs = load_task(str(shared_data("gsm8k", "test.jsonl")), n=5)
     assert len(probs) == 5 and probs[0].gold == "18" and "Janet" in probs[0].question
     assert all(p.qid.startswith("test-") for p in probs)
 

@@ -13,8 +13,9 @@ from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig, HFBackend, Sampling, partition, partition_stats
 
+from .conftest import shared_data
+
 pytestmark = pytest.mark.integration
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def cfg(tiny_dir, out, **kw):
@@ -124,7 +125,7 @@ def test_partition_disjoint_deterministic_balanced():
 
 
 def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
-    s = generate.run(cfg(tiny_dir, tmp_path, task=str(GSM8K_TEST), questions=2, samples=1, shots=0))
+    s = generate.run(cfg(tiny_dir, tmp_path, task=str(shared_data("gsm8k", "test.jsonl")), questions=2, samples=1, shots=0))
     rows = runio.read_jsonl(tmp_path / "samples.jsonl")
     assert s["rows"] == 2 and rows[0]["gold"] == "18"
 
