@@ -155,10 +155,13 @@ class NoisyModel:
         members: Sequence[str],
         *,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         batched: bool = True,
     ) -> torch.Tensor:
         """Next-token logits of each member: (B, L) ids -> (K, B, L', V), L' = logits_to_keep or L.
+
+        ``position_ids`` are needed for left-padded batches (training data), as in HF models.
 
         ``batched`` runs all K members in one forward (PEFT mixed-adapter batch, the inputs
         repeated K times); otherwise one forward per member.  Both give the same numbers.
@@ -170,9 +173,11 @@ class NoisyModel:
         if batched:
             ids = input_ids.repeat(k, 1)
             mask = attention_mask.repeat(k, 1) if attention_mask is not None else None
+            pos = position_ids.repeat(k, 1) if position_ids is not None else None
             names = [m for m in members for _ in range(bsz)]
             out = self.model(
-                input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=logits_to_keep
+                input_ids=ids, attention_mask=mask, position_ids=pos, adapter_names=names,
+                logits_to_keep=logits_to_keep,
             ).logits
             return out.reshape(k, bsz, *out.shape[1:])
         outs = []
@@ -180,7 +185,8 @@ class NoisyModel:
             self.model.set_adapter(m)
             outs.append(
                 self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=logits_to_keep,
                 ).logits
             )
         return torch.stack(outs)

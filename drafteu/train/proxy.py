@@ -96,15 +96,13 @@ def heldout_kl(noisy: NoisyModel, examples, pad_id: int, reference: list[str], b
     count = 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
-        bsz = batch["input_ids"].shape[0]
-        rep = {k: batch[k].repeat(len(reference), 1) for k in ("input_ids", "attention_mask", "position_ids")}
-        fam = noisy.model(**rep, adapter_names=[n for n in reference for _ in range(bsz)],
-                          logits_to_keep=batch["keep"]).logits[:, :-1]
-        ref = divergence.mixture(fam.reshape(len(reference), bsz, *fam.shape[1:]))  # (B, W, V)
-        proxy = noisy.model(**{k: batch[k] for k in rep}, adapter_names=[PROXY] * bsz,
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        fam = noisy.logits(members=reference, logits_to_keep=batch["keep"], **inputs)[:, :, :-1]
+        ref = divergence.mixture(fam)  # (B, W, V)
+        proxy = noisy.model(**inputs, adapter_names=[PROXY] * len(batch["input_ids"]),
                             logits_to_keep=batch["keep"]).logits[:, :-1]
         with noisy.base() as m:
-            raw = m(**{k: batch[k] for k in rep}, logits_to_keep=batch["keep"]).logits[:, :-1]
+            raw = m(**inputs, logits_to_keep=batch["keep"]).logits[:, :-1]
         mask = batch["loss_mask"]
         sums["proxy"] += float((divergence.kl(ref, proxy) * mask).sum())
         sums["target"] += float((divergence.kl(ref, raw) * mask).sum())
@@ -137,16 +135,12 @@ def run(cfg: ProxyConfig) -> dict:
     def loss_fn(model, batch):
         # Fresh teachers for every micro-batch (the "online stochastic" part).
         draws["n"] += 1
-        with torch.no_grad():
-            for k, name in enumerate(teachers):
-                noisy._fill(name, member_seed("osd", cfg.seed, draws["n"], k))
-            model.eval()
-            bsz = batch["input_ids"].shape[0]
-            rep = {k: batch[k].repeat(len(teachers), 1) for k in ("input_ids", "attention_mask", "position_ids")}
-            t = model(**rep, adapter_names=[n for n in teachers for _ in range(bsz)],
-                      logits_to_keep=batch["keep"]).logits[:, :-1]
-            t = t.reshape(len(teachers), bsz, *t.shape[1:])
-            model.train()
+        for k, name in enumerate(teachers):
+            noisy.set_member(name, member_seed("osd", cfg.seed, draws["n"], k))  # re-drawn in place
+        model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
+        t = noisy.logits(batch["input_ids"], teachers, attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"], logits_to_keep=batch["keep"])[:, :, :-1]
+        model.train()
         student = window_logits(model, batch)  # the active adapter: the proxy
         kls = torch.stack([divergence.kl(t[k], student) for k in range(len(teachers))]).mean(0)
         return masked_mean(kls, batch["loss_mask"])
