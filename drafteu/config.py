@@ -69,4 +69,254 @@ class ScoreConfig:
             raise DraftEUError("--answer is empty; omit it to generate an answer")
 
 
-__all__ = ["ScoreConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
+__all__ = ["ScoreConfig", "SpeculateConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
+
+
+@dataclass
+class SpeculateConfig:
+    """`drafteu speculate`: speculative decoding by the draft ensemble, EU on every emitted token."""
+
+    question: str = field(metadata={"help": "the question (problem text) to answer"})
+    drafts: Path = field(metadata={"help": "a reproduce run directory or a drafts directory (as for score)"})
+    target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
+    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts directory"})
+    gamma: int = field(default=4, metadata={"help": "tokens proposed per round"})
+    propose: str = field(default="mix", metadata={"help": "who proposes: 'mix' (the drafts' mixture q_mix; EU comes "
+                                                  "free with drafting) or a draft index k (draft k alone; the K drafts "
+                                                  "then score the round in one parallel pass)"})
+    bias: str = field(default="auto", metadata={"help": "p of the bias term KL(q_mix || p): 'proxy' (p_mix, in the "
+                                                "verification batch), 'target' (the verifying target, free), or "
+                                                "'auto' (proxy when there is one)"})
+    eu: bool = field(default=True, metadata={"help": "compute per-token EU (off: plain speculative decoding)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (output identical to the target's greedy "
+                                                      "decoding); > 0 samples with the speculative-sampling rule"})
+    max_new_tokens: int = field(default=256, metadata={"help": "length limit of the answer"})
+    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    scale: float = field(default=0.5, metadata={"help": "EU (nats) shown as the reddest colour while streaming"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
+
+    def __post_init__(self):
+        if not self.question or not self.question.strip():
+            raise DraftEUError("--question is empty; pass the problem text")
+        if self.gamma < 1:
+            raise DraftEUError(f"--gamma must be >= 1 (tokens proposed per round), got {self.gamma}")
+        if self.propose != "mix":
+            try:
+                self.propose = int(self.propose)
+            except ValueError:
+                raise DraftEUError(f"--propose must be 'mix' or a draft index, got {self.propose!r}") from None
+        if self.bias not in ("auto", "proxy", "target"):
+            raise DraftEUError(f"--bias must be auto, proxy or target, got {self.bias!r}")
+        if self.max_new_tokens < 1:
+            raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DraftEUError(f"--temperature must be >= 0, got {self.temperature}")
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment configs (`drafteu reproduce --config configs/<name>.yaml`): one YAML per experiment.
+# --------------------------------------------------------------------------------------------
+
+from drafteu.train.loop import TrainConfig  # noqa: E402
+
+DRAFT_METHODS = ("untrained", "ddd", "idd", "fdd", "konly", "gkd", "minillm")
+
+
+@dataclass
+class DataSection:
+    """Target samples the drafts are distilled on (paper Sec. 4.2: 4 answers per question)."""
+
+    task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or a HF dataset id"})
+    questions: int | None = field(default=None, metadata={"help": "first N train questions (None: all)"})
+    samples: int = field(default=4, metadata={"help": "answers per question"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=400, metadata={"help": "length limit of an answer"})
+    batch_size: int = field(default=8, metadata={"help": "sequences generated together"})
+    shots: int = field(default=2, metadata={"help": "worked examples before each question (0..2)"})
+
+
+@dataclass
+class DraftBaseSection:
+    """The draft base: a hub id / local dir of a sibling model, or 'truncate' (the target's first layers)."""
+
+    model: str = field(default="truncate", metadata={"help": "sibling model, or 'truncate'"})
+    layers: int = field(default=6, metadata={"help": "with 'truncate': decoder layers kept"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=8, grad_accum=1, warmup_steps=10))
+
+
+@dataclass
+class DraftsSection:
+    """Draft ensembles (Sec. 4.3, App. B.2-B.6, Table 8)."""
+
+    methods: list[str] = field(default_factory=lambda: ["untrained", "ddd", "idd", "fdd", "konly"])
+    partitions: int = field(default=2, metadata={"help": "S"})
+    per_partition: int = field(default=3, metadata={"help": "M"})
+    layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table 5), e.g. [[1, 6], [3, 2]]"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_modules: str = "all-linear"
+    init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise"})
+    sigma: float = field(default=0.1, metadata={"help": "untrained / K-only / GKD / MiniLLM noise"})
+    max_new_tokens: int = field(default=400, metadata={"help": "GKD/MiniLLM on-policy sample length"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=7e-5, epochs=1.0, batch_size=8, grad_accum=2, warmup_steps=150))
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in DRAFT_METHODS]
+        if bad:
+            raise DraftEUError(f"unknown draft method(s) {bad}; choose from {', '.join(DRAFT_METHODS)}")
+        if not self.methods:
+            raise DraftEUError("drafts.methods is empty; name at least one of " + ", ".join(DRAFT_METHODS))
+        if self.partitions < 1 or self.per_partition < 1:
+            raise DraftEUError("drafts.partitions and drafts.per_partition must be >= 1")
+        for lay in self.layouts:
+            if len(lay) != 2 or min(lay) < 1:
+                raise DraftEUError(f"drafts.layouts entries are [S, M] with S, M >= 1, got {lay}")
+
+
+@dataclass
+class ProxySection:
+    """The OSD proxy (Sec. 3.4, App. B.1, Table 7)."""
+
+    data: str = field(default="teachers", metadata={"help": "'teachers': answers of fixed noisy teachers (paper); "
+                                                    "'samples': re-use the draft data (cheaper)"})
+    teachers: int = field(default=3, metadata={"help": "fixed noisy teachers that generate the data"})
+    questions: int | None = field(default=None, metadata={"help": "questions per teacher (None: all)"})
+    samples: int = field(default=5, metadata={"help": "answers per question per teacher"})
+    n_teacher: int = field(default=2, metadata={"help": "fresh noise members per batch"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, epochs=12, batch_size=8, grad_accum=8, warmup_steps=0, weight_decay=0.01))
+
+    def __post_init__(self):
+        if self.data not in ("teachers", "samples"):
+            raise DraftEUError(f"proxy.data must be 'teachers' or 'samples', got {self.data!r}")
+        if self.teachers < 1 or self.n_teacher < 1:
+            raise DraftEUError("proxy.teachers and proxy.n_teacher must be >= 1")
+
+
+@dataclass
+class EvalSection:
+    """Evaluation (Sec. 4.5, 5; App. B.5; METHOD.md §4, §5, §9-11)."""
+
+    task: str | None = field(default=None, metadata={"help": "task of the evaluated questions (None: data.task; "
+                                                     "give the test file when data.task is a jsonl path)"})
+    split: str = field(default="test", metadata={"help": "split of the evaluated questions"})
+    questions: int | None = field(default=None, metadata={"help": "first N test questions (None: all)"})
+    repeats: int = field(default=3, metadata={"help": "answers per test question (App. B.5: 3)"})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy answers"})
+    max_new_tokens: int = 400
+    batch_size: int = 8
+    family_size: int = field(default=3, metadata={"help": "K_T of the ground-truth family"})
+    tokur_size: int = field(default=3, metadata={"help": "K of TokUR"})
+    trials: int = field(default=5, metadata={"help": "independent trials (METHOD.md §5)"})
+    retrain_per_trial: bool = field(default=False, metadata={"help": "retrain every draft ensemble per trial (GPU configs)"})
+    fidelity_questions: int | None = field(default=None, metadata={"help": "questions whose first answer is scored against the ground truth (None: all)"})
+    aggregations: list[str] = field(default_factory=lambda: ["mean", "max", "sum"])
+    fit_fraction: float = field(default=0.5, metadata={"help": "share of questions the logistic map is fitted on"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals"})
+    ece_bins: int = 15
+    reference_size: int = field(default=16, metadata={"help": "K_ref of the proxy-robustness reference family"})
+    proxy_ks: list[int] = field(default_factory=lambda: [3, 10], metadata={"help": "K of the fresh target copies in Table 4"})
+    proxy_questions: int | None = field(default=None, metadata={"help": "questions used for proxy robustness (None: all)"})
+    cost_responses: int = field(default=16, metadata={"help": "responses timed per method for the cost table"})
+    heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
+
+    def __post_init__(self):
+        bad = [a for a in self.aggregations if a not in AGGREGATIONS]
+        if bad or not self.aggregations:
+            raise DraftEUError(f"eval.aggregations must be from {AGGREGATIONS}, got {self.aggregations}")
+        if self.trials < 1 or self.repeats < 1 or self.family_size < 1 or self.tokur_size < 1:
+            raise DraftEUError("eval.trials, repeats, family_size and tokur_size must be >= 1")
+        if not 0 < self.fit_fraction < 1:
+            raise DraftEUError(f"eval.fit_fraction must be in (0, 1), got {self.fit_fraction}")
+        if any(k < 1 for k in self.proxy_ks) or self.reference_size < 2:
+            raise DraftEUError("eval.proxy_ks must be >= 1 and eval.reference_size >= 2")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: every stage of `drafteu reproduce`, from data to report."""
+
+    name: str = "experiment"
+    target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    data: DataSection = field(default_factory=DataSection)
+    draft_base: DraftBaseSection = field(default_factory=DraftBaseSection)
+    drafts: DraftsSection = field(default_factory=DraftsSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    notes: str = field(default="", metadata={"help": "free text shown at the top of the report"})
+
+
+def _build(cls, value, where: str):
+    """``value`` (YAML builtins) as an instance of ``cls``, with errors naming the YAML path."""
+    import typing
+
+    if dataclasses.is_dataclass(cls):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise DraftEUError(f"{where or 'the config'} must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise DraftEUError(f"unknown key(s) {unknown} in {where or 'the config'}; known: {', '.join(sorted(names))}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise DraftEUError(f"{where or 'the config'}: {e}") from e
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if origin in (typing.Union, __import__("types").UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise DraftEUError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else object
+        out = [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if cls is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if cls is Path and isinstance(value, str):
+        return Path(value)
+    if cls in (int, float, str, bool) and not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
+        raise DraftEUError(f"{where} must be {cls.__name__}, got {value!r}")
+    return value
+
+
+def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``overrides`` are dotted keys (``eval.trials: 2``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DraftEUError(f"config {path} not found; the shipped ones are in configs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DraftEUError(f"{path} is not valid YAML: {e}") from e
+    for key, val in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = val
+    try:
+        return _build(ExperimentConfig, raw, "")
+    except DraftEUError as e:
+        raise DraftEUError(f"{path}: {e}") from e
+
+
+__all__ += ["ExperimentConfig", "load_experiment", "DataSection", "DraftBaseSection", "DraftsSection",
+            "ProxySection", "EvalSection"]

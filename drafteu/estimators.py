@@ -212,6 +212,7 @@ class DraftEnsemble(Estimator):
 
         manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
         self.names = list(manifest["adapters"])
+        self.drafts_dir, self.base_spec = Path(drafts_dir), manifest["base"]
         base = models.load(manifest["base"], device=device)
         self.vocab = models.shared_vocab_size(target, base)
         model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])
@@ -219,14 +220,17 @@ class DraftEnsemble(Estimator):
             model.load_adapter(Path(drafts_dir) / n, adapter_name=n)
         self.drafts = model.eval()
         self.method = manifest.get("method", "drafts")
-        self.target = target.model
+        self.target = target.model  # None for a tokenizer-only target: draft_logits only
+        if proxy_dir is not None and self.target is None:
+            raise DraftEUError("a proxy needs the target's weights; load the target with its model")
         if proxy_dir is not None:
             if isinstance(self.target, PeftModel):
                 self.target.load_adapter(proxy_dir, adapter_name="proxy")
             else:
                 self.target = PeftModel.from_pretrained(self.target, proxy_dir, adapter_name="proxy")
             self.target.set_adapter("proxy")
-        self.target.eval()
+        if self.target is not None:
+            self.target.eval()
         self.has_proxy, self.batched = proxy_dir is not None, batched
 
     def base_target(self):

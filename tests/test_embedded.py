@@ -77,3 +77,29 @@ def test_embedded_generate_easy_word(tmp_path):
     # 2-shot prompts make the model answer in \boxed{}; it gets some, not all, right (50% on 160)
     assert all("\\boxed{" in r["response"] and r["extracted"] is not None for r in rows)
     assert 1 <= sum(r["correct"] for r in rows) <= 7
+
+
+def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(smol, tmp_path):
+    """Speculative decoding on the real model: the target's greedy answer, EU equal to offline scoring."""
+    from drafteu import runio
+    from drafteu.score import greedy_answer
+    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.train import drafts
+
+    base = tmp_path / "base"
+    models.truncate_layers(smol.model, 6).save_pretrained(base)
+    smol.tokenizer.save_pretrained(base)
+    prompt = data.format_prompt(smol.tokenizer, QUESTION, data.shots_for("score", 2))
+    runio.append_jsonl(tmp_path / "samples.jsonl", [{"qid": "q0", "prompt_ids": prompt, "response_ids": [1],
+                                                     "correct": False}])
+    drafts.run(drafts.DraftsConfig(samples=tmp_path / "samples.jsonl", out=tmp_path / "drafts", base=str(base),
+                                   method="untrained", partitions=1, per_partition=3))
+    ens = estimators.DraftEnsemble(tmp_path / "drafts" / "untrained", smol)
+    ref = greedy_answer(smol.model, smol.tokenizer, prompt, 40)
+    for propose in ("mix", 0):
+        dec = SpeculativeDecoder.from_ensemble(ens, smol.model, gamma=3, propose=propose, bias="target")
+        res = dec.generate(prompt, 40, eos_ids={smol.tokenizer.eos_token_id})
+        assert res.token_ids == ref
+        off = ens.score(prompt, res.token_ids)
+        assert torch.allclose(res.variance, off.variance, atol=1e-4)
+        assert torch.allclose(res.bias, off.bias, atol=1e-4)

@@ -62,10 +62,12 @@ class DraftsConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     max_new_tokens: int = field(default=128, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
+    konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb (default OUT/ddd/s0_m0, trained if missing)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
     def __post_init__(self):
         self.samples, self.out = Path(self.samples), Path(self.out)
+        self.konly_from = Path(self.konly_from) if self.konly_from is not None else None
         if self.method not in METHODS:
             raise DraftEUError(f"unknown draft method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.partitions < 1 or self.per_partition < 1:
@@ -90,9 +92,13 @@ def lora_config(cfg: DraftsConfig):
 
 def save_adapter(peft_model, name: str, directory: Path) -> None:
     """Save adapter ``name`` of ``peft_model`` as a standalone PEFT adapter directory (atomically)."""
+    import os
+
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch the main process saves
+        return
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -178,7 +184,7 @@ def run(cfg: DraftsConfig) -> dict:
         seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
         _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
     elif cfg.method == "konly":
-        ddd_dir = cfg.out / "ddd" / "s0_m0"
+        ddd_dir = cfg.konly_from or cfg.out / "ddd" / "s0_m0"
         if not (ddd_dir / "adapter_model.safetensors").exists():
             ddd_dir.parent.mkdir(parents=True, exist_ok=True)
             timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),

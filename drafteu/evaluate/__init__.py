@@ -1,0 +1,1 @@
+"""Evaluation: fidelity against the ground truth, hallucination detection, cost."""

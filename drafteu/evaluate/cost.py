@@ -1,0 +1,39 @@
+"""Cost per method (Table 6; METHOD.md §11): parameter-equivalent FLOPs and measured wall time.
+
+FLOPs per scored token = 2 x parameters x passes: TokUR and the ground truth K_T target passes,
+draft ensembles K draft passes + 1 proxy pass, predictive entropy one target pass.  Parameters
+are counted once per tensor (tied embeddings once), embeddings included: for small models the
+vocabulary projection is a large share of the work.
+"""
+
+from __future__ import annotations
+
+
+def parameters(model) -> int:
+    """Distinct base parameters of ``model``: shared tensors counted once, LoRA adapters (noise
+    members, drafts, the proxy: small next to the base) left out."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if "lora_" in name or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total
+
+
+def flops_per_token(method: str, *, target_params: int, draft_params: int = 0, k_target: int = 3,
+                    k_drafts: int = 0) -> float:
+    """Parameter-equivalent FLOPs per scored token of ``method``."""
+    if method in ("tokur", "groundtruth"):
+        return 2.0 * target_params * k_target
+    if method == "entropy":
+        return 2.0 * target_params
+    return 2.0 * (draft_params * k_drafts + target_params)
+
+
+def relative(values: dict, reference: str = "tokur") -> dict:
+    """Each value divided by ``values[reference]`` (empty when the reference is missing or 0)."""
+    ref = values.get(reference)
+    if not ref:
+        return {}
+    return {k: v / ref for k, v in values.items()}

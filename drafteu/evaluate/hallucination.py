@@ -1,0 +1,144 @@
+"""Hallucination detection from sequence-level EU (Table 2, App. B.5; METHOD.md §10).
+
+Label 1 = the answer is wrong (or has no extractable answer).  A one-feature logistic regression
+fitted on a train split of questions maps the sequence score to P(wrong); AUROC, ECE (equal-width
+bins), Brier score and PRR are computed on the test split, with bootstrap percentile intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def ece(prob: np.ndarray, label: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error with ``bins`` equal-width bins on [0, 1] (bins as in sklearn's
+    ``calibration_curve(strategy="uniform")``): sum_b |B_b|/n * |mean label - mean prob|."""
+    prob, label = np.asarray(prob, dtype=np.float64), np.asarray(label, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ids = np.searchsorted(edges[1:-1], prob)
+    total = 0.0
+    for b in range(bins):
+        sel = ids == b
+        if sel.any():
+            total += sel.sum() * abs(label[sel].mean() - prob[sel].mean())
+    return float(total / max(len(prob), 1))
+
+
+def rejection_area(uncertainty: np.ndarray, quality: np.ndarray) -> float:
+    """Area under the prediction-rejection curve: the mean quality of the k least uncertain
+    answers, averaged over k = 1..n (LM-Polygraph's PredictionRejectionArea)."""
+    order = np.argsort(np.asarray(uncertainty, dtype=np.float64), kind="stable")
+    q = np.asarray(quality, dtype=np.float64)[order]
+    kept_mean = np.cumsum(q) / np.arange(1, len(q) + 1)
+    return float(kept_mean.mean())
+
+
+def prr(uncertainty: np.ndarray, quality: np.ndarray) -> float:
+    """Prediction rejection ratio: (area_ue - area_random) / (area_oracle - area_random), where
+    the random area is the mean quality and the oracle rejects by true quality.  NaN when every
+    answer has the same quality."""
+    quality = np.asarray(quality, dtype=np.float64)
+    random = float(quality.mean())
+    oracle = rejection_area(-quality, quality)
+    if oracle - random == 0:
+        return float("nan")
+    return (rejection_area(uncertainty, quality) - random) / (oracle - random)
+
+
+def metrics(prob: np.ndarray, label: np.ndarray, bins: int = 15) -> dict:
+    """AUROC, ECE, Brier and PRR of predicted P(wrong) ``prob`` against ``label`` (1 = wrong)."""
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    prob, label = np.asarray(prob, dtype=np.float64), np.asarray(label, dtype=np.int64)
+    both = 0 < label.sum() < len(label)
+    return {
+        "auroc": float(roc_auc_score(label, prob)) if both else float("nan"),
+        "ece": ece(prob, label, bins),
+        "brier": float(brier_score_loss(label, prob)),
+        "prr": prr(prob, 1 - label),
+    }
+
+
+def metrics_batch(prob: np.ndarray, label: np.ndarray, idx: np.ndarray, bins: int = 15) -> dict:
+    """``metrics`` of every resample ``prob[idx[b]], label[idx[b]]`` at once: idx (B, n) -> each (B,).
+
+    Vectorized versions of the same definitions (tested equal row by row): AUROC by the
+    Mann-Whitney rank statistic (average ranks for ties), ECE as sum_b |sum label - sum prob| / n
+    over equal-width bins, Brier, and PRR from the rejection areas.
+    """
+    from scipy.stats import rankdata
+
+    p = np.asarray(prob, dtype=np.float64)[idx]
+    y = np.asarray(label, dtype=np.float64)[idx]
+    n = idx.shape[1]
+    pos = y.sum(1)
+    ranks = rankdata(p, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = ((ranks * y).sum(1) - pos * (pos + 1) / 2) / (pos * (n - pos))
+    auroc[(pos == 0) | (pos == n)] = np.nan
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ids = np.searchsorted(edges[1:-1], p)
+    ece_v = np.zeros(len(idx))
+    for b in range(bins):
+        m = ids == b
+        ece_v += np.abs((y * m).sum(1) - (p * m).sum(1))
+    ece_v /= n
+    brier = ((p - y) ** 2).mean(1)
+    quality = 1 - y
+    steps = np.arange(1, n + 1)
+
+    def area(order):
+        q = np.take_along_axis(quality, order, axis=1)
+        return (np.cumsum(q, axis=1) / steps).mean(1)
+
+    rand = quality.mean(1)
+    oracle = area(np.argsort(-quality, axis=1, kind="stable"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prr_v = (area(np.argsort(p, axis=1, kind="stable")) - rand) / (oracle - rand)
+    prr_v[oracle - rand == 0] = np.nan
+    return {"auroc": auroc, "ece": ece_v, "brier": brier, "prr": prr_v}
+
+
+def split_questions(qids: Sequence[str], fit_fraction: float, seed: int) -> tuple[set, set]:
+    """(fit, test) question sets: a seeded shuffle of the distinct questions, cut at ``fit_fraction``."""
+    uniq = sorted(set(qids))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(uniq)
+    cut = max(1, min(len(uniq) - 1, round(len(uniq) * fit_fraction)))
+    return set(uniq[:cut]), set(uniq[cut:])
+
+
+def evaluate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_fraction: float = 0.5,
+             seed: int = 0, bins: int = 15, bootstrap: int = 1000) -> dict:
+    """Fit the logistic map on the fit questions, report test metrics with 95% bootstrap intervals.
+
+    Returns ``{"n_fit", "n_test", "wrong_rate_test", metric: {"value", "low", "high"}, ...}`` or
+    ``{"error": why}`` when the fit split holds only one class.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=np.int64)
+    fit_q, _ = split_questions(qids, fit_fraction, seed)
+    fit = np.array([q in fit_q for q in qids])
+    if len(set(label[fit].tolist())) < 2:
+        return {"error": "the fit split has only one class (all answers right or all wrong)",
+                "n_fit": int(fit.sum()), "n_test": int((~fit).sum())}
+    # Standardize the one feature so the regularized fit does not depend on the score's scale.
+    mu, sd = score[fit].mean(), score[fit].std() or 1.0
+    x = ((score - mu) / sd)[:, None]
+    model = LogisticRegression().fit(x[fit], label[fit])
+    prob = model.predict_proba(x[~fit])[:, 1]
+    y = label[~fit]
+    point = metrics(prob, y, bins)
+    rng = np.random.default_rng(seed + 1)
+    draws = metrics_batch(prob, y, rng.integers(0, len(y), size=(bootstrap, len(y))), bins)
+    out = {"n_fit": int(fit.sum()), "n_test": int(len(y)), "wrong_rate_test": float(y.mean()),
+           "coef": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0])}
+    for k, v in point.items():
+        arr = draws[k]
+        arr = arr[~np.isnan(arr)]
+        lo, hi = (np.percentile(arr, [2.5, 97.5]) if arr.size else (float("nan"), float("nan")))
+        out[k] = {"value": v, "low": float(lo), "high": float(hi)}
+    return out

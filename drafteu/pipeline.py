@@ -1,0 +1,585 @@
+"""`drafteu reproduce`: every stage of an experiment, in order, into one run directory.
+
+    data/            target samples on train questions        (generate)
+    draft_base/      truncated + warmed-up target (when draft_base.model is 'truncate')
+    drafts/<m>/      one ensemble per method; drafts/layouts/SxM/ddd; drafts/trials/t<i>/<m>
+    proxy_data/t<k>/ answers of fixed noisy teachers          (generate --member k)
+    proxy/           the OSD proxy adapter
+    eval/samples/    target answers on test questions, `repeats` each
+    eval/token_eu.jsonl         token EU per (response, method, trial)       (score)
+    eval/proxy_bias.jsonl       bias term under each p estimate             (proxy robustness)
+    eval/fidelity.json  eval/proxy_robustness.json  eval/hallucination.json  eval/cost.json
+    report.md  report.html  figures/*.png
+
+Every stage is skipped when its outputs are complete (training stages by their manifests,
+evaluation stages by a hash of the config sections they read), and the long ones resume after a
+kill: generation and scoring append one response at a time, training checkpoints.  Trials follow
+METHOD.md §5: with ``retrain_per_trial`` every ensemble is retrained per trial seed; otherwise a
+trial redraws the cheap random elements (ground-truth family, TokUR, untrained and K-only noise)
+and bootstrap-resamples the evaluated questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drafteu import divergence, estimators, generate, models, runio
+from drafteu.config import ExperimentConfig
+from drafteu.errors import DraftEUError
+from drafteu.evaluate import cost, fidelity, hallucination
+from drafteu.posterior import NoisyModel, family_seeds, member_seed
+from drafteu.progress import progress
+
+TRAINED = ("ddd", "idd", "fdd", "gkd", "minillm")  # retrained per trial only with retrain_per_trial
+TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth family
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps([runio.plain(p) for p in parts], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fresh(path: Path, key: str) -> bool:
+    """True when ``path`` (a JSON stage output) exists and was made from config hash ``key``."""
+    try:
+        return runio.json_load(path).get("config_hash") == key
+    except (OSError, ValueError):
+        return False
+
+
+def ensembles(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(label, drafts-root method) of every ensemble scored: methods, then extra DDD layouts."""
+    out = [(m, m) for m in cfg.drafts.methods]
+    out += [(f"ddd {s}x{m}", "ddd") for s, m in cfg.drafts.layouts]
+    return out
+
+
+def draft_dir(run: Path, cfg: ExperimentConfig, label: str, trial: int) -> Path:
+    """Directory of ensemble ``label`` in ``trial`` (shared across trials where nothing is redrawn)."""
+    if label.startswith("ddd "):
+        s, m = label.split()[1].split("x")
+        root = run / "drafts" / "layouts" / f"{s}x{m}"
+    else:
+        root = run / "drafts"
+    method = label.split()[0]
+    redrawn = cfg.eval.retrain_per_trial or method not in TRAINED
+    if trial > 0 and redrawn:
+        root = run / "drafts" / "trials" / f"t{trial}" / root.relative_to(run / "drafts")
+    return root / method
+
+
+def trial_labels(cfg: ExperimentConfig, trial: int) -> list[str]:
+    """Ensembles that have their own numbers in ``trial`` (others re-use trial 0's)."""
+    if trial == 0 or cfg.eval.retrain_per_trial:
+        return [lab for lab, _ in ensembles(cfg)]
+    return [lab for lab, _ in ensembles(cfg) if lab.split()[0] not in TRAINED]
+
+
+def _round(t: torch.Tensor | None):
+    return None if t is None else [float(f"{x:.6g}") for x in t.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-side stages.
+
+
+def _generate_cfg(cfg: ExperimentConfig, out: Path, **kw) -> generate.GenerateConfig:
+    d = cfg.data
+    base = dict(out=out, target=cfg.target, task=d.task, split="train", questions=d.questions, samples=d.samples,
+                temperature=d.temperature, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                shots=d.shots, noise=cfg.noise, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    return generate.GenerateConfig(**(base | kw))
+
+
+def stage_data(cfg: ExperimentConfig, run: Path) -> dict:
+    return generate.run(_generate_cfg(cfg, run / "data"))
+
+
+def base_model(cfg: ExperimentConfig, run: Path) -> str:
+    return str(run / "draft_base") if cfg.draft_base.model == "truncate" else cfg.draft_base.model
+
+
+def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
+    if cfg.draft_base.model != "truncate":
+        return None
+    from drafteu.train import draft_base
+
+    return draft_base.run(draft_base.DraftBaseConfig(
+        samples=run / "data" / "samples.jsonl", out=run / "draft_base", target=cfg.target,
+        layers=cfg.draft_base.layers, heldout=cfg.draft_base.heldout, train=cfg.draft_base.train, seed=cfg.seed, device=cfg.device))
+
+
+def _drafts_cfg(cfg: ExperimentConfig, run: Path, label: str, trial: int):
+    from drafteu.posterior import NoiseConfig
+    from drafteu.train import drafts
+
+    d = cfg.drafts
+    s, m = (int(x) for x in label.split()[1].split("x")) if " " in label else (d.partitions, d.per_partition)
+    out = draft_dir(run, cfg, label, trial).parent
+    method = label.split()[0]
+    seed = cfg.seed + trial
+    konly_from = draft_dir(run, cfg, "ddd", trial) / "s0_m0" if method == "konly" else None
+    if konly_from is not None and not (konly_from / "adapter_model.safetensors").exists():
+        konly_from = draft_dir(run, cfg, "ddd", 0) / "s0_m0" if trial > 0 else None
+    return drafts.DraftsConfig(
+        samples=run / "data" / "samples.jsonl", out=out, base=base_model(cfg, run), target=cfg.target,
+        method=method, partitions=s, per_partition=m, lora_r=d.lora_r, lora_alpha=d.lora_alpha,
+        lora_dropout=d.lora_dropout, lora_modules=d.lora_modules,
+        init_noise=NoiseConfig(sigma=d.init_sigma, rank=cfg.noise.rank, target_modules=cfg.noise.target_modules,
+                               scheme=cfg.noise.scheme),
+        noise=NoiseConfig(sigma=d.sigma, rank=cfg.noise.rank, target_modules=cfg.noise.target_modules,
+                          scheme=cfg.noise.scheme),
+        train=d.train, max_new_tokens=d.max_new_tokens, seed=seed, konly_from=konly_from, device=cfg.device)
+
+
+def stage_drafts(cfg: ExperimentConfig, run: Path) -> dict:
+    from drafteu.train import drafts
+
+    done = {}
+    order = sorted(ensembles(cfg), key=lambda e: e[0] == "konly")  # konly re-uses ddd s0_m0 when present
+    for trial in range(cfg.eval.trials):
+        for label, _ in order:
+            if trial > 0 and label not in trial_labels(cfg, trial):
+                continue
+            dcfg = _drafts_cfg(cfg, run, label, trial)
+            path = dcfg.out / dcfg.method / "manifest.json"
+            if _fresh(path, runio.config_hash(dcfg)):
+                continue
+            done[f"{label} t{trial}"] = drafts.run(dcfg)["seconds"]
+    return {"trained": done}
+
+
+def stage_teachers(cfg: ExperimentConfig, run: Path) -> dict | None:
+    if cfg.proxy.data != "teachers":
+        return None
+    p = cfg.proxy
+    return {f"t{k}": generate.run(_generate_cfg(
+        cfg, run / "proxy_data" / f"t{k}", questions=p.questions, samples=p.samples, member=k,
+        family_seed=cfg.seed + TEACHER_SEED_OFFSET)) for k in range(p.teachers)}
+
+
+def stage_proxy(cfg: ExperimentConfig, run: Path) -> dict:
+    from drafteu.train import proxy
+
+    if cfg.proxy.data == "teachers":
+        samples = [run / "proxy_data" / f"t{k}" / "samples.jsonl" for k in range(cfg.proxy.teachers)]
+    else:
+        samples = [run / "data" / "samples.jsonl"]
+    return proxy.run(proxy.ProxyConfig(
+        samples=samples, out=run / "proxy", target=cfg.target, teachers=cfg.proxy.n_teacher, noise=cfg.noise,
+        heldout=cfg.proxy.heldout,
+        train=cfg.proxy.train, seed=cfg.seed, device=cfg.device))
+
+
+def stage_eval_samples(cfg: ExperimentConfig, run: Path) -> dict:
+    e = cfg.eval
+    return generate.run(_generate_cfg(
+        cfg, run / "eval" / "samples", task=e.task or cfg.data.task, split=e.split, questions=e.questions, samples=e.repeats,
+        temperature=e.temperature, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: token EU of every method on the evaluation answers.
+
+
+def eval_rows(run: Path) -> list[dict]:
+    rows = runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")
+    if not rows:
+        raise DraftEUError(f"{run}/eval/samples holds no answers; the eval_samples stage did not run")
+    return rows
+
+
+def key_of(row: dict) -> str:
+    return f"{row['qid']}#{row['sample']}"
+
+
+def fidelity_rows(cfg: ExperimentConfig, rows: list[dict], limit: int | None) -> list[dict]:
+    """The first answer of each of the first ``limit`` questions (all questions when None)."""
+    firsts = [r for r in rows if r["sample"] == 0]
+    return firsts if limit is None else firsts[:limit]
+
+
+class Scorer:
+    """The target (with its noise members and the proxy adapter) and the draft ensembles of one trial.
+
+    Every model that is fixed across answers (the ground-truth family, the target, the proxy, each
+    draft ensemble) computes the KV cache of the prompts' shared prefix (system + worked examples)
+    once and re-uses it, so an answer costs its question and response tokens only; positions are
+    unchanged, so the numbers equal full forwards (tested).  TokUR draws fresh members per
+    question (seeded by trial and question index, so a resumed run draws the same), and its
+    prefix is recomputed for each draw.  ``prefix=False`` runs full forwards (the cost table).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run: Path, rows: list[dict] | None = None, prefix: bool = True):
+        from drafteu.generate import _lcp
+
+        self.cfg, self.run = cfg, run
+        self.lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+        self.noisy = NoisyModel(self.lm.model, cfg.noise)
+        self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))
+        self.noisy.model.load_adapter(run / "proxy" / "adapter", adapter_name="proxy")
+        self.noisy.model.eval()
+        self.tok_only = models.load(cfg.target, tokenizer_only=True)
+        self.plen = _lcp([r["prompt_ids"] for r in rows]) if prefix and rows and len(rows) > 1 else 0
+        self.trial, self.drafts, self._prefix = None, {}, {}
+        self.family: list[str] = []
+
+    def set_trial(self, trial: int, labels: list[str]) -> None:
+        cfg = self.cfg
+        self.trial, self._prefix = trial, {}
+        self.family = self.noisy.set_members("family", family_seeds(cfg.seed + trial, cfg.eval.family_size))
+        self.drafts = {lab: estimators.DraftEnsemble(draft_dir(self.run, cfg, lab, trial), self.tok_only,
+                                                     device=cfg.device) for lab in labels}
+        self._tokur_q = None
+
+    def forward(self, key: str, model, names: list[str] | None, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """(B, keep, V) logits of ``model`` on (1, L) ``ids`` for each adapter in ``names`` (B = len(names);
+        None = the model as is, B = 1), re-using the cached prefix KV of ``key``."""
+        import copy
+
+        b = len(names) if names else 1
+        kw = {"adapter_names": list(names)} if names else {}
+        plen = min(self.plen, ids.shape[1] - keep)
+        if plen <= 0:
+            return model(input_ids=ids.repeat(b, 1), logits_to_keep=keep, **kw).logits
+        if self._prefix.get(key, (None, -1))[1] != plen:
+            out = model(input_ids=ids[:, :plen].repeat(b, 1), use_cache=True, **kw)
+            self._prefix[key] = (out.past_key_values, plen)
+        cache = copy.deepcopy(self._prefix[key][0])
+        return model(input_ids=ids[:, plen:].repeat(b, 1), past_key_values=cache, use_cache=True,
+                     logits_to_keep=keep, **kw).logits
+
+    def proxy_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        return self.forward("proxy", self.noisy.model, ["proxy"], ids, keep)[0]
+
+    def target_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        with self.noisy.base() as m:
+            return self.forward("target", m, None, ids, keep)[0]
+
+    def members_logits(self, key: str, names: list[str], ids: torch.Tensor, keep: int) -> torch.Tensor:
+        return self.forward(key, self.noisy.model, names, ids, keep)
+
+    def tokur_members(self, q_index: int) -> list[str]:
+        """Fresh TokUR members for question ``q_index`` of this trial (drawn once per question)."""
+        if self._tokur_q != q_index:
+            e = self.cfg.eval
+            seeds = [member_seed("tokur", self.cfg.seed + self.trial, q_index, k) for k in range(e.tokur_size)]
+            self.tokur = self.noisy.set_members("tokur", seeds)
+            self._tokur_q = q_index
+            self._prefix.pop("tokur", None)
+        return self.tokur
+
+    @torch.no_grad()
+    def score(self, row: dict, methods: list[str], q_index: int) -> dict[str, estimators.TokenScores]:
+        """TokenScores per method for one answer (``q_index``: its question's index, for TokUR)."""
+        resp = list(row["response_ids"])
+        ids, keep = estimators.response_inputs(row["prompt_ids"], resp, self.cfg.device)
+        out = {}
+        if "groundtruth" in methods:
+            fam = self.members_logits("family", self.family, ids, keep)[:, :-1]
+            out["groundtruth"] = estimators.TokenScores(resp, divergence.mutual_information(fam).cpu())
+        if "tokur" in methods:
+            tok = self.members_logits("tokur", self.tokur_members(q_index), ids, keep)[:, :-1]
+            out["tokur"] = estimators.TokenScores(resp, divergence.mutual_information(tok).cpu())
+        if "entropy" in methods:
+            out["entropy"] = estimators.TokenScores(resp, divergence.entropy(self.target_logits(ids, keep)[:-1]).cpu())
+        labels = [m for m in methods if m in self.drafts]
+        if labels:
+            p = self.proxy_logits(ids, keep)[:-1]
+            for lab in labels:
+                ens = self.drafts[lab]
+                q = self.forward(lab, ens.drafts, ens.names, ids, keep)[:, :-1, : ens.vocab]
+                terms = divergence.eu_decomposition(q, p[..., : ens.vocab])
+                out[lab] = estimators.TokenScores(resp, terms.total.cpu(), terms.variance.cpu(), terms.bias.cpu())
+        return out
+
+
+def question_index(rows: list[dict]) -> dict[str, int]:
+    """qid -> its index among the distinct questions of ``rows`` (in order)."""
+    return {q: i for i, q in enumerate(dict.fromkeys(r["qid"] for r in rows))}
+
+
+def score_jobs(cfg: ExperimentConfig, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]:
+    """(trial, methods, answers) to score: trial 0 every method on every answer; later trials the
+    redrawn methods on the fidelity answers."""
+    jobs = [(0, ["groundtruth", "tokur", "entropy"] + [lab for lab, _ in ensembles(cfg)], rows)]
+    fid = fidelity_rows(cfg, rows, cfg.eval.fidelity_questions)
+    for t in range(1, cfg.eval.trials):
+        jobs.append((t, ["groundtruth", "tokur"] + trial_labels(cfg, t), fid))
+    return jobs
+
+
+def stage_score(cfg: ExperimentConfig, run: Path) -> dict:
+    rows = eval_rows(run)
+    path = run / "eval" / "token_eu.jsonl"
+    key = _hash(cfg.target, cfg.noise, cfg.drafts, cfg.eval.family_size, cfg.eval.tokur_size, cfg.eval.trials,
+                cfg.eval.retrain_per_trial, cfg.eval.fidelity_questions, cfg.seed)
+    meta = run / "eval" / "token_eu.meta.json"
+    if meta.exists() and runio.json_load(meta).get("config_hash") != key:
+        raise DraftEUError(f"{path} was scored under a different config; delete {run / 'eval'} "
+                           "(keeping eval/samples) or use another --run directory")
+    if not meta.exists():
+        runio.write_json(meta, {"config_hash": key})
+    done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
+    jobs = score_jobs(cfg, rows)
+    total = sum(len(rs) for _, _, rs in jobs)
+    todo = [(t, ms, rs) for t, ms, rs in jobs if any((key_of(r), m, t) not in done for r in rs for m in ms)]
+    if not todo:
+        return {"answers": len(rows), "scored": 0}
+    scorer = Scorer(cfg, run, rows)
+    n_done = total - sum(len(rs) for _, _, rs in todo)
+    with progress("score", total=total, completed=n_done) as bar:
+        for trial, methods, rs in todo:
+            scorer.set_trial(trial, [m for m in methods if m not in ("groundtruth", "tokur", "entropy")])
+            qidx = question_index(rs)
+            for row in rs:
+                missing = [m for m in methods if (key_of(row), m, trial) not in done]
+                if missing:
+                    res = scorer.score(row, missing, qidx[row["qid"]])
+                    runio.append_jsonl(path, [
+                        {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": _round(s.eu),
+                         "variance": _round(s.variance), "bias": _round(s.bias)} for m, s in res.items()])
+                bar.update(advance=1, info=f"trial {trial}")
+    return {"answers": len(rows), "scored": total - n_done}
+
+
+def token_eu(run: Path) -> dict[tuple[str, str, int], dict]:
+    """(answer key, method, trial) -> the stored row of eval/token_eu.jsonl."""
+    return {(r["key"], r["method"], r["trial"]): r for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation stages.
+
+
+def _trial_questions(cfg: ExperimentConfig, qids: list[str], trial: int) -> list[str]:
+    if cfg.eval.retrain_per_trial:
+        return qids
+    return fidelity.bootstrap_questions(qids, seed=cfg.seed * 1000 + trial)
+
+
+def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
+    scores = token_eu(run)
+    fid = fidelity_rows(cfg, eval_rows(run), cfg.eval.fidelity_questions)
+    qkeys = [key_of(r) for r in fid]
+    methods = ["tokur"] + [lab for lab, _ in ensembles(cfg)]
+    out = {"questions": len(qkeys), "trials": cfg.eval.trials,
+           "trial_kind": "retrained" if cfg.eval.retrain_per_trial else "redrawn noise + bootstrap of questions",
+           "methods": {}}
+    for m in methods + ["variance only"]:
+        per_trial = []
+        for t in range(cfg.eval.trials):
+            truth = {k: np.array(scores[(k, "groundtruth", t)]["eu"]) for k in qkeys}
+            if m == "variance only":  # DDD's JSD alone (no bias term), as a diagnostic
+                src = "ddd" if "ddd" in cfg.drafts.methods else None
+                if src is None:
+                    break
+                tt = t if (qkeys[0], src, t) in scores else 0
+                est = {k: np.array(scores[(k, src, tt)]["variance"]) for k in qkeys}
+            else:
+                tt = t if (qkeys[0], m, t) in scores else 0
+                est = {k: np.array(scores[(k, m, tt)]["eu"]) for k in qkeys}
+            per_trial.append(fidelity.trial_metrics(est, truth, _trial_questions(cfg, qkeys, t)))
+        if per_trial:
+            out["methods"][m] = {"trials": per_trial, **fidelity.summarize(per_trial)}
+    return out
+
+
+def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
+    """Table 4: the bias term KL(q_mix || p_hat) with p_hat from K fresh noisy targets vs p_mix, against
+    a large fixed reference family (METHOD.md §9).  q_mix = the DDD (else first) ensemble."""
+    e = cfg.eval
+    rows = fidelity_rows(cfg, eval_rows(run), e.proxy_questions)
+    label = "ddd" if "ddd" in cfg.drafts.methods else ensembles(cfg)[0][0]
+    path = run / "eval" / "proxy_bias.jsonl"
+    done = {(r["key"], r["estimate"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
+    estimates = ["reference", "p_mix", "raw target"] + [f"K={k}" for k in e.proxy_ks]
+    need = [(r, t) for t in range(e.trials) for r in rows
+            if any((key_of(r), est, t) not in done for est in estimates[3:])]
+    need += [(r, -1) for r in rows if any((key_of(r), est, -1) not in done for est in estimates[:3])]
+    if need:
+        scorer = Scorer(cfg, run, rows)
+        scorer.set_trial(0, [label])
+        ens, noisy = scorer.drafts[label], scorer.noisy
+        ref = noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference"))
+        v = ens.vocab
+
+        def q_mix(row):
+            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], cfg.device)
+            q = scorer.forward(label, ens.drafts, ens.names, ids, keep)[:, :-1, :v]
+            return ids, keep, divergence.mixture(q)
+
+        with progress("proxy robustness", total=len(need)) as bar:
+            for row in [r for r, t in need if t == -1]:
+                ids, keep, qm = q_mix(row)
+                p_ref = divergence.mixture(scorer.members_logits("ref", ref, ids, keep)[:, :-1, :v])
+                p_mix = scorer.proxy_logits(ids, keep)[:-1, :v]
+                raw = scorer.target_logits(ids, keep)[:-1, :v]
+                runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name,
+                                           "bias": _round(divergence.kl(qm, p))}
+                                          for name, p in (("reference", p_ref), ("p_mix", p_mix), ("raw target", raw))])
+                bar.update(advance=1)
+            for t in range(e.trials):
+                todo = [r for r, tt in need if tt == t]
+                if not todo:
+                    continue
+                fresh = {k: noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)])
+                         for k in e.proxy_ks}
+                for k in e.proxy_ks:
+                    scorer._prefix.pop(f"fresh{k}", None)  # redrawn members: their prefix cache is stale
+                for row in todo:
+                    ids, keep, qm = q_mix(row)
+                    out = []
+                    for k, names in fresh.items():
+                        p_k = divergence.mixture(scorer.members_logits(f"fresh{k}", names, ids, keep)[:, :-1, :v])
+                        out.append({"key": key_of(row), "trial": t, "estimate": f"K={k}",
+                                    "bias": _round(divergence.kl(qm, p_k))})
+                    runio.append_jsonl(path, out)
+                    bar.update(advance=1, info=f"trial {t}")
+    stored = {(r["key"], r["estimate"], r["trial"]): np.array(r["bias"]) for r in runio.read_jsonl(path)}
+    keys = [key_of(r) for r in rows]
+    truth = {k: stored[(k, "reference", -1)] for k in keys}
+    result = {"ensemble": label, "reference_size": e.reference_size, "questions": len(keys), "estimates": {}}
+    for est in estimates[1:]:
+        per_trial = []
+        for t in range(e.trials):
+            tt = -1 if est in ("p_mix", "raw target") else t
+            vals = {k: stored[(k, est, tt)] for k in keys}
+            per_trial.append(fidelity.trial_metrics(vals, truth, fidelity.bootstrap_questions(keys, cfg.seed * 1000 + t)))
+        result["estimates"][est] = {"trials": per_trial, **fidelity.summarize(per_trial)}
+    return result
+
+
+def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
+    rows = eval_rows(run)
+    scores = token_eu(run)
+    label = np.array([0 if r["correct"] else 1 for r in rows])
+    qids = [r["qid"] for r in rows]
+    methods = ["tokur", "entropy"] + [lab for lab, _ in ensembles(cfg)] + ["groundtruth"]
+    out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()), "methods": {}}
+    for m in methods:
+        out["methods"][m] = {}
+        for how in cfg.eval.aggregations:
+            seq = np.array([estimators.aggregate(torch.tensor(scores[(key_of(r), m, 0)]["eu"]), how) for r in rows])
+            out["methods"][m][how] = hallucination.evaluate(
+                seq, label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed, bins=cfg.eval.ece_bins,
+                bootstrap=cfg.eval.bootstrap)
+    return out
+
+
+def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
+    """FLOPs per token and measured wall time per method on the same answers, in this one run."""
+    rows = eval_rows(run)[: cfg.eval.cost_responses]
+    scorer = Scorer(cfg, run, rows, prefix=False)  # full forwards: every method pays for every token
+    labels = [lab for lab, _ in ensembles(cfg)]
+    scorer.set_trial(0, labels)
+    n_target = cost.parameters(scorer.lm.model)
+    tokens = sum(len(r["response_ids"]) for r in rows)
+    prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
+    methods = ["tokur", "groundtruth", "entropy"] + labels
+    scorer.score(rows[0], methods, 0)  # warm-up: first-call allocations are not the method's cost
+    wall = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        for i, r in enumerate(rows):
+            scorer.score(r, [m], i + 1)  # TokUR: fresh members per answer
+        wall[m] = time.perf_counter() - t0
+    flops, passes = {}, {}
+    for m in methods:
+        ens = scorer.drafts.get(m)
+        k_d = len(ens.names) if ens else 0
+        n_d = cost.parameters(ens.drafts.get_base_model()) if ens else 0
+        flops[m] = cost.flops_per_token(m, target_params=n_target, draft_params=n_d,
+                                        k_target=cfg.eval.tokur_size if m == "tokur" else cfg.eval.family_size,
+                                        k_drafts=k_d)
+        passes[m] = (f"{k_d} x draft ({n_d / 1e6:.1f}M) + 1 x proxy ({n_target / 1e6:.1f}M)" if ens else
+                     f"{1 if m == 'entropy' else (cfg.eval.tokur_size if m == 'tokur' else cfg.eval.family_size)}"
+                     f" x target ({n_target / 1e6:.1f}M)")
+    return {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": cfg.device, "threads": torch.get_num_threads(),
+            "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], "wall_s": wall[m],
+                            "ms_per_token": 1000 * wall[m] / max(tokens, 1)} for m in methods},
+            "flops_rel_tokur": cost.relative(flops), "wall_rel_tokur": cost.relative(wall)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+
+TRAINING_STAGES = ("draft_base", "drafts", "proxy")
+STAGES = ("data", "draft_base", "drafts", "teachers", "proxy", "eval_samples", "score", "proxy_robustness",
+          "fidelity", "hallucination", "cost", "report")
+
+
+def _eval_stage(name: str, fn, keys, cfg: ExperimentConfig, run: Path):
+    """Run an evaluation stage unless eval/<name>.json was made from the same config sections."""
+    path = run / "eval" / f"{name}.json"
+    key = _hash(*keys, runio.json_load(run / "eval" / "token_eu.meta.json") if
+                (run / "eval" / "token_eu.meta.json").exists() else None)
+    if _fresh(path, key):
+        return None
+    result = fn(cfg, run)
+    runio.write_json(path, {"config_hash": key, **result})
+    return result
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
+    """Every stage in order; returns the run manifest (stage -> seconds, skipped or not)."""
+    from drafteu import report
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runio.write_config(run_dir, cfg)
+    manifest_path = run_dir / "manifest.json"
+    manifest = runio.json_load(manifest_path) if manifest_path.exists() else {}
+    manifest.update({"stage": "reproduce", "name": cfg.name, "versions": runio.versions(),
+                     "config_hash": runio.config_hash(cfg)})
+    manifest.setdefault("stages", {})
+    e = cfg.eval
+    steps = [
+        ("data", lambda: stage_data(cfg, run_dir)),
+        ("draft_base", lambda: stage_draft_base(cfg, run_dir)),
+        ("drafts", lambda: stage_drafts(cfg, run_dir)),
+        ("teachers", lambda: stage_teachers(cfg, run_dir)),
+        ("proxy", lambda: stage_proxy(cfg, run_dir)),
+        ("eval_samples", lambda: stage_eval_samples(cfg, run_dir)),
+        ("score", lambda: stage_score(cfg, run_dir)),
+        ("proxy_robustness", lambda: _eval_stage("proxy_robustness", stage_proxy_robustness,
+                                                 (e.reference_size, e.proxy_ks, e.proxy_questions, e.trials), cfg, run_dir)),
+        ("fidelity", lambda: _eval_stage("fidelity", stage_fidelity, (e.trials, e.fidelity_questions), cfg, run_dir)),
+        ("hallucination", lambda: _eval_stage("hallucination", stage_hallucination,
+                                              (e.aggregations, e.fit_fraction, e.bootstrap, e.ece_bins), cfg, run_dir)),
+        ("cost", lambda: _eval_stage("cost", stage_cost, (e.cost_responses, cfg.device), cfg, run_dir)),
+        ("report", lambda: report.write(cfg, run_dir)),
+    ]
+    total = time.time()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    for name, fn in steps:
+        t0 = time.time()
+        log(f"[{name}] ...")
+        if world == 1 or name in TRAINING_STAGES:
+            fn()  # under `accelerate launch` every process trains (accelerate shards the batches)
+        else:
+            if rank == 0:
+                fn()  # generation and evaluation: the main process only, the others wait
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+        seconds = round(time.time() - t0, 2)
+        manifest["stages"][name] = {"seconds": seconds}
+        log(f"[{name}] {seconds:.1f} s")
+        runio.write_json(manifest_path, manifest)
+    manifest["last_run_seconds"] = round(time.time() - total, 1)
+    manifest.setdefault("runs", []).append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                            "seconds": manifest["last_run_seconds"]})
+    runio.write_json(manifest_path, manifest)
+    report.write(cfg, run_dir)  # again, so the report shows the final timings
+    return manifest

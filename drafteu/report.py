@@ -1,0 +1,344 @@
+"""report.md, a self-contained report.html and figures/*.png from a `reproduce` run directory.
+
+Everything shown is read from the run's eval/*.json files; nothing is recomputed or filtered.
+The paper's orderings are checked against our numbers and the report says plainly where they
+disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from drafteu import runio
+from drafteu.config import ExperimentConfig
+
+
+def _load(run: Path, name: str) -> dict | None:
+    path = run / "eval" / f"{name}.json"
+    return runio.json_load(path) if path.exists() else None
+
+
+def _pm(d: dict, digits: int = 4) -> str:
+    if d is None or d.get("mean") is None or (isinstance(d["mean"], float) and math.isnan(d["mean"])):
+        return "n/a"
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def _ci(d: dict, digits: int = 3) -> str:
+    if not d or d.get("value") is None or math.isnan(d["value"]):
+        return "n/a"
+    return f"{d['value']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _figures(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cst: dict | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if fid:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for i, (m, r) in enumerate(fid["methods"].items()):
+            xs = [t["rmse"] for t in r["trials"]]
+            ys = [t["spearman"] for t in r["trials"]]
+            ax.scatter(xs, ys, label=m, color=plt.cm.tab10(i % 10), alpha=0.8)
+        xs_all = [t["rmse"] for r in fid["methods"].values() for t in r["trials"] if t["rmse"] > 0]
+        if xs_all and max(xs_all) / min(xs_all) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("RMSE vs ground truth (lower is better)")
+        ax.set_ylabel("Spearman vs ground truth (higher is better)")
+        ax.set_title("Fidelity per trial (Fig. 1)")
+        ax.legend(fontsize=7, loc="best")
+        paths.append(_save(fig, out / "fidelity_scatter.png"))
+    if rob:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+        names = list(rob["estimates"])
+        for ax, metric in zip(axes, ("rmse", "spearman"), strict=True):
+            ax.boxplot([[t[metric] for t in rob["estimates"][n]["trials"]] for n in names])
+            ax.set_xticks(range(1, len(names) + 1), names, rotation=20, fontsize=8)
+            ax.set_title(f"bias term: {metric.upper() if metric == 'rmse' else 'Spearman'} vs reference")
+        fig.suptitle("Proxy robustness (Fig. 2)")
+        paths.append(_save(fig, out / "proxy_robustness.png"))
+    if hal:
+        how = next(iter(next(iter(hal["methods"].values()))))
+        names = [m for m, r in hal["methods"].items() if "auroc" in r[how]]
+        if names:
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            vals = [hal["methods"][m][how]["auroc"] for m in names]
+            mid = [v["value"] for v in vals]
+            err = [[max(v["value"] - v["low"], 0) for v in vals], [max(v["high"] - v["value"], 0) for v in vals]]
+            ax.bar(range(len(names)), mid, yerr=err, capsize=3, color="#6a8fc8")
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+            ax.set_ylabel(f"AUROC ({how} EU)")
+            ax.set_title("Hallucination detection (Table 2), 95% bootstrap CI")
+            paths.append(_save(fig, out / "hallucination_auroc.png"))
+    if cst and cst.get("flops_rel_tokur"):
+        names = list(cst["methods"])
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [cst["flops_rel_tokur"][m] for m in names], 0.4, label="FLOPs")
+        ax.bar([i + 0.2 for i in x], [cst["wall_rel_tokur"][m] for m in names], 0.4, label="wall time")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(list(x), names, rotation=20, fontsize=8)
+        ax.set_ylabel("relative to TokUR")
+        ax.set_title("Cost per scored token (Table 6)")
+        ax.legend()
+        paths.append(_save(fig, out / "cost.png"))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's orderings, checked.
+
+
+def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: dict | None, cst: dict | None) -> list[str]:
+    lines = []
+    draft_labels = [m for m in (fid or {}).get("methods", {}) if m not in ("tokur", "variance only")]
+    if fid and draft_labels:
+        rm = {m: fid["methods"][m]["rmse"]["mean"] for m in draft_labels}
+        ddd = {m: v for m, v in rm.items() if m.split()[0] == "ddd"}
+        other = {m: v for m, v in rm.items() if m.split()[0] != "ddd"}
+        if ddd and other:
+            bd, bo = min(ddd, key=ddd.get), min(other, key=other.get)
+            verdict = "agrees" if ddd[bd] < other[bo] else "disagrees"
+            lines.append(f"- Paper: DDD has the lowest RMSE of the draft ensembles. Here the best DDD ensemble "
+                         f"({bd}) has RMSE {ddd[bd]:.4f} and the best other ({bo}) {other[bo]:.4f} — this run "
+                         f"**{verdict}**.")
+    if rob:
+        est = rob["estimates"]
+        ks = sorted(int(k[2:]) for k in est if k.startswith("K="))
+        if "p_mix" in est and ks:
+            big = f"K={ks[-1]}"
+            pm, kb = est["p_mix"]["rmse"]["mean"], est[big]["rmse"]["mean"]
+            verdict = "agrees" if pm < kb else "disagrees"
+            lines.append(f"- Paper: the bias term with p_mix is closer to the reference than with {ks[-1]} fresh "
+                         f"perturbed targets. Here RMSE p_mix {pm:.4f} vs {big} {kb:.4f} — this run **{verdict}**.")
+    if hal and cst:
+        how = cfg.eval.aggregations[0]
+        d = hal["methods"].get("ddd", {}).get(how, {})
+        t = hal["methods"].get("tokur", {}).get(how, {})
+        if "auroc" in d and "auroc" in t:
+            da, ta = d["auroc"], t["auroc"]
+            overlap = da["low"] <= ta["high"] and ta["low"] <= da["high"]
+            cheaper = cst["wall_rel_tokur"].get("ddd", float("nan"))
+            close = abs(da["value"] - ta["value"]) <= 0.05
+            lines.append(
+                f"- Paper: DDD's AUROC is close to TokUR's at a lower cost. Here AUROC DDD {da['value']:.3f} vs TokUR "
+                f"{ta['value']:.3f} (difference {da['value'] - ta['value']:+.3f}; 95% intervals "
+                f"{'overlap' if overlap else 'do not overlap'}); DDD's measured wall time is {cheaper:.2f}x TokUR's — "
+                f"this run **{'agrees' if close and cheaper < 1 else 'disagrees'}** (close = within 0.05 AUROC).")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Heat-maps of generated answers (HTML).
+
+
+def _rgb(x: float) -> str:
+    ramp = [(255, 255, 255), (255, 236, 140), (255, 170, 60), (235, 70, 50)]
+    x = min(max(x, 0.0), 1.0) * (len(ramp) - 1)
+    i = min(int(x), len(ramp) - 2)
+    f = x - i
+    return "rgb({},{},{})".format(*(round(a + (c - a) * f) for a, c in zip(ramp[i], ramp[i + 1], strict=True)))
+
+
+def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
+    from drafteu import models, pipeline
+    from drafteu.score import token_pieces
+
+    if not (run / "eval" / "token_eu.jsonl").exists():
+        return ""
+    rows = pipeline.fidelity_rows(cfg, pipeline.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
+    scores = pipeline.token_eu(run)
+    tok = models.load(cfg.target, tokenizer_only=True).tokenizer
+    methods = ["groundtruth", "tokur"] + [lab for lab, _ in pipeline.ensembles(cfg)]
+    parts = []
+    for row in rows:
+        pieces = token_pieces(tok, row["response_ids"])
+        verdict = "correct" if row["correct"] else "wrong"
+        parts.append(f"<h4>{html.escape(row['question'])} <small>({verdict}; gold {html.escape(str(row['gold']))})</small></h4>")
+        for m in methods:
+            r = scores.get((pipeline.key_of(row), m, 0))
+            if r is None:
+                continue
+            top = max(r["eu"], default=0.0) or 1.0
+            spans = "".join(
+                f'<span title="{e:.4g}" style="background:{_rgb(e / top)}">{html.escape(p)}</span>'
+                for p, e in zip(pieces, r["eu"], strict=True))
+            parts.append(f'<div class="hm"><b>{html.escape(m)}</b> <small>(max {top:.3g} nats)</small><br>{spans}</div>')
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
+    d, db, dr, p, e = cfg.data, cfg.draft_base, cfg.drafts, cfg.proxy, cfg.eval
+    man = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    base = f"the target's first {db.layers} layers, warmed up by logit distillation" if db.model == "truncate" else db.model
+    steps = dr.train.max_steps or f"{dr.train.epochs} epoch(s)"
+    lines = [
+        f"- Target: `{cfg.target}`; draft base: {base}.",
+        f"- Draft data: {d.task}, {d.questions or 'all'} train questions x {d.samples} samples (T = {d.temperature}, "
+        f"≤ {d.max_new_tokens} tokens).",
+        f"- Drafts: {', '.join(dr.methods)}; S x M = {dr.partitions} x {dr.per_partition}"
+        + (f", extra DDD layouts {dr.layouts}" if dr.layouts else "")
+        + f"; LoRA r {dr.lora_r}; {steps} steps of {dr.train.batch_size} x {dr.train.grad_accum} sequences, lr {dr.train.lr}.",
+        f"- Proxy (OSD): data from {f'{p.teachers} fixed noisy teachers' if p.data == 'teachers' else 'the draft data'}; "
+        f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps.",
+        f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground truth = "
+        f"MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = {e.tokur_size}; "
+        f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, METHOD.md §5'}).",
+    ]
+    stages = man.get("stages", {})
+    if stages:
+        total = sum(s["seconds"] for s in stages.values())
+        lines.append(f"- Wall time of the last `reproduce` (stages found complete take ~0 s): {total:.0f} s — "
+                     + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + ".")
+    if cfg.notes:
+        lines.append(f"- Notes: {cfg.notes.strip()}")
+    return lines
+
+
+def write(cfg: ExperimentConfig, run: Path) -> Path:
+    """Write report.md, report.html and figures/*.png; returns the markdown path."""
+    run = Path(run)
+    fid, rob, hal, cst = (_load(run, n) for n in ("fidelity", "proxy_robustness", "hallucination", "cost"))
+    figs = _figures(run, fid, rob, hal, cst)
+    md = [f"# drafteu report: {cfg.name}", "", *_setup(cfg, run), ""]
+    if fid:
+        md += ["## Fidelity against the ground truth (Tables 1, 3, 5)", "",
+               f"{fid['questions']} held-out answers (one per question), {fid['trials']} trials "
+               f"({fid['trial_kind']}); mean ± std over trials.", ""]
+        md.append(_table(["method", "mean EU", "RMSE", "Spearman"], [
+            [m, f"{sum(t['mean_estimate'] for t in r['trials']) / len(r['trials']):.4f}", _pm(r["rmse"]),
+             _pm(r["spearman"], 3)] for m, r in fid["methods"].items()]))
+        truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
+        md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
+               "'variance only' is DDD's JSD term alone.", ""]
+    if rob:
+        md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
+               f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "
+               f"fixed K = {rob['reference_size']} target family; K = k rows use k fresh perturbed copies of the raw "
+               "target per trial; mean ± std over trials.", ""]
+        md.append(_table(["p̂", "RMSE vs reference", "Spearman vs reference"],
+                         [[n, _pm(r["rmse"]), _pm(r["spearman"], 3)] for n, r in rob["estimates"].items()]))
+        md.append("")
+    if hal:
+        how = cfg.eval.aggregations[0]
+        md += ["## Hallucination detection (Table 2)", "",
+               f"{hal['answers']} answers to {hal['questions']} questions, {hal['wrong_rate']:.1%} wrong; logistic map "
+               f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% bootstrap intervals "
+               f"({cfg.eval.bootstrap} resamples); sequence score = {how} token EU.", ""]
+        rows = []
+        for m, r in hal["methods"].items():
+            x = r[how]
+            if "error" in x:
+                rows.append([m, x["error"], "", "", ""])
+            else:
+                rows.append([m, _ci(x["auroc"]), _ci(x["ece"]), _ci(x["brier"]), _ci(x["prr"])])
+        md.append(_table(["method", "AUROC", "ECE", "Brier", "PRR"], rows))
+        if len(cfg.eval.aggregations) > 1:
+            md += ["", "AUROC by aggregation:", ""]
+            md.append(_table(["method", *cfg.eval.aggregations], [
+                [m, *(_ci(r[a].get("auroc")) for a in cfg.eval.aggregations)] for m, r in hal["methods"].items()]))
+        md.append("")
+    if cst:
+        md += ["## Cost (Table 6)", "",
+               f"Scoring the same {cst['answers']} answers ({cst['tokens']} response tokens after "
+               f"{cst.get('prompt_tokens', 0)} prompt tokens, full forwards without prefix caching) with each method, "
+               f"one after the other in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
+               "every model pass per token; the proxy pass is part of every draft method.", ""]
+        md.append(_table(["method", "passes per token", "GFLOPs / token", "FLOPs vs TokUR", "wall (s)", "wall vs TokUR"], [
+            [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_tokur'].get(m, float('nan')):.2f}x",
+             f"{r['wall_s']:.2f}", f"{cst['wall_rel_tokur'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+        md.append("")
+    checks = orderings(cfg, fid, rob, hal, cst)
+    if checks:
+        md += ["## The paper's orderings, checked", "", *checks, ""]
+    md += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
+    md += ["Token-level EU heat-maps of generated answers are in report.html.", ""]
+    text = "\n".join(md)
+    runio.write_text_atomic(run / "report.md", text)
+    runio.write_text_atomic(run / "report.html", _html(cfg, run, text, figs))
+    return run / "report.md"
+
+
+def _html(cfg: ExperimentConfig, run: Path, md: str, figs: list[Path]) -> str:
+    """A self-contained page: the markdown's tables rendered, figures inlined as base64, heat-maps."""
+    body = []
+    in_table = False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<p>• {_inline(line[2:])}</p>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    for p in figs:
+        data = base64.b64encode(p.read_bytes()).decode()
+        body.append(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{data}"></figure>')
+    hm = heatmaps(cfg, run)
+    if hm:
+        body += ["<h2>Token-level EU of generated answers (trial 0)</h2>",
+                 "<p>Background: white (0) to red (the largest EU of that method on that answer); hover for nats.</p>", hm]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;line-height:1.45}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             ".hm{font-family:monospace;white-space:pre-wrap;margin:.4em 0 .8em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>drafteu report: {html.escape(cfg.name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _inline(text: str) -> str:
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)

@@ -1,0 +1,372 @@
+"""Speculative decoding whose drafts are the EU ensemble: every emitted token carries its EU.
+
+One round (batch 1):
+
+1. *Draft.*  ``propose="mix"``: the K drafts run together (one mixed-adapter batch of K rows) for
+   gamma steps and each proposal comes from their mixture q_mix; the K distributions at every
+   position are a by-product, so the variance term JSD(q_1..q_K) costs no extra draft pass.
+   ``propose=k``: draft k alone (its adapter merged into a copy of the base: no LoRA overhead)
+   proposes gamma tokens; with EU on, the K drafts then score the gamma + 1 positions in one
+   parallel pass (like the target's verification).
+2. *Verify.*  The target runs the pending tokens and the gamma proposals in one forward.  Greedy:
+   the longest prefix of proposals equal to the target's argmax is kept, then the target's own
+   token.  Sampling: the standard speculative-sampling rule (accept x with probability
+   min(1, p(x) / r(x)), else sample from norm(max(0, p - r)); all accepted: sample the bonus from
+   p), which leaves the target's distribution unchanged.
+3. *EU.*  For each emitted token: variance = JSD of the drafts at that position, bias =
+   KL(q_mix || p).  ``bias="proxy"`` (the default when the drafts come with an OSD proxy) takes p =
+   p_mix, the method's estimate of the target's Bayesian model average (closer to it than the raw
+   target, Table 4), computed in the *same* verification forward: the proxy is an adapter on the
+   target and the batch holds two rows, ``__base__`` (verification) and ``proxy`` (bias).
+   ``bias="target"`` takes p = the verifying target's distribution, already computed, so the bias
+   costs nothing; it is the paper's "bias with the raw target" variant.
+
+KV caches: each model keeps a cache and the number of sequence tokens it holds; after a round
+every cache is cropped to the longest prefix that agrees with the accepted sequence (rejected
+proposals rolled back) and the next forward feeds only what the cache lacks.  The numbers are
+those of offline ``drafteu score --method drafts`` on the same tokens (tested to 1e-4).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from drafteu import divergence
+from drafteu.errors import DraftEUError
+
+
+@dataclass
+class SpecResult:
+    """Emitted token ids (EOS excluded), per-token EU terms, and decoding statistics."""
+
+    token_ids: list[int]
+    variance: torch.Tensor | None
+    bias: torch.Tensor | None
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    finish: str = "length"
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def eu(self) -> torch.Tensor | None:
+        return None if self.variance is None else self.variance + self.bias
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Cached:
+    """A model plus its KV cache and the number of sequence tokens the cache holds."""
+
+    def __init__(self, model, names: list[str] | None = None):
+        self.model, self.names = model, names
+        self.cache, self.fed = None, 0
+
+    @torch.no_grad()
+    def feed(self, seq: list[int], extra: Sequence[int], keep: int, device) -> torch.Tensor:
+        """Feed ``(seq + extra)[fed:]``; returns (B, keep, V) logits of the last ``keep`` inputs."""
+        inp = (list(seq) + list(extra))[self.fed:]
+        if not inp:
+            raise RuntimeError("nothing to feed: the cache already holds the whole sequence")
+        b = len(self.names) if self.names else 1
+        ids = torch.tensor([inp], device=device).expand(b, -1)
+        kw = {"adapter_names": self.names} if self.names else {}
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=min(keep, len(inp)), **kw)
+        self.cache = out.past_key_values
+        self.fed += len(inp)
+        return out.logits
+
+    def rollback(self, valid: int) -> None:
+        """Keep the first ``valid`` cached tokens (the rest were rejected proposals)."""
+        if self.fed > valid:
+            self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
+            self.fed = valid
+
+
+def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Plain greedy decoding of ``model`` with a KV cache, one token per forward (the baseline)."""
+    dev = next(model.parameters()).device
+    m = _Cached(model)
+    seq, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        tok = int(m.feed(seq, [], 1, dev)[0, -1].argmax())
+        if tok in eos_ids:
+            break
+        seq.append(tok)
+        out.append(tok)
+    return out
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with per-token EU (see the module docstring).
+
+    ``target``: the target model, or a PeftModel holding the proxy adapter ``proxy`` (then
+    ``bias="proxy"`` is available).  ``drafts``: a PeftModel with the K draft adapters ``names``.
+    ``vocab``: the number of logit columns target and drafts share.
+    """
+
+    def __init__(self, target, drafts, names: list[str], vocab: int, *, gamma: int = 4, propose: str | int = "mix",
+                 bias: str = "target", eu: bool = True, designated=None):
+        if gamma < 1:
+            raise DraftEUError(f"gamma must be >= 1 (proposals per round), got {gamma}")
+        if propose != "mix" and not (isinstance(propose, int) and 0 <= propose < len(names)):
+            raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(names) - 1}, got {propose!r}")
+        if bias not in ("target", "proxy"):
+            raise DraftEUError(f"bias must be 'target' or 'proxy', got {bias!r}")
+        if eu and bias == "proxy" and "proxy" not in getattr(target, "peft_config", {}):
+            raise DraftEUError("bias='proxy' needs the proxy adapter on the target (train one with drafteu "
+                               "train-proxy, or use bias='target')")
+        if propose != "mix" and designated is None:
+            raise DraftEUError("propose=k needs the designated draft model (SpeculativeDecoder.from_ensemble builds it)")
+        self.target, self.drafts, self.names, self.vocab = target, drafts, names, vocab
+        self.gamma, self.propose, self.bias, self.eu = gamma, propose, bias, eu
+        self.designated = designated
+        self.device = next(target.parameters()).device
+
+    @classmethod
+    def from_ensemble(cls, ens, target, **kw) -> SpeculativeDecoder:
+        """From an ``estimators.DraftEnsemble`` (drafts) and the target model (with the proxy
+        adapter when the ensemble has one); builds the merged designated draft when needed."""
+        designated = None
+        propose = kw.get("propose", "mix")
+        if propose != "mix":
+            if not (isinstance(propose, int) and 0 <= propose < len(ens.names)):
+                raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(ens.names) - 1}, got {propose!r}")
+            designated = merged_draft(ens, ens.names[propose])
+        return cls(target, ens.drafts, ens.names, ens.vocab, designated=designated, **kw)
+
+    # -- one generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+                 eos_ids: set[int] | frozenset = frozenset(),
+                 on_tokens: Callable[[list[int], torch.Tensor | None, torch.Tensor | None], None] | None = None,
+                 ) -> SpecResult:
+        """Decode up to ``max_new_tokens``; ``on_tokens(ids, variance, bias)`` streams each round's
+        finished tokens (EU known) as they come."""
+        if not prompt_ids:
+            raise DraftEUError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise DraftEUError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise DraftEUError(f"temperature must be >= 0, got {temperature}")
+        gen = torch.Generator().manual_seed(seed)
+        dev, v = self.device, self.vocab
+        mix = self.propose == "mix"
+        use_proxy = self.eu and self.bias == "proxy"
+        from peft import PeftModel
+
+        plain = ["__base__"] if isinstance(self.target, PeftModel) else None  # never verify with an adapter on
+        tgt = _Cached(self.target, ["__base__", "proxy"] if use_proxy else plain)
+        ens = _Cached(self.drafts, self.names) if (mix or self.eu) else None
+        one = None if mix else _Cached(self.designated)
+        prompt_len = len(prompt_ids)
+        seq = list(prompt_ids)
+        # Keyed by the sequence position of the token the distribution predicts.
+        q_at: dict[int, torch.Tensor] = {}  # (K, V) draft logits
+        p_at: dict[int, torch.Tensor] = {}  # (V,) logits of p for the bias term
+        var_out: list[float] = []
+        bias_out: list[float] = []
+        streamed = 0
+        res = SpecResult([], None, None)
+        t_draft = t_verify = t_eu = 0.0
+        t0 = time.perf_counter()
+
+        def feed(c: _Cached, extra: list[int]) -> tuple[torch.Tensor, int]:
+            """Logits of every needed input position (never the prompt's interior) and the sequence
+            position the first of them predicts."""
+            total = len(seq) + len(extra)
+            keep = total - max(c.fed, prompt_len - 1)
+            return c.feed(seq, extra, keep, dev)[..., :v], total - keep + 1
+
+        def tempered(logits: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(logits.float() / temperature, dim=-1)
+
+        def sample(probs: torch.Tensor) -> int:
+            return int(torch.multinomial(probs, 1, generator=gen))
+
+        while len(seq) - prompt_len < max_new_tokens:
+            base = len(seq)
+            # 1. draft gamma proposals
+            td = time.perf_counter()
+            props: list[int] = []
+            r_probs = []
+            for _ in range(self.gamma):
+                if mix:
+                    logits, first = feed(ens, props)  # (K, n, V)
+                    for j in range(logits.shape[1]):
+                        q_at[first + j] = logits[:, j]
+                    q = logits[:, -1]
+                    if temperature == 0:
+                        tok = int(torch.softmax(q.float(), -1).mean(0).argmax())
+                    else:
+                        r_probs.append(tempered(q).mean(0))
+                        tok = sample(r_probs[-1])
+                else:
+                    q = feed(one, props)[0][0, -1]
+                    if temperature == 0:
+                        tok = int(q.argmax())
+                    else:
+                        r_probs.append(tempered(q))
+                        tok = sample(r_probs[-1])
+                props.append(tok)
+            if not mix and self.eu:  # the K drafts score the gamma + 1 positions in one pass
+                logits, first = feed(ens, props)
+                for j in range(logits.shape[1]):
+                    q_at[first + j] = logits[:, j]
+            t_draft += time.perf_counter() - td
+            # 2. verify: one target forward over what its cache lacks + the proposals
+            tv = time.perf_counter()
+            out, first = feed(tgt, props)  # (B, n, V); the last gamma + 1 predict base .. base + gamma
+            p_rows = out[0, -(self.gamma + 1):]
+            if self.eu:
+                src = out[1] if use_proxy else out[0]
+                for j in range(out.shape[1]):
+                    p_at[first + j] = src[j]
+            n_acc, nxt = 0, None
+            for i, tok in enumerate(props):
+                if temperature == 0:
+                    if int(p_rows[i].argmax()) != tok:
+                        break
+                else:
+                    p, r = tempered(p_rows[i]), r_probs[i]
+                    if float(torch.rand((), generator=gen)) >= min(1.0, float(p[tok] / r[tok])):
+                        resid = torch.clamp(p - r, min=0)
+                        nxt = sample(resid / resid.sum() if float(resid.sum()) > 0 else p)
+                        break
+                n_acc += 1
+            if nxt is None:
+                nxt = int(p_rows[n_acc].argmax()) if temperature == 0 else sample(tempered(p_rows[n_acc]))
+            t_verify += time.perf_counter() - tv
+            res.proposed += self.gamma
+            res.accepted += n_acc
+            res.rounds += 1
+            seq += props[:n_acc] + [nxt]
+            for c in (tgt, ens, one):  # roll the caches back to the accepted tokens
+                if c is not None:
+                    c.rollback(base + n_acc)
+            for d in (q_at, p_at):  # distributions computed after a rejected proposal are stale
+                for j in [j for j in d if j > base + n_acc]:
+                    del d[j]
+            # 3. stop at EOS / the length limit
+            emitted = seq[prompt_len:]
+            stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+            if stop is not None:
+                del seq[prompt_len + stop:]
+                res.finish = "eos"
+            elif len(emitted) > max_new_tokens:
+                del seq[prompt_len + max_new_tokens:]
+            done = stop is not None or len(seq) - prompt_len >= max_new_tokens
+            # 4. EU of every emitted token whose drafts' distributions are known; stream them
+            te = time.perf_counter()
+            if self.eu and done and len(seq) > prompt_len and (len(seq) - 1) not in q_at:
+                last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
+                logits, first = feed(ens, [])
+                seq.append(last)
+                q_at[first + logits.shape[1] - 1] = logits[:, -1]
+            ready = streamed
+            while prompt_len + ready < len(seq) and (not self.eu or prompt_len + ready in q_at):
+                ready += 1
+            if ready > streamed:
+                ids = seq[prompt_len + streamed: prompt_len + ready]
+                var = bias = None
+                if self.eu:
+                    pos = range(prompt_len + streamed, prompt_len + ready)
+                    terms = divergence.eu_decomposition(torch.stack([q_at.pop(j) for j in pos], dim=1),
+                                                        torch.stack([p_at.pop(j) for j in pos]))
+                    var, bias = terms.variance.cpu(), terms.bias.cpu()
+                    var_out += var.tolist()
+                    bias_out += bias.tolist()
+                if on_tokens is not None:
+                    on_tokens(ids, var, bias)
+                streamed = ready
+            t_eu += time.perf_counter() - te
+            if done:
+                break
+        res.token_ids = seq[prompt_len:]
+        if self.eu:
+            res.variance, res.bias = torch.tensor(var_out), torch.tensor(bias_out)
+        res.seconds = time.perf_counter() - t0
+        res.timings = {"draft_s": t_draft, "verify_s": t_verify, "eu_s": t_eu}
+        return res
+
+
+def merged_draft(ens, name: str):
+    """A copy of the ensemble's base with draft ``name``'s adapter merged in (plain, fast model)."""
+    from peft import PeftModel
+
+    from drafteu import models
+
+    device = next(ens.drafts.parameters()).device
+    base = models.load(ens.base_spec, device=device).model
+    return PeftModel.from_pretrained(base, ens.drafts_dir / name).merge_and_unload().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The `drafteu speculate` stage.
+
+
+def run(cfg, on_tokens=None) -> dict:
+    """Load target and drafts, decode the answer speculatively, return (and optionally write) the
+    JSON of `drafteu score` plus a ``speculative`` block (acceptance, tokens/s, settings)."""
+    from pathlib import Path
+
+    from drafteu import data, estimators, models
+    from drafteu.estimators import TokenScores
+    from drafteu.runio import write_json
+    from drafteu.score import to_json, token_pieces
+
+    if cfg.json is not None and Path(cfg.json).is_dir():
+        raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
+    drafts_dir, proxy_dir = estimators.resolve_drafts(cfg.drafts, cfg.proxy)
+    bias = cfg.bias if cfg.bias != "auto" else ("proxy" if proxy_dir is not None else "target")
+    if bias == "proxy" and proxy_dir is None:
+        raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")
+    lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    use_proxy = cfg.eu and bias == "proxy"
+    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if use_proxy else None, device=cfg.device)
+    if isinstance(cfg.propose, int) and not 0 <= cfg.propose < len(ens.names):
+        raise DraftEUError(f"--propose {cfg.propose}: the ensemble has drafts 0..{len(ens.names) - 1}")
+    dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=cfg.gamma, propose=cfg.propose, bias=bias, eu=cfg.eu)
+    prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if context and len(prompt_ids) + cfg.max_new_tokens + cfg.gamma > context:
+        raise DraftEUError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} + --gamma {cfg.gamma} "
+            f"exceeds the model's context of {context} tokens; shorten the question or lower --max-new-tokens")
+    eos = {lm.tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
+    eos.discard(None)
+    res = dec.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
+                       on_tokens=on_tokens)
+    answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    pieces = token_pieces(lm.tokenizer, res.token_ids)
+    method = f"speculative (drafts {ens.method}, bias: {bias})"
+    if cfg.eu:
+        result = to_json(cfg.question, answer, method, cfg.target,
+                         TokenScores(res.token_ids, res.eu, res.variance, res.bias), pieces)
+    else:
+        result = {"question": cfg.question, "answer": answer, "method": method, "target": cfg.target,
+                  "tokens": [{"id": int(t), "text": p} for t, p in zip(res.token_ids, pieces, strict=True)]}
+    result["speculative"] = {
+        "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
+        "proposed": res.proposed, "accepted": res.accepted, "acceptance": res.acceptance, "rounds": res.rounds,
+        "tokens": len(res.token_ids), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
+        "finish": res.finish, **res.timings,
+    }
+    if cfg.json is not None:
+        write_json(cfg.json, result)
+    return result

@@ -1,0 +1,123 @@
+"""Evaluation metrics against scikit-learn / scipy references and direct definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, mean_squared_error, roc_auc_score
+
+from drafteu.evaluate import cost, fidelity, hallucination
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_rmse_and_spearman_match_sklearn_and_scipy(rng):
+    a, b = rng.normal(size=500), rng.normal(size=500)
+    b[:50] = b[0]  # ties
+    assert fidelity.rmse(a, b) == pytest.approx(np.sqrt(mean_squared_error(a, b)), rel=1e-12)
+    assert fidelity.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, rel=1e-12)
+    assert np.isnan(fidelity.spearman(a, np.ones_like(a)))
+    with pytest.raises(ValueError):
+        fidelity.rmse(a, b[:10])
+
+
+def test_trial_metrics_pool_questions_and_bootstrap_resamples_whole_questions(rng):
+    est = {f"q{i}": rng.random(i + 2) for i in range(6)}
+    truth = {k: v + rng.normal(scale=0.1, size=v.size) for k, v in est.items()}
+    qs = fidelity.bootstrap_questions(list(est), seed=3)
+    assert len(qs) == 6 and set(qs) <= set(est)
+    assert qs == fidelity.bootstrap_questions(list(est), seed=3)
+    m = fidelity.trial_metrics(est, truth, qs)
+    e = np.concatenate([est[q] for q in qs])
+    t = np.concatenate([truth[q] for q in qs])
+    assert m["tokens"] == e.size
+    assert m["rmse"] == pytest.approx(np.sqrt(mean_squared_error(e, t)))
+    s = fidelity.summarize([{"rmse": 1.0, "spearman": 0.5}, {"rmse": 3.0, "spearman": float("nan")}])
+    assert s["rmse"] == {"mean": 2.0, "std": pytest.approx(np.sqrt(2)), "n": 2}
+    assert s["spearman"] == {"mean": 0.5, "std": 0.0, "n": 1}
+
+
+def test_ece_matches_sklearn_calibration_curve(rng):
+    prob = rng.random(400)
+    label = (rng.random(400) < prob ** 2).astype(int)
+    frac_pos, mean_pred = calibration_curve(label, prob, n_bins=15, strategy="uniform")
+    edges = np.linspace(0, 1, 16)
+    counts = np.bincount(np.searchsorted(edges[1:-1], prob), minlength=15)
+    counts = counts[counts > 0]
+    ref = float(np.sum(counts * np.abs(frac_pos - mean_pred)) / len(prob))
+    assert hallucination.ece(prob, label, 15) == pytest.approx(ref, rel=1e-12)
+    assert hallucination.ece(np.full(10, 0.3), np.array([1, 1, 1] + [0] * 7)) == pytest.approx(0.0)
+
+
+def _prr_reference(unc, quality):
+    """PRR from its definition: mean quality kept when rejecting the j most uncertain, j = 0..n-1."""
+    n = len(unc)
+    order = np.argsort(-unc, kind="stable")  # most uncertain first
+
+    def area(order):
+        return np.mean([quality[order[j:]].mean() for j in range(n)])
+
+    oracle, rand = area(np.argsort(quality, kind="stable")), quality.mean()
+    return (area(order) - rand) / (oracle - rand)
+
+
+def test_prr_matches_its_definition(rng):
+    unc = rng.random(60)
+    quality = (rng.random(60) > unc).astype(float)
+    assert hallucination.prr(unc, quality) == pytest.approx(_prr_reference(unc, quality), rel=1e-9)
+    assert hallucination.prr(-quality, quality) == pytest.approx(1.0)  # oracle
+    assert np.isnan(hallucination.prr(unc, np.ones(60)))
+
+
+def test_metrics_match_sklearn(rng):
+    prob, label = rng.random(200), rng.integers(0, 2, 200)
+    m = hallucination.metrics(prob, label)
+    assert m["auroc"] == pytest.approx(roc_auc_score(label, prob))
+    assert m["brier"] == pytest.approx(brier_score_loss(label, prob))
+
+
+def test_evaluate_separates_an_informative_score_and_reports_intervals(rng):
+    qids = [f"q{i // 3}" for i in range(300)]
+    label = rng.integers(0, 2, 300)
+    score = label + rng.normal(scale=0.7, size=300)
+    out = hallucination.evaluate(score, label, qids, fit_fraction=0.5, seed=0, bootstrap=200)
+    assert out["n_fit"] + out["n_test"] == 300
+    fit_q, test_q = hallucination.split_questions(qids, 0.5, 0)
+    assert not fit_q & test_q  # the split is by question
+    assert 0.75 < out["auroc"]["value"] <= 1 and out["auroc"]["low"] <= out["auroc"]["value"] <= out["auroc"]["high"]
+    assert out["coef"] > 0
+    noise = hallucination.evaluate(rng.normal(size=300), label, qids, bootstrap=200)
+    assert abs(noise["auroc"]["value"] - 0.5) < 0.15
+    assert "error" in hallucination.evaluate(score, np.zeros(300, int), qids, bootstrap=10)
+
+
+def test_flops_accounting():
+    assert cost.flops_per_token("tokur", target_params=100, k_target=3) == 600
+    assert cost.flops_per_token("entropy", target_params=100) == 200
+    assert cost.flops_per_token("ddd", target_params=100, draft_params=10, k_drafts=6) == 2 * (60 + 100)
+    assert cost.relative({"tokur": 4.0, "ddd": 1.0}) == {"tokur": 1.0, "ddd": 0.25}
+    import torch
+
+    lin = torch.nn.Linear(4, 4)
+    tied = torch.nn.Sequential(lin, lin)
+    assert cost.parameters(tied) == 20
+
+
+def test_vectorized_bootstrap_metrics_equal_the_scalar_ones(rng):
+    prob = np.round(rng.random(40), 2)  # ties in the scores
+    label = rng.integers(0, 2, 40)
+    idx = rng.integers(0, 40, size=(30, 40))
+    idx[0] = 0  # a resample with one class only: AUROC undefined
+    batch = hallucination.metrics_batch(prob, label, idx)
+    for b in range(30):
+        ref = hallucination.metrics(prob[idx[b]], label[idx[b]])
+        for k, v in ref.items():
+            if np.isnan(v):
+                assert np.isnan(batch[k][b]), (k, b)
+            else:
+                assert batch[k][b] == pytest.approx(v, rel=1e-9, abs=1e-12), (k, b)

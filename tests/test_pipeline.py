@@ -1,0 +1,124 @@
+"""`drafteu reproduce` end to end on a tiny random model, and the shipped experiment configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from drafteu import pipeline, runio
+from drafteu.cli import app
+from drafteu.config import ExperimentConfig, load_experiment
+from drafteu.errors import DraftEUError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
+
+
+def tiny_config(target: Path) -> dict:
+    return {
+        "name": "tiny",
+        "target": str(target),
+        "data": {"questions": 8, "samples": 2, "max_new_tokens": 6, "batch_size": 8},
+        "draft_base": {"layers": 2, "heldout": 0.25, "train": FAST},
+        "drafts": {"methods": ["untrained", "ddd", "konly"], "partitions": 2, "per_partition": 1,
+                   "layouts": [[1, 2]], "train": FAST},
+        "proxy": {"teachers": 2, "questions": 4, "samples": 1, "heldout": 0.0, "train": FAST},
+        "eval": {"questions": 6, "repeats": 2, "max_new_tokens": 6, "trials": 2, "bootstrap": 50,
+                 "reference_size": 3, "proxy_ks": [1, 2], "cost_responses": 2, "heatmap_examples": 1},
+    }
+
+
+@pytest.mark.integration
+def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dir)))
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg_path), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    for rel in ("report.md", "report.html", "figures/fidelity_scatter.png", "figures/proxy_robustness.png",
+                "eval/fidelity.json", "eval/hallucination.json", "eval/cost.json", "eval/proxy_robustness.json",
+                "drafts/ddd/manifest.json", "drafts/layouts/1x2/ddd/manifest.json",
+                "drafts/trials/t1/untrained/manifest.json", "drafts/trials/t1/konly/manifest.json"):
+        assert (run / rel).exists(), rel
+    fid = runio.json_load(run / "eval" / "fidelity.json")
+    assert set(fid["methods"]) >= {"tokur", "untrained", "ddd", "konly", "ddd 1x2"}
+    assert all(len(m["trials"]) == 2 for m in fid["methods"].values())
+    # token EU rows: trial 0 every method on every answer, trial 1 the redrawn ones on the firsts
+    rows = runio.read_jsonl(run / "eval" / "token_eu.jsonl")
+    answers = runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")
+    assert len(answers) == 12
+    t0 = [r for r in rows if r["trial"] == 0]
+    assert len(t0) == 12 * 7  # groundtruth, tokur, entropy, untrained, ddd, konly, ddd 1x2
+    t1 = {r["method"] for r in rows if r["trial"] == 1}
+    assert t1 == {"groundtruth", "tokur", "untrained", "konly"}  # trained ensembles are not redrawn
+    for r in t0:
+        if r["variance"] is not None:
+            assert all(abs(e - v - b) < 1e-4 for e, v, b in zip(r["eu"], r["variance"], r["bias"], strict=True))
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<span title=" in html
+    md = (run / "report.md").read_text()
+    assert "## Fidelity" in md and "## Hallucination detection" in md and "## Cost" in md
+
+    # a second run finds every stage complete and re-uses it
+    before = {p: p.stat().st_mtime for p in (run / "eval").glob("*.json")}
+    res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg_path), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime for p in (run / "eval").glob("*.json")} == before
+    assert len(runio.read_jsonl(run / "eval" / "token_eu.jsonl")) == len(rows)
+
+
+@pytest.mark.integration
+def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir):
+    cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
+    run = tmp_path / "run"
+    for stage in ("data", "draft_base", "drafts", "teachers", "proxy", "eval_samples"):
+        getattr(pipeline, f"stage_{stage}")(cfg, run)
+    pipeline.stage_score(cfg, run)
+    path = run / "eval" / "token_eu.jsonl"
+    full = runio.read_jsonl(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:10])  # killed mid-write
+    pipeline.stage_score(cfg, run)
+    again = runio.read_jsonl(path)
+    key = lambda r: (r["key"], r["method"], r["trial"])  # noqa: E731
+    assert sorted(map(key, again)) == sorted(map(key, full))
+    by = {key(r): r["eu"] for r in full}
+    assert all(by[key(r)] == r["eu"] for r in again)  # TokUR's fresh draws are resume-safe
+
+
+def _write(tmp_path, d):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_experiment(path)
+    assert isinstance(cfg, ExperimentConfig) and cfg.name == path.stem
+    assert pipeline.ensembles(cfg)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    assert {"demo.yaml", "paper-llama-8b-3b.yaml", "paper-llama-8b-1b.yaml", "paper-llama-3b-1b.yaml"} <= names
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"drafts": {"methods": ["nope"]}}, "unknown draft method"),
+    ({"eval": {"trials": 0}}, "must be >= 1"),
+    ({"evall": {}}, "unknown key"),
+    ({"eval": {"trials": "five"}}, "eval.trials must be int"),
+    ({"proxy": {"data": "x"}}, "proxy.data"),
+])
+def test_bad_configs_get_clear_errors(tmp_path, patch, message):
+    with pytest.raises(DraftEUError, match=message):
+        load_experiment(_write(tmp_path, patch))
+
+
+def test_set_overrides_reach_the_config(tmp_path):
+    cfg = load_experiment(_write(tmp_path, {"name": "x"}), {"eval.trials": 2, "drafts.methods": ["ddd"]})
+    assert cfg.eval.trials == 2 and cfg.drafts.methods == ["ddd"]

@@ -1,0 +1,196 @@
+"""Speculative decoding with per-token EU: exactness (greedy), distribution (sampling), EU = offline score."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from typer.testing import CliRunner
+
+from drafteu import data, estimators, generate, models
+from drafteu.cli import app
+from drafteu.errors import DraftEUError
+from drafteu.score import greedy_answer
+from drafteu.speculative import SpeculativeDecoder, plain_greedy
+from drafteu.train import draft_base, drafts, proxy
+from drafteu.train.loop import TrainConfig
+
+from .conftest import make_model
+
+pytestmark = pytest.mark.integration
+FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 6 times 7?"]
+
+
+@pytest.fixture(scope="module")
+def ensembles(tmp_path_factory, tiny_dir):
+    """Two draft ensembles on the tiny target and a proxy:
+    'far' (untrained copies of a 2-layer truncation: mostly rejected proposals) and
+    'near' (copies of the target with small noise: mostly accepted, exercises the bonus token)."""
+    root = tmp_path_factory.mktemp("spec")
+    common = dict(target=str(tiny_dir), questions=6, max_new_tokens=6, batch_size=8)
+    generate.run(generate.GenerateConfig(out=root / "data", samples=1, **common))
+    samples = root / "data" / "samples.jsonl"
+    draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / "base", target=str(tiny_dir), layers=2,
+                                              heldout=0.0, train=TrainConfig(**FAST)))
+    from drafteu.posterior import NoiseConfig
+
+    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "far", base=str(root / "base"), target=str(tiny_dir),
+                                   method="untrained", partitions=1, per_partition=3))
+    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "near", base=str(tiny_dir), target=str(tiny_dir),
+                                   method="untrained", partitions=1, per_partition=3,
+                                   noise=NoiseConfig(sigma=0.02)))
+    proxy.run(proxy.ProxyConfig(samples=[samples], out=root / "proxy", target=str(tiny_dir), heldout=0.0,
+                                train=TrainConfig(**FAST)))
+    return root
+
+
+def _decoder(root, tiny_dir, kind, proxy_on=False, **kw):
+    lm = models.load(str(tiny_dir))
+    ens = estimators.DraftEnsemble(root / kind / "untrained", lm, root / "proxy" / "adapter" if proxy_on else None)
+    return lm, ens, SpeculativeDecoder.from_ensemble(ens, ens.target, **kw)
+
+
+def _prompt(lm, q):
+    return data.format_prompt(lm.tokenizer, q, data.shots_for("score", 0))
+
+
+@pytest.mark.parametrize("kind", ["far", "near"])
+@pytest.mark.parametrize("propose", ["mix", 1])
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_greedy_output_is_the_targets_greedy_output(ensembles, tiny_dir, kind, propose, gamma):
+    lm, ens, dec = _decoder(ensembles, tiny_dir, kind, gamma=gamma, propose=propose, bias="target")
+    eos = {lm.tokenizer.eos_token_id}
+    accepted = 0
+    for q in QUESTIONS:
+        prompt = _prompt(lm, q)
+        with ens.base_target():
+            ref = greedy_answer(lm.model, lm.tokenizer, prompt, 24)  # HF generate, plain greedy
+        res = dec.generate(prompt, 24, eos_ids=eos)
+        assert res.token_ids == ref
+        assert plain_greedy(lm.model, prompt, 24, eos) == ref
+        assert res.variance.shape == (len(ref),) and res.bias.shape == (len(ref),)
+        accepted += res.accepted
+    if kind == "near":
+        assert accepted > 0  # the accept path (and the bonus token) is exercised
+
+
+@pytest.mark.parametrize("propose", ["mix", 0])
+@pytest.mark.parametrize("bias", ["target", "proxy"])
+def test_eu_equals_offline_score(ensembles, tiny_dir, propose, bias):
+    for kind in ("far", "near"):
+        lm, ens, dec = _decoder(ensembles, tiny_dir, kind, proxy_on=bias == "proxy", gamma=3, propose=propose, bias=bias)
+        prompt = _prompt(lm, QUESTIONS[0])
+        streamed = []
+        res = dec.generate(prompt, 20, eos_ids={lm.tokenizer.eos_token_id},
+                           on_tokens=lambda ids, v, b, out=streamed: out.extend(zip(ids, v.tolist(), b.tolist(),
+                                                                                     strict=True)))
+        off = ens.score(prompt, res.token_ids)  # offline: full forwards, same drafts and p
+        assert torch.allclose(res.variance, off.variance, atol=1e-4)
+        assert torch.allclose(res.bias, off.bias, atol=1e-4)
+        assert [t for t, _, _ in streamed] == res.token_ids  # every token streamed once, in order
+
+
+def test_eu_off_gives_the_same_tokens(ensembles, tiny_dir):
+    lm, ens, dec = _decoder(ensembles, tiny_dir, "near", gamma=2, propose="mix", bias="target", eu=False)
+    prompt = _prompt(lm, QUESTIONS[1])
+    res = dec.generate(prompt, 16, eos_ids={lm.tokenizer.eos_token_id})
+    assert res.variance is None
+    assert res.token_ids == plain_greedy(lm.model, prompt, 16, {lm.tokenizer.eos_token_id})
+
+
+def _small_vocab_setup():
+    """Target and two drafts over an 8-token vocabulary (non-uniform next-token distributions)."""
+    from peft import LoraConfig, get_peft_model
+
+    target = make_model(8, layers=2, seed=0)
+    base = make_model(8, layers=1, seed=1)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False), adapter_name="d0")
+    peft.add_adapter("d1", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return target, peft.eval(), make_model(8, layers=1, seed=2)
+
+
+def _exact_pairs(model, prompt):
+    """Target's exact joint distribution of the next two tokens (64 outcomes)."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        rows = torch.tensor([prompt + [a] for a in range(8)])
+        p2 = torch.softmax(model(rows).logits[:, -1].double(), -1)
+    return (p1[:, None] * p2).flatten()
+
+
+@pytest.mark.parametrize("propose", ["mix", 0])
+def test_sampling_preserves_the_targets_distribution(propose):
+    target, drafts_model, designated = _small_vocab_setup()
+    prompt = [1, 5, 3, 4]
+    dec = SpeculativeDecoder(target, drafts_model, ["d0", "d1"], 8, gamma=2, propose=propose, bias="target",
+                             eu=propose == "mix", designated=designated if propose == 0 else None)
+    n = 1500
+    counts = torch.zeros(64)
+    for seed in range(n):
+        toks = dec.generate(prompt, 2, temperature=1.0, seed=seed).token_ids
+        counts[toks[0] * 8 + toks[1]] += 1
+    exact = _exact_pairs(target, prompt)
+    keep = exact * n >= 5  # chi-square needs expected counts >= 5; pool the rest
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([exact[keep], exact[~keep].sum()[None]]) * n
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    # the same test does reject the drafts' own distribution (it has power)
+    qd = _exact_pairs(designated, prompt) if propose == 0 else None
+    if qd is not None:
+        exp_q = torch.cat([qd[keep], qd[~keep].sum()[None]]) * n
+        assert chisquare(obs.numpy(), exp_q.numpy() * obs.sum().item() / exp_q.sum().item()).pvalue < 1e-6
+
+
+def test_bad_arguments_are_clear_errors(ensembles, tiny_dir):
+    lm = models.load(str(tiny_dir))
+    ens = estimators.DraftEnsemble(ensembles / "far" / "untrained", lm)
+    with pytest.raises(DraftEUError, match="gamma"):
+        SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=0)
+    with pytest.raises(DraftEUError, match="draft index"):
+        SpeculativeDecoder.from_ensemble(ens, ens.target, propose=7)
+    with pytest.raises(DraftEUError, match="proxy"):
+        SpeculativeDecoder.from_ensemble(ens, ens.target, bias="proxy")
+
+
+def test_cli_streams_and_writes_the_score_json(ensembles, tiny_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+                                   "--proxy", str(ensembles / "proxy"), "--question", QUESTIONS[0], "--shots", "0",
+                                   "--max-new-tokens", "12", "--gamma", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "acceptance" in res.output and "tokens/s" in res.output
+    js = json.loads(out.read_text())
+    assert {"answer", "tokens", "sequence", "speculative"} <= set(js)
+    assert js["speculative"]["bias"] == "proxy"
+    for t in js["tokens"]:
+        assert abs(t["eu"] - t["variance"] - t["bias"]) < 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gamma", "0"], "gamma"),
+    (["--propose", "9"], "drafts 0..2"),
+    (["--max-new-tokens", "5000"], "context"),
+    (["--bias", "proxy"], "needs a proxy"),
+])
+def test_cli_bad_input(ensembles, tiny_dir, args, message):
+    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "far" / "untrained"),
+                                   "--question", "What is 2 + 2?", *args])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_cli_rejects_drafts_with_another_vocabulary(ensembles, tmp_path, tiny_dir):
+    from .conftest import make_tokenizer
+
+    other_tok = make_tokenizer(vocab_size=280, corpus=["completely different words here"] * 5)
+    other = make_model(len(other_tok), layers=2, seed=5)
+    d = tmp_path / "other"
+    other.save_pretrained(d)
+    other_tok.save_pretrained(d)
+    res = CliRunner().invoke(app, ["speculate", "--target", str(d), "--drafts", str(ensembles / "far" / "untrained"),
+                                   "--question", "What is 2 + 2?"])
+    assert res.exit_code == 2 and "incompatible" in res.output
