@@ -8,7 +8,7 @@ greedy decoding.  Modes: plain greedy; speculative proposing from q_mix or from 
 without EU, with EU (bias vs the verifying target) and with EU (bias vs the proxy p_mix).
 
     python bench/speculative.py [--drafts runs/dev/drafts/ddd] [--proxy runs/dev/proxy/adapter]
-                                [--questions 8] [--max-new-tokens 64] [--gamma 3]
+                                [--questions 8] [--max-new-tokens 64] [--gamma 1 3]
     python bench/speculative.py --gpu     # random Llama-3.1-8B / Llama-3.2-1B shapes on CUDA
 
 On a GPU (``--gpu``) the weights are random, so acceptance is meaningless: it reports the time
@@ -44,15 +44,17 @@ def embedded(args) -> str:
     prompts = [data.format_prompt(tok, p.question, data.shots_for("easy-word", 2)) for p in problems]
     k = len(ens.names)
 
-    def spec(propose, eu, bias):
+    def spec(propose, eu, bias, gamma):
         e = ens_p if bias == "proxy" else ens
-        return SpeculativeDecoder.from_ensemble(e, e.target, gamma=args.gamma, propose=propose, bias=bias, eu=eu)
+        return SpeculativeDecoder.from_ensemble(e, e.target, gamma=gamma, propose=propose, bias=bias, eu=eu)
 
     modes = {"plain greedy (target)": None}
-    for propose, pname in (("mix", "q_mix"), (0, "draft 0")):
-        modes[f"spec, propose {pname}, no EU"] = spec(propose, False, "target")
-        modes[f"spec, propose {pname}, EU (bias vs target)"] = spec(propose, True, "target")
-        modes[f"spec, propose {pname}, EU (bias vs p_mix)"] = spec(propose, True, "proxy")
+    for gamma in args.gamma:
+        for propose, pname in (("mix", "q_mix"), (0, "draft 0")):
+            head = f"gamma {gamma}, propose {pname}"
+            modes[f"{head}, no EU"] = spec(propose, False, "target", gamma)
+            modes[f"{head}, EU (bias vs target)"] = spec(propose, True, "target", gamma)
+            modes[f"{head}, EU (bias vs p_mix)"] = spec(propose, True, "proxy", gamma)
     stats = {m: {"tokens": 0, "seconds": 0.0, "proposed": 0, "accepted": 0, "mismatch": 0} for m in modes}
     refs = {}
 
@@ -84,7 +86,7 @@ def embedded(args) -> str:
         f"`python bench/speculative.py` — embedded SmolLM2-135M target (30 layers) on CPU "
         f"({torch.get_num_threads()} threads); drafts: `{args.drafts}` (K = {k} LoRA drafts on a "
         f"{ens.drafts.get_base_model().config.num_hidden_layers}-layer base), proxy `{args.proxy}`; "
-        f"{len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new tokens, gamma = {args.gamma}; "
+        f"{len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new tokens; "
         "all modes interleaved prompt by prompt in one process.",
         "",
         "| mode | tokens/s | vs plain target | acceptance | EU overhead vs same proposer without EU | outputs ≠ plain greedy |",
@@ -137,11 +139,11 @@ def gpu(args) -> str:
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n * 1000
 
+    g = args.gamma[-1]
     with torch.no_grad():
         def prefill(model, b, **kw):
             return model(input_ids=prompt.expand(b, -1), use_cache=True, **kw).past_key_values
 
-        g = args.gamma
         step = torch.randint(0, 128000, (1, g + 1), device=dev)
         one = torch.randint(0, 128000, (1, 1), device=dev)
         rows = []
@@ -163,7 +165,7 @@ def gpu(args) -> str:
                 cache.crop(-1)
             rows.append((label, timed(f)))
     lines = [f"`python bench/speculative.py --gpu` — {torch.cuda.get_device_name()}, bf16, random weights with "
-             f"Llama-3.1-8B (target) and Llama-3.2-1B (draft) shapes, K = {k}, gamma = {args.gamma}, 512-token context.",
+             f"Llama-3.1-8B (target) and Llama-3.2-1B (draft) shapes, K = {k}, gamma = {g}, 512-token context.",
              "", "| step | ms |", "| --- | ---: |"] + [f"| {a} | {b:.2f} |" for a, b in rows]
     return "\n".join(lines)
 
@@ -174,7 +176,7 @@ def main() -> None:
     ap.add_argument("--proxy", type=Path, default=ROOT / "runs" / "dev" / "proxy" / "adapter")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--gamma", type=int, nargs="+", default=[1, 3], help="tokens proposed per round (several: each)")
     ap.add_argument("--k", type=int, default=6, help="--gpu: drafts in the ensemble")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
