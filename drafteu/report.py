@@ -219,9 +219,11 @@ def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
     ]
     stages = man.get("stages", {})
     if stages:
-        total = sum(s["seconds"] for s in stages.values())
-        lines.append(f"- Wall time of the last `reproduce` (stages found complete take ~0 s): {total:.0f} s — "
-                     + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + ".")
+        work = {k: v.get("compute_seconds", v["seconds"]) for k, v in stages.items()}
+        lines.append(f"- Compute time per stage (the run that computed it): {sum(work.values()):.0f} s in all — "
+                     + ", ".join(f"{k} {v:.0f} s" for k, v in work.items()) + "; "
+                     f"the last `reproduce` took {sum(v['seconds'] for v in stages.values()):.0f} s "
+                     "(finished stages are skipped).")
     if cfg.notes:
         lines.append(f"- Notes: {cfg.notes.strip()}")
     return lines

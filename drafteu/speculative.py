@@ -271,7 +271,7 @@ class SpeculativeDecoder:
             done = stop is not None or len(seq) - prompt_len >= max_new_tokens
             # 4. EU of every emitted token whose drafts' distributions are known; stream them
             te = time.perf_counter()
-            if self.eu and done and len(seq) > prompt_len and (len(seq) - 1) not in q_at:
+            if self.eu and done and len(seq) - prompt_len > streamed and (len(seq) - 1) not in q_at:
                 last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
                 logits, first = feed(ens, [])
                 seq.append(last)

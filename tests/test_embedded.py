@@ -79,12 +79,14 @@ def test_embedded_generate_easy_word(tmp_path):
     assert 1 <= sum(r["correct"] for r in rows) <= 7
 
 
-def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(smol, tmp_path):
+def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(tmp_path):
     """Speculative decoding on the real model: the target's greedy answer, EU equal to offline scoring."""
     from drafteu import runio
     from drafteu.score import greedy_answer
     from drafteu.speculative import SpeculativeDecoder
     from drafteu.train import drafts
+
+    smol = models.load("embedded")  # fresh: other tests put noise adapters on the shared fixture
 
     base = tmp_path / "base"
     models.truncate_layers(smol.model, 6).save_pretrained(base)

@@ -194,3 +194,22 @@ def test_cli_rejects_drafts_with_another_vocabulary(ensembles, tmp_path, tiny_di
     res = CliRunner().invoke(app, ["speculate", "--target", str(d), "--drafts", str(ensembles / "far" / "untrained"),
                                    "--question", "What is 2 + 2?"])
     assert res.exit_code == 2 and "incompatible" in res.output
+
+
+@pytest.mark.parametrize("kind", ["far", "near"])
+def test_stops_at_eos_anywhere_in_a_round(ensembles, tiny_dir, kind):
+    """EOS as a proposal, as the corrected token, or as the first token after a bonus: the answer
+    stops before it and every emitted token still has its EU (equal to offline scoring)."""
+    lm, ens, dec = _decoder(ensembles, tiny_dir, kind, gamma=3, propose="mix", bias="target")
+    prompt = _prompt(lm, QUESTIONS[0])
+    ref = plain_greedy(lm.model, prompt, 24, set())
+    for cut in range(1, 8):
+        eos = {ref[cut]}
+        res = dec.generate(prompt, 24, eos_ids=eos)
+        want = ref[: ref.index(ref[cut])]
+        assert res.token_ids == want and res.finish == "eos"
+        assert res.variance.shape == (len(want),)
+        if want:
+            off = ens.score(prompt, want)
+            assert torch.allclose(res.variance, off.variance, atol=1e-4)
+            assert torch.allclose(res.bias, off.bias, atol=1e-4)
