@@ -213,3 +213,33 @@ def test_stops_at_eos_anywhere_in_a_round(ensembles, tiny_dir, kind):
             off = ens.score(prompt, want)
             assert torch.allclose(res.variance, off.variance, atol=1e-4)
             assert torch.allclose(res.bias, off.bias, atol=1e-4)
+
+
+def test_fused_drafts_equal_peft_mixed_batch_with_and_without_cache():
+    from peft import LoraConfig, get_peft_model
+
+    from drafteu.fused import FusedDrafts
+
+    base = make_model(50, layers=2, seed=3)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft = get_peft_model(base, LoraConfig(**cfg), adapter_name="d0")
+    for n in ("d1", "d2"):
+        peft.add_adapter(n, LoraConfig(**cfg))
+    peft.eval()
+    names = ["d0", "d1", "d2"]
+    fused = FusedDrafts(peft, names)
+    ids = torch.randint(0, 50, (2, 7))
+    rows = ids.repeat(3, 1)
+    an = [n for n in names for _ in range(2)]
+    with torch.no_grad():
+        ref = peft(input_ids=rows, adapter_names=an).logits
+        out = fused(rows, adapter_names=an).logits
+        assert torch.allclose(out, ref, atol=1e-5)
+        # incremental decoding with a KV cache gives the same last logits
+        first = fused(rows[:, :5], adapter_names=an, use_cache=True)
+        step = fused(rows[:, 5:], adapter_names=an, past_key_values=first.past_key_values, use_cache=True)
+        assert torch.allclose(step.logits, ref[:, 5:], atol=1e-5)
+        # PEFT's own path still works afterwards (the fused forward is only swapped in per call)
+        assert torch.allclose(peft(input_ids=rows, adapter_names=an).logits, ref)
+    with pytest.raises(ValueError, match="adapter-major"):
+        fused(rows, adapter_names=list(reversed(an)))
