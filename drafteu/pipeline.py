@@ -296,7 +296,7 @@ class Scorer:
             p = self.proxy_logits(ids, keep)[:-1]
             for lab in labels:
                 ens = self.drafts[lab]
-                q = self.forward(lab, ens.drafts, ens.names, ids, keep)[:, :-1, : ens.vocab]
+                q = self.forward(lab, ens.runner, ens.names, ids, keep)[:, :-1, : ens.vocab]
                 terms = divergence.eu_decomposition(q, p[..., : ens.vocab])
                 out[lab] = estimators.TokenScores(resp, terms.total.cpu(), terms.variance.cpu(), terms.bias.cpu())
         return out

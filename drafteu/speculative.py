@@ -147,14 +147,7 @@ class SpeculativeDecoder:
             if not (isinstance(propose, int) and 0 <= propose < len(ens.names)):
                 raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(ens.names) - 1}, got {propose!r}")
             designated = merged_draft(ens, ens.names[propose])
-        drafts = ens.drafts
-        if fused:
-            from drafteu.fused import FusedDrafts
-
-            try:
-                drafts = FusedDrafts(ens.drafts, ens.names)
-            except DraftEUError:
-                drafts = ens.drafts  # adapters of different ranks or variants: PEFT's mixed batch
+        drafts = ens.runner if fused else ens.drafts
         return cls(target, drafts, ens.names, ens.vocab, designated=designated, **kw)
 
     # -- one generation ----------------------------------------------------------------------

@@ -74,7 +74,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
 
         def q_mix(row):
             ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], cfg.device)
-            q = scorer.forward(label, ens.drafts, ens.names, ids, keep)[:, :-1, :v]
+            q = scorer.forward(label, ens.runner, ens.names, ids, keep)[:, :-1, :v]
             return ids, keep, divergence.mixture(q)
 
         with progress("proxy robustness", total=len(need)) as bar:
