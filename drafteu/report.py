@@ -276,7 +276,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         md += ["## Cost (Table 6)", "",
                f"Scoring the same {cst['answers']} answers ({cst['tokens']} response tokens after "
                f"{cst.get('prompt_tokens', 0)} prompt tokens, full forwards without prefix caching) with each method, "
-               f"one after the other in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
+               f"interleaved answer by answer in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
                "every model pass per token; the proxy pass is part of every draft method.", ""]
         md.append(_table(["method", "passes per token", "GFLOPs / token", "FLOPs vs TokUR", "wall (s)", "wall vs TokUR"], [
             [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_tokur'].get(m, float('nan')):.2f}x",

@@ -146,12 +146,12 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
     methods = ["tokur", "groundtruth", "entropy"] + labels
     scorer.score(rows[0], methods, 0)  # warm-up: first-call allocations are not the method's cost
-    wall = {}
-    for m in methods:
-        t0 = time.perf_counter()
-        for i, r in enumerate(rows):
+    wall = dict.fromkeys(methods, 0.0)
+    for i, r in enumerate(rows):  # methods interleaved answer by answer: machine noise hits all alike
+        for m in methods:
+            t0 = time.perf_counter()
             scorer.score(r, [m], i + 1)  # TokUR: fresh members per answer
-        wall[m] = time.perf_counter() - t0
+            wall[m] += time.perf_counter() - t0
     flops, passes = {}, {}
     for m in methods:
         ens = scorer.drafts.get(m)
