@@ -360,8 +360,6 @@ def token_eu(run: Path) -> dict[tuple[str, str, int], dict]:
 # The pipeline.
 
 TRAINING_STAGES = ("draft_base", "drafts", "proxy")
-STAGES = ("data", "draft_base", "drafts", "teachers", "proxy", "eval_samples", "score", "proxy_robustness",
-          "fidelity", "hallucination", "cost", "report")
 
 
 def _eval_stage(name: str, fn, keys, cfg: ExperimentConfig, run: Path):
@@ -404,7 +402,6 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
         ("hallucination", lambda: _eval_stage("hallucination", stages.stage_hallucination,
                                               (e.aggregations, e.fit_fraction, e.bootstrap, e.ece_bins), cfg, run_dir)),
         ("cost", lambda: _eval_stage("cost", stages.stage_cost, (e.cost_responses, cfg.device), cfg, run_dir)),
-        ("report", lambda: report.write(cfg, run_dir)),
     ]
     total = time.time()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -429,5 +426,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
     manifest.setdefault("runs", []).append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             "seconds": manifest["last_run_seconds"]})
     runio.write_json(manifest_path, manifest)
-    report.write(cfg, run_dir)  # again, so the report shows the final timings
+    if rank == 0:
+        log("[report] ...")
+        report.write(cfg, run_dir)  # last, so it shows this run's stage timings
+        log(f"[report] {run_dir / 'report.md'}")
     return manifest
