@@ -299,26 +299,21 @@ def speculate(
     """
     from rich.text import Text
 
-    from drafteu.display import _color, heatmap
+    from drafteu.display import color, heatmap
 
-    def stream(ids, var, bias_t):
-        for i, piece in enumerate(pieces_of(ids)):
-            style = f"black on {_color((float(var[i]) + float(bias_t[i])) / scale)}" if var is not None else None
+    def stream(pieces, var, bias_t):
+        for i, piece in enumerate(pieces):
+            style = f"black on {color((float(var[i]) + float(bias_t[i])) / scale)}" if var is not None else None
             console.print(Text(piece, style=style), end="")
 
     def go():
         from drafteu import speculative
 
-        nonlocal pieces_of
         cfg = SpeculateConfig(question=question, drafts=drafts, target=target, proxy=proxy, gamma=gamma,
                               propose=propose, bias=bias, eu=eu, temperature=temperature,
                               max_new_tokens=max_new_tokens, shots=shots, seed=seed, scale=scale, dtype=dtype,
                               device=device, json=json_out)
-        from drafteu import models
-
-        tok = models.load(target, tokenizer_only=True).tokenizer
-        pieces_of = _StreamPieces(tok)
-        result = speculative.run(cfg, on_tokens=stream)
+        result = speculative.run(cfg, on_pieces=stream)
         console.print()
         s = result["speculative"]
         console.print(f"acceptance {s['acceptance']:.1%} ({s['accepted']}/{s['proposed']} proposals, {s['rounds']} "
@@ -329,27 +324,7 @@ def speculate(
         if json_out is not None:
             console.print(f"wrote {json_out}")
 
-    pieces_of = None
     _stage(go, threads)
-
-
-class _StreamPieces:
-    """Token texts for streaming: decodes the growing answer so multi-byte characters stay whole."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.text = tokenizer, [], ""
-
-    def __call__(self, ids):
-        out = []
-        for t in ids:
-            self.ids.append(t)
-            text = self.tok.decode(self.ids, skip_special_tokens=False)
-            if text.endswith("\ufffd"):
-                out.append("")
-                continue
-            out.append(text[len(self.text):])
-            self.text = text
-        return out
 
 
 @app.command()

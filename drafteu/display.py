@@ -10,7 +10,7 @@ from rich.text import Text
 _RAMP = [(255, 255, 255), (255, 236, 140), (255, 170, 60), (235, 70, 50)]
 
 
-def _color(x: float) -> str:
+def color(x: float) -> str:
     x = min(max(x, 0.0), 1.0) * (len(_RAMP) - 1)
     i = min(int(x), len(_RAMP) - 2)
     f = x - i
@@ -24,12 +24,12 @@ def heatmap(result: dict, scale: float | None = None) -> Group:
     top = scale if scale is not None else max(eus, default=0.0)
     text = Text()
     for tok in result["tokens"]:
-        shade = _color(tok["eu"] / top) if top > 0 else _color(0.0)
+        shade = color(tok["eu"] / top) if top > 0 else color(0.0)
         text.append(tok["text"], style=f"black on {shade}")
     legend = Text("EU scale: ")
     for i in range(5):
         v = top * i / 4
-        legend.append(f" {v:.3g} ", style=f"black on {_color(i / 4)}")
+        legend.append(f" {v:.3g} ", style=f"black on {color(i / 4)}")
     legend.append("  nats")
     seq = result["sequence"]
     table = Table(show_header=True, header_style="bold", box=None)

@@ -55,11 +55,9 @@ def _fresh(path: Path, key: str) -> bool:
         return False
 
 
-def ensembles(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """(label, drafts-root method) of every ensemble scored: methods, then extra DDD layouts."""
-    out = [(m, m) for m in cfg.drafts.methods]
-    out += [(f"ddd {s}x{m}", "ddd") for s, m in cfg.drafts.layouts]
-    return out
+def ensembles(cfg: ExperimentConfig) -> list[str]:
+    """Labels of every ensemble scored: the methods, then the extra DDD layouts ("ddd SxM")."""
+    return list(cfg.drafts.methods) + [f"ddd {s}x{m}" for s, m in cfg.drafts.layouts]
 
 
 def draft_dir(run: Path, cfg: ExperimentConfig, label: str, trial: int) -> Path:
@@ -79,8 +77,8 @@ def draft_dir(run: Path, cfg: ExperimentConfig, label: str, trial: int) -> Path:
 def trial_labels(cfg: ExperimentConfig, trial: int) -> list[str]:
     """Ensembles that have their own numbers in ``trial`` (others re-use trial 0's)."""
     if trial == 0 or cfg.eval.retrain_per_trial:
-        return [lab for lab, _ in ensembles(cfg)]
-    return [lab for lab, _ in ensembles(cfg) if lab.split()[0] not in TRAINED]
+        return ensembles(cfg)
+    return [lab for lab in ensembles(cfg) if lab.split()[0] not in TRAINED]
 
 
 def _round(t: torch.Tensor | None):
@@ -144,9 +142,9 @@ def stage_drafts(cfg: ExperimentConfig, run: Path) -> dict:
     from drafteu.train import drafts
 
     done = {}
-    order = sorted(ensembles(cfg), key=lambda e: e[0] == "konly")  # konly re-uses ddd s0_m0 when present
+    order = sorted(ensembles(cfg), key=lambda lab: lab == "konly")  # konly re-uses ddd s0_m0 when present
     for trial in range(cfg.eval.trials):
-        for label, _ in order:
+        for label in order:
             if trial > 0 and label not in trial_labels(cfg, trial):
                 continue
             dcfg = _drafts_cfg(cfg, run, label, trial)
@@ -201,7 +199,7 @@ def key_of(row: dict) -> str:
     return f"{row['qid']}#{row['sample']}"
 
 
-def fidelity_rows(cfg: ExperimentConfig, rows: list[dict], limit: int | None) -> list[dict]:
+def fidelity_rows(rows: list[dict], limit: int | None) -> list[dict]:
     """The first answer of each of the first ``limit`` questions (all questions when None)."""
     firsts = [r for r in rows if r["sample"] == 0]
     return firsts if limit is None else firsts[:limit]
@@ -224,7 +222,7 @@ class Scorer:
         self.cfg, self.run = cfg, run
         self.lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
         self.noisy = NoisyModel(self.lm.model, cfg.noise)
-        self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))
+        self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))  # makes it a PeftModel
         self.noisy.model.load_adapter(run / "proxy" / "adapter", adapter_name="proxy")
         self.noisy.model.eval()
         self.tok_only = models.load(cfg.target, tokenizer_only=True)
@@ -310,8 +308,8 @@ def question_index(rows: list[dict]) -> dict[str, int]:
 def score_jobs(cfg: ExperimentConfig, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]:
     """(trial, methods, answers) to score: trial 0 every method on every answer; later trials the
     redrawn methods on the fidelity answers."""
-    jobs = [(0, ["groundtruth", "tokur", "entropy"] + [lab for lab, _ in ensembles(cfg)], rows)]
-    fid = fidelity_rows(cfg, rows, cfg.eval.fidelity_questions)
+    jobs = [(0, ["groundtruth", "tokur", "entropy"] + ensembles(cfg), rows)]
+    fid = fidelity_rows(rows, cfg.eval.fidelity_questions)
     for t in range(1, cfg.eval.trials):
         jobs.append((t, ["groundtruth", "tokur"] + trial_labels(cfg, t), fid))
     return jobs

@@ -161,24 +161,17 @@ def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: di
 # Heat-maps of generated answers (HTML).
 
 
-def _rgb(x: float) -> str:
-    ramp = [(255, 255, 255), (255, 236, 140), (255, 170, 60), (235, 70, 50)]
-    x = min(max(x, 0.0), 1.0) * (len(ramp) - 1)
-    i = min(int(x), len(ramp) - 2)
-    f = x - i
-    return "rgb({},{},{})".format(*(round(a + (c - a) * f) for a, c in zip(ramp[i], ramp[i + 1], strict=True)))
-
-
 def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
     from drafteu import models, pipeline
+    from drafteu.display import color
     from drafteu.score import token_pieces
 
     if not (run / "eval" / "token_eu.jsonl").exists():
         return ""
-    rows = pipeline.fidelity_rows(cfg, pipeline.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
+    rows = pipeline.fidelity_rows(pipeline.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
     scores = pipeline.token_eu(run)
     tok = models.load(cfg.target, tokenizer_only=True).tokenizer
-    methods = ["groundtruth", "tokur"] + [lab for lab, _ in pipeline.ensembles(cfg)]
+    methods = ["groundtruth", "tokur"] + pipeline.ensembles(cfg)
     parts = []
     for row in rows:
         pieces = token_pieces(tok, row["response_ids"])
@@ -190,7 +183,7 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
                 continue
             top = max(r["eu"], default=0.0) or 1.0
             spans = "".join(
-                f'<span title="{e:.4g}" style="background:{_rgb(e / top)}">{html.escape(p)}</span>'
+                f'<span title="{e:.4g}" style="background:{color(e / top)}">{html.escape(p)}</span>'
                 for p, e in zip(pieces, r["eu"], strict=True))
             parts.append(f'<div class="hm"><b>{html.escape(m)}</b> <small>(max {top:.3g} nats)</small><br>{spans}</div>')
     return "\n".join(parts)

@@ -20,19 +20,34 @@ def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) 
     return backend.generate([prompt_ids], Sampling(temperature=0.0, max_new_tokens=max_new_tokens))[0][0]
 
 
+class StreamPieces:
+    """Token texts for streaming: decodes the growing answer so multi-byte characters stay whole."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        out = []
+        for t in ids:
+            self.ids.append(t)
+            text = self.tok.decode(self.ids, skip_special_tokens=False)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+                out.append("")
+                continue
+            out.append(text[len(self.text):])
+            self.text = text
+        return out
+
+
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     """Text of each token such that the pieces concatenate to the decoded response.
 
     Decoding prefixes (not single ids) keeps multi-byte characters split across tokens intact.
     """
-    pieces, prev = [], ""
-    for i in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:i], skip_special_tokens=False)
-        if text.endswith("\ufffd") and i < len(ids):  # an incomplete UTF-8 character: wait
-            pieces.append("")
-            continue
-        pieces.append(text[len(prev):])
-        prev = text
+    pieces = StreamPieces(tokenizer)(ids)
+    full = tokenizer.decode(ids, skip_special_tokens=False)
+    if pieces and "".join(pieces) != full:  # the answer ends inside a multi-byte character
+        pieces[-1] += full[len("".join(pieces)):]
     return pieces
 
 

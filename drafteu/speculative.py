@@ -321,15 +321,16 @@ def merged_draft(ens, name: str):
 # The `drafteu speculate` stage.
 
 
-def run(cfg, on_tokens=None) -> dict:
+def run(cfg, on_pieces=None) -> dict:
     """Load target and drafts, decode the answer speculatively, return (and optionally write) the
-    JSON of `drafteu score` plus a ``speculative`` block (acceptance, tokens/s, settings)."""
+    JSON of `drafteu score` plus a ``speculative`` block (acceptance, tokens/s, settings).
+    ``on_pieces(texts, variance, bias)`` streams each round's finished tokens as text."""
     from pathlib import Path
 
     from drafteu import data, estimators, models
     from drafteu.estimators import TokenScores
     from drafteu.runio import write_json
-    from drafteu.score import to_json, token_pieces
+    from drafteu.score import StreamPieces, to_json, token_pieces
 
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
@@ -353,6 +354,12 @@ def run(cfg, on_tokens=None) -> dict:
     gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
     eos.discard(None)
+    on_tokens = None
+    if on_pieces is not None:
+        pieces_of = StreamPieces(lm.tokenizer)
+
+        def on_tokens(ids, var, bias):
+            on_pieces(pieces_of(ids), var, bias)
     res = dec.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
                        on_tokens=on_tokens)
     answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True)

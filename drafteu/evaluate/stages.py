@@ -28,9 +28,9 @@ def _trial_questions(cfg: ExperimentConfig, qids: list[str], trial: int) -> list
 
 def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
     scores = token_eu(run)
-    fid = fidelity_rows(cfg, eval_rows(run), cfg.eval.fidelity_questions)
+    fid = fidelity_rows(eval_rows(run), cfg.eval.fidelity_questions)
     qkeys = [key_of(r) for r in fid]
-    methods = ["tokur"] + [lab for lab, _ in ensembles(cfg)]
+    methods = ["tokur"] + ensembles(cfg)
     out = {"questions": len(qkeys), "trials": cfg.eval.trials,
            "trial_kind": "retrained" if cfg.eval.retrain_per_trial else "redrawn noise + bootstrap of questions",
            "methods": {}}
@@ -57,8 +57,8 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     """Table 4: the bias term KL(q_mix || p_hat) with p_hat from K fresh noisy targets vs p_mix, against
     a large fixed reference family (METHOD.md §9).  q_mix = the DDD (else first) ensemble."""
     e = cfg.eval
-    rows = fidelity_rows(cfg, eval_rows(run), e.proxy_questions)
-    label = "ddd" if "ddd" in cfg.drafts.methods else ensembles(cfg)[0][0]
+    rows = fidelity_rows(eval_rows(run), e.proxy_questions)
+    label = "ddd" if "ddd" in cfg.drafts.methods else ensembles(cfg)[0]
     path = run / "eval" / "proxy_bias.jsonl"
     done = {(r["key"], r["estimate"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
     estimates = ["reference", "p_mix", "raw target"] + [f"K={k}" for k in e.proxy_ks]
@@ -123,7 +123,7 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
     scores = token_eu(run)
     label = np.array([0 if r["correct"] else 1 for r in rows])
     qids = [r["qid"] for r in rows]
-    methods = ["tokur", "entropy"] + [lab for lab, _ in ensembles(cfg)] + ["groundtruth"]
+    methods = ["tokur", "entropy"] + ensembles(cfg) + ["groundtruth"]
     out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()), "methods": {}}
     for m in methods:
         out["methods"][m] = {}
@@ -139,7 +139,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     """FLOPs per token and measured wall time per method on the same answers, in this one run."""
     rows = eval_rows(run)[: cfg.eval.cost_responses]
     scorer = Scorer(cfg, run, rows, prefix=False)  # full forwards: every method pays for every token
-    labels = [lab for lab, _ in ensembles(cfg)]
+    labels = ensembles(cfg)
     scorer.set_trial(0, labels)
     n_target = cost.parameters(scorer.lm.model)
     tokens = sum(len(r["response_ids"]) for r in rows)
