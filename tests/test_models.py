@@ -22,6 +22,25 @@ def test_load_local_dir(tiny_dir, tokenizer):
     assert next(bf.model.parameters()).dtype == torch.bfloat16
 
 
+def test_head_gets_a_contiguous_input_with_logits_to_keep(tiny_dir):
+    """The kept-positions slice reaches the head contiguous (torch's CPU F.linear otherwise copies
+    the expanded weight per row), and the logits are those of the full forward."""
+    for dtype in ("float32", "bfloat16"):
+        model = models.load(str(tiny_dir), dtype=dtype).model
+        seen = []
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out, seen=seen: seen.append(args[0].is_contiguous()))
+        ids = torch.randint(0, 50, (3, 9))
+        with torch.no_grad():
+            full = model(input_ids=ids).logits
+            last = model(input_ids=ids, logits_to_keep=2).logits
+        handle.remove()
+        assert seen == [True, True]
+        assert torch.allclose(last.float(), full[:, -2:].float(), atol=1e-5 if dtype == "float32" else 5e-2)
+    models.contiguous_head_input(model)  # idempotent: one hook per head
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
