@@ -288,6 +288,7 @@ def speculate(
     seed: int = typer.Option(0, help=help_of(SpeculateConfig, "seed")),
     scale: float = typer.Option(0.5, help=help_of(SpeculateConfig, "scale")),
     dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "dtype")),
+    draft_dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "draft_dtype")),
     device: str = typer.Option("cpu", help=help_of(SpeculateConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_out: Path | None = typer.Option(None, "--json", help=help_of(SpeculateConfig, "json")),
@@ -312,7 +313,7 @@ def speculate(
         cfg = SpeculateConfig(question=question, drafts=drafts, target=target, proxy=proxy, gamma=gamma,
                               propose=propose, bias=bias, eu=eu, temperature=temperature,
                               max_new_tokens=max_new_tokens, shots=shots, seed=seed, scale=scale, dtype=dtype,
-                              device=device, json=json_out)
+                              draft_dtype=draft_dtype, device=device, json=json_out)
         result = speculative.run(cfg, on_pieces=stream)
         console.print()
         s = result["speculative"]

@@ -94,7 +94,11 @@ class SpeculateConfig:
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     scale: float = field(default=0.5, metadata={"help": "EU (nats) shown as the reddest colour while streaming"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "target dtype: auto, float32, bfloat16, float16"})
+    draft_dtype: str = field(default="auto", metadata={"help": "drafts' dtype: auto, float32, bfloat16, float16 "
+                                                       "(bfloat16: faster multi-row draft steps on CPUs with AMX, see "
+                                                       "docs/benchmarks.md; the target still decides every token and "
+                                                       "the EU math stays float32)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
 

@@ -197,13 +197,14 @@ class DraftEnsemble(Estimator):
 
     The K drafts are PEFT adapters on one base draft, evaluated in one mixed-adapter forward
     (``batched``) or one forward each; p is the OSD proxy (target + proxy adapter) when given,
-    else the raw target.  Logits are cut to the vocabulary range the models share.
+    else the raw target.  Logits are cut to the vocabulary range the models share.  ``dtype`` is
+    the drafts' (``models.load``'s choices); divergences are always computed in float32.
     """
 
     name = "drafts"
 
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device="cpu",
-                 batched: bool = True):
+                 batched: bool = True, dtype: str = "auto"):
         import json
 
         from peft import PeftModel
@@ -212,8 +213,8 @@ class DraftEnsemble(Estimator):
 
         manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
         self.names = list(manifest["adapters"])
-        self.drafts_dir, self.base_spec = Path(drafts_dir), manifest["base"]
-        base = models.load(manifest["base"], device=device)
+        self.drafts_dir, self.base_spec, self.dtype = Path(drafts_dir), manifest["base"], dtype
+        base = models.load(manifest["base"], dtype=dtype, device=device)
         self.vocab = models.shared_vocab_size(target, base)
         model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])
         for n in self.names[1:]:

@@ -19,25 +19,36 @@ from drafteu.errors import DraftEUError
 
 
 class FusedDrafts:
-    """Call like the PeftModel with ``adapter_names`` = each of ``names`` repeated b times, in order."""
+    """Call like the PeftModel with ``adapter_names`` = each of ``names`` repeated b times, in order.
+
+    A name may be PEFT's ``"__base__"`` (that row runs the base model, as in PEFT's mixed batch):
+    the target verifying proposals in the same forward as its proxy adapter uses
+    ``["__base__", "proxy"]``."""
 
     def __init__(self, peft_model, names: list[str]):
         self.model, self.names, self.k = peft_model, list(names), len(names)
+        real = [n for n in self.names if n != "__base__"]
+        if not real:
+            raise DraftEUError("fused drafts need at least one adapter")
         self.layers = []
         for module in peft_model.modules():
             lora_a = getattr(module, "lora_A", None)
-            if lora_a is None or not any(n in lora_a for n in self.names):
+            if lora_a is None or not any(n in lora_a for n in real):
                 continue
-            if not all(n in lora_a for n in self.names):
+            if not all(n in lora_a for n in real):
                 raise DraftEUError("fused drafts need every adapter on the same modules")
-            if any(n in getattr(module, "lora_variant", {}) for n in self.names):
+            if any(n in getattr(module, "lora_variant", {}) for n in real):
                 raise DraftEUError("fused drafts support plain LoRA only (no DoRA or other variants)")
-            ranks = {lora_a[n].weight.shape[0] for n in self.names}
+            ranks = {lora_a[n].weight.shape[0] for n in real}
             if len(ranks) != 1:
                 raise DraftEUError(f"fused drafts need one LoRA rank, got {sorted(ranks)}")
             with torch.no_grad():
-                a = torch.stack([lora_a[n].weight for n in self.names]).transpose(1, 2).contiguous()  # (K, in, r)
-                b = torch.stack([module.lora_B[n].weight * module.scaling[n] for n in self.names])
+                zero_a = torch.zeros_like(lora_a[real[0]].weight)
+                zero_b = torch.zeros_like(module.lora_B[real[0]].weight)
+                a = torch.stack([lora_a[n].weight if n != "__base__" else zero_a for n in self.names])
+                a = a.transpose(1, 2).contiguous()  # (K, in, r)
+                b = torch.stack([module.lora_B[n].weight * module.scaling[n] if n != "__base__" else zero_b
+                                 for n in self.names])
                 b = b.transpose(1, 2).contiguous()  # (K, r, out)
             self.layers.append((module, a, b))
         if not self.layers:

@@ -21,9 +21,11 @@ One round (batch 1):
    ``bias="target"`` takes p = the verifying target's distribution, already computed, so the bias
    costs nothing; it is the paper's "bias with the raw target" variant.
 
-KV caches: each model keeps a cache and the number of sequence tokens it holds; after a round
-every cache is cropped to the longest prefix that agrees with the accepted sequence (rejected
-proposals rolled back) and the next forward feeds only what the cache lacks.  The numbers are
+KV caches: each model keeps a cache and the sequence tokens it holds; after a round every cache is
+cropped to the longest prefix that agrees with the accepted sequence (rejected proposals rolled
+back) and the next forward feeds only what the cache lacks.  The caches outlive a generation: the
+next prompt re-uses the prefix it shares with the cached one (``prefix_cache``), so few-shot
+examples or a system prompt are computed once per decoder, not once per question.  The numbers are
 those of offline ``drafteu score --method drafts`` on the same tokens (tested to 1e-4).
 """
 
@@ -66,17 +68,32 @@ class SpecResult:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
 
-class _Cached:
-    """A model plus its KV cache and the number of sequence tokens the cache holds."""
+class PrefixCache:
+    """A model plus its KV cache and the sequence tokens the cache holds.
+
+    Kept across generations, it is a prompt cache: a new prompt re-uses the longest cached
+    prefix it starts with (a shared system prompt or worked examples are computed once)."""
 
     def __init__(self, model, names: list[str] | None = None):
         self.model, self.names = model, names
-        self.cache, self.fed = None, 0
+        self.cache, self.ids = None, []
+
+    @property
+    def fed(self) -> int:
+        return len(self.ids)
+
+    def reuse(self, seq: Sequence[int]) -> None:
+        """Keep the longest cached prefix of ``seq`` (leaving at least its last token to feed)."""
+        n, limit = 0, min(len(self.ids), len(seq) - 1)
+        while n < limit and self.ids[n] == seq[n]:
+            n += 1
+        self.rollback(n)
 
     @torch.no_grad()
     def feed(self, seq: list[int], extra: Sequence[int], keep: int, device) -> torch.Tensor:
         """Feed ``(seq + extra)[fed:]``; returns (B, keep, V) logits of the last ``keep`` inputs."""
-        inp = (list(seq) + list(extra))[self.fed:]
+        full = list(seq) + list(extra)
+        inp = full[self.fed:]
         if not inp:
             raise RuntimeError("nothing to feed: the cache already holds the whole sequence")
         b = len(self.names) if self.names else 1
@@ -84,21 +101,26 @@ class _Cached:
         kw = {"adapter_names": self.names} if self.names else {}
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=min(keep, len(inp)), **kw)
-        self.cache = out.past_key_values
-        self.fed += len(inp)
+        self.cache, self.ids = out.past_key_values, full
         return out.logits
 
     def rollback(self, valid: int) -> None:
         """Keep the first ``valid`` cached tokens (the rest were rejected proposals)."""
         if self.fed > valid:
-            self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
-            self.fed = valid
+            if valid == 0:
+                self.cache = None
+            else:
+                self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
+            self.ids = self.ids[:valid]
 
 
-def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
-    """Plain greedy decoding of ``model`` with a KV cache, one token per forward (the baseline)."""
+def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int],
+                 cache: PrefixCache | None = None) -> list[int]:
+    """Plain greedy decoding of ``model`` with a KV cache, one token per forward (the baseline).
+    Pass the same ``cache`` (a ``PrefixCache(model)``) to later calls to re-use shared prompt prefixes."""
     dev = next(model.parameters()).device
-    m = _Cached(model)
+    m = cache if cache is not None else PrefixCache(model)
+    m.reuse(prompt_ids)
     seq, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
         tok = int(m.feed(seq, [], 1, dev)[0, -1].argmax())
@@ -118,7 +140,8 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target, drafts, names: list[str], vocab: int, *, gamma: int = 4, propose: str | int = "mix",
-                 bias: str = "target", eu: bool = True, designated=None):
+                 bias: str = "target", eu: bool = True, designated=None, prefix_cache: bool = True,
+                 fused: bool = True):
         if gamma < 1:
             raise DraftEUError(f"gamma must be >= 1 (proposals per round), got {gamma}")
         if propose != "mix" and not (isinstance(propose, int) and 0 <= propose < len(names)):
@@ -134,6 +157,18 @@ class SpeculativeDecoder:
         self.gamma, self.propose, self.bias, self.eu = gamma, propose, bias, eu
         self.designated = designated
         self.device = next(target.parameters()).device
+        self.prefix_cache = prefix_cache
+        # Verification + proxy rows in one forward; fused: the proxy's LoRA as batched matmuls
+        # (drafteu.fused) rather than PEFT's mixed-adapter gather/scatter.
+        self.verifier = target
+        if fused and eu and bias == "proxy":
+            from drafteu.fused import FusedDrafts
+
+            try:
+                self.verifier = FusedDrafts(target, ["__base__", "proxy"])
+            except DraftEUError:
+                pass
+        self._caches: tuple | None = None  # (target, ensemble, designated) PrefixCaches kept across calls
 
     @classmethod
     def from_ensemble(cls, ens, target, fused: bool = True, **kw) -> SpeculativeDecoder:
@@ -148,7 +183,7 @@ class SpeculativeDecoder:
                 raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(ens.names) - 1}, got {propose!r}")
             designated = merged_draft(ens, ens.names[propose])
         drafts = ens.runner if fused else ens.drafts
-        return cls(target, drafts, ens.names, ens.vocab, designated=designated, **kw)
+        return cls(target, drafts, ens.names, ens.vocab, designated=designated, fused=fused, **kw)
 
     # -- one generation ----------------------------------------------------------------------
 
@@ -171,10 +206,15 @@ class SpeculativeDecoder:
         use_proxy = self.eu and self.bias == "proxy"
         from peft import PeftModel
 
-        plain = ["__base__"] if isinstance(self.target, PeftModel) else None  # never verify with an adapter on
-        tgt = _Cached(self.target, ["__base__", "proxy"] if use_proxy else plain)
-        ens = _Cached(self.drafts, self.names) if (mix or self.eu) else None
-        one = None if mix else _Cached(self.designated)
+        if self._caches is None or not self.prefix_cache:
+            plain = ["__base__"] if isinstance(self.target, PeftModel) else None  # never verify with an adapter on
+            self._caches = (PrefixCache(self.verifier, ["__base__", "proxy"] if use_proxy else plain),
+                            PrefixCache(self.drafts, self.names) if (mix or self.eu) else None,
+                            None if mix else PrefixCache(self.designated))
+        tgt, ens, one = self._caches
+        for c in self._caches:  # a prompt cache: keep what the previous answer's prompt shares with this one
+            if c is not None:
+                c.reuse(prompt_ids)
         prompt_len = len(prompt_ids)
         seq = list(prompt_ids)
         # Keyed by the sequence position of the token the distribution predicts.
@@ -187,7 +227,7 @@ class SpeculativeDecoder:
         t_draft = t_verify = t_eu = 0.0
         t0 = time.perf_counter()
 
-        def feed(c: _Cached, extra: list[int]) -> tuple[torch.Tensor, int]:
+        def feed(c: PrefixCache, extra: list[int]) -> tuple[torch.Tensor, int]:
             """Logits of every needed input position (never the prompt's interior) and the sequence
             position the first of them predicts."""
             total = len(seq) + len(extra)
@@ -313,7 +353,7 @@ def merged_draft(ens, name: str):
     from drafteu import models
 
     device = next(ens.drafts.parameters()).device
-    base = models.load(ens.base_spec, device=device).model
+    base = models.load(ens.base_spec, dtype=getattr(ens, "dtype", "auto"), device=device).model
     return PeftModel.from_pretrained(base, ens.drafts_dir / name).merge_and_unload().eval()
 
 
@@ -340,7 +380,8 @@ def run(cfg, on_pieces=None) -> dict:
         raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     use_proxy = cfg.eu and bias == "proxy"
-    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if use_proxy else None, device=cfg.device)
+    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if use_proxy else None, device=cfg.device,
+                                   dtype=cfg.draft_dtype)
     if isinstance(cfg.propose, int) and not 0 <= cfg.propose < len(ens.names):
         raise DraftEUError(f"--propose {cfg.propose}: the ensemble has drafts 0..{len(ens.names) - 1}")
     dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=cfg.gamma, propose=cfg.propose, bias=bias, eu=cfg.eu)
@@ -373,6 +414,7 @@ def run(cfg, on_pieces=None) -> dict:
                   "tokens": [{"id": int(t), "text": p} for t, p in zip(res.token_ids, pieces, strict=True)]}
     result["speculative"] = {
         "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
+        "draft_dtype": cfg.draft_dtype,
         "proposed": res.proposed, "accepted": res.accepted, "acceptance": res.acceptance, "rounds": res.rounds,
         "tokens": len(res.token_ids), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
         "finish": res.finish, **res.timings,

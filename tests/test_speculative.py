@@ -170,6 +170,25 @@ def test_cli_streams_and_writes_the_score_json(ensembles, tiny_dir, tmp_path):
         assert abs(t["eu"] - t["variance"] - t["bias"]) < 1e-5
 
 
+def test_cli_bf16_drafts_give_the_targets_greedy_answer(ensembles, tiny_dir, tmp_path):
+    """--draft-dtype bfloat16: the drafts propose in bf16, the float32 target still decides every token."""
+    out = tmp_path / "spec.json"
+    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+                                   "--question", QUESTIONS[1], "--shots", "0", "--max-new-tokens", "12",
+                                   "--gamma", "2", "--draft-dtype", "bfloat16", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    js = json.loads(out.read_text())
+    lm = models.load(str(tiny_dir))
+    assert [t["id"] for t in js["tokens"]] == greedy_answer(lm.model, lm.tokenizer, _prompt(lm, QUESTIONS[1]), 12)
+    assert js["speculative"]["draft_dtype"] == "bfloat16"
+    ens = estimators.DraftEnsemble(ensembles / "near" / "untrained", lm, dtype="bfloat16")
+    off = ens.score(_prompt(lm, QUESTIONS[1]), [t["id"] for t in js["tokens"]])  # same dtype offline
+    assert torch.allclose(torch.tensor([t["variance"] for t in js["tokens"]]), off.variance, atol=2e-2)
+    bad = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+                                   "--question", QUESTIONS[1], "--draft-dtype", "half-ish"])
+    assert bad.exit_code == 2 and "unknown dtype" in bad.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--gamma", "0"], "gamma"),
     (["--propose", "9"], "drafts 0..2"),
@@ -243,3 +262,50 @@ def test_fused_drafts_equal_peft_mixed_batch_with_and_without_cache():
         assert torch.allclose(peft(input_ids=rows, adapter_names=an).logits, ref)
     with pytest.raises(ValueError, match="adapter-major"):
         fused(rows, adapter_names=list(reversed(an)))
+
+
+def test_fused_base_row_equals_peft_base_and_proxy_rows():
+    """The verifier's [__base__, proxy] batch: row 0 is the plain model, row 1 the adapter, as PEFT gives."""
+    from peft import LoraConfig, get_peft_model
+
+    from drafteu.fused import FusedDrafts
+
+    base = make_model(50, layers=2, seed=4)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False), adapter_name="proxy").eval()
+    names = ["__base__", "proxy"]
+    ids = torch.randint(0, 50, (1, 6)).expand(2, -1)
+    with torch.no_grad():
+        ref = peft(input_ids=ids, adapter_names=names).logits
+        out = FusedDrafts(peft, names)(ids, adapter_names=names).logits
+        with peft.disable_adapter():
+            plain = peft(input_ids=ids[:1]).logits
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out[0], plain[0], atol=1e-5)
+    assert not torch.allclose(out[1], plain[0], atol=1e-3)  # the adapter really acts on row 1
+    with pytest.raises(DraftEUError, match="at least one adapter"):
+        FusedDrafts(peft, ["__base__"])
+
+
+@pytest.mark.parametrize("propose", ["mix", 0])
+def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
+    """One decoder answering several prompts (sharing the system prompt, and once the same prompt
+    twice) gives the tokens and EU of a fresh decoder per prompt; plain greedy likewise."""
+    lm, ens, dec = _decoder(ensembles, tiny_dir, "near", proxy_on=True, gamma=2, propose=propose, bias="proxy")
+    eos = {lm.tokenizer.eos_token_id}
+    prompts = [_prompt(lm, q) for q in (QUESTIONS[0], QUESTIONS[1], QUESTIONS[1])]
+    shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
+    assert shared > 10  # the system prompt is a shared prefix the cache re-uses
+    from drafteu.speculative import PrefixCache
+
+    plain_cache = PrefixCache(lm.model)
+    for prompt in prompts:
+        res = dec.generate(prompt, 12, eos_ids=eos)
+        fresh = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, propose=propose, bias="proxy",
+                                                 prefix_cache=False).generate(prompt, 12, eos_ids=eos)
+        assert res.token_ids == fresh.token_ids
+        assert torch.allclose(res.variance, fresh.variance, atol=1e-5)
+        assert torch.allclose(res.bias, fresh.bias, atol=1e-5)
+        assert dec._caches[0].ids[:len(prompt)] == prompt  # the cache holds this prompt now
+        with ens.base_target():
+            assert plain_greedy(lm.model, prompt, 12, eos, cache=plain_cache) == plain_greedy(lm.model, prompt, 12, eos)
