@@ -1,14 +1,23 @@
 """Benchmark: speculative decoding with per-token EU against plain greedy decoding of the target.
 
 Embedded setup (CPU): the SmolLM2-135M target and a trained draft ensemble (default: the DDD
-ensemble and proxy of runs/dev, see bench/ensembles.py).  Every mode decodes the same prompts
-in the same process, interleaved prompt by prompt (so machine noise hits all modes alike), after
-one warm-up each; tokens/s = total tokens / total time.  Greedy outputs are checked against plain
-greedy decoding.  Modes: plain greedy; speculative proposing from q_mix or from one draft, each
-without EU, with EU (bias vs the verifying target) and with EU (bias vs the proxy p_mix).
+ensemble of runs/spec and the proxy of runs/dev, see bench/ensembles.py for runs/dev; runs/spec
+re-uses runs/dev's samples with a longer draft-base warm-up:
 
-    python bench/speculative.py [--drafts runs/dev/drafts/ddd] [--proxy runs/dev/proxy/adapter]
-                                [--questions 8] [--max-new-tokens 64] [--gamma 1 3]
+    drafteu train-draft-base --samples runs/dev/data/samples.jsonl -o runs/spec/draft_base --layers 6 --epochs 4
+    drafteu train-drafts --samples runs/dev/data/samples.jsonl -o runs/spec/drafts --base runs/spec/draft_base \
+        --method ddd -S 2 -M 3 --max-steps 20 --warmup-steps 2
+
+).  Every mode decodes the same prompts in the same process, interleaved prompt by prompt (so
+machine noise hits all modes alike), after one warm-up each, each mode keeping its KV caches
+across prompts (plain decoding too); tokens/s = total tokens / total time.  Greedy outputs are
+checked against plain greedy decoding.  Modes: plain greedy; speculative proposing from q_mix or
+from one draft, each without EU, with EU (bias vs the verifying target) and with EU (bias vs the
+proxy p_mix).  A second table times each kind of forward alone and derives, from those times,
+the acceptance each mode needs to break even and to reach 1.3x.
+
+    python bench/speculative.py [--drafts DIR] [--proxy DIR] [--questions 6] [--max-new-tokens 48]
+                                [--gamma 1 2] [--propose mix 0] [--dtype auto] [--draft-dtype bfloat16]
     python bench/speculative.py --gpu     # random Llama-3.1-8B / Llama-3.2-1B shapes on CUDA
 
 On a GPU (``--gpu``) the weights are random, so acceptance is meaningless: it reports the time
@@ -27,17 +36,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from divergence import ROOT, write_section  # noqa: E402
 
 
+def shown_args() -> str:
+    """The command line as run, without --out (where the table goes is not part of the measurement)."""
+    argv, shown = sys.argv[1:], []
+    while argv:
+        a = argv.pop(0)
+        if a == "--out":
+            argv.pop(0)
+        elif not a.startswith("--out="):
+            shown.append(a)
+    return " ".join(shown)
+
+
 def embedded(args) -> str:
     import torch
 
     from drafteu import data, estimators, models
-    from drafteu.speculative import SpeculativeDecoder, plain_greedy
+    from drafteu.speculative import PrefixCache, SpeculativeDecoder, plain_greedy
 
     torch.manual_seed(0)
-    plain_lm = models.load("embedded")
-    proxy_lm = models.load("embedded")
-    ens = estimators.DraftEnsemble(args.drafts, plain_lm)  # drafts; the target stays a plain model
-    ens_p = estimators.DraftEnsemble(args.drafts, proxy_lm, args.proxy)  # the target carries the proxy adapter
+    plain_lm = models.load("embedded", dtype=args.dtype)
+    proxy_lm = models.load("embedded", dtype=args.dtype)
+    # drafts; the target stays a plain model
+    ens = estimators.DraftEnsemble(args.drafts, plain_lm, dtype=args.draft_dtype)
+    # the target carries the proxy adapter
+    ens_p = estimators.DraftEnsemble(args.drafts, proxy_lm, args.proxy, dtype=args.draft_dtype)
     tok = plain_lm.tokenizer
     eos = {tok.eos_token_id}
     problems = data.load_task("easy-word", "test", n=args.questions)
@@ -50,27 +73,29 @@ def embedded(args) -> str:
 
     modes = {"plain greedy (target)": None}
     for gamma in args.gamma:
-        for propose, pname in (("mix", "q_mix"), (0, "draft 0")):
+        for propose, pname in [(p, "q_mix" if p == "mix" else f"draft {p}") for p in args.propose]:
             head = f"gamma {gamma}, propose {pname}"
             modes[f"{head}, no EU"] = spec(propose, False, "target", gamma)
             modes[f"{head}, EU (bias vs target)"] = spec(propose, True, "target", gamma)
             modes[f"{head}, EU (bias vs p_mix)"] = spec(propose, True, "proxy", gamma)
-    stats = {m: {"tokens": 0, "seconds": 0.0, "proposed": 0, "accepted": 0, "mismatch": 0} for m in modes}
+    stats = {m: {"tokens": 0, "seconds": 0.0, "proposed": 0, "accepted": 0, "mismatch": 0, "draft_s": 0.0,
+                 "verify_s": 0.0, "eu_s": 0.0} for m in modes}
     refs = {}
+    plain_cache = PrefixCache(plain_lm.model)  # plain decoding re-uses the shared prompt prefix too
 
     def once(mode, dec, i, prompt):
         t0 = time.perf_counter()
         if dec is None:
-            out = plain_greedy(plain_lm.model, prompt, args.max_new_tokens, eos)
-            return out, time.perf_counter() - t0, 0, 0
+            out = plain_greedy(plain_lm.model, prompt, args.max_new_tokens, eos, cache=plain_cache)
+            return out, time.perf_counter() - t0, 0, 0, {}
         r = dec.generate(prompt, args.max_new_tokens, eos_ids=eos)
-        return r.token_ids, time.perf_counter() - t0, r.proposed, r.accepted
+        return r.token_ids, time.perf_counter() - t0, r.proposed, r.accepted, r.timings
 
     for mode, dec in modes.items():  # warm-up
         once(mode, dec, -1, prompts[0])
     for i, prompt in enumerate(prompts):
         for mode, dec in modes.items():
-            out, sec, prop, acc = once(mode, dec, i, prompt)
+            out, sec, prop, acc, timings = once(mode, dec, i, prompt)
             if dec is None:
                 refs[i] = out
             s = stats[mode]
@@ -79,18 +104,24 @@ def embedded(args) -> str:
             s["proposed"] += prop
             s["accepted"] += acc
             s["mismatch"] += int(out != refs[i])
+            for key, val in timings.items():
+                s[key] += val
         print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
     base = stats["plain greedy (target)"]
     base_tps = base["tokens"] / base["seconds"]
     lines = [
-        f"`python bench/speculative.py` — embedded SmolLM2-135M target (30 layers) on CPU "
+        f"`python bench/speculative.py {shown_args()}` — embedded SmolLM2-135M target (30 layers, "
+        f"{next(plain_lm.model.parameters()).dtype}) on CPU "
         f"({torch.get_num_threads()} threads); drafts: `{args.drafts}` (K = {k} LoRA drafts on a "
-        f"{ens.drafts.get_base_model().config.num_hidden_layers}-layer base), proxy `{args.proxy}`; "
-        f"{len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new tokens; "
-        "all modes interleaved prompt by prompt in one process.",
+        f"{ens.drafts.get_base_model().config.num_hidden_layers}-layer base, {args.draft_dtype} weights), "
+        f"proxy `{args.proxy}`; {len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new "
+        "tokens; all modes interleaved prompt by prompt in one process; every mode (plain included) keeps its KV "
+        "caches across prompts, so the shared worked examples are computed once. Time per token split into "
+        "drafting, verification and EU.",
         "",
-        "| mode | tokens/s | vs plain target | acceptance | EU overhead vs same proposer without EU | outputs ≠ plain greedy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | tokens/s | vs plain target | acceptance | EU overhead vs same proposer without EU "
+        "| ms/token draft / verify / EU | outputs ≠ plain greedy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, s in stats.items():
         tps = s["tokens"] / s["seconds"]
@@ -99,8 +130,85 @@ def embedded(args) -> str:
         if "EU (" in mode:
             ref = stats[mode.split(", EU")[0] + ", no EU"]
             over = f"{(s['seconds'] / s['tokens']) / (ref['seconds'] / ref['tokens']) - 1:+.1%}"
-        lines.append(f"| {mode} | {tps:.2f} | {tps / base_tps:.2f}x | {acc} | {over} | {s['mismatch']} |")
+        split = "—" if not s["proposed"] else " / ".join(
+            f"{1000 * s[k] / s['tokens']:.0f}" for k in ("draft_s", "verify_s", "eu_s"))
+        lines.append(f"| {mode} | {tps:.2f} | {tps / base_tps:.2f}x | {acc} | {over} | {split} | {s['mismatch']} |")
+    lines += ["", step_costs(args, plain_lm, modes, prompts[0], stats, base_tps)]
     return "\n".join(lines)
+
+
+def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
+    """Median time of each forward a round is made of, and what they imply.
+
+    A round with acceptance a and gamma proposals emits E = (1 - a^(gamma+1)) / (1 - a) tokens on
+    average and costs gamma draft steps + one verification of gamma + 1 tokens (+ with one draft
+    proposing and EU on, one K-draft pass over gamma + 1 tokens); speed-up over plain decoding =
+    E x (plain step) / (round cost).  Solving for a gives the acceptance a goal needs."""
+    import statistics
+
+    from drafteu.speculative import PrefixCache
+
+    dev = next(plain_lm.model.parameters()).device
+    gammas = sorted(set(args.gamma))
+
+    def ms(model, names, n, reps=12):
+        c = PrefixCache(model, names)
+        c.feed(prompt, [], 1, dev)
+        times = []
+        for _ in range(reps + 2):
+            t0 = time.perf_counter()
+            c.feed(prompt, [100] * n, n, dev)
+            times.append(time.perf_counter() - t0)
+            c.rollback(len(prompt))
+        return 1000 * statistics.median(times[2:])
+
+    any_dec = next(d for d in modes.values() if d is not None)
+    proxy_dec = next((d for d in modes.values() if d is not None and d.eu and d.bias == "proxy"), None)
+    one_dec = next((d for d in modes.values() if d is not None and d.designated is not None), None)
+    target = {n: ms(plain_lm.model, None, n) for n in range(1, max(gammas) + 2)}
+    drafts = {n: ms(any_dec.drafts, any_dec.names, n) for n in range(1, max(gammas) + 2)}
+    proxy = {g + 1: ms(proxy_dec.verifier, ["__base__", "proxy"], g + 1) for g in gammas} if proxy_dec else {}
+    one = ms(one_dec.designated, None, 1) if one_dec else None
+    rows = [f"| target, {n} token{'s' * (n > 1)} | {t:.1f} |" for n, t in target.items()]
+    rows += [f"| target + proxy row, {n} tokens | {t:.1f} |" for n, t in proxy.items()]
+    rows += [f"| K = {len(any_dec.names)} drafts (fused), {n} token{'s' * (n > 1)} | {t:.1f} |" for n, t in drafts.items()]
+    if one is not None:
+        rows.append(f"| one draft (merged), 1 token | {one:.1f} |")
+
+    def needed(cost, goal=1.3):
+        def speedup(a):
+            return (g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)) * target[1] / cost
+        if speedup(1.0) < goal:
+            return "unreachable"
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if speedup(mid) < goal else (lo, mid)
+        return f"{hi:.0%}"
+
+    model_rows = []
+    for g in gammas:
+        for mode, dec in modes.items():
+            if dec is None or dec.gamma != g:
+                continue
+            verify = proxy[g + 1] if (dec.eu and dec.bias == "proxy") else target[g + 1]
+            if dec.propose == "mix":
+                cost = g * drafts[1] + verify
+            else:
+                cost = g * one + verify + (drafts[g + 1] if dec.eu else 0.0)
+            st = stats[mode]
+            measured = (st["tokens"] / st["seconds"]) / base_tps
+            model_rows.append(f"| {mode} | {cost:.0f} | {needed(cost, 1.0)} | {needed(cost)} | {measured:.2f}x |")
+    return "\n".join([
+        "Where the time goes (same run, same process): median ms of one forward with the prompt cached, and "
+        "the acceptance each mode would need, from these step times, to break even with plain decoding and "
+        "to reach 1.3x (a round of gamma proposals emits (1 - a^(gamma+1)) / (1 - a) tokens on average; "
+        "this model ignores the per-round bookkeeping and the extra token a draft step feeds after a fully "
+        "accepted round).",
+        "", "| forward | ms |", "| --- | ---: |", *rows, "",
+        "| mode | round cost (ms) | acceptance for 1.0x | acceptance for 1.3x | measured vs plain |",
+        "| --- | ---: | ---: | ---: | ---: |", *model_rows,
+    ])
 
 
 def gpu(args) -> str:
@@ -172,21 +280,28 @@ def gpu(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafts", type=Path, default=ROOT / "runs" / "dev" / "drafts" / "ddd")
+    ap.add_argument("--drafts", type=Path, default=ROOT / "runs" / "spec" / "drafts" / "ddd")
     ap.add_argument("--proxy", type=Path, default=ROOT / "runs" / "dev" / "proxy" / "adapter")
-    ap.add_argument("--questions", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--gamma", type=int, nargs="+", default=[1, 3], help="tokens proposed per round (several: each)")
+    ap.add_argument("--questions", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--gamma", type=int, nargs="+", default=[1, 2], help="tokens proposed per round (several: each)")
     ap.add_argument("--k", type=int, default=6, help="--gpu: drafts in the ensemble")
+    ap.add_argument("--dtype", default="auto", help="dtype of the target (auto = float32 for the embedded model)")
+    ap.add_argument("--draft-dtype", default="auto", help="dtype of the drafts (auto, float32, bfloat16)")
+    ap.add_argument("--propose", nargs="+", default=["mix", "0"], help="proposers: mix and/or draft indices")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
+    args.propose = [p if p == "mix" else int(p) for p in args.propose]
     if args.gpu:
         section = gpu(args)
         key, title = "speculative-gpu", "Speculative decoding step times on a GPU"
     else:
         section = embedded(args)
         key, title = "speculative-embedded", "Speculative decoding with per-token EU on the embedded setup"
+        if args.draft_dtype != "auto" or args.dtype != "auto":
+            key = f"speculative-target-{args.dtype}-drafts-{args.draft_dtype}-embedded"
+            title += f", target {args.dtype}, drafts {args.draft_dtype}"
     print(section)
     write_section(args.out, key, title, section)
 
