@@ -80,7 +80,8 @@ class SpeculateConfig:
     drafts: Path = field(metadata={"help": "a reproduce run directory or a drafts directory (as for score)"})
     target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
     proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts directory"})
-    gamma: int = field(default=4, metadata={"help": "tokens proposed per round"})
+    gamma: int = field(default=4, metadata={"help": "tokens proposed per round (on a CPU 1-2 is fastest: verifying "
+                                            "more tokens is not free there, docs/benchmarks.md)"})
     propose: str = field(default="mix", metadata={"help": "who proposes: 'mix' (the drafts' mixture q_mix; EU comes "
                                                   "free with drafting) or a draft index k (draft k alone; the K drafts "
                                                   "then score the round in one parallel pass)"})
