@@ -175,7 +175,7 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
     if one is not None:
         rows.append(f"| one draft (merged), 1 token | {one:.1f} |")
 
-    def needed(cost, goal=1.3):
+    def needed(cost, g, goal=1.3):
         def speedup(a):
             return (g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)) * target[1] / cost
         if speedup(1.0) < goal:
@@ -198,7 +198,7 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
                 cost = g * one + verify + (drafts[g + 1] if dec.eu else 0.0)
             st = stats[mode]
             measured = (st["tokens"] / st["seconds"]) / base_tps
-            model_rows.append(f"| {mode} | {cost:.0f} | {needed(cost, 1.0)} | {needed(cost)} | {measured:.2f}x |")
+            model_rows.append(f"| {mode} | {cost:.0f} | {needed(cost, g, 1.0)} | {needed(cost, g)} | {measured:.2f}x |")
     return "\n".join([
         "Where the time goes (same run, same process): median ms of one forward with the prompt cached, and "
         "the acceptance each mode would need, from these step times, to break even with plain decoding and "

@@ -168,7 +168,13 @@ class SpeculativeDecoder:
                 self.verifier = FusedDrafts(target, ["__base__", "proxy"])
             except DraftEUError:
                 pass
-        self._caches: tuple | None = None  # (target, ensemble, designated) PrefixCaches kept across calls
+        from peft import PeftModel
+
+        # (target, ensemble, designated) caches, kept across generations
+        plain = ["__base__"] if isinstance(target, PeftModel) else None  # never verify with an adapter on
+        self._caches = (PrefixCache(self.verifier, ["__base__", "proxy"] if eu and bias == "proxy" else plain),
+                        PrefixCache(drafts, names) if (propose == "mix" or eu) else None,
+                        None if propose == "mix" else PrefixCache(designated))
 
     @classmethod
     def from_ensemble(cls, ens, target, fused: bool = True, **kw) -> SpeculativeDecoder:
@@ -204,17 +210,12 @@ class SpeculativeDecoder:
         dev, v = self.device, self.vocab
         mix = self.propose == "mix"
         use_proxy = self.eu and self.bias == "proxy"
-        from peft import PeftModel
-
-        if self._caches is None or not self.prefix_cache:
-            plain = ["__base__"] if isinstance(self.target, PeftModel) else None  # never verify with an adapter on
-            self._caches = (PrefixCache(self.verifier, ["__base__", "proxy"] if use_proxy else plain),
-                            PrefixCache(self.drafts, self.names) if (mix or self.eu) else None,
-                            None if mix else PrefixCache(self.designated))
         tgt, ens, one = self._caches
         for c in self._caches:  # a prompt cache: keep what the previous answer's prompt shares with this one
-            if c is not None:
+            if c is not None and self.prefix_cache:
                 c.reuse(prompt_ids)
+            elif c is not None:
+                c.rollback(0)
         prompt_len = len(prompt_ids)
         seq = list(prompt_ids)
         # Keyed by the sequence position of the token the distribution predicts.
@@ -353,7 +354,7 @@ def merged_draft(ens, name: str):
     from drafteu import models
 
     device = next(ens.drafts.parameters()).device
-    base = models.load(ens.base_spec, dtype=getattr(ens, "dtype", "auto"), device=device).model
+    base = models.load(ens.base_spec, dtype=ens.dtype, device=device).model
     return PeftModel.from_pretrained(base, ens.drafts_dir / name).merge_and_unload().eval()
 
 
