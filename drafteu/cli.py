@@ -74,7 +74,7 @@ def score(
     shots: int = typer.Option(2, help=help_of(ScoreConfig, "shots")),
     max_new_tokens: int = typer.Option(256, help=help_of(ScoreConfig, "max_new_tokens")),
     dtype: str = typer.Option("auto", help=help_of(ScoreConfig, "dtype")),
-    device: str = typer.Option("cpu", help=help_of(ScoreConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(ScoreConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_out: Path | None = typer.Option(None, "--json", help=help_of(ScoreConfig, "json")),
 ):
@@ -128,7 +128,7 @@ def generate(
     seed: int = typer.Option(0, help=help_of(GenerateConfig, "seed")),
     backend: str = typer.Option("hf", help=help_of(GenerateConfig, "backend")),
     dtype: str = typer.Option("auto", help=help_of(GenerateConfig, "dtype")),
-    device: str = typer.Option("cpu", help=help_of(GenerateConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(GenerateConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
 ):
     """Sample answers per question from the target (or a noisy family member) into OUT/samples.jsonl.
@@ -194,7 +194,7 @@ def train_draft_base(
     layers: int = typer.Option(6, help=help_of(DraftBaseConfig, "layers")),
     heldout: float = typer.Option(0.1, help=help_of(DraftBaseConfig, "heldout")),
     seed: int = typer.Option(0, help=help_of(DraftBaseConfig, "seed")),
-    device: str = typer.Option("cpu", help=help_of(DraftBaseConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(DraftBaseConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -226,7 +226,7 @@ def train_drafts(
     sigma: float = typer.Option(0.1, help="untrained/konly: " + help_of(NoiseConfig, "sigma")),
     max_new_tokens: int = typer.Option(128, help=help_of(DraftsConfig, "max_new_tokens")),
     seed: int = typer.Option(0, help=help_of(DraftsConfig, "seed")),
-    device: str = typer.Option("cpu", help=help_of(DraftsConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(DraftsConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -254,7 +254,7 @@ def train_proxy(
     sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
     heldout: float = typer.Option(0.1, help=help_of(ProxyConfig, "heldout")),
     seed: int = typer.Option(0, help=help_of(ProxyConfig, "seed")),
-    device: str = typer.Option("cpu", help=help_of(ProxyConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(ProxyConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -289,7 +289,7 @@ def speculate(
     scale: float = typer.Option(0.5, help=help_of(SpeculateConfig, "scale")),
     dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "dtype")),
     draft_dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "draft_dtype")),
-    device: str = typer.Option("cpu", help=help_of(SpeculateConfig, "device")),
+    device: str = typer.Option("auto", help=help_of(SpeculateConfig, "device")),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_out: Path | None = typer.Option(None, "--json", help=help_of(SpeculateConfig, "json")),
 ):
@@ -332,8 +332,9 @@ def speculate(
 def reproduce(
     config: Path = typer.Option(..., "--config", "-c", help="experiment YAML, e.g. configs/demo.yaml"),
     run_dir: Path | None = typer.Option(None, "--run", help="run directory (default: runs/<config name>)"),
-    overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set eval.trials=2 "
-                                        "(YAML value; repeat the option)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set eval.trials=2; "
+                                        "the value is read as the key's type (a text key takes it as written, "
+                                        "lists as YAML: --set drafts.methods=[ddd,konly]); repeat the option"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
 ):
     """Run every stage of an experiment (data, drafts, proxy, evaluation, report) into one run directory.
@@ -342,8 +343,6 @@ def reproduce(
     kill continues where it stopped.  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
     """
     def go():
-        import yaml
-
         from drafteu import pipeline
         from drafteu.config import load_experiment
 
@@ -352,7 +351,7 @@ def reproduce(
             if "=" not in item:
                 raise DraftEUError(f"--set {item!r}: write KEY=VALUE, e.g. --set eval.trials=2")
             key, value = item.split("=", 1)
-            parsed[key.strip()] = yaml.safe_load(value)
+            parsed[key.strip()] = value  # coerced by the field's type in load_experiment
         cfg = load_experiment(config, parsed)
         out = run_dir or Path("runs") / cfg.name
         console.print(f"reproduce [bold]{cfg.name}[/] into {out}")

@@ -6,8 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, METHODS
+from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig
 
 
@@ -51,7 +53,7 @@ class ScoreConfig:
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu, cuda, cuda:1"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     json: Path | None = field(default=None, metadata={"help": "write the per-token result as JSON here"})
 
     def __post_init__(self):
@@ -100,7 +102,7 @@ class SpeculateConfig:
                                                        "(bfloat16: faster multi-row draft steps on CPUs with AMX, see "
                                                        "docs/benchmarks.md; the target still decides every token and "
                                                        "the EU math stays float32)"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
 
     def __post_init__(self):
@@ -249,7 +251,7 @@ class ExperimentConfig:
     name: str = "experiment"
     target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
     seed: int = 0
-    device: str = "cpu"
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     dtype: str = "auto"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     data: DataSection = field(default_factory=DataSection)
@@ -300,23 +302,104 @@ def _build(cls, value, where: str):
     return value
 
 
-def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML; ``overrides`` are dotted keys (``eval.trials: 2``)."""
+def yaml_load(text: str):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so ``mixed_precision: no`` is the
+    string 'no' (PyYAML's default 1.1 rules read yes/no/on/off as booleans)."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return yaml.load(text, Loader=Loader)
+
+
+def field_type(cls, key: str):
+    """The type of dotted config key ``key`` (``drafts.train.lr``) in dataclass ``cls``."""
+    import typing
+
+    typ, where = cls, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(typ):
+            raise DraftEUError(f"--set {key}: {'.'.join(where)} is a value, not a section")
+        hints = typing.get_type_hints(typ)
+        if part not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(typ))
+            raise DraftEUError(f"--set {key}: unknown key {part!r} in {'.'.join(where) or 'the config'}; "
+                               f"known: {known}")
+        typ = hints[part]
+        where.append(part)
+    return typ
+
+
+def coerce(text: str, typ, key: str):
+    """The --set text ``text`` as a value of the field's type ``typ`` (a str field takes it as written)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        return coerce(text, next(a for a in args if a is not type(None)), key)
+    if typ is str:
+        return text
+    if typ is Path:
+        return Path(text)
+    if typ is bool:
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+        if text.strip().lower() not in words:
+            raise DraftEUError(f"--set {key}={text}: expects true or false")
+        return words[text.strip().lower()]
+    if typ in (int, float):
+        try:
+            return typ(text)
+        except ValueError:
+            kind = "an integer" if typ is int else "a number"
+            raise DraftEUError(f"--set {key}={text}: expects {kind}") from None
+    try:  # lists and sections: YAML flow syntax, e.g. [ddd, konly] or {lr: 1e-4}
+        return yaml_load(text)
+    except Exception as e:
+        raise DraftEUError(f"--set {key}={text}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML.
+
+    ``overrides``: dotted keys (``eval.trials``) to values; a str value (``--set KEY=VALUE`` text)
+    is coerced by the type of the field it sets, other values are used as they are.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DraftEUError(f"config {path} is a directory; pass a YAML file, e.g. configs/demo.yaml")
     if not path.is_file():
         raise DraftEUError(f"config {path} not found; the shipped ones are in configs/")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise DraftEUError(f"{path} is not UTF-8 text; pass a YAML config file") from None
+    except Exception as e:
         raise DraftEUError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise DraftEUError(f"{path} must be a YAML mapping of config sections, got {type(raw).__name__}")
     for key, val in (overrides or {}).items():
+        typ = field_type(ExperimentConfig, key)
+        if isinstance(val, str):
+            val = coerce(val, typ, key)
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = val
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[leaf] = runio.plain(val)
     try:
         return _build(ExperimentConfig, raw, "")
     except DraftEUError as e:

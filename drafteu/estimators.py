@@ -199,11 +199,12 @@ class DraftEnsemble(Estimator):
     (``batched``) or one forward each; p is the OSD proxy (target + proxy adapter) when given,
     else the raw target.  Logits are cut to the vocabulary range the models share.  ``dtype`` is
     the drafts' (``models.load``'s choices); divergences are always computed in float32.
+    ``device``: the drafts' device (default: the target's).
     """
 
     name = "drafts"
 
-    def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device="cpu",
+    def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
                  batched: bool = True, dtype: str = "auto"):
         import json
 
@@ -214,6 +215,8 @@ class DraftEnsemble(Estimator):
         manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
         self.names = list(manifest["adapters"])
         self.drafts_dir, self.base_spec, self.dtype = Path(drafts_dir), manifest["base"], dtype
+        if device is None:  # next to the target, else where ``device: auto`` puts models
+            device = next(target.model.parameters()).device if target.model is not None else "auto"
         base = models.load(manifest["base"], dtype=dtype, device=device)
         self.vocab = models.shared_vocab_size(target, base)
         model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])

@@ -29,6 +29,7 @@ import yaml
 
 from drafteu import data, models, runio
 from drafteu.errors import DraftEUError
+from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.progress import progress
 
@@ -61,7 +62,7 @@ class GenerateConfig:
     seed: int = field(default=0, metadata={"help": "seed of sampling and of easy-word problems"})
     backend: str = field(default="hf", metadata={"help": "generation backend: hf"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
         self.out = Path(self.out)

@@ -3,6 +3,7 @@ target and its drafts share a vocabulary, and build layer-truncated drafts."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from drafteu import hardware
 from drafteu.errors import DraftEUError
 
 EMBEDDED = "embedded"
@@ -145,18 +147,21 @@ def load(
     spec: str = EMBEDDED,
     *,
     dtype: str = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     tokenizer_only: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local dir, a .gguf file or ``embedded``.
 
     GGUF files are dequantized once into a cached safetensors directory (see ``cache_dir``).
-    ``dtype``: auto (the checkpoint's, float32 for GGUF), float32, bfloat16 or float16.
+    ``device``: auto (cuda when available, else cpu) or a torch device; the weights are
+    materialized there directly, never staged in host memory first.  ``dtype``: auto (bfloat16 on
+    GPUs with native bf16, else float32; ``hardware.resolve_dtype``), float32, bfloat16 or float16.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
         raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)
     if gguf_file is not None:
         path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))
@@ -169,13 +174,15 @@ def load(
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             return LoadedModel(model=None, tokenizer=tokenizer, name=spec, vocab_out=vocab)
-        torch_dtype = _DTYPES[dtype] or "auto"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        torch_dtype = _DTYPES[hardware.resolve_dtype(dtype, device)]
+        # Under a device context transformers materializes the weights on that device.
+        with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as e:
         raise DraftEUError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    model.to(device).eval()  # a no-op when the weights are already there
     contiguous_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence, estimators, generate, models, runio
+from drafteu import divergence, estimators, generate, hardware, models, runio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.posterior import NoisyModel, family_seeds, member_seed
@@ -221,6 +221,7 @@ class Scorer:
 
         self.cfg, self.run = cfg, run
         self.lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+        self.device = next(self.lm.model.parameters()).device
         self.noisy = NoisyModel(self.lm.model, cfg.noise)
         self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))  # makes it a PeftModel
         self.noisy.model.load_adapter(run / "proxy" / "adapter", adapter_name="proxy")
@@ -235,7 +236,7 @@ class Scorer:
         self.trial, self._prefix = trial, {}
         self.family = self.noisy.set_members("family", family_seeds(cfg.seed + trial, cfg.eval.family_size))
         self.drafts = {lab: estimators.DraftEnsemble(draft_dir(self.run, cfg, lab, trial), self.tok_only,
-                                                     device=cfg.device) for lab in labels}
+                                                     device=self.device) for lab in labels}
         self._tokur_q = None
 
     def forward(self, key: str, model, names: list[str] | None, ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -279,7 +280,7 @@ class Scorer:
     def score(self, row: dict, methods: list[str], q_index: int) -> dict[str, estimators.TokenScores]:
         """TokenScores per method for one answer (``q_index``: its question's index, for TokUR)."""
         resp = list(row["response_ids"])
-        ids, keep = estimators.response_inputs(row["prompt_ids"], resp, self.cfg.device)
+        ids, keep = estimators.response_inputs(row["prompt_ids"], resp, self.device)
         out = {}
         if "groundtruth" in methods:
             fam = self.members_logits("family", self.family, ids, keep)[:, :-1]
@@ -378,12 +379,18 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
     from drafteu.evaluate import stages
 
     run_dir = Path(run_dir)
+    device = hardware.resolve_device(cfg.device)  # a bad device is an error before any work
+    precision = {sec: hardware.resolve_mixed_precision(getattr(cfg, sec).train.mixed_precision, device)[0]
+                 for sec in ("draft_base", "drafts", "proxy")}
+    hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}
+    log(f"device {hw['device']} ({hw['hardware']}), model dtype {hw['dtype']}, "
+        f"training mixed precision {', '.join(f'{k} {v}' for k, v in precision.items())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     runio.write_config(run_dir, cfg)
     manifest_path = run_dir / "manifest.json"
     manifest = runio.json_load(manifest_path) if manifest_path.exists() else {}
     manifest.update({"stage": "reproduce", "name": cfg.name, "versions": runio.versions(),
-                     "config_hash": runio.config_hash(cfg)})
+                     "config_hash": runio.config_hash(cfg), "hardware": hw})
     manifest.setdefault("stages", {})
     e = cfg.eval
     steps = [

@@ -62,3 +62,11 @@ def progress(desc: str, total: int, completed: int = 0, enabled: bool = True):
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
         yield _Bar(bar, bar.add_task(desc, total=total, completed=completed, info=""))
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr (resolved settings, skipped work), from the main process only."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)

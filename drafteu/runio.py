@@ -63,13 +63,21 @@ def versions() -> dict:
             "peft": peft.__version__}
 
 
+def is_main_process() -> bool:
+    """False on the non-main processes of an ``accelerate launch`` / ``torchrun`` run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_config(directory: Path, cfg) -> None:
-    """The resolved config as ``config.yaml``."""
+    """The resolved config as ``config.yaml`` (written by the main process only)."""
+    if not is_main_process():
+        return
     write_text_atomic(Path(directory) / "config.yaml", yaml.safe_dump(plain(cfg), sort_keys=False))
 
 
 def write_manifest(directory: Path, stage: str, cfg, started: float, **extra) -> dict:
-    """``manifest.json``: stage, versions, seed, config hash, timings, plus stage facts."""
+    """``manifest.json``: stage, versions, seed, config hash, timings, plus stage facts (written by
+    the main process only; every process gets the dict)."""
     manifest = {
         "stage": stage,
         "versions": versions(),
@@ -79,7 +87,8 @@ def write_manifest(directory: Path, stage: str, cfg, started: float, **extra) ->
         "seconds": round(time.time() - started, 3),
         **extra,
     }
-    write_json(Path(directory) / "manifest.json", manifest)
+    if is_main_process():
+        write_json(Path(directory) / "manifest.json", manifest)
     return manifest
 
 

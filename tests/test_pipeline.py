@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import pipeline, runio
+from drafteu import hardware, pipeline, runio
 from drafteu.cli import app
 from drafteu.config import ExperimentConfig, load_experiment
 from drafteu.errors import DraftEUError
@@ -24,17 +25,27 @@ def tiny_config(target: Path) -> dict:
         "data": {"questions": 8, "samples": 2, "max_new_tokens": 6, "batch_size": 8},
         "draft_base": {"layers": 2, "heldout": 0.25, "train": FAST},
         "drafts": {"methods": ["untrained", "ddd", "konly"], "partitions": 2, "per_partition": 1,
-                   "layouts": [[1, 2]], "train": FAST},
+                   "layouts": [[1, 2]], "max_new_tokens": 4, "train": FAST},
         "proxy": {"teachers": 2, "questions": 4, "samples": 1, "heldout": 0.0, "train": FAST},
         "eval": {"questions": 6, "repeats": 2, "max_new_tokens": 6, "trials": 2, "bootstrap": 50,
                  "reference_size": 3, "proxy_ks": [1, 2], "cost_responses": 2, "heatmap_examples": 1},
     }
 
 
+# Every draft method, the TRL baselines first: their trainers set accelerate's process-wide state
+# (bf16 here), and the own loop's stages after them (ddd, idd, fdd, the 1x2 layout, then the
+# proxy in float32) must still run.
+ALL_METHODS = ["gkd", "minillm", "untrained", "ddd", "idd", "fdd", "konly"]
+
+
 @pytest.mark.integration
 def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
+    pytest.importorskip("trl")
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_config(tiny_dir)))
+    d = tiny_config(tiny_dir)
+    d["drafts"]["methods"] = ALL_METHODS
+    d["drafts"]["train"] = FAST | {"mixed_precision": "bf16"}
+    cfg_path.write_text(yaml.safe_dump(d))
     run = tmp_path / "run"
     res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg_path), "--run", str(run)])
     assert res.exit_code == 0, res.output
@@ -44,14 +55,24 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
                 "drafts/trials/t1/untrained/manifest.json", "drafts/trials/t1/konly/manifest.json"):
         assert (run / rel).exists(), rel
     fid = runio.json_load(run / "eval" / "fidelity.json")
-    assert set(fid["methods"]) >= {"tokur", "untrained", "ddd", "konly", "ddd 1x2"}
+    assert set(fid["methods"]) >= {"tokur", *ALL_METHODS, "ddd 1x2"}
+    # the resolved precision is in every training manifest and in the run's
+    expected = hardware.resolve_mixed_precision("auto", torch.device("cpu"))[0]
+    assert runio.json_load(run / "manifest.json")["hardware"]["mixed_precision"] == {
+        "draft_base": expected, "drafts": "bf16", "proxy": expected}
+    for m in ALL_METHODS:
+        if m not in ("untrained", "konly"):
+            trained = runio.json_load(run / "drafts" / m / "manifest.json")["train"]
+            assert {t["mixed_precision"] for t in trained.values()} == {"bf16"}, m
+    assert runio.json_load(run / "draft_base" / "manifest.json")["train"]["mixed_precision"] == expected
+    assert runio.json_load(run / "proxy" / "manifest.json")["train"]["mixed_precision"] == expected
     assert all(len(m["trials"]) == 2 for m in fid["methods"].values())
     # token EU rows: trial 0 every method on every answer, trial 1 the redrawn ones on the firsts
     rows = runio.read_jsonl(run / "eval" / "token_eu.jsonl")
     answers = runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")
     assert len(answers) == 12
     t0 = [r for r in rows if r["trial"] == 0]
-    assert len(t0) == 12 * 7  # groundtruth, tokur, entropy, untrained, ddd, konly, ddd 1x2
+    assert len(t0) == 12 * (3 + len(ALL_METHODS) + 1)  # groundtruth, tokur, entropy, 7 methods, ddd 1x2
     t1 = {r["method"] for r in rows if r["trial"] == 1}
     assert t1 == {"groundtruth", "tokur", "untrained", "konly"}  # trained ensembles are not redrawn
     for r in t0:

@@ -73,7 +73,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         v = ens.vocab
 
         def q_mix(row):
-            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], cfg.device)
+            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], scorer.device)
             q = scorer.forward(label, ens.runner, ens.names, ids, keep)[:, :-1, :v]
             return ids, keep, divergence.mixture(q)
 
@@ -163,7 +163,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
         passes[m] = (f"{k_d} x draft ({n_d / 1e6:.1f}M) + 1 x proxy ({n_target / 1e6:.1f}M)" if ens else
                      f"{1 if m == 'entropy' else (cfg.eval.tokur_size if m == 'tokur' else cfg.eval.family_size)}"
                      f" x target ({n_target / 1e6:.1f}M)")
-    return {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": cfg.device, "threads": torch.get_num_threads(),
+    return {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": str(scorer.device), "threads": torch.get_num_threads(),
             "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], "wall_s": wall[m],
                             "ms_per_token": 1000 * wall[m] / max(tokens, 1)} for m in methods},
             "flops_rel_tokur": cost.relative(flops), "wall_rel_tokur": cost.relative(wall)}

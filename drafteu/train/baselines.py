@@ -9,9 +9,10 @@ TRL pin: ``trl>=1.14,<1.15``.  GKD lives in ``trl.experimental.gkd`` in every 1.
 MiniLLM was removed from TRL in 1.15; 1.14.x is the newest release that has both, and it runs
 with transformers 5.x and peft 0.21.  Imported lazily: ``pip install 'drafteu[baselines]'``.
 
-On a CPU TRL's configs would default to bf16 and gradient checkpointing; both are set here
-explicitly from the drafts config (bf16 autocast only when ``mixed_precision == "bf16"``, no
-checkpointing).
+Precision: TRL's configs would default to bf16 and gradient checkpointing; both are set here
+explicitly - bf16 exactly when the drafts config's ``mixed_precision`` resolves to it on the
+training device (``loop.resolve_precision``: ``auto`` = native bf16 only), no checkpointing - and
+the trainer runs inside ``loop.fresh_accelerate_state``, so its accelerate settings end with it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import yaml
 
 from drafteu import data, models
 from drafteu.errors import DraftEUError
+from drafteu.train import loop
 
 
-def _trl():
+def require_trl():
+    """TRL's GKD and MiniLLM classes, or a DraftEUError naming the extra to install."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the pin above is the deliberate choice
     try:
         import trl  # noqa: F401
@@ -47,30 +50,40 @@ def _shots(samples: Path) -> tuple:
     return data.SHOTS[:k]
 
 
-def _common_args(cfg, directory: Path, seed: int) -> dict:
+def _common_args(cfg, directory: Path, seed: int, precision: str, device: torch.device) -> dict:
     t = cfg.train
     return dict(
         output_dir=str(directory), learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        lr_scheduler_type="cosine", bf16=t.mixed_precision == "bf16", fp16=False,
+        lr_scheduler_type="cosine", bf16=precision == "bf16", fp16=False,
         gradient_checkpointing=False, save_steps=t.save_every, save_total_limit=1, logging_steps=1,
-        report_to=[], seed=seed % (2**31), use_cpu=cfg.device == "cpu", disable_tqdm=False,
+        report_to=[], seed=seed % (2**31), use_cpu=device.type == "cpu", disable_tqdm=False,
     )
 
 
 def train(kind: str, cfg, rows: list[dict], name: str, seed: int, directory: Path, tokenizer) -> dict:
     """Train one GKD or MiniLLM draft (LoRA on the draft base); save its adapter to ``directory``."""
+    require_trl()
+    shots = _shots(cfg.samples)
+    teacher = models.load(cfg.target, device=cfg.device).model
+    student = models.load(cfg.base, device=cfg.device).model
+    device = next(student.parameters()).device
+    precision = loop.resolve_precision(cfg.train, device, f"{kind} {name}")
+    with loop.fresh_accelerate_state():
+        stats = _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, shots,
+                       _common_args(cfg, directory.with_name(directory.name + ".trainer"), seed, precision, device))
+    return stats | {"mixed_precision": precision}
+
+
+def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, shots, common) -> dict:
     from datasets import Dataset
     from peft import PeftModel
 
     from drafteu.train.drafts import apply_init_noise, lora_config, save_adapter
 
-    GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer = _trl()
-    shots = _shots(cfg.samples)
-    teacher = models.load(cfg.target, device=cfg.device).model
-    student = models.load(cfg.base, device=cfg.device).model
-    trainer_dir = directory.with_name(directory.name + ".trainer")
+    GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer = require_trl()
+    trainer_dir = Path(common["output_dir"])
     torch.manual_seed(seed)
     questions = list(dict.fromkeys(r["question"] for r in rows))
     if kind == "gkd":
@@ -78,13 +91,13 @@ def train(kind: str, cfg, rows: list[dict], name: str, seed: int, directory: Pat
             {"messages": data.chat_messages(r["question"], shots) + [{"role": "assistant", "content": r["response"]}]}
             for r in rows
         ])
-        args = GKDConfig(**_common_args(cfg, trainer_dir, seed), temperature=1.0, lmbda=0.5, beta=0.5,
+        args = GKDConfig(**common, temperature=1.0, lmbda=0.5, beta=0.5,
                          max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                              processing_class=tokenizer, peft_config=lora_config(cfg))
     elif kind == "minillm":
         ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
-        args = MiniLLMConfig(**_common_args(cfg, trainer_dir, seed), temperature=1.0, top_p=1.0,
+        args = MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
                              num_generations=4, max_completion_length=cfg.max_new_tokens,
                              single_step_decomposition=True, disable_dropout=False)
         trainer = MiniLLMTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,

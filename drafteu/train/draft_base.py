@@ -17,6 +17,7 @@ import torch
 
 from drafteu import divergence, models, runio
 from drafteu.errors import DraftEUError
+from drafteu.hardware import DEVICE_HELP
 from drafteu.train.loop import (
     Example,
     TrainConfig,
@@ -39,7 +40,7 @@ class DraftBaseConfig:
     heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0, batch_size=8, grad_accum=1, warmup_steps=10))
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -36,8 +36,16 @@ import torch.nn.functional as F
 from drafteu import models, runio
 from drafteu.errors import DraftEUError
 from drafteu.generate import partition, partition_stats
+from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, draw_noise, member_seed
-from drafteu.train.loop import TrainConfig, examples_from_rows, fit, masked_mean, window_logits
+from drafteu.train.loop import (
+    TrainConfig,
+    examples_from_rows,
+    fit,
+    masked_mean,
+    wait_for_everyone,
+    window_logits,
+)
 
 METHODS = ("ddd", "idd", "fdd", "untrained", "konly", "gkd", "minillm")
 
@@ -63,7 +71,7 @@ class DraftsConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
     konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb (default OUT/ddd/s0_m0, trained if missing)"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
         self.samples, self.out = Path(self.samples), Path(self.out)
@@ -92,12 +100,10 @@ def lora_config(cfg: DraftsConfig):
 
 def save_adapter(peft_model, name: str, directory: Path) -> None:
     """Save adapter ``name`` of ``peft_model`` as a standalone PEFT adapter directory (atomically)."""
-    import os
-
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch the main process saves
+    if not runio.is_main_process():  # under accelerate launch the main process saves
         return
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -200,7 +206,7 @@ def run(cfg: DraftsConfig) -> dict:
     elif cfg.method in ("gkd", "minillm"):
         from drafteu.train import baselines
 
-        baselines._trl()  # a missing TRL is an error before any work
+        baselines.require_trl()  # a missing TRL is an error before any work
         for s in range(cfg.partitions):
             for m in range(cfg.per_partition):
                 name = f"s{s}_m{m}"
@@ -216,11 +222,13 @@ def run(cfg: DraftsConfig) -> dict:
                 seed = member_seed("draft", cfg.seed, s, m)
                 timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, cfg.method in ("idd", "fdd"),
                                           out / name, base_lm.tokenizer)
+    wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = runio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
         base=str(Path(base_dir).resolve()) if Path(base_dir).exists() else base_dir,
         target=cfg.target, adapters=names, partitions=stats, train=timings,
     )
-    (out / "partitions.json").write_text(json.dumps(
-        {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}))
+    if runio.is_main_process():
+        (out / "partitions.json").write_text(json.dumps(
+            {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}))
     return manifest

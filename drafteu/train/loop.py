@@ -8,8 +8,13 @@ batch is predicted inside that window, and the (B, L, V) prompt logits are never
 Resume: every ``save_every`` optimizer steps the trainable weights, optimizer, scheduler and
 step are written atomically to ``<dir>/checkpoint.pt``; a rerun continues from there and skips
 the micro-batches already consumed (the batch order is a function of the seed only).
-Multi-GPU: under ``accelerate launch`` each process takes every P-th micro-batch and accelerate
-averages the gradients; nothing else changes.
+Several processes (``accelerate launch`` or ``torchrun``; gloo on CPUs): process r takes global
+micro-batches r, r + P, ..., every process runs the same number of steps, DDP averages the
+gradients, and only the main process writes checkpoints and adapters.
+
+Precision: ``mixed_precision: auto`` is bf16 autocast only where bf16 is native
+(``drafteu.hardware``); each stage enters a fresh accelerate state (``accelerate_stage``), so a
+TRL baseline's settings never leak into the next stage.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from drafteu.errors import DraftEUError
-from drafteu.progress import progress
+from drafteu.progress import note, progress
 
 
 @dataclass
@@ -40,7 +46,9 @@ class TrainConfig:
     warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps (capped at 10% of training when larger)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "linear or cosine decay after warm-up"})
-    mixed_precision: str = field(default="bf16", metadata={"help": "bf16 autocast or no"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where the hardware has "
+                                 "native bf16: CUDA with bf16, CPUs with AMX or AVX512-BF16; float32 elsewhere), "
+                                 "bf16, or no"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
 
     def __post_init__(self):
@@ -50,8 +58,8 @@ class TrainConfig:
             raise DraftEUError("epochs must be > 0 (or give max_steps)")
         if self.scheduler not in ("linear", "cosine"):
             raise DraftEUError(f"scheduler must be linear or cosine, got {self.scheduler!r}")
-        if self.mixed_precision not in ("bf16", "no"):
-            raise DraftEUError(f"mixed_precision must be bf16 or no, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise DraftEUError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -125,6 +133,77 @@ def _atomic_save(obj, path: Path) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def fresh_accelerate_state():
+    """Run one training stage in an accelerate state that does not leak into the next.
+
+    accelerate keeps one process-wide ``AcceleratorState``; a stage that set it (a TRL trainer with
+    bf16, say) made every later ``Accelerator`` with another precision raise "AcceleratorState has
+    already been initialized".  Every training stage - the own loop and the TRL baselines - runs
+    inside this context: the state is reset on entry and on exit.  The process group
+    (``PartialState``) is kept, so ``accelerate launch`` / ``torchrun`` runs keep working.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+    reset()
+    try:
+        yield
+    finally:
+        reset()
+
+
+@contextmanager
+def accelerate_stage(mixed_precision: str, device: torch.device, **kwargs):
+    """A fresh ``Accelerator`` for one stage of the own loop (see ``fresh_accelerate_state``)."""
+    from accelerate import Accelerator
+
+    with fresh_accelerate_state():
+        yield Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu", **kwargs)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device, desc: str) -> str:
+    """``cfg.mixed_precision`` resolved on ``device`` ('bf16' or 'no'); says which and why."""
+    from drafteu import hardware
+
+    mp, why = hardware.resolve_mixed_precision(cfg.mixed_precision, device)
+    note(f"{desc}: mixed precision {mp} on {device} ({why})")
+    return mp
+
+
+def wait_for_everyone() -> None:
+    """A barrier across ``accelerate launch`` / ``torchrun`` processes (a no-op in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _micro_order(n_examples: int, cfg: TrainConfig, processes: int, seed: int) -> tuple[list[list[int]], int]:
+    """(global micro-batch order, micro-batches per process).
+
+    One optimizer step consumes ``grad_accum`` micro-batches on each of ``processes`` processes;
+    process r takes global micro-batches r, r + P, r + 2P, ...  With ``max_steps`` every process
+    runs exactly ``max_steps * grad_accum``; with ``epochs`` the global count is the epochs' and each
+    process gets an equal share (rounded up, continuing into the next shuffle), so every process
+    calls backward equally often and none waits for a gradient all-reduce that never comes.
+    """
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    if cfg.max_steps:
+        local = cfg.max_steps * cfg.grad_accum
+    else:
+        local = math.ceil(max(cfg.grad_accum, round(per_epoch * cfg.epochs)) / processes)
+    order: list[list[int]] = []
+    epoch = 0
+    while len(order) < local * processes:
+        idx = list(range(n_examples))
+        random.Random(f"{seed}:{epoch}").shuffle(idx)
+        order += [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        epoch += 1
+    return order[: local * processes], local
+
+
 def fit(
     model: torch.nn.Module,
     examples: list[Example],
@@ -136,30 +215,29 @@ def fit(
     seed: int = 0,
     desc: str = "train",
 ) -> dict:
-    """Train the parameters of ``model`` that require grad; returns steps, loss, tokens/s, time."""
-    from accelerate import Accelerator
+    """Train the parameters of ``model`` that require grad; returns steps, loss, tokens/s, time,
+    and the resolved mixed precision."""
     if not examples:
         raise DraftEUError(f"{desc}: no training examples (empty partition or empty data)")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DraftEUError(f"{desc}: the model has no trainable parameters")
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="no")
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    micro_total = cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(cfg.grad_accum, round(per_epoch * cfg.epochs))
-    steps_total = math.ceil(micro_total / cfg.grad_accum)
-    order: list[list[int]] = []
-    epoch = 0
-    while len(order) < micro_total:
-        idx = list(range(len(examples)))
-        random.Random(f"{seed}:{epoch}").shuffle(idx)
-        order += [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-        epoch += 1
-    order = order[:micro_total]
+    device = params[0].device
+    precision = resolve_precision(cfg, device, desc)
+    with accelerate_stage(precision, device, gradient_accumulation_steps=cfg.grad_accum) as acc:
+        stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc)
+    return stats | {"mixed_precision": precision}
 
+
+def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path, pad_id: int, seed: int,
+         desc: str) -> dict:
+    order, local_total = _micro_order(len(examples), cfg, acc.num_processes, seed)
+    steps_total = math.ceil(local_total / cfg.grad_accum)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The scheduler stays outside accelerate: prepared, it would step once per process per
+    # optimizer step.  It is stepped below on every real (synchronized) optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_total))
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    ckpt_dir = Path(ckpt_dir)
+    model, optimizer = acc.prepare(model, optimizer)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
     step, tokens, loss_ema = 0, 0, None
@@ -183,32 +261,31 @@ def fit(
                           "step": step, "tokens": tokens, "loss": loss_ema}, ckpt)
 
     model.train()
-    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     t0, tokens_at_start = time.time(), tokens
     with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
-        for micro in range(step * cfg.grad_accum, micro_total):
-            if micro % acc.num_processes != acc.process_index:
-                continue
-            batch = collate([examples[i] for i in order[micro]], pad_id, acc.device)
-            with acc.accumulate(model), autocast:
+        for local in range(step * cfg.grad_accum, local_total):
+            batch = collate([examples[i] for i in order[local * acc.num_processes + acc.process_index]],
+                            pad_id, acc.device)
+            with acc.accumulate(model), acc.autocast():
                 loss = loss_fn(model, batch)
                 acc.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             tokens += int(batch["loss_mask"].sum()) + int(batch["attention_mask"].sum())
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise DraftEUError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-            if (micro + 1) % cfg.grad_accum == 0 or micro + 1 == micro_total:
+            if (local + 1) % cfg.grad_accum == 0 or local + 1 == local_total:
+                scheduler.step()
                 step += 1
-                rate = (tokens - tokens_at_start) / max(time.time() - t0, 1e-9)
+                rate = (tokens - tokens_at_start) * acc.num_processes / max(time.time() - t0, 1e-9)
                 bar.update(completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
                 if step % cfg.save_every == 0:
                     save()
     save()
+    wait_for_everyone()
     model.eval()
     seconds = time.time() - t0
-    return {"steps": step, "loss": loss_ema, "seconds": round(seconds, 2),
-            "tokens_per_s": (tokens - tokens_at_start) / max(seconds, 1e-9)}
+    return {"steps": step, "loss": loss_ema, "seconds": round(seconds, 2), "processes": acc.num_processes,
+            "tokens_per_s": (tokens - tokens_at_start) * acc.num_processes / max(seconds, 1e-9)}

@@ -26,6 +26,7 @@ import torch
 
 from drafteu import divergence, models, runio
 from drafteu.errors import DraftEUError
+from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.train.draft_base import split_heldout
 from drafteu.train.drafts import save_adapter
@@ -60,7 +61,7 @@ class ProxyConfig:
     heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the check"})
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
     seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
         self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]

@@ -1,0 +1,104 @@
+"""Where models run and in which precision: ``device: auto``, ``dtype: auto``, ``mixed_precision: auto``.
+
+drafteu's users run it on GPUs and on every kind of CPU, so no precision is assumed fast.  bf16 is
+native on CUDA devices of compute capability >= 8.0 and on CPUs with AMX or AVX512-BF16; elsewhere
+(e.g. AVX2-only CPUs) torch emulates it, and training under bf16 autocast measured 15.6x slower
+than float32 on such a machine (19 vs 297 tokens/s, draft-base training).  The ``auto`` values
+resolve from what torch reports about the hardware:
+
+- device ``auto``: ``cuda`` when torch sees a CUDA device, else ``cpu`` (``mps`` only when asked).
+- dtype ``auto``: bfloat16 on a device with native bf16 *that is a GPU*; float32 everywhere else
+  (on a CPU a float32 model also keeps the embedded GGUF's dequantized weights exactly).
+- mixed precision ``auto``: bf16 autocast where bf16 is native (GPU or CPU), none elsewhere.
+
+Configs store the value as written (``auto``), so a run directory means the same on every machine;
+the resolved choice is logged and written to the stage manifests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from drafteu.errors import DraftEUError
+
+DEVICE_HELP = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for ``spec`` ('auto', 'cpu', 'cuda', 'cuda:1', 'mps'), or a clear error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DraftEUError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DraftEUError(f"--device {spec}: this torch build sees no CUDA device "
+                               f"(torch {torch.__version__}); use --device auto or cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DraftEUError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DraftEUError(f"--device {spec}: MPS is not available on this machine; use auto or cpu")
+    elif device.type != "cpu":
+        raise DraftEUError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@functools.cache
+def _cpu_bf16() -> tuple[bool, str]:
+    """(native bf16 on this CPU, what torch reports)."""
+    cpu = getattr(torch, "cpu", None)
+    amx = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    avx512_bf16 = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    capability = torch.backends.cpu.get_cpu_capability()
+    found = [n for n, ok in (("AMX", amx), ("AVX512-BF16", avx512_bf16)) if ok]
+    return bool(found), (", ".join(found) if found else f"{capability}, no AMX / AVX512-BF16")
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and why (for logs and manifests)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    if device.type == "cpu":
+        ok, why = _cpu_bf16()
+        return ok, f"CPU: {why}"
+    return False, f"{device.type}: bf16 not assumed native"
+
+
+def resolve_mixed_precision(value: str, device: torch.device) -> tuple[str, str]:
+    """('bf16' or 'no', the reason) for a TrainConfig.mixed_precision value on ``device``."""
+    native, why = native_bf16(device)
+    if value == "auto":
+        return ("bf16" if native else "no"), f"auto: {why}"
+    if value == "bf16" and not native:
+        return "bf16", f"asked for bf16, but it is emulated here ({why}); 'auto' would train in float32"
+    return value, "as configured"
+
+
+def resolve_dtype(value: str | None, device: torch.device) -> str:
+    """The model dtype name for ``value`` on ``device``: 'auto' -> bfloat16 on GPUs with native bf16,
+    float32 elsewhere; any other value is returned as given."""
+    if value not in (None, "auto"):
+        return value
+    if device.type != "cpu" and native_bf16(device)[0]:
+        return "bfloat16"
+    return "float32"
+
+
+def describe(device: torch.device, mixed_precision: str | None = None) -> dict:
+    """What a manifest records about the hardware a stage ran on."""
+    native, why = native_bf16(device)
+    out = {"device": str(device), "native_bf16": native, "hardware": why, "threads": torch.get_num_threads()}
+    if mixed_precision is not None:
+        out["mixed_precision"] = mixed_precision
+    return out
