@@ -20,9 +20,10 @@ the acceptance each mode needs to break even and to reach 1.3x.
                                 [--gamma 1 2] [--propose mix 0] [--dtype auto] [--draft-dtype bfloat16]
     python bench/speculative.py --gpu     # random Llama-3.1-8B / Llama-3.2-1B shapes on CUDA
 
-On a GPU (``--gpu``) the weights are random, so acceptance is meaningless: it reports the time
-of one verification step (gamma + 1 tokens, with and without the proxy row) and of one draft
-step (K drafts in a mixed-adapter batch, and one draft).
+On a GPU (``--gpu``) the weights are random, so acceptance is meaningless: it times drafteu's own
+``SpeculativeDecoder`` forwards (``PrefixCache`` feeds of the target, the fused target + proxy
+verification and the fused K drafts) and whole speculative generations.
+``--random-shapes tiny --device cpu`` runs the same code on tiny shapes (a smoke run, in the tests).
 """
 
 from __future__ import annotations
@@ -211,71 +212,110 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
     ])
 
 
-def gpu(args) -> str:
+SHAPES = {  # (target, draft) Llama shapes for random-weight step timings
+    "paper": (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),   # Llama-3.1-8B
+              dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)),   # Llama-3.2-1B
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)),
+}
+
+
+def random_models(args, device: str, shapes: str):
+    """Random-weight target (+ proxy adapter) and K LoRA drafts, as drafteu loads them: PEFT models
+    in eval mode, the K drafts behind ``FusedDrafts``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if not torch.cuda.is_available():
-        return "Not run: no CUDA device on this machine."
-    dev, dt = "cuda", torch.bfloat16
-    common = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-    t_cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, **common)
-    d_cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, **common | {"tie_word_embeddings": True})
-    with torch.device(dev):
-        target = LlamaForCausalLM(t_cfg).to(dt).eval()
-        draft = LlamaForCausalLM(d_cfg).to(dt).eval()
+    dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    t_shape, d_shape = SHAPES[shapes]
+    common = dict(max_position_embeddings=8192, rope_theta=500000.0)
+    with torch.device(device):
+        target = LlamaForCausalLM(LlamaConfig(**common, **t_shape)).to(dt).eval()
+        draft = LlamaForCausalLM(LlamaConfig(**common, **d_shape)).to(dt).eval()
     lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"])
-    k = args.k
-    drafts = get_peft_model(draft, LoraConfig(**lora), adapter_name="d0")
-    for i in range(1, k):
-        drafts.add_adapter(f"d{i}", LoraConfig(**lora))
-    names = [f"d{i}" for i in range(k)]
-    tpe = get_peft_model(target, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]), adapter_name="proxy")
-    prompt = torch.randint(0, 128000, (1, 512), device=dev)
+                                                     "down_proj"], init_lora_weights=False)
+    names = [f"d{i}" for i in range(args.k)]
+    drafts = get_peft_model(draft, LoraConfig(**lora), adapter_name=names[0])
+    for n in names[1:]:
+        drafts.add_adapter(n, LoraConfig(**lora))
+    proxy = get_peft_model(target, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False), adapter_name="proxy")
+    return proxy.eval(), drafts.eval(), names, t_shape["vocab_size"]
 
-    def timed(fn, n=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n * 1000
 
-    g = args.gamma[-1]
-    with torch.no_grad():
-        def prefill(model, b, **kw):
-            return model(input_ids=prompt.expand(b, -1), use_cache=True, **kw).past_key_values
+def step_times(args, device: str = "cuda", shapes: str = "paper", context: int = 512, reps: int = 20) -> str:
+    """Step times of drafteu's own decoder on random weights: the forwards ``SpeculativeDecoder``
+    makes (its ``PrefixCache`` feeds and roll-backs), then whole speculative generations."""
+    import statistics
 
-        step = torch.randint(0, 128000, (1, g + 1), device=dev)
-        one = torch.randint(0, 128000, (1, 1), device=dev)
-        rows = []
-        for label, model, b, kw in (
-            ("verify, target only", target, 1, {}),
-            ("verify, target + proxy row", tpe, 2, {"adapter_names": ["__base__", "proxy"]}),
-        ):
-            cache = prefill(model, b, **kw)
-            def f(model=model, b=b, kw=kw, cache=cache):
-                model(input_ids=step.expand(b, -1), past_key_values=cache, use_cache=True, logits_to_keep=g + 1, **kw)
-                cache.crop(-(g + 1))
-            rows.append((label, timed(f)))
-        for label, b, kw in (("draft step, K drafts (mixed batch)", k, {"adapter_names": names}),
-                             ("draft step, one draft (merged)", 1, {})):
-            model = drafts if kw else draft
-            cache = prefill(model, b, **kw)
-            def f(model=model, b=b, kw=kw, cache=cache):
-                model(input_ids=one.expand(b, -1), past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-                cache.crop(-1)
-            rows.append((label, timed(f)))
-    lines = [f"`python bench/speculative.py --gpu` — {torch.cuda.get_device_name()}, bf16, random weights with "
-             f"Llama-3.1-8B (target) and Llama-3.2-1B (draft) shapes, K = {k}, gamma = {g}, 512-token context.",
-             "", "| step | ms |", "| --- | ---: |"] + [f"| {a} | {b:.2f} |" for a, b in rows]
-    return "\n".join(lines)
+    import torch
+
+    from drafteu.fused import FusedDrafts
+    from drafteu.speculative import PrefixCache, SpeculativeDecoder
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "Not run: no CUDA device on this machine."
+    target, peft_drafts, names, vocab = random_models(args, device, shapes)
+    drafts = FusedDrafts(peft_drafts, names)  # as DraftEnsemble.runner / SpeculativeDecoder.from_ensemble
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab - 1, (context,), generator=gen).tolist()
+
+    def ms(cache, n):
+        """Median ms of feeding n tokens after the cached prompt, rolled back after each."""
+        cache.rollback(0)
+        cache.feed(prompt, [], 1, device)
+        times = []
+        for _ in range(reps + 3):
+            sync()
+            t0 = time.perf_counter()
+            cache.feed(prompt, [7] * n, n, device)
+            sync()
+            times.append(time.perf_counter() - t0)
+            cache.rollback(len(prompt))
+        return 1000 * statistics.median(times[3:])
+
+    # The caches SpeculativeDecoder verifies and drafts with (the same models, names and fusion).
+    tgt = PrefixCache(target, ["__base__"])
+    tgt_proxy = PrefixCache(FusedDrafts(target, ["__base__", "proxy"]), ["__base__", "proxy"])
+    ens = PrefixCache(drafts, names)
+    rows = []
+    for g in args.gamma:
+        rows += [("target, 1 token (plain decoding step)", ms(tgt, 1)),
+                 (f"verify {g + 1} tokens, target", ms(tgt, g + 1)),
+                 (f"verify {g + 1} tokens, target + proxy row (fused)", ms(tgt_proxy, g + 1)),
+                 (f"K = {len(names)} drafts (fused), 1 token", ms(ens, 1))]
+    seen, table = set(), []
+    for label, t in rows:
+        if label not in seen:
+            seen.add(label)
+            table.append(f"| {label} | {t:.2f} |")
+    gens = []
+    for g in args.gamma:
+        for bias in ("target", "proxy"):
+            dec = SpeculativeDecoder(target, drafts, names, vocab, gamma=g, bias=bias)
+            dec.generate(prompt, 4)  # warm-up
+            sync()
+            res = dec.generate(prompt, args.max_new_tokens)
+            sync()
+            gens.append(f"| gamma {g}, EU bias vs {bias} | {res.rounds} | {res.acceptance:.0%} | "
+                        f"{1000 * res.seconds / max(res.rounds, 1):.1f} | {len(res.token_ids) / res.seconds:.1f} |")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    dtype = "bf16" if device.startswith("cuda") else "float32"
+    return "\n".join([
+        f"`{shown_args()}` — {name}, {dtype}, random weights of {shapes} shapes "
+        f"({'Llama-3.1-8B target, Llama-3.2-1B drafts' if shapes == 'paper' else 'tiny'}), K = {len(names)} LoRA "
+        f"drafts (r 16, all linear layers), {context}-token context; drafteu's own SpeculativeDecoder / "
+        "PrefixCache forwards (eager).",
+        "", "| forward | ms |", "| --- | ---: |", *table, "",
+        "Whole generations (random weights: acceptance is not meaningful, round times are):", "",
+        "| mode | rounds | acceptance | ms per round | tokens/s |", "| --- | ---: | ---: | ---: | ---: |", *gens,
+    ])
 
 
 def main() -> None:
@@ -289,13 +329,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="dtype of the target (auto = float32 for the embedded model)")
     ap.add_argument("--draft-dtype", default="auto", help="dtype of the drafts (auto, float32, bfloat16)")
     ap.add_argument("--propose", nargs="+", default=["mix", "0"], help="proposers: mix and/or draft indices")
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="step times on CUDA with random weights of the paper's shapes")
+    ap.add_argument("--random-shapes", choices=sorted(SHAPES), default=None,
+                    help="step times with random weights of these shapes on --device (a smoke run: tiny on cpu)")
+    ap.add_argument("--device", default="cuda", help="with --random-shapes: the device")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     args.propose = [p if p == "mix" else int(p) for p in args.propose]
-    if args.gpu:
-        section = gpu(args)
-        key, title = "speculative-gpu", "Speculative decoding step times on a GPU"
+    if args.gpu or args.random_shapes:
+        shapes, device = (args.random_shapes or "paper"), ("cuda" if args.gpu else args.device)
+        section = step_times(args, device, shapes)
+        key, title = f"speculative-{device.split(':')[0]}-{shapes}", f"Speculative decoding step times, {device}, {shapes} shapes"
     else:
         section = embedded(args)
         key, title = "speculative-embedded", "Speculative decoding with per-token EU on the embedded setup"

@@ -309,3 +309,21 @@ def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
         assert dec._caches[0].ids[:len(prompt)] == prompt  # the cache holds this prompt now
         with ens.base_target():
             assert plain_greedy(lm.model, prompt, 12, eos, cache=plain_cache) == plain_greedy(lm.model, prompt, 12, eos)
+
+
+def test_speculative_bench_times_drafteus_decoder():
+    """bench/speculative.py --gpu's code path (drafteu's SpeculativeDecoder / PrefixCache on random
+    weights), on tiny shapes on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "speculative.py"
+    spec = importlib.util.spec_from_file_location("bench_speculative", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Args:
+        k, gamma, max_new_tokens = 3, [1, 2], 8
+
+    table = bench.step_times(Args, "cpu", "tiny", context=64, reps=2)
+    assert "| K = 3 drafts (fused), 1 token |" in table and "| gamma 2, EU bias vs proxy |" in table

@@ -1,0 +1,122 @@
+"""The same pipeline on a CUDA device (``gpu`` marker; skipped without one).
+
+Tiny random models on the GPU: `reproduce` with every draft method, `score`, speculative decoding
+(greedy == the target's greedy) and the fused K-draft forward (== PEFT).  The device is
+``$DRAFTEU_GPU_TEST_DEVICE`` (default ``cuda``); setting it to ``cpu`` runs these tests' code on a
+machine without a GPU (how they are kept working where CI has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from drafteu import data, estimators, generate, models, runio
+from drafteu.cli import app
+from drafteu.score import greedy_answer
+from drafteu.speculative import SpeculativeDecoder, plain_greedy
+
+from .conftest import make_model
+from .test_pipeline import ALL_METHODS, tiny_config
+
+DEVICE = os.environ.get("DRAFTEU_GPU_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_dir):
+    """A tiny `reproduce` on the device with every draft method and a layout."""
+    pytest.importorskip("trl")
+    root = tmp_path_factory.mktemp("gpu")
+    d = tiny_config(tiny_dir) | {"device": DEVICE}
+    d["drafts"]["methods"] = ALL_METHODS
+    d["eval"]["trials"] = 1
+    (root / "c.yaml").write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(root / "c.yaml"), "--run", str(root / "run")])
+    assert res.exit_code == 0, res.output
+    return root / "run"
+
+
+def test_reproduce_runs_every_method_on_the_device(run):
+    m = runio.json_load(run / "manifest.json")
+    assert torch.device(m["hardware"]["device"]).type == torch.device(DEVICE).type
+    fid = runio.json_load(run / "eval" / "fidelity.json")
+    assert set(fid["methods"]) >= {*ALL_METHODS, "ddd 1x2", "tokur"}
+    for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl"):
+        assert all(x == x and x >= -1e-4 for x in r["eu"])  # finite-or-not NaN, non-negative
+        if r["variance"] is not None:
+            assert all(abs(e - v - b) < 1e-3 for e, v, b in zip(r["eu"], r["variance"], r["bias"], strict=True))
+    if torch.device(DEVICE).type == "cuda":
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "no"
+        assert m["hardware"]["mixed_precision"]["drafts"] == expected
+
+
+def test_score_on_the_device_matches_the_cpu(run, tiny_dir, tmp_path):
+    out = {}
+    for dev in ("cpu", DEVICE):
+        path = tmp_path / f"{dev}.json"
+        res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", QUESTION, "--answer",
+                                       "The answer is 7.", "--method", "drafts", "--drafts", str(run),
+                                       "--device", dev, "--dtype", "float32", "--json", str(path)])
+        assert res.exit_code == 0, res.output
+        out[dev] = json.loads(path.read_text())
+    a, b = out["cpu"]["tokens"], out[DEVICE]["tokens"]
+    assert [t["id"] for t in a] == [t["id"] for t in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["eu"] == pytest.approx(y["eu"], abs=2e-3)
+
+
+def test_speculative_greedy_is_the_targets_greedy(run, tiny_dir):
+    lm = models.load(str(tiny_dir), device=DEVICE)
+    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter")
+    prompt = data.format_prompt(lm.tokenizer, QUESTION, data.shots_for("score", 0))
+    eos = {lm.tokenizer.eos_token_id}
+    with ens.base_target():
+        ref = greedy_answer(lm.model, lm.tokenizer, prompt, 24)
+        assert plain_greedy(lm.model, prompt, 24, eos) == ref
+    for propose, bias in (("mix", "proxy"), (0, "target")):
+        dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, propose=propose, bias=bias)
+        res = dec.generate(prompt, 24, eos_ids=eos)
+        assert res.token_ids == ref
+        offline = ens.score(prompt, res.token_ids) if bias == "proxy" else None
+        if offline is not None:
+            assert torch.allclose(res.variance + res.bias, offline.eu, atol=1e-3)
+
+
+def test_fused_drafts_equal_peft_on_the_device():
+    from peft import LoraConfig, get_peft_model
+
+    from drafteu.fused import FusedDrafts
+
+    base = make_model(50, layers=2, seed=3).to(DEVICE)
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft = get_peft_model(base, LoraConfig(**cfg), adapter_name="d0")
+    for n in ("d1", "d2"):
+        peft.add_adapter(n, LoraConfig(**cfg))
+    peft.eval()
+    names = ["d0", "d1", "d2"]
+    rows = torch.randint(0, 50, (2, 7), device=DEVICE).repeat(3, 1)
+    an = [n for n in names for _ in range(2)]
+    with torch.no_grad():
+        ref = peft(input_ids=rows, adapter_names=an).logits
+        out = FusedDrafts(peft, names)(rows, adapter_names=an).logits
+    assert out.device.type == torch.device(DEVICE).type
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_generation_on_the_device_equals_batch_one(tiny_dir, tmp_path):
+    cfg = dict(target=str(tiny_dir), questions=4, samples=1, temperature=0.0, max_new_tokens=6, device=DEVICE)
+    a = generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=4, **cfg))
+    b = generate.run(generate.GenerateConfig(out=tmp_path / "b", batch_size=1, **cfg))
+    assert a["rows"] == b["rows"] == 4
+    ra, rb = (runio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
+    assert [r["response_ids"] for r in ra] == [r["response_ids"] for r in rb]

@@ -1,0 +1,79 @@
+"""Training under several processes: `accelerate launch` with two CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from drafteu import generate, models, runio
+from drafteu.train import drafts, loop
+
+pytestmark = pytest.mark.integration
+TRAIN = ["-S", "1", "-M", "1", "--max-steps", "6", "--grad-accum", "1", "--lr", "0.01", "--warmup-steps", "1",
+         "--device", "cpu"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(samples, tiny_dir, out, processes: int) -> subprocess.CompletedProcess:
+    args = ["-m", "drafteu.cli", "train-drafts", "--samples", str(samples), "--base", str(tiny_dir),
+            "--target", str(tiny_dir), "-o", str(out), *TRAIN, "--batch-size", str(8 // processes)]
+    if processes > 1:
+        accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+        # accelerate's multi-process launcher (torch.distributed.run); drafteu's CPU device makes
+        # accelerate pick gloo.  (`accelerate launch --cpu` alone starts one process without MPI.)
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(_free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DRAFTEU_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _sft_loss(tiny_dir, adapter, examples, pad_id) -> float:
+    from peft import PeftModel
+
+    model = models.load(str(tiny_dir), device="cpu").model
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return float(drafts._sft_loss(model.eval(), loop.collate(examples, pad_id, "cpu")))
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_dir):
+    generate.run(generate.GenerateConfig(out=tmp_path / "data", target=str(tiny_dir), questions=8, samples=2,
+                                         max_new_tokens=6, batch_size=8))
+    samples = tmp_path / "data" / "samples.jsonl"
+    one, two = _train(samples, tiny_dir, tmp_path / "one", 1), _train(samples, tiny_dir, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    # one copy of the adapter, written once, and nothing half-written left behind
+    ens = tmp_path / "two" / "ddd"
+    assert sorted(p.name for p in ens.iterdir()) == ["config.yaml", "manifest.json", "partitions.json", "s0_m0",
+                                                     "s0_m0.trainer"]
+    assert sorted(p.name for p in (ens / "s0_m0").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    stats = runio.json_load(ens / "manifest.json")["train"]["s0_m0"]
+    assert stats["processes"] == 2 and stats["steps"] == 6
+    assert runio.json_load(tmp_path / "one" / "ddd" / "manifest.json")["train"]["s0_m0"]["processes"] == 1
+
+    # the loss goes down as with one process (same 8 sequences per optimizer step: 1 x 8 and 2 x 4)
+    lm = models.load(str(tiny_dir), tokenizer_only=True)
+    examples = loop.examples_from_rows(runio.read_jsonl(samples), lm.tokenizer.eos_token_id)
+    before = _sft_loss(tiny_dir, None, examples, lm.tokenizer.pad_token_id)
+    after1 = _sft_loss(tiny_dir, tmp_path / "one" / "ddd" / "s0_m0", examples, lm.tokenizer.pad_token_id)
+    after2 = _sft_loss(tiny_dir, ens / "s0_m0", examples, lm.tokenizer.pad_token_id)
+    assert after1 < before and after2 < before
+    print(f"SFT loss: before {before:.4f}, 1 process {after1:.4f}, 2 processes {after2:.4f}")
+    assert abs(after2 - after1) < 0.25 * (before - after1), (before, after1, after2)
