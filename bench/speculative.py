@@ -53,7 +53,8 @@ def embedded(args) -> str:
     import torch
 
     from drafteu import data, estimators, models
-    from drafteu.speculative import PrefixCache, SpeculativeDecoder, plain_greedy
+    from drafteu.kvcache import PrefixCache
+    from drafteu.speculative import SpeculativeDecoder, plain_greedy
 
     torch.manual_seed(0)
     plain_lm = models.load("embedded", dtype=args.dtype)
@@ -147,7 +148,7 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
     E x (plain step) / (round cost).  Solving for a gives the acceptance a goal needs."""
     import statistics
 
-    from drafteu.speculative import PrefixCache
+    from drafteu.kvcache import PrefixCache
 
     dev = next(plain_lm.model.parameters()).device
     gammas = sorted(set(args.gamma))
@@ -256,7 +257,8 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
     import torch
 
     from drafteu.fused import FusedDrafts
-    from drafteu.speculative import PrefixCache, SpeculativeDecoder
+    from drafteu.kvcache import PrefixCache
+    from drafteu.speculative import SpeculativeDecoder
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "Not run: no CUDA device on this machine."

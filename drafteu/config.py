@@ -127,9 +127,8 @@ class SpeculateConfig:
 # Experiment configs (`drafteu reproduce --config configs/<name>.yaml`): one YAML per experiment.
 # --------------------------------------------------------------------------------------------
 
+from drafteu.methods import DRAFT_METHODS  # noqa: E402
 from drafteu.train.loop import TrainConfig  # noqa: E402
-
-DRAFT_METHODS = ("untrained", "ddd", "idd", "fdd", "konly", "gkd", "minillm")
 
 
 @dataclass

@@ -7,6 +7,7 @@ P + t - 2.  Prompt positions are never scored.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 
 from drafteu import divergence
 from drafteu.errors import DraftEUError
+from drafteu.kvcache import LogitsSource
+from drafteu.methods import ESTIMATORS
 from drafteu.posterior import NoisyModel, family_seeds, member_seed
 
 AGGREGATIONS = ("mean", "max", "sum")
@@ -59,7 +62,9 @@ def response_inputs(
 
 
 class Estimator(ABC):
-    """Scores the tokens of one response."""
+    """Scores the tokens of one response.  Every distribution comes from a ``kvcache.LogitsSource``
+    (a model + adapter rows behind a shared-prefix KV cache): `drafteu score`, `drafteu reproduce`
+    and the evaluation stages all call these classes."""
 
     name: str
 
@@ -68,8 +73,8 @@ class Estimator(ABC):
         """Token EU for ``response_ids`` given ``prompt_ids``."""
 
 
-def _device(noisy: NoisyModel) -> torch.device:
-    return next(noisy.model.parameters()).device
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 class _FamilyMI(Estimator):
@@ -77,20 +82,25 @@ class _FamilyMI(Estimator):
 
     prefix: str
 
-    def __init__(self, noisy: NoisyModel, size: int = 3, seed: int = 0, batched: bool = True):
+    def __init__(self, noisy: NoisyModel, size: int = 3, seed: int = 0, batched: bool = True,
+                 prefix_len: int = 0):
         if size < 1:
             raise DraftEUError(f"family size must be >= 1, got {size}")
-        self.noisy, self.size, self.seed, self.batched = noisy, size, seed, batched
+        self.noisy, self.size, self.seed = noisy, size, seed
+        self.source = LogitsSource(None, [], prefix_len=prefix_len, batched=batched)
 
     @abstractmethod
-    def _members(self) -> list[str]:
-        """Names of the noise members to evaluate (fixed for a family, fresh for TokUR)."""
+    def _members(self, prompt_ids: Sequence[int]) -> list[str]:
+        """Names of the noise members to evaluate (fixed for a family, drawn per prompt for TokUR)."""
+
+    def member_logits(self, prompt_ids, response_ids) -> torch.Tensor:
+        """(K, T, V) logits of the members at the response positions."""
+        self._members(prompt_ids)
+        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy.model))
+        return self.source.logits(ids, keep)[:, :-1]
 
     def score(self, prompt_ids, response_ids) -> TokenScores:
-        members = self._members()
-        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy))
-        logits = self.noisy.logits(ids, members, logits_to_keep=keep, batched=self.batched)
-        mi = divergence.mutual_information(logits[:, 0, :-1])  # (K, T, V) -> (T,)
+        mi = divergence.mutual_information(self.member_logits(prompt_ids, response_ids))  # (K, T, V) -> (T,)
         return TokenScores(token_ids=list(response_ids), eu=mi.cpu())
 
 
@@ -100,32 +110,49 @@ class GroundTruth(_FamilyMI):
     name = "groundtruth"
     prefix = "family"
 
-    def __init__(self, noisy, size=3, seed=0, batched=True):
-        super().__init__(noisy, size, seed, batched)
+    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0):
+        super().__init__(noisy, size, seed, batched, prefix_len)
         self.member_names = noisy.set_members(self.prefix, family_seeds(seed, size))
+        self.source.model = noisy.model
+        self.source.set_names(self.member_names)
 
-    def _members(self):
+    def _members(self, prompt_ids):
         return self.member_names
+
+
+def prompt_key(prompt_ids: Sequence[int]) -> str:
+    """A stable short key of a prompt's token ids (TokUR's draw key)."""
+    return hashlib.sha256(",".join(map(str, prompt_ids)).encode()).hexdigest()[:16]
 
 
 class TokUR(_FamilyMI):
     """TokUR (Zhang et al., 2025): MI of K *freshly sampled* noisy copies of the target.
 
-    Every call to ``score`` draws new members from (seed, call index), so repeated calls are
-    independent Monte-Carlo estimates, and a rerun with the same seed repeats them exactly.
+    Seeding rule (docs/method.md, "TokUR"): the K members scoring an answer are drawn from
+    (seed, prompt): every answer to the same prompt is scored by the same draw, different prompts
+    get independent draws, and the numbers do not depend on the order answers are scored in,
+    how work is split, or whether a run was resumed.  `drafteu score --method tokur --seed s` and
+    the TokUR column of a `reproduce` trial with seed s therefore agree answer by answer.  Answers
+    sharing a prompt also share the draw's prefix KV cache.
     """
 
     name = "tokur"
     prefix = "tokur"
 
-    def __init__(self, noisy, size=3, seed=0, batched=True):
-        super().__init__(noisy, size, seed, batched)
-        self.calls = 0
+    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0):
+        super().__init__(noisy, size, seed, batched, prefix_len)
+        self.drawn_for: str | None = None
+        self.draws = 0
 
-    def _members(self):
-        seeds = [member_seed("tokur", self.seed, self.calls, k) for k in range(self.size)]
-        self.calls += 1
-        return self.noisy.set_members(self.prefix, seeds)
+    def _members(self, prompt_ids):
+        key = prompt_key(prompt_ids)
+        if key != self.drawn_for:
+            seeds = [member_seed("tokur", self.seed, key, k) for k in range(self.size)]
+            names = self.noisy.set_members(self.prefix, seeds)
+            self.source.model = self.noisy.model
+            self.source.set_names(names)  # re-drawn in place: the cached prefix is stale
+            self.drawn_for, self.draws = key, self.draws + 1
+        return self.source.names
 
 
 class PredictiveEntropy(Estimator):
@@ -133,84 +160,55 @@ class PredictiveEntropy(Estimator):
 
     name = "entropy"
 
-    def __init__(self, noisy: NoisyModel):
+    def __init__(self, noisy: NoisyModel, prefix_len: int = 0):
         self.noisy = noisy
+        self.source = LogitsSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
 
     def score(self, prompt_ids, response_ids) -> TokenScores:
-        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy))
-        logits = self.noisy.base_logits(ids, logits_to_keep=keep)
+        self.source.model = self.noisy.model  # NoisyModel wraps its model in PEFT on its first member
+        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy.model))
+        logits = self.source.logits(ids, keep)
         return TokenScores(token_ids=list(response_ids), eu=divergence.entropy(logits[0, :-1]).cpu())
 
 
-METHODS = ("groundtruth", "tokur", "entropy", "drafts")
+METHODS = tuple(ESTIMATORS)  # groundtruth, tokur, entropy, drafts
 
 
-def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0) -> Estimator:
-    """The estimator named ``method`` on the target held by ``noisy``."""
+def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefix_len: int = 0) -> Estimator:
+    """The target-only estimator named ``method`` on the target held by ``noisy``."""
     if method == "groundtruth":
-        return GroundTruth(noisy, size=size, seed=seed)
+        return GroundTruth(noisy, size=size, seed=seed, prefix_len=prefix_len)
     if method == "tokur":
-        return TokUR(noisy, size=size, seed=seed)
+        return TokUR(noisy, size=size, seed=seed, prefix_len=prefix_len)
     if method == "entropy":
-        return PredictiveEntropy(noisy)
+        return PredictiveEntropy(noisy, prefix_len=prefix_len)
     if method == "drafts":
         raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _stage_of(manifest: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads(manifest.read_text()).get("stage")
-    except (OSError, ValueError):
-        return None
-
-
-def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[Path, Path | None]:
-    """(drafts dir, proxy adapter dir or None) from a run directory or a drafts directory.
-
-    A run directory (``reproduce`` layout) gives its ``drafts/ddd`` ensemble and ``proxy/adapter``;
-    a drafts directory (one with a drafts manifest) gives itself, and the proxy only if ``proxy``
-    names one (else the bias term uses the raw target, METHOD.md §3).
-    """
-    path = Path(path)
-    if (path / "drafts" / "ddd" / "manifest.json").exists():
-        drafts, run_proxy = path / "drafts" / "ddd", path / "proxy" / "adapter"
-        proxy = proxy or (run_proxy if (run_proxy / "adapter_config.json").exists() else None)
-    elif (path / "manifest.json").exists() and _stage_of(path / "manifest.json") == "drafts":
-        drafts = path
-    else:
-        raise DraftEUError(f"{path} is neither a run directory (with drafts/ddd) nor a drafts directory; "
-                           "train one with drafteu train-drafts")
-    if proxy is not None:
-        proxy = Path(proxy)
-        if (proxy / "adapter" / "adapter_config.json").exists():
-            proxy = proxy / "adapter"
-        if not (proxy / "adapter_config.json").exists():
-            raise DraftEUError(f"{proxy} is not a proxy adapter directory (train one with drafteu train-proxy)")
-    return drafts, proxy
-
-
 class DraftEnsemble(Estimator):
     """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; METHOD.md §3).
 
-    The K drafts are PEFT adapters on one base draft, evaluated in one mixed-adapter forward
-    (``batched``) or one forward each; p is the OSD proxy (target + proxy adapter) when given,
-    else the raw target.  Logits are cut to the vocabulary range the models share.  ``dtype`` is
-    the drafts' (``models.load``'s choices); divergences are always computed in float32.
-    ``device``: the drafts' device (default: the target's).
+    The K drafts are PEFT adapters on one base draft, evaluated in one forward
+    (``adapters.k_adapter_model``: fused batched LoRA, else PEFT's mixed batch) or one forward
+    each (``batched=False``); p is the OSD proxy (target + proxy adapter) when given, else the raw
+    target.  ``proxy_source``: a ready ``LogitsSource`` for p, shared by several ensembles on one
+    target (the scoring stage: p is computed once per answer).  Logits are cut to the vocabulary
+    range the models share.  ``dtype`` is the drafts' (``models.load``'s choices); divergences are
+    always computed in float32.  ``device``: the drafts' device (default: the target's).
     """
 
     name = "drafts"
 
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
-                 batched: bool = True, dtype: str = "auto"):
+                 batched: bool = True, dtype: str = "auto", prefix_len: int = 0,
+                 proxy_source: LogitsSource | None = None):
         import json
 
         from peft import PeftModel
 
-        from drafteu import models
+        from drafteu import adapters, models
 
         manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
         self.names = list(manifest["adapters"])
@@ -223,15 +221,10 @@ class DraftEnsemble(Estimator):
         for n in self.names[1:]:
             model.load_adapter(Path(drafts_dir) / n, adapter_name=n)
         self.drafts = model.eval()
-        # The K drafts in one forward: batched LoRA matmuls when the adapters allow it (same rank,
-        # plain LoRA), else PEFT's mixed-adapter batch; both give the same numbers.
-        from drafteu.fused import FusedDrafts
-
-        try:
-            self.runner = FusedDrafts(self.drafts, self.names)
-        except DraftEUError:
-            self.runner = self.drafts
+        self.runner = adapters.k_adapter_model(self.drafts, self.names)
         self.method = manifest.get("method", "drafts")
+        self.source = LogitsSource(self.runner, self.names, prefix_len=prefix_len)
+        self.batched = batched
         self.target = target.model  # None for a tokenizer-only target: draft_logits only
         if proxy_dir is not None and self.target is None:
             raise DraftEUError("a proxy needs the target's weights; load the target with its model")
@@ -243,7 +236,26 @@ class DraftEnsemble(Estimator):
             self.target.set_adapter("proxy")
         if self.target is not None:
             self.target.eval()
-        self.has_proxy, self.batched = proxy_dir is not None, batched
+        self.has_proxy = proxy_dir is not None or proxy_source is not None
+        if proxy_source is not None:
+            self.proxy_source = proxy_source
+        elif self.target is None:
+            self.proxy_source = None
+        elif proxy_dir is not None:
+            self.proxy_source = LogitsSource(self.target, ["proxy"], prefix_len=prefix_len)
+        else:  # the raw target (its adapters, if any, off)
+            self.proxy_source = LogitsSource(self.target, None, prefix_len=prefix_len, context=self.base_target)
+
+    @property
+    def batched(self) -> bool:
+        return self.source.batched
+
+    @batched.setter
+    def batched(self, value: bool) -> None:
+        """True: the K drafts in one forward; False: one forward each (a reference path)."""
+        self.source.model = self.runner if value else self.drafts
+        self.source.batched = value
+        self.source.invalidate()
 
     def base_target(self):
         """Context: the unperturbed target (the proxy adapter off), e.g. for greedy answers."""
@@ -255,40 +267,20 @@ class DraftEnsemble(Estimator):
 
     @torch.no_grad()
     def draft_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(K, B, keep, V_shared) logits of the drafts."""
-        k, bsz = len(self.names), ids.shape[0]
-        if self.batched:
-            out = self.runner(input_ids=ids.repeat(k, 1), adapter_names=[n for n in self.names for _ in range(bsz)],
-                              logits_to_keep=keep).logits
-            out = out.reshape(k, bsz, *out.shape[1:])
-        else:
-            outs = []
-            for n in self.names:
-                self.drafts.set_adapter(n)
-                outs.append(self.drafts(input_ids=ids, logits_to_keep=keep).logits)
-            out = torch.stack(outs)
-        return out[..., : self.vocab]
+        """(K, keep, V_shared) logits of the drafts for (1, L) ``ids``."""
+        return self.source.logits(ids.to(_device(self.drafts)), keep)[..., : self.vocab]
 
     @torch.no_grad()
     def proxy_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(B, keep, V_shared) logits of p: the proxy, or the raw target."""
-        from peft import PeftModel
-
-        if isinstance(self.target, PeftModel) and not self.has_proxy:
-            with self.target.disable_adapter():
-                out = self.target(input_ids=ids, logits_to_keep=keep).logits
-        elif isinstance(self.target, PeftModel):
-            n = ids.shape[0]
-            out = self.target(input_ids=ids, adapter_names=["proxy"] * n, logits_to_keep=keep).logits
-        else:
-            out = self.target(input_ids=ids, logits_to_keep=keep).logits
-        return out[..., : self.vocab]
+        """(keep, V_shared) logits of p (the proxy, or the raw target) for (1, L) ``ids``."""
+        if self.proxy_source is None:
+            raise DraftEUError("this ensemble was loaded without the target's weights: no proxy / target logits")
+        return self.proxy_source.logits(ids, keep)[0, :, : self.vocab]
 
     def score(self, prompt_ids, response_ids) -> TokenScores:
-        device = next(self.drafts.parameters()).device
-        ids, keep = response_inputs(prompt_ids, response_ids, device)
-        q = self.draft_logits(ids, keep)[:, 0, :-1]  # (K, T, V)
-        p = self.proxy_logits(ids.to(next(self.target.parameters()).device), keep)[0, :-1].to(q.device)
+        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.drafts))
+        q = self.draft_logits(ids, keep)[:, :-1]  # (K, T, V)
+        p = self.proxy_logits(ids.to(_device(self.proxy_source.model)), keep)[:-1].to(q.device)
         terms = divergence.eu_decomposition(q, p)
         return TokenScores(token_ids=list(response_ids), eu=terms.total.cpu(), variance=terms.variance.cpu(),
                            bias=terms.bias.cpu())

@@ -30,6 +30,7 @@ import yaml
 from drafteu import data, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
+from drafteu.kvcache import lcp
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.progress import progress
 
@@ -99,15 +100,6 @@ class Backend(Protocol):
         """Response ids (cut before end-of-sequence) and finish reason for each prompt."""
 
 
-def _lcp(seqs: list[list[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
-
-
 class HFBackend:
     """Batched ``model.generate`` with left padding and an optional shared-prefix KV cache.
 
@@ -137,7 +129,7 @@ class HFBackend:
     def generate(self, prompts, sampling: Sampling):
         if not prompts:
             return []
-        plen = _lcp(prompts) if self.prefix_cache and len(prompts) > 0 else 0
+        plen = lcp(prompts) if self.prefix_cache and len(prompts) > 0 else 0
         plen = min(plen, min(len(p) for p in prompts) - 1)  # every prompt keeps >= 1 own token
         prefix = prompts[0][:plen] if plen >= 8 else []
         suffixes = [p[len(prefix):] for p in prompts]

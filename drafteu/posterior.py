@@ -229,3 +229,27 @@ def draw_noise(
 def family_seeds(seed: int, size: int, tag: str = "family") -> list[int]:
     """Seeds of a fixed family of ``size`` members: member k's noise depends on (seed, k) only."""
     return [member_seed(tag, seed, k) for k in range(size)]
+
+
+@torch.no_grad()
+def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) -> int:
+    """Start LoRA ``adapter`` at scaling * B @ A = U @ eps on the noise modules (IDD/FDD, GKD/MiniLLM
+    initialization noise, METHOD.md §7): for q_proj/v_proj the first r_noise LoRA components start
+    at B = U, A = eps / scaling (the rest at B = 0, as in LoRA), so the draft starts from a noise
+    draw of the §2 scheme and stays a pure adapter on the shared base."""
+    touched = 0
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a or name.rsplit(".", 1)[-1] not in noise.target_modules:
+            continue
+        a, b = lora_a[adapter].weight, module.lora_B[adapter].weight  # (r, in), (out, r)
+        r = min(noise.rank, a.shape[0])
+        u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme,
+                                        target_modules=noise.target_modules), seed, name, module.get_base_layer().weight)
+        scale = module.scaling[adapter]
+        b[:, :r] = u.to(b)
+        a[:r] = (eps / scale).to(a)
+        touched += 1
+    if touched == 0:
+        raise DraftEUError(f"initialization noise found none of {noise.target_modules} among the LoRA modules")
+    return touched

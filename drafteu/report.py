@@ -162,23 +162,23 @@ def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: di
 
 
 def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
-    from drafteu import models, pipeline
+    from drafteu import models, rundir
     from drafteu.display import color
     from drafteu.score import token_pieces
 
     if not (run / "eval" / "token_eu.jsonl").exists():
         return ""
-    rows = pipeline.fidelity_rows(pipeline.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
-    scores = pipeline.token_eu(run)
+    rows = rundir.fidelity_rows(rundir.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
+    scores = rundir.token_eu(run)
     tok = models.load(cfg.target, tokenizer_only=True).tokenizer
-    methods = ["groundtruth", "tokur"] + pipeline.ensembles(cfg)
+    methods = ["groundtruth", "tokur"] + rundir.labels(cfg)
     parts = []
     for row in rows:
         pieces = token_pieces(tok, row["response_ids"])
         verdict = "correct" if row["correct"] else "wrong"
         parts.append(f"<h4>{html.escape(row['question'])} <small>({verdict}; gold {html.escape(str(row['gold']))})</small></h4>")
         for m in methods:
-            r = scores.get((pipeline.key_of(row), m, 0))
+            r = scores.get((rundir.key_of(row), m, 0))
             if r is None:
                 continue
             top = max(r["eu"], default=0.0) or 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from drafteu import data, estimators, models
+from drafteu import data, estimators, models, rundir
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
@@ -78,7 +78,7 @@ def run(cfg: ScoreConfig) -> dict:
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
     if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
-        drafts_dir, proxy_dir = estimators.resolve_drafts(cfg.drafts, cfg.proxy)
+        drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
         est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     context = getattr(lm.model.config, "max_position_embeddings", None)

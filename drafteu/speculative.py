@@ -39,6 +39,7 @@ import torch
 
 from drafteu import divergence
 from drafteu.errors import DraftEUError
+from drafteu.kvcache import PrefixCache
 
 
 @dataclass
@@ -66,52 +67,6 @@ class SpecResult:
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
-
-
-class PrefixCache:
-    """A model plus its KV cache and the sequence tokens the cache holds.
-
-    Kept across generations, it is a prompt cache: a new prompt re-uses the longest cached
-    prefix it starts with (a shared system prompt or worked examples are computed once)."""
-
-    def __init__(self, model, names: list[str] | None = None):
-        self.model, self.names = model, names
-        self.cache, self.ids = None, []
-
-    @property
-    def fed(self) -> int:
-        return len(self.ids)
-
-    def reuse(self, seq: Sequence[int]) -> None:
-        """Keep the longest cached prefix of ``seq`` (leaving at least its last token to feed)."""
-        n, limit = 0, min(len(self.ids), len(seq) - 1)
-        while n < limit and self.ids[n] == seq[n]:
-            n += 1
-        self.rollback(n)
-
-    @torch.no_grad()
-    def feed(self, seq: list[int], extra: Sequence[int], keep: int, device) -> torch.Tensor:
-        """Feed ``(seq + extra)[fed:]``; returns (B, keep, V) logits of the last ``keep`` inputs."""
-        full = list(seq) + list(extra)
-        inp = full[self.fed:]
-        if not inp:
-            raise RuntimeError("nothing to feed: the cache already holds the whole sequence")
-        b = len(self.names) if self.names else 1
-        ids = torch.tensor([inp], device=device).expand(b, -1)
-        kw = {"adapter_names": self.names} if self.names else {}
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=min(keep, len(inp)), **kw)
-        self.cache, self.ids = out.past_key_values, full
-        return out.logits
-
-    def rollback(self, valid: int) -> None:
-        """Keep the first ``valid`` cached tokens (the rest were rejected proposals)."""
-        if self.fed > valid:
-            if valid == 0:
-                self.cache = None
-            else:
-                self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
-            self.ids = self.ids[:valid]
 
 
 def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int],
@@ -159,15 +114,12 @@ class SpeculativeDecoder:
         self.device = next(target.parameters()).device
         self.prefix_cache = prefix_cache
         # Verification + proxy rows in one forward; fused: the proxy's LoRA as batched matmuls
-        # (drafteu.fused) rather than PEFT's mixed-adapter gather/scatter.
+        # (adapters.k_adapter_model) rather than PEFT's mixed-adapter gather/scatter.
         self.verifier = target
         if fused and eu and bias == "proxy":
-            from drafteu.fused import FusedDrafts
+            from drafteu.adapters import k_adapter_model
 
-            try:
-                self.verifier = FusedDrafts(target, ["__base__", "proxy"])
-            except DraftEUError:
-                pass
+            self.verifier = k_adapter_model(target, ["__base__", "proxy"])
         from peft import PeftModel
 
         # (target, ensemble, designated) caches, kept across generations
@@ -368,14 +320,14 @@ def run(cfg, on_pieces=None) -> dict:
     ``on_pieces(texts, variance, bias)`` streams each round's finished tokens as text."""
     from pathlib import Path
 
-    from drafteu import data, estimators, models
+    from drafteu import data, estimators, models, rundir
     from drafteu.estimators import TokenScores
     from drafteu.runio import write_json
     from drafteu.score import StreamPieces, to_json, token_pieces
 
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
-    drafts_dir, proxy_dir = estimators.resolve_drafts(cfg.drafts, cfg.proxy)
+    drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
     bias = cfg.bias if cfg.bias != "auto" else ("proxy" if proxy_dir is not None else "target")
     if bias == "proxy" and proxy_dir is None:
         raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")

@@ -97,9 +97,15 @@ def test_evaluate_separates_an_informative_score_and_reports_intervals(rng):
 
 
 def test_flops_accounting():
-    assert cost.flops_per_token("tokur", target_params=100, k_target=3) == 600
-    assert cost.flops_per_token("entropy", target_params=100) == 200
-    assert cost.flops_per_token("ddd", target_params=100, draft_params=10, k_drafts=6) == 2 * (60 + 100)
+    from drafteu.methods import ESTIMATORS
+
+    def flops(kind, k_target=3, k_drafts=0, draft_params=0):
+        n_t, n_d = ESTIMATORS[kind].passes(k_target, k_drafts)
+        return cost.flops_per_token(target_params=100, target_passes=n_t, draft_params=draft_params, draft_passes=n_d)
+
+    assert flops("tokur") == 600 and flops("groundtruth") == 600
+    assert flops("entropy") == 200
+    assert flops("drafts", k_drafts=6, draft_params=10) == 2 * (60 + 100)
     assert cost.relative({"tokur": 4.0, "ddd": 1.0}) == {"tokur": 1.0, "ddd": 0.25}
     import torch
 

@@ -9,10 +9,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import hardware, pipeline, runio
+from drafteu import hardware, pipeline, rundir, runio
 from drafteu.cli import app
 from drafteu.config import ExperimentConfig, load_experiment
 from drafteu.errors import DraftEUError
+from drafteu.evaluate import scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
@@ -78,6 +79,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     for r in t0:
         if r["variance"] is not None:
             assert all(abs(e - v - b) < 1e-4 for e, v, b in zip(r["eu"], r["variance"], r["bias"], strict=True))
+    _token_eu_equals_the_estimators(load_experiment(cfg_path), run)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<span title=" in html
     md = (run / "report.md").read_text()
@@ -91,18 +93,51 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     assert len(runio.read_jsonl(run / "eval" / "token_eu.jsonl")) == len(rows)
 
 
+def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
+    """reproduce's eval/token_eu.jsonl is what the estimator classes give when called directly,
+    each on its own freshly loaded target, without prefix caches (the `drafteu score` path)."""
+    from drafteu import estimators, models
+    from drafteu.posterior import NoisyModel
+
+    stored = rundir.token_eu(run)
+    answers = rundir.eval_rows(run)
+    checked = 0
+    for trial in range(cfg.eval.trials):
+        def fresh_noisy():
+            return NoisyModel(models.load(cfg.target).model, cfg.noise)
+        direct = {
+            "groundtruth": estimators.GroundTruth(fresh_noisy(), cfg.eval.family_size, cfg.seed + trial),
+            "tokur": estimators.TokUR(fresh_noisy(), cfg.eval.tokur_size, cfg.seed + trial),
+            "entropy": estimators.PredictiveEntropy(fresh_noisy()),
+        }
+        for spec in rundir.trial_ensembles(cfg, trial):
+            direct[spec.label] = estimators.DraftEnsemble(rundir.draft_dir(run, cfg, spec, trial),
+                                                          models.load(cfg.target), rundir.proxy_adapter(run))
+        for row in answers:
+            for method, est in direct.items():
+                r = stored.get((rundir.key_of(row), method, trial))
+                if r is None:
+                    continue
+                got = est.score(row["prompt_ids"], row["response_ids"])
+                assert r["eu"] == pytest.approx(got.eu.tolist(), rel=1e-4, abs=1e-5), (method, trial)
+                if got.variance is not None:
+                    assert r["variance"] == pytest.approx(got.variance.tolist(), rel=1e-4, abs=1e-5)
+                checked += 1
+    assert checked == len(runio.read_jsonl(run / "eval" / "token_eu.jsonl"))  # every stored row
+
+
 @pytest.mark.integration
 def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir):
     cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
     run = tmp_path / "run"
     for stage in ("data", "draft_base", "drafts", "teachers", "proxy", "eval_samples"):
         getattr(pipeline, f"stage_{stage}")(cfg, run)
-    pipeline.stage_score(cfg, run)
+    scoring.stage_score(cfg, run)
     path = run / "eval" / "token_eu.jsonl"
     full = runio.read_jsonl(path)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:10])  # killed mid-write
-    pipeline.stage_score(cfg, run)
+    scoring.stage_score(cfg, run)
     again = runio.read_jsonl(path)
     key = lambda r: (r["key"], r["method"], r["trial"])  # noqa: E731
     assert sorted(map(key, again)) == sorted(map(key, full))
@@ -120,7 +155,7 @@ def _write(tmp_path, d):
 def test_shipped_configs_load_and_validate(path):
     cfg = load_experiment(path)
     assert isinstance(cfg, ExperimentConfig) and cfg.name == path.stem
-    assert pipeline.ensembles(cfg)
+    assert rundir.ensembles(cfg)
 
 
 def test_shipped_configs_exist():

@@ -296,7 +296,7 @@ def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
     prompts = [_prompt(lm, q) for q in (QUESTIONS[0], QUESTIONS[1], QUESTIONS[1])]
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
     assert shared > 10  # the system prompt is a shared prefix the cache re-uses
-    from drafteu.speculative import PrefixCache
+    from drafteu.kvcache import PrefixCache
 
     plain_cache = PrefixCache(lm.model)
     for prompt in prompts:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drafteu import divergence, estimators, generate, models, runio
+from drafteu import adapters, divergence, estimators, generate, models, posterior, runio
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.train import draft_base, drafts, loop, proxy
@@ -101,8 +101,10 @@ def test_init_noise_is_the_adapters_starting_value(workdir):
     from peft import get_peft_model
 
     cfg = drafts.DraftsConfig(samples=workdir / "data" / "samples.jsonl", out=workdir / "x", base=str(workdir / "base"))
-    model = get_peft_model(models.load(str(workdir / "base")).model, drafts.lora_config(cfg), adapter_name="d")
-    drafts.apply_init_noise(model, "d", cfg.init_noise, seed=3)
+    model = get_peft_model(models.load(str(workdir / "base")).model,
+                           adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules),
+                           adapter_name="d")
+    posterior.apply_init_noise(model, "d", cfg.init_noise, seed=3)
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and "d" in mod.lora_A:
             delta = mod.get_delta_weight("d")

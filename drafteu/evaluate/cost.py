@@ -21,14 +21,10 @@ def parameters(model) -> int:
     return total
 
 
-def flops_per_token(method: str, *, target_params: int, draft_params: int = 0, k_target: int = 3,
-                    k_drafts: int = 0) -> float:
-    """Parameter-equivalent FLOPs per scored token of ``method``."""
-    if method in ("tokur", "groundtruth"):
-        return 2.0 * target_params * k_target
-    if method == "entropy":
-        return 2.0 * target_params
-    return 2.0 * (draft_params * k_drafts + target_params)
+def flops_per_token(*, target_params: int, target_passes: int, draft_params: int = 0, draft_passes: int = 0) -> float:
+    """Parameter-equivalent FLOPs per scored token: 2 x parameters x passes (the passes of each
+    estimator are in ``drafteu.methods.ESTIMATORS``)."""
+    return 2.0 * (target_params * target_passes + draft_params * draft_passes)
 
 
 def relative(values: dict, reference: str = "tokur") -> dict:

@@ -1,5 +1,5 @@
 """The evaluation stages of `drafteu reproduce`, reading the answers and token EU that
-``pipeline.stage_score`` stored: fidelity (Tables 1, 3, 5), proxy robustness (Table 4),
+``evaluate.scoring.stage_score`` stored: fidelity (Tables 1, 3, 5), proxy robustness (Table 4),
 hallucination detection (Table 2) and cost (Table 6).  Each returns the JSON written to
 ``eval/<stage>.json``.
 """
@@ -15,9 +15,13 @@ import torch
 from drafteu import divergence, estimators, runio
 from drafteu.config import ExperimentConfig
 from drafteu.evaluate import cost, fidelity, hallucination
-from drafteu.pipeline import Scorer, _round, ensembles, eval_rows, fidelity_rows, key_of, token_eu
+from drafteu.evaluate.scoring import TrialEstimators
+from drafteu.kvcache import LogitsSource
+from drafteu.methods import ESTIMATORS
 from drafteu.posterior import family_seeds, member_seed
 from drafteu.progress import progress
+from drafteu.rundir import EnsembleSpec, eval_rows, fidelity_rows, key_of, labels, token_eu
+from drafteu.rundir import rounded as _round
 
 
 def _trial_questions(cfg: ExperimentConfig, qids: list[str], trial: int) -> list[str]:
@@ -30,7 +34,7 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
     scores = token_eu(run)
     fid = fidelity_rows(eval_rows(run), cfg.eval.fidelity_questions)
     qkeys = [key_of(r) for r in fid]
-    methods = ["tokur"] + ensembles(cfg)
+    methods = ["tokur"] + labels(cfg)
     out = {"questions": len(qkeys), "trials": cfg.eval.trials,
            "trial_kind": "retrained" if cfg.eval.retrain_per_trial else "redrawn noise + bootstrap of questions",
            "methods": {}}
@@ -58,7 +62,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     a large fixed reference family (METHOD.md §9).  q_mix = the DDD (else first) ensemble."""
     e = cfg.eval
     rows = fidelity_rows(eval_rows(run), e.proxy_questions)
-    label = "ddd" if "ddd" in cfg.drafts.methods else ensembles(cfg)[0]
+    label = "ddd" if "ddd" in cfg.drafts.methods else labels(cfg)[0]
     path = run / "eval" / "proxy_bias.jsonl"
     done = {(r["key"], r["estimate"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
     estimates = ["reference", "p_mix", "raw target"] + [f"K={k}" for k in e.proxy_ks]
@@ -66,23 +70,25 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             if any((key_of(r), est, t) not in done for est in estimates[3:])]
     need += [(r, -1) for r in rows if any((key_of(r), est, -1) not in done for est in estimates[:3])]
     if need:
-        scorer = Scorer(cfg, run, rows)
-        scorer.set_trial(0, [label])
-        ens, noisy = scorer.drafts[label], scorer.noisy
-        ref = noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference"))
+        trial_est = TrialEstimators(cfg, run, rows)
+        trial_est.set_trial(0, [EnsembleSpec.from_label(label)])
+        ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
+        ref = LogitsSource(noisy.model, noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
+                           prefix_len=plen)
+        raw_target = trial_est.estimators["entropy"].source  # the target, adapters off
+        fresh_sources = {k: LogitsSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
         v = ens.vocab
 
         def q_mix(row):
-            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], scorer.device)
-            q = scorer.forward(label, ens.runner, ens.names, ids, keep)[:, :-1, :v]
-            return ids, keep, divergence.mixture(q)
+            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], trial_est.device)
+            return ids, keep, divergence.mixture(ens.draft_logits(ids, keep)[:, :-1])
 
         with progress("proxy robustness", total=len(need)) as bar:
             for row in [r for r, t in need if t == -1]:
                 ids, keep, qm = q_mix(row)
-                p_ref = divergence.mixture(scorer.members_logits("ref", ref, ids, keep)[:, :-1, :v])
-                p_mix = scorer.proxy_logits(ids, keep)[:-1, :v]
-                raw = scorer.target_logits(ids, keep)[:-1, :v]
+                p_ref = divergence.mixture(ref.logits(ids, keep)[:, :-1, :v])
+                p_mix = ens.proxy_logits(ids, keep)[:-1]
+                raw = raw_target.logits(ids, keep)[0, :-1, :v]
                 runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name,
                                            "bias": _round(divergence.kl(qm, p))}
                                           for name, p in (("reference", p_ref), ("p_mix", p_mix), ("raw target", raw))])
@@ -91,15 +97,14 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
                 todo = [r for r, tt in need if tt == t]
                 if not todo:
                     continue
-                fresh = {k: noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)])
-                         for k in e.proxy_ks}
-                for k in e.proxy_ks:
-                    scorer._prefix.pop(f"fresh{k}", None)  # redrawn members: their prefix cache is stale
+                for k in e.proxy_ks:  # redrawn in place: set_names drops the stale prefix cache
+                    fresh_sources[k].set_names(
+                        noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)]))
                 for row in todo:
                     ids, keep, qm = q_mix(row)
                     out = []
-                    for k, names in fresh.items():
-                        p_k = divergence.mixture(scorer.members_logits(f"fresh{k}", names, ids, keep)[:, :-1, :v])
+                    for k, source in fresh_sources.items():
+                        p_k = divergence.mixture(source.logits(ids, keep)[:, :-1, :v])
                         out.append({"key": key_of(row), "trial": t, "estimate": f"K={k}",
                                     "bias": _round(divergence.kl(qm, p_k))})
                     runio.append_jsonl(path, out)
@@ -123,7 +128,7 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
     scores = token_eu(run)
     label = np.array([0 if r["correct"] else 1 for r in rows])
     qids = [r["qid"] for r in rows]
-    methods = ["tokur", "entropy"] + ensembles(cfg) + ["groundtruth"]
+    methods = ["tokur", "entropy"] + labels(cfg) + ["groundtruth"]
     out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()), "methods": {}}
     for m in methods:
         out["methods"][m] = {}
@@ -138,32 +143,32 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
 def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     """FLOPs per token and measured wall time per method on the same answers, in this one run."""
     rows = eval_rows(run)[: cfg.eval.cost_responses]
-    scorer = Scorer(cfg, run, rows, prefix=False)  # full forwards: every method pays for every token
-    labels = ensembles(cfg)
-    scorer.set_trial(0, labels)
-    n_target = cost.parameters(scorer.lm.model)
+    trial_est = TrialEstimators(cfg, run, rows, prefix=False)  # full forwards: every method pays for every token
+    specs = [EnsembleSpec.from_label(m) for m in labels(cfg)]
+    trial_est.set_trial(0, specs)
+    n_target = cost.parameters(trial_est.lm.model)
     tokens = sum(len(r["response_ids"]) for r in rows)
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
-    methods = ["tokur", "groundtruth", "entropy"] + labels
-    scorer.score(rows[0], methods, 0)  # warm-up: first-call allocations are not the method's cost
+    methods = ["tokur", "groundtruth", "entropy"] + labels(cfg)
+    trial_est.score(rows[0], methods)  # warm-up: first-call allocations are not the method's cost
     wall = dict.fromkeys(methods, 0.0)
-    for i, r in enumerate(rows):  # methods interleaved answer by answer: machine noise hits all alike
+    for r in rows:  # methods interleaved answer by answer: machine noise hits all alike
         for m in methods:
             t0 = time.perf_counter()
-            scorer.score(r, [m], i + 1)  # TokUR: fresh members per answer
+            trial_est.score(r, [m])  # TokUR draws its members for each new prompt (inside the timing)
             wall[m] += time.perf_counter() - t0
     flops, passes = {}, {}
     for m in methods:
-        ens = scorer.drafts.get(m)
-        k_d = len(ens.names) if ens else 0
+        ens = trial_est.estimators[m] if isinstance(trial_est.estimators[m], estimators.DraftEnsemble) else None
+        kind = ESTIMATORS["drafts" if ens else m]
+        k_target = cfg.eval.tokur_size if m == "tokur" else cfg.eval.family_size
+        n_t, n_k = kind.passes(k_target, len(ens.names) if ens else 0)
         n_d = cost.parameters(ens.drafts.get_base_model()) if ens else 0
-        flops[m] = cost.flops_per_token(m, target_params=n_target, draft_params=n_d,
-                                        k_target=cfg.eval.tokur_size if m == "tokur" else cfg.eval.family_size,
-                                        k_drafts=k_d)
-        passes[m] = (f"{k_d} x draft ({n_d / 1e6:.1f}M) + 1 x proxy ({n_target / 1e6:.1f}M)" if ens else
-                     f"{1 if m == 'entropy' else (cfg.eval.tokur_size if m == 'tokur' else cfg.eval.family_size)}"
-                     f" x target ({n_target / 1e6:.1f}M)")
-    return {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": str(scorer.device), "threads": torch.get_num_threads(),
+        flops[m] = cost.flops_per_token(target_params=n_target, target_passes=n_t, draft_params=n_d, draft_passes=n_k)
+        passes[m] = (f"{n_k} x draft ({n_d / 1e6:.1f}M) + {n_t} x proxy ({n_target / 1e6:.1f}M)" if ens else
+                     f"{n_t} x target ({n_target / 1e6:.1f}M)")
+    return {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": str(trial_est.device),
+            "threads": torch.get_num_threads(),
             "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], "wall_s": wall[m],
                             "ms_per_token": 1000 * wall[m] / max(tokens, 1)} for m in methods},
             "flops_rel_tokur": cost.relative(flops), "wall_rel_tokur": cost.relative(wall)}

@@ -2,7 +2,7 @@
 
 Both are on-policy: the student samples its own continuations and is pulled towards the
 target (GKD: generalized JSD with beta, lambda; MiniLLM: reverse-KL policy gradient).  As
-METHOD.md §7 asks, each draft starts from its own noise (sigma 0.1, ``drafts.apply_init_noise``)
+METHOD.md §7 asks, each draft starts from its own noise (sigma 0.1, ``posterior.apply_init_noise``)
 so that a baseline ensemble has K distinct members too.
 
 TRL pin: ``trl>=1.14,<1.15``.  GKD lives in ``trl.experimental.gkd`` in every 1.x release, but
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from drafteu import data, models
+from drafteu import adapters, data, models
 from drafteu.errors import DraftEUError
+from drafteu.posterior import apply_init_noise
 from drafteu.train import loop
 
 
@@ -80,8 +81,6 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
     from datasets import Dataset
     from peft import PeftModel
 
-    from drafteu.train.drafts import apply_init_noise, lora_config, save_adapter
-
     GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer = require_trl()
     trainer_dir = Path(common["output_dir"])
     torch.manual_seed(seed)
@@ -94,14 +93,16 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
         args = GKDConfig(**common, temperature=1.0, lmbda=0.5, beta=0.5,
                          max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                             processing_class=tokenizer, peft_config=lora_config(cfg))
+                             processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                                            cfg.lora_modules))
     elif kind == "minillm":
         ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
         args = MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
                              num_generations=4, max_completion_length=cfg.max_new_tokens,
                              single_step_decomposition=True, disable_dropout=False)
         trainer = MiniLLMTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                                 processing_class=tokenizer, peft_config=lora_config(cfg))
+                                 processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                                            cfg.lora_modules))
     else:
         raise DraftEUError(f"unknown baseline {kind!r}")
     model = trainer.model
@@ -111,6 +112,6 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
     apply_init_noise(model, adapter, cfg.noise, seed)
     resume = any(trainer_dir.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
-    save_adapter(model, adapter, directory)
+    adapters.save_adapter(model, adapter, directory)
     return {"steps": int(result.global_step), "loss": float(result.training_loss),
             "seconds": round(result.metrics.get("train_runtime", 0.0), 2)}

@@ -25,7 +25,6 @@ shared base, so IDD/FDD ensembles keep the one-forward batched evaluation.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from drafteu import models, runio
+from drafteu import adapters, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
-from drafteu.posterior import NoiseConfig, NoisyModel, draw_noise, member_seed
+from drafteu.methods import DRAFT_METHODS
+from drafteu.posterior import NoiseConfig, NoisyModel, apply_init_noise, member_seed
 from drafteu.train.loop import (
     TrainConfig,
     examples_from_rows,
@@ -47,7 +47,7 @@ from drafteu.train.loop import (
     window_logits,
 )
 
-METHODS = ("ddd", "idd", "fdd", "untrained", "konly", "gkd", "minillm")
+METHODS = tuple(DRAFT_METHODS)
 
 
 @dataclass
@@ -90,52 +90,6 @@ def adapter_names(cfg: DraftsConfig) -> list[str]:
     return [f"s{s}_m{m}" for s in range(cfg.partitions) for m in range(cfg.per_partition)]
 
 
-def lora_config(cfg: DraftsConfig):
-    from peft import LoraConfig
-
-    modules = "all-linear" if cfg.lora_modules == "all-linear" else [m.strip() for m in cfg.lora_modules.split(",")]
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=modules, bias="none", task_type="CAUSAL_LM")
-
-
-def save_adapter(peft_model, name: str, directory: Path) -> None:
-    """Save adapter ``name`` of ``peft_model`` as a standalone PEFT adapter directory (atomically)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    if not runio.is_main_process():  # under accelerate launch the main process saves
-        return
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = get_peft_model_state_dict(peft_model, adapter_name=name)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
-    peft_model.peft_config[name].save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-
-
-@torch.no_grad()
-def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) -> int:
-    """Start ``adapter`` at scaling * B @ A = U @ eps on the noise modules (see module docstring)."""
-    touched = 0
-    for name, module in peft_model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or adapter not in lora_a or name.rsplit(".", 1)[-1] not in noise.target_modules:
-            continue
-        a, b = lora_a[adapter].weight, module.lora_B[adapter].weight  # (r, in), (out, r)
-        r = min(noise.rank, a.shape[0])
-        u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme,
-                                        target_modules=noise.target_modules), seed, name, module.get_base_layer().weight)
-        scale = module.scaling[adapter]
-        b[:, :r] = u.to(b)
-        a[:r] = (eps / scale).to(a)
-        touched += 1
-    if touched == 0:
-        raise DraftEUError(f"initialization noise found none of {noise.target_modules} among the LoRA modules")
-    return touched
-
-
 def _sft_loss(model, batch):
     logits = window_logits(model, batch)  # (B, W, V)
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")  # (B, W)
@@ -149,13 +103,13 @@ def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, see
 
     torch.manual_seed(seed)  # LoRA A init
     base = models.load(base_dir, device=cfg.device).model
-    peft_model = get_peft_model(base, lora_config(cfg), adapter_name=name)
+    peft_model = get_peft_model(base, adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules), adapter_name=name)
     if init_noise:
         apply_init_noise(peft_model, name, cfg.init_noise, seed)
     examples = examples_from_rows(rows, tokenizer.eos_token_id)
     stats = fit(peft_model, examples, _sft_loss, cfg.train, directory.with_name(directory.name + ".trainer"),
                 pad_id=tokenizer.pad_token_id, seed=seed, desc=f"{cfg.method} {name}")
-    save_adapter(peft_model, name, directory)
+    adapters.save_adapter(peft_model, name, directory)
     return stats
 
 
@@ -163,7 +117,7 @@ def _noise_adapters(base_model, names: list[str], noise: NoiseConfig, seeds: lis
     noisy = NoisyModel(base_model, noise)
     for name, seed in zip(names, seeds, strict=True):
         noisy.set_member(name, seed)
-        save_adapter(noisy.model, name, out / name)
+        adapters.save_adapter(noisy.model, name, out / name)
 
 
 def run(cfg: DraftsConfig) -> dict:
@@ -178,50 +132,14 @@ def run(cfg: DraftsConfig) -> dict:
     target_tok = models.load(cfg.target, tokenizer_only=True)
     base_lm = models.load(cfg.base, device=cfg.device)
     models.shared_vocab_size(target_tok, base_lm)
-    needs_parts = cfg.method in ("ddd", "fdd", "konly")
+    method = DRAFT_METHODS[cfg.method]
+    needs_parts = method.partitions
     parts = partition(rows, cfg.partitions, seed=cfg.seed) if needs_parts else [rows] * cfg.partitions
     stats = partition_stats(parts) if needs_parts else []
     out.mkdir(parents=True, exist_ok=True)
     runio.write_config(out, cfg)
-    base_dir = cfg.base
-    timings = {}
 
-    if cfg.method == "untrained":
-        seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
-        _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
-    elif cfg.method == "konly":
-        ddd_dir = cfg.konly_from or cfg.out / "ddd" / "s0_m0"
-        if not (ddd_dir / "adapter_model.safetensors").exists():
-            ddd_dir.parent.mkdir(parents=True, exist_ok=True)
-            timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
-                                         False, ddd_dir, base_lm.tokenizer)
-        from peft import PeftModel
-
-        merged = PeftModel.from_pretrained(models.load(cfg.base, device=cfg.device).model, ddd_dir).merge_and_unload()
-        base_dir = str(out / "base")
-        merged.save_pretrained(base_dir)
-        base_lm.tokenizer.save_pretrained(base_dir)
-        seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
-        _noise_adapters(merged, names, cfg.noise, seeds, out)
-    elif cfg.method in ("gkd", "minillm"):
-        from drafteu.train import baselines
-
-        baselines.require_trl()  # a missing TRL is an error before any work
-        for s in range(cfg.partitions):
-            for m in range(cfg.per_partition):
-                name = f"s{s}_m{m}"
-                if not (out / name / "adapter_model.safetensors").exists():
-                    timings[name] = baselines.train(cfg.method, cfg, rows, name, member_seed(cfg.method, cfg.seed, s, m),
-                                                     out / name, base_lm.tokenizer)
-    else:
-        for s in range(cfg.partitions):
-            for m in range(cfg.per_partition):
-                name = f"s{s}_m{m}"
-                if (out / name / "adapter_model.safetensors").exists():
-                    continue  # complete: skip
-                seed = member_seed("draft", cfg.seed, s, m)
-                timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, cfg.method in ("idd", "fdd"),
-                                          out / name, base_lm.tokenizer)
+    base_dir, timings = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm)
     wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = runio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
@@ -232,3 +150,66 @@ def run(cfg: DraftsConfig) -> dict:
         (out / "partitions.json").write_text(json.dumps(
             {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}))
     return manifest
+
+
+# -- one builder per kind of method (methods.DraftMethod.trainer); each returns (base dir, timings)
+
+
+def _untrained(cfg, out, names, rows, parts, base_lm):
+    """S*M noise copies of the draft base (sigma = cfg.noise)."""
+    seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
+    _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
+    return cfg.base, {}
+
+
+def _konly(cfg, out, names, rows, parts, base_lm):
+    """One trained draft (DDD s0_m0; trained here if missing) merged into the base, plus S*M noise
+    copies of it."""
+    from peft import PeftModel
+
+    timings = {}
+    ddd_dir = cfg.konly_from or cfg.out / "ddd" / "s0_m0"
+    if not (ddd_dir / "adapter_model.safetensors").exists():
+        ddd_dir.parent.mkdir(parents=True, exist_ok=True)
+        timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
+                                     False, ddd_dir, base_lm.tokenizer)
+    merged = PeftModel.from_pretrained(models.load(cfg.base, device=cfg.device).model, ddd_dir).merge_and_unload()
+    base_dir = str(out / "base")
+    if runio.is_main_process():
+        merged.save_pretrained(base_dir)
+        base_lm.tokenizer.save_pretrained(base_dir)
+    seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
+    _noise_adapters(merged, names, cfg.noise, seeds, out)
+    return base_dir, timings
+
+
+def _trl(cfg, out, names, rows, parts, base_lm):
+    """GKD / MiniLLM drafts through TRL, each from its own noise, on all the data."""
+    from drafteu.train import baselines
+
+    baselines.require_trl()  # a missing TRL is an error before any work
+    timings = {}
+    for s in range(cfg.partitions):
+        for m in range(cfg.per_partition):
+            name = f"s{s}_m{m}"
+            if not (out / name / "adapter_model.safetensors").exists():
+                timings[name] = baselines.train(cfg.method, cfg, rows, name, member_seed(cfg.method, cfg.seed, s, m),
+                                                out / name, base_lm.tokenizer)
+    return cfg.base, timings
+
+
+def _sft(cfg, out, names, rows, parts, base_lm):
+    """DDD / IDD / FDD: LoRA SFT of draft s_m on partition s (all data without partitions)."""
+    timings = {}
+    for s in range(cfg.partitions):
+        for m in range(cfg.per_partition):
+            name = f"s{s}_m{m}"
+            if (out / name / "adapter_model.safetensors").exists():
+                continue  # complete: skip
+            seed = member_seed("draft", cfg.seed, s, m)
+            timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, DRAFT_METHODS[cfg.method].init_noise,
+                                      out / name, base_lm.tokenizer)
+    return cfg.base, timings
+
+
+BUILDERS = {"noise": _untrained, "konly": _konly, "trl": _trl, "sft": _sft}

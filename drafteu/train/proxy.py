@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence, models, runio
+from drafteu import adapters, divergence, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.train.draft_base import split_heldout
-from drafteu.train.drafts import save_adapter
 from drafteu.train.loop import (
     TrainConfig,
     collate,
@@ -155,7 +154,7 @@ def run(cfg: ProxyConfig) -> dict:
     if held_ex:
         reference = noisy.set_members("ref", family_seeds(cfg.seed + 10_000, cfg.reference_size, tag="proxy-ref"))
         check = heldout_kl(noisy, held_ex, pad, reference)
-    save_adapter(noisy.model, PROXY, cfg.out / "adapter")
+    adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
                                 heldout_examples=len(held_ex), teachers=cfg.teachers, train=stats, heldout=check)

@@ -1,0 +1,57 @@
+"""LoRA adapters as drafteu uses them: configs from plain values, standalone saving, and the one
+place that chooses how K adapters on one base run together (fused batched matmuls or PEFT).
+
+Every draft, noise member and proxy is a PEFT LoRA adapter on a shared base, so an ensemble is
+one base plus K adapter directories.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from drafteu import runio
+from drafteu.errors import DraftEUError
+
+
+def lora_config(r: int, alpha: int, dropout: float, modules: str | list[str] | tuple[str, ...]):
+    """A PEFT ``LoraConfig`` for a causal LM; ``modules`` is 'all-linear', a comma-separated
+    string or a list of module names."""
+    from peft import LoraConfig
+
+    if isinstance(modules, str):
+        modules = "all-linear" if modules == "all-linear" else [m.strip() for m in modules.split(",") if m.strip()]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules if isinstance(modules, str)
+                      else list(modules), bias="none", task_type="CAUSAL_LM")
+
+
+def save_adapter(peft_model, name: str, directory: Path) -> None:
+    """Save adapter ``name`` of ``peft_model`` as a standalone PEFT adapter directory (atomically;
+    under ``accelerate launch`` the main process saves)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not runio.is_main_process():
+        return
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    peft_model.peft_config[name].save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def k_adapter_model(peft_model, names: list[str]):
+    """What runs ``names`` (adapter-major rows, PEFT's ``"__base__"`` allowed) in one forward:
+    ``FusedDrafts`` (two batched LoRA matmuls per module) when the adapters allow it (same rank,
+    plain LoRA), else the PEFT model's mixed-adapter batch.  Both give the same numbers (tested);
+    called like the PEFT model with ``adapter_names``."""
+    from drafteu.fused import FusedDrafts
+
+    try:
+        return FusedDrafts(peft_model, names)
+    except DraftEUError:
+        return peft_model

@@ -1,0 +1,125 @@
+"""The scoring stage of `drafteu reproduce`: token EU of every estimator on every evaluated answer.
+
+The numbers come from the estimator classes a user calls (``drafteu.estimators``: ``GroundTruth``,
+``TokUR``, ``PredictiveEntropy``, ``DraftEnsemble``), set up once per trial on one loaded target:
+the noise members, the proxy and the target share one PEFT model, every source re-uses the KV cache
+of the prompts' shared prefix (system + worked examples; positions unchanged, so the numbers equal
+full forwards), and the proxy's logits are computed once per answer for all draft ensembles.
+Output: ``eval/token_eu.jsonl``, one row per (answer, method label, trial), appended one answer at
+a time (a killed run resumes; TokUR's draws depend on (seed, prompt) only, so a resumed run draws
+the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drafteu import estimators, models, runio
+from drafteu.errors import DraftEUError
+from drafteu.kvcache import LogitsSource, lcp
+from drafteu.methods import ESTIMATORS, TARGET_ONLY
+from drafteu.posterior import NoisyModel, family_seeds
+from drafteu.progress import progress
+from drafteu.rundir import (
+    TOKEN_EU,
+    TOKEN_EU_META,
+    EnsembleSpec,
+    draft_dir,
+    ensembles,
+    eval_rows,
+    fidelity_rows,
+    key_of,
+    proxy_adapter,
+    rounded,
+    stage_hash,
+    trial_ensembles,
+)
+
+
+class TrialEstimators:
+    """Every estimator of one trial, on one loaded target (with its noise members and the proxy).
+
+    ``prefix=False`` runs full forwards (the cost table: every method pays for every token)."""
+
+    def __init__(self, cfg, run: Path, rows: list[dict] | None = None, prefix: bool = True):
+        self.cfg, self.run = cfg, Path(run)
+        self.lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+        self.device = next(self.lm.model.parameters()).device
+        self.noisy = NoisyModel(self.lm.model, cfg.noise)
+        self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))  # makes it a PeftModel
+        self.noisy.model.load_adapter(proxy_adapter(run), adapter_name="proxy")
+        self.noisy.model.eval()
+        self.tokenizer_only = models.load(cfg.target, tokenizer_only=True)
+        self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if prefix and rows and len(rows) > 1 else 0
+        self.proxy = LogitsSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len)
+        self.estimators: dict[str, estimators.Estimator] = {}
+        self.trial: int | None = None
+
+    def set_trial(self, trial: int, specs: list[EnsembleSpec]) -> None:
+        """Draw the trial's family and TokUR seeds; load the trial's draft ensembles ``specs``."""
+        cfg, e, plen = self.cfg, self.cfg.eval, self.prefix_len
+        self.trial = trial
+        self.estimators = {
+            "groundtruth": estimators.GroundTruth(self.noisy, e.family_size, cfg.seed + trial, prefix_len=plen),
+            "tokur": estimators.TokUR(self.noisy, e.tokur_size, cfg.seed + trial, prefix_len=plen),
+            "entropy": estimators.PredictiveEntropy(self.noisy, prefix_len=plen),
+        }
+        for spec in specs:
+            self.estimators[spec.label] = estimators.DraftEnsemble(
+                draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
+                proxy_source=self.proxy)
+
+    def score(self, row: dict, methods: list[str]) -> dict[str, estimators.TokenScores]:
+        """TokenScores per method label for one answer."""
+        return {m: self.estimators[m].score(row["prompt_ids"], row["response_ids"]) for m in methods}
+
+
+def score_jobs(cfg, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]:
+    """(trial, method labels, answers) to score: trial 0 every method on every answer; later trials
+    the redrawn methods on the fidelity answers (METHOD.md §5)."""
+    jobs = [(0, list(TARGET_ONLY) + [s.label for s in ensembles(cfg)], rows)]
+    fid = fidelity_rows(rows, cfg.eval.fidelity_questions)
+    redrawn = [m for m in TARGET_ONLY if ESTIMATORS[m].redrawn]
+    for t in range(1, cfg.eval.trials):
+        jobs.append((t, redrawn + [s.label for s in trial_ensembles(cfg, t)], fid))
+    return jobs
+
+
+def scoring_key(cfg) -> str:
+    """What token_eu.jsonl depends on (a changed config is refused, not mixed in)."""
+    e = cfg.eval
+    return stage_hash(cfg.target, cfg.noise, cfg.drafts, e.family_size, e.tokur_size, e.trials,
+                      e.retrain_per_trial, e.fidelity_questions, cfg.seed, "tokur-per-prompt")
+
+
+def stage_score(cfg, run: Path) -> dict:
+    """Score every (answer, method, trial) not in eval/token_eu.jsonl yet."""
+    run = Path(run)
+    rows = eval_rows(run)
+    path, meta = run / TOKEN_EU, run / TOKEN_EU_META
+    key = scoring_key(cfg)
+    if meta.exists() and runio.json_load(meta).get("config_hash") != key:
+        raise DraftEUError(f"{path} was scored under a different config; delete {run / 'eval'} "
+                           "(keeping eval/samples) or use another --run directory")
+    if not meta.exists():
+        runio.write_json(meta, {"config_hash": key})
+    done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
+    jobs = score_jobs(cfg, rows)
+    total = sum(len(rs) for _, _, rs in jobs)
+    todo = [(t, ms, rs) for t, ms, rs in jobs if any((key_of(r), m, t) not in done for r in rs for m in ms)]
+    if not todo:
+        return {"answers": len(rows), "scored": 0}
+    trial_est = TrialEstimators(cfg, run, rows)
+    n_done = total - sum(len(rs) for _, _, rs in todo)
+    with progress("score", total=total, completed=n_done) as bar:
+        for trial, methods, rs in todo:
+            trial_est.set_trial(trial, [EnsembleSpec.from_label(m) for m in methods if m not in TARGET_ONLY])
+            for row in rs:
+                missing = [m for m in methods if (key_of(row), m, trial) not in done]
+                if missing:
+                    res = trial_est.score(row, missing)
+                    runio.append_jsonl(path, [
+                        {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
+                         "variance": rounded(s.variance), "bias": rounded(s.bias)} for m, s in res.items()])
+                bar.update(advance=1, info=f"trial {trial}")
+    return {"answers": len(rows), "scored": total - n_done}
