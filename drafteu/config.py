@@ -206,7 +206,7 @@ class ProxySection:
 
 @dataclass
 class EvalSection:
-    """Evaluation (Sec. 4.5, 5; App. B.5; METHOD.md §4, §5, §9-11)."""
+    """Evaluation (Sec. 4.5, 5; App. B.5; docs/method.md §4, §5, §9-11)."""
 
     task: str | None = field(default=None, metadata={"help": "task of the evaluated questions (None: data.task; "
                                                      "give the test file when data.task is a jsonl path)"})
@@ -218,7 +218,7 @@ class EvalSection:
     batch_size: int = 8
     family_size: int = field(default=3, metadata={"help": "K_T of the ground-truth family"})
     tokur_size: int = field(default=3, metadata={"help": "K of TokUR"})
-    trials: int = field(default=5, metadata={"help": "independent trials (METHOD.md §5)"})
+    trials: int = field(default=5, metadata={"help": "independent trials (docs/method.md §5)"})
     retrain_per_trial: bool = field(default=False, metadata={"help": "retrain every draft ensemble per trial (GPU configs)"})
     fidelity_questions: int | None = field(default=None, metadata={"help": "questions whose first answer is scored against the ground truth (None: all)"})
     aggregations: list[str] = field(default_factory=lambda: ["mean", "max", "sum"])

@@ -266,7 +266,7 @@ def mutual_information(
 ) -> torch.Tensor:
     """Generalized JSD: H(mean_k p_k) - mean_k H(p_k) = E_k KL(p_k || p_mix).  (K, ..., V) -> (...).
 
-    Ground-truth EU of a target family (METHOD.md §2), TokUR's EU, and the variance proxy of
+    Ground-truth EU of a target family (docs/method.md §2), TokUR's EU, and the variance proxy of
     Theorem 3.4.  Computed in the E_k KL form (see the module docstring).
     """
     _check_floating(logits)

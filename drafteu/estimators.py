@@ -1,6 +1,6 @@
 """Token-level EU estimators over (prompt, response) sharing one interface.
 
-Positions (METHOD.md §1): for a prompt of P tokens and a response y_1..y_T, the estimate for y_t
+Positions (docs/method.md §1): for a prompt of P tokens and a response y_1..y_T, the estimate for y_t
 uses the next-token distributions given (prompt, y_<t), i.e. the logits at sequence position
 P + t - 2.  Prompt positions are never scored.
 """
@@ -39,7 +39,7 @@ class TokenScores:
 
 
 def aggregate(eu: torch.Tensor, how: str = "mean") -> float:
-    """Sequence aggregation of token EU (METHOD.md §10): mean, max or sum."""
+    """Sequence aggregation of token EU (docs/method.md §10): mean, max or sum."""
     if how not in AGGREGATIONS:
         raise DraftEUError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
     if eu.numel() == 0:
@@ -105,7 +105,7 @@ class _FamilyMI(Estimator):
 
 
 class GroundTruth(_FamilyMI):
-    """Ground-truth EU: MI of a fixed noise-perturbed target family (METHOD.md §2, Sec. 4.1)."""
+    """Ground-truth EU: MI of a fixed noise-perturbed target family (docs/method.md §2, Sec. 4.1)."""
 
     name = "groundtruth"
     prefix = "family"
@@ -128,7 +128,7 @@ def prompt_key(prompt_ids: Sequence[int]) -> str:
 class TokUR(_FamilyMI):
     """TokUR (Zhang et al., 2025): MI of K *freshly sampled* noisy copies of the target.
 
-    Seeding rule (docs/method.md, "TokUR"): the K members scoring an answer are drawn from
+    Seeding rule (docs/method.md §12): the K members scoring an answer are drawn from
     (seed, prompt): every answer to the same prompt is scored by the same draw, different prompts
     get independent draws, and the numbers do not depend on the order answers are scored in,
     how work is split, or whether a run was resumed.  `drafteu score --method tokur --seed s` and
@@ -188,7 +188,7 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefi
 
 
 class DraftEnsemble(Estimator):
-    """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; METHOD.md §3).
+    """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; docs/method.md §3).
 
     The K drafts are PEFT adapters on one base draft, evaluated in one forward
     (``adapters.k_adapter_model``: fused batched LoRA, else PEFT's mixed batch) or one forward

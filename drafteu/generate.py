@@ -22,7 +22,6 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import yaml
@@ -95,11 +94,6 @@ class Sampling:
     seed: int = 0
 
 
-class Backend(Protocol):
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[tuple[list[int], str]]:
-        """Response ids (cut before end-of-sequence) and finish reason for each prompt."""
-
-
 class HFBackend:
     """Batched ``model.generate`` with left padding and an optional shared-prefix KV cache.
 
@@ -112,9 +106,7 @@ class HFBackend:
     def __init__(self, model, tokenizer, prefix_cache: bool = True):
         self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.device = next(model.parameters()).device
-        eos = model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos.add(tokenizer.eos_token_id)
+        self.eos = models.eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prefix: tuple[tuple[int, ...], object] | None = None
 
@@ -168,7 +160,7 @@ BACKENDS = {"hf": HFBackend}
 
 
 def partition(samples: list[dict], s: int, seed: int = 0) -> list[list[dict]]:
-    """S disjoint partitions by question (all samples of a question stay together; METHOD.md §6).
+    """S disjoint partitions by question (all samples of a question stay together; docs/method.md §6).
 
     Questions are shuffled with ``seed`` and dealt round-robin, so sizes differ by at most one
     question.  Deterministic given (samples, S, seed).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DraftMethod:
-    """A way to build a K-draft ensemble (paper Sec. 4.3, App. B.2-B.6; docs/method.md, "Drafts")."""
+    """A way to build a K-draft ensemble (paper Sec. 4.3, App. B.2-B.6; docs/method.md §6-7)."""
 
     name: str
     label: str
@@ -45,7 +45,7 @@ def draft_method(name: str) -> DraftMethod:
 
 @dataclass(frozen=True)
 class EstimatorKind:
-    """An EU estimator scored on every evaluated answer (docs/method.md, "Evaluation")."""
+    """An EU estimator scored on every evaluated answer (docs/method.md §2-3, §11-12)."""
 
     name: str
     label: str

@@ -187,6 +187,15 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends an answer: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
+    ids.discard(None)
+    return ids
+
+
 def contiguous_head_input(model) -> None:
     """Hand the output head a contiguous input.
 

@@ -8,7 +8,7 @@ imports downward (train/, evaluate/, report).
 Every stage is skipped when its outputs are complete (training stages by their manifests,
 evaluation stages by a hash of the config sections they read), and the long ones resume after a
 kill: generation and scoring append one response at a time, training checkpoints.  Trials follow
-METHOD.md §5: with ``retrain_per_trial`` every ensemble is retrained per trial seed; otherwise a
+docs/method.md §5: with ``retrain_per_trial`` every ensemble is retrained per trial seed; otherwise a
 trial redraws the cheap random elements (ground-truth family, TokUR, untrained and K-only noise)
 and bootstrap-resamples the evaluated questions.
 """

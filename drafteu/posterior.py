@@ -234,7 +234,7 @@ def family_seeds(seed: int, size: int, tag: str = "family") -> list[int]:
 @torch.no_grad()
 def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) -> int:
     """Start LoRA ``adapter`` at scaling * B @ A = U @ eps on the noise modules (IDD/FDD, GKD/MiniLLM
-    initialization noise, METHOD.md §7): for q_proj/v_proj the first r_noise LoRA components start
+    initialization noise, docs/method.md §7): for q_proj/v_proj the first r_noise LoRA components start
     at B = U, A = eps / scaling (the rest at B = 0, as in LoRA), so the draft starts from a noise
     draw of the §2 scheme and stays a pure adapter on the shared base."""
     touched = 0

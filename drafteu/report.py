@@ -208,7 +208,7 @@ def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
         f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps.",
         f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground truth = "
         f"MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = {e.tokur_size}; "
-        f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, METHOD.md §5'}).",
+        f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, docs/method.md §5'}).",
     ]
     stages = man.get("stages", {})
     if stages:

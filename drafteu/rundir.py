@@ -14,7 +14,7 @@
     eval/<stage>.json                fidelity, proxy_robustness, hallucination, cost (+ config_hash)
     report.md  report.html  figures/*.png
 
-Every stage reads and writes through the helpers here; file formats are in docs/method.md.
+Every stage reads and writes through the helpers here; the method behind each file is in docs/method.md.
 Generic atomic I/O (jsonl, JSON, YAML) is ``drafteu.runio``.
 """
 
@@ -67,7 +67,7 @@ def labels(cfg) -> list[str]:
 
 
 def redrawn(cfg, spec: EnsembleSpec) -> bool:
-    """Whether ``spec`` has its own ensemble in trials > 0 (METHOD.md §5): every ensemble with
+    """Whether ``spec`` has its own ensemble in trials > 0 (docs/method.md §5): every ensemble with
     ``retrain_per_trial``, else the untrained ones (their noise is redrawn)."""
     return cfg.eval.retrain_per_trial or not spec.trained
 
@@ -174,7 +174,7 @@ def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[P
 
     A run directory gives its ``drafts/ddd`` ensemble and ``proxy/adapter``; a drafts directory
     (one with a drafts manifest) gives itself, and the proxy only if ``proxy`` names one (else the
-    bias term uses the raw target, METHOD.md §3).
+    bias term uses the raw target, docs/method.md §3).
     """
     path = Path(path)
     run_drafts = draft_dir(path, None, EnsembleSpec("ddd"), 0)

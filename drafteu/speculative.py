@@ -344,10 +344,7 @@ def run(cfg, on_pieces=None) -> dict:
         raise DraftEUError(
             f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} + --gamma {cfg.gamma} "
             f"exceeds the model's context of {context} tokens; shorten the question or lower --max-new-tokens")
-    eos = {lm.tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
-    eos.discard(None)
+    eos = models.eos_ids(lm.model, lm.tokenizer)
     on_tokens = None
     if on_pieces is not None:
         pieces_of = StreamPieces(lm.tokenizer)

@@ -1,4 +1,4 @@
-"""Cost per method (Table 6; METHOD.md §11): parameter-equivalent FLOPs and measured wall time.
+"""Cost per method (Table 6; docs/method.md §11): parameter-equivalent FLOPs and measured wall time.
 
 FLOPs per scored token = 2 x parameters x passes: TokUR and the ground truth K_T target passes,
 draft ensembles K draft passes + 1 proxy pass, predictive entropy one target pass.  Parameters

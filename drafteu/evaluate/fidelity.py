@@ -1,4 +1,4 @@
-"""Token-level fidelity of EU estimates against the ground truth (Tables 1, 3, 4, 5; METHOD.md §4-5, §9).
+"""Token-level fidelity of EU estimates against the ground truth (Tables 1, 3, 4, 5; docs/method.md §4-5, §9).
 
 Over all evaluated response positions pooled: RMSE(estimate, truth) and Spearman's rho.  A trial
 pools the positions of a (bootstrap) sample of questions, so questions, not tokens, are the unit

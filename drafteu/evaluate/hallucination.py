@@ -1,4 +1,4 @@
-"""Hallucination detection from sequence-level EU (Table 2, App. B.5; METHOD.md §10).
+"""Hallucination detection from sequence-level EU (Table 2, App. B.5; docs/method.md §10).
 
 Label 1 = the answer is wrong (or has no extractable answer).  A one-feature logistic regression
 fitted on a train split of questions maps the sequence score to P(wrong); AUROC, ECE (equal-width

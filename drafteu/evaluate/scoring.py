@@ -76,7 +76,7 @@ class TrialEstimators:
 
 def score_jobs(cfg, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]:
     """(trial, method labels, answers) to score: trial 0 every method on every answer; later trials
-    the redrawn methods on the fidelity answers (METHOD.md §5)."""
+    the redrawn methods on the fidelity answers (docs/method.md §5)."""
     jobs = [(0, list(TARGET_ONLY) + [s.label for s in ensembles(cfg)], rows)]
     fid = fidelity_rows(rows, cfg.eval.fidelity_questions)
     redrawn = [m for m in TARGET_ONLY if ESTIMATORS[m].redrawn]

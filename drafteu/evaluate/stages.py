@@ -59,7 +59,7 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
 
 def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     """Table 4: the bias term KL(q_mix || p_hat) with p_hat from K fresh noisy targets vs p_mix, against
-    a large fixed reference family (METHOD.md §9).  q_mix = the DDD (else first) ensemble."""
+    a large fixed reference family (docs/method.md §9).  q_mix = the DDD (else first) ensemble."""
     e = cfg.eval
     rows = fidelity_rows(eval_rows(run), e.proxy_questions)
     label = "ddd" if "ddd" in cfg.drafts.methods else labels(cfg)[0]

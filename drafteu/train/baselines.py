@@ -2,7 +2,7 @@
 
 Both are on-policy: the student samples its own continuations and is pulled towards the
 target (GKD: generalized JSD with beta, lambda; MiniLLM: reverse-KL policy gradient).  As
-METHOD.md §7 asks, each draft starts from its own noise (sigma 0.1, ``posterior.apply_init_noise``)
+docs/method.md §7 asks, each draft starts from its own noise (sigma 0.1, ``posterior.apply_init_noise``)
 so that a baseline ensemble has K distinct members too.
 
 TRL pin: ``trl>=1.14,<1.15``.  GKD lives in ``trl.experimental.gkd`` in every 1.x release, but

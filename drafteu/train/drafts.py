@@ -1,6 +1,6 @@
 """Draft ensembles: DDD / IDD / FDD (LoRA SFT on target samples), untrained and K-only.
 
-Paper Sec. 4.3, App. B.2, B.6; METHOD.md §6-7.  Every draft is a PEFT adapter on one shared base
+Paper Sec. 4.3, App. B.2, B.6; docs/method.md §6-7.  Every draft is a PEFT adapter on one shared base
 (so K drafts run in one batched forward); a method directory holds
 
     manifest.json   method, S, M, base (model dir), adapters, partitions, timings
@@ -9,12 +9,12 @@ Paper Sec. 4.3, App. B.2, B.6; METHOD.md §6-7.  Every draft is a PEFT adapter o
 - ddd:       S disjoint partitions by question x M drafts per partition (seeds differ).
 - idd:       S*M drafts on all the data, each started from its own initialization noise.
 - fdd:       both.
-- untrained: S*M noise copies (sigma, METHOD.md §7) of the base; no training.
+- untrained: S*M noise copies (sigma, docs/method.md §7) of the base; no training.
 - gkd, minillm: S*M on-policy TRL drafts on all the data, each from its own noise (baselines.py).
 - konly:     one trained draft (the ddd s0_m0 adapter, trained here if missing) merged into
              the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
 
-Initialization noise (IDD/FDD).  METHOD.md §7 merges a low-rank noise draw (sigma 0.5, q_proj
+Initialization noise (IDD/FDD).  docs/method.md §7 merges a low-rank noise draw (sigma 0.5, q_proj
 and v_proj, the §2 scheme) into the draft before training.  Here that noise is the adapter's
 *initial value* instead: for q_proj/v_proj the first r_noise LoRA components start at
 B = U, A = eps / scaling, so that scaling * B @ A = U @ eps exactly (the other components start

@@ -1,4 +1,4 @@
-"""The proxy p_mix by Online Stochastic Distillation (paper Sec. 3.4, App. B.1; METHOD.md §8).
+"""The proxy p_mix by Online Stochastic Distillation (paper Sec. 3.4, App. B.1; docs/method.md §8).
 
 p_mix = the target + a LoRA adapter (q_proj, v_proj; r 16, alpha 32).  At every micro-batch,
 N_teacher *fresh* noise members (sigma 0.1, the §2 scheme) are drawn into the teacher, and the
@@ -18,6 +18,7 @@ disjoint from training) to p = the proxy, against p = the raw target.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def run(cfg: ProxyConfig) -> dict:
         kls = torch.stack([divergence.kl(t[k], student) for k in range(len(teachers))]).mean(0)
         return masked_mean(kls, batch["loss_mask"])
 
-    tc = cfg.train
+    tc = dataclasses.replace(cfg.train)  # a copy: the caller's config is never changed
     steps = tc.max_steps or max(1, round(len(train_ex) / tc.batch_size * tc.epochs / tc.grad_accum))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
     stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)")
