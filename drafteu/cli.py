@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from drafteu.config import ScoreConfig, SpeculateConfig, help_of
+from drafteu.config import DraftsSection, ScoreConfig, SpeculateConfig, help_of
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.posterior import NoiseConfig
@@ -32,6 +32,21 @@ console = Console()
 err = Console(stderr=True)
 
 THREADS_HELP = "torch CPU threads (default: $DRAFTEU_THREADS, else torch's default)"
+
+
+def opt(cls, name: str, *flags: str, help_prefix: str = "", help_suffix: str = ""):
+    """A typer option for dataclass field ``name`` of ``cls``: its default and its help text come
+    from the field, so a command's options cannot drift from the configs they build."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = ...
+    if isinstance(default, tuple):
+        default = ",".join(default)  # module lists are written comma-separated on the command line
+    return typer.Option(default, *flags, help=help_prefix + f.metadata.get("help", "") + help_suffix)
 
 
 @app.callback()
@@ -59,24 +74,24 @@ def _fail(message: str) -> None:
 
 @app.command()
 def score(
-    question: str = typer.Option(..., "--question", "-q", help=help_of(ScoreConfig, "question")),
-    target: str = typer.Option("embedded", help=help_of(ScoreConfig, "target")),
-    answer: str | None = typer.Option(None, help=help_of(ScoreConfig, "answer")),
-    method: str = typer.Option("groundtruth", help=help_of(ScoreConfig, "method")),
-    drafts: Path | None = typer.Option(None, help=help_of(ScoreConfig, "drafts")),
-    proxy: Path | None = typer.Option(None, help=help_of(ScoreConfig, "proxy")),
-    family_size: int = typer.Option(3, "--family-size", "-k", help=help_of(ScoreConfig, "family_size")),
-    sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
-    rank: int = typer.Option(8, help=help_of(NoiseConfig, "rank")),
-    noise_modules: str = typer.Option("q_proj,v_proj", help="comma-separated " + help_of(NoiseConfig, "target_modules")),
-    scheme: str = typer.Option("gaussian", help=help_of(NoiseConfig, "scheme")),
-    seed: int = typer.Option(0, help=help_of(ScoreConfig, "seed")),
-    shots: int = typer.Option(2, help=help_of(ScoreConfig, "shots")),
-    max_new_tokens: int = typer.Option(256, help=help_of(ScoreConfig, "max_new_tokens")),
-    dtype: str = typer.Option("auto", help=help_of(ScoreConfig, "dtype")),
-    device: str = typer.Option("auto", help=help_of(ScoreConfig, "device")),
+    question: str = opt(ScoreConfig, "question", "--question", "-q"),
+    target: str = opt(ScoreConfig, "target"),
+    answer: str | None = opt(ScoreConfig, "answer"),
+    method: str = opt(ScoreConfig, "method"),
+    drafts: Path | None = opt(ScoreConfig, "drafts"),
+    proxy: Path | None = opt(ScoreConfig, "proxy"),
+    family_size: int = opt(ScoreConfig, "family_size", "--family-size", "-k"),
+    sigma: float = opt(NoiseConfig, "sigma"),
+    rank: int = opt(NoiseConfig, "rank"),
+    noise_modules: str = opt(NoiseConfig, "target_modules", help_prefix="comma-separated "),
+    scheme: str = opt(NoiseConfig, "scheme"),
+    seed: int = opt(ScoreConfig, "seed"),
+    shots: int = opt(ScoreConfig, "shots"),
+    max_new_tokens: int = opt(ScoreConfig, "max_new_tokens"),
+    dtype: str = opt(ScoreConfig, "dtype"),
+    device: str = opt(ScoreConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
-    json_out: Path | None = typer.Option(None, "--json", help=help_of(ScoreConfig, "json")),
+    json_out: Path | None = opt(ScoreConfig, "json", "--json"),
 ):
     """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU."""
     try:
@@ -106,29 +121,29 @@ def score(
 
 @app.command()
 def generate(
-    out: Path = typer.Option(..., "--out", "-o", help=help_of(GenerateConfig, "out")),
-    target: str = typer.Option("embedded", help=help_of(GenerateConfig, "target")),
-    task: str = typer.Option("easy-word", help=help_of(GenerateConfig, "task")),
-    split: str = typer.Option("train", help=help_of(GenerateConfig, "split")),
-    questions: int | None = typer.Option(None, "--questions", "-n", help=help_of(GenerateConfig, "questions")),
-    samples: int = typer.Option(4, help=help_of(GenerateConfig, "samples")),
-    temperature: float = typer.Option(1.0, help=help_of(GenerateConfig, "temperature")),
-    top_p: float = typer.Option(1.0, help=help_of(GenerateConfig, "top_p")),
-    max_new_tokens: int = typer.Option(256, help=help_of(GenerateConfig, "max_new_tokens")),
-    batch_size: int = typer.Option(8, help=help_of(GenerateConfig, "batch_size")),
-    shots: int = typer.Option(2, help=help_of(GenerateConfig, "shots")),
-    prefix_cache: bool = typer.Option(True, help=help_of(GenerateConfig, "prefix_cache")),
-    member: int | None = typer.Option(None, help=help_of(GenerateConfig, "member")),
-    family_seed: int = typer.Option(0, help=help_of(GenerateConfig, "family_seed")),
-    sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
-    rank: int = typer.Option(8, help=help_of(NoiseConfig, "rank")),
-    steps: int = typer.Option(1, help=help_of(GenerateConfig, "steps")),
-    low: int = typer.Option(2, help=help_of(GenerateConfig, "low")),
-    high: int = typer.Option(9, help=help_of(GenerateConfig, "high")),
-    seed: int = typer.Option(0, help=help_of(GenerateConfig, "seed")),
-    backend: str = typer.Option("hf", help=help_of(GenerateConfig, "backend")),
-    dtype: str = typer.Option("auto", help=help_of(GenerateConfig, "dtype")),
-    device: str = typer.Option("auto", help=help_of(GenerateConfig, "device")),
+    out: Path = opt(GenerateConfig, "out", "--out", "-o"),
+    target: str = opt(GenerateConfig, "target"),
+    task: str = opt(GenerateConfig, "task"),
+    split: str = opt(GenerateConfig, "split"),
+    questions: int | None = opt(GenerateConfig, "questions", "--questions", "-n"),
+    samples: int = opt(GenerateConfig, "samples"),
+    temperature: float = opt(GenerateConfig, "temperature"),
+    top_p: float = opt(GenerateConfig, "top_p"),
+    max_new_tokens: int = opt(GenerateConfig, "max_new_tokens"),
+    batch_size: int = opt(GenerateConfig, "batch_size"),
+    shots: int = opt(GenerateConfig, "shots"),
+    prefix_cache: bool = opt(GenerateConfig, "prefix_cache"),
+    member: int | None = opt(GenerateConfig, "member"),
+    family_seed: int = opt(GenerateConfig, "family_seed"),
+    sigma: float = opt(NoiseConfig, "sigma"),
+    rank: int = opt(NoiseConfig, "rank"),
+    steps: int = opt(GenerateConfig, "steps"),
+    low: int = opt(GenerateConfig, "low"),
+    high: int = opt(GenerateConfig, "high"),
+    seed: int = opt(GenerateConfig, "seed"),
+    backend: str = opt(GenerateConfig, "backend"),
+    dtype: str = opt(GenerateConfig, "dtype"),
+    device: str = opt(GenerateConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
 ):
     """Sample answers per question from the target (or a noisy family member) into OUT/samples.jsonl.
@@ -188,13 +203,13 @@ def train_options(fn):
 @app.command("train-draft-base")
 @train_options
 def train_draft_base(
-    samples: Path = typer.Option(..., help=help_of(DraftBaseConfig, "samples")),
-    out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftBaseConfig, "out")),
-    target: str = typer.Option("embedded", help=help_of(DraftBaseConfig, "target")),
-    layers: int = typer.Option(6, help=help_of(DraftBaseConfig, "layers")),
-    heldout: float = typer.Option(0.1, help=help_of(DraftBaseConfig, "heldout")),
-    seed: int = typer.Option(0, help=help_of(DraftBaseConfig, "seed")),
-    device: str = typer.Option("auto", help=help_of(DraftBaseConfig, "device")),
+    samples: Path = opt(DraftBaseConfig, "samples"),
+    out: Path = opt(DraftBaseConfig, "out", "--out", "-o"),
+    target: str = opt(DraftBaseConfig, "target"),
+    layers: int = opt(DraftBaseConfig, "layers"),
+    heldout: float = opt(DraftBaseConfig, "heldout"),
+    seed: int = opt(DraftBaseConfig, "seed"),
+    device: str = opt(DraftBaseConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -213,20 +228,20 @@ def train_draft_base(
 @app.command("train-drafts")
 @train_options
 def train_drafts(
-    samples: Path = typer.Option(..., help=help_of(DraftsConfig, "samples")),
-    out: Path = typer.Option(..., "--out", "-o", help=help_of(DraftsConfig, "out")),
-    base: str = typer.Option(..., help=help_of(DraftsConfig, "base")),
-    target: str = typer.Option("embedded", help=help_of(DraftsConfig, "target")),
-    method: str = typer.Option("ddd", help=help_of(DraftsConfig, "method")),
-    partitions: int = typer.Option(2, "--partitions", "-S", help=help_of(DraftsConfig, "partitions")),
-    per_partition: int = typer.Option(3, "--per-partition", "-M", help=help_of(DraftsConfig, "per_partition")),
-    lora_r: int = typer.Option(16, help=help_of(DraftsConfig, "lora_r")),
-    lora_alpha: int = typer.Option(32, help=help_of(DraftsConfig, "lora_alpha")),
-    init_sigma: float = typer.Option(0.5, help="IDD/FDD: " + help_of(NoiseConfig, "sigma")),
-    sigma: float = typer.Option(0.1, help="untrained/konly: " + help_of(NoiseConfig, "sigma")),
-    max_new_tokens: int = typer.Option(128, help=help_of(DraftsConfig, "max_new_tokens")),
-    seed: int = typer.Option(0, help=help_of(DraftsConfig, "seed")),
-    device: str = typer.Option("auto", help=help_of(DraftsConfig, "device")),
+    samples: Path = opt(DraftsConfig, "samples"),
+    out: Path = opt(DraftsConfig, "out", "--out", "-o"),
+    base: str = opt(DraftsConfig, "base"),
+    target: str = opt(DraftsConfig, "target"),
+    method: str = opt(DraftsConfig, "method"),
+    partitions: int = opt(DraftsConfig, "partitions", "--partitions", "-S"),
+    per_partition: int = opt(DraftsConfig, "per_partition", "--per-partition", "-M"),
+    lora_r: int = opt(DraftsConfig, "lora_r"),
+    lora_alpha: int = opt(DraftsConfig, "lora_alpha"),
+    init_sigma: float = opt(DraftsSection, "init_sigma"),
+    sigma: float = opt(DraftsSection, "sigma"),
+    max_new_tokens: int = opt(DraftsConfig, "max_new_tokens"),
+    seed: int = opt(DraftsConfig, "seed"),
+    device: str = opt(DraftsConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -234,7 +249,7 @@ def train_drafts(
     def go():
         from drafteu.train import drafts
 
-        train = dataclasses.replace(TrainConfig(), **train_overrides)
+        train = dataclasses.replace(DraftsConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
         m = drafts.run(DraftsConfig(samples=samples, out=out, base=base, target=target, method=method,
                                     partitions=partitions, per_partition=per_partition, lora_r=lora_r,
                                     lora_alpha=lora_alpha, init_noise=NoiseConfig(sigma=init_sigma),
@@ -247,14 +262,14 @@ def train_drafts(
 @app.command("train-proxy")
 @train_options
 def train_proxy(
-    samples: list[Path] = typer.Option(..., help=help_of(ProxyConfig, "samples") + "; repeat the option"),
-    out: Path = typer.Option(..., "--out", "-o", help=help_of(ProxyConfig, "out")),
-    target: str = typer.Option("embedded", help=help_of(ProxyConfig, "target")),
-    teachers: int = typer.Option(2, help=help_of(ProxyConfig, "teachers")),
-    sigma: float = typer.Option(0.1, help=help_of(NoiseConfig, "sigma")),
-    heldout: float = typer.Option(0.1, help=help_of(ProxyConfig, "heldout")),
-    seed: int = typer.Option(0, help=help_of(ProxyConfig, "seed")),
-    device: str = typer.Option("auto", help=help_of(ProxyConfig, "device")),
+    samples: list[Path] = opt(ProxyConfig, "samples", help_suffix="; repeat the option"),
+    out: Path = opt(ProxyConfig, "out", "--out", "-o"),
+    target: str = opt(ProxyConfig, "target"),
+    n_teacher: int = opt(ProxyConfig, "n_teacher", "--n-teacher", "--teachers"),
+    sigma: float = opt(NoiseConfig, "sigma"),
+    heldout: float = opt(ProxyConfig, "heldout"),
+    seed: int = opt(ProxyConfig, "seed"),
+    device: str = opt(ProxyConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     train_overrides: dict | None = None,
 ):
@@ -263,7 +278,7 @@ def train_proxy(
         from drafteu.train import proxy
 
         train = dataclasses.replace(ProxyConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
-        m = proxy.run(ProxyConfig(samples=samples, out=out, target=target, teachers=teachers,
+        m = proxy.run(ProxyConfig(samples=samples, out=out, target=target, n_teacher=n_teacher,
                                   noise=NoiseConfig(sigma=sigma), heldout=heldout, train=train, seed=seed,
                                   device=device))
         h = m.get("heldout") or {}
@@ -274,24 +289,24 @@ def train_proxy(
 
 @app.command()
 def speculate(
-    question: str = typer.Option(..., "--question", "-q", help=help_of(SpeculateConfig, "question")),
-    drafts: Path = typer.Option(..., help=help_of(SpeculateConfig, "drafts")),
-    target: str = typer.Option("embedded", help=help_of(SpeculateConfig, "target")),
-    proxy: Path | None = typer.Option(None, help=help_of(SpeculateConfig, "proxy")),
-    gamma: int = typer.Option(4, help=help_of(SpeculateConfig, "gamma")),
-    propose: str = typer.Option("mix", help=help_of(SpeculateConfig, "propose")),
-    bias: str = typer.Option("auto", help=help_of(SpeculateConfig, "bias")),
-    eu: bool = typer.Option(True, help=help_of(SpeculateConfig, "eu")),
-    temperature: float = typer.Option(0.0, help=help_of(SpeculateConfig, "temperature")),
-    max_new_tokens: int = typer.Option(256, help=help_of(SpeculateConfig, "max_new_tokens")),
-    shots: int = typer.Option(2, help=help_of(SpeculateConfig, "shots")),
-    seed: int = typer.Option(0, help=help_of(SpeculateConfig, "seed")),
-    scale: float = typer.Option(0.5, help=help_of(SpeculateConfig, "scale")),
-    dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "dtype")),
-    draft_dtype: str = typer.Option("auto", help=help_of(SpeculateConfig, "draft_dtype")),
-    device: str = typer.Option("auto", help=help_of(SpeculateConfig, "device")),
+    question: str = opt(SpeculateConfig, "question", "--question", "-q"),
+    drafts: Path = opt(SpeculateConfig, "drafts"),
+    target: str = opt(SpeculateConfig, "target"),
+    proxy: Path | None = opt(SpeculateConfig, "proxy"),
+    gamma: int = opt(SpeculateConfig, "gamma"),
+    propose: str = opt(SpeculateConfig, "propose"),
+    bias: str = opt(SpeculateConfig, "bias"),
+    eu: bool = opt(SpeculateConfig, "eu"),
+    temperature: float = opt(SpeculateConfig, "temperature"),
+    max_new_tokens: int = opt(SpeculateConfig, "max_new_tokens"),
+    shots: int = opt(SpeculateConfig, "shots"),
+    seed: int = opt(SpeculateConfig, "seed"),
+    scale: float = opt(SpeculateConfig, "scale"),
+    dtype: str = opt(SpeculateConfig, "dtype"),
+    draft_dtype: str = opt(SpeculateConfig, "draft_dtype"),
+    device: str = opt(SpeculateConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
-    json_out: Path | None = typer.Option(None, "--json", help=help_of(SpeculateConfig, "json")),
+    json_out: Path | None = opt(SpeculateConfig, "json", "--json"),
 ):
     """Answer by speculative decoding with the draft ensemble; stream tokens coloured by their EU.
 

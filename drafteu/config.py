@@ -127,81 +127,72 @@ class SpeculateConfig:
 # Experiment configs (`drafteu reproduce --config configs/<name>.yaml`): one YAML per experiment.
 # --------------------------------------------------------------------------------------------
 
+from drafteu.generate import SamplingSettings  # noqa: E402
 from drafteu.methods import DRAFT_METHODS  # noqa: E402
-from drafteu.train.loop import TrainConfig  # noqa: E402
+from drafteu.train.draft_base import DraftBaseSettings  # noqa: E402
+from drafteu.train.drafts import DraftSettings  # noqa: E402
+from drafteu.train.proxy import ProxySettings  # noqa: E402
 
 
-@dataclass
-class DataSection:
-    """Target samples the drafts are distilled on (paper Sec. 4.2: 4 answers per question)."""
-
-    task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or a HF dataset id"})
-    questions: int | None = field(default=None, metadata={"help": "first N train questions (None: all)"})
-    samples: int = field(default=4, metadata={"help": "answers per question"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    max_new_tokens: int = field(default=400, metadata={"help": "length limit of an answer"})
-    batch_size: int = field(default=8, metadata={"help": "sequences generated together"})
-    shots: int = field(default=2, metadata={"help": "worked examples before each question (0..2)"})
+@dataclass(kw_only=True)
+class DataSection(SamplingSettings):
+    """Target samples the drafts are distilled on (paper Sec. 4.2: 4 answers per question); the
+    fields of `drafteu generate` (``generate.SamplingSettings``)."""
 
 
-@dataclass
-class DraftBaseSection:
-    """The draft base: a hub id / local dir of a sibling model, or 'truncate' (the target's first layers)."""
+@dataclass(kw_only=True)
+class DraftBaseSection(DraftBaseSettings):
+    """The draft base: a sibling model, or 'truncate' (the target's first layers, warmed up with the
+    fields of `drafteu train-draft-base`)."""
 
-    model: str = field(default="truncate", metadata={"help": "sibling model, or 'truncate'"})
-    layers: int = field(default=6, metadata={"help": "with 'truncate': decoder layers kept"})
-    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, batch_size=8, grad_accum=1, warmup_steps=10))
+    model: str = field(default="truncate", metadata={"help": "sibling model (hub id / local dir), or 'truncate'"})
 
 
-@dataclass
-class DraftsSection:
-    """Draft ensembles (Sec. 4.3, App. B.2-B.6, Table 8)."""
+@dataclass(kw_only=True)
+class DraftsSection(DraftSettings):
+    """Draft ensembles (Sec. 4.3, App. B.2-B.6, Table 8): the methods and layouts to build, each with
+    the fields of `drafteu train-drafts` (``train.drafts.DraftSettings``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["untrained", "ddd", "idd", "fdd", "konly"])
-    partitions: int = field(default=2, metadata={"help": "S"})
-    per_partition: int = field(default=3, metadata={"help": "M"})
+    methods: list[str] = field(default_factory=lambda: ["untrained", "ddd", "idd", "fdd", "konly"],
+                               metadata={"help": "draft methods: " + ", ".join(DRAFT_METHODS)})
     layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table 5), e.g. [[1, 6], [3, 2]]"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_modules: str = "all-linear"
-    init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise"})
-    sigma: float = field(default=0.1, metadata={"help": "untrained / K-only / GKD / MiniLLM noise"})
-    max_new_tokens: int = field(default=400, metadata={"help": "GKD/MiniLLM on-policy sample length"})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=7e-5, epochs=1.0, batch_size=8, grad_accum=2, warmup_steps=150))
+    init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise (sigma; rank, modules and scheme from `noise`)"})
+    sigma: float = field(default=0.1, metadata={"help": "untrained / K-only / GKD / MiniLLM noise (sigma)"})
 
     def __post_init__(self):
+        super().__post_init__()
         bad = [m for m in self.methods if m not in DRAFT_METHODS]
         if bad:
             raise DraftEUError(f"unknown draft method(s) {bad}; choose from {', '.join(DRAFT_METHODS)}")
         if not self.methods:
             raise DraftEUError("drafts.methods is empty; name at least one of " + ", ".join(DRAFT_METHODS))
-        if self.partitions < 1 or self.per_partition < 1:
-            raise DraftEUError("drafts.partitions and drafts.per_partition must be >= 1")
         for lay in self.layouts:
             if len(lay) != 2 or min(lay) < 1:
                 raise DraftEUError(f"drafts.layouts entries are [S, M] with S, M >= 1, got {lay}")
 
 
-@dataclass
-class ProxySection:
-    """The OSD proxy (Sec. 3.4, App. B.1, Table 7)."""
+@dataclass(kw_only=True)
+class ProxySection(ProxySettings):
+    """The OSD proxy (Sec. 3.4, App. B.1, Table 7): its data, then the fields of `drafteu train-proxy`
+    (``train.proxy.ProxySettings``)."""
 
     data: str = field(default="teachers", metadata={"help": "'teachers': answers of fixed noisy teachers (paper); "
                                                     "'samples': re-use the draft data (cheaper)"})
     teachers: int = field(default=3, metadata={"help": "fixed noisy teachers that generate the data"})
     questions: int | None = field(default=None, metadata={"help": "questions per teacher (None: all)"})
     samples: int = field(default=5, metadata={"help": "answers per question per teacher"})
-    n_teacher: int = field(default=2, metadata={"help": "fresh noise members per batch"})
-    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, epochs=12, batch_size=8, grad_accum=8, warmup_steps=0, weight_decay=0.01))
 
     def __post_init__(self):
+        super().__post_init__()
         if self.data not in ("teachers", "samples"):
             raise DraftEUError(f"proxy.data must be 'teachers' or 'samples', got {self.data!r}")
-        if self.teachers < 1 or self.n_teacher < 1:
-            raise DraftEUError("proxy.teachers and proxy.n_teacher must be >= 1")
+        if self.teachers < 1:
+            raise DraftEUError("proxy.teachers must be >= 1")
+
+
+def section_values(section, settings_cls) -> dict:
+    """The ``settings_cls`` fields of an experiment section (to build that stage's config)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(settings_cls)}
 
 
 @dataclass
@@ -278,7 +269,7 @@ def _build(cls, value, where: str):
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
         try:
             return cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, DraftEUError) as e:
             raise DraftEUError(f"{where or 'the config'}: {e}") from e
     origin, args = typing.get_origin(cls), typing.get_args(cls)
     if origin in (typing.Union, __import__("types").UnionType):

@@ -37,21 +37,41 @@ ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_id
               "response", "extracted", "correct", "finish")
 
 
-@dataclass
-class GenerateConfig:
-    """`drafteu generate`: n sampled answers per question."""
+@dataclass(kw_only=True)
+class SamplingSettings:
+    """What to sample: shared by `drafteu generate` and the data section of an experiment config."""
 
-    out: Path = field(metadata={"help": "output directory (samples.jsonl, config.yaml, manifest.json)"})
-    target: str = field(default="embedded", metadata={"help": "model: embedded, hub id, local dir or .gguf"})
     task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or a HF dataset id (openai/gsm8k)"})
-    split: str = field(default="train", metadata={"help": "dataset split: train or test"})
     questions: int | None = field(default=None, metadata={"help": "use the first N questions (easy-word: generate N; default 200 there, all elsewhere)"})
     samples: int = field(default=4, metadata={"help": "answers per question (paper: 4 for drafts, 5 per teacher for the proxy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    max_new_tokens: int = field(default=256, metadata={"help": "length limit of an answer"})
+    max_new_tokens: int = field(default=400, metadata={"help": "length limit of an answer (paper: 400)"})
     batch_size: int = field(default=8, metadata={"help": "sequences generated together"})
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise DraftEUError(f"samples must be >= 1, got {self.samples}")
+        if self.questions is not None and self.questions < 1:
+            raise DraftEUError(f"questions must be >= 1, got {self.questions}")
+        if self.temperature < 0:
+            raise DraftEUError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DraftEUError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise DraftEUError("max_new_tokens and batch_size must be >= 1")
+        if not 0 <= self.shots <= len(data.SHOTS):
+            raise DraftEUError(f"shots must be in 0..{len(data.SHOTS)}, got {self.shots}")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingSettings):
+    """`drafteu generate`: n sampled answers per question."""
+
+    out: Path = field(metadata={"help": "output directory (samples.jsonl, config.yaml, manifest.json)"})
+    target: str = field(default="embedded", metadata={"help": "model: embedded, hub id, local dir or .gguf"})
+    split: str = field(default="train", metadata={"help": "dataset split: train or test"})
     prefix_cache: bool = field(default=True, metadata={"help": "compute the prompts' shared prefix (system + shots) once and reuse its KV cache"})
     member: int | None = field(default=None, metadata={"help": "sample from member k of the noisy target family instead of the target"})
     family_seed: int = field(default=0, metadata={"help": "seed of the noisy family (with --member)"})
@@ -65,17 +85,8 @@ class GenerateConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
+        super().__post_init__()
         self.out = Path(self.out)
-        if self.samples < 1:
-            raise DraftEUError(f"--samples must be >= 1, got {self.samples}")
-        if self.questions is not None and self.questions < 1:
-            raise DraftEUError(f"--questions must be >= 1, got {self.questions}")
-        if self.temperature < 0:
-            raise DraftEUError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise DraftEUError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise DraftEUError("--max-new-tokens and --batch-size must be >= 1")
         if self.member is not None and self.member < 0:
             raise DraftEUError(f"--member must be >= 0, got {self.member}")
         if self.backend not in BACKENDS:

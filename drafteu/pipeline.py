@@ -15,12 +15,13 @@ and bootstrap-resamples the evaluated questions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 from drafteu import generate, hardware, rundir, runio
-from drafteu.config import ExperimentConfig
+from drafteu.config import ExperimentConfig, section_values
 
 TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth family
 
@@ -30,10 +31,8 @@ TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth
 
 
 def _generate_cfg(cfg: ExperimentConfig, out: Path, **kw) -> generate.GenerateConfig:
-    d = cfg.data
-    base = dict(out=out, target=cfg.target, task=d.task, split="train", questions=d.questions, samples=d.samples,
-                temperature=d.temperature, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                shots=d.shots, noise=cfg.noise, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+    base = section_values(cfg.data, generate.SamplingSettings) | dict(
+        out=out, target=cfg.target, split="train", noise=cfg.noise, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
     return generate.GenerateConfig(**(base | kw))
 
 
@@ -47,12 +46,11 @@ def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
     from drafteu.train import draft_base
 
     return draft_base.run(draft_base.DraftBaseConfig(
-        samples=rundir.samples_path(run), out=run / "draft_base", target=cfg.target,
-        layers=cfg.draft_base.layers, heldout=cfg.draft_base.heldout, train=cfg.draft_base.train, seed=cfg.seed, device=cfg.device))
+        samples=rundir.samples_path(run), out=run / "draft_base", target=cfg.target, seed=cfg.seed,
+        device=cfg.device, **section_values(cfg.draft_base, draft_base.DraftBaseSettings)))
 
 
 def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, trial: int):
-    from drafteu.posterior import NoiseConfig
     from drafteu.train import drafts
 
     d = cfg.drafts
@@ -65,14 +63,10 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
     if konly_from is not None and not (konly_from / "adapter_model.safetensors").exists():
         konly_from = rundir.draft_dir(run, cfg, ddd, 0) / "s0_m0" if trial > 0 else None
     return drafts.DraftsConfig(
+        **(section_values(d, drafts.DraftSettings) | {"partitions": s, "per_partition": m}),
         samples=rundir.samples_path(run), out=out, base=rundir.base_model(cfg, run), target=cfg.target,
-        method=method, partitions=s, per_partition=m, lora_r=d.lora_r, lora_alpha=d.lora_alpha,
-        lora_dropout=d.lora_dropout, lora_modules=d.lora_modules,
-        init_noise=NoiseConfig(sigma=d.init_sigma, rank=cfg.noise.rank, target_modules=cfg.noise.target_modules,
-                               scheme=cfg.noise.scheme),
-        noise=NoiseConfig(sigma=d.sigma, rank=cfg.noise.rank, target_modules=cfg.noise.target_modules,
-                          scheme=cfg.noise.scheme),
-        train=d.train, max_new_tokens=d.max_new_tokens, seed=seed, konly_from=konly_from, device=cfg.device)
+        method=method, init_noise=dataclasses.replace(cfg.noise, sigma=d.init_sigma),
+        noise=dataclasses.replace(cfg.noise, sigma=d.sigma), seed=seed, konly_from=konly_from, device=cfg.device)
 
 
 def stage_drafts(cfg: ExperimentConfig, run: Path) -> dict:
@@ -107,9 +101,8 @@ def stage_proxy(cfg: ExperimentConfig, run: Path) -> dict:
     else:
         samples = [rundir.samples_path(run)]
     return proxy.run(proxy.ProxyConfig(
-        samples=samples, out=rundir.proxy_adapter(run).parent, target=cfg.target, teachers=cfg.proxy.n_teacher, noise=cfg.noise,
-        heldout=cfg.proxy.heldout,
-        train=cfg.proxy.train, seed=cfg.seed, device=cfg.device))
+        samples=samples, out=rundir.proxy_adapter(run).parent, target=cfg.target, noise=cfg.noise, seed=cfg.seed,
+        device=cfg.device, **section_values(cfg.proxy, proxy.ProxySettings)))
 
 
 def stage_eval_samples(cfg: ExperimentConfig, run: Path) -> dict:

@@ -43,7 +43,10 @@ def test_schema_and_determinism(tiny_dir, tmp_path):
     assert any(v[0] != v[1] for v in by_q.values())
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["stage"] == "generate" and manifest["rows"] == 6 and "torch" in manifest["versions"]
-    assert (tmp_path / "a" / "config.yaml").read_text().startswith("out:")
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert written["out"] == str(tmp_path / "a") and written["samples"] == 2
     generate.run(cfg(tiny_dir, tmp_path / "c", seed=1))
     other = runio.read_jsonl(tmp_path / "c" / "samples.jsonl")
     assert [r["response_ids"] for r in other] != [r["response_ids"] for r in ra]
@@ -133,9 +136,9 @@ def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--samples", "0"], "--samples must be >= 1"),
-        (["--questions", "0"], "--questions must be >= 1"),
-        (["--top-p", "0"], "--top-p"),
+        (["--samples", "0"], "samples must be >= 1"),
+        (["--questions", "0"], "questions must be >= 1"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--backend", "vllm"], "unknown backend"),
         (["--task", "/no/such.jsonl"], "not found"),
         (["--max-new-tokens", "4000"], "exceeds the context"),

@@ -29,16 +29,30 @@ from drafteu.train.loop import (
 )
 
 
-@dataclass
-class DraftBaseConfig:
+@dataclass(kw_only=True)
+class DraftBaseSettings:
+    """How the draft base is built from the target: shared by `drafteu train-draft-base` and the
+    draft_base section of an experiment config."""
+
+    layers: int = field(default=6, metadata={"help": "decoder layers kept from the target"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0, batch_size=8, grad_accum=1,
+                                                                   warmup_steps=10))
+
+    def __post_init__(self):
+        if self.layers < 1:
+            raise DraftEUError(f"layers must be >= 1, got {self.layers}")
+        if not 0 <= self.heldout < 1:
+            raise DraftEUError(f"heldout must be in [0, 1), got {self.heldout}")
+
+
+@dataclass(kw_only=True)
+class DraftBaseConfig(DraftBaseSettings):
     """`drafteu train-draft-base`: truncate the target and warm the draft up."""
 
     samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
     out: Path = field(metadata={"help": "output directory (an HF model directory + manifest)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
-    layers: int = field(default=6, metadata={"help": "decoder layers kept from the target"})
-    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0, batch_size=8, grad_accum=1, warmup_steps=10))
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 

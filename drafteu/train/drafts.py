@@ -50,8 +50,28 @@ from drafteu.train.loop import (
 METHODS = tuple(DRAFT_METHODS)
 
 
-@dataclass
-class DraftsConfig:
+@dataclass(kw_only=True)
+class DraftSettings:
+    """How every draft of an ensemble is trained: shared by `drafteu train-drafts` and the drafts
+    section of an experiment config (paper Table 8)."""
+
+    partitions: int = field(default=2, metadata={"help": "S: disjoint data partitions"})
+    per_partition: int = field(default=3, metadata={"help": "M: drafts per partition"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
+    max_new_tokens: int = field(default=400, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=7e-5, epochs=1.0, batch_size=8, grad_accum=2,
+                                                                   warmup_steps=150))
+
+    def __post_init__(self):
+        if self.partitions < 1 or self.per_partition < 1:
+            raise DraftEUError("partitions (S) and per_partition (M) must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DraftsConfig(DraftSettings):
     """`drafteu train-drafts`: an S x M draft ensemble."""
 
     samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
@@ -59,27 +79,18 @@ class DraftsConfig:
     base: str = field(metadata={"help": "draft base: a model dir (train-draft-base output), hub id or .gguf"})
     target: str = field(default="embedded", metadata={"help": "target model (vocabulary check)"})
     method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained, konly, gkd or minillm"})
-    partitions: int = field(default=2, metadata={"help": "S: disjoint data partitions"})
-    per_partition: int = field(default=3, metadata={"help": "M: drafts per partition"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
     init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5))
     noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    max_new_tokens: int = field(default=128, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
     konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb (default OUT/ddd/s0_m0, trained if missing)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
+        super().__post_init__()
         self.samples, self.out = Path(self.samples), Path(self.out)
         self.konly_from = Path(self.konly_from) if self.konly_from is not None else None
         if self.method not in METHODS:
             raise DraftEUError(f"unknown draft method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.partitions < 1 or self.per_partition < 1:
-            raise DraftEUError("--partitions and --per-partition must be >= 1")
 
     @property
     def size(self) -> int:

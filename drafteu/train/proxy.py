@@ -42,32 +42,44 @@ from drafteu.train.loop import (
 PROXY = "proxy"
 
 
-@dataclass
-class ProxyConfig:
-    """`drafteu train-proxy`: OSD for p_mix."""
+@dataclass(kw_only=True)
+class ProxySettings:
+    """How p_mix is trained by OSD (paper Table 7): shared by `drafteu train-proxy` and the proxy
+    section of an experiment config."""
 
-    samples: list[Path] = field(metadata={"help": "samples.jsonl files of noisy-teacher answers (mixed equally)"})
-    out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target)"})
-    target: str = field(default="embedded", metadata={"help": "target model"})
-    teachers: int = field(default=2, metadata={"help": "N_teacher: fresh noise members per batch"})
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    n_teacher: int = field(default=2, metadata={"help": "N_teacher: fresh noise members per batch"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the proxy"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the proxy"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout of the proxy"})
     lora_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "proxy LoRA modules"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, epochs=12, batch_size=8, grad_accum=8, warmup_steps=0, weight_decay=0.01, scheduler="linear"))
-    warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps"})
-    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the check"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps (when warmup_steps is 0)"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
+
+    def __post_init__(self):
+        if self.n_teacher < 1:
+            raise DraftEUError(f"n_teacher must be >= 1, got {self.n_teacher}")
+        if not 0 <= self.heldout < 1:
+            raise DraftEUError(f"heldout must be in [0, 1), got {self.heldout}")
+
+
+@dataclass(kw_only=True)
+class ProxyConfig(ProxySettings):
+    """`drafteu train-proxy`: OSD for p_mix."""
+
+    samples: list[Path] = field(metadata={"help": "samples.jsonl files of noisy-teacher answers (mixed equally)"})
+    out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target)"})
+    target: str = field(default="embedded", metadata={"help": "target model"})
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
+        super().__post_init__()
         self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]
         self.out = Path(self.out)
-        if self.teachers < 1:
-            raise DraftEUError(f"--teachers must be >= 1, got {self.teachers}")
 
 
 def _mix_equally(files: list[Path], seed: int) -> list[dict]:
@@ -125,7 +137,7 @@ def run(cfg: ProxyConfig) -> dict:
     train_ex, held_ex = examples_from_rows(train_rows, eos), examples_from_rows(held_rows, eos)
 
     noisy = NoisyModel(lm.model, cfg.noise)
-    teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, -1, k) for k in range(cfg.teachers)])
+    teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, -1, k) for k in range(cfg.n_teacher)])
     noisy.model.add_adapter(PROXY, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                               target_modules=list(cfg.lora_modules), bias="none"))
     noisy.model.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
@@ -158,4 +170,4 @@ def run(cfg: ProxyConfig) -> dict:
     adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
-                                heldout_examples=len(held_ex), teachers=cfg.teachers, train=stats, heldout=check)
+                                heldout_examples=len(held_ex), n_teacher=cfg.n_teacher, train=stats, heldout=check)
