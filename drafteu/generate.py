@@ -208,7 +208,8 @@ def _check_resumable(cfg: GenerateConfig) -> None:
         return
     old = yaml.safe_load(existing.read_text())
     new = runio.plain(cfg)
-    keep = ("batch_size", "prefix_cache", "device", "backend")  # may change between resumes
+    # may change between resumes; ``out`` is where the run lives (a copied or moved run is the same run)
+    keep = ("out", "batch_size", "prefix_cache", "device", "backend")
     diff = sorted(k for k in new if k not in keep and old.get(k) != new[k])
     if diff:
         raise DraftEUError(

@@ -20,8 +20,6 @@ Generic atomic I/O (jsonl, JSON, YAML) is ``drafteu.runio``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +146,7 @@ def rounded(t: torch.Tensor | None) -> list[float] | None:
 
 def stage_hash(*parts) -> str:
     """A short stable key of the config parts a stage's outputs depend on."""
-    return hashlib.sha256(json.dumps([runio.plain(p) for p in parts], sort_keys=True).encode()).hexdigest()[:16]
+    return runio.digest(list(parts))
 
 
 def fresh(path: Path, key: str) -> bool:

@@ -46,10 +46,14 @@ def plain(obj):
     return obj
 
 
+def digest(obj) -> str:
+    """A short stable hash of ``obj`` (configs, lists of config parts) as plain JSON."""
+    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg, ignore: tuple[str, ...] = ()) -> str:
     """A short stable hash of the config fields that decide a stage's outputs."""
-    d = {k: v for k, v in plain(cfg).items() if k not in ignore}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({k: v for k, v in plain(cfg).items() if k not in ignore})
 
 
 def versions() -> dict:

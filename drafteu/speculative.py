@@ -143,7 +143,7 @@ class SpeculativeDecoder:
         drafts = ens.runner if fused else ens.drafts
         return cls(target, drafts, ens.names, ens.vocab, designated=designated, fused=fused, **kw)
 
-    # -- one generation ----------------------------------------------------------------------
+    # -- one generation: draft -> verify -> accept -> stop -> emit EU, each a method ------------------
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
@@ -158,145 +158,173 @@ class SpeculativeDecoder:
             raise DraftEUError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise DraftEUError(f"temperature must be >= 0, got {temperature}")
-        gen = torch.Generator().manual_seed(seed)
-        dev, v = self.device, self.vocab
-        mix = self.propose == "mix"
-        use_proxy = self.eu and self.bias == "proxy"
-        tgt, ens, one = self._caches
         for c in self._caches:  # a prompt cache: keep what the previous answer's prompt shares with this one
             if c is not None and self.prefix_cache:
                 c.reuse(prompt_ids)
             elif c is not None:
                 c.rollback(0)
-        prompt_len = len(prompt_ids)
-        seq = list(prompt_ids)
-        # Keyed by the sequence position of the token the distribution predicts.
-        q_at: dict[int, torch.Tensor] = {}  # (K, V) draft logits
-        p_at: dict[int, torch.Tensor] = {}  # (V,) logits of p for the bias term
-        var_out: list[float] = []
-        bias_out: list[float] = []
-        streamed = 0
-        res = SpecResult([], None, None)
-        t_draft = t_verify = t_eu = 0.0
+        st = _Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
+                         gen=torch.Generator().manual_seed(seed))
         t0 = time.perf_counter()
-
-        def feed(c: PrefixCache, extra: list[int]) -> tuple[torch.Tensor, int]:
-            """Logits of every needed input position (never the prompt's interior) and the sequence
-            position the first of them predicts."""
-            total = len(seq) + len(extra)
-            keep = total - max(c.fed, prompt_len - 1)
-            return c.feed(seq, extra, keep, dev)[..., :v], total - keep + 1
-
-        def tempered(logits: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(logits.float() / temperature, dim=-1)
-
-        def sample(probs: torch.Tensor) -> int:
-            return int(torch.multinomial(probs, 1, generator=gen))
-
-        while len(seq) - prompt_len < max_new_tokens:
-            base = len(seq)
-            # 1. draft gamma proposals
-            td = time.perf_counter()
-            props: list[int] = []
-            r_probs = []
-            for _ in range(self.gamma):
-                if mix:
-                    logits, first = feed(ens, props)  # (K, n, V)
-                    for j in range(logits.shape[1]):
-                        q_at[first + j] = logits[:, j]
-                    q = logits[:, -1]
-                    if temperature == 0:
-                        tok = int(torch.softmax(q.float(), -1).mean(0).argmax())
-                    else:
-                        r_probs.append(tempered(q).mean(0))
-                        tok = sample(r_probs[-1])
-                else:
-                    q = feed(one, props)[0][0, -1]
-                    if temperature == 0:
-                        tok = int(q.argmax())
-                    else:
-                        r_probs.append(tempered(q))
-                        tok = sample(r_probs[-1])
-                props.append(tok)
-            if not mix and self.eu:  # the K drafts score the gamma + 1 positions in one pass
-                logits, first = feed(ens, props)
-                for j in range(logits.shape[1]):
-                    q_at[first + j] = logits[:, j]
-            t_draft += time.perf_counter() - td
-            # 2. verify: one target forward over what its cache lacks + the proposals
-            tv = time.perf_counter()
-            out, first = feed(tgt, props)  # (B, n, V); the last gamma + 1 predict base .. base + gamma
-            p_rows = out[0, -(self.gamma + 1):]
-            if self.eu:
-                src = out[1] if use_proxy else out[0]
-                for j in range(out.shape[1]):
-                    p_at[first + j] = src[j]
-            n_acc, nxt = 0, None
-            for i, tok in enumerate(props):
-                if temperature == 0:
-                    if int(p_rows[i].argmax()) != tok:
-                        break
-                else:
-                    p, r = tempered(p_rows[i]), r_probs[i]
-                    if float(torch.rand((), generator=gen)) >= min(1.0, float(p[tok] / r[tok])):
-                        resid = torch.clamp(p - r, min=0)
-                        nxt = sample(resid / resid.sum() if float(resid.sum()) > 0 else p)
-                        break
-                n_acc += 1
-            if nxt is None:
-                nxt = int(p_rows[n_acc].argmax()) if temperature == 0 else sample(tempered(p_rows[n_acc]))
-            t_verify += time.perf_counter() - tv
-            res.proposed += self.gamma
-            res.accepted += n_acc
-            res.rounds += 1
-            seq += props[:n_acc] + [nxt]
-            for c in (tgt, ens, one):  # roll the caches back to the accepted tokens
-                if c is not None:
-                    c.rollback(base + n_acc)
-            for d in (q_at, p_at):  # distributions computed after a rejected proposal are stale
-                for j in [j for j in d if j > base + n_acc]:
-                    del d[j]
-            # 3. stop at EOS / the length limit
-            emitted = seq[prompt_len:]
-            stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-            if stop is not None:
-                del seq[prompt_len + stop:]
-                res.finish = "eos"
-            elif len(emitted) > max_new_tokens:
-                del seq[prompt_len + max_new_tokens:]
-            done = stop is not None or len(seq) - prompt_len >= max_new_tokens
-            # 4. EU of every emitted token whose drafts' distributions are known; stream them
-            te = time.perf_counter()
-            if self.eu and done and len(seq) - prompt_len > streamed and (len(seq) - 1) not in q_at:
-                last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
-                logits, first = feed(ens, [])
-                seq.append(last)
-                q_at[first + logits.shape[1] - 1] = logits[:, -1]
-            ready = streamed
-            while prompt_len + ready < len(seq) and (not self.eu or prompt_len + ready in q_at):
-                ready += 1
-            if ready > streamed:
-                ids = seq[prompt_len + streamed: prompt_len + ready]
-                var = bias = None
-                if self.eu:
-                    pos = range(prompt_len + streamed, prompt_len + ready)
-                    terms = divergence.eu_decomposition(torch.stack([q_at.pop(j) for j in pos], dim=1),
-                                                        torch.stack([p_at.pop(j) for j in pos]))
-                    var, bias = terms.variance.cpu(), terms.bias.cpu()
-                    var_out += var.tolist()
-                    bias_out += bias.tolist()
-                if on_tokens is not None:
-                    on_tokens(ids, var, bias)
-                streamed = ready
-            t_eu += time.perf_counter() - te
+        while len(st.seq) - st.prompt_len < max_new_tokens:
+            base = len(st.seq)
+            props, r_probs = self._timed(st, "draft_s", self._draft, st)
+            n_acc, nxt = self._timed(st, "verify_s", self._verify, st, props, r_probs)
+            self._accept(st, base, props, n_acc, nxt)
+            done = self._stop(st, eos_ids, max_new_tokens)
+            self._timed(st, "eu_s", self._emit, st, done, on_tokens)
             if done:
                 break
-        res.token_ids = seq[prompt_len:]
+        res = st.res
+        res.token_ids = st.seq[st.prompt_len:]
         if self.eu:
-            res.variance, res.bias = torch.tensor(var_out), torch.tensor(bias_out)
+            res.variance, res.bias = torch.tensor(st.var_out), torch.tensor(st.bias_out)
         res.seconds = time.perf_counter() - t0
-        res.timings = {"draft_s": t_draft, "verify_s": t_verify, "eu_s": t_eu}
+        res.timings = st.timings
         return res
+
+    @staticmethod
+    def _timed(st: _Generation, key: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        st.timings[key] += time.perf_counter() - t
+        return out
+
+    def _feed(self, st: _Generation, c: PrefixCache, extra: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits of every needed input position (never the prompt's interior) and the sequence
+        position the first of them predicts."""
+        total = len(st.seq) + len(extra)
+        keep = total - max(c.fed, st.prompt_len - 1)
+        return c.feed(st.seq, extra, keep, self.device)[..., : self.vocab], total - keep + 1
+
+    def _draft(self, st: _Generation) -> tuple[list[int], list[torch.Tensor]]:
+        """gamma proposals (from q_mix or draft k) and, when sampling, their proposal distributions."""
+        _, ens, one = self._caches
+        props: list[int] = []
+        r_probs: list[torch.Tensor] = []
+        for _ in range(self.gamma):
+            if self.propose == "mix":
+                logits, first = self._feed(st, ens, props)  # (K, n, V)
+                for j in range(logits.shape[1]):
+                    st.q_at[first + j] = logits[:, j]
+                q = logits[:, -1]
+                if st.temperature == 0:
+                    tok = int(torch.softmax(q.float(), -1).mean(0).argmax())
+                else:
+                    r_probs.append(st.tempered(q).mean(0))
+                    tok = st.sample(r_probs[-1])
+            else:
+                q = self._feed(st, one, props)[0][0, -1]
+                if st.temperature == 0:
+                    tok = int(q.argmax())
+                else:
+                    r_probs.append(st.tempered(q))
+                    tok = st.sample(r_probs[-1])
+            props.append(tok)
+        if self.propose != "mix" and self.eu:  # the K drafts score the gamma + 1 positions in one pass
+            logits, first = self._feed(st, ens, props)
+            for j in range(logits.shape[1]):
+                st.q_at[first + j] = logits[:, j]
+        return props, r_probs
+
+    def _verify(self, st: _Generation, props: list[int], r_probs: list[torch.Tensor]) -> tuple[int, int]:
+        """One target forward over what its cache lacks + the proposals: (accepted count, next token)."""
+        out, first = self._feed(st, self._caches[0], props)  # (B, n, V); the last gamma + 1 predict base ..
+        p_rows = out[0, -(self.gamma + 1):]
+        if self.eu:
+            src = out[1] if self.bias == "proxy" else out[0]
+            for j in range(out.shape[1]):
+                st.p_at[first + j] = src[j]
+        n_acc, nxt = 0, None
+        for i, tok in enumerate(props):
+            if st.temperature == 0:
+                if int(p_rows[i].argmax()) != tok:
+                    break
+            else:
+                p, r = st.tempered(p_rows[i]), r_probs[i]
+                if float(torch.rand((), generator=st.gen)) >= min(1.0, float(p[tok] / r[tok])):
+                    resid = torch.clamp(p - r, min=0)
+                    nxt = st.sample(resid / resid.sum() if float(resid.sum()) > 0 else p)
+                    break
+            n_acc += 1
+        if nxt is None:
+            nxt = int(p_rows[n_acc].argmax()) if st.temperature == 0 else st.sample(st.tempered(p_rows[n_acc]))
+        return n_acc, nxt
+
+    def _accept(self, st: _Generation, base: int, props: list[int], n_acc: int, nxt: int) -> None:
+        """Append the accepted proposals and the target's token; roll caches and stale distributions back."""
+        st.res.proposed += self.gamma
+        st.res.accepted += n_acc
+        st.res.rounds += 1
+        st.seq += props[:n_acc] + [nxt]
+        for c in self._caches:
+            if c is not None:
+                c.rollback(base + n_acc)
+        for d in (st.q_at, st.p_at):  # distributions computed after a rejected proposal are stale
+            for j in [j for j in d if j > base + n_acc]:
+                del d[j]
+
+    @staticmethod
+    def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
+        """Cut at EOS / the length limit; True when the generation is finished."""
+        emitted = st.seq[st.prompt_len:]
+        stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+        if stop is not None:
+            del st.seq[st.prompt_len + stop:]
+            st.res.finish = "eos"
+        elif len(emitted) > max_new_tokens:
+            del st.seq[st.prompt_len + max_new_tokens:]
+        return stop is not None or len(st.seq) - st.prompt_len >= max_new_tokens
+
+    def _emit(self, st: _Generation, done: bool, on_tokens) -> None:
+        """EU of every emitted token whose drafts' distributions are known; stream them."""
+        seq, plen = st.seq, st.prompt_len
+        if self.eu and done and len(seq) - plen > st.streamed and (len(seq) - 1) not in st.q_at:
+            last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
+            logits, first = self._feed(st, self._caches[1], [])
+            seq.append(last)
+            st.q_at[first + logits.shape[1] - 1] = logits[:, -1]
+        ready = st.streamed
+        while plen + ready < len(seq) and (not self.eu or plen + ready in st.q_at):
+            ready += 1
+        if ready <= st.streamed:
+            return
+        ids = seq[plen + st.streamed: plen + ready]
+        var = bias = None
+        if self.eu:
+            pos = range(plen + st.streamed, plen + ready)
+            terms = divergence.eu_decomposition(torch.stack([st.q_at.pop(j) for j in pos], dim=1),
+                                                torch.stack([st.p_at.pop(j) for j in pos]))
+            var, bias = terms.variance.cpu(), terms.bias.cpu()
+            st.var_out += var.tolist()
+            st.bias_out += bias.tolist()
+        if on_tokens is not None:
+            on_tokens(ids, var, bias)
+        st.streamed = ready
+
+
+@dataclass
+class _Generation:
+    """The state of one ``SpeculativeDecoder.generate`` call."""
+
+    seq: list[int]
+    prompt_len: int
+    temperature: float
+    gen: torch.Generator
+    # keyed by the sequence position of the token the distribution predicts
+    q_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (K, V) draft logits
+    p_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) logits of p for the bias term
+    var_out: list[float] = field(default_factory=list)
+    bias_out: list[float] = field(default_factory=list)
+    streamed: int = 0
+    res: SpecResult = field(default_factory=lambda: SpecResult([], None, None))
+    timings: dict = field(default_factory=lambda: {"draft_s": 0.0, "verify_s": 0.0, "eu_s": 0.0})
+
+    def tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.gen))
 
 
 def merged_draft(ens, name: str):

@@ -39,9 +39,10 @@ from drafteu.rundir import (
 class TrialEstimators:
     """Every estimator of one trial, on one loaded target (with its noise members and the proxy).
 
-    ``prefix=False`` runs full forwards (the cost table: every method pays for every token)."""
+    ``shared=False`` runs full forwards and gives every draft ensemble its own proxy pass (the cost
+    table: every method pays for every token it needs)."""
 
-    def __init__(self, cfg, run: Path, rows: list[dict] | None = None, prefix: bool = True):
+    def __init__(self, cfg, run: Path, rows: list[dict] | None = None, shared: bool = True):
         self.cfg, self.run = cfg, Path(run)
         self.lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
         self.device = next(self.lm.model.parameters()).device
@@ -50,7 +51,8 @@ class TrialEstimators:
         self.noisy.model.load_adapter(proxy_adapter(run), adapter_name="proxy")
         self.noisy.model.eval()
         self.tokenizer_only = models.load(cfg.target, tokenizer_only=True)
-        self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if prefix and rows and len(rows) > 1 else 0
+        self.shared = shared
+        self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if shared and rows and len(rows) > 1 else 0
         self.proxy = LogitsSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len)
         self.estimators: dict[str, estimators.Estimator] = {}
         self.trial: int | None = None
@@ -67,7 +69,7 @@ class TrialEstimators:
         for spec in specs:
             self.estimators[spec.label] = estimators.DraftEnsemble(
                 draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
-                proxy_source=self.proxy)
+                proxy_source=self.proxy if self.shared else LogitsSource(self.noisy.model, ["proxy"]))
 
     def score(self, row: dict, methods: list[str]) -> dict[str, estimators.TokenScores]:
         """TokenScores per method label for one answer."""

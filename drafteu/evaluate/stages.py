@@ -143,7 +143,7 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
 def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     """FLOPs per token and measured wall time per method on the same answers, in this one run."""
     rows = eval_rows(run)[: cfg.eval.cost_responses]
-    trial_est = TrialEstimators(cfg, run, rows, prefix=False)  # full forwards: every method pays for every token
+    trial_est = TrialEstimators(cfg, run, rows, shared=False)  # every method pays for every token it needs
     specs = [EnsembleSpec.from_label(m) for m in labels(cfg)]
     trial_est.set_trial(0, specs)
     n_target = cost.parameters(trial_est.lm.model)
