@@ -187,6 +187,15 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefi
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def manifest_base(manifest: dict, drafts_dir: Path) -> str:
+    """The draft base of a drafts manifest: a path relative to the ensemble directory (so runs
+    can be copied and moved), a hub id, or 'embedded'.  Older manifests hold absolute paths."""
+    base = manifest["base"]
+    if manifest.get("base_is_path"):
+        return str((Path(drafts_dir) / base).resolve())
+    return base
+
+
 class DraftEnsemble(Estimator):
     """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; docs/method.md §3).
 
@@ -212,10 +221,11 @@ class DraftEnsemble(Estimator):
 
         manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
         self.names = list(manifest["adapters"])
-        self.drafts_dir, self.base_spec, self.dtype = Path(drafts_dir), manifest["base"], dtype
+        self.drafts_dir, self.dtype = Path(drafts_dir), dtype
+        self.base_spec = manifest_base(manifest, self.drafts_dir)
         if device is None:  # next to the target, else where ``device: auto`` puts models
             device = next(target.model.parameters()).device if target.model is not None else "auto"
-        base = models.load(manifest["base"], dtype=dtype, device=device)
+        base = models.load(self.base_spec, dtype=dtype, device=device)
         self.vocab = models.shared_vocab_size(target, base)
         model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])
         for n in self.names[1:]:

@@ -84,6 +84,8 @@ class GenerateConfig(SamplingSettings):
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
+    location_fields = ("out", "device")  # where the run lives: not part of its identity
+
     def __post_init__(self):
         super().__post_init__()
         self.out = Path(self.out)

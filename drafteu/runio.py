@@ -52,7 +52,10 @@ def digest(obj) -> str:
 
 
 def config_hash(cfg, ignore: tuple[str, ...] = ()) -> str:
-    """A short stable hash of the config fields that decide a stage's outputs."""
+    """A short stable hash of the config fields that decide a stage's outputs.  Fields a config
+    lists in ``location_fields`` (where the run lives, the device) are left out, so a copied or
+    moved run directory is still up to date."""
+    ignore = tuple(ignore) + tuple(getattr(cfg, "location_fields", ()))
     return digest({k: v for k, v in plain(cfg).items() if k not in ignore})
 
 

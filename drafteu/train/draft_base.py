@@ -56,6 +56,8 @@ class DraftBaseConfig(DraftBaseSettings):
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
+    location_fields = ("samples", "out", "device")  # where the run lives: not part of its identity
+
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows, split by question."""

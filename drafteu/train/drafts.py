@@ -25,6 +25,7 @@ shared base, so IDD/FDD ensembles keep the one-forward batched evaluation.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,9 @@ class DraftsConfig(DraftSettings):
         if self.method not in METHODS:
             raise DraftEUError(f"unknown draft method {self.method!r}; choose one of {', '.join(METHODS)}")
 
+    # where inputs and outputs live: not part of what the ensemble is (a moved run is the same run)
+    location_fields = ("samples", "out", "base", "konly_from", "device")
+
     @property
     def size(self) -> int:
         return self.partitions * self.per_partition
@@ -154,7 +158,10 @@ def run(cfg: DraftsConfig) -> dict:
     wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = runio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
-        base=str(Path(base_dir).resolve()) if Path(base_dir).exists() else base_dir,
+        # a local base is stored relative to the ensemble directory, so a copied or moved run keeps
+        # loading its own base; hub ids and 'embedded' stay as they are
+        base=os.path.relpath(Path(base_dir).resolve(), out.resolve()) if Path(base_dir).exists() else base_dir,
+        base_is_path=Path(base_dir).exists(),
         target=cfg.target, adapters=names, partitions=stats, train=timings,
     )
     if runio.is_main_process():

@@ -76,6 +76,8 @@ class ProxyConfig(ProxySettings):
     seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
+    location_fields = ("samples", "out", "device")  # where the run lives: not part of its identity
+
     def __post_init__(self):
         super().__post_init__()
         self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]
