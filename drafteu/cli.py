@@ -369,6 +369,7 @@ def reproduce(
             parsed[key.strip()] = value  # coerced by the field's type in load_experiment
         cfg = load_experiment(config, parsed)
         out = run_dir or Path("runs") / cfg.name
+        pipeline.preflight(cfg, out)  # config errors before anything is printed or written
         console.print(f"reproduce [bold]{cfg.name}[/] into {out}")
         m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False))
         console.print(f"done in {m['last_run_seconds']:.0f} s: {out / 'report.md'}, {out / 'report.html'}")

@@ -12,6 +12,8 @@ from drafteu.estimators import AGGREGATIONS, METHODS
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig
 
+MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
+
 
 def help_of(cls, name: str) -> str:
     """The ``help`` text of dataclass field ``name`` (used by the CLI)."""
@@ -63,8 +65,12 @@ class ScoreConfig:
             raise DraftEUError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "drafts" and self.drafts is None:
             raise DraftEUError("--method drafts needs --drafts DIR (a run directory or a drafts directory)")
-        if self.family_size < 1:
-            raise DraftEUError(f"--family-size must be >= 1, got {self.family_size}")
+        if self.method in ("groundtruth", "tokur") and self.family_size < 2:
+            raise DraftEUError(f"--family-size {self.family_size}: the mutual information of fewer than 2 noisy "
+                               "copies is 0 by definition; use K >= 2 (the paper uses 3)")
+        if self.family_size > MAX_FAMILY:
+            raise DraftEUError(f"--family-size {self.family_size}: at most {MAX_FAMILY} (each copy is one more "
+                               "target pass per token; the paper uses 3)")
         if self.max_new_tokens < 1:
             raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.answer is not None and not self.answer.strip():
@@ -226,8 +232,11 @@ class EvalSection:
         bad = [a for a in self.aggregations if a not in AGGREGATIONS]
         if bad or not self.aggregations:
             raise DraftEUError(f"eval.aggregations must be from {AGGREGATIONS}, got {self.aggregations}")
-        if self.trials < 1 or self.repeats < 1 or self.family_size < 1 or self.tokur_size < 1:
-            raise DraftEUError("eval.trials, repeats, family_size and tokur_size must be >= 1")
+        if self.trials < 1 or self.repeats < 1:
+            raise DraftEUError("eval.trials and eval.repeats must be >= 1")
+        if not (2 <= self.family_size <= MAX_FAMILY and 2 <= self.tokur_size <= MAX_FAMILY):
+            raise DraftEUError(f"eval.family_size and eval.tokur_size must be in 2..{MAX_FAMILY} (the mutual "
+                               "information of one copy is 0 by definition; the paper uses 3)")
         if not 0 < self.fit_fraction < 1:
             raise DraftEUError(f"eval.fit_fraction must be in (0, 1), got {self.fit_fraction}")
         if any(k < 1 for k in self.proxy_ks) or self.reference_size < 2:

@@ -261,24 +261,28 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise DraftEUError(f"dataset file not found: {path}")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DraftEUError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DraftEUError(f"{path}:{lineno}: expected a JSON object with question and answer")
-            missing = [k for k in ("question", "answer") if k not in row]
-            if missing:
-                raise DraftEUError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            gold = _gold_from_answer(row["answer"])
-            if gold is None:
-                raise DraftEUError(f"{path}:{lineno}: answer has no number: {str(row['answer'])[:60]!r}")
-            qid = str(row.get("id", f"{path.stem}-{lineno}"))
-            problems.append(Problem(qid=qid, question=str(row["question"]), gold=gold))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DraftEUError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); pass a jsonl file "
+                           "with question and answer fields") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DraftEUError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise DraftEUError(f"{path}:{lineno}: expected a JSON object with question and answer")
+        missing = [k for k in ("question", "answer") if k not in row]
+        if missing:
+            raise DraftEUError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        gold = _gold_from_answer(row["answer"])
+        if gold is None:
+            raise DraftEUError(f"{path}:{lineno}: answer has no number: {str(row['answer'])[:60]!r}")
+        qid = str(row.get("id", f"{path.stem}-{lineno}"))
+        problems.append(Problem(qid=qid, question=str(row["question"]), gold=gold))
     if not problems:
         raise DraftEUError(f"{path} holds no problems")
     return problems

@@ -8,6 +8,7 @@ P + t - 2.  Prompt positions are never scored.
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -187,6 +188,44 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefi
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def rebuild(what: str = "it") -> str:
+    """The fix for a damaged stage output."""
+    return f"delete {what} and re-run (reproduce rebuilds only what is missing; nothing else is lost)"
+
+
+def read_drafts_manifest(drafts_dir: Path) -> dict:
+    """A drafts directory's manifest.json, or a DraftEUError saying what is wrong and how to fix it."""
+    path = Path(drafts_dir) / "manifest.json"
+    if not path.exists():
+        raise DraftEUError(f"{drafts_dir} has no manifest.json: not a drafts directory (drafteu train-drafts "
+                           "writes one), or its training did not finish; re-run it")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest["adapters"], manifest["base"]  # noqa: B018 - the fields every ensemble needs
+    except (ValueError, KeyError, TypeError):
+        raise DraftEUError(f"{path} is damaged (not a complete drafts manifest); {rebuild(str(path))}") from None
+    return manifest
+
+
+def load_adapter(model, directory: Path, name: str):
+    """``model`` with the PEFT adapter in ``directory`` added as ``name`` (a PeftModel), or a
+    DraftEUError naming the missing or damaged file."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (directory / f).is_file():
+            raise DraftEUError(f"{directory / f} is missing; {rebuild(str(directory))}")
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(directory, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, directory, adapter_name=name)
+    except (SafetensorError, ValueError, OSError, KeyError, RuntimeError) as e:
+        raise DraftEUError(f"adapter {directory} is damaged ({str(e).splitlines()[0][:120]}); "
+                           f"{rebuild(str(directory))}") from None
+
+
 def manifest_base(manifest: dict, drafts_dir: Path) -> str:
     """The draft base of a drafts manifest: a path relative to the ensemble directory (so runs
     can be copied and moved), a hub id, or 'embedded'.  Older manifests hold absolute paths."""
@@ -213,13 +252,10 @@ class DraftEnsemble(Estimator):
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
                  batched: bool = True, dtype: str = "auto", prefix_len: int = 0,
                  proxy_source: LogitsSource | None = None):
-        import json
-
-        from peft import PeftModel
 
         from drafteu import adapters, models
 
-        manifest = json.loads((Path(drafts_dir) / "manifest.json").read_text())
+        manifest = read_drafts_manifest(Path(drafts_dir))
         self.names = list(manifest["adapters"])
         self.drafts_dir, self.dtype = Path(drafts_dir), dtype
         self.base_spec = manifest_base(manifest, self.drafts_dir)
@@ -227,9 +263,9 @@ class DraftEnsemble(Estimator):
             device = next(target.model.parameters()).device if target.model is not None else "auto"
         base = models.load(self.base_spec, dtype=dtype, device=device)
         self.vocab = models.shared_vocab_size(target, base)
-        model = PeftModel.from_pretrained(base.model, Path(drafts_dir) / self.names[0], adapter_name=self.names[0])
-        for n in self.names[1:]:
-            model.load_adapter(Path(drafts_dir) / n, adapter_name=n)
+        model = base.model
+        for n in self.names:
+            model = load_adapter(model, Path(drafts_dir) / n, n)
         self.drafts = model.eval()
         self.runner = adapters.k_adapter_model(self.drafts, self.names)
         self.method = manifest.get("method", "drafts")
@@ -239,10 +275,7 @@ class DraftEnsemble(Estimator):
         if proxy_dir is not None and self.target is None:
             raise DraftEUError("a proxy needs the target's weights; load the target with its model")
         if proxy_dir is not None:
-            if isinstance(self.target, PeftModel):
-                self.target.load_adapter(proxy_dir, adapter_name="proxy")
-            else:
-                self.target = PeftModel.from_pretrained(self.target, proxy_dir, adapter_name="proxy")
+            self.target = load_adapter(self.target, Path(proxy_dir), "proxy")
             self.target.set_adapter("proxy")
         if self.target is not None:
             self.target.eval()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from drafteu import hardware
 from drafteu.errors import DraftEUError
@@ -164,7 +165,11 @@ def load(
     device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)
     if gguf_file is not None:
-        path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))
+        try:
+            path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))
+        except (ValueError, OSError, KeyError) as e:
+            raise DraftEUError(f"{Path(path) / gguf_file} is not a valid GGUF model ({str(e).splitlines()[0][:160]}); "
+                               "re-download it, or pass another model") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer_only:
@@ -180,6 +185,9 @@ def load(
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as e:
         raise DraftEUError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from e
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as e:
+        raise DraftEUError(f"could not load model {spec!r}: its files look damaged ({str(e).splitlines()[0][:160]}); "
+                           "re-download or re-create it (a run's draft_base: delete it and re-run)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()  # a no-op when the weights are already there

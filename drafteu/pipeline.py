@@ -22,6 +22,8 @@ from pathlib import Path
 
 from drafteu import generate, hardware, rundir, runio
 from drafteu.config import ExperimentConfig, section_values
+from drafteu.errors import DraftEUError
+from drafteu.methods import DRAFT_METHODS
 
 TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth family
 
@@ -130,13 +132,48 @@ def _eval_stage(name: str, fn, keys, cfg: ExperimentConfig, run: Path):
     return result
 
 
+def _groups(heldout: float) -> int:
+    """Question groups a held-out split makes (``draft_base.split_heldout``)."""
+    return max(2, round(1 / heldout)) if heldout > 0 else 1
+
+
+def preflight(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Every check that can be made before any work: the run directory, the device, and whether the
+    configured questions are enough for every partition the stages will make."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DraftEUError(f"--run {run_dir} is a file; give a directory (new or an earlier run of this config)")
+    hardware.resolve_device(cfg.device)
+    n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
+    if n is None:
+        return  # a dataset's size is known only once it is read
+    needs = []
+    if cfg.draft_base.model == "truncate" and cfg.draft_base.heldout > 0:
+        needs.append((_groups(cfg.draft_base.heldout), f"draft_base.heldout {cfg.draft_base.heldout:g} splits them "
+                      f"into {_groups(cfg.draft_base.heldout)} groups", "lower draft_base.heldout"))
+    parts = [cfg.drafts.partitions] if any(DRAFT_METHODS[m].partitions for m in cfg.drafts.methods) else []
+    parts += [s for s, _ in cfg.drafts.layouts]
+    if parts:
+        needs.append((max(parts), f"the drafts need {max(parts)} disjoint partitions", "lower drafts.partitions"))
+    if cfg.proxy.heldout > 0:
+        pq = n if cfg.proxy.data == "samples" or cfg.proxy.questions is None else min(n, cfg.proxy.questions)
+        if pq < _groups(cfg.proxy.heldout):
+            raise DraftEUError(f"the proxy trains on {pq} questions, but proxy.heldout {cfg.proxy.heldout:g} splits "
+                               f"them into {_groups(cfg.proxy.heldout)} groups; raise the questions or lower "
+                               "proxy.heldout (0: no held-out check)")
+    for need, why, fix in needs:
+        if n < need:
+            raise DraftEUError(f"data.questions is {n}, but {why}: raise data.questions to >= {need} or {fix}")
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
     """Every stage in order; returns the run manifest (stage -> seconds, skipped or not)."""
     from drafteu import report
     from drafteu.evaluate import scoring, stages
 
     run_dir = Path(run_dir)
-    device = hardware.resolve_device(cfg.device)  # a bad device is an error before any work
+    preflight(cfg, run_dir)  # config errors before any work
+    device = hardware.resolve_device(cfg.device)
     precision = {sec: hardware.resolve_mixed_precision(getattr(cfg, sec).train.mixed_precision, device)[0]
                  for sec in ("draft_base", "drafts", "proxy")}
     hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}

@@ -21,6 +21,7 @@ sigma = 0 gives dW = 0 exactly: the member is the target.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from drafteu.errors import DraftEUError
+from drafteu.progress import note
 
 SCHEMES = ("gaussian", "svd")
+SIGMA_WARN = 2.0  # above this a noisy copy is no longer a small perturbation of the model
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,11 @@ class NoiseConfig:
     )
 
     def __post_init__(self):
-        if not self.sigma >= 0:
-            raise DraftEUError(f"sigma must be >= 0, got {self.sigma}")
+        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+            raise DraftEUError(f"sigma must be a finite number >= 0, got {self.sigma} (the paper uses 0.1)")
+        if self.sigma > SIGMA_WARN:
+            note(f"note: noise sigma {self.sigma:g} is far above the paper's 0.1: noisy copies then disagree on "
+                 "almost every token and the mutual information saturates near ln K")
         if self.rank < 1:
             raise DraftEUError(f"noise rank must be >= 1, got {self.rank}")
         if not self.target_modules:

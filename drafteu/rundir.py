@@ -181,6 +181,9 @@ def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[P
         proxy = proxy or (run_proxy if (run_proxy / "adapter_config.json").exists() else None)
     elif (path / "manifest.json").exists() and _stage_of(path / "manifest.json") == "drafts":
         drafts = path
+    elif (path / "manifest.json").exists() and _stage_of(path / "manifest.json") is None:
+        raise DraftEUError(f"{path / 'manifest.json'} is damaged (not valid JSON); delete {path} and re-run the "
+                           "stage that made it (reproduce rebuilds only what is missing)")
     else:
         raise DraftEUError(f"{path} is neither a run directory (with drafts/ddd) nor a drafts directory; "
                            "train one with drafteu train-drafts")

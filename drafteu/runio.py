@@ -110,13 +110,31 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
         with path.open("r+b") as f:
             f.truncate(cut)
         data = data[:cut]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DraftEUError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
+                           "pass a jsonl file written by drafteu generate") from None
     rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DraftEUError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+    return rows
+
+
+def read_samples(path: Path, hint: str = "run drafteu generate first") -> list[dict]:
+    """Rows of an input samples.jsonl: a missing file, a directory or an empty file is a clear error."""
+    path = Path(path)
+    if path.is_dir():
+        raise DraftEUError(f"{path} is a directory; pass its samples.jsonl")
+    if not path.exists():
+        raise DraftEUError(f"samples file not found: {path}; {hint}")
+    rows = read_jsonl(path)
+    if not rows:
+        raise DraftEUError(f"{path} holds no samples; {hint}")
     return rows
 
 

@@ -63,3 +63,96 @@ def test_a_copied_run_is_the_same_run_after_the_original_is_gone(finished_run, t
     assert json.loads(out.read_text())["tokens"][0]["variance"] > 0
     finished_run.joinpath("r1").mkdir()  # leave the module fixture's layout as it was
     shutil.copytree(moved, finished_run / "r1", dirs_exist_ok=True)
+
+
+def _damaged_copy(finished_run, tmp_path):
+    run = tmp_path / "damaged"
+    shutil.copytree(finished_run / "r1", run)
+    return run
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("delete_adapter", ["drafts/ddd/s0_m0/adapter_model.safetensors is missing", "re-run"]),
+    ("truncate_adapter", ["adapter", "s0_m0 is damaged", "re-run"]),
+    ("truncate_manifest", ["manifest.json is damaged", "re-run"]),
+])
+def test_a_damaged_run_is_diagnosed_not_crashed_on(finished_run, tiny_dir, tmp_path, damage, needles):
+    run = _damaged_copy(finished_run, tmp_path)
+    ddd = run / "drafts" / "ddd"
+    if damage == "delete_adapter":
+        (ddd / "s0_m0" / "adapter_model.safetensors").unlink()
+    elif damage == "truncate_adapter":
+        f = ddd / "s0_m0" / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        f = ddd / "manifest.json"
+        f.write_text(f.read_text()[:40])
+    kept = {p: p.read_bytes() for p in run.rglob("*.jsonl")}
+    for target in (run, ddd):
+        res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "What is 2 + 3?", "--answer", "5",
+                                       "--method", "drafts", "--drafts", str(target)])
+        _one_line_error(res, *needles)
+    assert {p: p.read_bytes() for p in run.rglob("*.jsonl")} == kept  # nothing written or deleted
+
+
+def test_corrupt_models_get_clear_errors(tmp_path, tiny_dir):
+    bad = tmp_path / "random.gguf"
+    bad.write_bytes(bytes(range(256)) * 64)
+    res = CliRunner().invoke(app, ["score", "--target", str(bad), "-q", "What is 2 + 3?", "--answer", "5"])
+    _one_line_error(res, "random.gguf", "not a valid GGUF")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    w = model / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    res = CliRunner().invoke(app, ["score", "--target", str(model), "-q", "What is 2 + 3?", "--answer", "5"])
+    _one_line_error(res, "could not load model", "damaged")
+
+
+def test_non_utf8_inputs_are_clear_errors(tmp_path, tiny_dir):
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x81\n")
+    res = CliRunner().invoke(app, ["generate", "-o", str(tmp_path / "o"), "--target", str(tiny_dir),
+                                   "--task", str(binary)])
+    _one_line_error(res, "bin.jsonl is not UTF-8 text")
+    res = CliRunner().invoke(app, ["train-proxy", "--samples", str(binary), "-o", str(tmp_path / "p"),
+                                   "--target", str(tiny_dir)])
+    _one_line_error(res, "bin.jsonl is not UTF-8 text")
+    res = CliRunner().invoke(app, ["train-proxy", "--samples", str(tmp_path / "missing.jsonl"), "-o",
+                                   str(tmp_path / "p"), "--target", str(tiny_dir)])
+    _one_line_error(res, "samples file not found")
+
+
+def test_reproduce_input_errors_come_before_any_work(tmp_path, tiny_dir):
+    d = tiny_config(tiny_dir)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(cfg), "--run", str(afile)])
+    _one_line_error(res, "is a file")
+    assert "reproduce tiny" not in res.output and afile.read_text() == "x"
+    d["draft_base"]["heldout"] = 0.1  # 10 groups from 8 questions
+    cfg.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(cfg), "--run", str(tmp_path / "r")])
+    _one_line_error(res, "data.questions is 8", "draft_base.heldout 0.1", "10 groups")
+    assert not (tmp_path / "r").exists()  # nothing generated first
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sigma", "inf"], ["sigma must be a finite number"]),
+    (["--sigma", "nan"], ["sigma must be a finite number"]),
+    (["-k", "1"], ["--family-size 1", "K >= 2"]),
+    (["-k", "1000"], ["--family-size 1000", "at most 64"]),
+])
+def test_extreme_values(tiny_dir, args, needles):
+    res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "What is 2 + 3?", "--answer", "5",
+                                   *args])
+    _one_line_error(res, *needles)
+
+
+def test_huge_sigma_is_said(tiny_dir, capsys):
+    res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "What is 2 + 3?", "--answer", "5",
+                                   "--sigma", "1e9", "-k", "2"])
+    assert res.exit_code == 0, res.output
+    assert "far above the paper's 0.1" in capsys.readouterr().err + res.output
+

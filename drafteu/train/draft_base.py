@@ -91,9 +91,7 @@ def run(cfg: DraftBaseConfig) -> dict:
     out = Path(cfg.out)
     if (out / "manifest.json").exists() and (out / "config.json").exists():
         return runio.json_load(out / "manifest.json")  # complete: skip
-    rows = runio.read_jsonl(cfg.samples)
-    if not rows:
-        raise DraftEUError(f"{cfg.samples} holds no samples; run drafteu generate first")
+    rows = runio.read_samples(cfg.samples)
     lm = models.load(cfg.target, device=cfg.device)
     target = lm.model.eval()
     for p in target.parameters():

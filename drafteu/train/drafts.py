@@ -139,9 +139,7 @@ def run(cfg: DraftsConfig) -> dict:
     """Train (or build) every draft of the ensemble that is not complete yet; write the manifest."""
     started = time.time()
     out = cfg.out / cfg.method
-    rows = runio.read_jsonl(cfg.samples)
-    if not rows:
-        raise DraftEUError(f"{cfg.samples} holds no samples; run drafteu generate first")
+    rows = runio.read_samples(cfg.samples)
     names = adapter_names(cfg)
     # All checks before any training: vocabulary, partitions.
     target_tok = models.load(cfg.target, tokenizer_only=True)

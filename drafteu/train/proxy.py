@@ -90,9 +90,7 @@ def _mix_equally(files: list[Path], seed: int) -> list[dict]:
 
     sets = []
     for f in files:
-        rows = runio.read_jsonl(f)
-        if not rows:
-            raise DraftEUError(f"{f} holds no samples; run drafteu generate --member K first")
+        rows = runio.read_samples(f, "run drafteu generate --member K first")
         sets.append(rows)
     n = min(len(s) for s in sets)
     out = []
