@@ -227,12 +227,17 @@ def load_adapter(model, directory: Path, name: str):
 
 
 def manifest_base(manifest: dict, drafts_dir: Path) -> str:
-    """The draft base of a drafts manifest: a path relative to the ensemble directory (so runs
-    can be copied and moved), a hub id, or 'embedded'.  Older manifests hold absolute paths."""
+    """The draft base of a drafts manifest: a path relative to the ensemble directory (so whole runs
+    can be copied and moved), else - for an ensemble copied on its own - the absolute path it was
+    made with; or a hub id / 'embedded'.  Older manifests hold absolute paths."""
     base = manifest["base"]
-    if manifest.get("base_is_path"):
-        return str((Path(drafts_dir) / base).resolve())
-    return base
+    if not manifest.get("base_is_path"):
+        return base
+    relative = (Path(drafts_dir) / base).resolve()
+    absolute = manifest.get("base_absolute")
+    if not relative.exists() and absolute and Path(absolute).exists():
+        return absolute  # the ensemble was copied without its run; the base is where it was made
+    return str(relative)
 
 
 class DraftEnsemble(Estimator):

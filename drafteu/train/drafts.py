@@ -160,6 +160,7 @@ def run(cfg: DraftsConfig) -> dict:
         # loading its own base; hub ids and 'embedded' stay as they are
         base=os.path.relpath(Path(base_dir).resolve(), out.resolve()) if Path(base_dir).exists() else base_dir,
         base_is_path=Path(base_dir).exists(),
+        base_absolute=str(Path(base_dir).resolve()) if Path(base_dir).exists() else None,
         target=cfg.target, adapters=names, partitions=stats, train=timings,
     )
     if runio.is_main_process():
