@@ -101,10 +101,40 @@ class GenerateConfig(SamplingSettings):
 
 @dataclass
 class Sampling:
+    """How to decode a batch.  ``seeds``: one per prompt (sampling draws depend on a row's own seed
+    only, never on the batch it is in); None with temperature 0."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    seed: int = 0
+    seeds: list[int] | None = None
+
+
+class RowSeededSampler:
+    """A logits processor that turns greedy decoding into sampling with a seed per row.
+
+    Each step it returns log softmax(logits / T) restricted to the top-p nucleus, plus Gumbel noise
+    drawn from (the row's seed, the step): the argmax of log p + Gumbel is an exact sample from p
+    (the Gumbel-max trick), so ``generate(do_sample=False)`` samples, and what a row draws depends
+    on its seed alone - not on the batch size, the other rows, or where a killed run resumed.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, start: int):
+        self.seeds, self.temperature, self.top_p, self.start = list(seeds), temperature, top_p, start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:
+            sorted_logp, order = logp.sort(dim=-1, descending=True)
+            before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
+            drop = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            logp = logp.masked_fill(drop, float("-inf"))  # the top token always stays (its `before` is 0)
+        step = input_ids.shape[1] - self.start
+        noise = torch.stack([
+            torch.rand(logp.shape[-1], generator=torch.Generator().manual_seed(member_seed("sample", s, step)),
+                       dtype=torch.float64) for s in self.seeds])
+        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-300)))  # (B, V) standard Gumbel
+        return logp + gumbel.to(device=logp.device, dtype=logp.dtype)
 
 
 class HFBackend:
@@ -150,13 +180,16 @@ class HFBackend:
             cache = copy.deepcopy(self._cache_for(prefix))
             cache.batch_repeat_interleave(len(prompts))
             kwargs["past_key_values"] = cache
-        do_sample = sampling.temperature > 0
-        if do_sample:
-            torch.manual_seed(sampling.seed)
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.temperature > 0:
+            from transformers import LogitsProcessorList
+
+            if sampling.seeds is None or len(sampling.seeds) != len(prompts):
+                raise DraftEUError("sampling needs one seed per prompt")
+            kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampler(
+                sampling.seeds, sampling.temperature, sampling.top_p, ids_t.shape[1])])
         out = self.model.generate(
             input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device),
-            max_new_tokens=sampling.max_new_tokens, do_sample=do_sample, pad_token_id=self.pad, **kwargs,
+            max_new_tokens=sampling.max_new_tokens, do_sample=False, pad_token_id=self.pad, **kwargs,
         )[:, ids_t.shape[1]:].tolist()
         results = []
         for row in out:
@@ -256,9 +289,10 @@ def run(cfg: GenerateConfig) -> dict:
     with progress("generate", total=len(work) + len(done), completed=len(done)) as bar:
         for start in range(0, len(work), cfg.batch_size):
             batch = work[start : start + cfg.batch_size]
-            seed = member_seed("generate", cfg.seed, member, batch[0][0].qid, batch[0][1])
+            # one seed per (question, sample): the same samples however the work is batched or resumed
+            seeds = [member_seed("generate", cfg.seed, member, p.qid, k) for p, k in batch]
             outs = backend.generate([prompts[p.qid] for p, _ in batch],
-                                    Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed))
+                                    Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seeds))
             rows = []
             for (p, k), (resp, finish) in zip(batch, outs, strict=True):
                 text = lm.tokenizer.decode(resp, skip_special_tokens=True)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from drafteu import runio
 from drafteu.cli import app
 
 from .test_pipeline import tiny_config
@@ -156,3 +157,47 @@ def test_huge_sigma_is_said(tiny_dir, capsys):
     assert res.exit_code == 0, res.output
     assert "far above the paper's 0.1" in capsys.readouterr().err + res.output
 
+
+
+def test_sampled_generation_is_the_same_however_batched_or_resumed(tiny_dir, tmp_path):
+    from drafteu import generate
+
+    common = dict(target=str(tiny_dir), questions=6, samples=2, temperature=1.0, max_new_tokens=8)
+    generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=8, **common))
+    generate.run(generate.GenerateConfig(out=tmp_path / "b", batch_size=3, prefix_cache=False, **common))
+    a, b = (runio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
+    key = lambda r: (r["qid"], r["sample"])  # noqa: E731
+    ids = lambda rows: {key(r): r["response_ids"] for r in rows}  # noqa: E731
+    assert ids(a) == ids(b)
+    assert len({tuple(v) for v in ids(a).values()}) > 3  # it does sample
+    # killed after a few rows (with a torn last line), then resumed
+    path = tmp_path / "a" / "samples.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:20])
+    generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=4, **common))
+    assert ids(runio.read_jsonl(path)) == ids(a)
+
+
+def test_row_seeded_sampler_samples_the_tempered_top_p_distribution():
+    import torch
+    from scipy.stats import chisquare
+
+    from drafteu.generate import RowSeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -3.0]])
+    temperature, top_p, n = 0.8, 0.9, 3000
+    p = torch.softmax(logits[0] / temperature, -1)
+    keep = (p.sort(descending=True).values.cumsum(0) - p.sort(descending=True).values) < top_p
+    nucleus = p.sort(descending=True).indices[keep]
+    q = torch.zeros_like(p)
+    q[nucleus] = p[nucleus] / p[nucleus].sum()
+    draws = torch.zeros(5)
+    for s in range(n):
+        out = RowSeededSampler([s], temperature, top_p, start=3)(torch.zeros(1, 3, dtype=torch.long), logits)
+        draws[int(out.argmax())] += 1
+    assert draws[q == 0].sum() == 0  # nothing outside the nucleus
+    stat = chisquare(draws[q > 0].numpy(), (q[q > 0] * n).numpy())
+    assert stat.pvalue > 1e-3, (draws, q * n)
+    # the power check: the untempered distribution is rejected
+    p1 = torch.softmax(logits[0], -1)[q > 0]
+    assert chisquare(draws[q > 0].numpy(), (p1 / p1.sum() * n).numpy()).pvalue < 1e-3
