@@ -88,6 +88,8 @@ class _FamilyMI(Estimator):
         if size < 1:
             raise DraftEUError(f"family size must be >= 1, got {size}")
         self.noisy, self.size, self.seed = noisy, size, seed
+        # the members' source; its model is set once members exist (NoisyModel wraps the target in
+        # PEFT on its first member)
         self.source = LogitsSource(None, [], prefix_len=prefix_len, batched=batched)
 
     @abstractmethod

@@ -73,7 +73,7 @@ class LogitsSource:
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(B, 1, L) ... : (1, L) ``ids`` -> (rows, keep, V) logits of the last ``keep`` positions."""
+        """(1, L) ``ids`` -> (rows, keep, V) logits of the last ``keep`` positions."""
         last = self._last
         if last is not None and last[1] == keep and last[0].shape == ids.shape and torch.equal(last[0], ids):
             return last[2]

@@ -21,8 +21,8 @@ from drafteu.cli import app
 from drafteu.score import greedy_answer
 from drafteu.speculative import SpeculativeDecoder, plain_greedy
 
-from .conftest import make_model
 from .test_pipeline import ALL_METHODS, tiny_config
+from .test_speculative import check_fused_equals_peft
 
 DEVICE = os.environ.get("DRAFTEU_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -93,24 +93,7 @@ def test_speculative_greedy_is_the_targets_greedy(run, tiny_dir):
 
 
 def test_fused_drafts_equal_peft_on_the_device():
-    from peft import LoraConfig, get_peft_model
-
-    from drafteu.fused import FusedDrafts
-
-    base = make_model(50, layers=2, seed=3).to(DEVICE)
-    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    peft = get_peft_model(base, LoraConfig(**cfg), adapter_name="d0")
-    for n in ("d1", "d2"):
-        peft.add_adapter(n, LoraConfig(**cfg))
-    peft.eval()
-    names = ["d0", "d1", "d2"]
-    rows = torch.randint(0, 50, (2, 7), device=DEVICE).repeat(3, 1)
-    an = [n for n in names for _ in range(2)]
-    with torch.no_grad():
-        ref = peft(input_ids=rows, adapter_names=an).logits
-        out = FusedDrafts(peft, names)(rows, adapter_names=an).logits
-    assert out.device.type == torch.device(DEVICE).type
-    assert torch.allclose(out, ref, atol=1e-4)
+    check_fused_equals_peft(DEVICE, atol=1e-4)
 
 
 def test_generation_on_the_device_equals_batch_one(tiny_dir, tmp_path):

@@ -234,12 +234,14 @@ def test_stops_at_eos_anywhere_in_a_round(ensembles, tiny_dir, kind):
             assert torch.allclose(res.bias, off.bias, atol=1e-4)
 
 
-def test_fused_drafts_equal_peft_mixed_batch_with_and_without_cache():
+def check_fused_equals_peft(device: str = "cpu", atol: float = 1e-5):
+    """FusedDrafts (3 LoRA adapters, all linear layers) equals PEFT's mixed batch on ``device``,
+    without and with a KV cache; returns (fused, rows, adapter names) for further checks."""
     from peft import LoraConfig, get_peft_model
 
     from drafteu.fused import FusedDrafts
 
-    base = make_model(50, layers=2, seed=3)
+    base = make_model(50, layers=2, seed=3).to(device)
     cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft = get_peft_model(base, LoraConfig(**cfg), adapter_name="d0")
     for n in ("d1", "d2"):
@@ -247,19 +249,24 @@ def test_fused_drafts_equal_peft_mixed_batch_with_and_without_cache():
     peft.eval()
     names = ["d0", "d1", "d2"]
     fused = FusedDrafts(peft, names)
-    ids = torch.randint(0, 50, (2, 7))
-    rows = ids.repeat(3, 1)
+    rows = torch.randint(0, 50, (2, 7), device=device).repeat(3, 1)
     an = [n for n in names for _ in range(2)]
     with torch.no_grad():
         ref = peft(input_ids=rows, adapter_names=an).logits
         out = fused(rows, adapter_names=an).logits
-        assert torch.allclose(out, ref, atol=1e-5)
+        assert out.device.type == torch.device(device).type
+        assert torch.allclose(out, ref, atol=atol)
         # incremental decoding with a KV cache gives the same last logits
         first = fused(rows[:, :5], adapter_names=an, use_cache=True)
         step = fused(rows[:, 5:], adapter_names=an, past_key_values=first.past_key_values, use_cache=True)
-        assert torch.allclose(step.logits, ref[:, 5:], atol=1e-5)
+        assert torch.allclose(step.logits, ref[:, 5:], atol=atol)
         # PEFT's own path still works afterwards (the fused forward is only swapped in per call)
         assert torch.allclose(peft(input_ids=rows, adapter_names=an).logits, ref)
+    return fused, rows, an
+
+
+def test_fused_drafts_equal_peft_mixed_batch_with_and_without_cache():
+    fused, rows, an = check_fused_equals_peft()
     with pytest.raises(ValueError, match="adapter-major"):
         fused(rows, adapter_names=list(reversed(an)))
 
