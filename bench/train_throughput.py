@@ -51,16 +51,27 @@ def main() -> None:
                               "--base", args.base, "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1])
+    import torch
+
+    from drafteu import hardware
+
+    cpu = torch.device("cpu")
+    auto, why = hardware.resolve_mixed_precision("auto", cpu)
     base = rows[0]["tokens_per_s"]
-    lines = [f"`python bench/train_throughput.py` — LoRA (r 16, all linear) on the 6-layer embedded draft base, "
-             f"{args.steps} steps of 8 target samples, {rows[0]['threads']} torch threads, one setting at a time.", "",
+    lines = [f"`{' '.join(['python bench/train_throughput.py', *sys.argv[1:]])}` — LoRA (r 16, all linear) on "
+             f"the embedded draft base, {args.steps} steps of 8 target samples, {rows[0]['threads']} torch threads, "
+             f"one setting at a time. This CPU: {hardware.native_bf16(cpu)[1]}; `mixed_precision: auto` resolves "
+             f"to **{'bf16 autocast' if auto == 'bf16' else 'float32'}** here.", "",
              "| precision | tokens/s | speed vs float32 | final loss |", "| --- | ---: | ---: | ---: |"]
     for r in rows:
         name = "float32" if r["precision"] == "no" else "bf16 autocast"
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | {r['loss']:.4f} |")
     section = "\n".join(lines)
     print(section)
-    write_section(args.out, "train-cpu", "Draft training throughput", section)
+    capability = hardware.native_bf16(cpu)[0]
+    key = "train-cpu" if capability else "train-cpu-no-native-bf16"
+    title = "Draft training throughput" + ("" if capability else ", a CPU without native bf16")
+    write_section(args.out, key, title, section)
 
 
 if __name__ == "__main__":
