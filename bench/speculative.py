@@ -34,26 +34,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from divergence import ROOT, write_section  # noqa: E402
-
-
-def shown_args() -> str:
-    """The command line as run, without --out (where the table goes is not part of the measurement)."""
-    argv, shown = sys.argv[1:], []
-    while argv:
-        a = argv.pop(0)
-        if a == "--out":
-            argv.pop(0)
-        elif not a.startswith("--out="):
-            shown.append(a)
-    return " ".join(shown)
+from divergence import ROOT, shown_args, write_section  # noqa: E402
 
 
 def embedded(args) -> str:
     import torch
 
     from drafteu import data, estimators, models
-    from drafteu.kvcache import PrefixCache
+    from drafteu.kvcache import PrefixCache, StaticPrefixCache
     from drafteu.speculative import SpeculativeDecoder, plain_greedy
 
     torch.manual_seed(0)
@@ -69,26 +57,34 @@ def embedded(args) -> str:
     prompts = [data.format_prompt(tok, p.question, data.shots_for("easy-word", 2)) for p in problems]
     k = len(ens.names)
 
-    def spec(propose, eu, bias, gamma):
+    def spec(propose, eu, bias, gamma, compile="off"):
         e = ens_p if bias == "proxy" else ens
-        return SpeculativeDecoder.from_ensemble(e, e.target, gamma=gamma, propose=propose, bias=bias, eu=eu)
+        return SpeculativeDecoder.from_ensemble(e, e.target, gamma=gamma, propose=propose, bias=bias, eu=eu,
+                                                compile=compile)
 
     modes = {"plain greedy (target)": None}
+    if args.compile:
+        modes["plain greedy (target), compiled"] = "compiled"
     for gamma in args.gamma:
         for propose, pname in [(p, "q_mix" if p == "mix" else f"draft {p}") for p in args.propose]:
             head = f"gamma {gamma}, propose {pname}"
             modes[f"{head}, no EU"] = spec(propose, False, "target", gamma)
             modes[f"{head}, EU (bias vs target)"] = spec(propose, True, "target", gamma)
             modes[f"{head}, EU (bias vs p_mix)"] = spec(propose, True, "proxy", gamma)
+            if args.compile:
+                modes[f"{head}, no EU, compiled"] = spec(propose, False, "target", gamma, "on")
+                modes[f"{head}, EU (bias vs p_mix), compiled"] = spec(propose, True, "proxy", gamma, "on")
     stats = {m: {"tokens": 0, "seconds": 0.0, "proposed": 0, "accepted": 0, "mismatch": 0, "draft_s": 0.0,
                  "verify_s": 0.0, "eu_s": 0.0} for m in modes}
     refs = {}
     plain_cache = PrefixCache(plain_lm.model)  # plain decoding re-uses the shared prompt prefix too
+    compiled_cache = StaticPrefixCache(plain_lm.model, compile=True) if args.compile else None
 
     def once(mode, dec, i, prompt):
         t0 = time.perf_counter()
-        if dec is None:
-            out = plain_greedy(plain_lm.model, prompt, args.max_new_tokens, eos, cache=plain_cache)
+        if dec is None or dec == "compiled":
+            out = plain_greedy(plain_lm.model, prompt, args.max_new_tokens, eos,
+                               cache=plain_cache if dec is None else compiled_cache)
             return out, time.perf_counter() - t0, 0, 0, {}
         r = dec.generate(prompt, args.max_new_tokens, eos_ids=eos)
         return r.token_ids, time.perf_counter() - t0, r.proposed, r.accepted, r.timings
@@ -119,7 +115,8 @@ def embedded(args) -> str:
         f"proxy `{args.proxy}`; {len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new "
         "tokens; all modes interleaved prompt by prompt in one process; every mode (plain included) keeps its KV "
         "caches across prompts, so the shared worked examples are computed once. Time per token split into "
-        "drafting, verification and EU.",
+        "drafting, verification and EU. Compiled modes: static KV caches + torch.compile (inductor), warmed up "
+        "(compiled) before timing.",
         "",
         "| mode | tokens/s | vs plain target | acceptance | EU overhead vs same proposer without EU "
         "| ms/token draft / verify / EU | outputs ≠ plain greedy |",
@@ -148,13 +145,14 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
     E x (plain step) / (round cost).  Solving for a gives the acceptance a goal needs."""
     import statistics
 
-    from drafteu.kvcache import PrefixCache
+    from drafteu.kvcache import PrefixCache, StaticPrefixCache
+    from drafteu.speculative import SpeculativeDecoder
 
     dev = next(plain_lm.model.parameters()).device
     gammas = sorted(set(args.gamma))
 
-    def ms(model, names, n, reps=12):
-        c = PrefixCache(model, names)
+    def ms(model, names, n, compiled=False, reps=12):
+        c = StaticPrefixCache(model, names, compile=True) if compiled else PrefixCache(model, names)
         c.feed(prompt, [], 1, dev)
         times = []
         for _ in range(reps + 2):
@@ -164,49 +162,48 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
             c.rollback(len(prompt))
         return 1000 * statistics.median(times[2:])
 
-    any_dec = next(d for d in modes.values() if d is not None)
-    proxy_dec = next((d for d in modes.values() if d is not None and d.eu and d.bias == "proxy"), None)
-    one_dec = next((d for d in modes.values() if d is not None and d.designated is not None), None)
-    target = {n: ms(plain_lm.model, None, n) for n in range(1, max(gammas) + 2)}
-    drafts = {n: ms(any_dec.drafts, any_dec.names, n) for n in range(1, max(gammas) + 2)}
-    proxy = {g + 1: ms(proxy_dec.verifier, ["__base__", "proxy"], g + 1) for g in gammas} if proxy_dec else {}
+    decs = [d for d in modes.values() if isinstance(d, SpeculativeDecoder)]
+    any_dec = decs[0]
+    proxy_dec = next((d for d in decs if d.eu and d.bias == "proxy"), None)
+    one_dec = next((d for d in decs if d.designated is not None), None)
+    kinds = [False, True] if args.compile else [False]
+    target = {(c, n): ms(plain_lm.model, None, n, c) for c in kinds for n in range(1, max(gammas) + 2)}
+    drafts = {(c, n): ms(any_dec.drafts, any_dec.names, n, c) for c in kinds for n in range(1, max(gammas) + 2)}
+    proxy = {(c, g + 1): ms(proxy_dec.verifier, ["__base__", "proxy"], g + 1, c) for c in kinds for g in gammas} \
+        if proxy_dec else {}
     one = ms(one_dec.designated, None, 1) if one_dec else None
-    rows = [f"| target, {n} token{'s' * (n > 1)} | {t:.1f} |" for n, t in target.items()]
-    rows += [f"| target + proxy row, {n} tokens | {t:.1f} |" for n, t in proxy.items()]
-    rows += [f"| K = {len(any_dec.names)} drafts (fused), {n} token{'s' * (n > 1)} | {t:.1f} |" for n, t in drafts.items()]
+
+    def label(c):
+        return ", compiled" if c else ""
+    rows = [f"| target, {n} token{'s' * (n > 1)}{label(c)} | {t:.1f} |" for (c, n), t in target.items()]
+    rows += [f"| target + proxy row, {n} tokens{label(c)} | {t:.1f} |" for (c, n), t in proxy.items()]
+    rows += [f"| K = {len(any_dec.names)} drafts (fused), {n} token{'s' * (n > 1)}{label(c)} | {t:.1f} |"
+             for (c, n), t in drafts.items()]
     if one is not None:
         rows.append(f"| one draft (merged), 1 token | {one:.1f} |")
-
-    def needed(cost, g, goal=1.3):
-        def speedup(a):
-            return (g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)) * target[1] / cost
-        if speedup(1.0) < goal:
-            return "unreachable"
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if speedup(mid) < goal else (lo, mid)
-        return f"{hi:.0%}"
+    plain_step = min(t for (c, n), t in target.items() if n == 1)
 
     model_rows = []
     for g in gammas:
         for mode, dec in modes.items():
-            if dec is None or dec.gamma != g:
+            if not isinstance(dec, SpeculativeDecoder) or dec.gamma != g:
                 continue
-            verify = proxy[g + 1] if (dec.eu and dec.bias == "proxy") else target[g + 1]
+            c = dec.compile
+            verify = proxy[c, g + 1] if (dec.eu and dec.bias == "proxy") else target[c, g + 1]
             if dec.propose == "mix":
-                cost = g * drafts[1] + verify
+                cost = g * drafts[c, 1] + verify
             else:
-                cost = g * one + verify + (drafts[g + 1] if dec.eu else 0.0)
+                cost = g * one + verify + (drafts[c, g + 1] if dec.eu else 0.0)
             st = stats[mode]
             measured = (st["tokens"] / st["seconds"]) / base_tps
-            model_rows.append(f"| {mode} | {cost:.0f} | {needed(cost, g, 1.0)} | {needed(cost, g)} | {measured:.2f}x |")
+            model_rows.append(f"| {mode} | {cost:.0f} | {needed_acceptance(plain_step, cost, g, 1.0)} | "
+                              f"{needed_acceptance(plain_step, cost, g, 1.3)} | {measured:.2f}x |")
     return "\n".join([
         "Where the time goes (same run, same process): median ms of one forward with the prompt cached, and "
-        "the acceptance each mode would need, from these step times, to break even with plain decoding and "
-        "to reach 1.3x (a round of gamma proposals emits (1 - a^(gamma+1)) / (1 - a) tokens on average; "
-        "this model ignores the per-round bookkeeping and the extra token a draft step feeds after a fully "
-        "accepted round).",
+        "the acceptance each mode would need, from these step times, to break even with the fastest plain "
+        f"decoding step measured here ({plain_step:.1f} ms) and to reach 1.3x (a round of gamma proposals emits "
+        "(1 - a^(gamma+1)) / (1 - a) tokens on average; this model ignores the per-round bookkeeping and the "
+        "extra token a draft step feeds after a fully accepted round).",
         "", "| forward | ms |", "| --- | ---: |", *rows, "",
         "| mode | round cost (ms) | acceptance for 1.0x | acceptance for 1.3x | measured vs plain |",
         "| --- | ---: | ---: | ---: | ---: |", *model_rows,
@@ -249,19 +246,65 @@ def random_models(args, device: str, shapes: str):
     return proxy.eval(), drafts.eval(), names, t_shape["vocab_size"]
 
 
+def hf_static_compiled_step(model, prompt: list[int], device: str, reps: int, sync) -> float:
+    """The reference: transformers' own recipe for fast decoding (a ``StaticCache`` and
+    ``torch.compile`` of the forward, CUDA graphs on CUDA), one token after ``prompt``; median ms."""
+    import statistics
+
+    import torch
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=1024)
+    n = len(prompt)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
+              cache_position=torch.arange(n, device=device), logits_to_keep=1)
+        step = torch.compile(model.forward, mode="reduce-overhead" if device.startswith("cuda") else None,
+                             fullgraph=True, dynamic=False)
+        tok, pos = torch.tensor([[7]], device=device), torch.tensor([n], device=device)
+        times = []
+        for _ in range(reps + 3):
+            for layer in cache.layers:  # the same position every time
+                layer.cumulative_length.fill_(n)
+            sync()
+            t0 = time.perf_counter()
+            step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[3:])
+
+
+def needed_acceptance(step_ms: float, round_ms: float, gamma: int, goal: float) -> str:
+    """Acceptance a at which a round of ``gamma`` proposals costing ``round_ms`` emits tokens
+    ``goal`` x as fast as plain decoding at ``step_ms`` per token: E(a) = (1 - a^(g+1)) / (1 - a)."""
+    def speedup(a):
+        return (gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)) * step_ms / round_ms
+    if speedup(1.0) < goal:
+        return "unreachable"
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if speedup(mid) < goal else (lo, mid)
+    return f"{hi:.0%}"
+
+
 def step_times(args, device: str = "cuda", shapes: str = "paper", context: int = 512, reps: int = 20) -> str:
     """Step times of drafteu's own decoder on random weights: the forwards ``SpeculativeDecoder``
-    makes (its ``PrefixCache`` feeds and roll-backs), then whole speculative generations."""
+    makes (its caches' feeds and roll-backs), eager and (``args.compile``) compiled on static KV
+    caches, next to transformers' own static-cache + compile step; the EU of a round; the
+    acceptance speculative decoding with EU needs per gamma; then whole speculative generations."""
     import statistics
 
     import torch
 
+    from drafteu import divergence
     from drafteu.fused import FusedDrafts
-    from drafteu.kvcache import PrefixCache
+    from drafteu.kvcache import PrefixCache, StaticPrefixCache
     from drafteu.speculative import SpeculativeDecoder
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "Not run: no CUDA device on this machine."
+    compiled = getattr(args, "compile", False)
     target, peft_drafts, names, vocab = random_models(args, device, shapes)
     drafts = FusedDrafts(peft_drafts, names)  # as DraftEnsemble.runner / SpeculativeDecoder.from_ensemble
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -282,25 +325,68 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
             cache.rollback(len(prompt))
         return 1000 * statistics.median(times[3:])
 
+    def eu_ms(n):
+        q = torch.randn(len(names), n, vocab, device=device).to(next(target.parameters()).dtype)
+        p = torch.randn(n, vocab, device=device).to(q.dtype)
+        times = []
+        for _ in range(reps + 3):
+            sync()
+            t0 = time.perf_counter()
+            divergence.eu_decomposition(q, p)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times[3:])
+
     # The caches SpeculativeDecoder verifies and drafts with (the same models, names and fusion).
-    tgt = PrefixCache(target, ["__base__"])
-    tgt_proxy = PrefixCache(FusedDrafts(target, ["__base__", "proxy"]), ["__base__", "proxy"])
-    ens = PrefixCache(drafts, names)
-    rows = []
+    kinds = [("eager", lambda m, n: PrefixCache(m, n))]
+    if compiled:
+        mode = "reduce-overhead" if device.startswith("cuda") else None
+        kinds.append(("compiled", lambda m, n: StaticPrefixCache(m, n, compile=True, mode=mode)))
+    base_only = FusedDrafts(target, ["__base__"])
+    with_proxy = FusedDrafts(target, ["__base__", "proxy"])
+    t = {}
+    for kind, make in kinds:
+        tgt, tgt_proxy, ens = make(base_only, ["__base__"]), make(with_proxy, ["__base__", "proxy"]), make(drafts, names)
+        t[kind, "target", 1] = ms(tgt, 1)
+        t[kind, "drafts", 1] = ms(ens, 1)
+        for g in args.gamma:
+            t[kind, "target", g + 1] = ms(tgt, g + 1)
+            t[kind, "proxy", g + 1] = ms(tgt_proxy, g + 1)
+    eu = {g: eu_ms(g + 1) for g in args.gamma}
+    hf = hf_static_compiled_step(target.get_base_model(), prompt, device, reps, sync) if compiled else None
+    table = []
+    for kind, _ in kinds:
+        table.append(f"| {kind} | target, 1 token (plain decoding step) | {t[kind, 'target', 1]:.2f} |")
+        for g in args.gamma:
+            table.append(f"| {kind} | verify {g + 1} tokens, target | {t[kind, 'target', g + 1]:.2f} |")
+            table.append(f"| {kind} | verify {g + 1} tokens, target + proxy row (fused) | {t[kind, 'proxy', g + 1]:.2f} |")
+        table.append(f"| {kind} | K = {len(names)} drafts (fused), 1 token | {t[kind, 'drafts', 1]:.2f} |")
     for g in args.gamma:
-        rows += [("target, 1 token (plain decoding step)", ms(tgt, 1)),
-                 (f"verify {g + 1} tokens, target", ms(tgt, g + 1)),
-                 (f"verify {g + 1} tokens, target + proxy row (fused)", ms(tgt_proxy, g + 1)),
-                 (f"K = {len(names)} drafts (fused), 1 token", ms(ens, 1))]
-    seen, table = set(), []
-    for label, t in rows:
-        if label not in seen:
-            seen.add(label)
-            table.append(f"| {label} | {t:.2f} |")
+        table.append(f"| — | eu_decomposition of a round ({g + 1} positions) | {eu[g]:.2f} |")
+    if hf is not None:
+        table.append(f"| reference | transformers StaticCache + torch.compile, target, 1 token | {hf:.2f} |")
+    best = "compiled" if compiled else "eager"
+    ratios = []
+    if hf is not None:
+        ratios.append(f"- drafteu's compiled target step / transformers' compiled step: "
+                      f"**{t[best, 'target', 1] / hf:.2f}x** (goal <= 1.25x)")
+    ratios.append(f"- K = {len(names)} draft step / target step ({best}): "
+                  f"**{t[best, 'drafts', 1] / t[best, 'target', 1]:.2f}** (goal <= 0.35)")
+    if compiled:
+        ratios.append(f"- compiled vs eager: target step {t['eager', 'target', 1] / t['compiled', 'target', 1]:.2f}x "
+                      f"faster, K-draft step {t['eager', 'drafts', 1] / t['compiled', 'drafts', 1]:.2f}x faster")
+    plain = min(t[best, "target", 1], hf) if hf is not None else t[best, "target", 1]
+    need = ["| gamma | round cost, EU vs target (ms) | round cost, EU vs p_mix (ms) | acceptance for 1.0x | "
+            "for 1.3x (EU vs target) | for 1.3x (EU vs p_mix) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g in args.gamma:
+        r_t = g * t[best, "drafts", 1] + t[best, "target", g + 1] + eu[g]
+        r_p = g * t[best, "drafts", 1] + t[best, "proxy", g + 1] + eu[g]
+        need.append(f"| {g} | {r_t:.2f} | {r_p:.2f} | {needed_acceptance(plain, r_t, g, 1.0)} | "
+                    f"{needed_acceptance(plain, r_t, g, 1.3)} | {needed_acceptance(plain, r_p, g, 1.3)} |")
     gens = []
     for g in args.gamma:
         for bias in ("target", "proxy"):
-            dec = SpeculativeDecoder(target, drafts, names, vocab, gamma=g, bias=bias)
+            dec = SpeculativeDecoder(target, drafts, names, vocab, gamma=g, bias=bias, compile=compiled)
             dec.generate(prompt, 4)  # warm-up
             sync()
             res = dec.generate(prompt, args.max_new_tokens)
@@ -310,12 +396,17 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     dtype = "bf16" if device.startswith("cuda") else "float32"
     return "\n".join([
-        f"`{shown_args()}` — {name}, {dtype}, random weights of {shapes} shapes "
+        f"`python bench/speculative.py {shown_args()}` — {name}, {dtype}, random weights of {shapes} shapes "
         f"({'Llama-3.1-8B target, Llama-3.2-1B drafts' if shapes == 'paper' else 'tiny'}), K = {len(names)} LoRA "
-        f"drafts (r 16, all linear layers), {context}-token context; drafteu's own SpeculativeDecoder / "
-        "PrefixCache forwards (eager).",
-        "", "| forward | ms |", "| --- | ---: |", *table, "",
-        "Whole generations (random weights: acceptance is not meaningful, round times are):", "",
+        f"drafts (r 16, all linear layers), {context}-token context; drafteu's own SpeculativeDecoder caches "
+        "(eager: PrefixCache; compiled: StaticPrefixCache), median of "
+        f"{reps} after warm-up.",
+        "", "| path | forward | ms |", "| --- | --- | ---: |", *table, "", *ratios, "",
+        f"Acceptance speculative decoding with EU needs, per gamma, against the fastest plain decoding step "
+        f"measured here ({plain:.2f} ms): round = gamma K-draft steps + one verification + the round's EU "
+        f"({best} steps).",
+        "", *need, "",
+        f"Whole generations ({best} steps; random weights: acceptance is not meaningful, round times are):", "",
         "| mode | rounds | acceptance | ms per round | tokens/s |", "| --- | ---: | ---: | ---: | ---: |", *gens,
     ])
 
@@ -335,11 +426,15 @@ def main() -> None:
     ap.add_argument("--random-shapes", choices=sorted(SHAPES), default=None,
                     help="step times with random weights of these shapes on --device (a smoke run: tiny on cpu)")
     ap.add_argument("--device", default="cuda", help="with --random-shapes: the device")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time compiled static-cache steps (default: on with --gpu, off otherwise)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     args.propose = [p if p == "mix" else int(p) for p in args.propose]
     if args.gpu or args.random_shapes:
         shapes, device = (args.random_shapes or "paper"), ("cuda" if args.gpu else args.device)
+        if args.compile is None:
+            args.compile = device.startswith("cuda")
         section = step_times(args, device, shapes)
         key, title = f"speculative-{device.split(':')[0]}-{shapes}", f"Speculative decoding step times, {device}, {shapes} shapes"
     else:

@@ -305,6 +305,7 @@ def speculate(
     dtype: str = opt(SpeculateConfig, "dtype"),
     draft_dtype: str = opt(SpeculateConfig, "draft_dtype"),
     device: str = opt(SpeculateConfig, "device"),
+    compile: str = opt(SpeculateConfig, "compile"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
     json_out: Path | None = opt(SpeculateConfig, "json", "--json"),
 ):
@@ -328,7 +329,7 @@ def speculate(
         cfg = SpeculateConfig(question=question, drafts=drafts, target=target, proxy=proxy, gamma=gamma,
                               propose=propose, bias=bias, eu=eu, temperature=temperature,
                               max_new_tokens=max_new_tokens, shots=shots, seed=seed, scale=scale, dtype=dtype,
-                              draft_dtype=draft_dtype, device=device, json=json_out)
+                              draft_dtype=draft_dtype, device=device, compile=compile, json=json_out)
         result = speculative.run(cfg, on_pieces=stream)
         console.print()
         s = result["speculative"]

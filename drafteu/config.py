@@ -9,7 +9,7 @@ from pathlib import Path
 from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, METHODS
-from drafteu.hardware import DEVICE_HELP
+from drafteu.hardware import COMPILE_HELP, DEVICE_HELP
 from drafteu.posterior import NoiseConfig
 
 MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
@@ -109,9 +109,12 @@ class SpeculateConfig:
                                                        "docs/benchmarks.md; the target still decides every token and "
                                                        "the EU math stays float32)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    compile: str = field(default="auto", metadata={"help": COMPILE_HELP})
     json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
 
     def __post_init__(self):
+        if self.compile not in ("auto", "on", "off"):
+            raise DraftEUError(f"--compile must be auto, on or off, got {self.compile!r}")
         if not self.question or not self.question.strip():
             raise DraftEUError("--question is empty; pass the problem text")
         if self.gamma < 1:

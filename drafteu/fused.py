@@ -7,10 +7,14 @@ decoding step on a CPU.  Here the batch is laid out adapter-major (rows k*b .. k
 to draft k, the layout ``DraftEnsemble`` and the speculative decoder already use), so each
 module adds all K low-rank updates with two batched matmuls: (K, bL, in) x (K, in, r) x (K, r, out).
 The numbers equal PEFT's (tested); dropout is off (inference only).
+
+The per-module forwards are built once, so ``torch.compile`` traces the same functions on every
+call (``compiled``: the static-cache decoding step of ``kvcache.StaticPrefixCache``).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -23,17 +27,20 @@ class FusedDrafts:
 
     A name may be PEFT's ``"__base__"`` (that row runs the base model, as in PEFT's mixed batch):
     the target verifying proposals in the same forward as its proxy adapter uses
-    ``["__base__", "proxy"]``."""
+    ``["__base__", "proxy"]``, and ``["__base__"]`` alone runs the base model with every adapter
+    off (no LoRA work at all)."""
 
     def __init__(self, peft_model, names: list[str]):
         self.model, self.names, self.k = peft_model, list(names), len(names)
+        self.config = peft_model.config
         real = [n for n in self.names if n != "__base__"]
-        if not real:
-            raise DraftEUError("fused drafts need at least one adapter")
-        self.layers = []
+        self.layers = []  # (module, forward)
         for module in peft_model.modules():
             lora_a = getattr(module, "lora_A", None)
-            if lora_a is None or not any(n in lora_a for n in real):
+            if lora_a is None or not len(lora_a) or (real and not any(n in lora_a for n in real)):
+                continue
+            if not real:  # base rows only: skip the LoRA update
+                self.layers.append((module, self._base_forward(module)))
                 continue
             if not all(n in lora_a for n in real):
                 raise DraftEUError("fused drafts need every adapter on the same modules")
@@ -50,31 +57,47 @@ class FusedDrafts:
                 b = torch.stack([module.lora_B[n].weight * module.scaling[n] if n != "__base__" else zero_b
                                  for n in self.names])
                 b = b.transpose(1, 2).contiguous()  # (K, r, out)
-            self.layers.append((module, a, b))
+            self.layers.append((module, self._lora_forward(module, a, b)))
         if not self.layers:
             raise DraftEUError("no LoRA modules carry the drafts' adapters")
+        self._call = peft_model
+
+    def _lora_forward(self, module, a: torch.Tensor, b: torch.Tensor):
+        base, k = module.base_layer, self.k
+
+        def forward(x, *args, **kwargs):
+            out = base(x, *args, **kwargs)
+            xs = x.reshape(k, -1, x.shape[-1]).to(a.dtype)
+            delta = torch.bmm(torch.bmm(xs, a), b)
+            return out + delta.reshape(*out.shape).to(out.dtype)
+        return forward
+
+    @staticmethod
+    def _base_forward(module):
+        base = module.base_layer
+
+        def forward(x, *args, **kwargs):
+            return base(x, *args, **kwargs)
+        return forward
 
     def parameters(self):
         return self.model.parameters()
 
+    def compiled(self, **compile_kwargs) -> FusedDrafts:
+        """The same drafts, their forward run through ``torch.compile(**compile_kwargs)`` (a new
+        object: this one stays eager, e.g. for scoring's variable-length forwards)."""
+        other = copy.copy(self)
+        other._call = torch.compile(self.model, **compile_kwargs)
+        return other
+
     @contextmanager
     def _fused(self):
-        def make(module, a, b):
-            base = module.base_layer
-
-            def forward(x, *args, **kwargs):
-                out = base(x, *args, **kwargs)
-                xs = x.reshape(self.k, -1, x.shape[-1]).to(a.dtype)
-                delta = torch.bmm(torch.bmm(xs, a), b)
-                return out + delta.reshape(*out.shape).to(out.dtype)
-            return forward
-
-        for module, a, b in self.layers:
-            module.forward = make(module, a, b)
+        for module, forward in self.layers:
+            module.forward = forward
         try:
             yield
         finally:
-            for module, _, _ in self.layers:
+            for module, _ in self.layers:
                 del module.forward  # back to the class's (PEFT's) forward
 
     @torch.no_grad()
@@ -86,4 +109,4 @@ class FusedDrafts:
         if adapter_names is not None and adapter_names != [n for n in self.names for _ in range(per)]:
             raise ValueError("fused drafts need the adapter-major layout: each name repeated per row, in order")
         with self._fused():
-            return self.model(input_ids=input_ids, **kwargs)
+            return self._call(input_ids=input_ids, **kwargs)

@@ -102,3 +102,35 @@ def describe(device: torch.device, mixed_precision: str | None = None) -> dict:
     if mixed_precision is not None:
         out["mixed_precision"] = mixed_precision
     return out
+
+
+COMPILE_HELP = ("compiled decoding steps (static KV cache + torch.compile): auto (on CUDA, with CUDA graphs; off on "
+                "CPUs, where it measured 1.07x at batch 1 for 8-55 s of compilation per shape), on, off")
+
+
+def resolve_compile(value: str | bool | None, device: torch.device) -> bool:
+    """Whether decoding steps run compiled on ``device`` for ``value`` ('auto', 'on', 'off' or a bool).
+
+    ``auto``: on for CUDA, where a decode step is launch-bound and CUDA graphs remove the launches
+    (docs/benchmarks.md); off on CPUs, where the step is compute-bound and compiling measured a few
+    percent at batch 1 (bench/speculative.py --compile).  ``on`` on a CPU needs a C++ compiler
+    (torch inductor's CPU backend)."""
+    if isinstance(value, bool):
+        on = value
+    else:
+        v = (value or "auto").strip().lower()
+        if v not in ("auto", "on", "off", "true", "false"):
+            raise DraftEUError(f"compile must be auto, on or off; got {value!r}")
+        on = device.type == "cuda" if v == "auto" else v in ("on", "true")
+    if on and device.type == "cpu":
+        import shutil
+
+        if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            raise DraftEUError("compiled steps on a CPU need a C++ compiler (torch inductor); install g++ "
+                               "(e.g. apt install g++) or use compile off")
+    return on
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """torch.compile mode for a decode step: CUDA graphs on CUDA (launch overhead is the cost there)."""
+    return "reduce-overhead" if device.type == "cuda" else None

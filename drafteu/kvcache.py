@@ -2,6 +2,10 @@
 
 - ``PrefixCache`` (decoding): one growing sequence; a new prompt re-uses the longest cached prefix
   it shares, rejected speculative proposals are rolled back by cropping.
+- ``StaticPrefixCache`` (decoding, compiled): the same on preallocated KV tensors (transformers'
+  ``StaticCache``); rollback is a position reset, and the few-token steps of decoding (1 token,
+  gamma + 1 to verify) run through ``torch.compile`` — with CUDA graphs on CUDA, where a decode
+  step is otherwise bound by kernel launches.  ``decoding_cache`` picks one of the two.
 - ``LogitsSource`` (scoring): a model and the adapter rows it runs, scoring many (prompt, response)
   pairs that share a prompt prefix (system prompt + worked examples).  The prefix's KV cache is
   computed once and copied per call; positions are unchanged, so the logits equal full forwards.
@@ -121,15 +125,23 @@ class PrefixCache:
     def feed(self, seq: list[int], extra: Sequence[int], keep: int, device) -> torch.Tensor:
         """Feed ``(seq + extra)[fed:]``; returns (B, keep, V) logits of the last ``keep`` inputs."""
         full = list(seq) + list(extra)
-        inp = full[self.fed:]
-        if not inp:
+        if len(full) <= self.fed:
             raise RuntimeError("nothing to feed: the cache already holds the whole sequence")
         b = len(self.names) if self.names else 1
+        self._prepare(len(full), b, device)
+        inp = full[self.fed:]
         ids = torch.tensor([inp], device=device).expand(b, -1)
         kw = {"adapter_names": self.names} if self.names else {}
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=min(keep, len(inp)), **kw)
-        self.cache, self.ids = out.past_key_values, full
+        logits = self._forward(ids, min(keep, len(inp)), kw)
+        self.ids = full
+        return logits
+
+    def _prepare(self, length: int, batch: int, device) -> None:
+        """Make room for ``length`` positions of ``batch`` rows (a dynamic cache grows by itself)."""
+
+    def _forward(self, ids: torch.Tensor, keep: int, kw: dict) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **kw)
+        self.cache = out.past_key_values
         return out.logits
 
     def rollback(self, valid: int) -> None:
@@ -140,3 +152,87 @@ class PrefixCache:
             else:
                 self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
             self.ids = self.ids[:valid]
+
+
+class StaticPrefixCache(PrefixCache):
+    """A ``PrefixCache`` on preallocated KV tensors, its short steps compiled.
+
+    transformers' ``StaticCache`` writes each layer's keys and values at a position counter
+    (``cumulative_length``) and attends over its whole capacity under a causal mask, so entries past
+    the current position are never read: rolling back is setting the counter, and the next write
+    overwrites the rejected entries.  Inputs of at most ``step_tokens`` tokens (decode steps and
+    verifications) run through one ``torch.compile``d forward per input shape; longer ones (prompts)
+    run eager, so prompt lengths never trigger recompilation.  The capacity starts at ``capacity``
+    tokens and doubles when a sequence needs more (the cached prefix is copied; compiled steps
+    recompile once for the new shape).  Logits equal ``PrefixCache``'s to float rounding (tested)."""
+
+    step_tokens = 8
+
+    def __init__(self, model, names: list[str] | None = None, *, compile: bool = True, capacity: int = 1024,
+                 mode: str | None = None):
+        super().__init__(model, names)
+        self.capacity, self.compiled = capacity, compile
+        self.config = model.config
+        if compile:
+            _allow_recompiles()
+            kw = {"mode": mode, "dynamic": False}
+            self._step = model.compiled(**kw) if hasattr(model, "compiled") else torch.compile(model, **kw)
+        else:
+            self._step = model
+
+    def _prepare(self, need: int, batch: int, device) -> None:
+        """A cache holding at least ``need`` positions for ``batch`` rows, keeping the cached prefix."""
+        from transformers import StaticCache
+
+        old = self.cache
+        if old is not None and need <= self.capacity and old.layers[0].keys.shape[0] == batch:
+            return
+        while self.capacity < need:
+            self.capacity *= 2
+        cache = StaticCache(config=self.config, max_cache_len=self.capacity)
+        if old is not None and old.layers[0].keys.shape[0] == batch:
+            cache.early_initialization(batch, old.layers[0].keys.shape[1], old.layers[0].keys.shape[-1],
+                                       old.layers[0].keys.dtype, old.layers[0].keys.device)
+            for new_layer, old_layer in zip(cache.layers, old.layers, strict=True):
+                new_layer.keys[:, :, : self.fed] = old_layer.keys[:, :, : self.fed]
+                new_layer.values[:, :, : self.fed] = old_layer.values[:, :, : self.fed]
+                new_layer.cumulative_length.fill_(self.fed)
+        else:
+            self.ids = []
+        self.cache = cache
+
+    def _forward(self, ids: torch.Tensor, keep: int, kw: dict) -> torch.Tensor:
+        n = ids.shape[1]
+        pos = torch.arange(self.fed, self.fed + n, device=ids.device)
+        short = n <= self.step_tokens and self.fed > 0
+        out = (self._step if short else self.model)(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                                    cache_position=pos, logits_to_keep=keep, **kw)
+        # compiled with CUDA graphs, the output buffer is overwritten by the next replay
+        return out.logits.clone() if (short and self.compiled) else out.logits
+
+    def rollback(self, valid: int) -> None:
+        if self.fed > valid:
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(valid)
+            self.ids = self.ids[:valid]
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """Each (model, input shape) pair is one compiled graph of the same forward code; a speculative
+    decoder has a few models and a few shapes each (1 token, gamma + 1, gamma + 2).  torch's default
+    of 8 graphs per code object would silently fall back to eager past that."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+
+
+def decoding_cache(model, names: list[str] | None = None, *, compile: bool = False,
+                   device: torch.device | None = None) -> PrefixCache:
+    """The decoding cache for ``model``: ``StaticPrefixCache`` with compiled steps when ``compile``
+    (``hardware.resolve_compile``), else the eager ``PrefixCache``."""
+    if not compile:
+        return PrefixCache(model, names)
+    from drafteu.hardware import compile_mode
+
+    device = device or next(model.parameters()).device
+    return StaticPrefixCache(model, names, compile=True, mode=compile_mode(torch.device(device)))

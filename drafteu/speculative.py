@@ -39,7 +39,7 @@ import torch
 
 from drafteu import divergence
 from drafteu.errors import DraftEUError
-from drafteu.kvcache import PrefixCache
+from drafteu.kvcache import PrefixCache, decoding_cache
 
 
 @dataclass
@@ -70,11 +70,14 @@ class SpecResult:
 
 
 def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int],
-                 cache: PrefixCache | None = None) -> list[int]:
+                 cache: PrefixCache | None = None, compile: str | bool = "auto") -> list[int]:
     """Plain greedy decoding of ``model`` with a KV cache, one token per forward (the baseline).
-    Pass the same ``cache`` (a ``PrefixCache(model)``) to later calls to re-use shared prompt prefixes."""
+    Pass the same ``cache`` (``kvcache.decoding_cache(model)``) to later calls to re-use shared
+    prompt prefixes; without one, ``compile`` (``hardware.resolve_compile``) picks the cache."""
+    from drafteu.hardware import resolve_compile
+
     dev = next(model.parameters()).device
-    m = cache if cache is not None else PrefixCache(model)
+    m = cache if cache is not None else decoding_cache(model, compile=resolve_compile(compile, dev), device=dev)
     m.reuse(prompt_ids)
     seq, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
@@ -96,7 +99,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target, drafts, names: list[str], vocab: int, *, gamma: int = 4, propose: str | int = "mix",
                  bias: str = "target", eu: bool = True, designated=None, prefix_cache: bool = True,
-                 fused: bool = True):
+                 fused: bool = True, compile: str | bool = "auto"):
         if gamma < 1:
             raise DraftEUError(f"gamma must be >= 1 (proposals per round), got {gamma}")
         if propose != "mix" and not (isinstance(propose, int) and 0 <= propose < len(names)):
@@ -115,18 +118,28 @@ class SpeculativeDecoder:
         self.prefix_cache = prefix_cache
         # Verification + proxy rows in one forward; fused: the proxy's LoRA as batched matmuls
         # (adapters.k_adapter_model) rather than PEFT's mixed-adapter gather/scatter.
-        self.verifier = target
-        if fused and eu and bias == "proxy":
-            from drafteu.adapters import k_adapter_model
-
-            self.verifier = k_adapter_model(target, ["__base__", "proxy"])
         from peft import PeftModel
 
+        from drafteu.adapters import k_adapter_model
+        from drafteu.hardware import resolve_compile
+
+        self.compile = resolve_compile(compile, self.device)
+        with_proxy = eu and bias == "proxy"
+        verify_names = ["__base__", "proxy"] if with_proxy else (["__base__"] if isinstance(target, PeftModel) else None)
+        self.verifier = target
+        if verify_names and (fused or self.compile):  # never verify with an adapter on
+            self.verifier = k_adapter_model(target, verify_names)
+        if self.compile and not hasattr(drafts, "compiled") and isinstance(drafts, PeftModel):
+            raise DraftEUError("compiled steps need the fused drafts (fused=True): PEFT's mixed-adapter batch "
+                               "does not compile")
+
+        def cache(model, names=None):
+            return decoding_cache(model, names, compile=self.compile, device=self.device)
+
         # (target, ensemble, designated) caches, kept across generations
-        plain = ["__base__"] if isinstance(target, PeftModel) else None  # never verify with an adapter on
-        self._caches = (PrefixCache(self.verifier, ["__base__", "proxy"] if eu and bias == "proxy" else plain),
-                        PrefixCache(drafts, names) if (propose == "mix" or eu) else None,
-                        None if propose == "mix" else PrefixCache(designated))
+        self._caches = (cache(self.verifier, verify_names),
+                        cache(drafts, names) if (propose == "mix" or eu) else None,
+                        None if propose == "mix" else cache(designated))
 
     @classmethod
     def from_ensemble(cls, ens, target, fused: bool = True, **kw) -> SpeculativeDecoder:
@@ -365,7 +378,8 @@ def run(cfg, on_pieces=None) -> dict:
                                    dtype=cfg.draft_dtype)
     if isinstance(cfg.propose, int) and not 0 <= cfg.propose < len(ens.names):
         raise DraftEUError(f"--propose {cfg.propose}: the ensemble has drafts 0..{len(ens.names) - 1}")
-    dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=cfg.gamma, propose=cfg.propose, bias=bias, eu=cfg.eu)
+    dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=cfg.gamma, propose=cfg.propose, bias=bias, eu=cfg.eu,
+                                           compile=cfg.compile)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context and len(prompt_ids) + cfg.max_new_tokens + cfg.gamma > context:
@@ -392,7 +406,7 @@ def run(cfg, on_pieces=None) -> dict:
                   "tokens": [{"id": int(t), "text": p} for t, p in zip(res.token_ids, pieces, strict=True)]}
     result["speculative"] = {
         "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
-        "draft_dtype": cfg.draft_dtype,
+        "draft_dtype": cfg.draft_dtype, "compiled": dec.compile,
         "proposed": res.proposed, "accepted": res.accepted, "acceptance": res.acceptance, "rounds": res.rounds,
         "tokens": len(res.token_ids), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,
         "finish": res.finish, **res.timings,

@@ -103,3 +103,31 @@ def test_generation_on_the_device_equals_batch_one(tiny_dir, tmp_path):
     assert a["rows"] == b["rows"] == 4
     ra, rb = (runio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
     assert [r["response_ids"] for r in ra] == [r["response_ids"] for r in rb]
+
+
+def test_compiled_steps_and_divergences_on_the_device(run, tiny_dir, monkeypatch):
+    """compile=on (CUDA graphs on CUDA) decodes the eager tokens with the eager EU; the compiled
+    eu_decomposition (CUDA's default) equals the eager kernels on the device."""
+    import shutil
+
+    from drafteu import divergence
+
+    if torch.device(DEVICE).type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    lm = models.load(str(tiny_dir), device=DEVICE)
+    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter")
+    prompt = data.format_prompt(lm.tokenizer, QUESTION, data.shots_for("score", 0))
+    eos = {lm.tokenizer.eos_token_id}
+    out = {c: SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, bias="proxy", compile=c)
+           .generate(prompt, 16, eos_ids=eos) for c in ("off", "on")}
+    assert out["on"].token_ids == out["off"].token_ids
+    assert torch.allclose(out["on"].variance + out["on"].bias, out["off"].variance + out["off"].bias, atol=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(6, 33, 1000, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    p = (torch.randn(33, 1000, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    terms = {}
+    for how in ("eager", "compiled"):
+        monkeypatch.setenv("DRAFTEU_DIVERGENCE", how)
+        terms[how] = divergence.eu_decomposition(q, p)
+    for f in ("variance", "bias"):
+        assert torch.allclose(getattr(terms["eager"], f), getattr(terms["compiled"], f), atol=1e-5)

@@ -129,3 +129,18 @@ def test_cli_bad_device_is_a_one_line_error(tiny_dir, device, message):
     res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "What is 2 + 3?", "--answer", "5",
                                    "--device", device])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_compile_auto_is_cuda_only_and_bad_values_are_clear(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert hardware.resolve_compile("auto", cpu) is False  # measured: a few percent on CPUs, not worth compiling
+    assert hardware.resolve_compile("auto", cuda) is True  # launch-bound steps: CUDA graphs
+    assert hardware.resolve_compile("off", cuda) is False
+    assert hardware.compile_mode(cuda) == "reduce-overhead" and hardware.compile_mode(cpu) is None
+    with pytest.raises(DraftEUError, match="auto, on or off"):
+        hardware.resolve_compile("fast", cpu)
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    with pytest.raises(DraftEUError, match="C\\+\\+ compiler"):
+        hardware.resolve_compile("on", cpu)

@@ -290,8 +290,11 @@ def test_fused_base_row_equals_peft_base_and_proxy_rows():
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(out[0], plain[0], atol=1e-5)
     assert not torch.allclose(out[1], plain[0], atol=1e-3)  # the adapter really acts on row 1
-    with pytest.raises(DraftEUError, match="at least one adapter"):
-        FusedDrafts(peft, ["__base__"])
+    with torch.no_grad():  # base rows only: the plain model, no LoRA work
+        only = FusedDrafts(peft, ["__base__"])(ids[:1], adapter_names=["__base__"]).logits
+    assert torch.allclose(only[0], plain[0], atol=1e-5)
+    with pytest.raises(DraftEUError, match="no LoRA modules"):
+        FusedDrafts(make_model(50, layers=1), ["__base__"])  # a model without LoRA layers
 
 
 @pytest.mark.parametrize("propose", ["mix", 0])
@@ -334,3 +337,53 @@ def test_speculative_bench_times_drafteus_decoder():
 
     table = bench.step_times(Args, "cpu", "tiny", context=64, reps=2)
     assert "| K = 3 drafts (fused), 1 token |" in table and "| gamma 2, EU bias vs proxy |" in table
+
+
+def _needs_compiler():
+    import shutil
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+
+
+def test_static_cache_rollback_and_growth_match_dynamic_cache(tiny):
+    """StaticPrefixCache (eager) returns PrefixCache's logits through feeds, position-reset
+    rollbacks, prompt re-use and a capacity doubling."""
+    from drafteu.kvcache import PrefixCache, StaticPrefixCache
+
+    dyn, static = PrefixCache(tiny.model), StaticPrefixCache(tiny.model, compile=False, capacity=16)
+    seq = list(range(5, 17))
+    steps = [(seq, [], 1), (seq, [3, 4], 2), ("rollback", len(seq) + 1), (seq + [3], [9, 9, 9], 3),
+             ("rollback", 4), (seq[:4] + list(range(40, 60)), [], 2)]  # grows past 16 positions
+    for step in steps:
+        if step[0] == "rollback":
+            dyn.rollback(step[1])
+            static.rollback(step[1])
+            continue
+        a, b = dyn.feed(*step, "cpu"), static.feed(*step, "cpu")
+        assert torch.allclose(a, b, atol=1e-5), step
+        assert dyn.ids == static.ids
+    assert static.capacity == 32
+
+
+@pytest.mark.parametrize("bias", ["target", "proxy"])
+def test_compiled_steps_give_the_eager_tokens_and_eu(ensembles, tiny_dir, bias):
+    """compile=on (static KV caches + torch.compile; CPU inductor here, CUDA graphs on CUDA) decodes
+    the same tokens with the same EU as the eager decoder, across prompts sharing a prefix."""
+    _needs_compiler()
+    lm, ens, eager = _decoder(ensembles, tiny_dir, "near", proxy_on=bias == "proxy", gamma=2, bias=bias,
+                              compile="off")
+    compiled = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, bias=bias, compile="on")
+    assert compiled.compile and not eager.compile
+    eos = {lm.tokenizer.eos_token_id}
+    for q in QUESTIONS:
+        prompt = _prompt(lm, q)
+        a, b = eager.generate(prompt, 12, eos_ids=eos), compiled.generate(prompt, 12, eos_ids=eos)
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(a.variance, b.variance, atol=1e-4)
+        assert torch.allclose(a.bias, b.bias, atol=1e-4)
+    if bias == "target":
+        with ens.base_target():
+            prompt = _prompt(lm, QUESTIONS[0])
+            assert plain_greedy(lm.model, prompt, 12, eos, compile="on") == plain_greedy(lm.model, prompt, 12, eos,
+                                                                                         compile="off")
