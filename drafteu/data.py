@@ -106,7 +106,31 @@ def _boxed_contents(text: str) -> list[str]:
     return out
 
 
+_MIXED_RE = re.compile(r"(-?\d+)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_SCI_RE = re.compile(r"(-?\d*\.?\d+)\s*(?:\\times|\\cdot|×)\s*10\s*\^\s*\{?\s*(-?\d+)\s*\}?")
+
+
+def _fraction_text(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def _mixed(m: re.Match) -> str:
+    """``2\\frac{1}{2}`` -> ``5/2`` (a whole number followed by a fraction is their sum)."""
+    whole, num, den = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if den == 0:
+        return m.group(0)
+    frac = Fraction(num, den)
+    return _fraction_text(whole - frac if m.group(1).startswith("-") else whole + frac)
+
+
+def _scientific(m: re.Match) -> str:
+    """``3 \\times 10^4`` -> ``30000``."""
+    return _fraction_text(Fraction(m.group(1)) * Fraction(10) ** int(m.group(2)))
+
+
 def _clean_latex(s: str) -> str:
+    s = _MIXED_RE.sub(_mixed, s)
+    s = _SCI_RE.sub(_scientific, s)
     s = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"\1/\2", s)
     s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
@@ -140,9 +164,16 @@ def extract_answer(text: str | None) -> str | None:
         if nums:
             return _normalize_number(nums[0] if len(nums) == 1 or "=" not in content else nums[-1])
         return content or None
-    phrases = _PHRASE_RE.findall(text)
+    phrases = list(_PHRASE_RE.finditer(text))
     if phrases:
-        return _normalize_number(phrases[-1])
+        m = phrases[-1]
+        # "The answer is 12 - 5 = 7.": the result is after the sentence's last "="
+        sentence = re.split(r"[.!?](?:\s|$)|\n", text[m.start(1):], maxsplit=1)[0]
+        if "=" in sentence:
+            after = _NUM_RE.findall(_clean_latex(sentence.rsplit("=", 1)[1]))
+            if after:
+                return _normalize_number(after[0])
+        return _normalize_number(m.group(1))
     nums = _NUM_RE.findall(_clean_latex(text))
     return _normalize_number(nums[-1]) if nums else None
 

@@ -252,6 +252,11 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
                f"{hal['answers']} answers to {hal['questions']} questions, {hal['wrong_rate']:.1%} wrong; logistic map "
                f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% bootstrap intervals "
                f"({cfg.eval.bootstrap} resamples); sequence score = {how} token EU.", ""]
+        lab = hal.get("labels", {})
+        if "agree" in lab:
+            md += [f"Labels: drafteu's answer checker and math-verify agree on {lab['agree']} of {lab['answers']} answers "
+                   f"({lab['drafteu_only_correct']} correct only for drafteu, {lab['math_verify_only_correct']} only for "
+                   "math-verify; each listed in eval/hallucination.json).", ""]
         rows = []
         for m, r in hal["methods"].items():
             x = r[how]

@@ -47,6 +47,14 @@ from .conftest import shared_data
         ("\\boxed{}", None),
         ("The answer is 7 apples, and 3 were left over.", "7"),
         ("#### 1,000", "1000"),
+        # found by cross-checking against math-verify on model answers (docs/method.md §14)
+        ("\\boxed{2\\frac{1}{2}}", "5/2"),  # a mixed number is a sum, not the digits "21/2"
+        ("\\boxed{-2\\frac{1}{2}}", "-5/2"),
+        ("The answer is 12 - 5 = 7.", "7"),  # an equation after the phrase: the result
+        ("The answer is 3.5. Then 2 = 2.", "3.5"),  # an "=" in a later sentence does not count
+        ("\\boxed{3 \\times 10^4}", "30000"),
+        ("\\boxed{3 \\times 10^{-3}}", "3/1000"),
+        ("\\boxed{1\\,000}", "1000"),  # a thin space inside a number (math-verify reads 1*0)
     ],
 )
 def test_extract_answer(text, expected):
@@ -184,3 +192,22 @@ def test_hf_dataset_errors_are_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(DraftEUError, match="pip install datasets"):
         load_task("openai/gsm8k", split="test")
+
+
+def test_labels_cross_check_with_math_verify():
+    """Both checkers over answers: agreement counted, each disagreement listed with both verdicts."""
+    pytest.importorskip("math_verify")
+    from drafteu.evaluate.labels import cross_check
+
+    texts = {"a": ("So the answer is \\boxed{7}.", "7"), "b": ("\\boxed{2\\frac{1}{2}} cups", "2.5"),
+             "c": ("That makes \\boxed{1\\,000} apples", "1000"), "d": ("\\boxed{9}", "8")}
+    rows = []
+    for qid, (text, gold) in texts.items():
+        extracted = extract_answer(text)
+        rows.append({"qid": qid, "response": text, "gold": gold, "extracted": extracted,
+                     "correct": is_correct(extracted, gold)})
+    out = cross_check(rows)
+    assert out["answers"] == 4
+    assert [d["qid"] for d in out["disagreements"]] == ["c"]  # math-verify reads 1\,000 as 1 * 0
+    assert out["agree"] == 3 and out["drafteu_only_correct"] == 1 and out["math_verify_only_correct"] == 0
+    assert out["disagreements"][0]["extracted"] == "1000" and out["disagreements"][0]["math_verify"] is False

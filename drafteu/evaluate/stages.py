@@ -15,6 +15,7 @@ import torch
 from drafteu import divergence, estimators, runio
 from drafteu.config import ExperimentConfig
 from drafteu.evaluate import cost, fidelity, hallucination
+from drafteu.evaluate.labels import cross_check
 from drafteu.evaluate.scoring import TrialEstimators
 from drafteu.kvcache import LogitsSource
 from drafteu.methods import ESTIMATORS
@@ -129,7 +130,8 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
     label = np.array([0 if r["correct"] else 1 for r in rows])
     qids = [r["qid"] for r in rows]
     methods = ["tokur", "entropy"] + labels(cfg) + ["groundtruth"]
-    out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()), "methods": {}}
+    out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()),
+           "labels": cross_check(rows), "methods": {}}
     for m in methods:
         out["methods"][m] = {}
         for how in cfg.eval.aggregations:
