@@ -150,11 +150,23 @@ class DataSection(SamplingSettings):
 
 
 @dataclass(kw_only=True)
+class DraftBaseData(SamplingSettings):
+    """Target answers the draft base is warmed up on, when it has its own (the fields of `drafteu
+    generate`; train split), e.g. more questions or another task than the drafts' data."""
+
+
+@dataclass(kw_only=True)
 class DraftBaseSection(DraftBaseSettings):
     """The draft base: a sibling model, or 'truncate' (the target's first layers, warmed up with the
     fields of `drafteu train-draft-base`)."""
 
     model: str = field(default="truncate", metadata={"help": "sibling model (hub id / local dir), or 'truncate'"})
+    data: DraftBaseData | None = field(default=None, metadata={
+        "help": "the warm-up data: None = the run's draft data (the data section); a mapping of generate's "
+                "fields = target answers of its own (e.g. GSM8K train questions)"})
+    cache: bool = field(default=True, metadata={
+        "help": "keep the trained base in the machine cache ($DRAFTEU_CACHE/draft_base), keyed by the target and "
+                "the recipe (layers, training, data), and copy it into every run with the same recipe"})
 
 
 @dataclass(kw_only=True)

@@ -117,6 +117,22 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id
 
 
+def identity(spec: str) -> str:
+    """What a model spec stands for on this machine, for cache keys: a file's path, size and
+    modification time (a re-downloaded or edited model is another model), a hub id as given."""
+    try:
+        path, gguf_file = resolve(spec)
+    except DraftEUError:
+        return spec
+    p = Path(path) / (gguf_file or "config.json")
+    if not p.is_file():
+        return spec  # a hub id
+    st = p.stat()
+    weights = sorted(Path(path).glob("*.safetensors")) if gguf_file is None else []
+    sizes = [w.stat().st_size for w in weights]
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sizes}"
+
+
 def _gguf_cache_path(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]

@@ -43,13 +43,58 @@ def stage_data(cfg: ExperimentConfig, run: Path) -> dict:
 
 
 def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
+    """The truncated, warmed-up draft base in ``run/draft_base``.
+
+    With ``draft_base.cache`` the base is trained once per machine: under
+    ``$DRAFTEU_CACHE/draft_base/<key>`` (key: the target's identity + the recipe: layers, held-out
+    fraction, training settings, seed and the warm-up data — its generation settings, or the digest
+    of the run's samples) and copied into each run (the copy keeps runs relocatable).  With
+    ``draft_base.data`` the target first answers that task's train questions, cached under
+    ``draft_base/data-<key of the data recipe>`` so that recipes differing only in depth or training
+    share one data set."""
     if cfg.draft_base.model != "truncate":
         return None
-    from drafteu.train import draft_base
+    import shutil
 
-    return draft_base.run(draft_base.DraftBaseConfig(
-        samples=rundir.samples_path(run), out=run / "draft_base", target=cfg.target, seed=cfg.seed,
-        device=cfg.device, **section_values(cfg.draft_base, draft_base.DraftBaseSettings)))
+    from drafteu import models
+    from drafteu.train import draft_base
+    from drafteu.train.loop import wait_for_everyone
+
+    sec, out = cfg.draft_base, run / "draft_base"
+    if (out / "manifest.json").exists() and (out / "config.json").exists():
+        return runio.json_load(out / "manifest.json")  # complete: skip
+    settings = section_values(sec, draft_base.DraftBaseSettings)
+    if sec.data is None:
+        samples = rundir.samples_path(run)
+        data_recipe = {"samples_sha256": runio.digest(samples.read_bytes().decode("utf-8", "replace"))}
+    else:
+        data_recipe = section_values(sec.data, generate.SamplingSettings)
+    key = runio.digest({"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe, **settings})
+    home = models.cache_dir() / "draft_base" / f"L{sec.layers}-{key}" if sec.cache else run / "draft_base_data"
+    if sec.data is not None:  # keyed by the data recipe alone: bases of other depths share it
+        data_dir = (models.cache_dir() / "draft_base" / ("data-" + runio.digest(
+            {"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe}))
+            if sec.cache else home / "data")
+        if runio.is_main_process():  # generation: the main process; training below: every process
+            generate.run(_generate_cfg(cfg, data_dir, **data_recipe))
+        wait_for_everyone()
+        samples = data_dir / "samples.jsonl"
+    if not sec.cache:
+        return draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=out, target=cfg.target, seed=cfg.seed,
+                                                         device=cfg.device, **settings))
+    reused = (home / "model" / "manifest.json").exists()
+    manifest = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=home / "model", target=cfg.target,
+                                                         seed=cfg.seed, device=cfg.device, **settings))
+    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": data_recipe}}
+    if runio.is_main_process():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(home / "model", tmp, ignore=shutil.ignore_patterns("trainer"))
+        runio.write_json(tmp / "manifest.json", manifest)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt (complete ones returned above)
+        tmp.rename(out)  # atomic: a killed copy leaves no half-written draft base
+    wait_for_everyone()
+    return manifest
 
 
 def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, trial: int):

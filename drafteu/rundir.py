@@ -2,7 +2,10 @@
 
     config.yaml  manifest.json       the experiment as run; stages, timings, hardware
     data/samples.jsonl               target samples on train questions          (generate)
-    draft_base/                      truncated + warmed-up target (draft_base.model: truncate)
+    draft_base/                      truncated + warmed-up target (draft_base.model: truncate); with
+                                     draft_base.cache a copy of $DRAFTEU_CACHE/draft_base/<recipe>/model
+    draft_base_data/samples.jsonl    its own warm-up data (draft_base.data without cache; with cache:
+                                     $DRAFTEU_CACHE/draft_base/<recipe>/data)
     drafts/<method>/                 one ensemble per method (manifest.json, s<i>_m<j>/ adapters)
     drafts/layouts/<S>x<M>/ddd/      extra DDD layouts (Table 5)
     drafts/trials/t<i>/...           ensembles redrawn for trial i (same sub-layout)

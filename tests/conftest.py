@@ -16,6 +16,26 @@ if os.environ.get("DRAFTEU_THREADS"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache(tmp_path_factory):
+    """Draft bases the tests train go to a temporary cache, not the user's; the converted embedded
+    GGUF (slow to redo) stays shared through a link to the real cache's ``gguf`` folder."""
+    from drafteu import models
+
+    real = models.cache_dir()
+    (real / "gguf").mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_factory.mktemp("drafteu-cache")
+    (tmp / "gguf").symlink_to(real / "gguf", target_is_directory=True)
+    old = os.environ.get("DRAFTEU_CACHE")
+    os.environ["DRAFTEU_CACHE"] = str(tmp)
+    yield tmp
+    if old is None:
+        os.environ.pop("DRAFTEU_CACHE", None)
+    else:
+        os.environ["DRAFTEU_CACHE"] = old
+
+
 def shared_data(*parts: str):
     """A file under the project's shared/ data (``$DRAFTEU_SHARED`` or ../shared); skip if absent."""
     from pathlib import Path

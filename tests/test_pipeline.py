@@ -178,3 +178,33 @@ def test_bad_configs_get_clear_errors(tmp_path, patch, message):
 def test_set_overrides_reach_the_config(tmp_path):
     cfg = load_experiment(_write(tmp_path, {"name": "x"}), {"eval.trials": 2, "drafts.methods": ["ddd"]})
     assert cfg.eval.trials == 2 and cfg.drafts.methods == ["ddd"]
+
+
+@pytest.mark.integration
+def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, _test_cache):
+    """draft_base.cache + draft_base.data: the first run generates the warm-up data and trains the base
+    in the machine cache; a second run with the same recipe copies it (no training), and another
+    recipe gets its own entry."""
+    from safetensors.torch import load_file
+
+    d = tiny_config(tiny_dir)
+    d["draft_base"] |= {"cache": True, "data": {"task": "easy-word", "questions": 6, "samples": 1,
+                                                 "max_new_tokens": 6, "batch_size": 8}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    cfg = load_experiment(tmp_path / "c.yaml")
+    a = pipeline.stage_draft_base(cfg, tmp_path / "a")
+    b = pipeline.stage_draft_base(cfg, tmp_path / "b")
+    assert a["cache"]["reused"] is False and b["cache"]["reused"] is True
+    assert Path(a["cache"]["path"]).parent == _test_cache / "draft_base"
+    data_dirs = list((_test_cache / "draft_base").glob("data-*"))
+    assert len(data_dirs) == 1 and len(runio.read_jsonl(data_dirs[0] / "samples.jsonl")) == 6  # its own data
+    assert a["train_examples"] + a["heldout_examples"] == 6
+    wa, wb = (load_file(tmp_path / r / "draft_base" / "model.safetensors") for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (tmp_path / "b" / "draft_base" / "trainer").exists()
+    assert runio.json_load(tmp_path / "b" / "draft_base" / "manifest.json")["cache"]["reused"] is True
+    d["draft_base"]["layers"] = 1
+    (tmp_path / "c1.yaml").write_text(yaml.safe_dump(d))
+    c = pipeline.stage_draft_base(load_experiment(tmp_path / "c1.yaml"), tmp_path / "c")
+    assert c["cache"]["reused"] is False and c["cache"]["path"] != a["cache"]["path"]
+    assert list((_test_cache / "draft_base").glob("data-*")) == data_dirs  # another depth, the same data
