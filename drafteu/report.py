@@ -154,7 +154,28 @@ def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: di
                 f"{ta['value']:.3f} (difference {da['value'] - ta['value']:+.3f}; 95% intervals "
                 f"{'overlap' if overlap else 'do not overlap'}); DDD's measured wall time is {cheaper:.2f}x TokUR's — "
                 f"this run **{'agrees' if close and cheaper < 1 else 'disagrees'}** (close = within 0.05 AUROC).")
-    return lines
+    return lines + paired_lines(fid, rob, hal)
+
+
+def paired_lines(fid: dict | None, rob: dict | None, hal: dict | None) -> list[str]:
+    """The orderings as paired question-bootstrap intervals of the difference (evaluate/compare.py)."""
+    def fmt(c: dict, what: str) -> str:
+        return (f"{what}: difference {c['difference']:+.4f}, 95% interval [{c['low']:+.4f}, {c['high']:+.4f}] "
+                f"({c['resamples']} question resamples) — **{c['verdict']}**")
+
+    lines = []
+    comp = (fid or {}).get("comparisons", {}).get("ddd vs untrained")
+    if comp:
+        lines.append("- " + fmt(comp["rmse"], "RMSE DDD - untrained (paper: < 0)"))
+        lines.append("- " + fmt(comp["spearman"], "Spearman DDD - untrained (paper: > 0)"))
+    for name, c in (rob or {}).get("comparisons", {}).items():
+        lines.append("- " + fmt(c, f"bias-term RMSE to the reference, {name.replace(' vs ', ' - ')} (paper: < 0)"))
+    c = (hal or {}).get("comparisons", {}).get("ddd vs tokur")
+    if c:
+        lines.append("- " + fmt(c, f"AUROC DDD - TokUR, {c.get('aggregation', 'mean')} token EU, all answers "
+                                   f"(claim: > {c['margin']:+.2f})"))
+    return (["", "Paired intervals (the same question resamples for both sides of each difference):", ""] + lines
+            if lines else [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,3 +127,40 @@ def test_vectorized_bootstrap_metrics_equal_the_scalar_ones(rng):
                 assert np.isnan(batch[k][b]), (k, b)
             else:
                 assert batch[k][b] == pytest.approx(v, rel=1e-9, abs=1e-12), (k, b)
+
+
+def test_paired_comparisons_read_their_intervals():
+    """A method compared with itself: difference 0 and 'cannot tell'; a clearly better estimator
+    agrees with a 'lower RMSE' claim; the verdict follows the interval and the margin."""
+    from drafteu.evaluate import compare
+
+    rng = np.random.default_rng(0)
+    qs = [f"q{i}" for i in range(40)]
+    truth = {q: rng.gamma(2.0, 0.05, size=12) for q in qs}
+    good = {q: t + rng.normal(0, 0.01, t.size) for q, t in truth.items()}
+    bad = {q: t + 0.5 + rng.normal(0, 0.2, t.size) for q, t in truth.items()}
+    same = compare.fidelity_difference(good, good, truth, qs, resamples=200)
+    assert same["rmse"]["difference"] == 0 and same["rmse"]["verdict"] == "cannot tell at this size"
+    diff = compare.fidelity_difference(good, bad, truth, qs, resamples=200)
+    assert diff["rmse"]["high"] < 0 and diff["rmse"]["verdict"] == "agrees"
+    assert diff["spearman"]["verdict"] == "agrees"
+    assert compare.fidelity_difference(bad, good, truth, qs, resamples=200)["rmse"]["verdict"] == "disagrees"
+    assert compare.verdict(-0.02, 0.01, "higher", margin=-0.03) == "agrees"  # within 0.03 of the other
+    assert compare.verdict(-0.08, -0.05, "higher", margin=-0.03) == "disagrees"
+    assert compare.verdict(-0.05, 0.01, "higher", margin=-0.03) == "cannot tell at this size"
+
+
+def test_auroc_difference_groups_answers_by_question():
+    from drafteu.evaluate import compare
+
+    rng = np.random.default_rng(1)
+    qids = [f"q{i // 3}" for i in range(300)]
+    label = rng.integers(0, 2, 300)
+    informative = label + rng.normal(0, 0.5, 300)
+    noise = rng.normal(0, 1, 300)
+    assert compare.auroc(informative, label) > 0.8 and compare.auroc(np.ones(4), np.ones(4)) != compare.auroc(
+        np.ones(4), np.ones(4))  # one class: NaN
+    d = compare.auroc_difference(informative, noise, label, qids, resamples=200)
+    assert d["difference"] == pytest.approx(compare.auroc(informative, label) - compare.auroc(noise, label))
+    assert d["verdict"] == "agrees" and d["low"] > 0
+    assert compare.auroc_difference(noise, noise, label, qids, resamples=50)["difference"] == 0
