@@ -71,18 +71,18 @@ def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
         data_recipe = section_values(sec.data, generate.SamplingSettings)
     key = runio.digest({"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe, **settings})
     home = models.cache_dir() / "draft_base" / f"L{sec.layers}-{key}" if sec.cache else run / "draft_base_data"
+    reused = sec.cache and (home / "model" / "manifest.json").exists()
     if sec.data is not None:  # keyed by the data recipe alone: bases of other depths share it
         data_dir = (models.cache_dir() / "draft_base" / ("data-" + runio.digest(
             {"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe}))
             if sec.cache else home / "data")
-        if runio.is_main_process():  # generation: the main process; training below: every process
+        if runio.is_main_process() and not reused:  # generation: the main process; training: every process
             generate.run(_generate_cfg(cfg, data_dir, **data_recipe))
         wait_for_everyone()
         samples = data_dir / "samples.jsonl"
     if not sec.cache:
         return draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=out, target=cfg.target, seed=cfg.seed,
                                                          device=cfg.device, **settings))
-    reused = (home / "model" / "manifest.json").exists()
     manifest = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=home / "model", target=cfg.target,
                                                          seed=cfg.seed, device=cfg.device, **settings))
     manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": data_recipe}}
