@@ -123,12 +123,17 @@ def resolve_compile(value: str | bool | None, device: torch.device) -> bool:
             raise DraftEUError(f"compile must be auto, on or off; got {value!r}")
         on = device.type == "cuda" if v == "auto" else v in ("on", "true")
     if on and device.type == "cpu":
-        import shutil
-
-        if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        if not has_cxx_compiler():
             raise DraftEUError("compiled steps on a CPU need a C++ compiler (torch inductor); install g++ "
                                "(e.g. apt install g++) or use compile off")
     return on
+
+
+def has_cxx_compiler() -> bool:
+    """Whether torch inductor's CPU backend finds a C++ compiler here."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
 def compile_mode(device: torch.device) -> str | None:

@@ -108,11 +108,10 @@ def test_generation_on_the_device_equals_batch_one(tiny_dir, tmp_path):
 def test_compiled_steps_and_divergences_on_the_device(run, tiny_dir, monkeypatch):
     """compile=on (CUDA graphs on CUDA) decodes the eager tokens with the eager EU; the compiled
     eu_decomposition (CUDA's default) equals the eager kernels on the device."""
-    import shutil
-
     from drafteu import divergence
+    from drafteu.hardware import has_cxx_compiler
 
-    if torch.device(DEVICE).type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if torch.device(DEVICE).type == "cpu" and not has_cxx_compiler():
         pytest.skip("torch.compile on a CPU needs a C++ compiler")
     lm = models.load(str(tiny_dir), device=DEVICE)
     ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter")

@@ -139,8 +139,6 @@ def test_compile_auto_is_cuda_only_and_bad_values_are_clear(monkeypatch):
     assert hardware.compile_mode(cuda) == "reduce-overhead" and hardware.compile_mode(cpu) is None
     with pytest.raises(DraftEUError, match="auto, on or off"):
         hardware.resolve_compile("fast", cpu)
-    import shutil
-
-    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    monkeypatch.setattr(hardware, "has_cxx_compiler", lambda: False)  # no C++ compiler on this machine
     with pytest.raises(DraftEUError, match="C\\+\\+ compiler"):
         hardware.resolve_compile("on", cpu)

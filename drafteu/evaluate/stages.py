@@ -127,12 +127,14 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             per_trial.append(fidelity.trial_metrics(vals, truth, fidelity.bootstrap_questions(keys, cfg.seed * 1000 + t)))
         result["estimates"][est] = {"trials": per_trial, **fidelity.summarize(per_trial)}
     big = f"K={max(e.proxy_ks)}"
+    p_mix, fresh = ({k: stored[(k, est, t)] for k in keys} for est, t in (("p_mix", -1), (big, 0)))
+
+    def d_rmse(qs):
+        t = fidelity.pooled(truth, qs)
+        return fidelity.rmse(fidelity.pooled(p_mix, qs), t) - fidelity.rmse(fidelity.pooled(fresh, qs), t)
+
     result["comparisons"] = {f"p_mix vs {big}": compare.paired_bootstrap(
-        keys, lambda qs: (fidelity.rmse(fidelity.pooled({k: stored[(k, "p_mix", -1)] for k in keys}, qs),
-                                        fidelity.pooled(truth, qs))
-                          - fidelity.rmse(fidelity.pooled({k: stored[(k, big, 0)] for k in keys}, qs),
-                                          fidelity.pooled(truth, qs))),
-        better="lower", resamples=e.bootstrap, seed=cfg.seed)}
+        keys, d_rmse, better="lower", resamples=e.bootstrap, seed=cfg.seed)}
     return result
 
 
