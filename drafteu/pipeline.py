@@ -54,6 +54,7 @@ def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
     share one data set."""
     if cfg.draft_base.model != "truncate":
         return None
+    import hashlib
     import shutil
 
     from drafteu import models
@@ -66,16 +67,15 @@ def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
     settings = section_values(sec, draft_base.DraftBaseSettings)
     if sec.data is None:
         samples = rundir.samples_path(run)
-        data_recipe = {"samples_sha256": runio.digest(samples.read_bytes().decode("utf-8", "replace"))}
+        data_recipe = {"samples_sha256": hashlib.sha256(samples.read_bytes()).hexdigest()[:16]}
     else:
         data_recipe = section_values(sec.data, generate.SamplingSettings)
-    key = runio.digest({"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe, **settings})
-    home = models.cache_dir() / "draft_base" / f"L{sec.layers}-{key}" if sec.cache else run / "draft_base_data"
+    data_key = {"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe}
+    cache = models.cache_dir() / "draft_base"
+    home = cache / f"L{sec.layers}-{runio.digest(data_key | settings)}" if sec.cache else run / "draft_base_data"
     reused = sec.cache and (home / "model" / "manifest.json").exists()
     if sec.data is not None:  # keyed by the data recipe alone: bases of other depths share it
-        data_dir = (models.cache_dir() / "draft_base" / ("data-" + runio.digest(
-            {"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe}))
-            if sec.cache else home / "data")
+        data_dir = cache / f"data-{runio.digest(data_key)}" if sec.cache else home / "data"
         if runio.is_main_process() and not reused:  # generation: the main process; training: every process
             generate.run(_generate_cfg(cfg, data_dir, **data_recipe))
         wait_for_everyone()

@@ -60,15 +60,11 @@ def fidelity_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
 
 
 def auroc(score: np.ndarray, label: np.ndarray) -> float:
-    """AUROC of ``score`` for label 1 (Mann-Whitney, average ranks); NaN with one class."""
-    from scipy.stats import rankdata
+    """AUROC of ``score`` for label 1 (scikit-learn's); NaN with one class."""
+    from sklearn.metrics import roc_auc_score
 
-    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=np.float64)
-    pos = label.sum()
-    n = label.size
-    if pos == 0 or pos == n:
-        return float("nan")
-    return float(((rankdata(score) * label).sum() - pos * (pos + 1) / 2) / (pos * (n - pos)))
+    label = np.asarray(label, dtype=np.int64)
+    return float(roc_auc_score(label, score)) if 0 < label.sum() < label.size else float("nan")
 
 
 def auroc_difference(score_a: np.ndarray, score_b: np.ndarray, label: np.ndarray, qids: Sequence[str], *,

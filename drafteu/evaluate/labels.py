@@ -41,7 +41,7 @@ def cross_check(rows: Iterable[dict], keep: int = 50) -> dict:
         "drafteu_only_correct": sum(1 for r, v in differ if r["correct"]),
         "math_verify_only_correct": sum(1 for r, v in differ if not r["correct"]),
         "disagreements": [
-            {"qid": r.get("qid"), "gold": r["gold"], "extracted": r.get("extracted", data.extract_answer(r["response"])),
+            {"qid": r.get("qid"), "gold": r["gold"], "extracted": r["extracted"] if "extracted" in r else data.extract_answer(r["response"]),
              "drafteu": bool(r["correct"]), "math_verify": v, "tail": (r["response"] or "")[-160:]}
             for r, v in differ[:keep]
         ],
