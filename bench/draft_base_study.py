@@ -13,7 +13,7 @@ target answers (easy-word *test* questions, sampled at temperature 1 like the ev
 - cost: CPU-minutes of warm-up training (from the stage manifest: the run that trained it) and the
   draft's decode step relative to the target's (batch 1, prompt cached, median; same process).
 
-    python bench/draft_base_study.py [--layers 6 10 15] [--steps 60 240] [--questions 200] [--samples 2]
+    python bench/draft_base_study.py [--recipes 6:120 10:120 15:120 6:240] [--questions 200] [--samples 2]
 
 Writes docs/results/draft-base-study.{md,json} and docs/results/draft_base_study.png.
 """
@@ -100,8 +100,8 @@ def family_mi(cfg, rows) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="target, noise, shots, seed")
-    ap.add_argument("--layers", type=int, nargs="+", default=[6, 10, 15])
-    ap.add_argument("--steps", type=int, nargs="+", default=[60, 240])
+    ap.add_argument("--recipes", nargs="+", default=["6:120", "10:120", "15:120", "6:240"],
+                    help="LAYERS:STEPS pairs (truncation depth : warm-up steps)")
     ap.add_argument("--questions", type=int, default=200, help="easy-word train questions the target answers")
     ap.add_argument("--samples", type=int, default=2, help="target answers per question")
     ap.add_argument("--heldout-questions", type=int, default=40, help="easy-word test questions for the measures")
@@ -129,25 +129,29 @@ def main() -> None:
     prompt = data.format_prompt(target.tokenizer, rows[0]["question"], data.shots_for("easy-word", cfg0.data.shots))
     target_step = step_ms(target.model, prompt)
     results = []
-    for layers in args.layers:
-        for steps in args.steps:
-            path = work / f"L{layers}-s{steps}.yaml"
-            path.write_text(yaml.safe_dump(recipe_config(base, layers, steps, args)))
-            cfg = load_experiment(path)
-            t0 = time.time()
-            manifest = pipeline.stage_draft_base(cfg, work / f"run-L{layers}-s{steps}")
-            print(f"L{layers} s{steps}: {'re-used' if manifest['cache']['reused'] else 'trained'} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-            draft = models.load(str(work / f"run-L{layers}-s{steps}" / "draft_base")).model
-            row = {"layers": layers, "steps": steps, "train_minutes": manifest["seconds"] / 60,
-                   "params_m": manifest["parameters"] / 1e6, "cache": manifest["cache"]["path"],
-                   **measure(target, draft, held, pad, gt_mi, prompt)}
-            row["step_vs_target"] = row["step_ms"] / target_step
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            del draft
-    untrained = models.truncate_layers(target.model, min(args.layers))
-    ref = {"layers": min(args.layers), "steps": 0, "train_minutes": 0.0,
+    try:
+        recipes = [tuple(int(x) for x in r.split(":")) for r in args.recipes]
+    except ValueError:
+        ap.error(f"--recipes takes LAYERS:STEPS pairs such as 6:120, got {args.recipes}")
+    for layers, steps in recipes:
+        path = work / f"L{layers}-s{steps}.yaml"
+        path.write_text(yaml.safe_dump(recipe_config(base, layers, steps, args)))
+        cfg = load_experiment(path)
+        t0 = time.time()
+        manifest = pipeline.stage_draft_base(cfg, work / f"run-L{layers}-s{steps}")
+        print(f"L{layers} s{steps}: {'re-used' if manifest['cache']['reused'] else 'trained'} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        draft = models.load(str(work / f"run-L{layers}-s{steps}" / "draft_base")).model
+        row = {"layers": layers, "steps": steps, "train_minutes": manifest["seconds"] / 60,
+               "params_m": manifest["parameters"] / 1e6, "cache": manifest["cache"]["path"],
+               **measure(target, draft, held, pad, gt_mi, prompt)}
+        row["step_vs_target"] = row["step_ms"] / target_step
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del draft
+    shallowest = min(layers for layers, _ in recipes)
+    untrained = models.truncate_layers(target.model, shallowest)
+    ref = {"layers": shallowest, "steps": 0, "train_minutes": 0.0,
            "params_m": sum(p.numel() for p in untrained.parameters()) / 1e6, "cache": None,
            **measure(target, untrained, held, pad, gt_mi, prompt)}
     ref["step_vs_target"] = ref["step_ms"] / target_step

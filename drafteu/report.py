@@ -14,6 +14,7 @@ from pathlib import Path
 
 from drafteu import runio
 from drafteu.config import ExperimentConfig
+from drafteu.errors import DraftEUError
 
 
 def _load(run: Path, name: str) -> dict | None:
@@ -271,8 +272,9 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         how = cfg.eval.aggregations[0]
         md += ["## Hallucination detection (Table 2)", "",
                f"{hal['answers']} answers to {hal['questions']} questions, {hal['wrong_rate']:.1%} wrong; logistic map "
-               f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% bootstrap intervals "
-               f"({cfg.eval.bootstrap} resamples); sequence score = {how} token EU.", ""]
+               f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% intervals from "
+               f"{cfg.eval.bootstrap} resamples of test questions (all answers of a drawn question together); "
+               f"sequence score = {how} token EU.", ""]
         lab = hal.get("labels", {})
         if "agree" in lab:
             md += [f"Labels: drafteu's answer checker and math-verify agree on {lab['agree']} of {lab['answers']} answers "
@@ -310,6 +312,41 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
     runio.write_text_atomic(run / "report.md", text)
     runio.write_text_atomic(run / "report.html", _html(cfg, run, text, figs))
     return run / "report.md"
+
+
+GENERATED = "<!-- written by `drafteu report --publish`: everything below this line is replaced on the next publish -->"
+EVAL_JSONS = ("fidelity", "proxy_robustness", "hallucination", "cost")
+
+
+def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
+    """Copy a run's results where they are committed: ``out/<name>.md`` (the report, figures linked
+    as ``<name>/<figure>.png``), the figures, and ``out/<name>.json`` (config, stage times and every
+    eval/*.json: each number the report shows).  Text above ``GENERATED`` in an existing
+    ``<name>.md`` (a reading of the results) is kept."""
+    import shutil
+
+    from drafteu.config import load_experiment
+
+    run, out = Path(run), Path(out)
+    if not (run / "report.md").exists():
+        raise DraftEUError(f"{run} has no report.md; run `drafteu reproduce` (or `drafteu report --run {run}`) first")
+    cfg = load_experiment(run / "config.yaml")
+    md_path, fig_dir = out / f"{name}.md", out / name
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for fig in sorted((run / "figures").glob("*.png")):
+        shutil.copyfile(fig, fig_dir / fig.name)
+    keep = ""
+    if md_path.exists():
+        old = md_path.read_text(encoding="utf-8")
+        if GENERATED in old:
+            keep = old.split(GENERATED)[0]
+    body = (run / "report.md").read_text(encoding="utf-8").replace("](figures/", f"]({name}/")
+    runio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")
+    manifest = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    numbers = {"config": runio.plain(cfg), "manifest": manifest,
+               **{k: _load(run, k) for k in EVAL_JSONS if _load(run, k) is not None}}
+    runio.write_json(out / f"{name}.json", numbers)
+    return {"markdown": md_path, "json": out / f"{name}.json", "figures": fig_dir}
 
 
 def _html(cfg: ExperimentConfig, run: Path, md: str, figs: list[Path]) -> str:

@@ -129,6 +129,36 @@ def test_vectorized_bootstrap_metrics_equal_the_scalar_ones(rng):
                 assert batch[k][b] == pytest.approx(v, rel=1e-9, abs=1e-12), (k, b)
 
 
+def test_hallucination_intervals_resample_whole_questions(rng):
+    """The per-method intervals draw questions, not answers: each resample is exactly the answers of
+    the drawn questions (checked against the scalar metrics, for equal and unequal answer counts),
+    and when a question's answers are copies of each other the interval is wider than an answer-level
+    bootstrap's (which would count 3 copies as 3 independent answers)."""
+    qids = [f"q{i // 3}" for i in range(60)]
+    prob = rng.random(60)
+    label = (rng.random(60) < prob).astype(int)
+    for ids in (qids, qids[:-1]):  # 20 questions x 3 answers; then one question with 2
+        n = len(ids)
+        draws = hallucination.question_bootstrap(prob[:n], label[:n], ids, 50, seed=3)
+        groups = {}
+        for i, q in enumerate(ids):
+            groups.setdefault(q, []).append(i)
+        rows = list(groups.values())
+        pick = np.random.default_rng(3).integers(0, len(rows), size=(50, len(rows)))
+        for b in range(50):
+            idx = np.concatenate([rows[j] for j in pick[b]])
+            ref = hallucination.metrics(prob[:n][idx], label[:n][idx])
+            for k, v in ref.items():
+                assert (np.isnan(draws[k][b]) if np.isnan(v) else draws[k][b] == pytest.approx(v, abs=1e-12)), (k, b)
+    base_p, base_y = rng.random(100), (rng.random(100) < 0.5).astype(int)
+    prob3, label3 = np.repeat(base_p, 3), np.repeat(base_y, 3)
+    q3 = [f"q{i // 3}" for i in range(300)]
+    by_question = hallucination.question_bootstrap(prob3, label3, q3, 1000, seed=0)["brier"]
+    by_answer = hallucination.metrics_batch(prob3, label3, np.random.default_rng(0).integers(0, 300, (1000, 300)))["brier"]
+    width = lambda a: np.subtract(*np.percentile(a, [97.5, 2.5]))  # noqa: E731
+    assert width(by_question) > 1.4 * width(by_answer)
+
+
 def test_paired_comparisons_read_their_intervals():
     """A method compared with itself: difference 0 and 'cannot tell'; a clearly better estimator
     agrees with a 'lower RMSE' claim; the verdict follows the interval and the margin."""

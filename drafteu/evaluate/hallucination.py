@@ -101,6 +101,25 @@ def metrics_batch(prob: np.ndarray, label: np.ndarray, idx: np.ndarray, bins: in
     return {"auroc": auroc, "ece": ece_v, "brier": brier, "prr": prr_v}
 
 
+def question_bootstrap(prob: np.ndarray, label: np.ndarray, qids: Sequence[str], resamples: int, seed: int,
+                       bins: int = 15) -> dict:
+    """``metrics`` on ``resamples`` resamples of *questions* with replacement (each drawn question
+    brings all its answers): the answers to one question share its difficulty, so resampling answers
+    one by one would understate the spread.  Returns metric -> (resamples,) array.  Questions with
+    equal answer counts (the usual ``repeats``) go through ``metrics_batch`` at once."""
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(qids):
+        groups.setdefault(q, []).append(i)
+    rows = list(groups.values())
+    pick = np.random.default_rng(seed).integers(0, len(rows), size=(resamples, len(rows)))
+    if len({len(r) for r in rows}) == 1:
+        table = np.array(rows)  # (questions, answers per question)
+        return metrics_batch(prob, label, table[pick].reshape(resamples, -1), bins)
+    draws = [metrics(prob[idx], label[idx], bins) for idx in
+             (np.concatenate([rows[j] for j in row]) for row in pick)]
+    return {k: np.array([d[k] for d in draws], dtype=np.float64) for k in draws[0]}
+
+
 def split_questions(qids: Sequence[str], fit_fraction: float, seed: int) -> tuple[set, set]:
     """(fit, test) question sets: a seeded shuffle of the distinct questions, cut at ``fit_fraction``."""
     uniq = sorted(set(qids))
@@ -112,7 +131,8 @@ def split_questions(qids: Sequence[str], fit_fraction: float, seed: int) -> tupl
 
 def evaluate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_fraction: float = 0.5,
              seed: int = 0, bins: int = 15, bootstrap: int = 1000) -> dict:
-    """Fit the logistic map on the fit questions, report test metrics with 95% bootstrap intervals.
+    """Fit the logistic map on the fit questions, report test metrics with 95% intervals from a
+    bootstrap over test questions (``question_bootstrap``).
 
     Returns ``{"n_fit", "n_test", "wrong_rate_test", metric: {"value", "low", "high"}, ...}`` or
     ``{"error": why}`` when the fit split holds only one class.
@@ -132,8 +152,7 @@ def evaluate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_f
     prob = model.predict_proba(x[~fit])[:, 1]
     y = label[~fit]
     point = metrics(prob, y, bins)
-    rng = np.random.default_rng(seed + 1)
-    draws = metrics_batch(prob, y, rng.integers(0, len(y), size=(bootstrap, len(y))), bins)
+    draws = question_bootstrap(prob, y, [q for q, f in zip(qids, fit, strict=True) if not f], bootstrap, seed + 1, bins)
     out = {"n_fit": int(fit.sum()), "n_test": int(len(y)), "wrong_rate_test": float(y.mean()),
            "coef": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0])}
     for k, v in point.items():
