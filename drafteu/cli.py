@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from drafteu.config import DraftsSection, ScoreConfig, SpeculateConfig, help_of
 from drafteu.errors import DraftEUError
@@ -68,7 +69,7 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -142,6 +143,9 @@ def generate(
     high: int = opt(GenerateConfig, "high"),
     seed: int = opt(GenerateConfig, "seed"),
     backend: str = opt(GenerateConfig, "backend"),
+    tensor_parallel_size: int = opt(GenerateConfig, "tensor_parallel_size"),
+    gpu_memory_utilization: float = opt(GenerateConfig, "gpu_memory_utilization"),
+    max_model_len: int | None = opt(GenerateConfig, "max_model_len"),
     dtype: str = opt(GenerateConfig, "dtype"),
     device: str = opt(GenerateConfig, "device"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
@@ -162,6 +166,8 @@ def generate(
             batch_size=batch_size, shots=shots, prefix_cache=prefix_cache, member=member,
             family_seed=family_seed, noise=NoiseConfig(sigma=sigma, rank=rank), steps=steps,
             low=low, high=high, seed=seed, backend=backend, dtype=dtype, device=device,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
         )
         summary = generate_stage.run(cfg)
     except DraftEUError as e:
@@ -375,6 +381,30 @@ def reproduce(
         m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False))
         console.print(f"done in {m['last_run_seconds']:.0f} s: {out / 'report.md'}, {out / 'report.html'}")
     _stage(go, threads)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Option(..., "--run", help="a `reproduce` run directory"),
+    publish: Path | None = typer.Option(None, help="also copy the report, its figures and every number (JSON) into "
+                                        "this folder, e.g. docs/results"),
+    name: str | None = typer.Option(None, help="file name of the published report (default: the config's name)"),
+):
+    """(Re)write a run's report.md, report.html and figures from its eval/*.json, without recomputing
+    anything; with --publish, copy them where results are committed (PUBLISH/NAME.md, PUBLISH/NAME/*.png,
+    PUBLISH/NAME.json; text above the generated part of an existing NAME.md is kept)."""
+    def go():
+        from drafteu import report as rep
+        from drafteu.config import load_experiment
+
+        if not (run_dir / "config.yaml").is_file():
+            raise DraftEUError(f"{run_dir} is not a run directory (no config.yaml); give the --run of a `reproduce`")
+        cfg = load_experiment(run_dir / "config.yaml")
+        console.print(f"wrote {rep.write(cfg, run_dir)}")
+        if publish is not None:
+            paths = rep.publish(run_dir, publish, name or cfg.name)
+            console.print("published " + ", ".join(str(p) for p in paths.values()))
+    _stage(go, None)
 
 
 def _stage(go, threads) -> None:

@@ -141,12 +141,29 @@ from drafteu.methods import DRAFT_METHODS  # noqa: E402
 from drafteu.train.draft_base import DraftBaseSettings  # noqa: E402
 from drafteu.train.drafts import DraftSettings  # noqa: E402
 from drafteu.train.proxy import ProxySettings  # noqa: E402
+from drafteu.vllm_engine import EngineSettings  # noqa: E402
 
 
 @dataclass(kw_only=True)
 class DataSection(SamplingSettings):
     """Target samples the drafts are distilled on (paper Sec. 4.2: 4 answers per question); the
     fields of `drafteu generate` (``generate.SamplingSettings``)."""
+
+
+@dataclass(kw_only=True)
+class GenerationSection(EngineSettings):
+    """How every generation stage runs (draft data, draft-base data, teacher data, evaluation
+    answers): the backend and its engine options (`drafteu generate --backend`)."""
+
+    backend: str = field(default="hf", metadata={"help": "hf (transformers' generate) or vllm (vLLM's engine; "
+                                                 "pip install 'drafteu[vllm]')"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from drafteu.generate import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise DraftEUError(f"generation.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass(kw_only=True)
@@ -179,6 +196,9 @@ class DraftsSection(DraftSettings):
     layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table 5), e.g. [[1, 6], [3, 2]]"})
     init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise (sigma; rank, modules and scheme from `noise`)"})
     sigma: float = field(default=0.1, metadata={"help": "untrained / K-only / GKD / MiniLLM noise (sigma)"})
+    baseline_steps: int | None = field(default=None, metadata={
+        "help": "max_steps of the on-policy GKD / MiniLLM drafts (None: train.max_steps); each of their steps "
+                "samples from the student and runs the target, ~8x an SFT step on a CPU"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,6 +207,8 @@ class DraftsSection(DraftSettings):
             raise DraftEUError(f"unknown draft method(s) {bad}; choose from {', '.join(DRAFT_METHODS)}")
         if not self.methods:
             raise DraftEUError("drafts.methods is empty; name at least one of " + ", ".join(DRAFT_METHODS))
+        if self.baseline_steps is not None and self.baseline_steps < 1:
+            raise DraftEUError(f"drafts.baseline_steps must be >= 1 (or null), got {self.baseline_steps}")
         for lay in self.layouts:
             if len(lay) != 2 or min(lay) < 1:
                 raise DraftEUError(f"drafts.layouts entries are [S, M] with S, M >= 1, got {lay}")
@@ -269,6 +291,7 @@ class ExperimentConfig:
     dtype: str = "auto"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     data: DataSection = field(default_factory=DataSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
     draft_base: DraftBaseSection = field(default_factory=DraftBaseSection)
     drafts: DraftsSection = field(default_factory=DraftsSection)
     proxy: ProxySection = field(default_factory=ProxySection)
@@ -420,5 +443,5 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
         raise DraftEUError(f"{path}: {e}") from e
 
 
-__all__ += ["ExperimentConfig", "load_experiment", "DataSection", "DraftBaseSection", "DraftsSection",
+__all__ += ["ExperimentConfig", "load_experiment", "DataSection", "GenerationSection", "DraftBaseSection", "DraftsSection",
             "ProxySection", "EvalSection"]

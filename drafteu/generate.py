@@ -17,6 +17,7 @@ last line, so nothing is duplicated or lost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -32,6 +33,7 @@ from drafteu.hardware import DEVICE_HELP
 from drafteu.kvcache import lcp
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.progress import progress
+from drafteu.vllm_engine import EngineSettings, VLLMBackend, noise_adapter
 
 ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_ids", "response_ids",
               "response", "extracted", "correct", "finish")
@@ -66,7 +68,7 @@ class SamplingSettings:
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(SamplingSettings):
+class GenerateConfig(SamplingSettings, EngineSettings):
     """`drafteu generate`: n sampled answers per question."""
 
     out: Path = field(metadata={"help": "output directory (samples.jsonl, config.yaml, manifest.json)"})
@@ -80,14 +82,18 @@ class GenerateConfig(SamplingSettings):
     low: int = field(default=2, metadata={"help": "easy-word: smallest number"})
     high: int = field(default=9, metadata={"help": "easy-word: largest number"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and of easy-word problems"})
-    backend: str = field(default="hf", metadata={"help": "generation backend: hf"})
+    backend: str = field(default="hf", metadata={"help": "generation backend: hf (transformers' generate) or vllm "
+                                                 "(vLLM's engine: paged KV cache, prefix caching, tensor parallel; "
+                                                 "pip install 'drafteu[vllm]')"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
-    location_fields = ("out", "device")  # where the run lives: not part of its identity
+    # where the run lives and how it is computed: not part of its identity
+    location_fields = ("out", "device", "backend", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
 
     def __post_init__(self):
-        super().__post_init__()
+        SamplingSettings.__post_init__(self)
+        EngineSettings.__post_init__(self)
         self.out = Path(self.out)
         if self.member is not None and self.member < 0:
             raise DraftEUError(f"--member must be >= 0, got {self.member}")
@@ -198,7 +204,7 @@ class HFBackend:
         return results
 
 
-BACKENDS = {"hf": HFBackend}
+BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,13 +250,46 @@ def _check_resumable(cfg: GenerateConfig) -> None:
     old = yaml.safe_load(existing.read_text())
     new = runio.plain(cfg)
     # may change between resumes; ``out`` is where the run lives (a copied or moved run is the same run)
-    keep = ("out", "batch_size", "prefix_cache", "device", "backend")
+    keep = ("out", "batch_size", "prefix_cache") + GenerateConfig.location_fields
     diff = sorted(k for k in new if k not in keep and old.get(k) != new[k])
     if diff:
         raise DraftEUError(
             f"{cfg.out} holds samples from a different config (differs in {', '.join(diff)}); "
             "use another --out, or delete that directory to start over"
         )
+
+
+VLLM_CHUNK = 256
+
+
+def _backend(cfg: GenerateConfig, lm, max_len: int):
+    """The configured backend on the target or on noise member ``cfg.member``."""
+    seed = family_seeds(cfg.family_seed, cfg.member + 1)[cfg.member] if cfg.member is not None else None
+    if cfg.backend == "vllm":
+        adapter = None
+        if seed is not None:  # the member's noise as a LoRA adapter the engine applies
+            adapter = noise_adapter(cfg.target, cfg.noise, seed, cfg.out / f"member{cfg.member}-adapter")
+        return VLLMBackend(cfg.target, lm.tokenizer, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
+                           max_len=max_len, adapter=adapter,
+                           settings=EngineSettings(**{k: getattr(cfg, k) for k in EngineSettings.__dataclass_fields__}))
+    model = lm.model
+    if seed is not None:
+        noisy = NoisyModel(lm.model, cfg.noise)
+        name = f"family{cfg.member}"
+        noisy.set_member(name, seed)
+        noisy.model.set_adapter(name)
+        model = noisy.model
+    return HFBackend(model, lm.tokenizer, prefix_cache=cfg.prefix_cache)
+
+
+@contextlib.contextmanager
+def _closing(backend):
+    try:
+        yield backend
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
 
 
 def run(cfg: GenerateConfig) -> dict:
@@ -260,16 +299,19 @@ def run(cfg: GenerateConfig) -> dict:
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
                               low=cfg.low, high=cfg.high)
     shots = data.shots_for(cfg.task, cfg.shots)
-    lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
-    model = lm.model
-    if cfg.member is not None:
-        noisy = NoisyModel(lm.model, cfg.noise)
-        name = f"family{cfg.member}"
-        noisy.set_member(name, family_seeds(cfg.family_seed, cfg.member + 1)[cfg.member])
-        noisy.model.set_adapter(name)
-        model = noisy.model
+    if cfg.backend == "vllm":  # the engine loads the weights itself: only the tokenizer here
+        from transformers import AutoConfig
+
+        from drafteu.vllm_engine import model_path, require_vllm
+
+        require_vllm()  # a missing vLLM is an error before any work
+        lm = models.load(cfg.target, tokenizer_only=True)
+        model_config = AutoConfig.from_pretrained(model_path(cfg.target))
+    else:
+        lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+        model_config = lm.model.config
     prompts = {p.qid: data.format_prompt(lm.tokenizer, p.question, shots) for p in problems}
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = getattr(model_config, "max_position_embeddings", None)
     longest = max(prompts.values(), key=len)
     if context and len(longest) + cfg.max_new_tokens > context:
         raise DraftEUError(
@@ -282,13 +324,15 @@ def run(cfg: GenerateConfig) -> dict:
     path = cfg.out / "samples.jsonl"
     done = {(r["qid"], r["sample"]) for r in runio.read_jsonl(path, repair=True)}
     work = [(p, k) for p in problems for k in range(cfg.samples) if (p.qid, k) not in done]
-    backend = BACKENDS[cfg.backend](model, lm.tokenizer, prefix_cache=cfg.prefix_cache)
+    backend = _backend(cfg, lm, len(longest) + cfg.max_new_tokens) if work else None
     member = cfg.member
     new_tokens = 0
     t0 = time.time()
-    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar:
-        for start in range(0, len(work), cfg.batch_size):
-            batch = work[start : start + cfg.batch_size]
+    # vLLM schedules its own batches: hand it larger chunks (each is appended, so a kill loses one chunk)
+    chunk = max(cfg.batch_size, VLLM_CHUNK) if cfg.backend == "vllm" else cfg.batch_size
+    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, _closing(backend):
+        for start in range(0, len(work), chunk):
+            batch = work[start : start + chunk]
             # one seed per (question, sample): the same samples however the work is batched or resumed
             seeds = [member_seed("generate", cfg.seed, member, p.qid, k) for p, k in batch]
             outs = backend.generate([prompts[p.qid] for p, _ in batch],
@@ -304,6 +348,7 @@ def run(cfg: GenerateConfig) -> dict:
             runio.append_jsonl(path, rows)
             el = max(time.time() - t0, 1e-9)
             bar.update(advance=len(batch), info=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
+
     rows = runio.read_jsonl(path)
     accuracy = sum(bool(r["correct"]) for r in rows) / len(rows)
     elapsed = time.time() - t0

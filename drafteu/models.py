@@ -139,7 +139,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def _convert_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None) -> Path:
+def _convert_gguf(directory: str, gguf_file: str) -> Path:
     """Dequantize a GGUF once and save it as a safetensors HF directory (cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,6 +159,16 @@ def _convert_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None) -> 
     tok.save_pretrained(tmp)
     tmp.rename(target)  # atomic: a killed conversion leaves no half-written cache entry
     return target
+
+
+def converted_gguf(directory: str, gguf_file: str) -> Path:
+    """The cached safetensors directory of a GGUF (converted on first use), for engines that load
+    HF directories (vLLM)."""
+    try:
+        return _convert_gguf(directory, gguf_file)
+    except (ValueError, OSError, KeyError) as e:
+        raise DraftEUError(f"{Path(directory) / gguf_file} is not a valid GGUF model "
+                           f"({str(e).splitlines()[0][:160]}); re-download it, or pass another model") from None
 
 
 def load(
@@ -185,11 +195,7 @@ def load(
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         note(f"{spec}: not a local path; {'looking in the local hub cache only (HF_HUB_OFFLINE)' if offline else 'loading it from the Hugging Face hub (HF_HUB_OFFLINE=1 fails at once without a network)'}")
     if gguf_file is not None:
-        try:
-            path = str(_convert_gguf(path, gguf_file, _DTYPES[dtype]))
-        except (ValueError, OSError, KeyError) as e:
-            raise DraftEUError(f"{Path(path) / gguf_file} is not a valid GGUF model ({str(e).splitlines()[0][:160]}); "
-                               "re-download it, or pass another model") from None
+        path = str(converted_gguf(path, gguf_file))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer_only:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from drafteu import generate, hardware, rundir, runio
-from drafteu.config import ExperimentConfig, section_values
+from drafteu.config import ExperimentConfig, GenerationSection, section_values
 from drafteu.errors import DraftEUError
 from drafteu.methods import DRAFT_METHODS
 
@@ -33,7 +33,7 @@ TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth
 
 
 def _generate_cfg(cfg: ExperimentConfig, out: Path, **kw) -> generate.GenerateConfig:
-    base = section_values(cfg.data, generate.SamplingSettings) | dict(
+    base = section_values(cfg.data, generate.SamplingSettings) | section_values(cfg.generation, GenerationSection) | dict(
         out=out, target=cfg.target, split="train", noise=cfg.noise, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
     return generate.GenerateConfig(**(base | kw))
 
@@ -109,8 +109,11 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
     konly_from = rundir.draft_dir(run, cfg, ddd, trial) / "s0_m0" if method == "konly" else None
     if konly_from is not None and not (konly_from / "adapter_model.safetensors").exists():
         konly_from = rundir.draft_dir(run, cfg, ddd, 0) / "s0_m0" if trial > 0 else None
+    settings = section_values(d, drafts.DraftSettings) | {"partitions": s, "per_partition": m}
+    if d.baseline_steps is not None and DRAFT_METHODS[method].trainer == "trl":
+        settings["train"] = dataclasses.replace(d.train, max_steps=d.baseline_steps)
     return drafts.DraftsConfig(
-        **(section_values(d, drafts.DraftSettings) | {"partitions": s, "per_partition": m}),
+        **settings,
         samples=rundir.samples_path(run), out=out, base=rundir.base_model(cfg, run), target=cfg.target,
         method=method, init_noise=dataclasses.replace(cfg.noise, sigma=d.init_sigma),
         noise=dataclasses.replace(cfg.noise, sigma=d.sigma), seed=seed, konly_from=konly_from, device=cfg.device)

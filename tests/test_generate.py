@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from drafteu import data, generate, runio
@@ -139,7 +140,7 @@ def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
         (["--samples", "0"], "samples must be >= 1"),
         (["--questions", "0"], "questions must be >= 1"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--backend", "vllm"], "unknown backend"),
+        (["--backend", "tgi"], "unknown backend"),
         (["--task", "/no/such.jsonl"], "not found"),
         (["--max-new-tokens", "4000"], "exceeds the context"),
         (["--shots", "7"], "shots must be"),
@@ -158,3 +159,41 @@ def test_cli_generate(tiny_dir, tmp_path):
     assert "2 samples of 2 questions" in res.output
     rows = runio.read_jsonl(tmp_path / "samples.jsonl")
     assert [r["sample"] for r in rows] == [0, 0] and all(r["finish"] in ("eos", "length") for r in rows)
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "svd"])
+def test_noise_member_as_a_standalone_lora_adapter(tiny_dir, tmp_path, scheme):
+    """What an engine with LoRA support (vLLM) applies for --member k is the very adapter
+    NoisyModel builds: same keys, same tensors, scaling 1 (alpha = r), without loading the weights
+    for the gaussian scheme."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from drafteu import models, vllm_engine
+    from drafteu.posterior import NoiseConfig, NoisyModel
+
+    noise = NoiseConfig(sigma=0.1, rank=4, scheme=scheme)
+    path = vllm_engine.noise_adapter(str(tiny_dir), noise, seed=1234, directory=tmp_path / "a")
+    got = load_file(path / "adapter_model.safetensors")
+    noisy = NoisyModel(models.load(str(tiny_dir)).model, noise)
+    noisy.set_member("m", 1234)
+    want = get_peft_model_state_dict(noisy.model, adapter_name="m")
+    assert set(got) == set(want) and len(got) == 4 * noisy.model.config.num_hidden_layers  # (q, v) x (A, B)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k].float(), rtol=0, atol=0)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed (tests/test_vllm.py runs it)")
+    with pytest.raises(DraftEUError, match=r"drafteu\[vllm\]"):
+        generate.run(cfg(tiny_dir, tmp_path, backend="vllm"))
+    assert not (tmp_path / "samples.jsonl").exists()
+    res = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "o"), "--target", str(tiny_dir), "--backend", "vllm"])
+    assert res.exit_code == 2 and "pip install 'drafteu[vllm]'" in res.output and "Traceback" not in res.output

