@@ -79,7 +79,7 @@ def run(cfg: ScoreConfig) -> dict:
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
     if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
         drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
-        est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device)
+        est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if cfg.answer is None:

@@ -76,8 +76,8 @@ def test_score_on_the_device_matches_the_cpu(run, tiny_dir, tmp_path):
 
 
 def test_speculative_greedy_is_the_targets_greedy(run, tiny_dir):
-    lm = models.load(str(tiny_dir), device=DEVICE)
-    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter")
+    lm = models.load(str(tiny_dir), device=DEVICE, dtype="float32")  # exact equalities: bf16 near-ties flip
+    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter", dtype="float32")
     prompt = data.format_prompt(lm.tokenizer, QUESTION, data.shots_for("score", 0))
     eos = {lm.tokenizer.eos_token_id}
     with ens.base_target():
@@ -113,8 +113,8 @@ def test_compiled_steps_and_divergences_on_the_device(run, tiny_dir, monkeypatch
 
     if torch.device(DEVICE).type == "cpu" and not has_cxx_compiler():
         pytest.skip("torch.compile on a CPU needs a C++ compiler")
-    lm = models.load(str(tiny_dir), device=DEVICE)
-    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter")
+    lm = models.load(str(tiny_dir), device=DEVICE, dtype="float32")  # exact equalities: bf16 near-ties flip
+    ens = estimators.DraftEnsemble(run / "drafts" / "ddd", lm, run / "proxy" / "adapter", dtype="float32")
     prompt = data.format_prompt(lm.tokenizer, QUESTION, data.shots_for("score", 0))
     eos = {lm.tokenizer.eos_token_id}
     out = {c: SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, bias="proxy", compile=c)
