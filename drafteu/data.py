@@ -93,16 +93,15 @@ _PHRASE_RE = re.compile(
 )
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of every \\boxed{...} / \\fbox{...}, with nested braces."""
+def _boxed_contents(text: str) -> list[str | None]:
+    """Contents of every \\boxed{...} / \\fbox{...}, with nested braces; None for one never closed."""
     out = []
     for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth, i = 1, m.end()
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
-        if depth == 0:
-            out.append(text[m.end() : i - 1])
+        out.append(text[m.end() : i - 1] if depth == 0 else None)
     return out
 
 
@@ -153,12 +152,16 @@ def extract_answer(text: str | None) -> str | None:
     Order: the last ``\\boxed{...}`` (nested braces allowed); else a final-answer phrase ("The
     answer is 7", GSM8K's "#### 7"); else the last number.  ``$``, thousands separators, trailing
     units and LaTeX fractions are stripped ("\\boxed{\\$1,200 dollars}" -> "1200", "\\frac{1}{2}" ->
-    "1/2").  None when nothing answer-like is found.
+    "1/2").  None when nothing answer-like is found, and when the final answer was cut off: a last
+    box never closed ("... \\boxed{3" may have become 36), or a final-answer sentence whose "="
+    has nothing after it ("The final answer is 24 + 6 = ").
     """
     if not text:
         return None
     boxes = _boxed_contents(text)
     if boxes:
+        if boxes[-1] is None:
+            return None
         content = _clean_latex(boxes[-1])
         nums = _NUM_RE.findall(content)
         if nums:
@@ -171,8 +174,7 @@ def extract_answer(text: str | None) -> str | None:
         sentence = re.split(r"[.!?](?:\s|$)|\n", text[m.start(1):], maxsplit=1)[0]
         if "=" in sentence:
             after = _NUM_RE.findall(_clean_latex(sentence.rsplit("=", 1)[1]))
-            if after:
-                return _normalize_number(after[0])
+            return _normalize_number(after[0]) if after else None
         return _normalize_number(m.group(1))
     nums = _NUM_RE.findall(_clean_latex(text))
     return _normalize_number(nums[-1]) if nums else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from drafteu import runio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
+from drafteu.evaluate.compare import AUROC_MARGIN
 
 
 def _load(run: Path, name: str) -> dict | None:
@@ -149,12 +150,12 @@ def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: di
             da, ta = d["auroc"], t["auroc"]
             overlap = da["low"] <= ta["high"] and ta["low"] <= da["high"]
             cheaper = cst["wall_rel_tokur"].get("ddd", float("nan"))
-            close = abs(da["value"] - ta["value"]) <= 0.05
+            close = abs(da["value"] - ta["value"]) <= AUROC_MARGIN
             lines.append(
                 f"- Paper: DDD's AUROC is close to TokUR's at a lower cost. Here AUROC DDD {da['value']:.3f} vs TokUR "
                 f"{ta['value']:.3f} (difference {da['value'] - ta['value']:+.3f}; 95% intervals "
                 f"{'overlap' if overlap else 'do not overlap'}); DDD's measured wall time is {cheaper:.2f}x TokUR's — "
-                f"this run **{'agrees' if close and cheaper < 1 else 'disagrees'}** (close = within 0.05 AUROC).")
+                f"this run **{'agrees' if close and cheaper < 1 else 'disagrees'}** (close = within {AUROC_MARGIN} AUROC).")
     return lines + paired_lines(fid, rob, hal)
 
 
@@ -279,7 +280,9 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         if "agree" in lab:
             md += [f"Labels: drafteu's answer checker and math-verify agree on {lab['agree']} of {lab['answers']} answers "
                    f"({lab['drafteu_only_correct']} correct only for drafteu, {lab['math_verify_only_correct']} only for "
-                   "math-verify; each listed in eval/hallucination.json).", ""]
+                   "math-verify; each listed in eval/hallucination.json)"
+                   + (f"; {lab['relabelled']} labels changed since generation by answer-checker fixes"
+                      if lab.get("relabelled") else "") + ".", ""]
         rows = []
         for m, r in hal["methods"].items():
             x = r[how]

@@ -55,6 +55,10 @@ from .conftest import shared_data
         ("\\boxed{3 \\times 10^4}", "30000"),
         ("\\boxed{3 \\times 10^{-3}}", "3/1000"),
         ("\\boxed{1\\,000}", "1000"),  # a thin space inside a number (math-verify reads 1*0)
+        # answers cut off at the token limit (embedded study): no final answer, not a prefix of one
+        ("... 6 x 6 = 36. The answer is \\boxed{3", None),  # may have become 36; math-verify reads 36
+        ("\\boxed{5} then \\boxed{4", None),  # the final box was being rewritten
+        ("we add: 4 x 6 = 24. The final answer is 24 + 6 = ", None),  # the result never came
     ],
 )
 def test_extract_answer(text, expected):
@@ -211,3 +215,16 @@ def test_labels_cross_check_with_math_verify():
     assert [d["qid"] for d in out["disagreements"]] == ["c"]  # math-verify reads 1\,000 as 1 * 0
     assert out["agree"] == 3 and out["drafteu_only_correct"] == 1 and out["math_verify_only_correct"] == 0
     assert out["disagreements"][0]["extracted"] == "1000" and out["disagreements"][0]["math_verify"] is False
+
+
+def test_relabel_applies_todays_checker_to_stored_rows():
+    """Labels frozen at generation time are recomputed from the text, and the changes counted."""
+    from drafteu.evaluate.labels import relabel
+
+    rows = [{"response": "The final answer is 24 + 6 = ", "gold": "24", "extracted": "24", "correct": True},
+            {"response": "So \\boxed{24}.", "gold": "24", "extracted": "24", "correct": True},
+            {"response": "So \\boxed{2\\frac{1}{2}}", "gold": "2.5", "extracted": "21/2", "correct": False}]
+    out, changed = relabel(rows)
+    assert [r["correct"] for r in out] == [False, True, True] and changed == 2
+    assert [r["extracted"] for r in out] == [None, "24", "5/2"]
+    assert rows[0]["correct"] is True  # the input rows are not modified

@@ -16,6 +16,8 @@ import numpy as np
 
 from drafteu.evaluate.fidelity import pooled, rmse, spearman
 
+AUROC_MARGIN = 0.03  # "DDD detects hallucinations about as well as TokUR": within this much AUROC
+
 
 def verdict(low: float, high: float, better: str, margin: float = 0.0) -> str:
     """``better``: 'lower' (the claim is difference < margin) or 'higher' (difference > margin)."""

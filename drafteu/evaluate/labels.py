@@ -15,6 +15,18 @@ from collections.abc import Iterable
 from drafteu import data
 
 
+def relabel(rows: Iterable[dict]) -> tuple[list[dict], int]:
+    """``rows`` with ``extracted`` / ``correct`` recomputed from the text by today's checker (labels
+    stored at generation time predate any checker fix), and how many labels changed."""
+    out, changed = [], 0
+    for r in rows:
+        extracted = data.extract_answer(r["response"])
+        correct = data.is_correct(extracted, r["gold"])
+        changed += bool(r.get("correct")) != correct
+        out.append({**r, "extracted": extracted, "correct": correct})
+    return out, changed
+
+
 def math_verify_correct(response: str, gold: str) -> bool | None:
     """math-verify's verdict on ``response`` against the numeric ``gold`` (None: not installed)."""
     try:
@@ -41,7 +53,8 @@ def cross_check(rows: Iterable[dict], keep: int = 50) -> dict:
         "drafteu_only_correct": sum(1 for r, v in differ if r["correct"]),
         "math_verify_only_correct": sum(1 for r, v in differ if not r["correct"]),
         "disagreements": [
-            {"qid": r.get("qid"), "gold": r["gold"], "extracted": r["extracted"] if "extracted" in r else data.extract_answer(r["response"]),
+            {"qid": r.get("qid"), "gold": r["gold"],
+             "extracted": r["extracted"] if "extracted" in r else data.extract_answer(r["response"]),
              "drafteu": bool(r["correct"]), "math_verify": v, "tail": (r["response"] or "")[-160:]}
             for r, v in differ[:keep]
         ],

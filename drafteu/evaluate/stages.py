@@ -15,7 +15,7 @@ import torch
 from drafteu import divergence, estimators, runio
 from drafteu.config import ExperimentConfig
 from drafteu.evaluate import compare, cost, fidelity, hallucination
-from drafteu.evaluate.labels import cross_check
+from drafteu.evaluate.labels import cross_check, relabel
 from drafteu.evaluate.scoring import TrialEstimators
 from drafteu.kvcache import LogitsSource
 from drafteu.methods import ESTIMATORS
@@ -139,13 +139,13 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
 
 
 def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
-    rows = eval_rows(run)
+    rows, relabelled = relabel(eval_rows(run))
     scores = token_eu(run)
     label = np.array([0 if r["correct"] else 1 for r in rows])
     qids = [r["qid"] for r in rows]
     methods = ["tokur", "entropy"] + labels(cfg) + ["groundtruth"]
     out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()),
-           "labels": cross_check(rows), "methods": {}}
+           "labels": {**cross_check(rows), "relabelled": relabelled}, "methods": {}}
     first = {}
     for m in methods:
         out["methods"][m] = {}
@@ -156,9 +156,9 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
             out["methods"][m][how] = hallucination.evaluate(
                 seq, label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed, bins=cfg.eval.ece_bins,
                 bootstrap=cfg.eval.bootstrap)
-    if "ddd" in first:  # the paper: DDD detects hallucinations about as well as TokUR (here: within 0.03 AUROC)
+    if "ddd" in first:  # the paper: DDD detects hallucinations about as well as TokUR (within AUROC_MARGIN)
         out["comparisons"] = {"ddd vs tokur": compare.auroc_difference(
-            first["ddd"], first["tokur"], label, qids, margin=-0.03, resamples=cfg.eval.bootstrap, seed=cfg.seed)}
+            first["ddd"], first["tokur"], label, qids, margin=-compare.AUROC_MARGIN, resamples=cfg.eval.bootstrap, seed=cfg.seed)}
         out["comparisons"]["ddd vs tokur"]["aggregation"] = cfg.eval.aggregations[0]
     return out
 
