@@ -134,10 +134,12 @@ def test_resume_after_kill_matches_uninterrupted(workdir, tiny_dir, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         drafts.run(drafts.DraftsConfig(out=workdir / "killed", **common))
     state = torch.load(workdir / "killed" / "ddd" / "s0_m0.trainer" / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 2
+    assert state["step"] == 2 and state["seconds"] > 0  # the training time before the kill travels along
     monkeypatch.setattr(drafts, "_sft_loss", real)
     m = drafts.run(drafts.DraftsConfig(out=workdir / "killed", **common))
-    assert m["train"]["s0_m0"]["steps"] == 4
+    t = m["train"]["s0_m0"]
+    assert t["steps"] == 4 and t["resumed_from"] == 2
+    assert t["seconds"] == pytest.approx(state["seconds"] + t["seconds_this_run"], abs=0.02)
     from safetensors.torch import load_file
 
     a = load_file(workdir / "full" / "ddd" / "s0_m0" / "adapter_model.safetensors")

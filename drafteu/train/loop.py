@@ -240,7 +240,7 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     model, optimizer = acc.prepare(model, optimizer)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
-    step, tokens, loss_ema = 0, 0, None
+    step, tokens, loss_ema, seconds_before, resumed_from = 0, 0, None, 0.0, None
     unwrapped = acc.unwrap_model(model)
     names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
     if ckpt.exists():
@@ -252,13 +252,16 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, tokens, loss_ema = state["step"], state["tokens"], state["loss"]
+        # training time before the kill (absent from checkpoints older than this field: None)
+        seconds_before, resumed_from = state.get("seconds"), step
 
     def save():
         if acc.is_main_process:
             own = dict(unwrapped.named_parameters())
             _atomic_save({"params": {n: own[n].detach().cpu() for n in names},
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "step": step, "tokens": tokens, "loss": loss_ema}, ckpt)
+                          "step": step, "tokens": tokens, "loss": loss_ema,
+                          "seconds": None if seconds_before is None else seconds_before + time.time() - t0}, ckpt)
 
     model.train()
     t0, tokens_at_start = time.time(), tokens
@@ -287,5 +290,9 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     wait_for_everyone()
     model.eval()
     seconds = time.time() - t0
-    return {"steps": step, "loss": loss_ema, "seconds": round(seconds, 2), "processes": acc.num_processes,
+    # "seconds": the training time of every step, across kills and resumes (None when an older
+    # checkpoint did not record its part); "seconds_this_run": this process's share.
+    return {"steps": step, "loss": loss_ema, "processes": acc.num_processes,
+            "seconds": None if seconds_before is None else round(seconds_before + seconds, 2),
+            "seconds_this_run": round(seconds, 2), "resumed_from": resumed_from,
             "tokens_per_s": (tokens - tokens_at_start) * acc.num_processes / max(seconds, 1e-9)}
