@@ -323,7 +323,7 @@ EVAL_JSONS = ("fidelity", "proxy_robustness", "hallucination", "cost")
 
 def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     """Copy a run's results where they are committed: ``out/<name>.md`` (the report, figures linked
-    as ``<name>/<figure>.png``), the figures, and ``out/<name>.json`` (config, stage times and every
+    as ``<name>/<figure>.png``), the figures and report.html in ``out/<name>/``, and ``out/<name>.json`` (config, stage times and every
     eval/*.json: each number the report shows).  Text above ``GENERATED`` in an existing
     ``<name>.md`` (a reading of the results) is kept."""
     import shutil
@@ -338,12 +338,15 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     for fig in sorted((run / "figures").glob("*.png")):
         shutil.copyfile(fig, fig_dir / fig.name)
+    if (run / "report.html").exists():  # the token-level heat-maps
+        shutil.copyfile(run / "report.html", fig_dir / "report.html")
     keep = ""
     if md_path.exists():
         old = md_path.read_text(encoding="utf-8")
         if GENERATED in old:
             keep = old.split(GENERATED)[0]
     body = (run / "report.md").read_text(encoding="utf-8").replace("](figures/", f"]({name}/")
+    body = body.replace("are in report.html", f"are in [{name}/report.html]({name}/report.html)")
     runio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")
     manifest = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
     numbers = {"config": runio.plain(cfg), "manifest": manifest,

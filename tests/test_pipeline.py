@@ -97,6 +97,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     text = (pub / "tiny-study.md").read_text()
     assert text.startswith("# Reading\n\nkept\n") and "\nold\n" not in text and "## Fidelity" in text
     assert "](tiny-study/fidelity_scatter.png)" in text and (pub / "tiny-study" / "fidelity_scatter.png").exists()
+    assert "(tiny-study/report.html)" in text and (pub / "tiny-study" / "report.html").exists()
     numbers = runio.json_load(pub / "tiny-study.json")
     assert numbers["fidelity"] == fid and numbers["config"]["drafts"]["baseline_steps"] == 1
     assert set(numbers) >= {"manifest", "proxy_robustness", "hallucination", "cost"}

@@ -24,10 +24,16 @@ def _rows(out):
     return sorted(runio.read_jsonl(out / "samples.jsonl"), key=lambda r: (r["qid"], r["sample"]))
 
 
-def test_greedy_answers_equal_the_hf_backend(tmp_path):
-    hf = generate.run(cfg(tmp_path / "hf", backend="hf"))
-    vl = generate.run(cfg(tmp_path / "vllm", backend="vllm"))
-    a, b = _rows(tmp_path / "hf"), _rows(tmp_path / "vllm")
+@pytest.fixture(scope="module")
+def greedy(tmp_path_factory):
+    """Greedy answers to 8 questions from each backend: (summaries, directories)."""
+    root = tmp_path_factory.mktemp("greedy")
+    return {b: (generate.run(cfg(root / b, backend=b)), root / b) for b in ("hf", "vllm")}
+
+
+def test_greedy_answers_equal_the_hf_backend(greedy):
+    (hf, hf_dir), (vl, vl_dir) = greedy["hf"], greedy["vllm"]
+    a, b = _rows(hf_dir), _rows(vl_dir)
     assert hf["rows"] == vl["rows"] == 8
     for x, y in zip(a, b, strict=True):
         assert x["prompt_ids"] == y["prompt_ids"]
@@ -69,7 +75,7 @@ def test_sampled_rows_are_well_formed_seeded_and_resume(tmp_path, monkeypatch):
     assert [r["response_ids"] for r in got] == [r["response_ids"] for r in want]
 
 
-def test_noisy_member_through_a_lora_adapter_equals_the_hf_member(tmp_path):
+def test_noisy_member_through_a_lora_adapter_equals_the_hf_member(tmp_path, greedy):
     """--member k on vLLM = the target + the member's noise LoRA: the same greedy answers as the HF
     backend's NoisyModel member, and different from the unperturbed target's."""
     hf = cfg(tmp_path / "hf", backend="hf", member=1, questions=6)
@@ -80,5 +86,5 @@ def test_noisy_member_through_a_lora_adapter_equals_the_hf_member(tmp_path):
     assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
     assert all(r["member"] == 1 for r in b)
     assert (tmp_path / "vllm" / "member1-adapter" / "adapter_model.safetensors").is_file()
-    generate.run(cfg(tmp_path / "target", backend="vllm", questions=6))
-    assert [r["response_ids"] for r in _rows(tmp_path / "target")] != [r["response_ids"] for r in b]
+    target = {r["qid"]: r["response_ids"] for r in _rows(greedy["vllm"][1])}  # the unperturbed target
+    assert [target[r["qid"]] for r in b] != [r["response_ids"] for r in b]
