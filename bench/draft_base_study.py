@@ -184,7 +184,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(recipe_config(base, layers, steps, source, args)))
         cfg = load_experiment(path)
         t0 = time.time()
-        manifest = pipeline.stage_draft_base(cfg, work / f"run-{name}")
+        manifest = pipeline.stage_draft_base(pipeline.context(cfg, work / f"run-{name}", "draft_base"))
         print(f"{name}: {'re-used' if manifest['cache']['reused'] else 'trained'} ({time.time() - t0:.0f} s)",
               flush=True)
         draft = models.load(str(work / f"run-{name}" / "draft_base")).model

@@ -185,6 +185,8 @@ class DraftBaseSection(DraftBaseSettings):
         "help": "keep the trained base in the machine cache ($DRAFTEU_CACHE/draft_base), keyed by the target and "
                 "the recipe (layers, training, data), and copy it into every run with the same recipe"})
 
+    location_fields = ("cache",)  # where the base is kept, not what it is
+
 
 @dataclass(kw_only=True)
 class DraftsSection(DraftSettings):
@@ -249,7 +251,7 @@ class EvalSection:
     repeats: int = field(default=3, metadata={"help": "answers per test question (App. B.5: 3)"})
     temperature: float = field(default=1.0, metadata={"help": "0 = greedy answers"})
     max_new_tokens: int = 400
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "answers generated together"})
     family_size: int = field(default=3, metadata={"help": "K_T of the ground-truth family"})
     tokur_size: int = field(default=3, metadata={"help": "K of TokUR"})
     trials: int = field(default=5, metadata={"help": "independent trials (docs/method.md §5)"})
@@ -297,6 +299,8 @@ class ExperimentConfig:
     proxy: ProxySection = field(default_factory=ProxySection)
     eval: EvalSection = field(default_factory=EvalSection)
     notes: str = field(default="", metadata={"help": "free text shown at the top of the report"})
+
+    location_fields = ("device",)
 
 
 def _build(cls, value, where: str):
@@ -407,6 +411,15 @@ def coerce(text: str, typ, key: str):
         raise DraftEUError(f"--set {key}={text}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
+def _unshared(node):
+    """A copy of YAML builtins in which no two places share one dict or list."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
 def load_experiment(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
     """Read and validate an experiment YAML.
 
@@ -419,13 +432,17 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
     if not path.is_file():
         raise DraftEUError(f"config {path} not found; the shipped ones are in configs/")
     try:
-        raw = yaml_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise DraftEUError(f"{path} is not UTF-8 text; pass a YAML config file") from None
     except Exception as e:
         raise DraftEUError(f"{path} is not valid YAML: {e}") from e
+    if raw is None:  # an empty file, only comments, or `null`: never silently the default experiment
+        raise DraftEUError(f"{path} is empty (or only comments); write the experiment's sections, e.g. start "
+                           "from a copy of configs/demo.yaml")
     if not isinstance(raw, dict):
         raise DraftEUError(f"{path} must be a YAML mapping of config sections, got {type(raw).__name__}")
+    raw = _unshared(raw)  # YAML anchors/aliases share one node: --set on one key must not change its aliases
     for key, val in (overrides or {}).items():
         typ = field_type(ExperimentConfig, key)
         if isinstance(val, str):

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from drafteu import data, models, runio
+from drafteu import contract, data, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.kvcache import lcp
@@ -51,6 +50,8 @@ class SamplingSettings:
     max_new_tokens: int = field(default=400, metadata={"help": "length limit of an answer (paper: 400)"})
     batch_size: int = field(default=8, metadata={"help": "sequences generated together"})
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
+
+    location_fields = ("batch_size",)  # how many are generated at once: the rows do not depend on it
 
     def __post_init__(self):
         if self.samples < 1:
@@ -88,8 +89,18 @@ class GenerateConfig(SamplingSettings, EngineSettings):
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
-    # where the run lives and how it is computed: not part of its identity
-    location_fields = ("out", "device", "backend", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
+    # where the run lives and how it is computed: not part of what the samples are
+    location_fields = ("out", "device", "batch_size", "prefix_cache", "tensor_parallel_size",
+                       "gpu_memory_utilization", "max_model_len")
+
+    def identity(self) -> dict:
+        """What the rows are made from.  The backend counts only when sampling (vLLM and the HF
+        backend draw different samples for one seed; greedy answers are the same tokens); the noise
+        only for a family member; the easy-word generator's ranges only for that task."""
+        skip = [] if self.temperature > 0 else ["backend"]
+        skip += [] if self.member is not None else ["noise", "family_seed"]
+        skip += [] if self.task == "easy-word" else ["steps", "low", "high"]
+        return runio.fields_identity(self, tuple(skip))
 
     def __post_init__(self):
         SamplingSettings.__post_init__(self)
@@ -243,22 +254,6 @@ def partition_stats(parts: list[list[dict]]) -> list[dict]:
 # The stage.
 
 
-def _check_resumable(cfg: GenerateConfig) -> None:
-    existing = cfg.out / "config.yaml"
-    if not existing.exists():
-        return
-    old = yaml.safe_load(existing.read_text())
-    new = runio.plain(cfg)
-    # may change between resumes; ``out`` is where the run lives (a copied or moved run is the same run)
-    keep = ("out", "batch_size", "prefix_cache") + GenerateConfig.location_fields
-    diff = sorted(k for k in new if k not in keep and old.get(k) != new[k])
-    if diff:
-        raise DraftEUError(
-            f"{cfg.out} holds samples from a different config (differs in {', '.join(diff)}); "
-            "use another --out, or delete that directory to start over"
-        )
-
-
 VLLM_CHUNK = 256
 
 
@@ -295,7 +290,7 @@ def _closing(backend):
 def run(cfg: GenerateConfig) -> dict:
     """Generate the missing samples, append them, and write config.yaml + manifest.json."""
     started = time.time()
-    _check_resumable(cfg)
+    contract.claim(cfg.out, runio.identity(cfg), what="samples")  # resume only the same samples
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
                               low=cfg.low, high=cfg.high)
     shots = data.shots_for(cfg.task, cfg.shots)

@@ -1,16 +1,17 @@
 """`drafteu reproduce`: every stage of an experiment, in order, into one run directory.
 
-The stages: data -> draft_base -> drafts (+ layouts, + per-trial redraws) -> teachers -> proxy ->
-eval_samples -> score -> proxy_robustness -> fidelity -> hallucination -> cost -> report.  The
-directory layout and its readers are ``drafteu.rundir``; this module only orders the stages and
-imports downward (train/, evaluate/, report).
+The stages (``STAGES``): data -> draft_base -> drafts (+ layouts, + per-trial redraws) -> teachers
+-> proxy -> eval_samples -> score -> proxy_robustness -> fidelity -> hallucination -> cost, then the
+report.  Each declares the config slice it reads and the stages it consumes; ``drafteu.contract``
+keeps a stamp per stage and decides, in one place, whether the stage is current (skipped),
+interrupted (resumed: generation and scoring append one batch at a time, training checkpoints) or
+made from other inputs (recomputed with everything downstream, after saying which keys changed).
+The directory layout and its readers are ``drafteu.rundir``; this module only declares and
+orders the stages and imports downward (train/, evaluate/, report).
 
-Every stage is skipped when its outputs are complete (training stages by their manifests,
-evaluation stages by a hash of the config sections they read), and the long ones resume after a
-kill: generation and scoring append one response at a time, training checkpoints.  Trials follow
-docs/method.md §5: with ``retrain_per_trial`` every ensemble is retrained per trial seed; otherwise a
-trial redraws the cheap random elements (ground-truth family, TokUR, untrained and K-only noise)
-and bootstrap-resamples the evaluated questions.
+Trials follow docs/method.md §5: with ``retrain_per_trial`` every ensemble is retrained per trial
+seed; otherwise a trial redraws the cheap random elements (ground-truth family, TokUR, untrained
+and K-only noise) and bootstrap-resamples the evaluated questions.
 """
 
 from __future__ import annotations
@@ -20,12 +21,80 @@ import os
 import time
 from pathlib import Path
 
-from drafteu import generate, hardware, rundir, runio
+from drafteu import contract, generate, hardware, rundir, runio
 from drafteu.config import ExperimentConfig, GenerationSection, section_values
+from drafteu.contract import Context, Stage
 from drafteu.errors import DraftEUError
 from drafteu.methods import DRAFT_METHODS
 
 TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth family
+
+
+# ---------------------------------------------------------------------------------------------
+# What each stage reads: dotted config keys -> their identity (runio.identity: no locations).
+
+
+def pick(cfg: ExperimentConfig, *keys: str) -> dict:
+    """The identity of config keys ``keys`` (``"data.task"``, or a whole section ``"drafts"``)."""
+    out = {}
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = runio.identity(value)
+    return out
+
+
+def backend_if_sampling(temperature: float) -> tuple[str, ...]:
+    """vLLM and the HF backend draw different samples for one seed (greedy answers agree)."""
+    return ("generation.backend",) if temperature > 0 else ()
+
+
+SAMPLING = ("task", "questions", "samples", "temperature", "top_p", "max_new_tokens", "shots")
+
+
+def reads_data(cfg):
+    return pick(cfg, "target", "seed", "dtype", *(f"data.{k}" for k in SAMPLING),
+                *backend_if_sampling(cfg.data.temperature))
+
+
+def reads_draft_base(cfg):
+    db = cfg.draft_base
+    if db.model != "truncate":
+        return pick(cfg, "draft_base.model")  # a sibling: used as it is
+    own_data = () if db.data is None else ("dtype", *backend_if_sampling(db.data.temperature))
+    return pick(cfg, "target", "seed", "draft_base", *own_data)
+
+
+def after_draft_base(cfg):
+    return ("data",) if cfg.draft_base.model == "truncate" and cfg.draft_base.data is None else ()
+
+
+def reads_drafts(cfg):
+    return pick(cfg, "target", "seed", "noise", "drafts", "eval.trials", "eval.retrain_per_trial")
+
+
+def reads_teachers(cfg):
+    if cfg.proxy.data != "teachers":
+        return pick(cfg, "proxy.data")
+    return pick(cfg, "target", "seed", "dtype", "noise", *(f"data.{k}" for k in SAMPLING if k not in ("questions", "samples")),
+                "proxy.data", "proxy.teachers", "proxy.questions", "proxy.samples",
+                *backend_if_sampling(cfg.data.temperature))
+
+
+def reads_proxy(cfg):
+    return pick(cfg, "target", "seed", "noise", "proxy")
+
+
+def after_proxy(cfg):
+    return ("teachers",) if cfg.proxy.data == "teachers" else ("data",)
+
+
+def reads_eval_samples(cfg):
+    e = cfg.eval
+    return pick(cfg, "target", "seed", "dtype", "data.top_p", "data.shots", *(() if e.task else ("data.task",)),
+                "eval.task", "eval.split", "eval.questions", "eval.repeats", "eval.temperature", "eval.max_new_tokens",
+                *backend_if_sampling(e.temperature))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,23 +107,40 @@ def _generate_cfg(cfg: ExperimentConfig, out: Path, **kw) -> generate.GenerateCo
     return generate.GenerateConfig(**(base | kw))
 
 
-def stage_data(cfg: ExperimentConfig, run: Path) -> dict:
-    return generate.run(_generate_cfg(cfg, rundir.samples_path(run).parent))
+def data_cfg(cfg: ExperimentConfig, run: Path) -> generate.GenerateConfig:
+    return _generate_cfg(cfg, rundir.samples_path(run).parent)
 
 
-def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
+def stage_data(ctx: Context) -> dict:
+    return generate.run(data_cfg(ctx.cfg, ctx.run))
+
+
+def draft_base_data_cfg(cfg: ExperimentConfig, out: Path) -> generate.GenerateConfig | None:
+    """The draft base's own warm-up data (``draft_base.data``), or None: the run's draft data."""
+    if cfg.draft_base.data is None:
+        return None
+    return _generate_cfg(cfg, out, **section_values(cfg.draft_base.data, generate.SamplingSettings))
+
+
+def draft_base_cfg(cfg: ExperimentConfig, samples: Path, out: Path):
+    from drafteu.train import draft_base
+
+    return draft_base.DraftBaseConfig(samples=samples, out=out, target=cfg.target, seed=cfg.seed, device=cfg.device,
+                                      **section_values(cfg.draft_base, draft_base.DraftBaseSettings))
+
+
+def stage_draft_base(ctx: Context) -> dict | None:
     """The truncated, warmed-up draft base in ``run/draft_base``.
 
-    With ``draft_base.cache`` the base is trained once per machine: under
-    ``$DRAFTEU_CACHE/draft_base/<key>`` (key: the target's identity + the recipe: layers, held-out
-    fraction, training settings, seed and the warm-up data — its generation settings, or the digest
-    of the run's samples) and copied into each run (the copy keeps runs relocatable).  With
-    ``draft_base.data`` the target first answers that task's train questions, cached under
-    ``draft_base/data-<key of the data recipe>`` so that recipes differing only in depth or training
-    share one data set."""
+    With ``draft_base.cache`` it is trained once per machine, under
+    ``$DRAFTEU_CACHE/draft_base/L<layers>-<key>`` (key: the target's identity on this machine + the
+    stage's digest, i.e. its recipe and - without ``draft_base.data`` - the run's draft data), and
+    copied into each run (the copy keeps runs relocatable).  With ``draft_base.data`` the target first
+    answers that task's train questions, cached under ``draft_base/data-<key of the data recipe>``
+    so that recipes differing only in depth or training share one data set."""
+    cfg, run = ctx.cfg, ctx.run
     if cfg.draft_base.model != "truncate":
         return None
-    import hashlib
     import shutil
 
     from drafteu import models
@@ -62,36 +148,29 @@ def stage_draft_base(cfg: ExperimentConfig, run: Path) -> dict | None:
     from drafteu.train.loop import wait_for_everyone
 
     sec, out = cfg.draft_base, run / "draft_base"
-    if (out / "manifest.json").exists() and (out / "config.json").exists():
-        return runio.json_load(out / "manifest.json")  # complete: skip
-    settings = section_values(sec, draft_base.DraftBaseSettings)
-    if sec.data is None:
-        samples = rundir.samples_path(run)
-        data_recipe = {"samples_sha256": hashlib.sha256(samples.read_bytes()).hexdigest()[:16]}
-    else:
-        data_recipe = section_values(sec.data, generate.SamplingSettings)
-    data_key = {"target": models.identity(cfg.target), "seed": cfg.seed, "data": data_recipe}
     cache = models.cache_dir() / "draft_base"
-    home = cache / f"L{sec.layers}-{runio.digest(data_key | settings)}" if sec.cache else run / "draft_base_data"
+    target = models.identity(cfg.target)
+    home = cache / f"L{sec.layers}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
     reused = sec.cache and (home / "model" / "manifest.json").exists()
-    if sec.data is not None:  # keyed by the data recipe alone: bases of other depths share it
-        data_dir = cache / f"data-{runio.digest(data_key)}" if sec.cache else home / "data"
+    samples = rundir.samples_path(run)
+    gen = draft_base_data_cfg(cfg, home / "data")
+    if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
+        if sec.cache:
+            gen = dataclasses.replace(gen, out=cache / f"data-{runio.digest([target, runio.identity(gen)])}")
         if runio.is_main_process() and not reused:  # generation: the main process; training: every process
-            generate.run(_generate_cfg(cfg, data_dir, **data_recipe))
+            generate.run(gen)
         wait_for_everyone()
-        samples = data_dir / "samples.jsonl"
+        samples = gen.out / "samples.jsonl"
     if not sec.cache:
-        return draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=out, target=cfg.target, seed=cfg.seed,
-                                                         device=cfg.device, **settings))
-    manifest = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=home / "model", target=cfg.target,
-                                                         seed=cfg.seed, device=cfg.device, **settings))
-    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": data_recipe}}
+        return draft_base.run(draft_base_cfg(cfg, samples, out))
+    manifest = draft_base.run(draft_base_cfg(cfg, samples, home / "model"))
+    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": runio.identity(sec.data)}}
     if runio.is_main_process():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(home / "model", tmp, ignore=shutil.ignore_patterns("trainer"))
         runio.write_json(tmp / "manifest.json", manifest)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt (complete ones returned above)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
         tmp.rename(out)  # atomic: a killed copy leaves no half-written draft base
     wait_for_everyone()
     return manifest
@@ -105,10 +184,11 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
     out = rundir.draft_dir(run, cfg, spec, trial).parent
     method = spec.method
     seed = cfg.seed + trial
+    konly_from = None  # K-only perturbs DDD's s0_m0: this trial's, else trial 0's; without DDD it trains its own
     ddd = rundir.EnsembleSpec("ddd")
-    konly_from = rundir.draft_dir(run, cfg, ddd, trial) / "s0_m0" if method == "konly" else None
-    if konly_from is not None and not (konly_from / "adapter_model.safetensors").exists():
-        konly_from = rundir.draft_dir(run, cfg, ddd, 0) / "s0_m0" if trial > 0 else None
+    if method == "konly" and "ddd" in d.methods:
+        own = ddd in rundir.trial_ensembles(cfg, trial)
+        konly_from = rundir.draft_dir(run, cfg, ddd, trial if own else 0) / "s0_m0"
     settings = section_values(d, drafts.DraftSettings) | {"partitions": s, "per_partition": m}
     if d.baseline_steps is not None and DRAFT_METHODS[method].trainer == "trl":
         settings["train"] = dataclasses.replace(d.train, max_steps=d.baseline_steps)
@@ -119,65 +199,111 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
         noise=dataclasses.replace(cfg.noise, sigma=d.sigma), seed=seed, konly_from=konly_from, device=cfg.device)
 
 
-def stage_drafts(cfg: ExperimentConfig, run: Path) -> dict:
+def drafts_cfgs(cfg: ExperimentConfig, run: Path) -> list:
+    """Every ensemble the drafts stage builds, trial by trial; konly after the ddd whose s0_m0 it
+    re-uses."""
+    return [_drafts_cfg(cfg, run, spec, trial) for trial in range(cfg.eval.trials)
+            for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: e.method == "konly")]
+
+
+def stage_drafts(ctx: Context) -> dict:
     from drafteu.train import drafts
 
     done = {}
-    for trial in range(cfg.eval.trials):
-        # konly re-uses ddd's s0_m0 when present, so it comes last
-        for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: e.method == "konly"):
-            dcfg = _drafts_cfg(cfg, run, spec, trial)
-            path = dcfg.out / dcfg.method / "manifest.json"
-            if rundir.fresh(path, runio.config_hash(dcfg)):
-                continue
-            done[f"{spec.label} t{trial}"] = drafts.run(dcfg)["seconds"]
+    for dcfg in drafts_cfgs(ctx.cfg, ctx.run):
+        if not (dcfg.out / dcfg.method / "manifest.json").exists():  # complete ensembles of this stage
+            done[str((dcfg.out / dcfg.method).relative_to(ctx.run))] = drafts.run(dcfg)["seconds"]
     return {"trained": done}
 
 
-def stage_teachers(cfg: ExperimentConfig, run: Path) -> dict | None:
-    if cfg.proxy.data != "teachers":
-        return None
+def teacher_cfgs(cfg: ExperimentConfig, run: Path) -> list[generate.GenerateConfig]:
     p = cfg.proxy
-    return {f"t{k}": generate.run(_generate_cfg(
-        cfg, rundir.teacher_dir(run, k), questions=p.questions, samples=p.samples, member=k,
-        family_seed=cfg.seed + TEACHER_SEED_OFFSET)) for k in range(p.teachers)}
+    if p.data != "teachers":
+        return []
+    return [_generate_cfg(cfg, rundir.teacher_dir(run, k), questions=p.questions, samples=p.samples, member=k,
+                          family_seed=cfg.seed + TEACHER_SEED_OFFSET) for k in range(p.teachers)]
 
 
-def stage_proxy(cfg: ExperimentConfig, run: Path) -> dict:
+def stage_teachers(ctx: Context) -> dict | None:
+    return {gen.out.name: generate.run(gen) for gen in teacher_cfgs(ctx.cfg, ctx.run)} or None
+
+
+def proxy_cfg(cfg: ExperimentConfig, run: Path):
     from drafteu.train import proxy
 
     if cfg.proxy.data == "teachers":
         samples = [rundir.teacher_dir(run, k) / "samples.jsonl" for k in range(cfg.proxy.teachers)]
     else:
         samples = [rundir.samples_path(run)]
-    return proxy.run(proxy.ProxyConfig(
-        samples=samples, out=rundir.proxy_adapter(run).parent, target=cfg.target, noise=cfg.noise, seed=cfg.seed,
-        device=cfg.device, **section_values(cfg.proxy, proxy.ProxySettings)))
+    return proxy.ProxyConfig(samples=samples, out=rundir.proxy_adapter(run).parent, target=cfg.target, noise=cfg.noise,
+                             seed=cfg.seed, device=cfg.device, **section_values(cfg.proxy, proxy.ProxySettings))
 
 
-def stage_eval_samples(cfg: ExperimentConfig, run: Path) -> dict:
+def stage_proxy(ctx: Context) -> dict:
+    from drafteu.train import proxy
+
+    return proxy.run(proxy_cfg(ctx.cfg, ctx.run))
+
+
+def eval_samples_cfg(cfg: ExperimentConfig, run: Path) -> generate.GenerateConfig:
     e = cfg.eval
-    return generate.run(_generate_cfg(
-        cfg, run / rundir.EVAL_SAMPLES, task=e.task or cfg.data.task, split=e.split, questions=e.questions, samples=e.repeats,
-        temperature=e.temperature, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size))
+    return _generate_cfg(cfg, run / rundir.EVAL_SAMPLES, task=e.task or cfg.data.task, split=e.split,
+                         questions=e.questions, samples=e.repeats, temperature=e.temperature,
+                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+
+
+def stage_eval_samples(ctx: Context) -> dict:
+    return generate.run(eval_samples_cfg(ctx.cfg, ctx.run))
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline.
-
-TRAINING_STAGES = ("draft_base", "drafts", "proxy")
+# Evaluation stages (drafteu.evaluate): each writes eval/<name>.json.
 
 
-def _eval_stage(name: str, fn, keys, cfg: ExperimentConfig, run: Path):
-    """Run an evaluation stage unless eval/<name>.json was made from the same config sections."""
-    path = rundir.eval_json(run, name)
-    meta = run / rundir.TOKEN_EU_META
-    key = rundir.stage_hash(*keys, runio.json_load(meta) if meta.exists() else None)
-    if rundir.fresh(path, key):
-        return None
-    result = fn(cfg, run)
-    runio.write_json(path, {"config_hash": key, **result})
-    return result
+def _evaluation(name: str, fn):
+    def run_stage(ctx: Context) -> dict:
+        result = fn(ctx.cfg, ctx.run)
+        runio.write_json(rundir.eval_json(ctx.run, name), result)
+        return result
+
+    return run_stage
+
+
+def _stages() -> tuple[Stage, ...]:
+    from drafteu.evaluate import scoring, stages
+
+    def keys(*ks):
+        return lambda cfg: pick(cfg, *ks)
+
+    trained = ("eval_samples", "drafts", "proxy")
+    model = ("target", "dtype", "seed", "noise")
+    return (
+        Stage("data", stage_data, reads_data, outputs=("data",)),
+        Stage("draft_base", stage_draft_base, reads_draft_base, after_draft_base,
+              outputs=("draft_base", "draft_base_data"), every_process=True),
+        Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
+              every_process=True),
+        Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",)),
+        Stage("proxy", stage_proxy, reads_proxy, after_proxy, outputs=("proxy",), every_process=True),
+        Stage("eval_samples", stage_eval_samples, reads_eval_samples, outputs=(str(rundir.EVAL_SAMPLES),)),
+        Stage("score", lambda ctx: scoring.stage_score(ctx.cfg, ctx.run),
+              keys(*model, "eval.family_size", "eval.tokur_size", "eval.trials", "eval.retrain_per_trial",
+                   "eval.fidelity_questions"), lambda cfg: trained,
+              outputs=(str(rundir.TOKEN_EU), str(rundir.TOKEN_EU_META))),
+        Stage("proxy_robustness", _evaluation("proxy_robustness", stages.stage_proxy_robustness),
+              keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
+                   "eval.trials", "eval.bootstrap"), lambda cfg: trained,
+              outputs=("eval/proxy_bias.jsonl", "eval/proxy_robustness.json")),
+        Stage("fidelity", _evaluation("fidelity", stages.stage_fidelity),
+              keys("seed", "eval.trials", "eval.fidelity_questions", "eval.retrain_per_trial", "eval.bootstrap"),
+              lambda cfg: ("score",), outputs=("eval/fidelity.json",)),
+        Stage("hallucination", _evaluation("hallucination", stages.stage_hallucination),
+              keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
+              lambda cfg: ("score",), outputs=("eval/hallucination.json",)),
+        Stage("cost", _evaluation("cost", stages.stage_cost),
+              keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"), lambda cfg: trained,
+              outputs=("eval/cost.json",)),
+    )
 
 
 def _groups(heldout: float) -> int:
@@ -214,12 +340,48 @@ def preflight(cfg: ExperimentConfig, run_dir: Path) -> None:
             raise DraftEUError(f"data.questions is {n}, but {why}: raise data.questions to >= {need} or {fix}")
 
 
-def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
-    """Every stage in order; returns the run manifest (stage -> seconds, skipped or not)."""
+STAGES = _stages()
+
+
+def plan(cfg: ExperimentConfig, run_dir: Path) -> list[contract.Decision]:
+    """What ``run`` will do with each stage: skip, resume, run or recompute (and why), from the
+    stamps in ``run_dir`` and the config.  A stage whose upstream is rebuilt is rebuilt too."""
+    found = contract.digests(STAGES, cfg)
+    decisions, rebuilt = [], set()
+    for stage in STAGES:
+        d = contract.decide(stage, Path(run_dir), *found[stage.name])
+        ups = [u for u in d.upstream if u in rebuilt]
+        if ups and d.action in ("skip", "resume"):
+            d.action, d.why = "recompute", f"{', '.join(ups)} is rebuilt"
+        if d.action in ("run", "recompute"):
+            rebuilt.add(stage.name)
+        decisions.append(d)
+    return decisions
+
+
+def context(cfg: ExperimentConfig, run_dir: Path, name: str) -> Context:
+    """What stage ``name``'s function gets in ``run_dir`` (to call one stage's work directly)."""
+    digest, _, upstream = contract.digests(STAGES, cfg)[name]
+    return Context(cfg, Path(run_dir), digest, upstream)
+
+
+def _barrier() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = None) -> dict:
+    """Every stage in order (up to ``until`` when given), each skipped, resumed or recomputed as
+    ``plan`` decides; then the report.  Returns the run manifest (per stage: seconds this run and
+    the seconds it took to make)."""
     from drafteu import report
-    from drafteu.evaluate import scoring, stages
 
     run_dir = Path(run_dir)
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise DraftEUError(f"--until {until!r}: not a stage; the stages are {', '.join(names)}")
     preflight(cfg, run_dir)  # config errors before any work
     device = hardware.resolve_device(cfg.device)
     precision = {sec: hardware.resolve_mixed_precision(getattr(cfg, sec).train.mixed_precision, device)[0]
@@ -227,53 +389,51 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print) -> dict:
     hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}
     log(f"device {hw['device']} ({hw['hardware']}), model dtype {hw['dtype']}, "
         f"training mixed precision {', '.join(f'{k} {v}' for k, v in precision.items())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runio.write_config(run_dir, cfg)
+    decisions = plan(cfg, run_dir)
+    if until is not None:
+        decisions = decisions[: names.index(until) + 1]
+    main = runio.is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runio.write_config(run_dir, cfg)
     manifest_path = run_dir / "manifest.json"
     manifest = runio.json_load(manifest_path) if manifest_path.exists() else {}
     manifest.update({"stage": "reproduce", "name": cfg.name, "versions": runio.versions(),
-                     "config_hash": runio.config_hash(cfg), "hardware": hw})
-    manifest.setdefault("stages", {})
-    e = cfg.eval
-    steps = [
-        ("data", lambda: stage_data(cfg, run_dir)),
-        ("draft_base", lambda: stage_draft_base(cfg, run_dir)),
-        ("drafts", lambda: stage_drafts(cfg, run_dir)),
-        ("teachers", lambda: stage_teachers(cfg, run_dir)),
-        ("proxy", lambda: stage_proxy(cfg, run_dir)),
-        ("eval_samples", lambda: stage_eval_samples(cfg, run_dir)),
-        ("score", lambda: scoring.stage_score(cfg, run_dir)),
-        ("proxy_robustness", lambda: _eval_stage("proxy_robustness", stages.stage_proxy_robustness,
-                                                 (e.reference_size, e.proxy_ks, e.proxy_questions, e.trials), cfg, run_dir)),
-        ("fidelity", lambda: _eval_stage("fidelity", stages.stage_fidelity, (e.trials, e.fidelity_questions), cfg, run_dir)),
-        ("hallucination", lambda: _eval_stage("hallucination", stages.stage_hallucination,
-                                              (e.aggregations, e.fit_fraction, e.bootstrap, e.ece_bins), cfg, run_dir)),
-        ("cost", lambda: _eval_stage("cost", stages.stage_cost, (e.cost_responses, cfg.device), cfg, run_dir)),
-    ]
+                     "config_hash": runio.config_hash(cfg), "hardware": hw,
+                     "digests": {d.stage.name: d.digest for d in decisions}})
+    manifest.pop("stages", None)
+    manifest["stages"] = {}
     total = time.time()
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    for name, fn in steps:
-        t0 = time.time()
-        log(f"[{name}] ...")
-        if world == 1 or name in TRAINING_STAGES:
-            fn()  # under `accelerate launch` every process trains (accelerate shards the batches)
+    for d in decisions:
+        name = d.stage.name
+        if d.action == "skip":
+            log(f"[{name}] current: skipped")
         else:
-            if rank == 0:
-                fn()  # generation and evaluation: the main process only, the others wait
-            from accelerate import PartialState
-
-            PartialState().wait_for_everyone()
-        seconds = round(time.time() - t0, 2)
-        prev = manifest["stages"].get(name, {})
-        # A stage found complete takes ~0 s: keep the time of the run that computed it as well.
-        manifest["stages"][name] = {"seconds": seconds, "compute_seconds": max(seconds, prev.get("compute_seconds", 0))}
-        log(f"[{name}] {seconds:.1f} s")
-        runio.write_json(manifest_path, manifest)
+            log(f"[{name}] " + {"run": "...", "resume": "resuming ...",
+                                "recompute": f"recomputing ({d.why}) ..."}[d.action])
+        t0 = time.time()
+        if d.action != "skip":
+            if main:
+                contract.begin(run_dir, d)
+            _barrier()
+            if main or d.stage.every_process:
+                d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
+            _barrier()
+            if main:
+                contract.finish(run_dir, d, time.time() - t0)
+            log(f"[{name}] {time.time() - t0:.1f} s")
+        stamp = contract.read_stamp(contract.stamp_path(run_dir, name)) or {}
+        manifest["stages"][name] = {"seconds": round(time.time() - t0, 2),
+                                    "compute_seconds": stamp.get("seconds", round(time.time() - t0, 2)),
+                                    "action": d.action}
+        if main:
+            runio.write_json(manifest_path, manifest)
     manifest["last_run_seconds"] = round(time.time() - total, 1)
     manifest.setdefault("runs", []).append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             "seconds": manifest["last_run_seconds"]})
-    runio.write_json(manifest_path, manifest)
-    if rank == 0:
+    if main:
+        runio.write_json(manifest_path, manifest)
+    if main and until is None:
         log("[report] ...")
         report.write(cfg, run_dir)  # last, so it shows this run's stage timings
         log(f"[report] {run_dir / 'report.md'}")

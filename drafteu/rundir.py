@@ -1,4 +1,4 @@
-"""The run directory of `drafteu reproduce`: its layout, ensemble specs, readers and freshness keys.
+"""The run directory of `drafteu reproduce`: its layout, ensemble specs and readers.
 
     config.yaml  manifest.json       the experiment as run; stages, timings, hardware
     data/samples.jsonl               target samples on train questions          (generate)
@@ -14,7 +14,8 @@
     eval/samples/samples.jsonl       target answers on test questions, `repeats` each
     eval/token_eu.jsonl              token EU per (answer key, method label, trial)   (+ .meta.json)
     eval/proxy_bias.jsonl            the bias term under each p estimate             (proxy robustness)
-    eval/<stage>.json                fidelity, proxy_robustness, hallucination, cost (+ config_hash)
+    eval/<stage>.json                fidelity, proxy_robustness, hallucination, cost
+    stages/<stage>.json              what each stage's outputs were made from (drafteu.contract)
     report.md  report.html  figures/*.png
 
 Every stage reads and writes through the helpers here; the method behind each file is in docs/method.md.
@@ -108,7 +109,7 @@ def eval_json(run: Path, stage: str) -> Path:
 
 
 TOKEN_EU = Path("eval") / "token_eu.jsonl"
-TOKEN_EU_META = Path("eval") / "token_eu.meta.json"
+TOKEN_EU_META = Path("eval") / "token_eu.meta.json"  # written by older versions; removed with the scores
 EVAL_SAMPLES = Path("eval") / "samples"
 
 
@@ -142,22 +143,6 @@ def token_eu(run: Path) -> dict[tuple[str, str, int], dict]:
 def rounded(t: torch.Tensor | None) -> list[float] | None:
     """A tensor as a list of 6-significant-digit floats (how token EU is stored)."""
     return None if t is None else [float(f"{x:.6g}") for x in t.tolist()]
-
-
-# -- freshness ----------------------------------------------------------------------------------
-
-
-def stage_hash(*parts) -> str:
-    """A short stable key of the config parts a stage's outputs depend on."""
-    return runio.digest(list(parts))
-
-
-def fresh(path: Path, key: str) -> bool:
-    """True when ``path`` (a JSON stage output) exists and was made from config hash ``key``."""
-    try:
-        return runio.json_load(path).get("config_hash") == key
-    except (OSError, ValueError):
-        return False
 
 
 # -- ensembles outside a run: `drafteu score --drafts` / `speculate --drafts` --------------------

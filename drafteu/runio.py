@@ -51,12 +51,42 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_hash(cfg, ignore: tuple[str, ...] = ()) -> str:
-    """A short stable hash of the config fields that decide a stage's outputs.  Fields a config
-    lists in ``location_fields`` (where the run lives, the device) are left out, so a copied or
-    moved run directory is still up to date."""
-    ignore = tuple(ignore) + tuple(getattr(cfg, "location_fields", ()))
-    return digest({k: v for k, v in plain(cfg).items() if k not in ignore})
+def identity(obj):
+    """What ``obj`` (a config, or any value) is, as plain JSON-ready builtins: a dataclass's fields
+    without those it lists in ``location_fields`` (where something lives or how it is computed -
+    paths, the device, batch sizes - never what it computes), recursively; a class with an
+    ``identity()`` method says it itself.  Runs keep their identity when copied or moved."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "identity"):
+            return obj.identity()
+        skip = set(getattr(obj, "location_fields", ()))
+        return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+    if isinstance(obj, (list, tuple)):
+        return [identity(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: identity(v) for k, v in obj.items()}
+    return plain(obj)
+
+
+def fields_identity(obj, skip: tuple[str, ...] = ()) -> dict:
+    """The default ``identity`` of dataclass ``obj`` with the fields ``skip`` left out too (for
+    ``identity()`` methods that drop fields by value)."""
+    drop = set(skip) | set(getattr(obj, "location_fields", ()))
+    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in drop}
+
+
+def config_hash(cfg) -> str:
+    """A short stable hash of what ``cfg`` computes (``identity``)."""
+    return digest(identity(cfg))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (16 hex digits) of a file's bytes: the content identity of an input file."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def versions() -> dict:

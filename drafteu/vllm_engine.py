@@ -42,6 +42,8 @@ class EngineSettings:
     max_model_len: int | None = field(default=None, metadata={
         "help": "vllm: longest prompt + answer the KV cache is sized for (None: the longest prompt + max_new_tokens)"})
 
+    location_fields = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")  # how, not what
+
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise DraftEUError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")

@@ -149,8 +149,7 @@ def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
 def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir):
     cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
     run = tmp_path / "run"
-    for stage in ("data", "draft_base", "drafts", "teachers", "proxy", "eval_samples"):
-        getattr(pipeline, f"stage_{stage}")(cfg, run)
+    pipeline.run(cfg, run, until="eval_samples")
     scoring.stage_score(cfg, run)
     path = run / "eval" / "token_eu.jsonl"
     full = runio.read_jsonl(path)
@@ -211,8 +210,8 @@ def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, _
                                                  "max_new_tokens": 6, "batch_size": 8}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     cfg = load_experiment(tmp_path / "c.yaml")
-    a = pipeline.stage_draft_base(cfg, tmp_path / "a")
-    b = pipeline.stage_draft_base(cfg, tmp_path / "b")
+    a = pipeline.stage_draft_base(pipeline.context(cfg, tmp_path / "a", "draft_base"))
+    b = pipeline.stage_draft_base(pipeline.context(cfg, tmp_path / "b", "draft_base"))
     assert a["cache"]["reused"] is False and b["cache"]["reused"] is True
     assert Path(a["cache"]["path"]).parent == _test_cache / "draft_base"
     data_dirs = list((_test_cache / "draft_base").glob("data-*"))
@@ -224,6 +223,6 @@ def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, _
     assert runio.json_load(tmp_path / "b" / "draft_base" / "manifest.json")["cache"]["reused"] is True
     d["draft_base"]["layers"] = 1
     (tmp_path / "c1.yaml").write_text(yaml.safe_dump(d))
-    c = pipeline.stage_draft_base(load_experiment(tmp_path / "c1.yaml"), tmp_path / "c")
+    c = pipeline.stage_draft_base(pipeline.context(load_experiment(tmp_path / "c1.yaml"), tmp_path / "c", "draft_base"))
     assert c["cache"]["reused"] is False and c["cache"]["path"] != a["cache"]["path"]
     assert list((_test_cache / "draft_base").glob("data-*")) == data_dirs  # another depth, the same data

@@ -40,10 +40,12 @@ def test_draft_base_is_a_truncated_distilled_model(workdir, tiny_dir):
     assert 0 <= m["top1_agreement_before"] <= 1 and 0 <= m["top1_agreement_after"] <= 1
     base = models.load(str(workdir / "base"))
     assert base.model.config.num_hidden_layers == 2
-    # a second run is skipped (outputs complete)
-    again = draft_base.run(draft_base.DraftBaseConfig(samples=workdir / "data" / "samples.jsonl",
-                                                      out=workdir / "base", target=str(tiny_dir)))
-    assert again["started"] == m["started"]
+    # a second run with the same recipe is skipped (outputs complete); another recipe is refused
+    same = dict(samples=workdir / "data" / "samples.jsonl", out=workdir / "base", target=str(tiny_dir), layers=2,
+                heldout=0.25, train=TrainConfig(**FAST | {"save_every": 2}))  # how often it saves is not the recipe
+    assert draft_base.run(draft_base.DraftBaseConfig(**same))["started"] == m["started"]
+    with pytest.raises(DraftEUError, match=r"holds a draft base made from other inputs \(layers: 2 -> 3\)"):
+        draft_base.run(draft_base.DraftBaseConfig(**same | {"layers": 3}))
 
 
 def test_distillation_lowers_the_kl_to_the_target(tiny_dir, workdir):

@@ -7,7 +7,7 @@ of the prompts' shared prefix (system + worked examples; positions unchanged, so
 full forwards), and the proxy's logits are computed once per answer for all draft ensembles.
 Output: ``eval/token_eu.jsonl``, one row per (answer, method label, trial), appended one answer at
 a time (a killed run resumes; TokUR's draws depend on (seed, prompt) only, so a resumed run draws
-the same).
+the same).  Whether the rows are current is the stage contract's business (``drafteu.pipeline``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from drafteu import estimators, models, runio
-from drafteu.errors import DraftEUError
 from drafteu.kvcache import LogitsSource, lcp
 from drafteu.methods import ESTIMATORS, TARGET_ONLY
 from drafteu.posterior import NoisyModel, family_seeds
 from drafteu.progress import progress
 from drafteu.rundir import (
     TOKEN_EU,
-    TOKEN_EU_META,
     EnsembleSpec,
     draft_dir,
     ensembles,
@@ -31,7 +29,6 @@ from drafteu.rundir import (
     key_of,
     proxy_adapter,
     rounded,
-    stage_hash,
     trial_ensembles,
 )
 
@@ -87,24 +84,11 @@ def score_jobs(cfg, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]
     return jobs
 
 
-def scoring_key(cfg) -> str:
-    """What token_eu.jsonl depends on (a changed config is refused, not mixed in)."""
-    e = cfg.eval
-    return stage_hash(cfg.target, cfg.noise, cfg.drafts, e.family_size, e.tokur_size, e.trials,
-                      e.retrain_per_trial, e.fidelity_questions, cfg.seed, "tokur-per-prompt")
-
-
 def stage_score(cfg, run: Path) -> dict:
     """Score every (answer, method, trial) not in eval/token_eu.jsonl yet."""
     run = Path(run)
     rows = eval_rows(run)
-    path, meta = run / TOKEN_EU, run / TOKEN_EU_META
-    key = scoring_key(cfg)
-    if meta.exists() and runio.json_load(meta).get("config_hash") != key:
-        raise DraftEUError(f"{path} was scored under a different config; delete {run / 'eval'} "
-                           "(keeping eval/samples) or use another --run directory")
-    if not meta.exists():
-        runio.write_json(meta, {"config_hash": key})
+    path = run / TOKEN_EU
     done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
     jobs = score_jobs(cfg, rows)
     total = sum(len(rs) for _, _, rs in jobs)

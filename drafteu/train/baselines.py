@@ -56,8 +56,8 @@ def _common_args(cfg, directory: Path, seed: int, precision: str, device: torch.
     return dict(
         output_dir=str(directory), learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        lr_scheduler_type="cosine", bf16=precision == "bf16", fp16=False,
+        gradient_accumulation_steps=t.grad_accum, weight_decay=t.weight_decay,
+        bf16=precision == "bf16", fp16=False,
         gradient_checkpointing=False, save_steps=t.save_every, save_total_limit=1, logging_steps=1,
         report_to=[], seed=seed % (2**31), use_cpu=device.type == "cpu", disable_tqdm=False,
     )
@@ -77,6 +77,20 @@ def train(kind: str, cfg, rows: list[dict], name: str, seed: int, directory: Pat
     return stats | {"mixed_precision": precision}
 
 
+def scheduled(trainer_cls, train: loop.TrainConfig):
+    """``trainer_cls`` whose learning rate follows the own loop's schedule for ``train``
+    (``loop.lr_factor``: warm-up capped at 10% of the steps, then linear or cosine decay), so a
+    baseline's ``train.scheduler`` and ``warmup_steps`` mean what they mean for every other draft."""
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
+                                                                  loop.lr_factor(train, num_training_steps))
+        return self.lr_scheduler
+
+    return type(trainer_cls.__name__, (trainer_cls,), {"create_scheduler": create_scheduler})
+
+
 def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, shots, common) -> dict:
     from datasets import Dataset
     from peft import PeftModel
@@ -92,7 +106,7 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
         ])
         args = GKDConfig(**common, temperature=1.0, lmbda=0.5, beta=0.5,
                          max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+        trainer = scheduled(GKDTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                              processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                                             cfg.lora_modules))
     elif kind == "minillm":
@@ -100,7 +114,7 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
         args = MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
                              num_generations=4, max_completion_length=cfg.max_new_tokens,
                              single_step_decomposition=True, disable_dropout=False)
-        trainer = MiniLLMTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+        trainer = scheduled(MiniLLMTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                                  processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                                             cfg.lora_modules))
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence, models, runio
+from drafteu import contract, divergence, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.train.loop import (
@@ -58,6 +58,11 @@ class DraftBaseConfig(DraftBaseSettings):
 
     location_fields = ("samples", "out", "device")  # where the run lives: not part of its identity
 
+    def identity(self) -> dict:
+        """The recipe and the content of the samples file (not where it is)."""
+        path = Path(self.samples)
+        return runio.fields_identity(self) | {"samples_sha256": runio.file_digest(path) if path.is_file() else None}
+
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows, split by question."""
@@ -89,9 +94,10 @@ def run(cfg: DraftBaseConfig) -> dict:
     """Truncate, distil, save; returns the manifest (agreement before/after, timings)."""
     started = time.time()
     out = Path(cfg.out)
-    if (out / "manifest.json").exists() and (out / "config.json").exists():
-        return runio.json_load(out / "manifest.json")  # complete: skip
     rows = runio.read_samples(cfg.samples)
+    contract.claim(out, runio.identity(cfg), what="a draft base")
+    if (out / "manifest.json").exists() and (out / "config.json").exists():
+        return runio.json_load(out / "manifest.json")  # complete, from the same inputs: skip
     lm = models.load(cfg.target, device=cfg.device)
     target = lm.model.eval()
     for p in target.parameters():

@@ -11,8 +11,8 @@ Paper Sec. 4.3, App. B.2, B.6; docs/method.md §6-7.  Every draft is a PEFT adap
 - fdd:       both.
 - untrained: S*M noise copies (sigma, docs/method.md §7) of the base; no training.
 - gkd, minillm: S*M on-policy TRL drafts on all the data, each from its own noise (baselines.py).
-- konly:     one trained draft (the ddd s0_m0 adapter, trained here if missing) merged into
-             the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
+- konly:     one trained draft (the ddd s0_m0 adapter, trained here as ``draft/`` if not given)
+             merged into the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
 
 Initialization noise (IDD/FDD).  docs/method.md §7 merges a low-rank noise draw (sigma 0.5, q_proj
 and v_proj, the §2 scheme) into the draft before training.  Here that noise is the adapter's
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from drafteu import adapters, models, runio
+from drafteu import adapters, contract, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
@@ -83,7 +83,8 @@ class DraftsConfig(DraftSettings):
     init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5))
     noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1))
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
-    konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb (default OUT/ddd/s0_m0, trained if missing)"})
+    konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb "
+                                    "(a DDD ensemble's s0_m0 of the same data and seed; default: trained into OUT/konly/draft)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
@@ -96,9 +97,23 @@ class DraftsConfig(DraftSettings):
     # where inputs and outputs live: not part of what the ensemble is (a moved run is the same run)
     location_fields = ("samples", "out", "base", "konly_from", "device")
 
+    def identity(self) -> dict:
+        """The settings, the content of the samples file and what the base is (``base_identity``)."""
+        path = Path(self.samples)
+        return runio.fields_identity(self) | {"base": base_identity(self.base),
+                                              "samples_sha256": runio.file_digest(path) if path.is_file() else None}
+
     @property
     def size(self) -> int:
         return self.partitions * self.per_partition
+
+
+def base_identity(base: str) -> str:
+    """What a draft base is: a base drafteu built (``train-draft-base``, a run's ``draft_base/``)
+    is the digest of the inputs it was made from, wherever it has been copied; anything else (a
+    sibling's hub id or directory) is its spec as given."""
+    stamp = contract.read_stamp(Path(base) / contract.STAMP) if Path(base).is_dir() else None
+    return f"drafteu:{stamp['digest']}" if stamp else str(base)
 
 
 def adapter_names(cfg: DraftsConfig) -> list[str]:
@@ -140,6 +155,7 @@ def run(cfg: DraftsConfig) -> dict:
     started = time.time()
     out = cfg.out / cfg.method
     rows = runio.read_samples(cfg.samples)
+    contract.claim(out, runio.identity(cfg), what=f"a {cfg.method} ensemble")
     names = adapter_names(cfg)
     # All checks before any training: vocabulary, partitions.
     target_tok = models.load(cfg.target, tokenizer_only=True)
@@ -180,16 +196,17 @@ def _untrained(cfg, out, names, rows, parts, base_lm):
 
 
 def _konly(cfg, out, names, rows, parts, base_lm):
-    """One trained draft (DDD s0_m0; trained here if missing) merged into the base, plus S*M noise
-    copies of it."""
+    """One trained draft (``konly_from``: the same-seed DDD's s0_m0; else trained here as DDD's
+    s0_m0 would be, into ``OUT/konly/draft``) merged into the base, plus S*M noise copies of it."""
     from peft import PeftModel
 
     timings = {}
-    ddd_dir = cfg.konly_from or cfg.out / "ddd" / "s0_m0"
-    if not (ddd_dir / "adapter_model.safetensors").exists():
-        ddd_dir.parent.mkdir(parents=True, exist_ok=True)
-        timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
-                                     False, ddd_dir, base_lm.tokenizer)
+    ddd_dir = cfg.konly_from
+    if ddd_dir is None or not (ddd_dir / "adapter_model.safetensors").exists():
+        ddd_dir = out / "draft"
+        if not (ddd_dir / "adapter_model.safetensors").exists():
+            timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
+                                         False, ddd_dir, base_lm.tokenizer)
     merged = PeftModel.from_pretrained(models.load(cfg.base, device=cfg.device).model, ddd_dir).merge_and_unload()
     base_dir = str(out / "base")
     if runio.is_main_process():

@@ -5,9 +5,18 @@ Examples are (prompt ids, response ids).  Batches are *left*-padded with explici
 forward keeps only the last ``max response length + 1`` logits: every response token of the
 batch is predicted inside that window, and the (B, L, V) prompt logits are never built.
 
-Resume: every ``save_every`` optimizer steps the trainable weights, optimizer, scheduler and
-step are written atomically to ``<dir>/checkpoint.pt``; a rerun continues from there and skips
-the micro-batches already consumed (the batch order is a function of the seed only).
+Steps: one optimizer step averages the gradients of ``grad_accum`` micro-batches (the loop
+reads: for each step, for each micro-batch, forward + backward; then one ``optimizer.step()``).
+Every step is whole: with ``epochs``, a count of micro-batches that does not fill the last step is
+completed with the first micro-batches of the next shuffle, so no gradient is ever computed and
+dropped, and every step sees ``grad_accum`` micro-batches.
+
+Resume: every ``save_every`` optimizer steps the trainable weights, optimizer, scheduler, step
+and every random state the rest of training draws from (torch's CPU and device generators,
+Python's and NumPy's, on every process) are written atomically to ``<dir>/checkpoint.pt``; a rerun
+continues from there and skips the micro-batches already consumed (the batch order is a function
+of the seed only), so a killed and resumed run gives the same weights bit for bit.  A loss that
+draws randomness of its own derives it from ``batch["micro"]``, the micro-batch's index.
 Several processes (``accelerate launch`` or ``torchrun``; gloo on CPUs): process r takes global
 micro-batches r, r + P, ..., every process runs the same number of steps, DDP averages the
 gradients, and only the main process writes checkpoints and adapters.
@@ -19,6 +28,7 @@ TRL baseline's settings never leak into the next stage.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -51,6 +61,8 @@ class TrainConfig:
                                  "bf16, or no"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
 
+    location_fields = ("save_every",)  # how often progress is saved: resume is exact, so not what is trained
+
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise DraftEUError("lr must be > 0, batch_size and grad_accum >= 1")
@@ -60,6 +72,10 @@ class TrainConfig:
             raise DraftEUError(f"scheduler must be linear or cosine, got {self.scheduler!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise DraftEUError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise DraftEUError(f"max_steps must be >= 1 (or null: train for `epochs`), got {self.max_steps}")
+        if self.warmup_steps < 0 or self.save_every < 1 or self.weight_decay < 0:
+            raise DraftEUError("warmup_steps and weight_decay must be >= 0, save_every >= 1")
 
 
 @dataclass
@@ -115,8 +131,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _schedule(cfg: TrainConfig, total: int):
-    warm = min(cfg.warmup_steps, max(1, total // 10)) if cfg.warmup_steps > 0 else 0
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """Warm-up steps actually used: ``cfg.warmup_steps``, capped at 10% of the ``total`` steps."""
+    return min(cfg.warmup_steps, max(1, total // 10)) if cfg.warmup_steps > 0 else 0
+
+
+def lr_factor(cfg: TrainConfig, total: int):
+    """step -> learning-rate multiplier: linear warm-up, then linear or cosine decay to 0."""
+    warm = warmup_steps(cfg, total)
 
     def f(step: int) -> float:
         if step < warm:
@@ -180,28 +202,61 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
-def _micro_order(n_examples: int, cfg: TrainConfig, processes: int, seed: int) -> tuple[list[list[int]], int]:
-    """(global micro-batch order, micro-batches per process).
-
-    One optimizer step consumes ``grad_accum`` micro-batches on each of ``processes`` processes;
-    process r takes global micro-batches r, r + P, r + 2P, ...  With ``max_steps`` every process
-    runs exactly ``max_steps * grad_accum``; with ``epochs`` the global count is the epochs' and each
-    process gets an equal share (rounded up, continuing into the next shuffle), so every process
-    calls backward equally often and none waits for a gradient all-reduce that never comes.
-    """
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
+def optimizer_steps(n_examples: int, cfg: TrainConfig, processes: int = 1) -> int:
+    """Optimizer steps of a training run: ``max_steps``, else the steps the epochs take (each step
+    whole: the last is completed from the next shuffle, see the module docstring)."""
     if cfg.max_steps:
-        local = cfg.max_steps * cfg.grad_accum
-    else:
-        local = math.ceil(max(cfg.grad_accum, round(per_epoch * cfg.epochs)) / processes)
+        return cfg.max_steps
+    micro = math.ceil(max(cfg.grad_accum, round(math.ceil(n_examples / cfg.batch_size) * cfg.epochs)) / processes)
+    return math.ceil(micro / cfg.grad_accum)
+
+
+def micro_order(n_examples: int, cfg: TrainConfig, processes: int, seed: int) -> list[list[int]]:
+    """The global micro-batch order: lists of example indices, ``optimizer_steps * grad_accum``
+    micro-batches per process; process r takes global micro-batches r, r + P, r + 2P, ...
+
+    Each epoch is a fresh shuffle of the examples from (seed, epoch); the order continues into the
+    next shuffle as far as the steps need, so every process calls backward equally often and none
+    waits for a gradient all-reduce that never comes."""
+    need = optimizer_steps(n_examples, cfg, processes) * cfg.grad_accum * processes
     order: list[list[int]] = []
     epoch = 0
-    while len(order) < local * processes:
+    while len(order) < need:
         idx = list(range(n_examples))
         random.Random(f"{seed}:{epoch}").shuffle(idx)
         order += [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         epoch += 1
-    return order[: local * processes], local
+    return order[:need]
+
+
+def _rng_state() -> dict:
+    """Every random state training draws from on this process."""
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_rng_states(acc) -> list[dict]:
+    """Every process's random states, gathered to all (a collective: every process calls it)."""
+    mine = _rng_state()
+    if acc.num_processes == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    states: list = [None] * acc.num_processes
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 def fit(
@@ -214,9 +269,11 @@ def fit(
     pad_id: int,
     seed: int = 0,
     desc: str = "train",
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> dict:
     """Train the parameters of ``model`` that require grad; returns steps, loss, tokens/s, time,
-    and the resolved mixed precision."""
+    and the resolved mixed precision.  ``on_step(step, lr, loss)`` is called after every
+    optimizer step with the learning rate that step used."""
     if not examples:
         raise DraftEUError(f"{desc}: no training examples (empty partition or empty data)")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -224,19 +281,19 @@ def fit(
         raise DraftEUError(f"{desc}: the model has no trainable parameters")
     device = params[0].device
     precision = resolve_precision(cfg, device, desc)
-    with accelerate_stage(precision, device, gradient_accumulation_steps=cfg.grad_accum) as acc:
-        stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc)
+    with accelerate_stage(precision, device) as acc:
+        stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc, on_step)
     return stats | {"mixed_precision": precision}
 
 
 def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path, pad_id: int, seed: int,
-         desc: str) -> dict:
-    order, local_total = _micro_order(len(examples), cfg, acc.num_processes, seed)
-    steps_total = math.ceil(local_total / cfg.grad_accum)
+         desc: str, on_step) -> dict:
+    procs, rank = acc.num_processes, acc.process_index
+    order = micro_order(len(examples), cfg, procs, seed)
+    steps_total = optimizer_steps(len(examples), cfg, procs)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # The scheduler stays outside accelerate: prepared, it would step once per process per
-    # optimizer step.  It is stepped below on every real (synchronized) optimizer step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_total))
+    # The scheduler stays outside accelerate (prepared, it would step once per process per step).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_total))
     model, optimizer = acc.prepare(model, optimizer)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -244,7 +301,7 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     unwrapped = acc.unwrap_model(model)
     names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(ckpt, desc)
         own = dict(unwrapped.named_parameters())
         with torch.no_grad():
             for n in names:
@@ -254,45 +311,64 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
         step, tokens, loss_ema = state["step"], state["tokens"], state["loss"]
         # training time before the kill (absent from checkpoints older than this field: None)
         seconds_before, resumed_from = state.get("seconds"), step
+        rng = state.get("rng")
+        if rng is not None and len(rng) == procs:
+            _set_rng_state(rng[rank])
 
     def save():
+        rng = _all_rng_states(acc)  # collective: before the main-process-only write
         if acc.is_main_process:
             own = dict(unwrapped.named_parameters())
             _atomic_save({"params": {n: own[n].detach().cpu() for n in names},
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "step": step, "tokens": tokens, "loss": loss_ema,
+                          "step": step, "tokens": tokens, "loss": loss_ema, "rng": rng,
                           "seconds": None if seconds_before is None else seconds_before + time.time() - t0}, ckpt)
 
     model.train()
     t0, tokens_at_start = time.time(), tokens
     with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
-        for local in range(step * cfg.grad_accum, local_total):
-            batch = collate([examples[i] for i in order[local * acc.num_processes + acc.process_index]],
-                            pad_id, acc.device)
-            with acc.accumulate(model), acc.autocast():
-                loss = loss_fn(model, batch)
-                acc.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            tokens += int(batch["loss_mask"].sum()) + int(batch["attention_mask"].sum())
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DraftEUError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
-            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-            if (local + 1) % cfg.grad_accum == 0 or local + 1 == local_total:
-                scheduler.step()
-                step += 1
-                rate = (tokens - tokens_at_start) * acc.num_processes / max(time.time() - t0, 1e-9)
-                bar.update(completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
-                if step % cfg.save_every == 0:
-                    save()
+        while step < steps_total:
+            lr = scheduler.get_last_lr()[0]
+            # one optimizer step: grad_accum micro-batches, their gradients averaged
+            for micro in range(cfg.grad_accum):
+                local = step * cfg.grad_accum + micro
+                batch = collate([examples[i] for i in order[local * procs + rank]], pad_id, acc.device)
+                batch["micro"] = local
+                last = micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
+                    loss = loss_fn(model, batch)
+                    acc.backward(loss / cfg.grad_accum)
+                tokens += int(batch["loss_mask"].sum()) + int(batch["attention_mask"].sum())
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DraftEUError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
+                loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if on_step is not None:
+                on_step(step, lr, loss_ema)
+            rate = (tokens - tokens_at_start) * procs / max(time.time() - t0, 1e-9)
+            bar.update(completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
+            if step % cfg.save_every == 0:
+                save()
     save()
     wait_for_everyone()
     model.eval()
     seconds = time.time() - t0
     # "seconds": the training time of every step, across kills and resumes (None when an older
     # checkpoint did not record its part); "seconds_this_run": this process's share.
-    return {"steps": step, "loss": loss_ema, "processes": acc.num_processes,
+    return {"steps": step, "loss": loss_ema, "processes": procs,
             "seconds": None if seconds_before is None else round(seconds_before + seconds, 2),
             "seconds_this_run": round(seconds, 2), "resumed_from": resumed_from,
-            "tokens_per_s": (tokens - tokens_at_start) * acc.num_processes / max(seconds, 1e-9)}
+            "tokens_per_s": (tokens - tokens_at_start) * procs / max(seconds, 1e-9)}
+
+
+def _load_checkpoint(path: Path, desc: str) -> dict:
+    """A training checkpoint, or a DraftEUError naming the damaged file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file: torch raises several kinds
+        raise DraftEUError(f"{desc}: the checkpoint {path} is damaged ({str(e).splitlines()[0][:120]}); delete it "
+                           "to restart this training from step 0") from None

@@ -19,13 +19,14 @@ disjoint from training) to p = the proxy, against p = the raw target.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from drafteu import adapters, divergence, models, runio
+from drafteu import adapters, contract, divergence, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
@@ -36,6 +37,7 @@ from drafteu.train.loop import (
     examples_from_rows,
     fit,
     masked_mean,
+    optimizer_steps,
     window_logits,
 )
 
@@ -83,6 +85,14 @@ class ProxyConfig(ProxySettings):
         self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]
         self.out = Path(self.out)
 
+    def identity(self) -> dict:
+        """The settings and the content of the samples files (not where they are)."""
+        return runio.fields_identity(self) | {"samples_sha256": [_content(p) for p in self.samples]}
+
+
+def _content(path: Path) -> str | None:
+    return runio.file_digest(path) if Path(path).is_file() else None
+
 
 def _mix_equally(files: list[Path], seed: int) -> list[dict]:
     """Rows of every file, each file cut to the smallest one's size (equal thirds for 3 teachers)."""
@@ -128,9 +138,10 @@ def run(cfg: ProxyConfig) -> dict:
     from peft import LoraConfig
 
     started = time.time()
-    if (cfg.out / "manifest.json").exists() and (cfg.out / "adapter" / "adapter_model.safetensors").exists():
-        return runio.json_load(cfg.out / "manifest.json")  # complete: skip
     rows = _mix_equally(cfg.samples, cfg.seed)
+    contract.claim(cfg.out, runio.identity(cfg), what="a proxy")
+    if (cfg.out / "manifest.json").exists() and (cfg.out / "adapter" / "adapter_model.safetensors").exists():
+        return runio.json_load(cfg.out / "manifest.json")  # complete, from the same inputs: skip
     lm = models.load(cfg.target, device=cfg.device)
     pad, eos = lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id
     train_rows, held_rows = split_heldout(rows, cfg.heldout, cfg.seed)
@@ -138,18 +149,20 @@ def run(cfg: ProxyConfig) -> dict:
 
     noisy = NoisyModel(lm.model, cfg.noise)
     teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, -1, k) for k in range(cfg.n_teacher)])
+    # LoRA's initialization and dropout draw from torch's global generator: seed it, so the proxy
+    # does not depend on what the process did before (a resumed `reproduce` starts at another stage)
+    torch.manual_seed(member_seed("proxy", cfg.seed))
     noisy.model.add_adapter(PROXY, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                               target_modules=list(cfg.lora_modules), bias="none"))
     noisy.model.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
     for n, p in noisy.model.named_parameters():
         p.requires_grad_(f".{PROXY}." in n)
-    draws = {"n": 0}
 
     def loss_fn(model, batch):
-        # Fresh teachers for every micro-batch (the "online stochastic" part).
-        draws["n"] += 1
+        # Fresh teachers for every micro-batch (the "online stochastic" part), drawn from the
+        # micro-batch's index: a resumed run draws what an uninterrupted one does.
         for k, name in enumerate(teachers):
-            noisy.set_member(name, member_seed("osd", cfg.seed, draws["n"], k))  # re-drawn in place
+            noisy.set_member(name, member_seed("osd", cfg.seed, batch["micro"] + 1, k))  # re-drawn in place
         model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
         t = noisy.logits(batch["input_ids"], teachers, attention_mask=batch["attention_mask"],
                          position_ids=batch["position_ids"], logits_to_keep=batch["keep"])[:, :, :-1]
@@ -159,7 +172,7 @@ def run(cfg: ProxyConfig) -> dict:
         return masked_mean(kls, batch["loss_mask"])
 
     tc = dataclasses.replace(cfg.train)  # a copy: the caller's config is never changed
-    steps = tc.max_steps or max(1, round(len(train_ex) / tc.batch_size * tc.epochs / tc.grad_accum))
+    steps = optimizer_steps(len(train_ex), tc, int(os.environ.get("WORLD_SIZE", "1")))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
     stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)")
     noisy.model.eval()

@@ -1,0 +1,216 @@
+"""The stage contract: what a stage's outputs were made from, and whether they are still current.
+
+A stage declares its *inputs*: the slice of the config it reads (dotted keys -> values, with the
+fields that only say where or how something runs left out, ``runio.identity``) and the stages
+whose outputs it consumes.  Its *digest* hashes the inputs, the upstream stages' digests and the
+stage's version, so a changed key changes the digest of its stage and of everything downstream.
+
+``reproduce`` keeps one stamp per stage, ``RUN/stages/<name>.json``: the inputs and digest its
+outputs were made from, and whether the stage finished.  Before a stage runs, the pipeline alone
+compares the stamp with the stage's current inputs (``decide``):
+
+    stamp done, same digest      -> skip: the outputs are current
+    stamp running, same digest   -> resume: the stage continues the work it had started
+    no stamp, or another digest  -> recompute: its outputs are deleted and rebuilt, after saying
+                                    which keys changed (downstream stages follow, their digests
+                                    having changed with it)
+
+The one rule is *recompute*: a run directory holds the results of the config it was last run
+with.  Keeping the results of an old config means running the new one into another ``--run``.
+
+Commands that write outside a run (``drafteu generate``, ``train-*``) keep the same record in
+``OUT/stage.json`` (``claim``) and refuse, rather than delete, outputs made from other inputs: the
+directory is the user's, not drafteu's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drafteu import runio
+from drafteu.errors import DraftEUError
+
+STAMP = "stage.json"
+
+
+def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (lists and scalars are leaves)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: obj}
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """Every dotted key whose value differs, as 'key: old -> new' (sorted)."""
+    a, b = flat(old), flat(new)
+    missing = object()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            show = [("(unset)" if v is missing else json.dumps(v)) for v in (va, vb)]
+            out.append(f"{k}: {show[0]} -> {show[1]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages of a run directory.
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``reproduce``: ``run(ctx)`` does the work (resuming what a killed run left);
+    ``reads(cfg)`` is the config slice it reads; ``after(cfg)`` the stages it consumes;
+    ``outputs`` the run-relative paths it writes (deleted when it is recomputed).  Bump
+    ``version`` when what the stage computes from the same inputs changes."""
+
+    name: str
+    run: Callable[[Context], dict | None]
+    reads: Callable[[Any], dict]
+    after: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    outputs: tuple[str, ...] = ()
+    version: int = 1
+    every_process: bool = False  # training: under `accelerate launch` every process runs it
+
+
+@dataclass
+class Context:
+    """What a stage's ``run`` gets: the config, the run directory and its own digest."""
+
+    cfg: Any
+    run: Path
+    digest: str
+    upstream: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    stage: Stage
+    digest: str
+    inputs: dict
+    upstream: dict[str, str]
+    action: str  # "skip" | "resume" | "run" | "recompute"
+    why: str = ""
+
+
+def digests(stages: tuple[Stage, ...], cfg) -> dict[str, tuple[str, dict, dict[str, str]]]:
+    """name -> (digest, inputs, upstream digests) for every stage, from the config alone."""
+    out: dict[str, tuple[str, dict, dict[str, str]]] = {}
+    for s in stages:
+        upstream = {}
+        for u in s.after(cfg):
+            if u not in out:
+                raise ValueError(f"stage {s.name} consumes {u}, which does not come before it")
+            upstream[u] = out[u][0]
+        inputs = s.reads(cfg)
+        out[s.name] = (runio.digest({"stage": s.name, "version": s.version, "inputs": inputs,
+                                     "upstream": upstream}), inputs, upstream)
+    return out
+
+
+def stamp_path(run: Path, name: str) -> Path:
+    return Path(run) / "stages" / f"{name}.json"
+
+
+def read_stamp(path: Path) -> dict | None:
+    """A stamp, or None when absent; a damaged stamp counts as absent (its stage is recomputed)."""
+    try:
+        stamp = runio.json_load(path)
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) and "digest" in stamp else None
+
+
+def _has_outputs(run: Path, stage: Stage) -> bool:
+    return any((Path(run) / p).exists() for p in stage.outputs)
+
+
+def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[str, str]) -> Decision:
+    """Compare the stage's stamp with its inputs now (the one place that decides reuse)."""
+    stamp = read_stamp(stamp_path(run, stage.name))
+    d = Decision(stage, digest, inputs, upstream, "run")
+    if stamp is None:
+        if _has_outputs(run, stage):
+            d.action, d.why = "recompute", "its outputs have no record of the inputs they were made from"
+        return d
+    if stamp["digest"] == digest:
+        d.action = "skip" if stamp.get("status") == "done" else "resume"
+        return d
+    d.action = "recompute"
+    why = changes(stamp.get("inputs", {}), inputs)
+    if stamp.get("version") != stage.version:
+        why.append(f"the {stage.name} stage changed (version {stamp.get('version')} -> {stage.version})")
+    old_up = stamp.get("upstream", {})
+    why += [f"{u} changed" for u in sorted(set(upstream) | set(old_up)) if upstream.get(u) != old_up.get(u)]
+    d.why = "; ".join(why) or "its inputs changed"
+    return d
+
+
+def begin(run: Path, d: Decision) -> None:
+    """Before the stage runs (main process): delete stale outputs, stamp it as running."""
+    run = Path(run)
+    if d.action == "recompute":
+        for rel in d.stage.outputs:
+            remove(run / rel)
+    if d.action != "resume":
+        runio.write_json(stamp_path(run, d.stage.name), {
+            "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "running",
+            "inputs": d.inputs, "upstream": d.upstream, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def finish(run: Path, d: Decision, seconds: float) -> None:
+    """After the stage finished (main process): its outputs are current for its inputs."""
+    path = stamp_path(run, d.stage.name)
+    stamp = read_stamp(path) or {}
+    compute = seconds + (stamp.get("seconds", 0.0) if d.action == "resume" else 0.0)
+    runio.write_json(path, {
+        "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "done",
+        "inputs": d.inputs, "upstream": d.upstream, "started": stamp.get("started"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(compute, 2)})
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree (absent is fine)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs of the standalone commands.
+
+
+def claim(directory: Path, inputs: dict, *, what: str) -> None:
+    """Make ``directory`` hold the outputs of ``inputs`` (a stage config's ``runio.identity``).
+
+    A directory stamped with the same inputs is resumed; one without outputs (new, or stamped by
+    a run that failed before computing anything) is stamped with them; one whose outputs were made
+    from other inputs - or have no stamp - is refused, naming the keys that differ.  Nothing is
+    deleted."""
+    directory = Path(directory)
+    path = directory / STAMP
+    stamp = read_stamp(path)
+    digest = runio.digest(inputs)
+    if stamp is not None and stamp["digest"] == digest:
+        return
+    made = directory.is_dir() and any(p.name not in (STAMP, "config.yaml") for p in directory.iterdir())
+    if made and stamp is not None:
+        diff = changes(stamp.get("inputs", {}), inputs)
+        raise DraftEUError(f"{directory} holds {what} made from other inputs ({'; '.join(diff[:6])}"
+                           f"{'; ...' if len(diff) > 6 else ''}); use another output directory, or delete it to start over")
+    if made:
+        raise DraftEUError(f"{directory} holds files without a record of the inputs they were made from "
+                           f"({STAMP} is missing: an older drafteu, or not a drafteu output); use another "
+                           "output directory, or delete it to start over")
+    if runio.is_main_process():
+        runio.write_json(path, {"digest": digest, "inputs": inputs})
