@@ -25,7 +25,9 @@ is always eager):
   eager version's many small kernels launch-bound (measured 4.4x slower than a naive one-shot
   version); the compiled one reads the logits a few times and launches a few kernels per chunk.
   ``DRAFTEU_DIVERGENCE=compiled`` (or ``eager``) overrides the choice, e.g. to test the compiled
-  path on a CPU; it needs a C++ compiler there.
+  path on a CPU; it needs a C++ compiler there.  ``DRAFTEU_DIVERGENCE=fused`` runs the compiled
+  path's function without compiling it: the same formula on any machine (the tests compare it with
+  the eager kernels everywhere, and with its compiled form where a compiler exists).
 """
 
 from __future__ import annotations
@@ -253,22 +255,32 @@ def _compiled_terms():
     return torch.compile(_fused_terms, dynamic=True)
 
 
+CHOICES = ("auto", "eager", "compiled", "fused")
+
+
+def choice() -> str:
+    """``DRAFTEU_DIVERGENCE`` (default auto), or a ValueError naming the variable and its values."""
+    value = os.environ.get("DRAFTEU_DIVERGENCE", "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"DRAFTEU_DIVERGENCE must be one of {', '.join(CHOICES)}; got {value!r} "
+                         "(unset it for the default: compiled kernels on CUDA, eager elsewhere)")
+    return value
+
+
 def _compiled_path(device: torch.device, grad: bool) -> bool:
-    """Whether to run the compiled kernels: on CUDA unless DRAFTEU_DIVERGENCE=eager; on other
-    devices when DRAFTEU_DIVERGENCE=compiled.  Never for a graph that needs gradients."""
+    """Whether to run the fused kernels: on CUDA unless DRAFTEU_DIVERGENCE=eager; on other
+    devices when DRAFTEU_DIVERGENCE=compiled (or fused).  Never for a graph that needs gradients."""
     if grad:
         return False
-    choice = os.environ.get("DRAFTEU_DIVERGENCE", "auto").strip().lower()
-    if choice not in ("auto", "eager", "compiled"):
-        raise ValueError(f"DRAFTEU_DIVERGENCE must be auto, eager or compiled; got {choice!r}")
-    return choice == "compiled" or (choice == "auto" and device.type == "cuda")
+    c = choice()
+    return c in ("compiled", "fused") or (c == "auto" and device.type == "cuda")
 
 
 def _compiled_terms_chunked(flat_q: torch.Tensor, flat_p: torch.Tensor | None, lead: torch.Size,
                             chunk_elements: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     k, n, v = flat_q.shape
     step = _positions_per_chunk(k + 1, v, chunk_elements or COMPILED_CHUNK_ELEMENTS)
-    fn = _compiled_terms()
+    fn = _fused_terms if choice() == "fused" else _compiled_terms()
     var_parts, bias_parts, bad = [], [], []
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))

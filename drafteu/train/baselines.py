@@ -128,4 +128,6 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     adapters.save_adapter(model, adapter, directory)
     return {"steps": int(result.global_step), "loss": float(result.training_loss),
-            "seconds": round(result.metrics.get("train_runtime", 0.0), 2)}
+            "seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+            # the learning rate logged after each optimizer step (the next step's)
+            "learning_rates": [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]}

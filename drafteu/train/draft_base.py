@@ -9,13 +9,14 @@ skipped (point the drafts stage at the sibling instead).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from drafteu import contract, divergence, models, runio
+from drafteu import contract, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.train.loop import (
@@ -24,7 +25,7 @@ from drafteu.train.loop import (
     collate,
     examples_from_rows,
     fit,
-    masked_mean,
+    kd_loss,
     window_logits,
 )
 
@@ -90,6 +91,13 @@ def top1_agreement(target, draft, examples: list[Example], pad_id: int, batch_si
     return agree / max(total, 1.0)
 
 
+def distill_loss(target, draft, batch: dict) -> torch.Tensor:
+    """The draft base's objective: forward KL(p_target || q_draft) on the response tokens of ``batch``."""
+    with torch.no_grad():
+        teacher = window_logits(target, batch)
+    return kd_loss(teacher, window_logits(draft, batch), batch["loss_mask"])
+
+
 def run(cfg: DraftBaseConfig) -> dict:
     """Truncate, distil, save; returns the manifest (agreement before/after, timings)."""
     started = time.time()
@@ -112,12 +120,7 @@ def run(cfg: DraftBaseConfig) -> dict:
         p.requires_grad_(True)
     before = top1_agreement(target, draft, held_ex, pad) if held_ex else None
 
-    def loss_fn(model, batch):
-        with torch.no_grad():
-            teacher = window_logits(target, batch)
-        # Forward KL(p_target || q_draft) per response token (the divergence module, differentiable)
-        return masked_mean(divergence.kl(teacher, window_logits(model, batch)), batch["loss_mask"])
-
+    loss_fn = functools.partial(distill_loss, target)
     stats = fit(draft, train_ex, loss_fn, cfg.train, out / "trainer", pad_id=pad, seed=cfg.seed, desc="draft base")
     after = top1_agreement(target, draft, held_ex, pad) if held_ex else None
     draft.save_pretrained(out)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from drafteu import divergence
 from drafteu.errors import DraftEUError
 from drafteu.progress import note, progress
 
@@ -129,6 +130,17 @@ def window_logits(model, batch: dict) -> torch.Tensor:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kd_loss(teachers: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_teacher || q_student) per token, averaged over the ``mask``ed tokens: the
+    objective of the draft base (one teacher, the target: ``teachers`` (B, W, V)) and of the OSD proxy
+    (N fresh noisy teachers stacked as (N, B, W, V): the mean over them, docs/method.md §8).  Over q,
+    the expected forward KL is minimized by the teachers' mean, the Bayesian model average."""
+    if teachers.dim() == student.dim():
+        return masked_mean(divergence.kl(teachers, student), mask)
+    kls = torch.stack([divergence.kl(t, student) for t in teachers]).mean(0)  # (B, W)
+    return masked_mean(kls, mask)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:

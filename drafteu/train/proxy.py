@@ -19,6 +19,7 @@ disjoint from training) to p = the proxy, against p = the raw target.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from drafteu.train.loop import (
     collate,
     examples_from_rows,
     fit,
-    masked_mean,
+    kd_loss,
     optimizer_steps,
     window_logits,
 )
@@ -133,6 +134,20 @@ def heldout_kl(noisy: NoisyModel, examples, pad_id: int, reference: list[str], b
     return {f"kl_ref_mean_to_{k}": v / max(count, 1.0) for k, v in sums.items()} | {"tokens": count}
 
 
+def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict) -> torch.Tensor:
+    """One OSD micro-batch: draw the teachers' noise afresh - from (seed, the micro-batch index), so a
+    resumed run draws what an uninterrupted one does - and return the mean over teachers of the
+    forward KL(p_teacher || p_mix) on the response tokens (``loop.kd_loss``).  ``model`` is
+    ``noisy.model`` with the proxy adapter active."""
+    for k, name in enumerate(teachers):
+        noisy.set_member(name, member_seed("osd", seed, batch["micro"] + 1, k))  # re-drawn in place
+    model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
+    t = noisy.logits(batch["input_ids"], teachers, attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], logits_to_keep=batch["keep"])[:, :, :-1]  # (N, B, W, V)
+    model.train()
+    return kd_loss(t, window_logits(model, batch), batch["loss_mask"])
+
+
 def run(cfg: ProxyConfig) -> dict:
     """Train p_mix by OSD; save the adapter; check it against the raw target on held-out data."""
     from peft import LoraConfig
@@ -157,20 +172,7 @@ def run(cfg: ProxyConfig) -> dict:
     noisy.model.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
     for n, p in noisy.model.named_parameters():
         p.requires_grad_(f".{PROXY}." in n)
-
-    def loss_fn(model, batch):
-        # Fresh teachers for every micro-batch (the "online stochastic" part), drawn from the
-        # micro-batch's index: a resumed run draws what an uninterrupted one does.
-        for k, name in enumerate(teachers):
-            noisy.set_member(name, member_seed("osd", cfg.seed, batch["micro"] + 1, k))  # re-drawn in place
-        model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
-        t = noisy.logits(batch["input_ids"], teachers, attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"], logits_to_keep=batch["keep"])[:, :, :-1]
-        model.train()
-        student = window_logits(model, batch)  # the active adapter: the proxy
-        kls = torch.stack([divergence.kl(t[k], student) for k in range(len(teachers))]).mean(0)
-        return masked_mean(kls, batch["loss_mask"])
-
+    loss_fn = functools.partial(osd_loss, noisy, teachers, cfg.seed)
     tc = dataclasses.replace(cfg.train)  # a copy: the caller's config is never changed
     steps = optimizer_steps(len(train_ex), tc, int(os.environ.get("WORLD_SIZE", "1")))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
