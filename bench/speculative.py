@@ -254,10 +254,12 @@ def hf_static_compiled_step(model, prompt: list[int], device: str, reps: int, sy
     import torch
     from transformers import StaticCache
 
+    from drafteu.kvcache import cache_kw
+
     cache = StaticCache(config=model.config, max_cache_len=1024)
     n = len(prompt)
     with torch.no_grad():
-        model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
+        model(input_ids=torch.tensor([prompt], device=device), **cache_kw(cache), use_cache=True,
               cache_position=torch.arange(n, device=device), logits_to_keep=1)
         step = torch.compile(model.forward, mode="reduce-overhead" if device.startswith("cuda") else None,
                              fullgraph=True, dynamic=False)
@@ -268,7 +270,7 @@ def hf_static_compiled_step(model, prompt: list[int], device: str, reps: int, sy
                 layer.cumulative_length.fill_(n)
             sync()
             t0 = time.perf_counter()
-            step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
+            step(input_ids=tok, **cache_kw(cache), use_cache=True, cache_position=pos, logits_to_keep=1)
             sync()
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[3:])

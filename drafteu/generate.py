@@ -29,7 +29,7 @@ import torch
 from drafteu import contract, data, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
-from drafteu.kvcache import lcp
+from drafteu.kvcache import cache_kw, lcp, output_cache
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.progress import progress
 from drafteu.vllm_engine import EngineSettings, VLLMBackend, noise_adapter
@@ -174,7 +174,7 @@ class HFBackend:
         if self._prefix is None or self._prefix[0] != tuple(prefix):
             with torch.no_grad():
                 out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
-            self._prefix = (tuple(prefix), out.past_key_values)
+            self._prefix = (tuple(prefix), output_cache(out))
         return self._prefix[1]
 
     @torch.no_grad()
@@ -196,7 +196,7 @@ class HFBackend:
         if prefix:
             cache = copy.deepcopy(self._cache_for(prefix))
             cache.batch_repeat_interleave(len(prompts))
-            kwargs["past_key_values"] = cache
+            kwargs |= cache_kw(cache)
         if sampling.temperature > 0:
             from transformers import LogitsProcessorList
 

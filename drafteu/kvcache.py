@@ -19,10 +19,34 @@ left-padded batch); it shares ``lcp`` from here.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+
+@functools.cache
+def cache_arg() -> str:
+    """The name of a model's KV-cache argument and output: ``cache`` since transformers 5.24
+    (``past_key_values`` warns there and is removed from ``forward`` in 5.40, from ``generate`` in
+    6.0); only ``past_key_values`` before 5.24, which the CPU build of vLLM (``make test-vllm``)
+    still pins.  Every forward and ``generate`` drafteu makes passes its cache through
+    ``cache_kw`` and reads it back with ``output_cache``."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
+def cache_kw(cache) -> dict:
+    """``{cache_arg(): cache}``: the KV cache as a keyword argument of ``forward`` / ``generate``."""
+    return {cache_arg(): cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned."""
+    return getattr(output, cache_arg())
 
 
 def lcp(seqs: Sequence[Sequence[int]]) -> int:
@@ -93,9 +117,9 @@ class LogitsSource:
                 out = self._run(ids, keep).logits
             else:
                 if self._prefix is None or self._prefix[1] != plen:
-                    self._prefix = (self._run(ids[:, :plen], 1, use_cache=True).past_key_values, plen)
+                    self._prefix = (output_cache(self._run(ids[:, :plen], 1, use_cache=True)), plen)
                 cache = copy.deepcopy(self._prefix[0])
-                out = self._run(ids[:, plen:], keep, past_key_values=cache, use_cache=True).logits
+                out = self._run(ids[:, plen:], keep, use_cache=True, **cache_kw(cache)).logits
         self._last = (ids, keep, out)
         return out
 
@@ -140,8 +164,8 @@ class PrefixCache:
         """Make room for ``length`` positions of ``batch`` rows (a dynamic cache grows by itself)."""
 
     def _forward(self, ids: torch.Tensor, keep: int, kw: dict) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep, **kw)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **cache_kw(self.cache), **kw)
+        self.cache = output_cache(out)
         return out.logits
 
     def rollback(self, valid: int) -> None:
@@ -205,8 +229,8 @@ class StaticPrefixCache(PrefixCache):
         n = ids.shape[1]
         pos = torch.arange(self.fed, self.fed + n, device=ids.device)
         short = n <= self.step_tokens and self.fed > 0
-        out = (self._step if short else self.model)(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                                                    cache_position=pos, logits_to_keep=keep, **kw)
+        out = (self._step if short else self.model)(input_ids=ids, use_cache=True, cache_position=pos,
+                                                    logits_to_keep=keep, **cache_kw(self.cache), **kw)
         # compiled with CUDA graphs, the output buffer is overwritten by the next replay
         return out.logits.clone() if (short and self.compiled) else out.logits
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from drafteu import data, estimators, generate, models
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
+from drafteu.kvcache import cache_kw, output_cache
 from drafteu.score import greedy_answer
 from drafteu.speculative import SpeculativeDecoder, plain_greedy
 from drafteu.train import draft_base, drafts, proxy
@@ -258,7 +259,7 @@ def check_fused_equals_peft(device: str = "cpu", atol: float = 1e-5):
         assert torch.allclose(out, ref, atol=atol)
         # incremental decoding with a KV cache gives the same last logits
         first = fused(rows[:, :5], adapter_names=an, use_cache=True)
-        step = fused(rows[:, 5:], adapter_names=an, past_key_values=first.past_key_values, use_cache=True)
+        step = fused(rows[:, 5:], adapter_names=an, **cache_kw(output_cache(first)), use_cache=True)
         assert torch.allclose(step.logits, ref[:, 5:], atol=atol)
         # PEFT's own path still works afterwards (the fused forward is only swapped in per call)
         assert torch.allclose(peft(input_ids=rows, adapter_names=an).logits, ref)

@@ -51,6 +51,17 @@ def _shots(samples: Path) -> tuple:
     return data.SHOTS[:k]
 
 
+def _checkpointing_arg() -> str:
+    """transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name
+    is removed in v6); TRL's configs default it to True, so it is set by whichever name exists."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _common_args(cfg, directory: Path, seed: int, precision: str, device: torch.device) -> dict:
     t = cfg.train
     return dict(
@@ -58,7 +69,7 @@ def _common_args(cfg, directory: Path, seed: int, precision: str, device: torch.
         max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, weight_decay=t.weight_decay,
         bf16=precision == "bf16", fp16=False,
-        gradient_checkpointing=False, save_steps=t.save_every, save_total_limit=1, logging_steps=1,
+        **{_checkpointing_arg(): False}, save_steps=t.save_every, save_total_limit=1, logging_steps=1,
         report_to=[], seed=seed % (2**31), use_cpu=device.type == "cpu", disable_tqdm=False,
     )
 
