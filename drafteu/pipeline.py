@@ -293,16 +293,16 @@ def _stages() -> tuple[Stage, ...]:
         Stage("proxy_robustness", _evaluation("proxy_robustness", stages.stage_proxy_robustness),
               keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
                    "eval.trials", "eval.bootstrap"), lambda cfg: trained,
-              outputs=("eval/proxy_bias.jsonl", "eval/proxy_robustness.json")),
+              outputs=("eval/proxy_bias.jsonl", "eval/proxy_robustness.json"), version=2),
         Stage("fidelity", _evaluation("fidelity", stages.stage_fidelity),
               keys("seed", "eval.trials", "eval.fidelity_questions", "eval.retrain_per_trial", "eval.bootstrap"),
-              lambda cfg: ("score",), outputs=("eval/fidelity.json",)),
+              lambda cfg: ("score",), outputs=("eval/fidelity.json",), version=2),
         Stage("hallucination", _evaluation("hallucination", stages.stage_hallucination),
               keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
-              lambda cfg: ("score",), outputs=("eval/hallucination.json",)),
+              lambda cfg: ("score",), outputs=("eval/hallucination.json",), version=2),
         Stage("cost", _evaluation("cost", stages.stage_cost),
               keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"), lambda cfg: trained,
-              outputs=("eval/cost.json",)),
+              outputs=("eval/cost.json",), version=2),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from drafteu import runio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
-from drafteu.evaluate.compare import AUROC_MARGIN
+from drafteu.methods import named
 
 
 def _load(run: Path, name: str) -> dict | None:
@@ -101,15 +101,15 @@ def _figures(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cs
             ax.set_ylabel(f"AUROC ({how} EU)")
             ax.set_title("Hallucination detection (Table 2), 95% bootstrap CI")
             paths.append(_save(fig, out / "hallucination_auroc.png"))
-    if cst and cst.get("flops_rel_tokur"):
+    if cst and cst.get("flops_rel_reference"):
         names = list(cst["methods"])
         fig, ax = plt.subplots(figsize=(6, 3.6))
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [cst["flops_rel_tokur"][m] for m in names], 0.4, label="FLOPs")
-        ax.bar([i + 0.2 for i in x], [cst["wall_rel_tokur"][m] for m in names], 0.4, label="wall time")
+        ax.bar([i - 0.2 for i in x], [cst["flops_rel_reference"][m] for m in names], 0.4, label="FLOPs")
+        ax.bar([i + 0.2 for i in x], [cst["wall_rel_reference"][m] for m in names], 0.4, label="wall time")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(list(x), names, rotation=20, fontsize=8)
-        ax.set_ylabel("relative to TokUR")
+        ax.set_ylabel(f"relative to {cst['reference']}")
         ax.set_title("Cost per scored token (Table 6)")
         ax.legend()
         paths.append(_save(fig, out / "cost.png"))
@@ -117,67 +117,30 @@ def _figures(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cs
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's orderings, checked.
+# The paper's orderings, as each stage decided them (every verdict is computed once, in its stage).
 
 
-def orderings(cfg: ExperimentConfig, fid: dict | None, rob: dict | None, hal: dict | None, cst: dict | None) -> list[str]:
+def claims(*results: dict | None) -> list[str]:
+    """One line per paper claim in the stages' ``comparisons``: the difference, its paired interval
+    and the verdict (``evaluate/compare.py``), or a measured ratio."""
     lines = []
-    draft_labels = [m for m in (fid or {}).get("methods", {}) if m not in ("tokur", "variance only")]
-    if fid and draft_labels:
-        rm = {m: fid["methods"][m]["rmse"]["mean"] for m in draft_labels}
-        ddd = {m: v for m, v in rm.items() if m.split()[0] == "ddd"}
-        other = {m: v for m, v in rm.items() if m.split()[0] != "ddd"}
-        if ddd and other:
-            bd, bo = min(ddd, key=ddd.get), min(other, key=other.get)
-            verdict = "agrees" if ddd[bd] < other[bo] else "disagrees"
-            lines.append(f"- Paper: DDD has the lowest RMSE of the draft ensembles. Here the best DDD ensemble "
-                         f"({bd}) has RMSE {ddd[bd]:.4f} and the best other ({bo}) {other[bo]:.4f} — this run "
-                         f"**{verdict}**.")
-    if rob:
-        est = rob["estimates"]
-        ks = sorted(int(k[2:]) for k in est if k.startswith("K="))
-        if "p_mix" in est and ks:
-            big = f"K={ks[-1]}"
-            pm, kb = est["p_mix"]["rmse"]["mean"], est[big]["rmse"]["mean"]
-            verdict = "agrees" if pm < kb else "disagrees"
-            lines.append(f"- Paper: the bias term with p_mix is closer to the reference than with {ks[-1]} fresh "
-                         f"perturbed targets. Here RMSE p_mix {pm:.4f} vs {big} {kb:.4f} — this run **{verdict}**.")
-    if hal and cst:
-        how = cfg.eval.aggregations[0]
-        d = hal["methods"].get("ddd", {}).get(how, {})
-        t = hal["methods"].get("tokur", {}).get(how, {})
-        if "auroc" in d and "auroc" in t:
-            da, ta = d["auroc"], t["auroc"]
-            overlap = da["low"] <= ta["high"] and ta["low"] <= da["high"]
-            cheaper = cst["wall_rel_tokur"].get("ddd", float("nan"))
-            close = abs(da["value"] - ta["value"]) <= AUROC_MARGIN
-            lines.append(
-                f"- Paper: DDD's AUROC is close to TokUR's at a lower cost. Here AUROC DDD {da['value']:.3f} vs TokUR "
-                f"{ta['value']:.3f} (difference {da['value'] - ta['value']:+.3f}; 95% intervals "
-                f"{'overlap' if overlap else 'do not overlap'}); DDD's measured wall time is {cheaper:.2f}x TokUR's — "
-                f"this run **{'agrees' if close and cheaper < 1 else 'disagrees'}** (close = within {AUROC_MARGIN} AUROC).")
-    return lines + paired_lines(fid, rob, hal)
 
+    def walk(node):
+        if "claim" in node:
+            if "ratio" in node:
+                lines.append(f"- {node['claim']}: {node['ratio']:.2f} — **{node['verdict']}**")
+            else:
+                lines.append(f"- {node['claim']}: difference {node['difference']:+.4f}, 95% interval "
+                             f"[{node['low']:+.4f}, {node['high']:+.4f}] ({node['resamples']} question resamples) — "
+                             f"**{node['verdict']}**")
+            return
+        for child in node.values():
+            if isinstance(child, dict):
+                walk(child)
 
-def paired_lines(fid: dict | None, rob: dict | None, hal: dict | None) -> list[str]:
-    """The orderings as paired question-bootstrap intervals of the difference (evaluate/compare.py)."""
-    def fmt(c: dict, what: str) -> str:
-        return (f"{what}: difference {c['difference']:+.4f}, 95% interval [{c['low']:+.4f}, {c['high']:+.4f}] "
-                f"({c['resamples']} question resamples) — **{c['verdict']}**")
-
-    lines = []
-    comp = (fid or {}).get("comparisons", {}).get("ddd vs untrained")
-    if comp:
-        lines.append("- " + fmt(comp["rmse"], "RMSE DDD - untrained (paper: < 0)"))
-        lines.append("- " + fmt(comp["spearman"], "Spearman DDD - untrained (paper: > 0)"))
-    for name, c in (rob or {}).get("comparisons", {}).items():
-        lines.append("- " + fmt(c, f"bias-term RMSE to the reference, {name.replace(' vs ', ' - ')} (paper: < 0)"))
-    c = (hal or {}).get("comparisons", {}).get("ddd vs tokur")
-    if c:
-        lines.append("- " + fmt(c, f"AUROC DDD - TokUR, {c.get('aggregation', 'mean')} token EU, all answers "
-                                   f"(claim: > {c['margin']:+.2f})"))
-    return (["", "Paired intervals (the same question resamples for both sides of each difference):", ""] + lines
-            if lines else [])
+    for r in results:
+        walk((r or {}).get("comparisons", {}))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +157,7 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
     rows = rundir.fidelity_rows(rundir.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
     scores = rundir.token_eu(run)
     tok = models.load(cfg.target, tokenizer_only=True).tokenizer
-    methods = ["groundtruth", "tokur"] + rundir.labels(cfg)
+    methods = [named("truth"), named("reference")] + rundir.labels(cfg)
     parts = []
     for row in rows:
         pieces = token_pieces(tok, row["response_ids"])
@@ -302,13 +265,17 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
                f"{cst.get('prompt_tokens', 0)} prompt tokens, full forwards without prefix caching) with each method, "
                f"interleaved answer by answer in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
                "every model pass per token; the proxy pass is part of every draft method.", ""]
-        md.append(_table(["method", "passes per token", "GFLOPs / token", "FLOPs vs TokUR", "wall (s)", "wall vs TokUR"], [
-            [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_tokur'].get(m, float('nan')):.2f}x",
-             f"{r['wall_s']:.2f}", f"{cst['wall_rel_tokur'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+        ref = cst["reference"]
+        md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
+            [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
+             f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
         md.append("")
-    checks = orderings(cfg, fid, rob, hal, cst)
+    checks = claims(fid, rob, hal, cst)
     if checks:
-        md += ["## The paper's orderings, checked", "", *checks, ""]
+        md += ["## The paper's orderings, checked", "",
+               "Each difference is bootstrapped over questions with both sides on the same resamples: an interval "
+               "wholly on the paper's side of its margin **agrees**, wholly on the other side **disagrees**, "
+               "otherwise **cannot tell at this size** (docs/method.md §10).", "", *checks, ""]
     md += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
     md += ["Token-level EU heat-maps of generated answers are in report.html.", ""]
     text = "\n".join(md)

@@ -63,3 +63,17 @@ def test_no_private_names_across_modules():
     bad = [f"{mod} imports {target}.{name}" for mod, found in _imports().items() for target, name in found
            if name and name.startswith("_") and not name.startswith("__") and target != mod]
     assert not bad, bad
+
+
+def test_the_registries_name_the_methods():
+    """No draft method or estimator name is written as a literal in the evaluation stages or the report:
+    they ask drafteu.methods by role, so a new method needs a registry entry and nothing else."""
+    from drafteu.methods import DRAFT_METHODS, ESTIMATORS
+
+    names = set(DRAFT_METHODS) | set(ESTIMATORS)
+    found = []
+    for rel in ("evaluate/stages.py", "report.py"):
+        for node in ast.walk(ast.parse((PACKAGE / rel).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not found, found

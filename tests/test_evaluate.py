@@ -106,7 +106,7 @@ def test_flops_accounting():
     assert flops("tokur") == 600 and flops("groundtruth") == 600
     assert flops("entropy") == 200
     assert flops("drafts", k_drafts=6, draft_params=10) == 2 * (60 + 100)
-    assert cost.relative({"tokur": 4.0, "ddd": 1.0}) == {"tokur": 1.0, "ddd": 0.25}
+    assert cost.relative({"tokur": 4.0, "ddd": 1.0}, "tokur") == {"tokur": 1.0, "ddd": 0.25}
     import torch
 
     lin = torch.nn.Linear(4, 4)
@@ -194,3 +194,21 @@ def test_auroc_difference_groups_answers_by_question():
     assert d["difference"] == pytest.approx(compare.auroc(informative, label) - compare.auroc(noise, label))
     assert d["verdict"] == "agrees" and d["low"] > 0
     assert compare.auroc_difference(noise, noise, label, qids, resamples=50)["difference"] == 0
+
+
+def test_the_report_renders_each_stages_verdict_once():
+    """Every paper claim's verdict is decided in its stage (``comparisons``); the report writes each
+    one line with that verdict, and none of its own."""
+    from drafteu import report
+
+    interval = {"difference": -0.1, "low": -0.2, "high": -0.05, "resamples": 10, "verdict": "agrees"}
+    fid = {"comparisons": {"a vs b": {"rmse": {"claim": "RMSE a - b (paper: < 0)", **interval},
+                                      "spearman": {"claim": "Spearman a - b (paper: > 0)", **interval,
+                                                   "verdict": "disagrees"}}}}
+    cst = {"comparisons": {"cost": {"claim": "wall a / ref (paper: < 1)", "ratio": 1.7, "verdict": "disagrees"}}}
+    lines = report.claims(fid, None, {"comparisons": {}}, cst)
+    assert lines == ["- RMSE a - b (paper: < 0): difference -0.1000, 95% interval [-0.2000, -0.0500] "
+                     "(10 question resamples) — **agrees**",
+                     "- Spearman a - b (paper: > 0): difference -0.1000, 95% interval [-0.2000, -0.0500] "
+                     "(10 question resamples) — **disagrees**",
+                     "- wall a / ref (paper: < 1): 1.70 — **disagrees**"]

@@ -27,7 +27,7 @@ def flops_per_token(*, target_params: int, target_passes: int, draft_params: int
     return 2.0 * (target_params * target_passes + draft_params * draft_passes)
 
 
-def relative(values: dict, reference: str = "tokur") -> dict:
+def relative(values: dict, reference: str) -> dict:
     """Each value divided by ``values[reference]`` (empty when the reference is missing or 0)."""
     ref = values.get(reference)
     if not ref:
