@@ -163,21 +163,21 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
         return 1000 * statistics.median(times[2:])
 
     decs = [d for d in modes.values() if isinstance(d, SpeculativeDecoder)]
-    any_dec = decs[0]
+    ens_cache = next(d.caches["drafts"] for d in decs if "drafts" in d.caches)
     proxy_dec = next((d for d in decs if d.eu and d.bias == "proxy"), None)
-    one_dec = next((d for d in decs if d.designated is not None), None)
+    one_dec = next((d for d in decs if "designated" in d.caches), None)
     kinds = [False, True] if args.compile else [False]
     target = {(c, n): ms(plain_lm.model, None, n, c) for c in kinds for n in range(1, max(gammas) + 2)}
-    drafts = {(c, n): ms(any_dec.drafts, any_dec.names, n, c) for c in kinds for n in range(1, max(gammas) + 2)}
-    proxy = {(c, g + 1): ms(proxy_dec.verifier, ["__base__", "proxy"], g + 1, c) for c in kinds for g in gammas} \
-        if proxy_dec else {}
-    one = ms(one_dec.designated, None, 1) if one_dec else None
+    drafts = {(c, n): ms(ens_cache.model, ens_cache.names, n, c) for c in kinds for n in range(1, max(gammas) + 2)}
+    proxy = {(c, g + 1): ms(proxy_dec.caches["target"].model, ["__base__", "proxy"], g + 1, c)
+             for c in kinds for g in gammas} if proxy_dec else {}
+    one = ms(one_dec.caches["designated"].model, None, 1) if one_dec else None
 
     def label(c):
         return ", compiled" if c else ""
     rows = [f"| target, {n} token{'s' * (n > 1)}{label(c)} | {t:.1f} |" for (c, n), t in target.items()]
     rows += [f"| target + proxy row, {n} tokens{label(c)} | {t:.1f} |" for (c, n), t in proxy.items()]
-    rows += [f"| K = {len(any_dec.names)} drafts (fused), {n} token{'s' * (n > 1)}{label(c)} | {t:.1f} |"
+    rows += [f"| K = {len(ens_cache.names)} drafts (fused), {n} token{'s' * (n > 1)}{label(c)} | {t:.1f} |"
              for (c, n), t in drafts.items()]
     if one is not None:
         rows.append(f"| one draft (merged), 1 token | {one:.1f} |")
@@ -388,7 +388,8 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
     gens = []
     for g in args.gamma:
         for bias in ("target", "proxy"):
-            dec = SpeculativeDecoder(target, drafts, names, vocab, gamma=g, bias=bias, compile=compiled)
+            dec = SpeculativeDecoder.from_models(target, drafts, names, vocab, gamma=g, bias=bias,
+                                                 compile="on" if compiled else "off")
             dec.generate(prompt, 4)  # warm-up
             sync()
             res = dec.generate(prompt, args.max_new_tokens)

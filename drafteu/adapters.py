@@ -44,13 +44,15 @@ def save_adapter(peft_model, name: str, directory: Path) -> None:
     tmp.rename(directory)
 
 
-def k_adapter_model(peft_model, names: list[str]):
-    """What runs ``names`` (adapter-major rows, PEFT's ``"__base__"`` allowed) in one forward:
-    ``FusedDrafts`` (two batched LoRA matmuls per module) when the adapters allow it (same rank,
-    plain LoRA), else the PEFT model's mixed-adapter batch.  Both give the same numbers (tested);
-    called like the PEFT model with ``adapter_names``."""
+def k_adapter_model(peft_model, names: list[str], fused: bool = True):
+    """What runs ``names`` (adapter-major rows, PEFT's ``"__base__"`` allowed) in one forward - the one
+    place that chooses: ``FusedDrafts`` (two batched LoRA matmuls per module) when ``fused`` and the
+    adapters allow it (same rank, plain LoRA), else the PEFT model's mixed-adapter batch.  Both give
+    the same numbers (tested); called like the PEFT model with ``adapter_names``."""
     from drafteu.fused import FusedDrafts
 
+    if not fused:
+        return peft_model
     try:
         return FusedDrafts(peft_model, names)
     except DraftEUError:

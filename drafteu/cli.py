@@ -14,10 +14,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from drafteu.config import DraftsSection, ScoreConfig, SpeculateConfig, help_of
+from drafteu.config import DraftsSection, ScoreConfig, help_of
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.posterior import NoiseConfig
+from drafteu.speculative import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig
 from drafteu.train.drafts import DraftsConfig
 from drafteu.train.loop import TrainConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, METHODS
-from drafteu.hardware import COMPILE_HELP, DEVICE_HELP
+from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig
 
 MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
@@ -77,59 +77,7 @@ class ScoreConfig:
             raise DraftEUError("--answer is empty; omit it to generate an answer")
 
 
-__all__ = ["ScoreConfig", "SpeculateConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
-
-
-@dataclass
-class SpeculateConfig:
-    """`drafteu speculate`: speculative decoding by the draft ensemble, EU on every emitted token."""
-
-    question: str = field(metadata={"help": "the question (problem text) to answer"})
-    drafts: Path = field(metadata={"help": "a reproduce run directory or a drafts directory (as for score)"})
-    target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
-    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts directory"})
-    gamma: int = field(default=4, metadata={"help": "tokens proposed per round (on a CPU 1-2 is fastest: verifying "
-                                            "more tokens is not free there, docs/benchmarks.md)"})
-    propose: str = field(default="mix", metadata={"help": "who proposes: 'mix' (the drafts' mixture q_mix; EU comes "
-                                                  "free with drafting) or a draft index k (draft k alone; the K drafts "
-                                                  "then score the round in one parallel pass)"})
-    bias: str = field(default="auto", metadata={"help": "p of the bias term KL(q_mix || p): 'proxy' (p_mix, in the "
-                                                "verification batch), 'target' (the verifying target, free), or "
-                                                "'auto' (proxy when there is one)"})
-    eu: bool = field(default=True, metadata={"help": "compute per-token EU (off: plain speculative decoding)"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (output identical to the target's greedy "
-                                                      "decoding); > 0 samples with the speculative-sampling rule"})
-    max_new_tokens: int = field(default=256, metadata={"help": "length limit of the answer"})
-    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    scale: float = field(default=0.5, metadata={"help": "EU (nats) shown as the reddest colour while streaming"})
-    dtype: str = field(default="auto", metadata={"help": "target dtype: auto, float32, bfloat16, float16"})
-    draft_dtype: str = field(default="auto", metadata={"help": "drafts' dtype: auto, float32, bfloat16, float16 "
-                                                       "(bfloat16: faster multi-row draft steps on CPUs with AMX, see "
-                                                       "docs/benchmarks.md; the target still decides every token and "
-                                                       "the EU math stays float32)"})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    compile: str = field(default="auto", metadata={"help": COMPILE_HELP})
-    json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
-
-    def __post_init__(self):
-        if self.compile not in ("auto", "on", "off"):
-            raise DraftEUError(f"--compile must be auto, on or off, got {self.compile!r}")
-        if not self.question or not self.question.strip():
-            raise DraftEUError("--question is empty; pass the problem text")
-        if self.gamma < 1:
-            raise DraftEUError(f"--gamma must be >= 1 (tokens proposed per round), got {self.gamma}")
-        if self.propose != "mix":
-            try:
-                self.propose = int(self.propose)
-            except ValueError:
-                raise DraftEUError(f"--propose must be 'mix' or a draft index, got {self.propose!r}") from None
-        if self.bias not in ("auto", "proxy", "target"):
-            raise DraftEUError(f"--bias must be auto, proxy or target, got {self.bias!r}")
-        if self.max_new_tokens < 1:
-            raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise DraftEUError(f"--temperature must be >= 0, got {self.temperature}")
+__all__ = ["ScoreConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -306,13 +306,9 @@ def run(cfg: GenerateConfig) -> dict:
         lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
         model_config = lm.model.config
     prompts = {p.qid: data.format_prompt(lm.tokenizer, p.question, shots) for p in problems}
-    context = getattr(model_config, "max_position_embeddings", None)
     longest = max(prompts.values(), key=len)
-    if context and len(longest) + cfg.max_new_tokens > context:
-        raise DraftEUError(
-            f"the longest prompt ({len(longest)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-            f"the context of {cfg.target} ({context} tokens); lower --max-new-tokens or --shots"
-        )
+    models.check_context(model_config, len(longest) + cfg.max_new_tokens, "the longest prompt + --max-new-tokens",
+                         "lower --max-new-tokens or --shots", cfg.target)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     runio.write_config(cfg.out, cfg)

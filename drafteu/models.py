@@ -221,6 +221,14 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
+def check_context(config, tokens: int, what: str, fix: str, name: str = "the model") -> None:
+    """The one context-length check (generate, score, speculate): a DraftEUError when ``tokens``
+    exceed the model's context (``max_position_embeddings``; no limit when the config has none)."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and tokens > context:
+        raise DraftEUError(f"{what} ({tokens} tokens) exceeds the context of {name} ({context} tokens); {fix}")
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     """Every token id that ends an answer: the tokenizer's EOS and the generation config's."""
     ids = {tokenizer.eos_token_id}

@@ -81,22 +81,15 @@ def run(cfg: ScoreConfig) -> dict:
         drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
         est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
-    context = getattr(lm.model.config, "max_position_embeddings", None)
     if cfg.answer is None:
-        if context and len(prompt_ids) + cfg.max_new_tokens > context:
-            raise DraftEUError(
-                f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
-                f"the model's context of {context} tokens; shorten the question or lower it"
-            )
+        models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens, "the prompt + --max-new-tokens",
+                             "shorten the question or lower --max-new-tokens", cfg.target)
         with est.base_target() if cfg.method == "drafts" else contextlib.nullcontext():
             response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
     else:
         response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
-    if context and len(prompt_ids) + len(response_ids) > context:
-        raise DraftEUError(
-            f"prompt + answer ({len(prompt_ids) + len(response_ids)} tokens) exceed the model's "
-            f"context of {context} tokens"
-        )
+    models.check_context(lm.model.config, len(prompt_ids) + len(response_ids), "the prompt + answer",
+                         "shorten the question or the answer", cfg.target)
     answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
     if cfg.method != "drafts":
         est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)

@@ -21,6 +21,10 @@ One round (batch 1):
    ``bias="target"`` takes p = the verifying target's distribution, already computed, so the bias
    costs nothing; it is the paper's "bias with the raw target" variant.
 
+Structure: a proposer (``MixtureProposer`` or ``SingleDraftProposer``) and a ``Verifier``, each
+owning its named caches (``SpeculativeDecoder.caches``: target, drafts, designated); the options
+(``SpeculateOptions``, which `drafteu speculate`'s ``SpeculateConfig`` extends) are validated once.
+
 KV caches: each model keeps a cache and the sequence tokens it holds; after a round every cache is
 cropped to the longest prefix that agrees with the accepted sequence (rejected proposals rolled
 back) and the next forward feeds only what the cache lacks.  The caches outlive a generation: the
@@ -31,15 +35,82 @@ those of offline ``drafteu score --method drafts`` on the same tokens (tested to
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from drafteu import divergence
 from drafteu.errors import DraftEUError
+from drafteu.hardware import COMPILE_HELP, DEVICE_HELP
 from drafteu.kvcache import PrefixCache, decoding_cache
+
+
+@dataclass(kw_only=True)
+class SpeculateOptions:
+    """How the decoder proposes, verifies and scores: shared by `drafteu speculate` and the
+    library (``SpeculativeDecoder.from_ensemble``); validated here, once."""
+
+    gamma: int = field(default=4, metadata={"help": "tokens proposed per round (on a CPU 1-2 is fastest: verifying "
+                                            "more tokens is not free there, docs/benchmarks.md)"})
+    propose: str | int = field(default="mix", metadata={
+        "help": "who proposes: 'mix' (the drafts' mixture q_mix; EU comes free with drafting) or a draft index k "
+                "(draft k alone; the K drafts then score the round in one parallel pass)"})
+    bias: str = field(default="auto", metadata={"help": "p of the bias term KL(q_mix || p): 'proxy' (p_mix, in the "
+                                                "verification batch), 'target' (the verifying target, free), or "
+                                                "'auto' (proxy when there is one)"})
+    eu: bool = field(default=True, metadata={"help": "compute per-token EU (off: plain speculative decoding)"})
+    compile: str = field(default="auto", metadata={"help": COMPILE_HELP})
+
+    def __post_init__(self):
+        if self.gamma < 1:
+            raise DraftEUError(f"gamma must be >= 1 (tokens proposed per round), got {self.gamma}")
+        if self.propose != "mix":
+            try:
+                self.propose = int(self.propose)
+            except (TypeError, ValueError):
+                raise DraftEUError(f"propose must be 'mix' or a draft index, got {self.propose!r}") from None
+            if self.propose < 0:
+                raise DraftEUError(f"propose must be 'mix' or a draft index >= 0, got {self.propose}")
+        if self.bias not in ("auto", "proxy", "target"):
+            raise DraftEUError(f"bias must be auto, proxy or target, got {self.bias!r}")
+        if self.compile not in ("auto", "on", "off") and not isinstance(self.compile, bool):
+            raise DraftEUError(f"compile must be auto, on or off, got {self.compile!r}")
+
+
+@dataclass(kw_only=True)
+class SpeculateConfig(SpeculateOptions):
+    """`drafteu speculate`: speculative decoding by the draft ensemble, EU on every emitted token."""
+
+    question: str = field(metadata={"help": "the question (problem text) to answer"})
+    drafts: Path = field(metadata={"help": "a reproduce run directory or a drafts directory (as for score)"})
+    target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
+    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts directory"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (output identical to the target's greedy "
+                                                      "decoding); > 0 samples with the speculative-sampling rule"})
+    max_new_tokens: int = field(default=256, metadata={"help": "length limit of the answer"})
+    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    scale: float = field(default=0.5, metadata={"help": "EU (nats) shown as the reddest colour while streaming"})
+    dtype: str = field(default="auto", metadata={"help": "target dtype: auto, float32, bfloat16, float16"})
+    draft_dtype: str = field(default="auto", metadata={"help": "drafts' dtype: auto, float32, bfloat16, float16 "
+                                                       "(bfloat16: faster multi-row draft steps on CPUs with AMX, see "
+                                                       "docs/benchmarks.md; the target still decides every token and "
+                                                       "the EU math stays float32)"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    json: Path | None = field(default=None, metadata={"help": "write the result (score's JSON shape) here"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.question or not self.question.strip():
+            raise DraftEUError("--question is empty; pass the problem text")
+        if self.max_new_tokens < 1:
+            raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DraftEUError(f"--temperature must be >= 0, got {self.temperature}")
 
 
 @dataclass
@@ -89,165 +160,114 @@ def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids:
     return out
 
 
-class SpeculativeDecoder:
-    """Speculative decoding with per-token EU (see the module docstring).
+@dataclass
+class _Generation:
+    """The state of one ``SpeculativeDecoder.generate`` call."""
 
-    ``target``: the target model, or a PeftModel holding the proxy adapter ``proxy`` (then
-    ``bias="proxy"`` is available).  ``drafts``: a PeftModel with the K draft adapters ``names``.
-    ``vocab``: the number of logit columns target and drafts share.
-    """
+    seq: list[int]
+    prompt_len: int
+    temperature: float
+    gen: torch.Generator
+    vocab: int
+    device: torch.device
+    # keyed by the sequence position of the token the distribution predicts
+    q_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (K, V) draft logits
+    p_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) logits of p for the bias term
+    var_out: list[float] = field(default_factory=list)
+    bias_out: list[float] = field(default_factory=list)
+    streamed: int = 0
+    res: SpecResult = field(default_factory=lambda: SpecResult([], None, None))
+    timings: dict = field(default_factory=lambda: {"draft_s": 0.0, "verify_s": 0.0, "eu_s": 0.0})
 
-    def __init__(self, target, drafts, names: list[str], vocab: int, *, gamma: int = 4, propose: str | int = "mix",
-                 bias: str = "target", eu: bool = True, designated=None, prefix_cache: bool = True,
-                 fused: bool = True, compile: str | bool = "auto"):
-        if gamma < 1:
-            raise DraftEUError(f"gamma must be >= 1 (proposals per round), got {gamma}")
-        if propose != "mix" and not (isinstance(propose, int) and 0 <= propose < len(names)):
-            raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(names) - 1}, got {propose!r}")
-        if bias not in ("target", "proxy"):
-            raise DraftEUError(f"bias must be 'target' or 'proxy', got {bias!r}")
-        if eu and bias == "proxy" and "proxy" not in getattr(target, "peft_config", {}):
-            raise DraftEUError("bias='proxy' needs the proxy adapter on the target (train one with drafteu "
-                               "train-proxy, or use bias='target')")
-        if propose != "mix" and designated is None:
-            raise DraftEUError("propose=k needs the designated draft model (SpeculativeDecoder.from_ensemble builds it)")
-        self.target, self.drafts, self.names, self.vocab = target, drafts, names, vocab
-        self.gamma, self.propose, self.bias, self.eu = gamma, propose, bias, eu
-        self.designated = designated
-        self.device = next(target.parameters()).device
-        self.prefix_cache = prefix_cache
-        # Verification + proxy rows in one forward; fused: the proxy's LoRA as batched matmuls
-        # (adapters.k_adapter_model) rather than PEFT's mixed-adapter gather/scatter.
-        from peft import PeftModel
+    def tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
 
-        from drafteu.adapters import k_adapter_model
-        from drafteu.hardware import resolve_compile
+    def sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.gen))
 
-        self.compile = resolve_compile(compile, self.device)
-        with_proxy = eu and bias == "proxy"
-        verify_names = ["__base__", "proxy"] if with_proxy else (["__base__"] if isinstance(target, PeftModel) else None)
-        self.verifier = target
-        if verify_names and (fused or self.compile):  # never verify with an adapter on
-            self.verifier = k_adapter_model(target, verify_names)
-        if self.compile and not hasattr(drafts, "compiled") and isinstance(drafts, PeftModel):
-            raise DraftEUError("compiled steps need the fused drafts (fused=True): PEFT's mixed-adapter batch "
-                               "does not compile")
+    def feed(self, cache: PrefixCache, extra: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits of every needed input position of ``seq + extra`` (never the prompt's interior)
+        and the sequence position the first of them predicts."""
+        total = len(self.seq) + len(extra)
+        keep = total - max(cache.fed, self.prompt_len - 1)
+        return cache.feed(self.seq, extra, keep, self.device)[..., : self.vocab], total - keep + 1
 
-        def cache(model, names=None):
-            return decoding_cache(model, names, compile=self.compile, device=self.device)
+    def keep_drafts(self, logits: torch.Tensor, first: int) -> None:
+        """Store the K drafts' (K, n, V) logits by the position each predicts."""
+        for j in range(logits.shape[1]):
+            self.q_at[first + j] = logits[:, j]
 
-        # (target, ensemble, designated) caches, kept across generations
-        self._caches = (cache(self.verifier, verify_names),
-                        cache(drafts, names) if (propose == "mix" or eu) else None,
-                        None if propose == "mix" else cache(designated))
 
-    @classmethod
-    def from_ensemble(cls, ens, target, fused: bool = True, **kw) -> SpeculativeDecoder:
-        """From an ``estimators.DraftEnsemble`` (drafts) and the target model (with the proxy
-        adapter when the ensemble has one); builds the merged designated draft when needed.
-        ``fused`` runs the K drafts with batched LoRA matmuls (drafteu.fused) instead of PEFT's
-        mixed-adapter batch: same numbers, fewer small ops per step."""
-        designated = None
-        propose = kw.get("propose", "mix")
-        if propose != "mix":
-            if not (isinstance(propose, int) and 0 <= propose < len(ens.names)):
-                raise DraftEUError(f"propose must be 'mix' or a draft index 0..{len(ens.names) - 1}, got {propose!r}")
-            designated = merged_draft(ens, ens.names[propose])
-        drafts = ens.runner if fused else ens.drafts
-        return cls(target, drafts, ens.names, ens.vocab, designated=designated, fused=fused, **kw)
+# ---------------------------------------------------------------------------------------------
+# Proposers: who drafts the gamma tokens of a round.  Each owns its named caches; ``scorer`` is the
+# cache of the K-draft ensemble whose distributions the EU needs.
 
-    # -- one generation: draft -> verify -> accept -> stop -> emit EU, each a method ------------------
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
-                 eos_ids: set[int] | frozenset = frozenset(),
-                 on_tokens: Callable[[list[int], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-                 ) -> SpecResult:
-        """Decode up to ``max_new_tokens``; ``on_tokens(ids, variance, bias)`` streams each round's
-        finished tokens (EU known) as they come."""
-        if not prompt_ids:
-            raise DraftEUError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise DraftEUError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise DraftEUError(f"temperature must be >= 0, got {temperature}")
-        for c in self._caches:  # a prompt cache: keep what the previous answer's prompt shares with this one
-            if c is not None and self.prefix_cache:
-                c.reuse(prompt_ids)
-            elif c is not None:
-                c.rollback(0)
-        st = _Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
-                         gen=torch.Generator().manual_seed(seed))
-        t0 = time.perf_counter()
-        while len(st.seq) - st.prompt_len < max_new_tokens:
-            base = len(st.seq)
-            props, r_probs = self._timed(st, "draft_s", self._draft, st)
-            n_acc, nxt = self._timed(st, "verify_s", self._verify, st, props, r_probs)
-            self._accept(st, base, props, n_acc, nxt)
-            done = self._stop(st, eos_ids, max_new_tokens)
-            self._timed(st, "eu_s", self._emit, st, done, on_tokens)
-            if done:
-                break
-        res = st.res
-        res.token_ids = st.seq[st.prompt_len:]
-        if self.eu:
-            res.variance, res.bias = torch.tensor(st.var_out), torch.tensor(st.bias_out)
-        res.seconds = time.perf_counter() - t0
-        res.timings = st.timings
-        return res
+class MixtureProposer:
+    """The K drafts together (one batch of K rows); each proposal comes from their mixture q_mix, and
+    the K distributions it needs are the ones the EU's variance term reads (no extra pass)."""
 
-    @staticmethod
-    def _timed(st: _Generation, key: str, fn, *args):
-        t = time.perf_counter()
-        out = fn(*args)
-        st.timings[key] += time.perf_counter() - t
-        return out
+    def __init__(self, drafts: PrefixCache):
+        self.caches = {"drafts": drafts}
+        self.scorer = drafts
 
-    def _feed(self, st: _Generation, c: PrefixCache, extra: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits of every needed input position (never the prompt's interior) and the sequence
-        position the first of them predicts."""
-        total = len(st.seq) + len(extra)
-        keep = total - max(c.fed, st.prompt_len - 1)
-        return c.feed(st.seq, extra, keep, self.device)[..., : self.vocab], total - keep + 1
-
-    def _draft(self, st: _Generation) -> tuple[list[int], list[torch.Tensor]]:
-        """gamma proposals (from q_mix or draft k) and, when sampling, their proposal distributions."""
-        _, ens, one = self._caches
+    def propose(self, st: _Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
         props: list[int] = []
         r_probs: list[torch.Tensor] = []
-        for _ in range(self.gamma):
-            if self.propose == "mix":
-                logits, first = self._feed(st, ens, props)  # (K, n, V)
-                for j in range(logits.shape[1]):
-                    st.q_at[first + j] = logits[:, j]
-                q = logits[:, -1]
-                if st.temperature == 0:
-                    tok = int(torch.softmax(q.float(), -1).mean(0).argmax())
-                else:
-                    r_probs.append(st.tempered(q).mean(0))
-                    tok = st.sample(r_probs[-1])
+        for _ in range(gamma):
+            logits, first = st.feed(self.scorer, props)  # (K, n, V)
+            st.keep_drafts(logits, first)
+            q = logits[:, -1]
+            if st.temperature == 0:
+                tok = int(torch.softmax(q.float(), -1).mean(0).argmax())
             else:
-                q = self._feed(st, one, props)[0][0, -1]
-                if st.temperature == 0:
-                    tok = int(q.argmax())
-                else:
-                    r_probs.append(st.tempered(q))
-                    tok = st.sample(r_probs[-1])
+                r_probs.append(st.tempered(q).mean(0))
+                tok = st.sample(r_probs[-1])
             props.append(tok)
-        if self.propose != "mix" and self.eu:  # the K drafts score the gamma + 1 positions in one pass
-            logits, first = self._feed(st, ens, props)
-            for j in range(logits.shape[1]):
-                st.q_at[first + j] = logits[:, j]
         return props, r_probs
 
-    def _verify(self, st: _Generation, props: list[int], r_probs: list[torch.Tensor]) -> tuple[int, int]:
-        """One target forward over what its cache lacks + the proposals: (accepted count, next token)."""
-        out, first = self._feed(st, self._caches[0], props)  # (B, n, V); the last gamma + 1 predict base ..
-        p_rows = out[0, -(self.gamma + 1):]
-        if self.eu:
-            src = out[1] if self.bias == "proxy" else out[0]
+
+class SingleDraftProposer:
+    """Draft k alone (its adapter merged into a copy of the base: no LoRA work) proposes; with EU on,
+    the K drafts then score the gamma + 1 positions in one parallel pass."""
+
+    def __init__(self, designated: PrefixCache, drafts: PrefixCache | None):
+        self.caches = {"designated": designated} | ({"drafts": drafts} if drafts is not None else {})
+        self.designated, self.scorer = designated, drafts
+
+    def propose(self, st: _Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
+        props: list[int] = []
+        r_probs: list[torch.Tensor] = []
+        for _ in range(gamma):
+            q = st.feed(self.designated, props)[0][0, -1]
+            if st.temperature == 0:
+                tok = int(q.argmax())
+            else:
+                r_probs.append(st.tempered(q))
+                tok = st.sample(r_probs[-1])
+            props.append(tok)
+        if eu:
+            st.keep_drafts(*st.feed(self.scorer, props))
+        return props, r_probs
+
+
+class Verifier:
+    """The target: one forward over what its cache lacks + the proposals.  With the proxy row
+    (``bias="proxy"``) the batch holds two rows, ``__base__`` (verification) and ``proxy`` (p_mix for
+    the bias term); otherwise p is the verifying target itself."""
+
+    def __init__(self, cache: PrefixCache, bias_row: int):
+        self.cache, self.bias_row = cache, bias_row
+
+    def verify(self, st: _Generation, props: list[int], r_probs: list[torch.Tensor], gamma: int,
+               eu: bool) -> tuple[int, int]:
+        """(accepted count, next token): greedy keeps the longest prefix equal to the target's argmax;
+        sampling applies the speculative-sampling rule (the target's distribution is kept)."""
+        out, first = st.feed(self.cache, props)  # (B, n, V); the last gamma + 1 predict base ..
+        p_rows = out[0, -(gamma + 1):]
+        if eu:
             for j in range(out.shape[1]):
-                st.p_at[first + j] = src[j]
+                st.p_at[first + j] = out[self.bias_row, j]
         n_acc, nxt = 0, None
         for i, tok in enumerate(props):
             if st.temperature == 0:
@@ -264,47 +284,153 @@ class SpeculativeDecoder:
             nxt = int(p_rows[n_acc].argmax()) if st.temperature == 0 else st.sample(st.tempered(p_rows[n_acc]))
         return n_acc, nxt
 
+
+class SpeculativeDecoder:
+    """Speculative decoding with per-token EU (see the module docstring): a proposer, a verifier, and
+    their named caches (``caches``: target, drafts, designated), kept across generations."""
+
+    def __init__(self, proposer: MixtureProposer | SingleDraftProposer, verifier: Verifier, vocab: int,
+                 options: SpeculateOptions, *, device, prefix_cache: bool = True):
+        self.proposer, self.verifier, self.vocab, self.options = proposer, verifier, vocab, options
+        self.device, self.prefix_cache = device, prefix_cache
+        self.caches: dict[str, PrefixCache] = {"target": verifier.cache, **proposer.caches}
+        self.gamma, self.propose, self.bias, self.eu = options.gamma, options.propose, options.bias, options.eu
+
+    @classmethod
+    def from_models(cls, target, drafts, names: list[str], vocab: int, options: SpeculateOptions | None = None, *,
+                    designated=None, fused: bool = True, prefix_cache: bool = True, **option_fields
+                    ) -> SpeculativeDecoder:
+        """``target``: the target model, or a PeftModel holding the proxy adapter ``proxy`` (then
+        ``bias="proxy"`` is available).  ``drafts``: a PeftModel with the K draft adapters ``names``
+        (or a ``FusedDrafts`` over them).  ``designated``: draft k's merged model when ``propose=k``.
+        ``vocab``: the number of logit columns target and drafts share.  Options: ``options`` or
+        its fields as keywords."""
+        from peft import PeftModel
+
+        from drafteu.adapters import k_adapter_model
+        from drafteu.hardware import resolve_compile
+
+        options = options or SpeculateOptions(**option_fields)
+        device = next(target.parameters()).device
+        has_proxy = "proxy" in getattr(target, "peft_config", {})
+        bias = options.bias if options.bias != "auto" else ("proxy" if has_proxy else "target")
+        if options.eu and bias == "proxy" and not has_proxy:
+            raise DraftEUError("bias='proxy' needs the proxy adapter on the target (train one with drafteu "
+                               "train-proxy, or use bias='target')")
+        if options.propose != "mix" and not options.propose < len(names):
+            raise DraftEUError(f"propose {options.propose}: the ensemble has drafts 0..{len(names) - 1}; "
+                               "give one of them, or 'mix'")
+        if options.propose != "mix" and designated is None:
+            raise DraftEUError("propose=k needs the designated draft model (SpeculativeDecoder.from_ensemble builds it)")
+        options = dataclasses.replace(options, bias=bias)
+        compiled = resolve_compile(options.compile, device)
+        if compiled and not fused:
+            raise DraftEUError("compiled steps need the fused drafts (fused=True): PEFT's mixed-adapter batch "
+                               "does not compile")
+        drafts = k_adapter_model(drafts, names, fused=fused) if isinstance(drafts, PeftModel) else drafts
+
+        def cache(model, rows=None):
+            return decoding_cache(model, rows, compile=compiled, device=device)
+
+        # never verify with an adapter on: the target row is PEFT's "__base__"
+        with_proxy = options.eu and bias == "proxy"
+        rows = ["__base__", "proxy"] if with_proxy else (["__base__"] if isinstance(target, PeftModel) else None)
+        verifier = Verifier(cache(k_adapter_model(target, rows, fused=fused or compiled) if rows else target, rows),
+                            bias_row=1 if with_proxy else 0)
+        if options.propose == "mix":
+            proposer = MixtureProposer(cache(drafts, names))
+        else:
+            proposer = SingleDraftProposer(cache(designated), cache(drafts, names) if options.eu else None)
+        dec = cls(proposer, verifier, vocab, options, device=device, prefix_cache=prefix_cache)
+        dec.compile = compiled
+        return dec
+
+    @classmethod
+    def from_ensemble(cls, ens, target, options: SpeculateOptions | None = None, *, fused: bool = True,
+                      prefix_cache: bool = True, **option_fields) -> SpeculativeDecoder:
+        """From an ``estimators.DraftEnsemble`` (drafts) and the target model (with the proxy
+        adapter when the ensemble has one); builds the merged designated draft when needed.
+        ``fused`` runs the K drafts with batched LoRA matmuls (drafteu.fused) instead of PEFT's
+        mixed-adapter batch: same numbers, fewer small ops per step."""
+        options = options or SpeculateOptions(**option_fields)
+        designated = None
+        if options.propose != "mix":
+            if not options.propose < len(ens.names):
+                raise DraftEUError(f"propose {options.propose}: the ensemble has drafts 0..{len(ens.names) - 1}; "
+                                   "give one of them, or 'mix'")
+            designated = merged_draft(ens, ens.names[options.propose])
+        return cls.from_models(target, ens.runner if fused else ens.drafts, ens.names, ens.vocab, options,
+                               designated=designated, fused=fused, prefix_cache=prefix_cache)
+
+    # -- one generation: propose -> verify -> accept -> stop -> emit EU -----------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+                 eos_ids: set[int] | frozenset = frozenset(),
+                 on_tokens: Callable[[list[int], torch.Tensor | None, torch.Tensor | None], None] | None = None,
+                 ) -> SpecResult:
+        """Decode up to ``max_new_tokens``; ``on_tokens(ids, variance, bias)`` streams each round's
+        finished tokens (EU known) as they come."""
+        if not prompt_ids:
+            raise DraftEUError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise DraftEUError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise DraftEUError(f"temperature must be >= 0, got {temperature}")
+        for c in self.caches.values():  # a prompt cache: keep what the previous prompt shares with this one
+            if self.prefix_cache:
+                c.reuse(prompt_ids)
+            else:
+                c.rollback(0)
+        st = _Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
+                         gen=torch.Generator().manual_seed(seed), vocab=self.vocab, device=self.device)
+        gamma, eu = self.options.gamma, self.options.eu
+        t0 = time.perf_counter()
+        while len(st.seq) - st.prompt_len < max_new_tokens:
+            base = len(st.seq)
+            props, r_probs = _timed(st, "draft_s", self.proposer.propose, st, gamma, eu)
+            n_acc, nxt = _timed(st, "verify_s", self.verifier.verify, st, props, r_probs, gamma, eu)
+            self._accept(st, base, props, n_acc, nxt)
+            done = _stop(st, eos_ids, max_new_tokens)
+            _timed(st, "eu_s", self._emit, st, done, on_tokens)
+            if done:
+                break
+        res = st.res
+        res.token_ids = st.seq[st.prompt_len:]
+        if eu:
+            res.variance, res.bias = torch.tensor(st.var_out), torch.tensor(st.bias_out)
+        res.seconds = time.perf_counter() - t0
+        res.timings = st.timings
+        return res
+
     def _accept(self, st: _Generation, base: int, props: list[int], n_acc: int, nxt: int) -> None:
         """Append the accepted proposals and the target's token; roll caches and stale distributions back."""
-        st.res.proposed += self.gamma
+        st.res.proposed += self.options.gamma
         st.res.accepted += n_acc
         st.res.rounds += 1
         st.seq += props[:n_acc] + [nxt]
-        for c in self._caches:
-            if c is not None:
-                c.rollback(base + n_acc)
+        for c in self.caches.values():
+            c.rollback(base + n_acc)
         for d in (st.q_at, st.p_at):  # distributions computed after a rejected proposal are stale
             for j in [j for j in d if j > base + n_acc]:
                 del d[j]
 
-    @staticmethod
-    def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
-        """Cut at EOS / the length limit; True when the generation is finished."""
-        emitted = st.seq[st.prompt_len:]
-        stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
-        if stop is not None:
-            del st.seq[st.prompt_len + stop:]
-            st.res.finish = "eos"
-        elif len(emitted) > max_new_tokens:
-            del st.seq[st.prompt_len + max_new_tokens:]
-        return stop is not None or len(st.seq) - st.prompt_len >= max_new_tokens
-
     def _emit(self, st: _Generation, done: bool, on_tokens) -> None:
         """EU of every emitted token whose drafts' distributions are known; stream them."""
-        seq, plen = st.seq, st.prompt_len
-        if self.eu and done and len(seq) - plen > st.streamed and (len(seq) - 1) not in st.q_at:
+        seq, plen, eu = st.seq, st.prompt_len, self.options.eu
+        if eu and done and len(seq) - plen > st.streamed and (len(seq) - 1) not in st.q_at:
             last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
-            logits, first = self._feed(st, self._caches[1], [])
+            logits, first = st.feed(self.proposer.scorer, [])
             seq.append(last)
             st.q_at[first + logits.shape[1] - 1] = logits[:, -1]
         ready = st.streamed
-        while plen + ready < len(seq) and (not self.eu or plen + ready in st.q_at):
+        while plen + ready < len(seq) and (not eu or plen + ready in st.q_at):
             ready += 1
         if ready <= st.streamed:
             return
         ids = seq[plen + st.streamed: plen + ready]
         var = bias = None
-        if self.eu:
+        if eu:
             pos = range(plen + st.streamed, plen + ready)
             terms = divergence.eu_decomposition(torch.stack([st.q_at.pop(j) for j in pos], dim=1),
                                                 torch.stack([st.p_at.pop(j) for j in pos]))
@@ -316,28 +442,23 @@ class SpeculativeDecoder:
         st.streamed = ready
 
 
-@dataclass
-class _Generation:
-    """The state of one ``SpeculativeDecoder.generate`` call."""
+def _timed(st: _Generation, key: str, fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    st.timings[key] += time.perf_counter() - t
+    return out
 
-    seq: list[int]
-    prompt_len: int
-    temperature: float
-    gen: torch.Generator
-    # keyed by the sequence position of the token the distribution predicts
-    q_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (K, V) draft logits
-    p_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) logits of p for the bias term
-    var_out: list[float] = field(default_factory=list)
-    bias_out: list[float] = field(default_factory=list)
-    streamed: int = 0
-    res: SpecResult = field(default_factory=lambda: SpecResult([], None, None))
-    timings: dict = field(default_factory=lambda: {"draft_s": 0.0, "verify_s": 0.0, "eu_s": 0.0})
 
-    def tempered(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
-
-    def sample(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
+    """Cut at EOS / the length limit; True when the generation is finished."""
+    emitted = st.seq[st.prompt_len:]
+    stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+    if stop is not None:
+        del st.seq[st.prompt_len + stop:]
+        st.res.finish = "eos"
+    elif len(emitted) > max_new_tokens:
+        del st.seq[st.prompt_len + max_new_tokens:]
+    return stop is not None or len(st.seq) - st.prompt_len >= max_new_tokens
 
 
 def merged_draft(ens, name: str):
@@ -355,12 +476,10 @@ def merged_draft(ens, name: str):
 # The `drafteu speculate` stage.
 
 
-def run(cfg, on_pieces=None) -> dict:
+def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     """Load target and drafts, decode the answer speculatively, return (and optionally write) the
     JSON of `drafteu score` plus a ``speculative`` block (acceptance, tokens/s, settings).
     ``on_pieces(texts, variance, bias)`` streams each round's finished tokens as text."""
-    from pathlib import Path
-
     from drafteu import data, estimators, models, rundir
     from drafteu.estimators import TokenScores
     from drafteu.runio import write_json
@@ -373,19 +492,14 @@ def run(cfg, on_pieces=None) -> dict:
     if bias == "proxy" and proxy_dir is None:
         raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
-    use_proxy = cfg.eu and bias == "proxy"
-    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if use_proxy else None, device=cfg.device,
-                                   dtype=cfg.draft_dtype)
-    if isinstance(cfg.propose, int) and not 0 <= cfg.propose < len(ens.names):
-        raise DraftEUError(f"--propose {cfg.propose}: the ensemble has drafts 0..{len(ens.names) - 1}")
-    dec = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=cfg.gamma, propose=cfg.propose, bias=bias, eu=cfg.eu,
-                                           compile=cfg.compile)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
-    context = getattr(lm.model.config, "max_position_embeddings", None)
-    if context and len(prompt_ids) + cfg.max_new_tokens + cfg.gamma > context:
-        raise DraftEUError(
-            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} + --gamma {cfg.gamma} "
-            f"exceeds the model's context of {context} tokens; shorten the question or lower --max-new-tokens")
+    models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens + cfg.gamma,
+                         "the prompt + --max-new-tokens + --gamma", "shorten the question or lower --max-new-tokens",
+                         cfg.target)
+    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if cfg.eu and bias == "proxy" else None, device=cfg.device,
+                                   dtype=cfg.draft_dtype)
+    dec = SpeculativeDecoder.from_ensemble(ens, ens.target, dataclasses.replace(
+        SpeculateOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SpeculateOptions)}), bias=bias))
     eos = models.eos_ids(lm.model, lm.tokenizer)
     on_tokens = None
     if on_pieces is not None:

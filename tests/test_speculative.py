@@ -127,8 +127,8 @@ def _exact_pairs(model, prompt):
 def test_sampling_preserves_the_targets_distribution(propose):
     target, drafts_model, designated = _small_vocab_setup()
     prompt = [1, 5, 3, 4]
-    dec = SpeculativeDecoder(target, drafts_model, ["d0", "d1"], 8, gamma=2, propose=propose, bias="target",
-                             eu=propose == "mix", designated=designated if propose == 0 else None)
+    dec = SpeculativeDecoder.from_models(target, drafts_model, ["d0", "d1"], 8, gamma=2, propose=propose, bias="target",
+                                         eu=propose == "mix", designated=designated if propose == 0 else None)
     n = 1500
     counts = torch.zeros(64)
     for seed in range(n):
@@ -151,8 +151,8 @@ def test_bad_arguments_are_clear_errors(ensembles, tiny_dir):
     ens = estimators.DraftEnsemble(ensembles / "far" / "untrained", lm)
     with pytest.raises(DraftEUError, match="gamma"):
         SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=0)
-    with pytest.raises(DraftEUError, match="draft index"):
-        SpeculativeDecoder.from_ensemble(ens, ens.target, propose=7)
+    with pytest.raises(DraftEUError, match="the ensemble has drafts 0..2"):
+        SpeculativeDecoder.from_ensemble(ens, ens.target, propose=7)  # the ensemble has drafts 0..2
     with pytest.raises(DraftEUError, match="proxy"):
         SpeculativeDecoder.from_ensemble(ens, ens.target, bias="proxy")
 
@@ -317,7 +317,7 @@ def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
         assert res.token_ids == fresh.token_ids
         assert torch.allclose(res.variance, fresh.variance, atol=1e-5)
         assert torch.allclose(res.bias, fresh.bias, atol=1e-5)
-        assert dec._caches[0].ids[:len(prompt)] == prompt  # the cache holds this prompt now
+        assert dec.caches["target"].ids[:len(prompt)] == prompt  # the cache holds this prompt now
         with ens.base_target():
             assert plain_greedy(lm.model, prompt, 12, eos, cache=plain_cache) == plain_greedy(lm.model, prompt, 12, eos)
 
