@@ -30,9 +30,9 @@ from drafteu import contract, data, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.kvcache import cache_kw, lcp, output_cache
-from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
+from drafteu.posterior import Member, NoiseConfig, NoisyModel, family_seeds, member_seed
 from drafteu.progress import progress
-from drafteu.vllm_engine import EngineSettings, VLLMBackend, noise_adapter
+from drafteu.vllm_engine import EngineSettings, VLLMBackend
 
 ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_ids", "response_ids",
               "response", "extracted", "correct", "finish")
@@ -157,13 +157,25 @@ class RowSeededSampler:
 class HFBackend:
     """Batched ``model.generate`` with left padding and an optional shared-prefix KV cache.
 
-    With ``prefix_cache``, the longest common prefix of the prompts (system prompt + k-shot
-    examples + instruction) runs once; each batch starts from a copy of its cache expanded to the
-    batch.  Prompts are laid out as [prefix, padding, suffix] with the padding masked, so position
-    ids stay those of an unpadded prompt.
+    Constructed like every backend (``BACKENDS``): the model spec and its tokenizer, then keywords;
+    ``model`` an already loaded target (else it is loaded), ``member`` a noisy family member to
+    sample from instead of the target.  With ``prefix_cache``, the longest common prefix of the
+    prompts (system prompt + k-shot examples + instruction) runs once; each batch starts from a copy
+    of its cache expanded to the batch.  Prompts are laid out as [prefix, padding, suffix] with the
+    padding masked, so position ids stay those of an unpadded prompt.
     """
 
-    def __init__(self, model, tokenizer, prefix_cache: bool = True):
+    def __init__(self, target: str, tokenizer, *, model=None, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 max_len: int | None = None, member: Member | None = None, workdir: Path | None = None,
+                 prefix_cache: bool = True, settings: EngineSettings | None = None):
+        if model is None:
+            model = models.load(target, dtype=dtype, device=device).model
+        if member is not None:
+            noisy = NoisyModel(model, member.noise)
+            name = f"family{member.index}"
+            noisy.set_member(name, member.seed)
+            noisy.model.set_adapter(name)
+            model = noisy.model
         self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.device = next(model.parameters()).device
         self.eos = models.eos_ids(model, tokenizer)
@@ -178,7 +190,8 @@ class HFBackend:
         return self._prefix[1]
 
     @torch.no_grad()
-    def generate(self, prompts, sampling: Sampling):
+    def generate(self, prompts, sampling: Sampling) -> list[tuple[list[int], str]]:
+        """(response ids before EOS, "eos" | "length") per prompt."""
         if not prompts:
             return []
         plen = lcp(prompts) if self.prefix_cache and len(prompts) > 0 else 0
@@ -208,11 +221,10 @@ class HFBackend:
             input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device),
             max_new_tokens=sampling.max_new_tokens, do_sample=False, pad_token_id=self.pad, **kwargs,
         )[:, ids_t.shape[1]:].tolist()
-        results = []
-        for row in out:
-            cut = next((i for i, t in enumerate(row) if t in self.eos), None)
-            results.append((row[:cut], "eos") if cut is not None else (row, "length"))
-        return results
+        return [models.cut_at_eos(row, self.eos) for row in out]
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the caller."""
 
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
@@ -259,32 +271,13 @@ VLLM_CHUNK = 256
 
 def _backend(cfg: GenerateConfig, lm, max_len: int):
     """The configured backend on the target or on noise member ``cfg.member``."""
-    seed = family_seeds(cfg.family_seed, cfg.member + 1)[cfg.member] if cfg.member is not None else None
-    if cfg.backend == "vllm":
-        adapter = None
-        if seed is not None:  # the member's noise as a LoRA adapter the engine applies
-            adapter = noise_adapter(cfg.target, cfg.noise, seed, cfg.out / f"member{cfg.member}-adapter")
-        return VLLMBackend(cfg.target, lm.tokenizer, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-                           max_len=max_len, adapter=adapter,
-                           settings=EngineSettings(**{k: getattr(cfg, k) for k in EngineSettings.__dataclass_fields__}))
-    model = lm.model
-    if seed is not None:
-        noisy = NoisyModel(lm.model, cfg.noise)
-        name = f"family{cfg.member}"
-        noisy.set_member(name, seed)
-        noisy.model.set_adapter(name)
-        model = noisy.model
-    return HFBackend(model, lm.tokenizer, prefix_cache=cfg.prefix_cache)
-
-
-@contextlib.contextmanager
-def _closing(backend):
-    try:
-        yield backend
-    finally:
-        close = getattr(backend, "close", None)
-        if callable(close):
-            close()
+    member = None
+    if cfg.member is not None:
+        member = Member(cfg.noise, family_seeds(cfg.family_seed, cfg.member + 1)[cfg.member], cfg.member)
+    return BACKENDS[cfg.backend](
+        cfg.target, lm.tokenizer, model=lm.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, max_len=max_len,
+        member=member, workdir=cfg.out, prefix_cache=cfg.prefix_cache,
+        settings=EngineSettings(**{k: getattr(cfg, k) for k in EngineSettings.__dataclass_fields__}))
 
 
 def run(cfg: GenerateConfig) -> dict:
@@ -321,7 +314,7 @@ def run(cfg: GenerateConfig) -> dict:
     t0 = time.time()
     # vLLM schedules its own batches: hand it larger chunks (each is appended, so a kill loses one chunk)
     chunk = max(cfg.batch_size, VLLM_CHUNK) if cfg.backend == "vllm" else cfg.batch_size
-    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, _closing(backend):
+    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, (contextlib.closing(backend) if backend else contextlib.nullcontext()):
         for start in range(0, len(work), chunk):
             batch = work[start : start + chunk]
             # one seed per (question, sample): the same samples however the work is batched or resumed

