@@ -1,4 +1,10 @@
-"""The `drafteu` command line: each subcommand builds a typed config and calls one `run(cfg)`."""
+"""The `drafteu` command line: each subcommand builds a typed config and calls one `run(cfg)`.
+
+Every option is declared once, as a field of the command's config dataclass (its type, default and
+``help`` metadata): ``config_command`` builds the typer command from the fields, the way litgpt
+builds its commands from functions' signatures.  Nested sections (the noise, the training
+settings) become flat options named in ``NESTED``.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +13,136 @@ import functools
 import inspect
 import os
 import sys
+import types
+import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from drafteu.config import DraftsSection, ScoreConfig, help_of
+from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
-from drafteu.posterior import NoiseConfig
 from drafteu.speculative import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig
 from drafteu.train.drafts import DraftsConfig
-from drafteu.train.loop import TrainConfig
 from drafteu.train.proxy import ProxyConfig
 
+# rich_markup_mode=None: help texts are shown as written ('drafteu[vllm]', '[ddd,konly]' keep their brackets)
 app = typer.Typer(
     help="drafteu: token-level epistemic uncertainty of an LLM from a small ensemble of drafts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 console = Console()
 err = Console(stderr=True)
 
 THREADS_HELP = "torch CPU threads (default: $DRAFTEU_THREADS, else torch's default)"
 
+# Short and alternative flags; every other option is --field-name.
+FLAGS = {"question": ("--question", "-q"), "out": ("--out", "-o"), "family_size": ("--family-size", "-k"),
+         "partitions": ("--partitions", "-S"), "per_partition": ("--per-partition", "-M"), "json": ("--json",),
+         "questions": ("--questions", "-n"), "n_teacher": ("--n-teacher", "--teachers")}
+# Nested config sections as flat options: section -> {field: option name} ("*": every field, same name).
+NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme"}
+NESTED = {"noise": NOISE, "train": "*", "init_noise": {"sigma": "init_sigma"}}
 
-def opt(cls, name: str, *flags: str, help_prefix: str = "", help_suffix: str = ""):
-    """A typer option for dataclass field ``name`` of ``cls``: its default and its help text come
-    from the field, so a command's options cannot drift from the configs they build."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+
+def _option_type(typ):
+    """(the type typer parses, a converter to the field's type) for a config field's type."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. str | int: typer takes the text, the config converts it
+            return str, lambda v: v
+        opt, conv = _option_type(inner[0])
+        return (opt | None if type(None) in args else opt), (lambda v: None if v is None else conv(v))
+    if origin is tuple or (origin is list and args and args[0] is str):
+        return str, lambda v: tuple(m.strip() for m in v.split(",") if m.strip())  # comma-separated
+    return typ, lambda v: v
+
+
+def _cli_default(value):
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value
+
+
+def _field_default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = ...
-    if isinstance(default, tuple):
-        default = ",".join(default)  # module lists are written comma-separated on the command line
-    return typer.Option(default, *flags, help=help_prefix + f.metadata.get("help", "") + help_suffix)
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return ...
+
+
+def config_command(cls, name: str | None = None, *, skip: tuple[str, ...] = (), threads: bool = True):
+    """Make ``fn(cfg, **extras)`` a typer command whose options are the fields of ``cls`` (nested
+    sections flattened per ``NESTED``) plus ``fn``'s own keyword-only options; the command builds
+    ``cls`` from them and turns a ``DraftEUError`` into one line (exit 2)."""
+
+    def decorate(fn: Callable):
+        hints = typing.get_type_hints(cls)
+        params, build = [], []  # build: (field, nested field or None, option name, converter)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = _field_default(f)
+            if f.name in NESTED and dataclasses.is_dataclass(hints[f.name]):
+                sub_hints = typing.get_type_hints(hints[f.name])
+                mapping = NESTED[f.name]
+                subs = {s.name: s.name for s in dataclasses.fields(hints[f.name])} if mapping == "*" else mapping
+                for sub, opt_name in subs.items():
+                    sub_field = next(s for s in dataclasses.fields(hints[f.name]) if s.name == sub)
+                    typ, conv = _option_type(sub_hints[sub])
+                    owner = f.metadata.get("help")
+                    helptext = f"{owner}: " * bool(owner) + sub_field.metadata.get("help", "")
+                    params.append(inspect.Parameter(opt_name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
+                                                    default=typer.Option(_cli_default(getattr(default, sub)),
+                                                                         *FLAGS.get(opt_name, ()), help=helptext)))
+                    build.append((f.name, sub, opt_name, conv))
+                continue
+            typ, conv = _option_type(hints[f.name])
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ, default=typer.Option(
+                _cli_default(default), *FLAGS.get(f.name, ()), help=f.metadata.get("help", ""))))
+            build.append((f.name, None, f.name, conv))
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        params += own
+        if threads:
+            params.append(inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, annotation=int | None,
+                                            default=typer.Option(None, help=THREADS_HELP)))
+
+        def make(values: dict):
+            top, nested = {}, {}
+            for fname, sub, opt_name, conv in build:
+                if sub is None:
+                    top[fname] = conv(values[opt_name])
+                else:
+                    nested.setdefault(fname, {})[sub] = conv(values[opt_name])
+            for fname, subs in nested.items():
+                field = next(f for f in dataclasses.fields(cls) if f.name == fname)
+                top[fname] = dataclasses.replace(_field_default(field), **subs)
+            return cls(**top)
+
+        @functools.wraps(fn)
+        def command(**values):
+            extras = {p.name: values[p.name] for p in own}
+
+            def go():
+                fn(make(values), **extras)
+            _stage(go, values.get("threads"))
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        app.command(name)(command)
+        return command
+
+    return decorate
 
 
 @app.callback()
@@ -74,248 +168,77 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
-def score(
-    question: str = opt(ScoreConfig, "question", "--question", "-q"),
-    target: str = opt(ScoreConfig, "target"),
-    answer: str | None = opt(ScoreConfig, "answer"),
-    method: str = opt(ScoreConfig, "method"),
-    drafts: Path | None = opt(ScoreConfig, "drafts"),
-    proxy: Path | None = opt(ScoreConfig, "proxy"),
-    family_size: int = opt(ScoreConfig, "family_size", "--family-size", "-k"),
-    sigma: float = opt(NoiseConfig, "sigma"),
-    rank: int = opt(NoiseConfig, "rank"),
-    noise_modules: str = opt(NoiseConfig, "target_modules", help_prefix="comma-separated "),
-    scheme: str = opt(NoiseConfig, "scheme"),
-    seed: int = opt(ScoreConfig, "seed"),
-    shots: int = opt(ScoreConfig, "shots"),
-    max_new_tokens: int = opt(ScoreConfig, "max_new_tokens"),
-    dtype: str = opt(ScoreConfig, "dtype"),
-    device: str = opt(ScoreConfig, "device"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-    json_out: Path | None = opt(ScoreConfig, "json", "--json"),
-):
-    """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU."""
+def _stage(go, threads) -> None:
     try:
         from drafteu import models
-        from drafteu import score as score_stage
-        from drafteu.display import heatmap
 
         _quiet_libraries()
         models.set_threads(threads)
-        noise = NoiseConfig(
-            sigma=sigma, rank=rank, scheme=scheme,
-            target_modules=tuple(m.strip() for m in noise_modules.split(",") if m.strip()),
-        )
-        cfg = ScoreConfig(
-            question=question, target=target, answer=answer, method=method, drafts=drafts, proxy=proxy,
-            family_size=family_size, noise=noise, seed=seed, shots=shots, max_new_tokens=max_new_tokens,
-            dtype=dtype, device=device, json=json_out,
-        )
-        with console.status(f"scoring with {method} on {target} ..."):
-            result = score_stage.run(cfg)
+        go()
     except DraftEUError as e:
         _fail(str(e))
+
+
+@config_command(ScoreConfig, "score")
+def score(cfg: ScoreConfig) -> None:
+    """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU."""
+    from drafteu import score as score_stage
+    from drafteu.display import heatmap
+
+    with console.status(f"scoring with {cfg.method} on {cfg.target} ..."):
+        result = score_stage.run(cfg)
     console.print(heatmap(result))
-    if json_out is not None:
-        console.print(f"wrote {json_out}")
+    if cfg.json is not None:
+        console.print(f"wrote {cfg.json}")
 
 
-@app.command()
-def generate(
-    out: Path = opt(GenerateConfig, "out", "--out", "-o"),
-    target: str = opt(GenerateConfig, "target"),
-    task: str = opt(GenerateConfig, "task"),
-    split: str = opt(GenerateConfig, "split"),
-    questions: int | None = opt(GenerateConfig, "questions", "--questions", "-n"),
-    samples: int = opt(GenerateConfig, "samples"),
-    temperature: float = opt(GenerateConfig, "temperature"),
-    top_p: float = opt(GenerateConfig, "top_p"),
-    max_new_tokens: int = opt(GenerateConfig, "max_new_tokens"),
-    batch_size: int = opt(GenerateConfig, "batch_size"),
-    shots: int = opt(GenerateConfig, "shots"),
-    prefix_cache: bool = opt(GenerateConfig, "prefix_cache"),
-    member: int | None = opt(GenerateConfig, "member"),
-    family_seed: int = opt(GenerateConfig, "family_seed"),
-    sigma: float = opt(NoiseConfig, "sigma"),
-    rank: int = opt(NoiseConfig, "rank"),
-    steps: int = opt(GenerateConfig, "steps"),
-    low: int = opt(GenerateConfig, "low"),
-    high: int = opt(GenerateConfig, "high"),
-    seed: int = opt(GenerateConfig, "seed"),
-    backend: str = opt(GenerateConfig, "backend"),
-    tensor_parallel_size: int = opt(GenerateConfig, "tensor_parallel_size"),
-    gpu_memory_utilization: float = opt(GenerateConfig, "gpu_memory_utilization"),
-    max_model_len: int | None = opt(GenerateConfig, "max_model_len"),
-    dtype: str = opt(GenerateConfig, "dtype"),
-    device: str = opt(GenerateConfig, "device"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-):
+@config_command(GenerateConfig, "generate")
+def generate(cfg: GenerateConfig) -> None:
     """Sample answers per question from the target (or a noisy family member) into OUT/samples.jsonl.
 
     Resumable: rerun the same command after an interruption and it continues where it stopped.
     """
-    try:
-        from drafteu import generate as generate_stage
-        from drafteu import models
+    from drafteu import generate as generate_stage
 
-        _quiet_libraries()
-        models.set_threads(threads)
-        cfg = GenerateConfig(
-            out=out, target=target, task=task, split=split, questions=questions, samples=samples,
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, shots=shots, prefix_cache=prefix_cache, member=member,
-            family_seed=family_seed, noise=NoiseConfig(sigma=sigma, rank=rank), steps=steps,
-            low=low, high=high, seed=seed, backend=backend, dtype=dtype, device=device,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-        )
-        summary = generate_stage.run(cfg)
-    except DraftEUError as e:
-        _fail(str(e))
-    console.print(
-        f"{summary['rows']} samples of {summary['questions']} questions in {out / 'samples.jsonl'}; "
-        f"accuracy {summary['accuracy']:.1%}"
-    )
+    summary = generate_stage.run(cfg)
+    console.print(f"{summary['rows']} samples of {summary['questions']} questions in {cfg.out / 'samples.jsonl'}; "
+                  f"accuracy {summary['accuracy']:.1%}")
 
 
-_TRAIN_OPTIONS = {"lr": float, "epochs": float, "max_steps": int, "batch_size": int, "grad_accum": int,
-                  "warmup_steps": int, "mixed_precision": str, "save_every": int}
-
-
-def train_options(fn):
-    """Give a training command the TrainConfig options (help from TrainConfig, written once).
-
-    The command receives ``train_overrides``: the options the user set, to apply on top of the
-    stage's own defaults.
-    """
-    sig = inspect.signature(fn)
-    params = [p for p in sig.parameters.values() if p.name != "train_overrides"]
-    for name, typ in _TRAIN_OPTIONS.items():
-        option = typer.Option(None, help=f"{help_of(TrainConfig, name)} (default: the stage's)")
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ | None))
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs):
-        overrides = {k: kwargs.pop(k) for k in _TRAIN_OPTIONS}
-        return fn(train_overrides={k: v for k, v in overrides.items() if v is not None}, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {**fn.__annotations__, **{k: t | None for k, t in _TRAIN_OPTIONS.items()}}
-    return wrapper
-
-
-
-
-@app.command("train-draft-base")
-@train_options
-def train_draft_base(
-    samples: Path = opt(DraftBaseConfig, "samples"),
-    out: Path = opt(DraftBaseConfig, "out", "--out", "-o"),
-    target: str = opt(DraftBaseConfig, "target"),
-    layers: int = opt(DraftBaseConfig, "layers"),
-    heldout: float = opt(DraftBaseConfig, "heldout"),
-    seed: int = opt(DraftBaseConfig, "seed"),
-    device: str = opt(DraftBaseConfig, "device"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-    train_overrides: dict | None = None,
-):
+@config_command(DraftBaseConfig, "train-draft-base")
+def train_draft_base(cfg: DraftBaseConfig) -> None:
     """Truncate the target to its first LAYERS layers and warm the draft up by logit distillation."""
-    def go():
-        from drafteu.train import draft_base
+    from drafteu.train import draft_base
 
-        train = dataclasses.replace(DraftBaseConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
-        m = draft_base.run(DraftBaseConfig(samples=samples, out=out, target=target, layers=layers, heldout=heldout,
-                                           train=train, seed=seed, device=device))
-        console.print(f"draft base in {out}: top-1 agreement with the target "
-                      f"{m['top1_agreement_before']} -> {m['top1_agreement_after']}")
-    _stage(go, threads)
+    m = draft_base.run(cfg)
+    console.print(f"draft base in {cfg.out}: top-1 agreement with the target "
+                  f"{m['top1_agreement_before']} -> {m['top1_agreement_after']}")
 
 
-@app.command("train-drafts")
-@train_options
-def train_drafts(
-    samples: Path = opt(DraftsConfig, "samples"),
-    out: Path = opt(DraftsConfig, "out", "--out", "-o"),
-    base: str = opt(DraftsConfig, "base"),
-    target: str = opt(DraftsConfig, "target"),
-    method: str = opt(DraftsConfig, "method"),
-    partitions: int = opt(DraftsConfig, "partitions", "--partitions", "-S"),
-    per_partition: int = opt(DraftsConfig, "per_partition", "--per-partition", "-M"),
-    lora_r: int = opt(DraftsConfig, "lora_r"),
-    lora_alpha: int = opt(DraftsConfig, "lora_alpha"),
-    init_sigma: float = opt(DraftsSection, "init_sigma"),
-    sigma: float = opt(DraftsSection, "sigma"),
-    max_new_tokens: int = opt(DraftsConfig, "max_new_tokens"),
-    seed: int = opt(DraftsConfig, "seed"),
-    device: str = opt(DraftsConfig, "device"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-    train_overrides: dict | None = None,
-):
-    """Train an S x M draft ensemble (DDD, IDD, FDD) or build an untrained / K-only one."""
-    def go():
-        from drafteu.train import drafts
+@config_command(DraftsConfig, "train-drafts")
+def train_drafts(cfg: DraftsConfig) -> None:
+    """Train an S x M draft ensemble (DDD, IDD, FDD, GKD, MiniLLM) or build an untrained / K-only one."""
+    from drafteu.train import drafts
 
-        train = dataclasses.replace(DraftsConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
-        m = drafts.run(DraftsConfig(samples=samples, out=out, base=base, target=target, method=method,
-                                    partitions=partitions, per_partition=per_partition, lora_r=lora_r,
-                                    lora_alpha=lora_alpha, init_noise=NoiseConfig(sigma=init_sigma),
-                                    noise=NoiseConfig(sigma=sigma), train=train, max_new_tokens=max_new_tokens,
-                                    seed=seed, device=device))
-        console.print(f"{m['method']} ensemble of {len(m['adapters'])} drafts in {out / m['method']}")
-    _stage(go, threads)
+    m = drafts.run(cfg)
+    console.print(f"{m['method']} ensemble of {len(m['adapters'])} drafts in {cfg.out / m['method']}")
 
 
-@app.command("train-proxy")
-@train_options
-def train_proxy(
-    samples: list[Path] = opt(ProxyConfig, "samples", help_suffix="; repeat the option"),
-    out: Path = opt(ProxyConfig, "out", "--out", "-o"),
-    target: str = opt(ProxyConfig, "target"),
-    n_teacher: int = opt(ProxyConfig, "n_teacher", "--n-teacher", "--teachers"),
-    sigma: float = opt(NoiseConfig, "sigma"),
-    heldout: float = opt(ProxyConfig, "heldout"),
-    seed: int = opt(ProxyConfig, "seed"),
-    device: str = opt(ProxyConfig, "device"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-    train_overrides: dict | None = None,
-):
-    """Train the proxy p_mix by Online Stochastic Distillation against fresh noisy teachers."""
-    def go():
-        from drafteu.train import proxy
+@config_command(ProxyConfig, "train-proxy")
+def train_proxy(cfg: ProxyConfig) -> None:
+    """Train the proxy p_mix by Online Stochastic Distillation against fresh noisy teachers.
 
-        train = dataclasses.replace(ProxyConfig.__dataclass_fields__["train"].default_factory(), **train_overrides)
-        m = proxy.run(ProxyConfig(samples=samples, out=out, target=target, n_teacher=n_teacher,
-                                  noise=NoiseConfig(sigma=sigma), heldout=heldout, train=train, seed=seed,
-                                  device=device))
-        h = m.get("heldout") or {}
-        console.print(f"proxy in {out / 'adapter'}; held-out KL to the family mean: proxy "
-                      f"{h.get('kl_ref_mean_to_proxy')}, raw target {h.get('kl_ref_mean_to_target')}")
-    _stage(go, threads)
+    Give --samples once per teacher's samples.jsonl (they are mixed equally)."""
+    from drafteu.train import proxy
+
+    m = proxy.run(cfg)
+    h = m.get("heldout") or {}
+    console.print(f"proxy in {cfg.out / 'adapter'}; held-out KL to the family mean: proxy "
+                  f"{h.get('kl_ref_mean_to_proxy')}, raw target {h.get('kl_ref_mean_to_target')}")
 
 
-@app.command()
-def speculate(
-    question: str = opt(SpeculateConfig, "question", "--question", "-q"),
-    drafts: Path = opt(SpeculateConfig, "drafts"),
-    target: str = opt(SpeculateConfig, "target"),
-    proxy: Path | None = opt(SpeculateConfig, "proxy"),
-    gamma: int = opt(SpeculateConfig, "gamma"),
-    propose: str = opt(SpeculateConfig, "propose"),
-    bias: str = opt(SpeculateConfig, "bias"),
-    eu: bool = opt(SpeculateConfig, "eu"),
-    temperature: float = opt(SpeculateConfig, "temperature"),
-    max_new_tokens: int = opt(SpeculateConfig, "max_new_tokens"),
-    shots: int = opt(SpeculateConfig, "shots"),
-    seed: int = opt(SpeculateConfig, "seed"),
-    scale: float = opt(SpeculateConfig, "scale"),
-    dtype: str = opt(SpeculateConfig, "dtype"),
-    draft_dtype: str = opt(SpeculateConfig, "draft_dtype"),
-    device: str = opt(SpeculateConfig, "device"),
-    compile: str = opt(SpeculateConfig, "compile"),
-    threads: int | None = typer.Option(None, help=THREADS_HELP),
-    json_out: Path | None = opt(SpeculateConfig, "json", "--json"),
-):
+@config_command(SpeculateConfig, "speculate")
+def speculate(cfg: SpeculateConfig) -> None:
     """Answer by speculative decoding with the draft ensemble; stream tokens coloured by their EU.
 
     Greedy (the default) gives exactly the target's greedy answer; every token carries its
@@ -323,32 +246,24 @@ def speculate(
     """
     from rich.text import Text
 
+    from drafteu import speculative
     from drafteu.display import color, heatmap
 
     def stream(pieces, var, bias_t):
         for i, piece in enumerate(pieces):
-            style = f"black on {color((float(var[i]) + float(bias_t[i])) / scale)}" if var is not None else None
+            style = f"black on {color((float(var[i]) + float(bias_t[i])) / cfg.scale)}" if var is not None else None
             console.print(Text(piece, style=style), end="")
 
-    def go():
-        from drafteu import speculative
-
-        cfg = SpeculateConfig(question=question, drafts=drafts, target=target, proxy=proxy, gamma=gamma,
-                              propose=propose, bias=bias, eu=eu, temperature=temperature,
-                              max_new_tokens=max_new_tokens, shots=shots, seed=seed, scale=scale, dtype=dtype,
-                              draft_dtype=draft_dtype, device=device, compile=compile, json=json_out)
-        result = speculative.run(cfg, on_pieces=stream)
-        console.print()
-        s = result["speculative"]
-        console.print(f"acceptance {s['acceptance']:.1%} ({s['accepted']}/{s['proposed']} proposals, {s['rounds']} "
-                      f"rounds), {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s",
-                      highlight=False)
-        if eu:
-            console.print(heatmap(result))
-        if json_out is not None:
-            console.print(f"wrote {json_out}")
-
-    _stage(go, threads)
+    result = speculative.run(cfg, on_pieces=stream)
+    console.print()
+    s = result["speculative"]
+    console.print(f"acceptance {s['acceptance']:.1%} ({s['accepted']}/{s['proposed']} proposals, {s['rounds']} "
+                  f"rounds), {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s",
+                  highlight=False)
+    if cfg.eu:
+        console.print(heatmap(result))
+    if cfg.json is not None:
+        console.print(f"wrote {cfg.json}")
 
 
 @app.command()
@@ -358,12 +273,15 @@ def reproduce(
     overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set eval.trials=2; "
                                         "the value is read as the key's type (a text key takes it as written, "
                                         "lists as YAML: --set drafts.methods=[ddd,konly]); repeat the option"),
+    until: str | None = typer.Option(None, help="stop after this stage (data, draft_base, drafts, teachers, proxy, "
+                                     "eval_samples, score, proxy_robustness, fidelity, hallucination, cost); no report"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
 ):
     """Run every stage of an experiment (data, drafts, proxy, evaluation, report) into one run directory.
 
-    Finished stages are skipped and interrupted ones resume, so rerunning the same command after a
-    kill continues where it stopped.  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
+    Each stage records what its outputs were made from: a current stage is skipped, an interrupted
+    one resumes, and one whose config keys changed is recomputed with everything after it (the keys
+    are named).  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
     """
     def go():
         from drafteu import pipeline
@@ -378,9 +296,10 @@ def reproduce(
         cfg = load_experiment(config, parsed)
         out = run_dir or Path("runs") / cfg.name
         pipeline.preflight(cfg, out)  # config errors before anything is printed or written
-        console.print(f"reproduce [bold]{cfg.name}[/] into {out}")
-        m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False))
-        console.print(f"done in {m['last_run_seconds']:.0f} s: {out / 'report.md'}, {out / 'report.html'}")
+        console.print(f"reproduce {escape(cfg.name)} into {out}")
+        m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False), until=until)
+        console.print(f"done in {m['last_run_seconds']:.0f} s" + ("" if until else
+                                                                  f": {out / 'report.md'}, {out / 'report.html'}"))
     _stage(go, threads)
 
 
@@ -406,17 +325,6 @@ def report(
             paths = rep.publish(run_dir, publish, name or cfg.name)
             console.print("published " + ", ".join(str(p) for p in paths.values()))
     _stage(go, None)
-
-
-def _stage(go, threads) -> None:
-    try:
-        from drafteu import models
-
-        _quiet_libraries()
-        models.set_threads(threads)
-        go()
-    except DraftEUError as e:
-        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -50,7 +50,7 @@ class ScoreConfig:
                                 "without it the bias term uses the raw target"}
     )
     family_size: int = field(default=3, metadata={"help": "K: noisy target copies for groundtruth/tokur"})
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the noise of the family / TokUR copies"})
     seed: int = field(default=0, metadata={"help": "seed of the noise family (same seed, same numbers)"})
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})

@@ -78,7 +78,7 @@ class GenerateConfig(SamplingSettings, EngineSettings):
     prefix_cache: bool = field(default=True, metadata={"help": "compute the prompts' shared prefix (system + shots) once and reuse its KV cache"})
     member: int | None = field(default=None, metadata={"help": "sample from member k of the noisy target family instead of the target"})
     family_seed: int = field(default=0, metadata={"help": "seed of the noisy family (with --member)"})
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "with --member: the family's noise"})
     steps: int = field(default=1, metadata={"help": "easy-word: 1- or 2-step problems"})
     low: int = field(default=2, metadata={"help": "easy-word: smallest number"})
     high: int = field(default=9, metadata={"help": "easy-word: largest number"})

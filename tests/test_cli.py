@@ -90,3 +90,21 @@ def test_help_explains_every_option():
     for opt in ("--question", "--target", "--answer", "--method", "--family-size", "--sigma",
                 "--rank", "--scheme", "--seed", "--json", "--threads", "--device", "--dtype"):
         assert opt in res.output
+
+
+def test_help_keeps_its_brackets_and_every_config_field_is_an_option():
+    """Help texts are shown as written ('drafteu[vllm]', '[ddd,konly]'), and each command's options are
+    its config's fields: one declaration per option."""
+    import dataclasses
+
+    from drafteu.cli import FLAGS, NESTED
+    from drafteu.generate import GenerateConfig
+
+    text = " ".join(invoke("generate", "--help").output.split())
+    assert "pip install 'drafteu[vllm]'" in text
+    assert "drafts.methods=[ddd,konly]" in " ".join(invoke("reproduce", "--help").output.split())
+    for f in dataclasses.fields(GenerateConfig):
+        names = NESTED[f.name].values() if f.name in NESTED else [f.name]
+        for name in names:
+            flag = FLAGS.get(name, ("--" + name.replace("_", "-"),))[0]
+            assert flag in text, flag

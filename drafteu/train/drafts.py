@@ -80,8 +80,10 @@ class DraftsConfig(DraftSettings):
     base: str = field(metadata={"help": "draft base: a model dir (train-draft-base output), hub id or .gguf"})
     target: str = field(default="embedded", metadata={"help": "target model (vocabulary check)"})
     method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained, konly, gkd or minillm"})
-    init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5))
-    noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1))
+    init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5),
+                                    metadata={"help": "IDD/FDD initialization noise"})
+    noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1),
+                               metadata={"help": "untrained / K-only / GKD / MiniLLM noise"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
     konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb "
                                     "(a DDD ensemble's s0_m0 of the same data and seed; default: trained into OUT/konly/draft)"})

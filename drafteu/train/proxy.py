@@ -75,7 +75,7 @@ class ProxyConfig(ProxySettings):
     samples: list[Path] = field(metadata={"help": "samples.jsonl files of noisy-teacher answers (mixed equally)"})
     out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the fresh teachers' noise"})
     seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
