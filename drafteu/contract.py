@@ -130,8 +130,16 @@ def read_stamp(path: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) and "digest" in stamp else None
 
 
+def _paths(run: Path, stage: Stage) -> list[Path]:
+    """The stage's outputs that exist (an output may be a glob pattern, e.g. per-process parts)."""
+    out = []
+    for rel in stage.outputs:
+        out += sorted(Path(run).glob(rel)) if "*" in rel else [Path(run) / rel] if (Path(run) / rel).exists() else []
+    return out
+
+
 def _has_outputs(run: Path, stage: Stage) -> bool:
-    return any((Path(run) / p).exists() for p in stage.outputs)
+    return bool(_paths(run, stage))
 
 
 def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[str, str]) -> Decision:
@@ -159,8 +167,8 @@ def begin(run: Path, d: Decision) -> None:
     """Before the stage runs (main process): delete stale outputs, stamp it as running."""
     run = Path(run)
     if d.action == "recompute":
-        for rel in d.stage.outputs:
-            remove(run / rel)
+        for path in _paths(run, d.stage):
+            remove(path)
     if d.action != "resume":
         runio.write_json(stamp_path(run, d.stage.name), {
             "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "running",

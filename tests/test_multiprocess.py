@@ -77,3 +77,44 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir):
     assert after1 < before and after2 < before
     print(f"SFT loss: before {before:.4f}, 1 process {after1:.4f}, 2 processes {after2:.4f}")
     assert abs(after2 - after1) < 0.25 * (before - after1), (before, after1, after2)
+
+
+def test_two_processes_score_like_one(tmp_path, tiny_dir):
+    """The score stage under `accelerate launch` with 2 CPU processes: each scores every other answer
+    into its own part, the main process merges them, and token_eu.jsonl is byte for byte the one a
+    single process writes."""
+    import yaml
+
+    from drafteu import pipeline
+    from drafteu.config import load_experiment
+
+    from .test_pipeline import tiny_config
+
+    d = tiny_config(tiny_dir)
+    d["draft_base"]["cache"] = False
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    pipeline.run(load_experiment(tmp_path / "c.yaml"), tmp_path / "run", until="eval_samples", log=lambda s: None)
+    for name in ("one", "two"):
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+    args = ["-m", "drafteu.cli", "reproduce", "-c", str(tmp_path / "c.yaml"), "--until", "score"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DRAFTEU_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--run", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                          "--main_process_port", str(_free_port()), *args, "--run", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = (tmp_path / "one" / "eval" / "token_eu.jsonl").read_bytes()
+    b = (tmp_path / "two" / "eval" / "token_eu.jsonl").read_bytes()
+    rows = runio.read_jsonl(tmp_path / "one" / "eval" / "token_eu.jsonl")
+    assert len(rows) > 50 and {r["trial"] for r in rows} == {0, 1}
+    assert a == b
+    assert not list((tmp_path / "two" / "eval").glob("token_eu.part*"))  # merged and removed
+    stamp = runio.json_load(tmp_path / "two" / "stages" / "score.json")
+    assert stamp["status"] == "done"
+    for name in ("one", "two"):  # nothing upstream was recomputed
+        assert {s for s, v in runio.json_load(tmp_path / name / "manifest.json")["stages"].items()
+                if v["action"] != "skip"} == {"score"}

@@ -146,21 +146,31 @@ def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
 
 
 @pytest.mark.integration
-def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir):
+def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir, monkeypatch):
     cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
     run = tmp_path / "run"
     pipeline.run(cfg, run, until="eval_samples")
     scoring.stage_score(cfg, run)
     path = run / "eval" / "token_eu.jsonl"
-    full = runio.read_jsonl(path)
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:10])  # killed mid-write
+    full = path.read_bytes()
+    path.unlink()
+    real, calls = runio.append_jsonl, {"n": 0}
+
+    def dying(p, rows):
+        calls["n"] += 1
+        if calls["n"] == 4:  # three answers scored, the fourth killed mid-write: a torn last line
+            p.write_text(p.read_text() + '{"key": "q')
+            raise KeyboardInterrupt
+        real(p, rows)
+
+    monkeypatch.setattr(runio, "append_jsonl", dying)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.stage_score(cfg, run)
+    assert not path.exists() and len(runio.read_jsonl(scoring.part_path(run, 0), repair=True)) > 0
+    monkeypatch.setattr(runio, "append_jsonl", real)
     scoring.stage_score(cfg, run)
-    again = runio.read_jsonl(path)
-    key = lambda r: (r["key"], r["method"], r["trial"])  # noqa: E731
-    assert sorted(map(key, again)) == sorted(map(key, full))
-    by = {key(r): r["eu"] for r in full}
-    assert all(by[key(r)] == r["eu"] for r in again)  # TokUR's fresh draws are resume-safe
+    assert path.read_bytes() == full  # TokUR's fresh draws are resume-safe; the part is merged in order
+    assert not scoring.part_path(run, 0).exists()
 
 
 def _write(tmp_path, d):

@@ -12,6 +12,7 @@ the same).  Whether the rows are current is the stage contract's business (``dra
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from drafteu import estimators, models, runio
@@ -84,28 +85,62 @@ def score_jobs(cfg, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]
     return jobs
 
 
+def _processes() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch`` / ``torchrun``; (0, 1) in one process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def part_path(run: Path, rank: int) -> Path:
+    """Process ``rank``'s share of the token EU while the stage runs (merged at its end)."""
+    return Path(run) / TOKEN_EU.with_name(f"token_eu.part{rank}.jsonl")
+
+
 def stage_score(cfg, run: Path) -> dict:
-    """Score every (answer, method, trial) not in eval/token_eu.jsonl yet."""
+    """Score every (answer, method, trial) on every process: process r takes answers r, r + P, ...
+    of each trial, appends them to its own part (a killed run resumes each part), and the main
+    process merges the parts into ``eval/token_eu.jsonl`` in one canonical order (trial, answer,
+    method), so the file is the same however many processes scored it."""
     run = Path(run)
+    rank, world = _processes()
     rows = eval_rows(run)
-    path = run / TOKEN_EU
+    path = part_path(run, rank)
     done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
     jobs = score_jobs(cfg, rows)
-    total = sum(len(rs) for _, _, rs in jobs)
-    todo = [(t, ms, rs) for t, ms, rs in jobs if any((key_of(r), m, t) not in done for r in rs for m in ms)]
-    if not todo:
-        return {"answers": len(rows), "scored": 0}
-    trial_est = TrialEstimators(cfg, run, rows)
-    n_done = total - sum(len(rs) for _, _, rs in todo)
-    with progress("score", total=total, completed=n_done) as bar:
-        for trial, methods, rs in todo:
-            trial_est.set_trial(trial, [EnsembleSpec.from_label(m) for m in methods if m not in TARGET_ONLY])
-            for row in rs:
-                missing = [m for m in methods if (key_of(row), m, trial) not in done]
-                if missing:
-                    res = trial_est.score(row, missing)
-                    runio.append_jsonl(path, [
-                        {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
-                         "variance": rounded(s.variance), "bias": rounded(s.bias)} for m, s in res.items()])
-                bar.update(advance=1, info=f"trial {trial}")
-    return {"answers": len(rows), "scored": total - n_done}
+    mine = [(t, ms, rs[rank::world]) for t, ms, rs in jobs]
+    total = sum(len(rs) for _, _, rs in mine)
+    todo = [(t, ms, rs) for t, ms, rs in mine if any((key_of(r), m, t) not in done for r in rs for m in ms)]
+    scored = 0
+    if todo:
+        trial_est = TrialEstimators(cfg, run, rows)  # every process: the prefix of all answers, the same numbers
+        n_done = total - sum(len(rs) for _, _, rs in todo)
+        scored = total - n_done
+        with progress("score", total=total, completed=n_done, enabled=rank == 0) as bar:
+            for trial, methods, rs in todo:
+                trial_est.set_trial(trial, [EnsembleSpec.from_label(m) for m in methods if m not in TARGET_ONLY])
+                for row in rs:
+                    missing = [m for m in methods if (key_of(row), m, trial) not in done]
+                    if missing:
+                        res = trial_est.score(row, missing)
+                        runio.append_jsonl(path, [
+                            {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
+                             "variance": rounded(s.variance), "bias": rounded(s.bias)} for m, s in res.items()])
+                    bar.update(advance=1, info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every part is complete before the merge
+    if rank == 0:
+        _merge(run, jobs, world)
+    return {"answers": len(rows), "scored": scored, "processes": world}
+
+
+def _merge(run: Path, jobs, world: int) -> None:
+    """The parts as eval/token_eu.jsonl, in the order of (trial, answer, method); parts removed."""
+    parts = [part_path(run, r) for r in range(world)]
+    found = {(r["key"], r["method"], r["trial"]): r for p in parts for r in runio.read_jsonl(p)}
+    ordered = [found[(key_of(row), m, t)] for t, methods, rows in jobs for row in rows for m in methods]
+    runio.write_text_atomic(run / TOKEN_EU, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    for p in parts:
+        p.unlink(missing_ok=True)
