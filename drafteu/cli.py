@@ -169,6 +169,10 @@ def _fail(message: str) -> None:
 
 
 def _stage(go, threads) -> None:
+    """Run a command: a DraftEUError or an OSError (a full disk, a read-only or missing folder) is one
+    line naming the path and what to do, never a traceback; finished work stays on disk."""
+    from drafteu import runio
+
     try:
         from drafteu import models
 
@@ -177,6 +181,8 @@ def _stage(go, threads) -> None:
         go()
     except DraftEUError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(runio.describe_oserror(e))
 
 
 @config_command(ScoreConfig, "score")
@@ -315,12 +321,16 @@ def report(
     PUBLISH/NAME.json; text above the generated part of an existing NAME.md is kept)."""
     def go():
         from drafteu import report as rep
+        from drafteu import runio
         from drafteu.config import load_experiment
 
         if not (run_dir / "config.yaml").is_file():
             raise DraftEUError(f"{run_dir} is not a run directory (no config.yaml); give the --run of a `reproduce`")
         cfg = load_experiment(run_dir / "config.yaml")
-        console.print(f"wrote {rep.write(cfg, run_dir)}")
+        if publish is not None:  # a bad --publish or --name is refused before anything is written
+            rep.check_publish(publish, name or cfg.name)
+        with runio.locked(run_dir, "run"):
+            console.print(f"wrote {rep.write(cfg, run_dir)}")
         if publish is not None:
             paths = rep.publish(run_dir, publish, name or cfg.name)
             console.print("published " + ", ".join(str(p) for p in paths.values()))

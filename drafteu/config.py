@@ -216,6 +216,19 @@ class EvalSection:
     heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
 
     def __post_init__(self):
+        if self.temperature < 0:
+            raise DraftEUError(f"eval.temperature must be >= 0 (0: greedy answers), got {self.temperature}")
+        if self.questions is not None and self.questions < 1:
+            raise DraftEUError(f"eval.questions must be >= 1 (or null: all), got {self.questions}")
+        if self.fidelity_questions is not None and self.fidelity_questions < 1:
+            raise DraftEUError(f"eval.fidelity_questions must be >= 1 (or null: all), got {self.fidelity_questions}")
+        if self.proxy_questions is not None and self.proxy_questions < 1:
+            raise DraftEUError(f"eval.proxy_questions must be >= 1 (or null: all), got {self.proxy_questions}")
+        for key in ("max_new_tokens", "batch_size", "bootstrap", "ece_bins", "cost_responses"):
+            if getattr(self, key) < 1:
+                raise DraftEUError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.heatmap_examples < 0:
+            raise DraftEUError(f"eval.heatmap_examples must be >= 0, got {self.heatmap_examples}")
         bad = [a for a in self.aggregations if a not in AGGREGATIONS]
         if bad or not self.aggregations:
             raise DraftEUError(f"eval.aggregations must be from {AGGREGATIONS}, got {self.aggregations}")

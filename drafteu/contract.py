@@ -68,9 +68,11 @@ def changes(old: dict, new: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of ``reproduce``: ``run(ctx)`` does the work (resuming what a killed run left);
-    ``reads(cfg)`` is the config slice it reads; ``after(cfg)`` the stages it consumes;
-    ``outputs`` the run-relative paths it writes (deleted when it is recomputed).  Bump
+    """One stage of ``reproduce``: ``run(ctx)`` does the work (resuming what a killed run left, and
+    rebuilding only what is missing); ``reads(cfg)`` is the config slice it reads; ``after(cfg)``
+    the stages it consumes; ``outputs`` the run-relative paths it writes (deleted when it is
+    recomputed; globs allowed); ``products(cfg, run)`` the files a finished stage must have (one
+    deleted - a damaged file the user removed - makes the stage resume and rebuild it).  Bump
     ``version`` when what the stage computes from the same inputs changes."""
 
     name: str
@@ -78,6 +80,7 @@ class Stage:
     reads: Callable[[Any], dict]
     after: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
     outputs: tuple[str, ...] = ()
+    products: Callable[[Any, Path], list[Path]] = lambda cfg, run: []
     version: int = 1
     every_process: bool = False  # training: under `accelerate launch` every process runs it
 
@@ -142,8 +145,10 @@ def _has_outputs(run: Path, stage: Stage) -> bool:
     return bool(_paths(run, stage))
 
 
-def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[str, str]) -> Decision:
-    """Compare the stage's stamp with its inputs now (the one place that decides reuse)."""
+def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[str, str],
+           products: list[Path] = ()) -> Decision:
+    """Compare the stage's stamp with its inputs now (the one place that decides reuse); a done
+    stage missing one of its ``products`` resumes to rebuild it."""
     stamp = read_stamp(stamp_path(run, stage.name))
     d = Decision(stage, digest, inputs, upstream, "run")
     if stamp is None:
@@ -151,7 +156,10 @@ def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[st
             d.action, d.why = "recompute", "its outputs have no record of the inputs they were made from"
         return d
     if stamp["digest"] == digest:
-        d.action = "skip" if stamp.get("status") == "done" else "resume"
+        missing = [p for p in products if not Path(p).exists()]
+        d.action = "skip" if stamp.get("status") == "done" and not missing else "resume"
+        if missing and stamp.get("status") == "done":
+            d.why = f"{Path(missing[0]).relative_to(run)} is missing" + (f" (+{len(missing) - 1} more)" * (len(missing) > 1))
         return d
     d.action = "recompute"
     why = changes(stamp.get("inputs", {}), inputs)
@@ -211,7 +219,8 @@ def claim(directory: Path, inputs: dict, *, what: str) -> None:
     digest = runio.digest(inputs)
     if stamp is not None and stamp["digest"] == digest:
         return
-    made = directory.is_dir() and any(p.name not in (STAMP, "config.yaml") for p in directory.iterdir())
+    bookkeeping = (STAMP, "config.yaml", runio.LOCK, runio.LOCK_OWNER)
+    made = directory.is_dir() and any(p.name not in bookkeeping for p in directory.iterdir())
     if made and stamp is not None:
         diff = changes(stamp.get("inputs", {}), inputs)
         raise DraftEUError(f"{directory} holds {what} made from other inputs ({'; '.join(diff[:6])}"

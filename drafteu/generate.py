@@ -281,7 +281,13 @@ def _backend(cfg: GenerateConfig, lm, max_len: int):
 
 
 def run(cfg: GenerateConfig) -> dict:
-    """Generate the missing samples, append them, and write config.yaml + manifest.json."""
+    """Generate the missing samples, append them, and write config.yaml + manifest.json (one process
+    writes OUT at a time)."""
+    with runio.locked(cfg.out, "samples folder"):
+        return _run(cfg)
+
+
+def _run(cfg: GenerateConfig) -> dict:
     started = time.time()
     contract.claim(cfg.out, runio.identity(cfg), what="samples")  # resume only the same samples
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,15 +140,41 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
+def writable_cache() -> Path:
+    """``cache_dir()``, created if needed, or a one-line error naming ``DRAFTEU_CACHE`` when it is a
+    file or cannot be written (it holds converted models and trained draft bases)."""
+    root = cache_dir()
+    var = "DRAFTEU_CACHE" if os.environ.get("DRAFTEU_CACHE") else "the cache folder (DRAFTEU_CACHE unset)"
+    if root.exists() and not root.is_dir():
+        raise DraftEUError(f"{var} = {root} is a file; point DRAFTEU_CACHE to a folder drafteu may write "
+                           "(converted models and draft bases are kept there)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DraftEUError(f"{var} = {root} cannot be written ({e.strerror or e}); point DRAFTEU_CACHE to a "
+                           "writable folder") from None
+    return root
+
+
 def _convert_gguf(directory: str, gguf_file: str) -> Path:
-    """Dequantize a GGUF once and save it as a safetensors HF directory (cached)."""
+    """Dequantize a GGUF once and save it as a safetensors HF directory (cached).  Reading the GGUF
+    and writing the cache fail differently: a bad file is the model's fault, a full or read-only
+    cache is not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _gguf_cache_path(Path(directory) / gguf_file)
     if (target / "config.json").is_file():
         return target
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    writable_cache()
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:
+        raise DraftEUError(f"{Path(directory) / gguf_file} is not a valid GGUF model "
+                           f"({str(e).splitlines()[0][:160]}); re-download it, or pass another model") from None
     # A GGUF-loaded model carries its (de)quantizer and refuses save_pretrained; its weights are
     # already plain float tensors, so dropping the quantizer attributes is safe.
     model.hf_quantizer = None
@@ -155,20 +182,36 @@ def _convert_gguf(directory: str, gguf_file: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion leaves no half-written cache entry
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a killed conversion leaves no half-written cache entry
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
 def converted_gguf(directory: str, gguf_file: str) -> Path:
     """The cached safetensors directory of a GGUF (converted on first use), for engines that load
     HF directories (vLLM)."""
+    return _convert_gguf(directory, gguf_file)
+
+
+def model_config(spec: str):
+    """A model spec's transformers config (no weights read), or a DraftEUError naming the problem."""
+    from transformers import AutoConfig
+
+    path, gguf_file = resolve(spec)
     try:
-        return _convert_gguf(directory, gguf_file)
-    except (ValueError, OSError, KeyError) as e:
-        raise DraftEUError(f"{Path(directory) / gguf_file} is not a valid GGUF model "
-                           f"({str(e).splitlines()[0][:160]}); re-download it, or pass another model") from None
+        if gguf_file is not None:
+            converted = _gguf_cache_path(Path(path) / gguf_file)
+            if (converted / "config.json").is_file():
+                return AutoConfig.from_pretrained(converted)
+            return AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise DraftEUError(f"{spec}: cannot read its config ({str(e).splitlines()[0][:160]})") from None
 
 
 def load(

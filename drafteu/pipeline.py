@@ -17,6 +17,7 @@ and K-only noise) and bootstrap-resamples the evaluated questions.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -148,10 +149,10 @@ def stage_draft_base(ctx: Context) -> dict | None:
     from drafteu.train.loop import wait_for_everyone
 
     sec, out = cfg.draft_base, run / "draft_base"
-    cache = models.cache_dir() / "draft_base"
+    cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
     target = models.identity(cfg.target)
     home = cache / f"L{sec.layers}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
-    reused = sec.cache and (home / "model" / "manifest.json").exists()
+    reused = sec.cache and _verified_entry(home / "model")
     samples = rundir.samples_path(run)
     gen = draft_base_data_cfg(cfg, home / "data")
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
@@ -163,7 +164,10 @@ def stage_draft_base(ctx: Context) -> dict | None:
         samples = gen.out / "samples.jsonl"
     if not sec.cache:
         return draft_base.run(draft_base_cfg(cfg, samples, out))
-    manifest = draft_base.run(draft_base_cfg(cfg, samples, home / "model"))
+    with runio.locked(home, "cached draft base"):  # two runs building one recipe: one trains, one waits
+        manifest = draft_base.run(draft_base_cfg(cfg, samples, home / "model"))
+        if runio.is_main_process() and not reused:  # what the entry is checked against before reuse
+            runio.write_json(home / "files.json", runio.files_digest(home / "model", skip=("trainer",)))
     manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": runio.identity(sec.data)}}
     if runio.is_main_process():
         tmp = out.with_name(out.name + ".tmp")
@@ -174,6 +178,31 @@ def stage_draft_base(ctx: Context) -> dict | None:
         tmp.rename(out)  # atomic: a killed copy leaves no half-written draft base
     wait_for_everyone()
     return manifest
+
+
+def _verified_entry(model_dir: Path) -> bool:
+    """Whether a cached draft base is complete and its files are the ones it was made with; a
+    damaged entry is said and removed, so this run rebuilds it (the entry's data is kept)."""
+    import shutil
+
+    from drafteu.progress import note
+
+    files = model_dir.parent / "files.json"
+    if not (model_dir / "manifest.json").exists() or not files.exists():
+        return False
+    try:
+        expected = runio.json_load(files)
+        found = runio.files_digest(model_dir, skip=("trainer",))
+    except (OSError, ValueError):
+        expected, found = None, {}
+    if found == expected:
+        return True
+    bad = sorted(k for k in set(found) | set(expected or {}) if (expected or {}).get(k) != found.get(k))
+    note(f"the cached draft base {model_dir} is damaged ({', '.join(bad[:3]) or 'files.json'} differs from when it "
+         "was made): rebuilding it")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    files.unlink(missing_ok=True)
+    return False
 
 
 def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, trial: int):
@@ -206,12 +235,20 @@ def drafts_cfgs(cfg: ExperimentConfig, run: Path) -> list:
             for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: e.method == "konly")]
 
 
+def ensemble_files(dcfg) -> list[Path]:
+    """What a complete ensemble has: its manifest and every draft's adapter."""
+    from drafteu.train import drafts
+
+    out = dcfg.out / dcfg.method
+    return [out / "manifest.json"] + [out / n / "adapter_model.safetensors" for n in drafts.adapter_names(dcfg)]
+
+
 def stage_drafts(ctx: Context) -> dict:
     from drafteu.train import drafts
 
     done = {}
     for dcfg in drafts_cfgs(ctx.cfg, ctx.run):
-        if not (dcfg.out / dcfg.method / "manifest.json").exists():  # complete ensembles of this stage
+        if not all(p.exists() for p in ensemble_files(dcfg)):  # drafts.run builds only the missing drafts
             done[str((dcfg.out / dcfg.method).relative_to(ctx.run))] = drafts.run(dcfg)["seconds"]
     return {"trained": done}
 
@@ -277,33 +314,45 @@ def _stages() -> tuple[Stage, ...]:
 
     trained = ("eval_samples", "drafts", "proxy")
     model = ("target", "dtype", "seed", "noise")
+
+    def files(*rel):  # the products of a stage: run-relative files
+        return lambda cfg, run: [run / r for r in rel]
+
+    def evaluation(name, fn, reads, after, outputs):
+        return Stage(name, _evaluation(name, fn), reads, after, outputs=outputs, version=2,
+                     products=files(f"eval/{name}.json"))
+
     return (
-        Stage("data", stage_data, reads_data, outputs=("data",)),
+        Stage("data", stage_data, reads_data, outputs=("data",), products=files("data/samples.jsonl")),
         Stage("draft_base", stage_draft_base, reads_draft_base, after_draft_base,
-              outputs=("draft_base", "draft_base_data"), every_process=True),
+              outputs=("draft_base", "draft_base_data"), every_process=True,
+              products=lambda cfg, run: [run / "draft_base" / "config.json", run / "draft_base" / "manifest.json"]
+              if cfg.draft_base.model == "truncate" else []),
         Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
-              every_process=True),
-        Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",)),
-        Stage("proxy", stage_proxy, reads_proxy, after_proxy, outputs=("proxy",), every_process=True),
-        Stage("eval_samples", stage_eval_samples, reads_eval_samples, outputs=(str(rundir.EVAL_SAMPLES),)),
+              every_process=True, products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
+        Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",),
+              products=lambda cfg, run: [g.out / "samples.jsonl" for g in teacher_cfgs(cfg, run)]),
+        Stage("proxy", stage_proxy, reads_proxy, after_proxy, outputs=("proxy",), every_process=True,
+              products=files("proxy/manifest.json", "proxy/adapter/adapter_model.safetensors")),
+        Stage("eval_samples", stage_eval_samples, reads_eval_samples, outputs=(str(rundir.EVAL_SAMPLES),),
+              products=files(f"{rundir.EVAL_SAMPLES}/samples.jsonl")),
         Stage("score", lambda ctx: scoring.stage_score(ctx.cfg, ctx.run),
               keys(*model, "eval.family_size", "eval.tokur_size", "eval.trials", "eval.retrain_per_trial",
                    "eval.fidelity_questions"), lambda cfg: trained,
               outputs=(str(rundir.TOKEN_EU), str(rundir.TOKEN_EU_META), "eval/token_eu.part*.jsonl"),
-              every_process=True),
-        Stage("proxy_robustness", _evaluation("proxy_robustness", stages.stage_proxy_robustness),
-              keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
-                   "eval.trials", "eval.bootstrap"), lambda cfg: trained,
-              outputs=("eval/proxy_bias.jsonl", "eval/proxy_robustness.json"), version=2),
-        Stage("fidelity", _evaluation("fidelity", stages.stage_fidelity),
-              keys("seed", "eval.trials", "eval.fidelity_questions", "eval.retrain_per_trial", "eval.bootstrap"),
-              lambda cfg: ("score",), outputs=("eval/fidelity.json",), version=2),
-        Stage("hallucination", _evaluation("hallucination", stages.stage_hallucination),
-              keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
-              lambda cfg: ("score",), outputs=("eval/hallucination.json",), version=2),
-        Stage("cost", _evaluation("cost", stages.stage_cost),
-              keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"), lambda cfg: trained,
-              outputs=("eval/cost.json",), version=2),
+              every_process=True, products=files(str(rundir.TOKEN_EU))),
+        evaluation("proxy_robustness", stages.stage_proxy_robustness,
+                   keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
+                        "eval.trials", "eval.bootstrap"), lambda cfg: trained,
+                   ("eval/proxy_bias.jsonl", "eval/proxy_robustness.json")),
+        evaluation("fidelity", stages.stage_fidelity,
+                   keys("seed", "eval.trials", "eval.fidelity_questions", "eval.retrain_per_trial", "eval.bootstrap"),
+                   lambda cfg: ("score",), ("eval/fidelity.json",)),
+        evaluation("hallucination", stages.stage_hallucination,
+                   keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
+                   lambda cfg: ("score",), ("eval/hallucination.json",)),
+        evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
+                   lambda cfg: trained, ("eval/cost.json",)),
     )
 
 
@@ -313,12 +362,40 @@ def _groups(heldout: float) -> int:
 
 
 def preflight(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Every check that can be made before any work: the run directory, the device, and whether the
-    configured questions are enough for every partition the stages will make."""
+    """Every check that can be made before any work, each naming its config key: the run directory,
+    the device, DRAFTEU_DIVERGENCE, the generation backend, the cache folder, the target and the
+    draft base (readable; the truncation depth within the target's), and whether the configured
+    questions are enough for every partition the stages will make."""
+    from drafteu import divergence, models
+
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DraftEUError(f"--run {run_dir} is a file; give a directory (new or an earlier run of this config)")
     hardware.resolve_device(cfg.device)
+    try:
+        divergence.choice()  # read by the score stage, after every training stage
+    except ValueError as e:
+        raise DraftEUError(str(e)) from None
+    if cfg.generation.backend == "vllm":
+        from drafteu.vllm_engine import INSTALL_HELP
+
+        if importlib.util.find_spec("vllm") is None:
+            raise DraftEUError(f"generation.backend is vllm, but vLLM is not installed: {INSTALL_HELP}, "
+                               "or set generation.backend: hf")
+    models.writable_cache()
+    try:
+        depth = models.model_config(cfg.target).num_hidden_layers
+    except DraftEUError as e:
+        raise DraftEUError(f"target: {e}") from None
+    db = cfg.draft_base
+    if db.model == "truncate" and db.layers > depth:
+        raise DraftEUError(f"draft_base.layers is {db.layers}, but the target ({cfg.target}) has {depth} layers; "
+                           f"choose 1..{depth}")
+    if db.model != "truncate":
+        try:
+            models.model_config(db.model)
+        except DraftEUError as e:
+            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, or 'truncate')") from None
     n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
     if n is None:
         return  # a dataset's size is known only once it is read
@@ -350,7 +427,7 @@ def plan(cfg: ExperimentConfig, run_dir: Path) -> list[contract.Decision]:
     found = contract.digests(STAGES, cfg)
     decisions, rebuilt = [], set()
     for stage in STAGES:
-        d = contract.decide(stage, Path(run_dir), *found[stage.name])
+        d = contract.decide(stage, Path(run_dir), *found[stage.name], products=stage.products(cfg, Path(run_dir)))
         ups = [u for u in d.upstream if u in rebuilt]
         if ups and d.action in ("skip", "resume"):
             d.action, d.why = "recompute", f"{', '.join(ups)} is rebuilt"
@@ -377,22 +454,25 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
     """Every stage in order (up to ``until`` when given), each skipped, resumed or recomputed as
     ``plan`` decides; then the report.  Returns the run manifest (per stage: seconds this run and
     the seconds it took to make)."""
-    from drafteu import report
-
     run_dir = Path(run_dir)
     names = [s.name for s in STAGES]
     if until is not None and until not in names:
         raise DraftEUError(f"--until {until!r}: not a stage; the stages are {', '.join(names)}")
     preflight(cfg, run_dir)  # config errors before any work
+    with runio.locked(run_dir, "run"):  # one process writes a run directory at a time
+        return _run(cfg, run_dir, log, names.index(until) + 1 if until is not None else len(names))
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
+    from drafteu import report
+
     device = hardware.resolve_device(cfg.device)
     precision = {sec: hardware.resolve_mixed_precision(getattr(cfg, sec).train.mixed_precision, device)[0]
                  for sec in ("draft_base", "drafts", "proxy")}
     hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}
     log(f"device {hw['device']} ({hw['hardware']}), model dtype {hw['dtype']}, "
         f"training mixed precision {', '.join(f'{k} {v}' for k, v in precision.items())}")
-    decisions = plan(cfg, run_dir)
-    if until is not None:
-        decisions = decisions[: names.index(until) + 1]
+    decisions = plan(cfg, run_dir)[:stages]
     main = runio.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -410,7 +490,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
         if d.action == "skip":
             log(f"[{name}] current: skipped")
         else:
-            log(f"[{name}] " + {"run": "...", "resume": "resuming ...",
+            log(f"[{name}] " + {"run": "...", "resume": f"resuming{f' ({d.why})' if d.why else ''} ...",
                                 "recompute": f"recomputing ({d.why}) ..."}[d.action])
         t0 = time.time()
         if d.action != "skip":
@@ -434,7 +514,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
                                             "seconds": manifest["last_run_seconds"]})
     if main:
         runio.write_json(manifest_path, manifest)
-    if main and until is None:
+    if main and stages == len(STAGES):
         log("[report] ...")
         report.write(cfg, run_dir)  # last, so it shows this run's stage timings
         log(f"[report] {run_dir / 'report.md'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from pathlib import Path
 
 from drafteu import runio
@@ -223,7 +224,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
              _pm(r["spearman"], 3)] for m, r in fid["methods"].items()]))
         truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
         md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
-               "'variance only' is DDD's JSD term alone.", ""]
+               "'variance only' is that ensemble's JSD term alone (no bias term).", ""]
     if rob:
         md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
                f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "
@@ -288,6 +289,23 @@ GENERATED = "<!-- written by `drafteu report --publish`: everything below this l
 EVAL_JSONS = ("fidelity", "proxy_robustness", "hallucination", "cost")
 
 
+def check_publish(out: Path, name: str) -> None:
+    """--publish takes a folder it can write and --name a plain file name: a one-line error otherwise."""
+    out = Path(out)
+    if not name or name in (".", "..") or name != Path(name).name or "/" in name or "\\" in name:
+        raise DraftEUError(f"--name {name!r}: give a plain file name (no folders, not '.' or '..'), e.g. "
+                           "embedded-study; the report goes to PUBLISH/NAME.md")
+    if out.exists() and not out.is_dir():
+        raise DraftEUError(f"--publish {out} is a file; give a folder, e.g. docs/results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DraftEUError(f"--publish {out} cannot be written ({e.strerror or e}); give a writable folder") from None
+
+
 def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     """Copy a run's results where they are committed: ``out/<name>.md`` (the report, figures linked
     as ``<name>/<figure>.png``), the figures and report.html in ``out/<name>/``, and ``out/<name>.json`` (config, stage times and every
@@ -298,6 +316,7 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     from drafteu.config import load_experiment
 
     run, out = Path(run), Path(out)
+    check_publish(out, name)
     if not (run / "report.md").exists():
         raise DraftEUError(f"{run} has no report.md; run `drafteu reproduce` (or `drafteu report --run {run}`) first")
     cfg = load_experiment(run / "config.yaml")

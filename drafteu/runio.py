@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -14,13 +16,25 @@ import yaml
 from drafteu.errors import DraftEUError
 
 
+def tmp_name(path: Path) -> Path:
+    """The temporary sibling a write to ``path`` goes through (``.<name>.tmp<pid>``): a killed
+    writer's leftovers are recognisable, and removed by ``sweep`` once that process is gone."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: a killed run never leaves a half-written file."""
+    """Write via a temporary file and rename: a killed run never leaves a half-written file, and a
+    failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    tmp = tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def json_load(path: Path):
@@ -87,6 +101,14 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def files_digest(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """``file_digest`` of every file under ``directory`` (relative path -> digest), except those
+    whose first path part is in ``skip``: what a cache entry is checked against before reuse."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): file_digest(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory).parts[0] not in skip}
 
 
 def versions() -> dict:
@@ -177,3 +199,93 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
         f.write(blob)
         f.flush()
         os.fsync(f.fileno())
+
+
+# -- one writer per directory, and what a dead one left behind -----------------------------------
+
+LOCK = ".drafteu.lock"
+LOCK_OWNER = ".drafteu.lock.json"
+_TMP = re.compile(r"\.tmp(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the temporary files of writers that are gone: ``*.tmp<pid>`` of dead processes, and
+    the ``*.tmp`` staging folders of adapters and copied draft bases (only called under the lock,
+    so no live writer owns them).  Returns what was removed."""
+    import shutil
+
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        m = _TMP.search(p.name)
+        stale = (m is not None and not _alive(int(m.group(1)))) or (p.name.endswith(".tmp") and p.is_dir())
+        if stale and (p.exists() or p.is_symlink()):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def locked(directory: Path, what: str = "run"):
+    """Hold ``directory``'s lock while writing it: one process at a time.  Another holder is a
+    one-line error naming it; the lock is an OS file lock (``filelock``), released when its holder
+    exits however it dies, so a killed run never blocks the next.  Under ``accelerate launch`` the
+    main process holds it for the whole job.  On entry, leftovers of dead writers are swept."""
+    from filelock import FileLock, Timeout
+
+    if not is_main_process():
+        yield
+        return
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DraftEUError(f"{directory} is a file; give a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            owner = json_load(directory / LOCK_OWNER)
+            who = f"process {owner['pid']} ({owner['command']}, since {owner['started']})"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise DraftEUError(f"{directory} is in use by {who}: one {what} is written by one process at a time; "
+                           "wait for it to finish (or stop it), then re-run") from None
+    try:
+        import sys
+
+        write_json(directory / LOCK_OWNER, {"pid": os.getpid(), "command": " ".join(
+            [Path(sys.argv[0]).name, *sys.argv[1:3]]), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        sweep(directory)
+        yield
+    finally:
+        (directory / LOCK_OWNER).unlink(missing_ok=True)
+        lock.release()
+
+
+def describe_oserror(e: OSError) -> str:
+    """One line for an OSError: the path, what the system said, and what to do."""
+    import errno
+
+    path = e.filename or ""
+    what = e.strerror or str(e)
+    fix = {errno.ENOSPC: "free some space there and re-run: finished work is kept and the stage resumes",
+           errno.EDQUOT: "free some space there and re-run: finished work is kept and the stage resumes",
+           errno.EACCES: "make it writable, or give another directory",
+           errno.EPERM: "make it writable, or give another directory",
+           errno.EROFS: "it is on a read-only file system; give another directory",
+           errno.ENOTDIR: "a part of that path is a file, not a directory; give another path",
+           errno.EISDIR: "it is a directory; give a file path"}.get(e.errno, "check the path and re-run")
+    return f"{path}: {what}; {fix}" if path else f"{what}; {fix}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -208,3 +209,213 @@ def test_hub_ids_say_they_try_the_hub_and_honour_offline_mode(monkeypatch):
     res = CliRunner().invoke(app, ["score", "--target", "no-such-org/no-such-model", "-q", "x", "--answer", "5"])
     _one_line_error(res, "could not load model 'no-such-org/no-such-model'")
     assert "not a local path" in res.output and "HF_HUB_OFFLINE" in res.output
+
+
+# -- nothing lost, nothing mixed (concurrent runs, kills, full disks, the cache, --publish) ---------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_two_reproduce_on_one_run_one_runs_the_other_is_refused(tmp_path, tiny_dir):
+    """A second `reproduce` on a run directory in use gets a one-line error naming the first process;
+    the first finishes with every (question, sample) once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    d = tiny_config(tiny_dir)
+    d["eval"]["trials"] = 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "reproduce", "-c", str(tmp_path / "c.yaml"),
+                              "--run", str(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "DRAFTEU_THREADS": "1"})
+    owner = run / runio.LOCK_OWNER
+    deadline = time.time() + 120
+    while not owner.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert owner.exists(), "the first reproduce never took the lock"
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(tmp_path / "c.yaml"), "--run", str(run)])
+    _one_line_error(res, "is in use by process", str(first.pid), "reproduce")
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    rows = runio.read_jsonl(run / "data" / "samples.jsonl")
+    assert len(rows) == len({(r["qid"], r["sample"]) for r in rows}) == 8 * 2
+    assert not owner.exists()
+
+
+def test_a_dead_processs_lock_and_temporary_files_do_not_block_or_stay(finished_run, tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "r1", run)
+    dead = _dead_pid()
+    runio.write_json(run / runio.LOCK_OWNER, {"pid": dead, "command": "drafteu reproduce", "started": "then"})
+    (run / runio.LOCK).touch()  # the lock file stays; the OS lock died with its process
+    leftovers = [run / f".manifest.json.tmp{dead}", run / "eval" / f".fidelity.json.tmp{dead}",
+                 run / "drafts" / "ddd" / "s0_m0.tmp"]
+    for p in leftovers[:2]:
+        p.write_text("half")
+    leftovers[2].mkdir()
+    live = run / f".other.json.tmp{__import__('os').getpid()}"  # a live writer's file is not touched
+    live.write_text("mine")
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(finished_run / "c.yaml"), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert not any(p.exists() for p in leftovers) and live.exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../x", "/tmp/x", "a/b"])
+def test_publish_takes_a_plain_name(finished_run, tmp_path, name):
+    docs = tmp_path / "docs" / "results"
+    docs.mkdir(parents=True)
+    res = CliRunner().invoke(app, ["report", "--run", str(finished_run / "r1"), "--publish", str(docs), "--name", name])
+    _one_line_error(res, "--name", "plain file name")
+    assert list(tmp_path.rglob("*.md")) == [] and list(docs.iterdir()) == []
+
+
+def test_publish_refuses_a_file_or_an_unwritable_folder(finished_run, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = CliRunner().invoke(app, ["report", "--run", str(finished_run / "r1"), "--publish", str(afile)])
+    _one_line_error(res, "--publish", "is a file")
+    res = CliRunner().invoke(app, ["report", "--run", str(finished_run / "r1"), "--publish", str(afile / "sub")])
+    _one_line_error(res, "--publish", "cannot be written")
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".write-test"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    res = CliRunner().invoke(app, ["report", "--run", str(finished_run / "r1"), "--publish", str(tmp_path / "ro")])
+    _one_line_error(res, "--publish", "cannot be written", "Permission denied")
+
+
+def test_a_damaged_draft_base_cache_entry_is_said_and_rebuilt(tmp_path, tiny_dir, _test_cache, capsys):
+    from drafteu import models, pipeline
+    from drafteu.config import load_experiment
+
+    d = tiny_config(tiny_dir)
+    d["draft_base"] |= {"cache": True, "data": {"questions": 6, "samples": 1, "max_new_tokens": 6}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    cfg = load_experiment(tmp_path / "c.yaml")
+    a = pipeline.stage_draft_base(pipeline.context(cfg, tmp_path / "a", "draft_base"))
+    weights = next(Path(a["cache"]["path"]).glob("model/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the entry is damaged
+    b = pipeline.stage_draft_base(pipeline.context(cfg, tmp_path / "b", "draft_base"))
+    said = capsys.readouterr()
+    assert b["cache"]["reused"] is False
+    assert f"the cached draft base {weights.parent} is damaged" in said.err + said.out
+    models.load(str(tmp_path / "b" / "draft_base"))  # the rebuilt copy loads
+    c = pipeline.stage_draft_base(pipeline.context(cfg, tmp_path / "c", "draft_base"))
+    assert c["cache"]["reused"] is True  # and the rebuilt entry is trusted again
+
+
+def test_a_cache_folder_that_is_a_file_or_unwritable_is_named(tmp_path, tiny_dir, monkeypatch):
+    d = tiny_config(tiny_dir)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    afile = tmp_path / "cachefile"
+    afile.write_text("x")
+    monkeypatch.setenv("DRAFTEU_CACHE", str(afile))
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(tmp_path / "c.yaml"), "--run", str(tmp_path / "r")])
+    _one_line_error(res, "DRAFTEU_CACHE", str(afile), "is a file")
+    assert not (tmp_path / "r").exists()
+    res = CliRunner().invoke(app, ["score", "-q", "What is 2 + 3?", "--answer", "5"])  # the embedded GGUF is converted there
+    _one_line_error(res, "DRAFTEU_CACHE", "is a file")
+    assert "not a valid GGUF" not in res.output
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path, tiny_dir, monkeypatch):
+    import errno
+
+    import torch
+
+    from drafteu.train import loop
+
+    real_write = Path.write_text
+
+    def full(self, text, *a, **kw):
+        if ".tmp" in self.name and "manifest" in self.name:
+            real_write(self, text[: len(text) // 2], *a, **kw)  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(app, ["generate", "-o", str(out), "--target", str(tiny_dir), "-n", "2", "--samples", "1",
+                                   "--max-new-tokens", "4"])
+    _one_line_error(res, "No space left on device", "free some space")
+    assert len(runio.read_jsonl(out / "samples.jsonl")) == 2  # the rows written before are kept
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    monkeypatch.setattr(Path, "write_text", real_write)
+
+    def no_space(obj, path, *a, **kw):  # torch's zip writer reports a full disk as a RuntimeError
+        Path(path).write_bytes(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 512")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("u", (), {"free": 1 << 20})())
+    res = CliRunner().invoke(app, ["train-drafts", "--samples", str(out / "samples.jsonl"), "--base", str(tiny_dir),
+                                   "--target", str(tiny_dir), "-o", str(tmp_path / "d"), "-S", "1", "-M", "1",
+                                   "--max-steps", "2", "--save-every", "1"])
+    _one_line_error(res, "checkpoint.pt", "No space left on device", "saving a training checkpoint")
+    assert not [p for p in (tmp_path / "d").rglob("*") if ".tmp" in p.name]
+    assert loop  # the loop module was imported (its save is what failed)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n"])
+def test_an_empty_config_is_an_error(tmp_path, text):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(cfg), "--run", str(tmp_path / "r")])
+    _one_line_error(res, "c.yaml is empty")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sets, env, needles", [
+    (["eval.temperature=-1"], {}, ["eval.temperature must be >= 0"]),
+    (["eval.questions=0"], {}, ["eval.questions must be >= 1"]),
+    (["draft_base.layers=1000"], {}, ["draft_base.layers is 1000", "has 4 layers"]),
+    (["draft_base.model=bogus"], {"HF_HUB_OFFLINE": "1"}, ["draft_base.model", "bogus"]),
+    (["draft_base.model=/no/such/sibling"], {}, ["draft_base.model", "not found"]),
+    ([], {"DRAFTEU_DIVERGENCE": "bogus"}, ["DRAFTEU_DIVERGENCE", "bogus"]),
+    (["generation.backend=vllm"], {}, ["generation.backend is vllm", "pip install 'drafteu[vllm]'"]),
+])
+def test_config_values_are_checked_before_any_work(tmp_path, tiny_dir, monkeypatch, sets, env, needles):
+    import importlib.util
+
+    if "generation.backend=vllm" in sets and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config(tiny_dir)))
+    args = ["reproduce", "-c", str(tmp_path / "c.yaml"), "--run", str(tmp_path / "r")]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    _one_line_error(res, *needles)
+    assert not (tmp_path / "r").exists()  # refused before the run directory was written
+
+
+def test_a_deleted_damaged_draft_is_the_only_one_rebuilt(finished_run, tmp_path):
+    """The advice for a damaged adapter - delete it and re-run - rebuilds that draft alone, to the
+    same bytes, and nothing after it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "r1", run)
+    adapter = run / "drafts" / "ddd" / "s0_m0" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    stamps = _stamps(run)
+    adapter.unlink()
+    res = CliRunner().invoke(app, ["reproduce", "-c", str(finished_run / "c.yaml"), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "[drafts] resuming (drafts/ddd/s0_m0/adapter_model.safetensors is missing)" in res.output
+    assert adapter.read_bytes() == before
+    after = _stamps(run)
+    assert [p for p in after if after[p] != stamps.get(p)] == [adapter.relative_to(run)]

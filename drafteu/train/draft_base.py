@@ -99,7 +99,13 @@ def distill_loss(target, draft, batch: dict) -> torch.Tensor:
 
 
 def run(cfg: DraftBaseConfig) -> dict:
-    """Truncate, distil, save; returns the manifest (agreement before/after, timings)."""
+    """Truncate, distil, save; returns the manifest (agreement before/after, timings).  One process
+    writes OUT at a time."""
+    with runio.locked(cfg.out, "draft base"):
+        return _run(cfg)
+
+
+def _run(cfg: DraftBaseConfig) -> dict:
     started = time.time()
     out = Path(cfg.out)
     rows = runio.read_samples(cfg.samples)

@@ -153,7 +153,13 @@ def _noise_adapters(base_model, names: list[str], noise: NoiseConfig, seeds: lis
 
 
 def run(cfg: DraftsConfig) -> dict:
-    """Train (or build) every draft of the ensemble that is not complete yet; write the manifest."""
+    """Train (or build) every draft of the ensemble that is not complete yet; write the manifest.
+    One process writes OUT/<method> at a time."""
+    with runio.locked(cfg.out / cfg.method, f"{cfg.method} ensemble"):
+        return _run(cfg)
+
+
+def _run(cfg: DraftsConfig) -> dict:
     started = time.time()
     out = cfg.out / cfg.method
     rows = runio.read_samples(cfg.samples)

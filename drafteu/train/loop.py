@@ -162,9 +162,23 @@ def lr_factor(cfg: TrainConfig, total: int):
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save through a temporary file; a failed write (torch reports a full disk as a
+    RuntimeError from its zip writer) leaves no temporary file and is an OSError naming the path."""
+    import errno
+    import shutil
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError):
+            free = shutil.disk_usage(path.parent).free
+            code = errno.ENOSPC if free < 64 << 20 else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} while saving a training checkpoint "
+                          f"({free >> 20} MiB free)", str(path)) from e
+        raise
 
 
 @contextmanager

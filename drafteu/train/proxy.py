@@ -149,7 +149,13 @@ def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: di
 
 
 def run(cfg: ProxyConfig) -> dict:
-    """Train p_mix by OSD; save the adapter; check it against the raw target on held-out data."""
+    """Train p_mix by OSD; save the adapter; check it against the raw target on held-out data.  One
+    process writes OUT at a time."""
+    with runio.locked(cfg.out, "proxy"):
+        return _run(cfg)
+
+
+def _run(cfg: ProxyConfig) -> dict:
     from peft import LoraConfig
 
     started = time.time()
