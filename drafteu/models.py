@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from drafteu import hardware
+from drafteu import hardware, runio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
@@ -148,14 +148,9 @@ def writable_cache() -> Path:
     if root.exists() and not root.is_dir():
         raise DraftEUError(f"{var} = {root} is a file; point DRAFTEU_CACHE to a folder drafteu may write "
                            "(converted models and draft bases are kept there)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DraftEUError(f"{var} = {root} cannot be written ({e.strerror or e}); point DRAFTEU_CACHE to a "
-                           "writable folder") from None
+    why = runio.unwritable(root)
+    if why:
+        raise DraftEUError(f"{var} = {root} cannot be written ({why}); point DRAFTEU_CACHE to a writable folder")
     return root
 
 

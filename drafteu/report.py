@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 from pathlib import Path
 
 from drafteu import runio
@@ -297,13 +296,9 @@ def check_publish(out: Path, name: str) -> None:
                            "embedded-study; the report goes to PUBLISH/NAME.md")
     if out.exists() and not out.is_dir():
         raise DraftEUError(f"--publish {out} is a file; give a folder, e.g. docs/results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DraftEUError(f"--publish {out} cannot be written ({e.strerror or e}); give a writable folder") from None
+    why = runio.unwritable(out)
+    if why:
+        raise DraftEUError(f"--publish {out} cannot be written ({why}); give a writable folder")
 
 
 def publish(run: Path, out: Path, name: str) -> dict[str, Path]:

@@ -275,6 +275,19 @@ def locked(directory: Path, what: str = "run"):
         lock.release()
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why ``directory`` (created if missing) cannot be written, or None when it can."""
+    try:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def describe_oserror(e: OSError) -> str:
     """One line for an OSError: the path, what the system said, and what to do."""
     import errno
