@@ -50,7 +50,7 @@ FLAGS = {"question": ("--question", "-q"), "out": ("--out", "-o"), "family_size"
          "questions": ("--questions", "-n"), "n_teacher": ("--n-teacher", "--teachers")}
 # Nested config sections as flat options: section -> {field: option name} ("*": every field, same name).
 NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme"}
-NESTED = {"noise": NOISE, "train": "*", "init_noise": {"sigma": "init_sigma"}}
+NESTED = {"noise": NOISE, "train": "*", "init_noise": {"sigma": "init_sigma"}, "quantize": "*"}
 
 
 def _option_type(typ):
@@ -194,8 +194,21 @@ def score(cfg: ScoreConfig) -> None:
     with console.status(f"scoring with {cfg.method} on {cfg.target} ..."):
         result = score_stage.run(cfg)
     console.print(heatmap(result))
+    _say_diagnostic(result)
     if cfg.json is not None:
         console.print(f"wrote {cfg.json}")
+
+
+def _say_diagnostic(result: dict) -> None:
+    """The bias term's share of a draft-ensemble EU, and the warning when it dominates."""
+    d = result.get("diagnostic")
+    if not d:
+        return
+    kl = f"; the draft base's KL to the target: {d['base_kl_to_target']:.4f} nats/token" if d["base_kl_to_target"] \
+        is not None else ""
+    console.print(f"bias term: {d['bias_share']:.0%} of the EU{kl}", highlight=False)
+    if d["warning"]:
+        err.print(f"warning: {escape(d['warning'])}", highlight=False, soft_wrap=True)
 
 
 @config_command(GenerateConfig, "generate")
@@ -268,6 +281,7 @@ def speculate(cfg: SpeculateConfig) -> None:
                   highlight=False)
     if cfg.eu:
         console.print(heatmap(result))
+        _say_diagnostic(result)
     if cfg.json is not None:
         console.print(f"wrote {cfg.json}")
 

@@ -122,10 +122,12 @@ class DraftBaseData(SamplingSettings):
 
 @dataclass(kw_only=True)
 class DraftBaseSection(DraftBaseSettings):
-    """The draft base: a sibling model, or 'truncate' (the target's first layers, warmed up with the
-    fields of `drafteu train-draft-base`)."""
+    """The draft base: a sibling model, 'truncate' (the target's first layers, warmed up with the
+    fields of `drafteu train-draft-base`) or 'quantize' (the target itself at low precision, the
+    ``quantize`` fields; docs/method.md §15)."""
 
-    model: str = field(default="truncate", metadata={"help": "sibling model (hub id / local dir), or 'truncate'"})
+    model: str = field(default="truncate", metadata={
+        "help": "sibling model (hub id / local dir), 'truncate' or 'quantize'"})
     data: DraftBaseData | None = field(default=None, metadata={
         "help": "the warm-up data: None = the run's draft data (the data section); a mapping of generate's "
                 "fields = target answers of its own (e.g. GSM8K train questions)"})

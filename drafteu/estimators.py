@@ -23,6 +23,24 @@ from drafteu.methods import ESTIMATORS
 from drafteu.posterior import NoisyModel, family_seeds, member_seed
 
 AGGREGATIONS = ("mean", "max", "sum")
+# The bias term's share of the estimate above which the drafts are too far from the target for
+# their EU to be epistemic (docs/method.md §15: truncated bases sit at 0.99+, int8 self-drafts
+# well below it).
+BIAS_WARN_SHARE = 0.9
+
+
+def bias_diagnostic(variance: torch.Tensor, bias: torch.Tensor, base_kl: float | None = None) -> dict:
+    """How much of a draft-ensemble estimate is its bias term KL(q_mix || p), and a plain warning
+    when that share passes ``BIAS_WARN_SHARE`` (docs/method.md §15).  ``base_kl``: the draft base's
+    measured KL to the target, when it was built by drafteu."""
+    total = float(variance.sum() + bias.sum())
+    share = float(bias.sum()) / total if total > 0 else 0.0
+    warning = None
+    if share > BIAS_WARN_SHARE:
+        warning = (f"the bias term is {share:.0%} of this EU: these drafts are too far from the target for their EU "
+                   "to be epistemic (docs/method.md §15); a closer draft base - a quantized copy of the target "
+                   "(draft_base.model: quantize) or a sibling - fixes it")
+    return {"bias_share": share, "base_kl_to_target": base_kl, "warn_above": BIAS_WARN_SHARE, "warning": warning}
 
 
 @dataclass
@@ -266,6 +284,11 @@ class DraftEnsemble(Estimator):
         self.names = list(manifest["adapters"])
         self.drafts_dir, self.dtype = Path(drafts_dir), dtype
         self.base_spec = manifest_base(manifest, self.drafts_dir)
+        base_manifest = Path(self.base_spec) / "manifest.json"
+        try:  # a drafteu-built base records its measured KL to the target
+            self.base_kl = json.loads(base_manifest.read_text(encoding="utf-8")).get("kl_to_target")
+        except (OSError, ValueError, AttributeError):
+            self.base_kl = None
         if device is None:  # next to the target, else where ``device: auto`` puts models
             device = next(target.model.parameters()).device if target.model is not None else "auto"
         base = models.load(self.base_spec, dtype=dtype, device=device)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -193,10 +194,28 @@ def converted_gguf(directory: str, gguf_file: str) -> Path:
     return _convert_gguf(directory, gguf_file)
 
 
+def quantized_recipe(spec: str) -> dict | None:
+    """The recipe of a quantized draft base directory (``quantize.RECIPE``), else None."""
+    from drafteu.quantize import RECIPE
+
+    path = Path(str(spec)).expanduser() / RECIPE
+    if not path.is_file():
+        return None
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+        recipe["target"], recipe["quantize"]  # noqa: B018 - the fields a recipe needs
+    except (ValueError, KeyError, TypeError):
+        raise DraftEUError(f"{path} is damaged (not a quantization recipe); delete {path.parent} and re-run") from None
+    return recipe
+
+
 def model_config(spec: str):
     """A model spec's transformers config (no weights read), or a DraftEUError naming the problem."""
     from transformers import AutoConfig
 
+    recipe = quantized_recipe(spec)
+    if recipe is not None:
+        return model_config(recipe["target"])
     path, gguf_file = resolve(spec)
     try:
         if gguf_file is not None:
@@ -227,6 +246,14 @@ def load(
 
     if dtype not in _DTYPES:
         raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    recipe = quantized_recipe(spec)
+    if recipe is not None:  # a quantized self-draft: the target, quantized as the recipe says
+        from drafteu import quantize
+
+        lm = load(recipe["target"], dtype=dtype, device=device, tokenizer_only=tokenizer_only)
+        if lm.model is not None:
+            quantize.apply(lm.model, quantize.QuantizeSettings(**recipe["quantize"]))
+        return LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name=spec, vocab_out=lm.vocab_out)
     device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)
     if gguf_file is None and not Path(path).exists() and not tokenizer_only:

@@ -61,14 +61,18 @@ def reads_data(cfg):
 
 def reads_draft_base(cfg):
     db = cfg.draft_base
+    if db.model == "quantize":  # measured on the run's held-out answers; no training, no data of its own
+        return pick(cfg, "target", "seed", "draft_base.model", "draft_base.quantize", "draft_base.heldout")
     if db.model != "truncate":
         return pick(cfg, "draft_base.model")  # a sibling: used as it is
     own_data = () if db.data is None else ("dtype", *backend_if_sampling(db.data.temperature))
-    return pick(cfg, "target", "seed", "draft_base", *own_data)
+    return pick(cfg, "target", "seed", "draft_base.model", "draft_base.layers", "draft_base.heldout",
+                "draft_base.train", "draft_base.data", *own_data)
 
 
 def after_draft_base(cfg):
-    return ("data",) if cfg.draft_base.model == "truncate" and cfg.draft_base.data is None else ()
+    db = cfg.draft_base
+    return ("data",) if db.model == "quantize" or (db.model == "truncate" and db.data is None) else ()
 
 
 def reads_drafts(cfg):
@@ -127,21 +131,23 @@ def draft_base_cfg(cfg: ExperimentConfig, samples: Path, out: Path):
     from drafteu.train import draft_base
 
     return draft_base.DraftBaseConfig(samples=samples, out=out, target=cfg.target, seed=cfg.seed, device=cfg.device,
+                                      kind=cfg.draft_base.model,
                                       **section_values(cfg.draft_base, draft_base.DraftBaseSettings))
 
 
 def stage_draft_base(ctx: Context) -> dict | None:
-    """The truncated, warmed-up draft base in ``run/draft_base``.
+    """The built draft base in ``run/draft_base``: the truncated, warmed-up target, or the target
+    quantized (``draft_base.model: quantize``: a recipe with its measured KL to the target).
 
-    With ``draft_base.cache`` it is trained once per machine, under
-    ``$DRAFTEU_CACHE/draft_base/L<layers>-<key>`` (key: the target's identity on this machine + the
+    With ``draft_base.cache`` it is built once per machine, under
+    ``$DRAFTEU_CACHE/draft_base/L<layers>-<key>`` or ``Q<bits>-<key>`` (key: the target's identity on this machine + the
     stage's digest, i.e. its recipe and - without ``draft_base.data`` - the run's draft data), and
     copied into each run (the copy keeps runs relocatable).  With ``draft_base.data`` the target first
     answers that task's train questions, cached under ``draft_base/data-<key of the data recipe>``
     so that recipes differing only in depth or training share one data set."""
     cfg, run = ctx.cfg, ctx.run
-    if cfg.draft_base.model != "truncate":
-        return None
+    if cfg.draft_base.model not in ("truncate", "quantize"):
+        return None  # a sibling model: nothing to build
     import shutil
 
     from drafteu import models
@@ -151,10 +157,11 @@ def stage_draft_base(ctx: Context) -> dict | None:
     sec, out = cfg.draft_base, run / "draft_base"
     cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
     target = models.identity(cfg.target)
-    home = cache / f"L{sec.layers}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
+    label = f"Q{sec.quantize.bits}" if sec.model == "quantize" else f"L{sec.layers}"
+    home = cache / f"{label}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
     reused = sec.cache and _verified_entry(home / "model")
     samples = rundir.samples_path(run)
-    gen = draft_base_data_cfg(cfg, home / "data")
+    gen = draft_base_data_cfg(cfg, home / "data") if sec.model == "truncate" else None
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
         if sec.cache:
             gen = dataclasses.replace(gen, out=cache / f"data-{runio.digest([target, runio.identity(gen)])}")
@@ -306,6 +313,9 @@ def _evaluation(name: str, fn):
     return run_stage
 
 
+BASE_FILE = {"truncate": "config.json", "quantize": "quantized.json"}  # what a built draft base has
+
+
 def _stages() -> tuple[Stage, ...]:
     from drafteu.evaluate import scoring, stages
 
@@ -326,8 +336,8 @@ def _stages() -> tuple[Stage, ...]:
         Stage("data", stage_data, reads_data, outputs=("data",), products=files("data/samples.jsonl")),
         Stage("draft_base", stage_draft_base, reads_draft_base, after_draft_base,
               outputs=("draft_base", "draft_base_data"), every_process=True,
-              products=lambda cfg, run: [run / "draft_base" / "config.json", run / "draft_base" / "manifest.json"]
-              if cfg.draft_base.model == "truncate" else []),
+              products=lambda cfg, run: [run / "draft_base" / BASE_FILE[cfg.draft_base.model],
+                                         run / "draft_base" / "manifest.json"] if cfg.draft_base.model in BASE_FILE else []),
         Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
               every_process=True, products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
         Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",),
@@ -391,11 +401,16 @@ def preflight(cfg: ExperimentConfig, run_dir: Path) -> None:
     if db.model == "truncate" and db.layers > depth:
         raise DraftEUError(f"draft_base.layers is {db.layers}, but the target ({cfg.target}) has {depth} layers; "
                            f"choose 1..{depth}")
-    if db.model != "truncate":
+    if db.model == "quantize":
+        from drafteu.quantize import require_torchao
+
+        require_torchao()  # torchao importable, before any work
+    elif db.model != "truncate":
         try:
             models.model_config(db.model)
         except DraftEUError as e:
-            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, or 'truncate')") from None
+            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, 'truncate' or "
+                               "'quantize')") from None
     n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
     if n is None:
         return  # a dataset's size is known only once it is read

@@ -210,7 +210,8 @@ class NoisyModel:
 
 def svd_basis(weight: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` left singular vectors of ``weight`` (out, in) -> (out, rank), float32 CPU."""
-    u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    w = weight.dequantize() if hasattr(weight, "dequantize") else weight  # a quantized base's low-bit weight
+    u, _, _ = torch.linalg.svd(w.detach().float(), full_matrices=False)
     return u[:, :rank].cpu()
 
 

@@ -178,10 +178,38 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _bias_lines(run: Path, fid: dict) -> list[str]:
+    """The bias term next to the variance and the ground truth, the draft base's measured distance to
+    the target, and the warning when the bias dominates (docs/method.md §15)."""
+    from drafteu.estimators import BIAS_WARN_SHARE
+
+    lines = []
+    base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    if base.get("kl_to_target") is not None:
+        what = base.get("quantize") or f"{base.get('layers')} layers"
+        lines += [f"Draft base ({base.get('kind', 'truncate')}, {what}): KL to the target {base['kl_to_target']:.4f} "
+                  f"nats/token, top-1 agreement {base.get('top1_agreement_after') or float('nan'):.3f} on "
+                  f"{base.get('heldout_examples')} held-out answers"
+                  + (f"; its matmuls: {base['kernel']}" if base.get("kernel") else "") + ".", ""]
+    if fid.get("bias"):
+        lines.append(_table(["ensemble", "mean variance (JSD)", "mean bias KL(q_mix ‖ p_mix)", "bias share of EU",
+                             "bias / ground truth"],
+                            [[m, f"{b['mean_variance']:.4f}", f"{b['mean_bias']:.4f}", f"{b['share']:.0%}",
+                              f"{b['bias_vs_truth']:.1f}x" if b["bias_vs_truth"] is not None else "n/a"]
+                             for m, b in fid["bias"].items()]))
+        lines.append("")
+        worst = [m for m, b in fid["bias"].items() if b["share"] > BIAS_WARN_SHARE]
+        if worst:
+            lines += [f"**Warning**: the bias term is over {BIAS_WARN_SHARE:.0%} of the EU of {', '.join(worst)}: these "
+                      "drafts are too far from the target for their EU to be epistemic (docs/method.md §15).", ""]
+    return lines
+
+
 def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
     d, db, dr, p, e = cfg.data, cfg.draft_base, cfg.drafts, cfg.proxy, cfg.eval
     man = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
-    base = f"the target's first {db.layers} layers, warmed up by logit distillation" if db.model == "truncate" else db.model
+    base = {"truncate": f"the target's first {db.layers} layers, warmed up by logit distillation",
+            "quantize": f"the target itself, quantized ({db.quantize.name}, torchao)"}.get(db.model, db.model)
     steps = dr.train.max_steps or f"{dr.train.epochs} epoch(s)"
     lines = [
         f"- Target: `{cfg.target}`; draft base: {base}.",
@@ -224,6 +252,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
         md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
                "'variance only' is that ensemble's JSD term alone (no bias term).", ""]
+        md += _bias_lines(run, fid)
     if rob:
         md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
                f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "

@@ -2,7 +2,8 @@
 
     config.yaml  manifest.json       the experiment as run; stages, timings, hardware
     data/samples.jsonl               target samples on train questions          (generate)
-    draft_base/                      truncated + warmed-up target (draft_base.model: truncate); with
+    draft_base/                      truncated + warmed-up target (draft_base.model: truncate), or the
+                                     quantization recipe + its measured KL (quantize); with
                                      draft_base.cache a copy of $DRAFTEU_CACHE/draft_base/<recipe>/model
     draft_base_data/samples.jsonl    its own warm-up data (draft_base.data without cache; with cache:
                                      $DRAFTEU_CACHE/draft_base/<recipe>/data)
@@ -88,8 +89,8 @@ def draft_dir(run: Path, cfg, spec: EnsembleSpec, trial: int) -> Path:
 
 
 def base_model(cfg, run: Path) -> str:
-    """The draft base: the run's truncated target, or the configured sibling model."""
-    return str(Path(run) / "draft_base") if cfg.draft_base.model == "truncate" else cfg.draft_base.model
+    """The draft base: the run's built one (truncated or quantized target), or the configured sibling."""
+    return str(Path(run) / "draft_base") if cfg.draft_base.model in ("truncate", "quantize") else cfg.draft_base.model
 
 
 def samples_path(run: Path) -> Path:

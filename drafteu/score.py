@@ -95,6 +95,8 @@ def run(cfg: ScoreConfig) -> dict:
         est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
     scores = est.score(prompt_ids, response_ids)
     result = to_json(cfg.question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
+    if cfg.method == "drafts" and response_ids:
+        result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl)
     if cfg.json is not None:
         write_json(cfg.json, result)
     return result

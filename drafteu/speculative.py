@@ -462,14 +462,17 @@ def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
 
 
 def merged_draft(ens, name: str):
-    """A copy of the ensemble's base with draft ``name``'s adapter merged in (plain, fast model)."""
+    """A copy of the ensemble's base with draft ``name``'s adapter merged in (plain, fast model); on a
+    quantized base, which cannot take a merge, the base with that one adapter on."""
     from peft import PeftModel
 
     from drafteu import models
+    from drafteu.quantize import is_quantized
 
     device = next(ens.drafts.parameters()).device
     base = models.load(ens.base_spec, dtype=ens.dtype, device=device).model
-    return PeftModel.from_pretrained(base, ens.drafts_dir / name).merge_and_unload().eval()
+    one = PeftModel.from_pretrained(base, ens.drafts_dir / name)
+    return (one if is_quantized(base) else one.merge_and_unload()).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +521,8 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     else:
         result = {"question": cfg.question, "answer": answer, "method": method, "target": cfg.target,
                   "tokens": [{"id": int(t), "text": p} for t, p in zip(res.token_ids, pieces, strict=True)]}
+    if cfg.eu and res.token_ids:
+        result["diagnostic"] = estimators.bias_diagnostic(res.variance, res.bias, ens.base_kl)
     result["speculative"] = {
         "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
         "draft_dtype": cfg.draft_dtype, "compiled": dec.compile,

@@ -82,6 +82,16 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
             d["rmse"], f"RMSE of the best {proposed} ensemble ({a}) - the best other ({b}) (paper: < 0, "
             f"{proposed} has the lowest RMSE of the draft ensembles)")}
     out["comparisons"] = comparisons
+    # The bias term's share of each ensemble's estimate and its size next to the ground truth (trial 0):
+    # the diagnostic of drafts too far from the target (docs/method.md §15)
+    mean_truth = float(np.mean(np.concatenate(list(truth.values()))))
+    out["bias"] = {}
+    for m in labels(cfg):
+        var = np.concatenate([np.array(scores[(k, m, 0)]["variance"]) for k in qkeys])
+        bias = np.concatenate([np.array(scores[(k, m, 0)]["bias"]) for k in qkeys])
+        out["bias"][m] = {"mean_variance": float(var.mean()), "mean_bias": float(bias.mean()),
+                          "share": float(bias.sum() / max(var.sum() + bias.sum(), 1e-30)),
+                          "bias_vs_truth": float(bias.mean() / mean_truth) if mean_truth > 0 else None}
     return out
 
 

@@ -1,4 +1,5 @@
-"""The draft base: a layer-truncated copy of the target warmed up by logit distillation.
+"""The draft base: a layer-truncated copy of the target warmed up by logit distillation, or the
+target itself quantized (``kind: quantize``, ``drafteu.quantize``; no training).
 
 Offline there is no small sibling of the embedded target, so the "off-the-shelf" draft is the
 target's first n layers (``models.truncate_layers``), fully fine-tuned to minimize the forward
@@ -19,6 +20,7 @@ import torch
 from drafteu import contract, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
+from drafteu.quantize import QuantizeSettings
 from drafteu.train.loop import (
     Example,
     TrainConfig,
@@ -35,10 +37,14 @@ class DraftBaseSettings:
     """How the draft base is built from the target: shared by `drafteu train-draft-base` and the
     draft_base section of an experiment config."""
 
-    layers: int = field(default=6, metadata={"help": "decoder layers kept from the target"})
-    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement"})
+    layers: int = field(default=6, metadata={"help": "truncate: decoder layers kept from the target"})
+    heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out to measure agreement "
+                                                  "(and, for a quantized base, its KL to the target)"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, epochs=1.0, batch_size=8, grad_accum=1,
-                                                                   warmup_steps=10))
+                                                                   warmup_steps=10),
+                               metadata={"help": "truncate: the warm-up"})
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings,
+                                       metadata={"help": "quantize: the target at low precision"})
 
     def __post_init__(self):
         if self.layers < 1:
@@ -54,15 +60,30 @@ class DraftBaseConfig(DraftBaseSettings):
     samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
     out: Path = field(metadata={"help": "output directory (an HF model directory + manifest)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
+    kind: str = field(default="truncate", metadata={
+        "help": "truncate (the target's first LAYERS layers, warmed up by distillation) or quantize (the target "
+                "itself at 8 or 4 bits: no training; docs/method.md §15)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     location_fields = ("samples", "out", "device")  # where the run lives: not part of its identity
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in KINDS:
+            raise DraftEUError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
     def identity(self) -> dict:
-        """The recipe and the content of the samples file (not where it is)."""
+        """The recipe and the content of the samples file (not where it is); a kind's unused
+        settings are not part of it."""
         path = Path(self.samples)
-        return runio.fields_identity(self) | {"samples_sha256": runio.file_digest(path) if path.is_file() else None}
+        unused = ("layers", "train") if self.kind == "quantize" else ("quantize",)
+        return runio.fields_identity(self, unused) | {
+            "samples_sha256": runio.file_digest(path) if path.is_file() else None}
+
+
+KINDS = ("truncate", "quantize")
+MEASURED_ANSWERS = 64  # held-out answers a quantized base's KL and agreement are measured on
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -105,13 +126,59 @@ def run(cfg: DraftBaseConfig) -> dict:
         return _run(cfg)
 
 
+@torch.no_grad()
+def kl_to_target(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Mean per-token forward KL(p_target || q_draft) over the response tokens of ``examples``."""
+    device = next(draft.parameters()).device
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        total += float(distill_loss(target, draft, batch)) * float(batch["loss_mask"].sum())
+        count += float(batch["loss_mask"].sum())
+    return total / max(count, 1.0)
+
+
+def _portable(spec: str) -> str:
+    """A model spec a recipe can name from anywhere: a local path made absolute; ids as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
+    """A quantized self-draft: its recipe, and its KL and top-1 agreement to the target measured on
+    held-out answers (all answers when nothing is held out), as ``models.load`` runs it."""
+    from drafteu import quantize
+
+    out = Path(cfg.out)
+    lm = models.load(cfg.target, device=cfg.device)
+    eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
+    _, held_rows = split_heldout(rows, cfg.heldout, cfg.seed)
+    held = examples_from_rows(held_rows or rows, eos)[:MEASURED_ANSWERS]
+    import torchao
+
+    runio.write_json(out / quantize.RECIPE, {"target": _portable(cfg.target), "quantize": runio.plain(cfg.quantize),
+                                             "library": f"torchao {torchao.__version__}"})
+    draft = models.load(str(out), device=cfg.device).model
+    device = next(draft.parameters()).device
+    runio.write_config(out, cfg)
+    return runio.write_manifest(
+        out, "draft_base", cfg, started, kind="quantize", target=cfg.target, quantize=cfg.quantize.name,
+        kernel=quantize.kernel(cfg.quantize, device), parameters=sum(p.numel() for p in draft.parameters()),
+        weight_bytes=quantize.weight_bytes(draft), target_weight_bytes=quantize.weight_bytes(lm.model),
+        heldout_examples=len(held), kl_to_target=kl_to_target(lm.model, draft, held, pad),
+        top1_agreement_after=top1_agreement(lm.model, draft, held, pad), top1_agreement_before=None)
+
+
 def _run(cfg: DraftBaseConfig) -> dict:
     started = time.time()
     out = Path(cfg.out)
     rows = runio.read_samples(cfg.samples)
     contract.claim(out, runio.identity(cfg), what="a draft base")
-    if (out / "manifest.json").exists() and (out / "config.json").exists():
+    product = "quantized.json" if cfg.kind == "quantize" else "config.json"
+    if (out / "manifest.json").exists() and (out / product).exists():
         return runio.json_load(out / "manifest.json")  # complete, from the same inputs: skip
+    if cfg.kind == "quantize":
+        return _quantized(cfg, rows, started)
     lm = models.load(cfg.target, device=cfg.device)
     target = lm.model.eval()
     for p in target.parameters():
@@ -129,11 +196,12 @@ def _run(cfg: DraftBaseConfig) -> dict:
     loss_fn = functools.partial(distill_loss, target)
     stats = fit(draft, train_ex, loss_fn, cfg.train, out / "trainer", pad_id=pad, seed=cfg.seed, desc="draft base")
     after = top1_agreement(target, draft, held_ex, pad) if held_ex else None
+    after_kl = kl_to_target(target, draft, held_ex, pad) if held_ex else None
     draft.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     runio.write_config(out, cfg)
     return runio.write_manifest(
-        out, "draft_base", cfg, started, layers=cfg.layers, target=cfg.target,
+        out, "draft_base", cfg, started, kind="truncate", layers=cfg.layers, target=cfg.target, kl_to_target=after_kl,
         parameters=sum(p.numel() for p in draft.parameters()), train_examples=len(train_ex),
         heldout_examples=len(held_ex), top1_agreement_before=before, top1_agreement_after=after, train=stats,
     )

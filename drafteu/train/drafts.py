@@ -204,10 +204,8 @@ def _untrained(cfg, out, names, rows, parts, base_lm):
 
 
 def _konly(cfg, out, names, rows, parts, base_lm):
-    """One trained draft (``konly_from``: the same-seed DDD's s0_m0; else trained here as DDD's
-    s0_m0 would be, into ``OUT/konly/draft``) merged into the base, plus S*M noise copies of it."""
-    from peft import PeftModel
-
+    """One trained draft (``konly_from``: DDD's s0_m0; else trained here as DDD's s0_m0 would be, into
+    ``OUT/konly/draft``) plus K = S*M noise copies of it (``konly_adapters``), on the unchanged base."""
     timings = {}
     ddd_dir = cfg.konly_from
     if ddd_dir is None or not (ddd_dir / "adapter_model.safetensors").exists():
@@ -215,14 +213,51 @@ def _konly(cfg, out, names, rows, parts, base_lm):
         if not (ddd_dir / "adapter_model.safetensors").exists():
             timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
                                          False, ddd_dir, base_lm.tokenizer)
-    merged = PeftModel.from_pretrained(models.load(cfg.base, device=cfg.device).model, ddd_dir).merge_and_unload()
-    base_dir = str(out / "base")
-    if runio.is_main_process():
-        merged.save_pretrained(base_dir)
-        base_lm.tokenizer.save_pretrained(base_dir)
     seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
-    _noise_adapters(merged, names, cfg.noise, seeds, out)
-    return base_dir, timings
+    konly_adapters(base_lm.model, ddd_dir, names, cfg.noise, seeds, out)
+    return cfg.base, timings
+
+
+@torch.no_grad()
+def konly_adapters(base_model, trained: Path, names: list[str], noise: NoiseConfig, seeds: list[int], out: Path) -> None:
+    """K-only members as single adapters: member k is the trained LoRA and noise draw k side by side,
+    W + s B_t A_t + U_k eps_k exactly (the ranks concatenated on the noise modules: A = [A_t; eps],
+    B = [s B_t, U], scaling 1).  Nothing is merged into the base, so a quantized base keeps its
+    low-bit weights and every member is one more adapter of the ensemble's one batched forward."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from drafteu.posterior import draw_noise
+
+    tcfg = LoraConfig.from_pretrained(str(trained))
+    state = load_file(str(Path(trained) / "adapter_model.safetensors"))
+    r_t, s_t, r_n = tcfg.r, tcfg.lora_alpha / tcfg.r, noise.rank
+    targets = tcfg.target_modules
+    if not isinstance(targets, str):
+        targets = sorted(set(targets) | set(noise.target_modules))
+    wider = {m: r_t + r_n for m in noise.target_modules}
+    config = LoraConfig(r=r_t, lora_alpha=r_t, rank_pattern=wider, alpha_pattern=wider, target_modules=targets,
+                        lora_dropout=0.0, init_lora_weights=False, bias="none", task_type="CAUSAL_LM")
+    peft = get_peft_model(base_model, config, adapter_name=names[0])
+    for name, seed in zip(names, seeds, strict=True):
+        if name not in peft.peft_config:
+            peft.add_adapter(name, config)
+        for mod_name, module in peft.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is None or name not in lora_a:
+                continue
+            a, b = lora_a[name].weight, module.lora_B[name].weight  # (rank, in), (out, rank)
+            a.zero_()
+            b.zero_()
+            a_t, b_t = state.get(f"{mod_name}.lora_A.weight"), state.get(f"{mod_name}.lora_B.weight")
+            if a_t is not None:
+                a[:r_t] = a_t.to(a)
+                b[:, :r_t] = (b_t * s_t).to(b)
+            if mod_name.rsplit(".", 1)[-1] in noise.target_modules:
+                u, eps = draw_noise(noise, seed, mod_name, module.get_base_layer().weight)
+                a[r_t:r_t + r_n] = eps.to(a)
+                b[:, r_t:r_t + r_n] = u.to(b)
+        adapters.save_adapter(peft, name, out / name)
 
 
 def _trl(cfg, out, names, rows, parts, base_lm):
