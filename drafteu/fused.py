@@ -15,6 +15,7 @@ call (``compiled``: the static-cache decoding step of ``kvcache.StaticPrefixCach
 from __future__ import annotations
 
 import copy
+import re
 from contextlib import contextmanager
 
 import torch
@@ -61,6 +62,13 @@ class FusedDrafts:
         if not self.layers:
             raise DraftEUError("no LoRA modules carry the drafts' adapters")
         self._call = peft_model
+        # The shared trunk: when every adapter leaves the first s decoder layers alone (LoRA on the top
+        # layers only, ``drafts.lora_layers``), those layers are the same for the K drafts and run once.
+        lora_layers = {int(m.group(1)) for name, mod in peft_model.named_modules()
+                       if mod in {mo for mo, _ in self.layers} and (m := re.search(r"\.layers\.(\d+)\.", name))}
+        decoder = _decoder_layers(peft_model)
+        self.trunk = min(lora_layers) if real and lora_layers and decoder is not None else 0
+        self._expand = decoder[self.trunk] if self.trunk else None
 
     def _lora_forward(self, module, a: torch.Tensor, b: torch.Tensor):
         base, k = module.base_layer, self.k
@@ -100,6 +108,16 @@ class FusedDrafts:
             for module, _ in self.layers:
                 del module.forward  # back to the class's (PEFT's) forward
 
+    def _shares_trunk(self, input_ids: torch.Tensor, kwargs: dict) -> bool:
+        """The trunk runs once when the K rows are one sequence repeated (every scoring and decoding
+        call: batch 1 per draft) and the KV cache grows per layer (a static cache holds one batch size
+        for every layer)."""
+        from transformers import StaticCache
+
+        cache = next((v for k, v in kwargs.items() if k in ("cache", "past_key_values")), None)
+        return (self._expand is not None and input_ids.shape[0] == self.k and not isinstance(cache, StaticCache)
+                and bool((input_ids == input_ids[:1]).all()))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, adapter_names: list[str] | None = None, **kwargs):
         rows = input_ids.shape[0]
@@ -109,4 +127,23 @@ class FusedDrafts:
         if adapter_names is not None and adapter_names != [n for n in self.names for _ in range(per)]:
             raise ValueError("fused drafts need the adapter-major layout: each name repeated per row, in order")
         with self._fused():
-            return self._call(input_ids=input_ids, **kwargs)
+            if not self._shares_trunk(input_ids, kwargs):
+                return self._call(input_ids=input_ids, **kwargs)
+            # one row through layers < trunk, then K rows (the same hidden state) through the rest
+            k = self.k
+
+            def expand(module, args, kw):
+                hidden = args[0] if args else kw.pop("hidden_states")
+                return (hidden.expand(k, *hidden.shape[1:]).contiguous(), *args[1:]), kw
+
+            handle = self._expand.register_forward_pre_hook(expand, with_kwargs=True)
+            try:
+                return self._call(input_ids=input_ids[:1], **kwargs)
+            finally:
+                handle.remove()
+
+
+def _decoder_layers(model):
+    """The decoder's layer list (``model.model.layers`` under any PEFT wrapping), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "model", None), "layers", None)

@@ -328,8 +328,8 @@ def _stages() -> tuple[Stage, ...]:
     def files(*rel):  # the products of a stage: run-relative files
         return lambda cfg, run: [run / r for r in rel]
 
-    def evaluation(name, fn, reads, after, outputs):
-        return Stage(name, _evaluation(name, fn), reads, after, outputs=outputs, version=2,
+    def evaluation(name, fn, reads, after, outputs, version=2):
+        return Stage(name, _evaluation(name, fn), reads, after, outputs=outputs, version=version,
                      products=files(f"eval/{name}.json"))
 
     return (
@@ -360,7 +360,7 @@ def _stages() -> tuple[Stage, ...]:
                    lambda cfg: ("score",), ("eval/fidelity.json",)),
         evaluation("hallucination", stages.stage_hallucination,
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
-                   lambda cfg: ("score",), ("eval/hallucination.json",)),
+                   lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling
         evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
                    lambda cfg: trained, ("eval/cost.json",)),
     )

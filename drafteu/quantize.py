@@ -49,13 +49,13 @@ class QuantizeSettings:
 
     def __post_init__(self):
         if self.bits not in (8, 4):
-            raise DraftEUError(f"draft_base.quantize.bits must be 8 or 4, got {self.bits}")
+            raise DraftEUError(f"bits must be 8 or 4, got {self.bits}")
         if self.scheme not in SCHEMES:
-            raise DraftEUError(f"draft_base.quantize.scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+            raise DraftEUError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.scheme == "dynamic" and self.bits != 8:
-            raise DraftEUError("draft_base.quantize.scheme dynamic is int8 only; use bits: 8 or scheme: weight-only")
+            raise DraftEUError("scheme dynamic is int8 only; use bits: 8 or scheme: weight-only")
         if self.group_size is not None and (self.group_size < 1 or self.group_size & (self.group_size - 1)):
-            raise DraftEUError(f"draft_base.quantize.group_size must be a power of 2 (or null), got {self.group_size}")
+            raise DraftEUError(f"group_size must be a power of 2 (or null), got {self.group_size}")
 
     @property
     def groups(self) -> int | None:
@@ -97,6 +97,10 @@ def _quantized_linear(module: torch.nn.Module, fqn: str) -> bool:
 
 def apply(model: torch.nn.Module, q: QuantizeSettings) -> torch.nn.Module:
     """Quantize ``model``'s decoder linear layers in place (round to nearest, symmetric)."""
+    import warnings
+
+    # PEFT warns that LoRA on these weights cannot be merged: drafteu never merges into them
+    warnings.filterwarnings("ignore", message=".*instantiated without `get_apply_tensor_subclass`.*")
     tq, _, _ = require_torchao()
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m.in_features % (q.groups or 1):

@@ -181,7 +181,7 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
 def _bias_lines(run: Path, fid: dict) -> list[str]:
     """The bias term next to the variance and the ground truth, the draft base's measured distance to
     the target, and the warning when the bias dominates (docs/method.md §15)."""
-    from drafteu.estimators import BIAS_WARN_SHARE
+    from drafteu.estimators import BASE_KL_WARN, BIAS_WARN_SHARE
 
     lines = []
     base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
@@ -202,6 +202,10 @@ def _bias_lines(run: Path, fid: dict) -> list[str]:
         if worst:
             lines += [f"**Warning**: the bias term is over {BIAS_WARN_SHARE:.0%} of the EU of {', '.join(worst)}: these "
                       "drafts are too far from the target for their EU to be epistemic (docs/method.md §15).", ""]
+        if (base.get("kl_to_target") or 0) > BASE_KL_WARN:
+            lines += [f"**Warning**: the draft base's KL to the target ({base['kl_to_target']:.2f} nats/token) is over "
+                      f"{BASE_KL_WARN}: every ensemble on it is too far from the target for its EU to be epistemic "
+                      "(docs/method.md §15).", ""]
     return lines
 
 
@@ -298,6 +302,10 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
             [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
              f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+        base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+        if base.get("kernel"):
+            md += ["", f"The drafts ran on the quantized base as it is: {base['kernel']}; its weights take "
+                   f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's {base['target_weight_bytes'] / 2**20:.0f} MiB."]
         md.append("")
     checks = claims(fid, rob, hal, cst)
     if checks:

@@ -73,8 +73,7 @@ def identity(obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if hasattr(obj, "identity"):
             return obj.identity()
-        skip = set(getattr(obj, "location_fields", ()))
-        return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+        return fields_identity(obj)
     if isinstance(obj, (list, tuple)):
         return [identity(x) for x in obj]
     if isinstance(obj, dict):
@@ -84,9 +83,13 @@ def identity(obj):
 
 def fields_identity(obj, skip: tuple[str, ...] = ()) -> dict:
     """The default ``identity`` of dataclass ``obj`` with the fields ``skip`` left out too (for
-    ``identity()`` methods that drop fields by value)."""
+    ``identity()`` methods that drop fields by value).  A field a class lists in ``optional_fields``
+    counts only when set (not None): an option added later, while off, leaves the identities of
+    earlier runs - and of runs that do not use it - as they were."""
     drop = set(skip) | set(getattr(obj, "location_fields", ()))
-    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in drop}
+    optional = set(getattr(obj, "optional_fields", ()))
+    return {f.name: identity(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if f.name not in drop and not (f.name in optional and getattr(obj, f.name) is None)}
 
 
 def config_hash(cfg) -> str:

@@ -95,7 +95,8 @@ OTHER = {"target": "other-model", "dtype": "float32", "device": "cpu", "name": "
          "generation.backend": "vllm", "draft_base.model": "sibling", "draft_base.data": {"questions": 5},
          "drafts.methods": ["ddd"], "drafts.layouts": [[1, 1]], "drafts.lora_modules": "q_proj",
          "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "eval.task": "tasks/other.jsonl",
-         "eval.split": "train", "eval.aggregations": ["max"], "eval.proxy_ks": [2]}
+         "eval.split": "train", "eval.aggregations": ["max"], "eval.proxy_ks": [2],
+         "draft_base.quantize.bits": 4, "draft_base.quantize.group_size": 32, "draft_base.quantize.scheme": "dynamic"}
 
 
 def _other(key, typ, value):
@@ -117,8 +118,9 @@ def _builders(cfg, run):
     """The configs each training / generation stage builds (their identity is what they compute)."""
     return {
         "data": [pipeline.data_cfg(cfg, run)],
-        "draft_base": [pipeline.draft_base_cfg(cfg, run / "s.jsonl", run / "b"),
-                       pipeline.draft_base_data_cfg(cfg, run / "d")] if cfg.draft_base.model == "truncate" else [],
+        "draft_base": [pipeline.draft_base_cfg(cfg, run / "s.jsonl", run / "b")]
+        + ([pipeline.draft_base_data_cfg(cfg, run / "d")] if cfg.draft_base.model == "truncate" else [])
+        if cfg.draft_base.model in ("truncate", "quantize") else [],
         "drafts": pipeline.drafts_cfgs(cfg, run),
         "teachers": pipeline.teacher_cfgs(cfg, run),
         "proxy": [pipeline.proxy_cfg(cfg, run)],
@@ -126,16 +128,18 @@ def _builders(cfg, run):
     }
 
 
-@pytest.mark.parametrize("variant", ["demo", "teachers+own base data"])
+VARIANTS = {"demo": {}, "teachers+own base data": {"proxy.data": "teachers", "proxy.questions": 4,
+                                                   "draft_base.data": {"questions": 6}},
+            "quantized base": {"draft_base.model": "quantize"}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stages_read_every_key_their_work_depends_on(tmp_path, variant):
     """For every config key neither a stage nor its upstream stages declare, changing it leaves what
     the stage builds (its configs' identity) unchanged: a stage cannot depend on a key the contract
     does not watch."""
     root = Path(__file__).resolve().parents[1]
-    base = load_experiment(root / "configs" / "demo.yaml")
-    if variant != "demo":
-        base = load_experiment(root / "configs" / "demo.yaml", {
-            "proxy.data": "teachers", "proxy.questions": 4, "draft_base.data": {"questions": 6}})
+    base = load_experiment(root / "configs" / "demo.yaml", VARIANTS[variant])
     run = tmp_path / "run"
     built = {k: [runio.identity(c) for c in v] for k, v in _builders(base, run).items()}
     watched: dict[str, set[str]] = {}
@@ -148,9 +152,9 @@ def test_stages_read_every_key_their_work_depends_on(tmp_path, variant):
             value = getattr(value, part, None)
         new = _other(key, typ, value)
         try:
-            cfg = load_experiment(root / "configs" / "demo.yaml", {**{
-                "proxy.data": base.proxy.data, "proxy.questions": base.proxy.questions,
-                "draft_base.data": runio.plain(base.draft_base.data)}, key: new})
+            if key == "draft_base.quantize.group_size" and base.draft_base.quantize.bits == 8 and new is None:
+                continue
+            cfg = load_experiment(root / "configs" / "demo.yaml", {**VARIANTS[variant], key: new})
         except DraftEUError as e:
             raise AssertionError(f"{key} = {new!r} is not a valid value: {e}") from e
         for stage in pipeline.STAGES:
@@ -196,6 +200,9 @@ TABLE = [
     ({"eval.ece_bins": 10}, ["hallucination"]),
     ({"eval.cost_responses": 1}, ["cost"]),
     ({"eval.heatmap_examples": 2}, []),
+    ({"draft_base.model": "quantize"}, ["draft_base"] + TRAINED),
+    ({"draft_base.quantize.bits": 4, "drafts.lora_layers": None}, []),  # a truncated base does not read them
+    ({"drafts.lora_layers": 1}, TRAINED),
 ]
 # rows run for real (the others are checked through the plan, which is what `run` follows)
 REAL = [2, 3, 5, 7, 11, 12, 14, 17, 19, 21, 22, 23]

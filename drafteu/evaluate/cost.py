@@ -14,9 +14,11 @@ def parameters(model) -> int:
     members, drafts, the proxy: small next to the base) left out."""
     seen, total = set(), 0
     for name, p in model.named_parameters():
-        if "lora_" in name or p.data_ptr() in seen:
+        # a quantized weight (a tensor subclass) has no storage of its own: data_ptr() is 0 for all of them
+        key = p.data_ptr() or id(p)
+        if "lora_" in name or key in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         total += p.numel()
     return total
 

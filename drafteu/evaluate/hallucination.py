@@ -153,11 +153,22 @@ def evaluate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_f
     y = label[~fit]
     point = metrics(prob, y, bins)
     draws = question_bootstrap(prob, y, [q for q, f in zip(qids, fit, strict=True) if not f], bootstrap, seed + 1, bins)
+    # the fitted map, P(wrong) = sigmoid(coef * (score - score_mean) / score_std + intercept)
     out = {"n_fit": int(fit.sum()), "n_test": int(len(y)), "wrong_rate_test": float(y.mean()),
-           "coef": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0])}
+           "coef": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0]),
+           "score_mean": float(mu), "score_std": float(sd)}
     for k, v in point.items():
         arr = draws[k]
         arr = arr[~np.isnan(arr)]
         lo, hi = (np.percentile(arr, [2.5, 97.5]) if arr.size else (float("nan"), float("nan")))
         out[k] = {"value": v, "low": float(lo), "high": float(hi)}
     return out
+
+
+def p_wrong(score: float, fitted: dict) -> float:
+    """The fitted logistic map (``evaluate``'s ``coef``, ``intercept``, ``score_mean``,
+    ``score_std``) applied to one sequence score: the probability that the answer is wrong."""
+    import math
+
+    z = fitted["coef"] * (score - fitted["score_mean"]) / fitted["score_std"] + fitted["intercept"]
+    return 1.0 / (1.0 + math.exp(-z))

@@ -119,7 +119,8 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
                          max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
         trainer = scheduled(GKDTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                              processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                                            cfg.lora_modules))
+                                                                            cfg.lora_modules, adapters.top_layers(
+                                                                                student, cfg.lora_layers), student))
     elif kind == "minillm":
         ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
         args = MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
@@ -127,7 +128,8 @@ def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, 
                              single_step_decomposition=True, disable_dropout=False)
         trainer = scheduled(MiniLLMTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                                  processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                                            cfg.lora_modules))
+                                                                            cfg.lora_modules, adapters.top_layers(
+                                                                                student, cfg.lora_layers), student))
     else:
         raise DraftEUError(f"unknown baseline {kind!r}")
     model = trainer.model

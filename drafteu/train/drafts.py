@@ -62,13 +62,20 @@ class DraftSettings:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
+    lora_layers: int | None = field(default=None, metadata={
+        "help": "LoRA on the top N decoder layers only (None: every layer); the K drafts then share the layers "
+                "below, which run once for all of them (docs/method.md §15)"})
     max_new_tokens: int = field(default=400, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=7e-5, epochs=1.0, batch_size=8, grad_accum=2,
                                                                    warmup_steps=150))
 
+    optional_fields = ("lora_layers",)  # off: the identity of ensembles made before the option existed
+
     def __post_init__(self):
         if self.partitions < 1 or self.per_partition < 1:
             raise DraftEUError("partitions (S) and per_partition (M) must be >= 1")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise DraftEUError(f"lora_layers must be >= 1 (or null: every layer), got {self.lora_layers}")
 
 
 @dataclass(kw_only=True)
@@ -135,7 +142,9 @@ def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, see
 
     torch.manual_seed(seed)  # LoRA A init
     base = models.load(base_dir, device=cfg.device).model
-    peft_model = get_peft_model(base, adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules), adapter_name=name)
+    peft_model = get_peft_model(base, adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules,
+                                                           adapters.top_layers(base, cfg.lora_layers), base),
+                                adapter_name=name)
     if init_noise:
         apply_init_noise(peft_model, name, cfg.init_noise, seed)
     examples = examples_from_rows(rows, tokenizer.eos_token_id)

@@ -1,0 +1,143 @@
+"""`drafteu serve` under load: throughput and p50 / p99 latency at 1, 4 and 16 concurrent clients, with
+the EU and without it (the same server; a request's ``"eu": false`` skips the scoring), all on loopback.
+
+    python bench/serve.py                          # noisy copies of the embedded target as drafts
+    python bench/serve.py --drafts runs/demo       # a reproduce run's drafts
+
+Each client sends ``--requests`` chat completions one after another (``--max-tokens`` each, greedy);
+clients of one setting start together.  The table goes to docs/benchmarks.md (serve-cpu / serve-cuda).
+Goals on a CPU: the EU costs <= 20% of a request's latency with one client, and batching makes 16
+clients' throughput >= 2x one client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from divergence import ROOT, shown_args, write_section  # noqa: E402
+
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+             "A box holds 6 pens. How many pens are in 5 boxes?",
+             "Sara had 9 pencils and gave 2 away. How many are left?",
+             "What is 12 plus 30?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def untrained_ensemble(root: Path) -> Path:
+    """K = 4 noisy copies of the embedded target (no training)."""
+    from drafteu import runio
+    from drafteu.train import drafts
+
+    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
+                                                 "correct": True, "finish": "eos"}])
+    drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
+                                   target="embedded", method="untrained", partitions=1, per_partition=4))
+    return root / "drafts" / "untrained"
+
+
+async def clients(url: str, concurrency: int, requests: int, max_tokens: int, eu: bool) -> tuple[list[float], int, float]:
+    """(latencies, completion tokens, wall seconds) of ``concurrency`` clients x ``requests`` each."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        async def user(u: int):
+            out = []
+            for r in range(requests):
+                t0 = time.perf_counter()
+                resp = await client.post("/v1/chat/completions", json={
+                    "model": "bench", "max_tokens": max_tokens, "temperature": 0, "eu": eu,
+                    "messages": [{"role": "user", "content": QUESTIONS[(u + r) % len(QUESTIONS)]}]})
+                resp.raise_for_status()
+                out.append((time.perf_counter() - t0, resp.json()["usage"]["completion_tokens"]))
+            return out
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(user(u) for u in range(concurrency)))
+        wall = time.perf_counter() - t0
+    flat = [x for d in done for x in d]
+    return [x for x, _ in flat], sum(t for _, t in flat), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: 4 noisy copies of the embedded target)")
+    ap.add_argument("--target", default="embedded")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = ap.parse_args()
+
+    import httpx
+    import torch
+    import uvicorn
+
+    from drafteu.serve import ServeConfig, build
+
+    tmp = tempfile.TemporaryDirectory()
+    drafts_dir = args.drafts or untrained_ensemble(Path(tmp.name))
+    port = _free_port()
+    cfg = ServeConfig(drafts=drafts_dir, target=args.target, port=port, model_name="bench", device=args.device,
+                      max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency))
+    engine, app = build(cfg)
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    asyncio.run(clients(url, 1, 1, args.max_tokens, True))  # warm-up
+    rows, per = [], {}
+    for c in args.concurrency:
+        for eu in (True, False):  # interleaved per concurrency: machine noise hits both alike
+            lat, tokens, wall = asyncio.run(clients(url, c, args.requests, args.max_tokens, eu))
+            lat.sort()
+            p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+            per[c, eu] = {"p50": statistics.median(lat), "p99": p99, "rps": len(lat) / wall, "tps": tokens / wall}
+            rows.append(f"| {c} | {'on' if eu else 'off'} | {len(lat)} | {per[c, eu]['rps']:.2f} | "
+                        f"{per[c, eu]['tps']:.1f} | {per[c, eu]['p50']:.2f} | {p99:.2f} |")
+            print(rows[-1], flush=True)
+    server.should_exit = True
+    engine.stop()
+    lo, hi = min(args.concurrency), max(args.concurrency)
+    eu_cost = per[lo, True]["p50"] / per[lo, False]["p50"] - 1
+    scale = per[hi, True]["rps"] / per[lo, True]["rps"]
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    body = "\n".join([
+        f"`python bench/serve.py {shown_args()}`: `drafteu serve` (batched engine, HF backend) on "
+        f"{'4 noisy copies of the embedded target' if args.drafts is None else args.drafts} as the drafts, "
+        f"{args.requests} greedy chat completions of up to {args.max_tokens} tokens per client, clients started "
+        f"together, over loopback; {torch.get_num_threads()} torch threads on {device}. EU off: the same server "
+        "and requests with `\"eu\": false` (no scoring pass).", "",
+        "| clients | EU | requests | requests/s | tokens/s | p50 (s) | p99 (s) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", *rows, "",
+        f"- The EU's share of a request's latency with {lo} client: **{eu_cost:+.0%}** of the p50 without it "
+        "(goal: <= 20%).",
+        f"- Throughput with {hi} clients / with {lo} (EU on): **{scale:.2f}x** (goal: >= 2x).",
+    ])
+    write_section(args.out, f"serve-{device}", "drafteu serve: throughput and latency", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`drafteu serve`: an OpenAI-compatible server whose answers carry per-token EU.
+
+``run(cfg)`` loads the run's target, proxy and draft ensemble in the engine's worker thread
+(``engine.Engine``), serves ``api.build_app`` with uvicorn on ``cfg.host`` (127.0.0.1 by default),
+and on SIGTERM stops taking requests, finishes those in flight and exits.  Requests are independent,
+so N servers behind any HTTP load balancer scale out (README, "Serving").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drafteu.errors import DraftEUError
+from drafteu.hardware import DEVICE_HELP
+from drafteu.vllm_engine import EngineSettings
+
+ENGINES = ("batched", "speculative")
+
+
+@dataclass(kw_only=True)
+class ServeConfig(EngineSettings):
+    """`drafteu serve`: the HTTP API over a run's draft ensemble."""
+
+    drafts: Path = field(metadata={"help": "a reproduce run directory (its target's drafts, proxy and hallucination "
+                                           "map) or a drafts directory"})
+    target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
+    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts "
+                                                       "directory (without one the bias term uses the raw target)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/* (default: "
+                                                        "$DRAFTEU_API_KEY; unset: no key)"})
+    model_name: str | None = field(default=None, metadata={"help": "the model id clients ask for (default: "
+                                                           "drafteu/<run directory name>)"})
+    engine: str = field(default="batched", metadata={
+        "help": "batched (requests that arrive together are generated in one batch, then scored) or speculative "
+                "(speculative decoding by the drafts: EU streamed with every token, one request at a time)"})
+    backend: str = field(default="hf", metadata={"help": "generation backend of the batched engine: hf or vllm"})
+    max_concurrency: int = field(default=8, metadata={"help": "requests processed at once (a batch holds up to this many)"})
+    max_queue: int = field(default=32, metadata={"help": "requests waiting beyond that; more get 429 with Retry-After"})
+    timeout: float = field(default=120.0, metadata={"help": "seconds a request may take (504 after)"})
+    batch_wait_ms: float = field(default=5.0, metadata={"help": "how long the engine waits for more requests to batch"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of every model: auto, float32, bfloat16, float16"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.drafts = Path(self.drafts)
+        if self.engine not in ENGINES:
+            raise DraftEUError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        from drafteu.generate import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise DraftEUError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.max_concurrency < 1 or self.max_queue < 0 or self.timeout <= 0 or self.batch_wait_ms < 0:
+            raise DraftEUError("--max-concurrency must be >= 1, --max-queue >= 0, --timeout > 0, --batch-wait-ms >= 0")
+        if not 0 < self.port < 65536:
+            raise DraftEUError(f"--port must be in 1..65535, got {self.port}")
+        if self.api_key is None:
+            self.api_key = os.environ.get("DRAFTEU_API_KEY") or None
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or f"drafteu/{self.drafts.resolve().name}"
+
+
+def build(cfg: ServeConfig):
+    """(engine, app) for ``cfg``; the engine loads its models in its own thread once started."""
+    from drafteu import rundir
+    from drafteu.serve.api import build_app
+    from drafteu.serve.engine import Engine
+
+    rundir.resolve_drafts(cfg.drafts, cfg.proxy)  # a wrong --drafts is an error before anything starts
+    if cfg.backend == "vllm":
+        from drafteu.vllm_engine import require_vllm
+
+        require_vllm()
+    engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine,
+                    dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
+                    settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
+    app = build_app(engine, model_name=cfg.served_name, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
+                    max_queue=cfg.max_queue, timeout=cfg.timeout)
+    return engine, app
+
+
+def run(cfg: ServeConfig, log=print) -> None:
+    """Serve until SIGTERM / Ctrl-C: new requests are refused (503, and the socket closes), those in
+    flight finish, then the engine stops."""
+    import uvicorn
+
+    engine, app = build(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    engine.start()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.drain()
+            super().handle_exit(sig, frame)
+
+    log(f"serving {cfg.served_name} on http://{cfg.host}:{cfg.port}/v1 (loading the models; /health says when ready)")
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                   timeout_graceful_shutdown=cfg.timeout))
+    try:
+        server.run()
+    finally:
+        engine.stop()
+
+
+__all__ = ["ServeConfig", "build", "run"]

@@ -1,0 +1,286 @@
+"""`drafteu serve` on the embedded model, driven by the official `openai` client over loopback: answers,
+streams and scores carry the EU `drafteu score` computes; bad requests get OpenAI's error envelope;
+a bounded load test; SIGTERM finishes what is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from drafteu import estimators, models, runio
+from drafteu.train import drafts
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+KEY = "sk-test-key"
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    """Three noisy copies of the embedded target (no training: untrained drafts on the target itself)."""
+    root = tmp_path_factory.mktemp("serve")
+    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1, 2], "response_ids": [3],
+                                                 "correct": True, "finish": "eos"}])
+    drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
+                                   target="embedded", method="untrained", partitions=1, per_partition=3))
+    return root / "drafts" / "untrained"
+
+
+class Server:
+    """`drafteu serve` in a thread of this process, on a free loopback port."""
+
+    def __init__(self, drafts_dir, **kw):
+        import uvicorn
+
+        from drafteu.serve import ServeConfig, build
+
+        self.port = _free_port()
+        self.cfg = ServeConfig(drafts=drafts_dir, port=self.port, api_key=KEY, model_name="drafteu-test", **kw)
+        self.engine, self.app = build(self.cfg)
+        self.engine.start()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server never became healthy")
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(ensemble):
+    s = Server(ensemble, max_concurrency=4, max_queue=8)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def reference(ensemble):
+    """The estimator `drafteu score --method drafts` uses, on its own loaded target."""
+    lm = models.load("embedded")
+    return lm, estimators.DraftEnsemble(ensemble, lm)
+
+
+def _eu(tokens):
+    return [getattr(t, "eu", None) if not isinstance(t, dict) else t["eu"] for t in tokens]
+
+
+def test_chat_answers_carry_the_eu_drafteu_score_computes(server, reference):
+    lm, ens = reference
+    client = server.client()
+    messages = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="drafteu-test", messages=messages, max_tokens=12, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    choice = r.choices[0]
+    tokens = choice.logprobs.content
+    prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
+    # a greedy answer is the target's plain greedy decoding
+    from drafteu.score import greedy_answer
+
+    with ens.base_target():
+        assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 12) == ids
+    # the EU of each token (read through the client's extra fields) is the estimator's
+    want = ens.score(prompt_ids, ids)
+    assert [t.eu for t in tokens] == pytest.approx(want.eu.tolist(), rel=1e-4, abs=1e-6)
+    assert [t.eu_variance for t in tokens] == pytest.approx(want.variance.tolist(), rel=1e-4, abs=1e-6)
+    assert [t.eu_bias for t in tokens] == pytest.approx(want.bias.tolist(), rel=1e-4, abs=1e-6)
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+    summary = choice.model_extra["eu"]
+    assert summary["tokens"] == len(ids) and summary["mean"] == pytest.approx(want.eu.mean().item(), rel=1e-4)
+    assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == len(ids)
+
+
+def test_completions_streams_and_scores(server, reference, tmp_path):
+    lm, ens = reference
+    client = server.client()
+    c = client.completions.create(model="drafteu-test", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert c.choices[0].text and len(c.choices[0].logprobs.model_extra["content"]) == c.usage.completion_tokens
+    # streaming: the same answer, token by token with the EU, then the finish, the usage and [DONE]
+    messages = [{"role": "user", "content": QUESTION}]
+    full = client.chat.completions.create(model="drafteu-test", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="drafteu-test", messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    streamed = [t for ch in chunks if ch.choices for t in (ch.choices[0].logprobs.content or [])]
+    assert text == full.choices[0].message.content
+    assert [t.eu for t in streamed] == pytest.approx([t.eu for t in full.choices[0].logprobs.content], rel=1e-5)
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    # /v1/score equals `drafteu score --answer` on the same question and answer
+    answer = "He has 3 + 4 = 7 apples. The answer is \\boxed{7}."
+    r = httpx.post(server.url + "/v1/score", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "drafteu-test", "question": QUESTION, "response": answer})
+    assert r.status_code == 200, r.text
+    from typer.testing import CliRunner
+
+    from drafteu.cli import app
+
+    out = tmp_path / "s.json"
+    res = CliRunner().invoke(app, ["score", "-q", QUESTION, "--answer", answer, "--method", "drafts", "--drafts",
+                                   str(ens.drafts_dir), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    cli = json.loads(out.read_text())["tokens"]
+    assert [t["id"] for t in r.json()["tokens"]] == [t["id"] for t in cli]
+    assert [t["eu"] for t in r.json()["tokens"]] == pytest.approx([t["eu"] for t in cli], rel=1e-4, abs=1e-6)
+
+
+def test_sampling_with_a_seed_is_reproducible_and_n_gives_distinct_answers(server):
+    client = server.client()
+    kw = dict(model="drafteu-test", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=1.0,
+              seed=11, n=3)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices] and len(set(texts)) > 1
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "n": 20}, 400, "n"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x " * 9000}], "max_tokens": 8}, 400, "context"),
+    ({"model": "drafteu-test", "messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_openais_envelope(server, body, status, needle):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and needle in err["message"] + str(err["param"])
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_the_api_key_is_required_and_a_client_gone_mid_stream_frees_its_slot(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "/health").status_code == 200  # /health needs no key
+    assert server.client().models.list().data[0].id == "drafteu-test"
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "drafteu-test", "messages": [{"role": "user", "content": QUESTION}],
+                            "max_tokens": 64, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200  # and the client hangs up before reading anything
+    deadline = time.time() + 60
+    while httpx.get(server.url + "/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(server.url + "/health").json() | {"queued": 0} == {"status": "ok", "model": "drafteu-test",
+                                                                        "in_flight": 0, "queued": 0}
+
+
+def test_a_bounded_load_is_answered_once_each_with_429_only_beyond_capacity(server):
+    """32 clients x 2 requests on loopback against 4 running + 8 queued: every request gets exactly one
+    answer (200, or 429 with Retry-After when the server is full), the server's memory stays bounded,
+    and it is healthy afterwards."""
+    import resource
+
+    async def load():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as client:
+            async def one(i):
+                r = await client.post("/v1/completions", json={"model": "drafteu-test", "prompt": f"Count to {i}:",
+                                                               "max_tokens": 4, "temperature": 0})
+                return r.status_code, r.headers.get("retry-after"), r.json()
+
+            async def user(u):
+                return [await one(u * 2 + k) for k in range(2)]
+
+            return [x for batch in await asyncio.wait_for(asyncio.gather(*(user(u) for u in range(32))), 300)
+                    for x in batch]
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = asyncio.run(load())
+    assert len(results) == 64
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 12
+    assert all(ra is not None and body["error"]["code"] == "over_capacity" for s, ra, body in results if s == 429)
+    assert all(len(body["choices"]) == 1 for s, _, body in results if s == 200)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 1_000_000  # KiB: well under 1 GiB more
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["in_flight"] == 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'drafteu_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+    assert "drafteu_token_eu_bucket" in metrics and "drafteu_queue_depth" in metrics
+
+
+def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(ensemble):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "serve", "--drafts", str(ensemble), "--port", str(port),
+                             "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DRAFTEU_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        result = {}
+
+        def ask():
+            result["r"] = httpx.post(url + "/v1/completions", timeout=120,
+                                     json={"model": "m", "prompt": "Once upon a time", "max_tokens": 24})
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(1.0)  # the request is being answered
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"]
+        # uvicorn finishes the request, shuts down, then re-raises the signal it caught: the usual exit status
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+    assert "Traceback" not in out
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from drafteu.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--drafts", str(tmp_path)])
+    assert res.exit_code == 2 and "neither a run directory" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["serve", "--drafts", str(tmp_path), "--engine", "fast"])
+    assert res.exit_code == 2 and "--engine must be one of" in res.output
