@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -362,7 +361,7 @@ def _stages() -> tuple[Stage, ...]:
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
                    lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling
         evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
-                   lambda cfg: trained, ("eval/cost.json",)),
+                   lambda cfg: trained, ("eval/cost.json",), version=3),  # 3: quantized weights counted in FLOPs
     )
 
 
@@ -458,13 +457,6 @@ def context(cfg: ExperimentConfig, run_dir: Path, name: str) -> Context:
     return Context(cfg, Path(run_dir), digest, upstream)
 
 
-def _barrier() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-
 def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = None) -> dict:
     """Every stage in order (up to ``until`` when given), each skipped, resumed or recomputed as
     ``plan`` decides; then the report.  Returns the run manifest (per stage: seconds this run and
@@ -511,10 +503,10 @@ def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
         if d.action != "skip":
             if main:
                 contract.begin(run_dir, d)
-            _barrier()
+            runio.barrier()
             if main or d.stage.every_process:
                 d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
-            _barrier()
+            runio.barrier()
             if main:
                 contract.finish(run_dir, d, time.time() - t0)
             log(f"[{name}] {time.time() - t0:.1f} s")

@@ -130,6 +130,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def barrier() -> None:
+    """Wait for every process of an ``accelerate launch`` / ``torchrun`` job (a no-op in one).
+    Accelerate's own state is used where it runs distributed (GPUs); on CPUs ``--multi_gpu``
+    leaves it single-process, so the processes meet in a gloo group of their own, set up from the
+    launcher's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        return
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
 def write_config(directory: Path, cfg) -> None:
     """The resolved config as ``config.yaml`` (written by the main process only)."""
     if not is_main_process():

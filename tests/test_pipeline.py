@@ -209,11 +209,14 @@ def test_set_overrides_reach_the_config(tmp_path):
 
 
 @pytest.mark.integration
-def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, _test_cache):
+def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, monkeypatch):
     """draft_base.cache + draft_base.data: the first run generates the warm-up data and trains the base
     in the machine cache; a second run with the same recipe copies it (no training), and another
     recipe gets its own entry."""
     from safetensors.torch import load_file
+
+    _test_cache = tmp_path / "cache"  # empty: other tests in the session may have built this recipe
+    monkeypatch.setenv("DRAFTEU_CACHE", str(_test_cache))
 
     d = tiny_config(tiny_dir)
     d["draft_base"] |= {"cache": True, "data": {"task": "easy-word", "questions": 6, "samples": 1,

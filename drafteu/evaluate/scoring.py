@@ -127,10 +127,7 @@ def stage_score(cfg, run: Path) -> dict:
                             {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
                              "variance": rounded(s.variance), "bias": rounded(s.bias)} for m, s in res.items()])
                     bar.update(advance=1, info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()  # every part is complete before the merge
+    runio.barrier()  # every part is complete before the merge
     if rank == 0:
         _merge(run, jobs, world)
     return {"answers": len(rows), "scored": scored, "processes": world}
