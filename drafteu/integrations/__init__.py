@@ -1,0 +1,1 @@
+"""drafteu inside other tools (each module imports its tool only when used)."""

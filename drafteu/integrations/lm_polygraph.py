@@ -1,0 +1,102 @@
+"""drafteu's draft-ensemble EU as an LM-Polygraph estimator (``pip install 'drafteu[polygraph]'``).
+
+LM-Polygraph 0.7 builds an estimator it does not know by importing the module its config names and
+calling ``load_estimator(config)`` (``FactoryEstimator``)::
+
+    estimators:
+      - name: drafteu.integrations.lm_polygraph
+        cfg: {drafts: runs/demo, aggregation: mean}
+
+or from Python, ``DraftEUEstimator(drafts="runs/demo")`` next to its own estimators in a
+``UEManager``.  The estimator reads the tokens LM-Polygraph's ``WhiteboxModel`` fed and generated
+(``input_tokens``, ``greedy_tokens``) and scores them with ``estimators.DraftEnsemble`` - the class
+``drafteu score`` uses - so the numbers are ``drafteu score``'s on the same tokens.  Two
+conventions are LM-Polygraph's: the prompt row is the padded batch row (its padding is removed
+here), and a generated answer keeps its end-of-sequence token (removed here: drafteu scores the
+answer's tokens, as ``drafteu score`` and the pipeline do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from drafteu import estimators, models, rundir
+from drafteu.errors import DraftEUError
+
+try:
+    from lm_polygraph.estimators.estimator import Estimator
+except ImportError as e:  # the module is only imported by LM-Polygraph, or by a user who wants it
+    raise ImportError("drafteu.integrations.lm_polygraph needs LM-Polygraph: pip install 'drafteu[polygraph]'") from e
+
+LEVELS = ("sequence", "token")
+
+
+def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> list[int]:
+    """A padded prompt row without its padding (``side``: the tokenizer's padding side)."""
+    row = list(row)
+    if pad_id is None:
+        return row
+    if side == "left":
+        while row and row[0] == pad_id:
+            row.pop(0)
+    else:
+        while row and row[-1] == pad_id:
+            row.pop()
+    return row
+
+
+class DraftEUEstimator(Estimator):
+    """Token EU of the draft ensemble of ``drafts`` (a run directory or a drafts directory) for the
+    target ``target`` (a hub id, a local directory or 'embedded'; the model LM-Polygraph runs).
+    ``level='sequence'``: one number per answer, the ``aggregation`` (mean, max or sum) of its token
+    EU; ``level='token'``: every answer token's EU, concatenated over answers (LM-Polygraph's
+    token-level shape).  ``proxy``: a proxy adapter (a run's own by default)."""
+
+    def __init__(self, drafts: str | Path, *, target: str = "embedded", aggregation: str = "mean",
+                 level: str = "sequence", proxy: str | Path | None = None, device: str = "auto",
+                 dtype: str = "auto"):
+        if aggregation not in estimators.AGGREGATIONS:
+            raise DraftEUError(f"aggregation {aggregation!r}: choose one of {', '.join(estimators.AGGREGATIONS)}")
+        if level not in LEVELS:
+            raise DraftEUError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
+        super().__init__(["input_tokens", "greedy_tokens"], level)
+        self.aggregation = aggregation
+        self.lm = models.load(target, dtype=dtype, device=device)
+        drafts_dir, proxy_dir = rundir.resolve_drafts(drafts, proxy)
+        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype)
+        tok = self.lm.tokenizer
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        self.padding_side = getattr(tok, "padding_side", "left") or "left"
+
+    def __str__(self) -> str:
+        return "DraftEU" if self.level == "token" else f"DraftEU-{self.aggregation}"
+
+    def pairs(self, stats: dict) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, answer ids) per generated answer, in drafteu's conventions (see the module)."""
+        out = []
+        for prompt, answer in zip(stats["input_tokens"], stats["greedy_tokens"], strict=True):
+            answer = list(answer)
+            if answer and answer[-1] == self.eos_id:
+                answer = answer[:-1]
+            out.append((strip_padding(prompt, self.pad_id, self.padding_side), answer))
+        return out
+
+    def token_scores(self, stats: dict) -> list[estimators.TokenScores]:
+        return [self.ensemble.score(p, a) for p, a in self.pairs(stats)]
+
+    def __call__(self, stats: dict) -> np.ndarray:
+        scores = self.token_scores(stats)
+        if self.level == "token":
+            return np.concatenate([s.eu.numpy() for s in scores] or [np.zeros(0)]).astype(np.float64)
+        return np.array([s.aggregate(self.aggregation) for s in scores],
+                        dtype=np.float64)
+
+
+def load_estimator(config) -> DraftEUEstimator:
+    """LM-Polygraph's entry point: ``config`` holds DraftEUEstimator's arguments (``drafts`` at least)."""
+    config = dict(config or {})
+    if "drafts" not in config:
+        raise DraftEUError("the drafteu estimator needs `drafts:` (a drafteu run or drafts directory) in its cfg")
+    return DraftEUEstimator(**config)

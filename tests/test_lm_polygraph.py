@@ -1,0 +1,114 @@
+"""drafteu as an LM-Polygraph estimator, inside LM-Polygraph's own pipeline on the embedded model
+(`make test-polygraph` installs LM-Polygraph into its own environment and runs these)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("lm_polygraph")
+pytestmark = [pytest.mark.polygraph, pytest.mark.slow]
+
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+             "A box holds 6 pens. How many pens are in 5 boxes?",
+             "Sara had 9 pencils and gave 2 away. How many are left?"]
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory):
+    """K = 3 noisy copies of the embedded target as a drafts directory (no training)."""
+    from drafteu import runio
+    from drafteu.train import drafts
+
+    root = tmp_path_factory.mktemp("poly")
+    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
+                                                 "correct": True, "finish": "eos"}])
+    drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
+                                   target="embedded", method="untrained", partitions=1, per_partition=3))
+    return root / "drafts" / "untrained"
+
+
+@pytest.fixture(scope="module")
+def managed(drafts):
+    """LM-Polygraph's UEManager over 3 questions with its own estimators and drafteu's (greedy, 16 tokens)."""
+    from lm_polygraph.defaults.register_default_stat_calculators import (
+        register_default_stat_calculators,
+    )
+    from lm_polygraph.estimators import MaximumSequenceProbability, Perplexity
+    from lm_polygraph.ue_metrics import ROCAUC
+    from lm_polygraph.utils.builder_enviroment_stat_calculator import (
+        BuilderEnvironmentStatCalculator,
+    )
+    from lm_polygraph.utils.dataset import Dataset
+    from lm_polygraph.utils.factory_estimator import FactoryEstimator
+    from lm_polygraph.utils.generation_parameters import GenerationParameters
+    from lm_polygraph.utils.manager import UEManager
+    from lm_polygraph.utils.model import WhiteboxModel
+
+    from drafteu import data
+
+    seq = FactoryEstimator()("drafteu.integrations.lm_polygraph", {"drafts": str(drafts), "aggregation": "mean"})
+    tok = FactoryEstimator()("drafteu.integrations.lm_polygraph", {"drafts": str(drafts), "level": "token"})
+    lm = seq.lm
+    model = WhiteboxModel(lm.model, lm.tokenizer, model_path="embedded", instruct=True,
+                          generation_parameters=GenerationParameters(do_sample=False, max_new_tokens=16))
+    shots = data.shots_for("easy-word", 1)
+    dataset = Dataset([data.chat_messages(q, shots) for q in QUESTIONS], ["7", "30", "7"], batch_size=2)
+    man = UEManager(dataset, model, [MaximumSequenceProbability(), Perplexity(), seq, tok],
+                    builder_env_stat_calc=BuilderEnvironmentStatCalculator(model),
+                    available_stat_calculators=register_default_stat_calculators(
+                        "Whitebox", output_attentions=False, output_hidden_states=False),
+                    generation_metrics=[], ue_metrics=[ROCAUC()], processors=[], ignore_exceptions=False,
+                    verbose=False, max_new_tokens=16, save_stats=["input_tokens"])
+    man()
+    return man, seq, tok
+
+
+def test_the_estimator_runs_inside_lm_polygraphs_pipeline(managed):
+    man, seq, tok = managed
+    values = np.array(man.estimations["sequence", "DraftEU-mean"])
+    assert values.shape == (3,) and np.all(values > 0) and np.all(np.isfinite(values))
+    assert len(man.estimations["sequence", "MaximumSequenceProbability"]) == 3  # its own ran next to ours
+    answers = [list(t) for t in man.stats["greedy_tokens"]]
+    eos = seq.lm.tokenizer.eos_token_id
+    n_tokens = sum(len(a) - (a[-1] == eos) for a in answers)
+    assert len(man.estimations["token", "DraftEU"]) == n_tokens > 0
+
+
+def test_its_scores_are_drafteu_scores_on_the_same_answers(managed, drafts, tmp_path):
+    """LM-Polygraph's prompt (its chat template over the same messages) and drafteu's are the same
+    tokens, and the plugin's token EU is `drafteu score --answer`'s on the answer it generated."""
+    from drafteu import data
+    from drafteu.cli import app
+
+    man, seq, tok = managed
+    tokens = np.array(man.estimations["token", "DraftEU"])
+    start = 0
+    for i, (question, text) in enumerate(zip(QUESTIONS, man.stats["greedy_texts"], strict=True)):
+        out = tmp_path / f"s{i}.json"
+        res = CliRunner().invoke(app, ["score", "--target", "embedded", "-q", question, "--answer", text, "--shots", "1",
+                                       "--method", "drafts", "--drafts", str(drafts), "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        scored = json.loads(out.read_text())
+        ids = [t["id"] for t in scored["tokens"]]
+        prompt, answer = seq.pairs({"input_tokens": [man.stats["input_tokens"][i]],
+                                    "greedy_tokens": [man.stats["greedy_tokens"][i]]})[0]
+        assert prompt == data.format_prompt(seq.lm.tokenizer, question, data.shots_for("easy-word", 1))
+        assert ids == answer  # the answer's text tokenizes back to the generated tokens
+        eu = np.array([t["eu"] for t in scored["tokens"]])
+        np.testing.assert_allclose(tokens[start:start + len(eu)], eu, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(man.estimations["sequence", "DraftEU-mean"][i], scored["sequence"]["mean"],
+                                   rtol=1e-4, atol=1e-6)
+        start += len(eu)
+    assert start == len(tokens)
+
+
+def test_a_config_without_drafts_is_a_clear_error():
+    from drafteu.errors import DraftEUError
+    from drafteu.integrations.lm_polygraph import load_estimator
+
+    with pytest.raises(DraftEUError, match="drafts"):
+        load_estimator({"aggregation": "mean"})
