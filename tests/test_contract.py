@@ -130,7 +130,7 @@ def _builders(cfg, run):
 
 VARIANTS = {"demo": {}, "teachers+own base data": {"proxy.data": "teachers", "proxy.questions": 4,
                                                    "draft_base.data": {"questions": 6}},
-            "quantized base": {"draft_base.model": "quantize"}}
+            "truncated base": {"draft_base.model": "truncate", "draft_base.layers": 6}}  # the demo's is quantized
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
