@@ -106,6 +106,9 @@ def test_flops_accounting():
     assert flops("tokur") == 600 and flops("groundtruth") == 600
     assert flops("entropy") == 200
     assert flops("drafts", k_drafts=6, draft_params=10) == 2 * (60 + 100)
+    # K = 6 drafts of 10 parameters sharing a 4-parameter trunk: 4 once, 6 x 6 for the rest, + the proxy
+    assert cost.flops_per_token(target_params=100, target_passes=1, draft_params=10, draft_passes=6,
+                                shared_params=4) == 2 * (100 + 4 + 36)
     assert cost.relative({"tokur": 4.0, "ddd": 1.0}, "tokur") == {"tokur": 1.0, "ddd": 0.25}
     import torch
 

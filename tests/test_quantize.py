@@ -193,6 +193,10 @@ def test_members_that_share_the_trunk_run_it_once_with_the_same_numbers(built, t
     assert conf["layers_to_transform"] == [3]  # the tiny target has 4 layers
     ens = estimators.DraftEnsemble(root / "top" / "ddd", models.load(str(tiny_dir)))
     assert ens.runner.trunk == 3
+    from drafteu.evaluate import cost
+
+    layers = ens.drafts.get_base_model().model.layers
+    assert cost.trunk_parameters(ens.drafts, 3) == sum(cost.parameters(l) for l in layers[:3]) > 0  # noqa: E741
     rows_seen = []
     layer0 = ens.drafts.get_base_model().model.layers[0]
     handle = layer0.register_forward_hook(lambda m, a, out: rows_seen.append((out[0] if isinstance(out, tuple)

@@ -1,7 +1,9 @@
 """Cost per method (Table 6; docs/method.md §11): parameter-equivalent FLOPs and measured wall time.
 
 FLOPs per scored token = 2 x parameters x passes: TokUR and the ground truth K_T target passes,
-draft ensembles K draft passes + 1 proxy pass, predictive entropy one target pass.  Parameters
+draft ensembles K draft passes + 1 proxy pass (with LoRA on the top layers only, the layers below
+run once for the K drafts: ``shared_params`` once, the rest K times), predictive entropy one target
+pass.  Parameters
 are counted once per tensor (tied embeddings once), embeddings included: for small models the
 vocabulary projection is a large share of the work.
 """
@@ -23,10 +25,21 @@ def parameters(model) -> int:
     return total
 
 
-def flops_per_token(*, target_params: int, target_passes: int, draft_params: int = 0, draft_passes: int = 0) -> float:
+def trunk_parameters(model, trunk: int) -> int:
+    """Parameters of the first ``trunk`` decoder layers of ``model`` (the K drafts' shared trunk)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not trunk or layers is None:
+        return 0
+    return sum(parameters(layer) for layer in layers[:trunk])
+
+
+def flops_per_token(*, target_params: int, target_passes: int, draft_params: int = 0, draft_passes: int = 0,
+                    shared_params: int = 0) -> float:
     """Parameter-equivalent FLOPs per scored token: 2 x parameters x passes (the passes of each
-    estimator are in ``drafteu.methods.ESTIMATORS``)."""
-    return 2.0 * (target_params * target_passes + draft_params * draft_passes)
+    estimator are in ``drafteu.methods.ESTIMATORS``); ``shared_params`` of the drafts run once."""
+    draft = shared_params + (draft_params - shared_params) * draft_passes if draft_passes else 0
+    return 2.0 * (target_params * target_passes + draft)
 
 
 def relative(values: dict, reference: str) -> dict:

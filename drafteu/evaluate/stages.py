@@ -226,8 +226,12 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
         k_target = cfg.eval.tokur_size if m == named("reference") else cfg.eval.family_size
         n_t, n_k = kind.passes(k_target, len(ens.names) if ens else 0)
         n_d = cost.parameters(ens.drafts.get_base_model()) if ens else 0
-        flops[m] = cost.flops_per_token(target_params=n_target, target_passes=n_t, draft_params=n_d, draft_passes=n_k)
-        passes[m] = (f"{n_k} x draft ({n_d / 1e6:.1f}M) + {n_t} x proxy ({n_target / 1e6:.1f}M)" if ens else
+        trunk = getattr(ens.runner, "trunk", 0) if ens else 0  # layers the fused forward runs once for all K
+        n_s = cost.trunk_parameters(ens.drafts, trunk) if ens else 0
+        flops[m] = cost.flops_per_token(target_params=n_target, target_passes=n_t, draft_params=n_d, draft_passes=n_k,
+                                        shared_params=n_s)
+        shared = f", the first {trunk} layers ({n_s / 1e6:.1f}M) once" if n_s else ""
+        passes[m] = (f"{n_k} x draft ({n_d / 1e6:.1f}M){shared} + {n_t} x proxy ({n_target / 1e6:.1f}M)" if ens else
                      f"{n_t} x target ({n_target / 1e6:.1f}M)")
     reference, proposed = named("reference"), named("proposed")
     rel_wall = cost.relative(wall, reference)
