@@ -76,6 +76,7 @@ def test_the_estimator_runs_inside_lm_polygraphs_pipeline(managed):
     eos = seq.lm.tokenizer.eos_token_id
     n_tokens = sum(len(a) - (a[-1] == eos) for a in answers)
     assert len(man.estimations["token", "DraftEU"]) == n_tokens > 0
+    assert seq.ensemble is tok.ensemble  # one loaded ensemble for both, each batch scored once
 
 
 def test_its_scores_are_drafteu_scores_on_the_same_answers(managed, drafts, tmp_path):

@@ -18,6 +18,7 @@ answer's tokens, as ``drafteu score`` and the pipeline do).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,35 @@ def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> lis
     return row
 
 
+class _Shared:
+    """One loaded target + ensemble for every estimator on the same run (mean, max, sum, token
+    level), and the scores of the batch LM-Polygraph last handed them: each answer is scored once."""
+
+    def __init__(self, drafts: str, target: str, proxy: str | None, device: str, dtype: str):
+        self.lm = models.load(target, dtype=dtype, device=device)
+        drafts_dir, proxy_dir = rundir.resolve_drafts(drafts, proxy)
+        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype)
+        self.batch, self.scores = None, []
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[estimators.TokenScores]:
+        batch = [(tuple(p), tuple(a)) for p, a in pairs]
+        if batch != self.batch:
+            self.batch, self.scores = batch, [self.ensemble.score(p, a) for p, a in pairs]
+        return self.scores
+
+
+@functools.cache
+def _shared(drafts: str, target: str, proxy: str | None, device: str, dtype: str) -> _Shared:
+    return _Shared(drafts, target, proxy, device, dtype)
+
+
 class DraftEUEstimator(Estimator):
     """Token EU of the draft ensemble of ``drafts`` (a run directory or a drafts directory) for the
     target ``target`` (a hub id, a local directory or 'embedded'; the model LM-Polygraph runs).
     ``level='sequence'``: one number per answer, the ``aggregation`` (mean, max or sum) of its token
     EU; ``level='token'``: every answer token's EU, concatenated over answers (LM-Polygraph's
-    token-level shape).  ``proxy``: a proxy adapter (a run's own by default)."""
+    token-level shape).  ``proxy``: a proxy adapter (a run's own by default).  Estimators with the
+    same drafts, target, proxy, device and dtype share one loaded ensemble and score a batch once."""
 
     def __init__(self, drafts: str | Path, *, target: str = "embedded", aggregation: str = "mean",
                  level: str = "sequence", proxy: str | Path | None = None, device: str = "auto",
@@ -63,9 +87,8 @@ class DraftEUEstimator(Estimator):
             raise DraftEUError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
         super().__init__(["input_tokens", "greedy_tokens"], level)
         self.aggregation = aggregation
-        self.lm = models.load(target, dtype=dtype, device=device)
-        drafts_dir, proxy_dir = rundir.resolve_drafts(drafts, proxy)
-        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype)
+        self.shared = _shared(str(drafts), target, None if proxy is None else str(proxy), device, dtype)
+        self.lm, self.ensemble = self.shared.lm, self.shared.ensemble
         tok = self.lm.tokenizer
         self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
         self.padding_side = getattr(tok, "padding_side", "left") or "left"
@@ -84,7 +107,7 @@ class DraftEUEstimator(Estimator):
         return out
 
     def token_scores(self, stats: dict) -> list[estimators.TokenScores]:
-        return [self.ensemble.score(p, a) for p, a in self.pairs(stats)]
+        return self.shared.score(self.pairs(stats))
 
     def __call__(self, stats: dict) -> np.ndarray:
         scores = self.token_scores(stats)
