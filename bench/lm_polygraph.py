@@ -9,7 +9,7 @@ wrapped as LM-Polygraph generation metrics: ``correct`` (1 = right, the quality 
 so a wrong-answer label makes it the hallucination AUROC drafteu reports).
 
 The outside check: for every estimator, the AUROC LM-Polygraph computed must equal drafteu's own
-(``evaluate.hallucination.metrics``, what the hallucination stage calls) on the same answers and
+(``evaluate.compare.auroc``, what the hallucination stage's all-answer comparison calls) on the same answers and
 labels, matched by position in LM-Polygraph's dataset (each answer is one row; LM-Polygraph keeps
 the rows in order).  The hallucination stage's protocol (a logistic map fitted on half of the
 questions, test metrics with question-bootstrap intervals; ``evaluate.hallucination.evaluate``)
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This file's folder goes last on the path: first, it would be the `lm_polygraph` package itself.
+HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 from divergence import ROOT, shown_args  # noqa: E402
 
 
@@ -89,13 +91,14 @@ def main() -> None:
     from lm_polygraph.utils.model import WhiteboxModel
 
     from drafteu import data
-    from drafteu.evaluate import hallucination
+    from drafteu.evaluate import compare, hallucination
     from drafteu.integrations.lm_polygraph import DraftEUEstimator
 
     torch.manual_seed(args.seed)
     t0 = time.time()
     ours = [DraftEUEstimator(args.drafts, target=args.target, aggregation=a) for a in ("mean", "max", "sum")]
     lm = ours[0].lm  # LM-Polygraph runs the very model drafteu scores against
+    lm.tokenizer.padding_side = "left"  # batched generation (as WhiteboxModel.from_pretrained sets it)
     problems = data.load_task("easy-word", "test", n=args.questions, seed=args.seed)
     shots = data.shots_for("easy-word", 1)
     rows = [p for p in problems for _ in range(args.repeats)]
@@ -119,17 +122,21 @@ def main() -> None:
 
     wrong = np.array(man.gen_metrics["sequence", "wrong"], dtype=np.int64)
     qids = [p.qid for p in rows]
+    raw = {"wrong": wrong.tolist(), "qids": qids, "texts": list(man.stats["greedy_texts"]),
+           "scores": {str(e): list(map(float, man.estimations["sequence", str(e)])) for e in theirs + ours},
+           "metrics": {" / ".join(map(str, k)): float(v) for k, v in man.metrics.items()}}
+    args.out.with_suffix(".raw.json").write_text(json.dumps(raw) + "\n")  # kept whatever follows
     table, checks = [], []
     for est in theirs + ours:
         name = str(est)
         score = np.array(man.estimations["sequence", name], dtype=np.float64)
         lp_auroc = float(man.metrics["sequence", name, "wrong", "roc-auc"])
-        lp_prr = float(man.metrics["sequence", name, "correct", "prr_normalized"])
-        own = hallucination.metrics(score, wrong)
+        lp_prr = float(man.metrics.get(("sequence", name, "correct", "prr_normalized"), np.nan))
+        own = compare.auroc(score, wrong)  # what the hallucination stage's all-answer comparison computes
         stage = hallucination.evaluate(score, wrong, qids, seed=args.seed, bootstrap=args.bootstrap)
-        checks.append(abs(lp_auroc - own["auroc"]) < 1e-12)
+        checks.append(abs(lp_auroc - own) < 1e-12)
         table.append({"estimator": name, "lm_polygraph_prr": lp_prr, "lm_polygraph_auroc": lp_auroc,
-                      "drafteu_auroc": own["auroc"], "drafteu_prr": own["prr"],
+                      "drafteu_auroc": own, "drafteu_prr": hallucination.prr(score, 1 - wrong),
                       "stage_auroc": stage.get("auroc"), "drafteu": est in ours})
     result = {"command": f"python bench/lm_polygraph.py {shown_args()}", "seconds": round(seconds, 1),
               "answers": len(rows), "wrong": int(wrong.sum()), "rows": table,

@@ -53,6 +53,7 @@ def managed(drafts):
     seq = FactoryEstimator()("drafteu.integrations.lm_polygraph", {"drafts": str(drafts), "aggregation": "mean"})
     tok = FactoryEstimator()("drafteu.integrations.lm_polygraph", {"drafts": str(drafts), "level": "token"})
     lm = seq.lm
+    lm.tokenizer.padding_side = "left"  # batched generation (as WhiteboxModel.from_pretrained sets it)
     model = WhiteboxModel(lm.model, lm.tokenizer, model_path="embedded", instruct=True,
                           generation_parameters=GenerationParameters(do_sample=False, max_new_tokens=16))
     shots = data.shots_for("easy-word", 1)

@@ -10,7 +10,9 @@ calling ``load_estimator(config)`` (``FactoryEstimator``)::
 or from Python, ``DraftEUEstimator(drafts="runs/demo")`` next to its own estimators in a
 ``UEManager``.  The estimator reads the tokens LM-Polygraph's ``WhiteboxModel`` fed and generated
 (``input_tokens``, ``greedy_tokens``) and scores them with ``estimators.DraftEnsemble`` - the class
-``drafteu score`` uses - so the numbers are ``drafteu score``'s on the same tokens.  Two
+``drafteu score`` uses - so the numbers are ``drafteu score``'s on the same tokens.  Generation
+needs the tokenizer to pad on the left (``WhiteboxModel.from_pretrained`` sets it; set
+``tokenizer.padding_side = "left"`` when building the WhiteboxModel from ``estimator.lm``).  Two
 conventions are LM-Polygraph's: the prompt row is the padded batch row (its padding is removed
 here), and a generated answer keeps its end-of-sequence token (removed here: drafteu scores the
 answer's tokens, as ``drafteu score`` and the pipeline do).
@@ -91,7 +93,6 @@ class DraftEUEstimator(Estimator):
         self.lm, self.ensemble = self.shared.lm, self.shared.ensemble
         tok = self.lm.tokenizer
         self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
-        self.padding_side = getattr(tok, "padding_side", "left") or "left"
 
     def __str__(self) -> str:
         return "DraftEU" if self.level == "token" else f"DraftEU-{self.aggregation}"
@@ -103,7 +104,8 @@ class DraftEUEstimator(Estimator):
             answer = list(answer)
             if answer and answer[-1] == self.eos_id:
                 answer = answer[:-1]
-            out.append((strip_padding(prompt, self.pad_id, self.padding_side), answer))
+            side = getattr(self.lm.tokenizer, "padding_side", "left") or "left"  # as the batch was padded
+            out.append((strip_padding(prompt, self.pad_id, side), answer))
         return out
 
     def token_scores(self, stats: dict) -> list[estimators.TokenScores]:
