@@ -313,6 +313,14 @@ def build_app(engine: Engine, *, model_name: str, api_key: str | None = None, ma
         observe(answers)
         return None, (answers, rid, created, prompt_ids)
 
+    def completion(kind: str, done, fields) -> dict:
+        """A non-streamed response of ``kind``: each choice's own ``fields`` plus what every choice has."""
+        answers, rid, created, prompt_ids = done
+        return {"id": rid, "object": kind, "created": created, "model": model_name,
+                "choices": [{"index": i, **fields(a), "finish_reason": a.finish_reason, "eu": a.summary}
+                            for i, a in enumerate(answers)],
+                "usage": usage(prompt_ids, answers)}
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
@@ -320,13 +328,9 @@ def build_app(engine: Engine, *, model_name: str, api_key: str | None = None, ma
                                         (req.top_logprobs or 0) if req.logprobs else 0, chat=True)
         if stream is not None:
             return stream
-        answers, rid, created, prompt_ids = done
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": _text(a)},
-                             "logprobs": {"content": a.tokens} if req.eu or req.logprobs else None,
-                             "finish_reason": a.finish_reason, "eu": a.summary}
-                            for i, a in enumerate(answers)],
-                "usage": usage(prompt_ids, answers)}
+        return completion("chat.completion", done, lambda a: {
+            "message": {"role": "assistant", "content": _text(a)},
+            "logprobs": {"content": a.tokens} if req.eu or req.logprobs else None})
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -342,13 +346,9 @@ def build_app(engine: Engine, *, model_name: str, api_key: str | None = None, ma
                                         chat=False)
         if stream is not None:
             return stream
-        answers, rid, created, prompt_ids = done
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": (req.prompt if req.echo else "") + _text(a),
-                             "logprobs": _legacy_logprobs(a) if req.eu or req.logprobs is not None else None,
-                             "finish_reason": a.finish_reason, "eu": a.summary}
-                            for i, a in enumerate(answers)],
-                "usage": usage(prompt_ids, answers)}
+        return completion("text_completion", done, lambda a: {
+            "text": (req.prompt if req.echo else "") + _text(a),
+            "logprobs": _legacy_logprobs(a) if req.eu or req.logprobs is not None else None})
 
     @app.post("/v1/score")
     async def score(req: ScoreRequest, request: Request):
