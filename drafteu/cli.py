@@ -188,14 +188,16 @@ def _stage(go, threads) -> None:
 
 @config_command(ScoreConfig, "score")
 def score(cfg: ScoreConfig) -> None:
-    """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU."""
+    """Score the tokens of an answer (generated greedily when --answer is omitted) by their EU;
+    --answers FILE.jsonl scores many in batches."""
     from drafteu import score as score_stage
     from drafteu.display import heatmap
 
     with console.status(f"scoring with {cfg.method} on {cfg.target} ..."):
-        result = score_stage.run(cfg)
-    console.print(heatmap(result))
-    _say_diagnostic(result)
+        results = score_stage.run(cfg)
+    for result in results if isinstance(results, list) else [results]:
+        console.print(heatmap(result))
+        _say_diagnostic(result)
     if cfg.json is not None:
         console.print(f"wrote {cfg.json}")
 

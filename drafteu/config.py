@@ -36,6 +36,10 @@ class ScoreConfig:
     answer: str | None = field(
         default=None, metadata={"help": "the answer to score; generated greedily by the target when omitted"}
     )
+    answers: Path | None = field(
+        default=None, metadata={"help": "a JSONL file of answers to score in batches, one per line: "
+                                "{\"answer\": ...} (the --question) or {\"question\": ..., \"answer\": ...}; "
+                                "--json then writes a list"})
     method: str = field(
         default="groundtruth",
         metadata={"help": "groundtruth (MI of a fixed noisy target family), tokur (MI of fresh "
@@ -75,6 +79,10 @@ class ScoreConfig:
             raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.answer is not None and not self.answer.strip():
             raise DraftEUError("--answer is empty; omit it to generate an answer")
+        if self.answers is not None and self.answer is not None:
+            raise DraftEUError("give --answer or --answers, not both")
+        if self.answers is not None and not Path(self.answers).is_file():
+            raise DraftEUError(f"--answers {self.answers}: no such file (a JSONL of {{\"answer\": ...}} lines)")
 
 
 __all__ = ["ScoreConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
@@ -202,6 +210,8 @@ class EvalSection:
     temperature: float = field(default=1.0, metadata={"help": "0 = greedy answers"})
     max_new_tokens: int = 400
     batch_size: int = field(default=8, metadata={"help": "answers generated together"})
+    score_batch: int = field(default=16, metadata={"help": "answers scored together (padded batches; the numbers do "
+                                                   "not depend on it, memory grows with it)"})
     family_size: int = field(default=3, metadata={"help": "K_T of the ground-truth family"})
     tokur_size: int = field(default=3, metadata={"help": "K of TokUR"})
     trials: int = field(default=5, metadata={"help": "independent trials (docs/method.md §5)"})
@@ -226,7 +236,7 @@ class EvalSection:
             raise DraftEUError(f"eval.fidelity_questions must be >= 1 (or null: all), got {self.fidelity_questions}")
         if self.proxy_questions is not None and self.proxy_questions < 1:
             raise DraftEUError(f"eval.proxy_questions must be >= 1 (or null: all), got {self.proxy_questions}")
-        for key in ("max_new_tokens", "batch_size", "bootstrap", "ece_bins", "cost_responses"):
+        for key in ("max_new_tokens", "batch_size", "score_batch", "bootstrap", "ece_bins", "cost_responses"):
             if getattr(self, key) < 1:
                 raise DraftEUError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         if self.heatmap_examples < 0:

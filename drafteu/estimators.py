@@ -18,9 +18,9 @@ import torch
 
 from drafteu import divergence
 from drafteu.errors import DraftEUError
-from drafteu.kvcache import LogitsSource
 from drafteu.methods import ESTIMATORS
 from drafteu.posterior import NoisyModel, family_seeds, member_seed
+from drafteu.sources import Hidden, HiddenSource, chunk_slices, reduce_chunks
 
 AGGREGATIONS = ("mean", "max", "sum")
 # When the drafts are too far from the target for their EU to be epistemic (docs/method.md §15): the
@@ -77,27 +77,56 @@ def aggregate(eu: torch.Tensor, how: str = "mean") -> float:
 def response_inputs(
     prompt_ids: Sequence[int], response_ids: Sequence[int], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, int]:
-    """(1, P + T) input ids and ``logits_to_keep`` = T + 1 for scoring the response.
+    """(1, P + T) input ids and ``logits_to_keep`` = T + 1 for a full forward over one answer.
 
     The kept logits cover positions P-1 .. P+T-1; callers drop the last one (it predicts the token
     after the response).
     """
-    if len(prompt_ids) == 0:
-        raise DraftEUError("the prompt is empty: at least one prompt token is needed to score")
+    check_prompt(prompt_ids)
     ids = torch.tensor([list(prompt_ids) + list(response_ids)], dtype=torch.long, device=device)
     return ids, len(response_ids) + 1
 
 
+def check_prompt(prompt_ids: Sequence[int]) -> None:
+    if len(prompt_ids) == 0:
+        raise DraftEUError("the prompt is empty: at least one prompt token is needed to score")
+
+
 class Estimator(ABC):
-    """Scores the tokens of one response.  Every distribution comes from a ``kvcache.LogitsSource``
-    (a model + adapter rows behind a shared-prefix KV cache): `drafteu score`, `drafteu reproduce`
-    and the evaluation stages all call these classes."""
+    """Scores the tokens of responses.  Every distribution comes from a ``sources.HiddenSource`` (a
+    model + adapter rows behind a shared-prefix KV cache, in padded batches, its logits reduced a
+    chunk of positions at a time): `drafteu score`, `drafteu serve`, `drafteu reproduce` and the
+    evaluation stages all call these classes."""
 
     name: str
+    has_terms = False  # variance and bias terms (the draft ensembles)
 
-    @abstractmethod
     def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> TokenScores:
         """Token EU for ``response_ids`` given ``prompt_ids``."""
+        return self.score_batch([(prompt_ids, response_ids)])[0]
+
+    def score_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[TokenScores]:
+        """Token EU of every (prompt ids, response ids) pair, computed in padded batches (the numbers
+        equal one ``score`` call per pair to float rounding; an empty response scores nothing)."""
+        pairs = [(list(p), list(r)) for p, r in pairs]
+        for p, _ in pairs:
+            check_prompt(p)
+        todo = [i for i, (_, r) in enumerate(pairs) if r]
+        none = torch.zeros(0)
+        out = [TokenScores(token_ids=[], eu=none, variance=none if self.has_terms else None,
+                           bias=none if self.has_terms else None) for _ in pairs]
+        if todo:
+            for i, s in zip(todo, self._score([pairs[i] for i in todo]), strict=True):
+                out[i] = s
+        return out
+
+    @abstractmethod
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
+        """``score_batch`` on pairs whose responses are not empty."""
+
+    def forget(self) -> None:
+        """Drop every cache (prefix KV, the last batch, draws): the next batch pays its full cost."""
+        self.source.invalidate()
 
 
 def _device(model) -> torch.device:
@@ -110,27 +139,27 @@ class _FamilyMI(Estimator):
     prefix: str
 
     def __init__(self, noisy: NoisyModel, size: int = 3, seed: int = 0, batched: bool = True,
-                 prefix_len: int = 0):
+                 prefix_len: int = 0, share_prompts: bool = True):
         if size < 1:
             raise DraftEUError(f"family size must be >= 1, got {size}")
         self.noisy, self.size, self.seed = noisy, size, seed
         # the members' source; its model is set once members exist (NoisyModel wraps the target in
         # PEFT on its first member)
-        self.source = LogitsSource(None, [], prefix_len=prefix_len, batched=batched)
+        self.source = HiddenSource(None, [], prefix_len=prefix_len, batched=batched, share_prompts=share_prompts)
 
     @abstractmethod
-    def _members(self, prompt_ids: Sequence[int]) -> list[str]:
-        """Names of the noise members to evaluate (fixed for a family, drawn per prompt for TokUR)."""
+    def _slots(self, pairs) -> list[list[str]]:
+        """Each pair's noise members (fixed for a family, drawn per prompt for TokUR)."""
 
-    def member_logits(self, prompt_ids, response_ids) -> torch.Tensor:
-        """(K, T, V) logits of the members at the response positions."""
-        self._members(prompt_ids)
-        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy.model))
-        return self.source.logits(ids, keep)[:, :-1]
+    def member_hidden(self, pairs) -> Hidden:
+        """The members' hidden states (K rows) at the response positions of ``pairs``."""
+        slots = self._slots(pairs)
+        return self.source.hidden(pairs, slots)
 
-    def score(self, prompt_ids, response_ids) -> TokenScores:
-        mi = divergence.mutual_information(self.member_logits(prompt_ids, response_ids))  # (K, T, V) -> (T,)
-        return TokenScores(token_ids=list(response_ids), eu=mi.cpu())
+    def _score(self, pairs) -> list[TokenScores]:
+        h = self.member_hidden(pairs)
+        (mi,) = reduce_chunks(lambda q: (divergence.mutual_information(q),), h)  # (K, n, V) -> (n,)
+        return [TokenScores(token_ids=r, eu=e) for (_, r), e in zip(pairs, h.split(mi), strict=True)]
 
 
 class GroundTruth(_FamilyMI):
@@ -139,14 +168,14 @@ class GroundTruth(_FamilyMI):
     name = "groundtruth"
     prefix = "family"
 
-    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0):
-        super().__init__(noisy, size, seed, batched, prefix_len)
+    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0, share_prompts=True):
+        super().__init__(noisy, size, seed, batched, prefix_len, share_prompts)
         self.member_names = noisy.set_members(self.prefix, family_seeds(seed, size))
         self.source.model = noisy.model
         self.source.set_names(self.member_names)
 
-    def _members(self, prompt_ids):
-        return self.member_names
+    def _slots(self, pairs):
+        return [self.member_names] * len(pairs)
 
 
 def prompt_key(prompt_ids: Sequence[int]) -> str:
@@ -162,26 +191,45 @@ class TokUR(_FamilyMI):
     get independent draws, and the numbers do not depend on the order answers are scored in,
     how work is split, or whether a run was resumed.  `drafteu score --method tokur --seed s` and
     the TokUR column of a `reproduce` trial with seed s therefore agree answer by answer.  Answers
-    sharing a prompt also share the draw's prefix KV cache.
+    sharing a prompt also share the draw (and its KV cache).  A batch holds one draw per distinct
+    prompt, side by side: slot j's members ``tokur{j}_0..`` hold the j-th prompt's draw, re-drawn
+    in place only when the slot's prompt changes.
     """
 
     name = "tokur"
     prefix = "tokur"
 
-    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0):
-        super().__init__(noisy, size, seed, batched, prefix_len)
-        self.drawn_for: str | None = None
+    def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0, share_prompts=True):
+        super().__init__(noisy, size, seed, batched, prefix_len, share_prompts)
+        self.held: list[str | None] = []  # slot j -> the prompt key its members were drawn for
         self.draws = 0
 
-    def _members(self, prompt_ids):
-        key = prompt_key(prompt_ids)
-        if key != self.drawn_for:
-            seeds = [member_seed("tokur", self.seed, key, k) for k in range(self.size)]
-            names = self.noisy.set_members(self.prefix, seeds)
-            self.source.model = self.noisy.model
-            self.source.set_names(names)  # re-drawn in place: the cached prefix is stale
-            self.drawn_for, self.draws = key, self.draws + 1
-        return self.source.names
+    def _slots(self, pairs):
+        keys = list(dict.fromkeys(prompt_key(p) for p, _ in pairs))
+        names: dict[str, list[str]] = {}
+        fresh = False
+        for j, key in enumerate(keys):
+            slot = f"{self.prefix}{j}_"
+            if j >= len(self.held):
+                self.held.append(None)
+            if self.held[j] != key:
+                seeds = [member_seed("tokur", self.seed, key, k) for k in range(self.size)]
+                self.noisy.set_members(slot, seeds)
+                self.held[j], self.draws, fresh = key, self.draws + 1, True
+            names[key] = [f"{slot}{k}" for k in range(self.size)]
+        self.source.model = self.noisy.model
+        if fresh:
+            self.source.invalidate()  # re-drawn in place: cached prefixes are stale
+        return [names[prompt_key(p)] for p, _ in pairs]
+
+    def forget(self) -> None:
+        super().forget()
+        self.held = []
+
+    @property
+    def drawn_for(self) -> str | None:
+        """The prompt key of the first slot's draw (the last single prompt scored)."""
+        return self.held[0] if self.held else None
 
 
 class PredictiveEntropy(Estimator):
@@ -189,28 +237,30 @@ class PredictiveEntropy(Estimator):
 
     name = "entropy"
 
-    def __init__(self, noisy: NoisyModel, prefix_len: int = 0):
+    def __init__(self, noisy: NoisyModel, prefix_len: int = 0, share_prompts: bool = True):
         self.noisy = noisy
-        self.source = LogitsSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
+        self.source = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base,
+                                   share_prompts=share_prompts)
 
-    def score(self, prompt_ids, response_ids) -> TokenScores:
+    def _score(self, pairs) -> list[TokenScores]:
         self.source.model = self.noisy.model  # NoisyModel wraps its model in PEFT on its first member
-        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.noisy.model))
-        logits = self.source.logits(ids, keep)
-        return TokenScores(token_ids=list(response_ids), eu=divergence.entropy(logits[0, :-1]).cpu())
+        h = self.source.hidden(pairs)
+        (ent,) = reduce_chunks(lambda x: (divergence.entropy(x[0]),), h)
+        return [TokenScores(token_ids=r, eu=e) for (_, r), e in zip(pairs, h.split(ent), strict=True)]
 
 
 METHODS = tuple(ESTIMATORS)  # groundtruth, tokur, entropy, drafts
 
 
-def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefix_len: int = 0) -> Estimator:
+def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefix_len: int = 0,
+          share_prompts: bool = True) -> Estimator:
     """The target-only estimator named ``method`` on the target held by ``noisy``."""
     if method == "groundtruth":
-        return GroundTruth(noisy, size=size, seed=seed, prefix_len=prefix_len)
+        return GroundTruth(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
     if method == "tokur":
-        return TokUR(noisy, size=size, seed=seed, prefix_len=prefix_len)
+        return TokUR(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
     if method == "entropy":
-        return PredictiveEntropy(noisy, prefix_len=prefix_len)
+        return PredictiveEntropy(noisy, prefix_len=prefix_len, share_prompts=share_prompts)
     if method == "drafts":
         raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -268,28 +318,59 @@ def manifest_base(manifest: dict, drafts_dir: Path) -> str:
     return str(relative)
 
 
+class DraftBases:
+    """Draft bases loaded once per (base, dtype, device): every ensemble on one base adds its adapters
+    to the same model under names of its own (``e<i>_<adapter>``), so a process scoring several
+    ensembles (the scoring stage: untrained, DDD, K-only, ...) holds one copy of the base weights."""
+
+    def __init__(self):
+        self._models: dict[tuple, list] = {}  # key -> [model (plain, then the PeftModel), LoadedModel]
+        self._count = 0
+
+    def get(self, spec: str, dtype: str, device):
+        """(the base's current model, its LoadedModel, a fresh adapter-name prefix)."""
+        from drafteu import models
+
+        key = (spec, dtype, str(device))
+        if key not in self._models:
+            lm = models.load(spec, dtype=dtype, device=device)
+            self._models[key] = [lm.model, lm]
+        self._count += 1
+        model, lm = self._models[key]
+        return model, lm, f"e{self._count}_"
+
+    def put(self, spec: str, dtype: str, device, model) -> None:
+        """The base's model after adapters were added (PEFT wraps it on the first)."""
+        self._models[(spec, dtype, str(device))][0] = model
+
+
 class DraftEnsemble(Estimator):
     """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; docs/method.md §3).
 
     The K drafts are PEFT adapters on one base draft, evaluated in one forward
     (``adapters.k_adapter_model``: fused batched LoRA, else PEFT's mixed batch) or one forward
     each (``batched=False``); p is the OSD proxy (target + proxy adapter) when given, else the raw
-    target.  ``proxy_source``: a ready ``LogitsSource`` for p, shared by several ensembles on one
-    target (the scoring stage: p is computed once per answer).  Logits are cut to the vocabulary
-    range the models share.  ``dtype`` is the drafts' (``models.load``'s choices); divergences are
-    always computed in float32.  ``device``: the drafts' device (default: the target's).
+    target.  ``proxy_source``: a ready ``HiddenSource`` for p, shared by several ensembles on one
+    target (the scoring stage: p is computed once per batch).  ``bases``: loaded draft bases shared
+    with other ensembles (``DraftBases``).  ``prefix_len``: the prompts' shared prefix (``"auto"``: found
+    from the prompts scored, for a server).  Logits are cut to the vocabulary range the models share
+    and reduced a chunk of positions at a time.  ``dtype`` is the drafts' (``models.load``'s
+    choices); divergences are always computed in float32.  ``device``: the drafts' device (default:
+    the target's).
     """
 
     name = "drafts"
+    has_terms = True
 
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
-                 batched: bool = True, dtype: str = "auto", prefix_len: int = 0,
-                 proxy_source: LogitsSource | None = None):
+                 batched: bool = True, dtype: str = "auto", prefix_len: int | str = 0,
+                 proxy_source: HiddenSource | None = None, bases: DraftBases | None = None,
+                 share_prompts: bool = True, target_rows: bool = False):
 
         from drafteu import adapters, models
 
         manifest = read_drafts_manifest(Path(drafts_dir))
-        self.names = list(manifest["adapters"])
+        self.adapters = list(manifest["adapters"])
         self.drafts_dir, self.dtype = Path(drafts_dir), dtype
         self.base_spec = manifest_base(manifest, self.drafts_dir)
         base_manifest = Path(self.base_spec) / "manifest.json"
@@ -299,17 +380,19 @@ class DraftEnsemble(Estimator):
             self.base_kl = None
         if device is None:  # next to the target, else where ``device: auto`` puts models
             device = next(target.model.parameters()).device if target.model is not None else "auto"
-        base = models.load(self.base_spec, dtype=dtype, device=device)
+        self.bases = bases or DraftBases()
+        model, base, tag = self.bases.get(self.base_spec, dtype, device)
         self.vocab = models.shared_vocab_size(target, base)
-        model = base.model
-        for n in self.names:
-            model = load_adapter(model, Path(drafts_dir) / n, n)
+        self.names = [f"{tag}{n}" for n in self.adapters]
+        for n, name in zip(self.adapters, self.names, strict=True):
+            model = load_adapter(model, Path(drafts_dir) / n, name)
+        self.bases.put(self.base_spec, dtype, device, model)
         self.drafts = model.eval()
         self.runner = adapters.k_adapter_model(self.drafts, self.names)
         self.method = manifest.get("method", "drafts")
-        self.source = LogitsSource(self.runner, self.names, prefix_len=prefix_len)
+        self.source = HiddenSource(self.runner, self.names, prefix_len=prefix_len, share_prompts=share_prompts)
         self.batched = batched
-        self.target = target.model  # None for a tokenizer-only target: draft_logits only
+        self.target = target.model  # None for a tokenizer-only target: draft_hidden only
         if proxy_dir is not None and self.target is None:
             raise DraftEUError("a proxy needs the target's weights; load the target with its model")
         if proxy_dir is not None:
@@ -322,10 +405,62 @@ class DraftEnsemble(Estimator):
             self.proxy_source = proxy_source
         elif self.target is None:
             self.proxy_source = None
-        elif proxy_dir is not None:
-            self.proxy_source = LogitsSource(self.target, ["proxy"], prefix_len=prefix_len)
+        elif proxy_dir is not None:  # with ``target_rows`` the raw target rides in p's pass (its logprobs)
+            names = ["__base__", "proxy"] if target_rows else ["proxy"]
+            self.proxy_source = HiddenSource(self.target, names, prefix_len=prefix_len, share_prompts=share_prompts)
         else:  # the raw target (its adapters, if any, off)
-            self.proxy_source = LogitsSource(self.target, None, prefix_len=prefix_len, context=self.base_target)
+            self.proxy_source = HiddenSource(self.target, None, prefix_len=prefix_len, context=self.base_target,
+                                             share_prompts=share_prompts)
+
+    def forget(self) -> None:
+        super().forget()
+        if self.proxy_source is not None:
+            self.proxy_source.invalidate()
+
+    @property
+    def _rows(self) -> tuple[int | None, int]:
+        """(the raw target's row in p's pass or None, p's row)."""
+        names = self.proxy_source.names if self.proxy_source is not None else None
+        if names and "proxy" in names:
+            return (names.index("__base__") if "__base__" in names else None), names.index("proxy")
+        return (None if self.has_proxy else 0), 0
+
+    def target_logprobs(self, pairs, top: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The raw target's log-probability of every response token and its ``top`` most likely tokens
+        ((T,), (T, top) values, (T, top) ids per pair; responses of >= 1 token), from p's pass when it
+        carries the raw target (no proxy, or ``target_rows``): right after ``score_batch`` of the same
+        pairs no forward runs."""
+        pairs = [(list(p), list(r)) for p, r in pairs]
+        row, _ = self._rows
+        if row is None:  # the proxy's pass lacks the raw target: one pass of its own
+            if getattr(self, "_target_source", None) is None:
+                self._target_source = HiddenSource(self.target, None, context=self.base_target,
+                                                   prefix_len=self.proxy_source.prefix_len)
+            h, row = self._target_source.hidden(pairs), 0
+        else:
+            h = self.proxy_source.hidden(pairs)
+        t = Hidden(states=h.states[row: row + 1], lengths=h.lengths, head=h.head, width=h.width)
+        ids = torch.tensor([tok for _, r in pairs for tok in r])
+        chosen, values, indices = [], [], []
+        for sl in chunk_slices(t):
+            logp = torch.log_softmax(t.logits(sl)[0].float(), dim=-1).cpu()
+            chosen.append(logp.gather(1, ids[sl, None])[:, 0])
+            top_v, top_i = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+            values.append(top_v)
+            indices.append(top_i)
+        parts = [t.split(torch.cat(x)) for x in (chosen, values, indices)]
+        return list(zip(*parts, strict=True))
+
+    def close(self) -> None:
+        """Remove this ensemble's adapters from the shared base (the next trial loads its own)."""
+        config = getattr(self.drafts, "peft_config", {})
+        if not set(config) - set(self.names):
+            return  # the base's only adapters: they go with the model
+        for name in self.names:
+            if name in config:
+                self.drafts.delete_adapter(name)
+        self.drafts.set_adapter(next(iter(config)))  # PEFT keeps a deleted adapter active
+        self.source.invalidate()
 
     @property
     def batched(self) -> bool:
@@ -346,22 +481,27 @@ class DraftEnsemble(Estimator):
 
         return self.target.disable_adapter() if isinstance(self.target, PeftModel) else nullcontext()
 
-    @torch.no_grad()
-    def draft_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(K, keep, V_shared) logits of the drafts for (1, L) ``ids``."""
-        return self.source.logits(ids.to(_device(self.drafts)), keep)[..., : self.vocab]
+    def draft_hidden(self, pairs) -> Hidden:
+        """The drafts' hidden states (K rows) at the response positions of ``pairs``."""
+        h = self.source.hidden(pairs)
+        h.vocab = self.vocab
+        return h
 
-    @torch.no_grad()
-    def proxy_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(keep, V_shared) logits of p (the proxy, or the raw target) for (1, L) ``ids``."""
+    def proxy_hidden(self, pairs) -> Hidden:
+        """p's hidden states (one row: the proxy, or the raw target) at the response positions of ``pairs``."""
         if self.proxy_source is None:
             raise DraftEUError("this ensemble was loaded without the target's weights: no proxy / target logits")
-        return self.proxy_source.logits(ids, keep)[0, :, : self.vocab]
+        h = self.proxy_source.hidden(pairs)
+        row = self._rows[1]
+        return Hidden(states=h.states[row: row + 1], lengths=h.lengths, head=h.head, width=h.width, vocab=self.vocab)
 
-    def score(self, prompt_ids, response_ids) -> TokenScores:
-        ids, keep = response_inputs(prompt_ids, response_ids, _device(self.drafts))
-        q = self.draft_logits(ids, keep)[:, :-1]  # (K, T, V)
-        p = self.proxy_logits(ids.to(_device(self.proxy_source.model)), keep)[:-1].to(q.device)
-        terms = divergence.eu_decomposition(q, p)
-        return TokenScores(token_ids=list(response_ids), eu=terms.total.cpu(), variance=terms.variance.cpu(),
-                           bias=terms.bias.cpu())
+    def _score(self, pairs) -> list[TokenScores]:
+        q, p = self.draft_hidden(pairs), self.proxy_hidden(pairs)
+
+        def terms(ql, pl):
+            t = divergence.eu_decomposition(ql, pl[0])
+            return t.total, t.variance, t.bias
+
+        total, variance, bias = reduce_chunks(terms, q, p)
+        return [TokenScores(token_ids=r, eu=e, variance=v, bias=b)
+                for (_, r), e, v, b in zip(pairs, q.split(total), q.split(variance), q.split(bias), strict=True)]

@@ -36,12 +36,13 @@ class FusedDrafts:
         self.config = peft_model.config
         real = [n for n in self.names if n != "__base__"]
         self.layers = []  # (module, forward)
+        others = []  # LoRA modules carrying only other adapters (another ensemble on a shared base): base only
         for module in peft_model.modules():
             lora_a = getattr(module, "lora_A", None)
-            if lora_a is None or not len(lora_a) or (real and not any(n in lora_a for n in real)):
+            if lora_a is None or not len(lora_a):
                 continue
-            if not real:  # base rows only: skip the LoRA update
-                self.layers.append((module, self._base_forward(module)))
+            if not real or not any(n in lora_a for n in real):  # base rows only: skip the LoRA update
+                (self.layers if not real else others).append((module, self._base_forward(module)))
                 continue
             if not all(n in lora_a for n in real):
                 raise DraftEUError("fused drafts need every adapter on the same modules")
@@ -61,6 +62,7 @@ class FusedDrafts:
             self.layers.append((module, self._lora_forward(module, a, b)))
         if not self.layers:
             raise DraftEUError("no LoRA modules carry the drafts' adapters")
+        self._others = others
         self._call = peft_model
         # The shared trunk: when every adapter leaves the first s decoder layers alone (LoRA on the top
         # layers only, ``drafts.lora_layers``), those layers are the same for the K drafts and run once.
@@ -69,6 +71,7 @@ class FusedDrafts:
         decoder = _decoder_layers(peft_model)
         self.trunk = min(lora_layers) if real and lora_layers and decoder is not None else 0
         self._expand = decoder[self.trunk] if self.trunk else None
+        self._top = list(decoder)[self.trunk:] if self.trunk else []
 
     def _lora_forward(self, module, a: torch.Tensor, b: torch.Tensor):
         base, k = module.base_layer, self.k
@@ -100,23 +103,25 @@ class FusedDrafts:
 
     @contextmanager
     def _fused(self):
-        for module, forward in self.layers:
+        for module, forward in self.layers + self._others:
             module.forward = forward
         try:
             yield
         finally:
-            for module, _ in self.layers:
+            for module, _ in self.layers + self._others:
                 del module.forward  # back to the class's (PEFT's) forward
 
     def _shares_trunk(self, input_ids: torch.Tensor, kwargs: dict) -> bool:
-        """The trunk runs once when the K rows are one sequence repeated (every scoring and decoding
-        call: batch 1 per draft) and the KV cache grows per layer (a static cache holds one batch size
-        for every layer)."""
+        """The trunk runs once per sequence when the K row blocks are the same b sequences (every
+        scoring and decoding call: the adapter-major layout of one batch) and the KV cache grows per
+        layer (a static cache holds one batch size for every layer)."""
         from transformers import StaticCache
 
         cache = next((v for k, v in kwargs.items() if k in ("cache", "past_key_values")), None)
-        return (self._expand is not None and input_ids.shape[0] == self.k and not isinstance(cache, StaticCache)
-                and bool((input_ids == input_ids[:1]).all()))
+        if self._expand is None or isinstance(cache, StaticCache):
+            return False
+        blocks = input_ids.reshape(self.k, -1, input_ids.shape[-1])
+        return bool((blocks == blocks[:1]).all())
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, adapter_names: list[str] | None = None, **kwargs):
@@ -129,18 +134,28 @@ class FusedDrafts:
         with self._fused():
             if not self._shares_trunk(input_ids, kwargs):
                 return self._call(input_ids=input_ids, **kwargs)
-            # one row through layers < trunk, then K rows (the same hidden state) through the rest
+            # b rows through layers < trunk, then K blocks of them through the rest: every layer from
+            # the trunk on tiles its b-row inputs (hidden states, mask, position embeddings) K times
             k = self.k
 
-            def expand(module, args, kw):
-                hidden = args[0] if args else kw.pop("hidden_states")
-                return (hidden.expand(k, *hidden.shape[1:]).contiguous(), *args[1:]), kw
+            def tile(x):
+                if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == per:
+                    return x.repeat(k, *([1] * (x.dim() - 1)))
+                if isinstance(x, tuple):
+                    return tuple(tile(y) for y in x)
+                return x
 
-            handle = self._expand.register_forward_pre_hook(expand, with_kwargs=True)
+            def expand(module, args, kw):
+                return tuple(tile(a) for a in args), {key: tile(v) for key, v in kw.items()}
+
+            sliced = {key: (v[:per] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows else v)
+                      for key, v in kwargs.items()}
+            handles = [layer.register_forward_pre_hook(expand, with_kwargs=True) for layer in self._top]
             try:
-                return self._call(input_ids=input_ids[:1], **kwargs)
+                return self._call(input_ids=input_ids[:per], **sliced)
             finally:
-                handle.remove()
+                for h in handles:
+                    h.remove()
 
 
 def _decoder_layers(model):

@@ -1,4 +1,4 @@
-"""KV caches for scoring and decoding: the two ways drafteu re-uses computed prefixes.
+"""KV caches for decoding, and the KV-cache argument every forward passes.
 
 - ``PrefixCache`` (decoding): one growing sequence; a new prompt re-uses the longest cached prefix
   it shares, rejected speculative proposals are rolled back by cropping.
@@ -6,22 +6,15 @@
   ``StaticCache``); rollback is a position reset, and the few-token steps of decoding (1 token,
   gamma + 1 to verify) run through ``torch.compile`` — with CUDA graphs on CUDA, where a decode
   step is otherwise bound by kernel launches.  ``decoding_cache`` picks one of the two.
-- ``LogitsSource`` (scoring): a model and the adapter rows it runs, scoring many (prompt, response)
-  pairs that share a prompt prefix (system prompt + worked examples).  The prefix's KV cache is
-  computed once and copied per call; positions are unchanged, so the logits equal full forwards.
-  Estimators (``drafteu.estimators``) read every distribution through a source, so `drafteu score`
-  and `drafteu reproduce` compute EU with the same code.
-
-``generate.HFBackend`` keeps a third, batch-shaped prefix cache (one prefix expanded to a
-left-padded batch); it shares ``lcp`` from here.
+Scoring has its own batch-shaped prefix caches (``drafteu.sources.HiddenSource``: the shared
+prefix per adapter, a batch's prompts once for their answers); ``generate.HFBackend`` keeps one
+prefix expanded to a left-padded batch; both share ``lcp`` and ``cache_kw`` from here.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 
 import torch
 
@@ -59,69 +52,6 @@ def lcp(seqs: Sequence[Sequence[int]]) -> int:
         if any(s[i] != first[i] for s in seqs):
             return i
     return n
-
-
-class LogitsSource:
-    """Next-token logits of ``model`` for each adapter in ``names`` (one batch row each), behind a
-    shared-prefix KV cache.
-
-    ``names=None`` runs the model as it is (one row); ``context`` (e.g. ``NoisyModel.base``) wraps
-    every forward, e.g. to switch adapters off.  ``prefix_len``: tokens every scored sequence starts
-    with; their KV cache is computed on first use and copied per call (0: full forwards).
-    ``batched=False`` runs one forward per adapter instead of one mixed batch (same numbers; a
-    reference path, without the prefix cache).  A call with the same ids as the previous one
-    returns the previous logits, so estimators sharing a source (the proxy under several draft
-    ensembles) pay one forward per answer.
-    """
-
-    def __init__(self, model, names: Sequence[str] | None = None, *, prefix_len: int = 0,
-                 context: Callable[[], AbstractContextManager] | None = None, batched: bool = True):
-        self.model, self.prefix_len, self.context, self.batched = model, prefix_len, context, batched
-        self.names = list(names) if names is not None else None
-        self._prefix = None  # (cache, length)
-        self._last = None  # (ids, keep, logits)
-
-    @property
-    def rows(self) -> int:
-        return len(self.names) if self.names else 1
-
-    def set_names(self, names: Sequence[str] | None) -> None:
-        """Run other adapters from now on (or the same, re-drawn in place): the caches are stale."""
-        self.names = list(names) if names is not None else None
-        self.invalidate()
-
-    def invalidate(self) -> None:
-        """Forget the prefix cache and the memo (call after changing the model's weights)."""
-        self._prefix, self._last = None, None
-
-    def _run(self, ids: torch.Tensor, keep: int, **kw):
-        kw = kw | ({"adapter_names": [n for n in self.names for _ in range(ids.shape[0])]} if self.names else {})
-        with (self.context() if self.context else nullcontext()):
-            return self.model(input_ids=ids.repeat(self.rows, 1), logits_to_keep=keep, **kw)
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """(1, L) ``ids`` -> (rows, keep, V) logits of the last ``keep`` positions."""
-        last = self._last
-        if last is not None and last[1] == keep and last[0].shape == ids.shape and torch.equal(last[0], ids):
-            return last[2]
-        if not self.batched and self.names:
-            outs = []
-            for n in self.names:
-                self.model.set_adapter(n)
-                outs.append(self.model(input_ids=ids, logits_to_keep=keep).logits[0])
-            out = torch.stack(outs)
-        else:
-            plen = min(self.prefix_len, ids.shape[1] - keep)
-            if plen <= 0:
-                out = self._run(ids, keep).logits
-            else:
-                if self._prefix is None or self._prefix[1] != plen:
-                    self._prefix = (output_cache(self._run(ids[:, :plen], 1, use_cache=True)), plen)
-                cache = copy.deepcopy(self._prefix[0])
-                out = self._run(ids[:, plen:], keep, use_cache=True, **cache_kw(cache)).logits
-        self._last = (ids, keep, out)
-        return out
 
 
 class PrefixCache:

@@ -10,6 +10,7 @@ from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
 from drafteu.generate import HFBackend, Sampling
+from drafteu.kvcache import lcp
 from drafteu.posterior import NoisyModel
 from drafteu.runio import write_json
 
@@ -71,32 +72,69 @@ def to_json(question: str, answer: str, method: str, target: str, scores: TokenS
     }
 
 
-def run(cfg: ScoreConfig) -> dict:
-    """Load the target, get the answer, score it, return (and optionally write) the JSON."""
+def read_answers(path: Path, question: str) -> list[tuple[str, str]]:
+    """(question, answer) per line of a JSONL file of {"answer": ...} or {"question": ..., "answer": ...}."""
+    import json
+
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            answer = row["answer"]
+        except (ValueError, KeyError, TypeError):
+            raise DraftEUError(f"{path}:{n}: not a JSON object with an \"answer\" field") from None
+        if not isinstance(answer, str) or not answer.strip():
+            raise DraftEUError(f"{path}:{n}: the answer is empty or not text")
+        out.append((str(row.get("question") or question), answer))
+    if not out:
+        raise DraftEUError(f"{path} holds no answers")
+    return out
+
+
+def run(cfg: ScoreConfig) -> dict | list[dict]:
+    """Load the target, get the answer(s), score them in one batched pass, return (and optionally
+    write) the JSON: one object, or a list of them for ``--answers``."""
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
+    items = read_answers(cfg.answers, cfg.question) if cfg.answers is not None else None
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
     if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
         drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
         est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype)
-    prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
-    if cfg.answer is None:
-        models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens, "the prompt + --max-new-tokens",
-                             "shorten the question or lower --max-new-tokens", cfg.target)
-        with est.base_target() if cfg.method == "drafts" else contextlib.nullcontext():
-            response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
+    shots = data.shots_for("score", cfg.shots)
+    if items is None:
+        prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, shots)
+        if cfg.answer is None:
+            models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens,
+                                 "the prompt + --max-new-tokens", "shorten the question or lower --max-new-tokens",
+                                 cfg.target)
+            with est.base_target() if cfg.method == "drafts" else contextlib.nullcontext():
+                response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
+        else:
+            response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
+        pairs, questions = [(prompt_ids, response_ids)], [cfg.question]
     else:
-        response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
-    models.check_context(lm.model.config, len(prompt_ids) + len(response_ids), "the prompt + answer",
-                         "shorten the question or the answer", cfg.target)
-    answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
+        prompts = {q: data.format_prompt(lm.tokenizer, q, shots) for q in dict.fromkeys(q for q, _ in items)}
+        pairs = [(prompts[q], list(lm.tokenizer(a, add_special_tokens=False)["input_ids"])) for q, a in items]
+        questions = [q for q, _ in items]
+    for n, (prompt_ids, response_ids) in enumerate(pairs, 1):
+        where = f" (answer {n})" if items is not None else ""
+        models.check_context(lm.model.config, len(prompt_ids) + len(response_ids), "the prompt + answer" + where,
+                             "shorten the question or the answer", cfg.target)
     if cfg.method != "drafts":
-        est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed)
-    scores = est.score(prompt_ids, response_ids)
-    result = to_json(cfg.question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
-    if cfg.method == "drafts" and response_ids:
-        result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl)
+        est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed,
+                               prefix_len=lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0)
+    results = []
+    for question, (_, response_ids), scores in zip(questions, pairs, est.score_batch(pairs), strict=True):
+        answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
+        result = to_json(question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
+        if cfg.method == "drafts" and response_ids:
+            result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl)
+        results.append(result)
+    out = results if items is not None else results[0]
     if cfg.json is not None:
-        write_json(cfg.json, result)
-    return result
+        write_json(cfg.json, out)
+    return out

@@ -358,7 +358,7 @@ class SpeculativeDecoder:
             if not options.propose < len(ens.names):
                 raise DraftEUError(f"propose {options.propose}: the ensemble has drafts 0..{len(ens.names) - 1}; "
                                    "give one of them, or 'mix'")
-            designated = merged_draft(ens, ens.names[options.propose])
+            designated = merged_draft(ens, ens.adapters[options.propose])
         return cls.from_models(target, ens.runner if fused else ens.drafts, ens.names, ens.vocab, options,
                                designated=designated, fused=fused, prefix_cache=prefix_cache)
 
@@ -462,7 +462,7 @@ def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
 
 
 def merged_draft(ens, name: str):
-    """A copy of the ensemble's base with draft ``name``'s adapter merged in (plain, fast model); on a
+    """A copy of the ensemble's base with draft ``name``'s adapter (its directory's name) merged in (plain, fast model); on a
     quantized base, which cannot take a merge, the base with that one adapter on."""
     from peft import PeftModel
 

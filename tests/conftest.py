@@ -132,9 +132,12 @@ def make_model(vocab_size: int, layers: int = 2, seed: int = 0, **overrides):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1,
     )
-    cfg = LlamaConfig(**{**kwargs, **overrides})
-    model = LlamaForCausalLM(cfg).eval()
-    # Larger-than-default weights so that noise and models give clearly non-uniform outputs.
+    return _spread(LlamaForCausalLM(LlamaConfig(**{**kwargs, **overrides})))
+
+
+def _spread(model):
+    """Larger-than-default weights so that noise and models give clearly non-uniform outputs."""
+    model.eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -165,3 +168,18 @@ def tiny(tiny_dir):
     from drafteu import models
 
     return models.load(str(tiny_dir))
+
+
+def make_gemma3(vocab_size: int, layers: int = 4, seed: int = 0, sliding_window: int = 6, **overrides):
+    """A tiny random Gemma3ForCausalLM: sliding-window layers (a small window, so tests cross it),
+    q/k norms, tied embeddings, the architecture of Gemma 3 270M at toy size."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+        sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+        query_pre_attn_scalar=8, tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )
+    return _spread(Gemma3ForCausalLM(Gemma3TextConfig(**{**kwargs, **overrides})))

@@ -108,3 +108,27 @@ def test_help_keeps_its_brackets_and_every_config_field_is_an_option():
         for name in names:
             flag = FLAGS.get(name, ("--" + name.replace("_", "-"),))[0]
             assert flag in text, flag
+
+
+def test_score_a_jsonl_of_answers_in_batches(tiny_dir, tmp_path):
+    """--answers FILE.jsonl: every answer scored in one batched pass, the numbers of one --answer each."""
+    answers = ["The answer is \\boxed{7}.", "He has 3 + 4 = 7 apples.", "8"]
+    other = "Sara had 9 pencils and gave 2 away. How many are left?"
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"answer": answers[0]}, {"answer": answers[1]},
+                                                       {"question": other, "answer": answers[2]}]) + "\n")
+    out = tmp_path / "many.json"
+    res = invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--answers", str(path), "--sigma", "0.3",
+                 "--json", str(out))
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    assert [r["answer"] for r in results] == answers and results[2]["question"] == other
+    for r, (q, a) in zip(results, [(QUESTION, answers[0]), (QUESTION, answers[1]), (other, answers[2])], strict=True):
+        one = tmp_path / "one.json"
+        assert invoke("score", "--target", str(tiny_dir), "-q", q, "--answer", a, "--sigma", "0.3",
+                      "--json", str(one)).exit_code == 0
+        want = [t["eu"] for t in json.loads(one.read_text())["tokens"]]
+        assert [t["eu"] for t in r["tokens"]] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    path.write_text('{"text": "no answer field"}\n')
+    res = invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--answers", str(path))
+    assert res.exit_code == 2 and "answers.jsonl:1" in res.output and "answer" in res.output

@@ -2,11 +2,14 @@
 
 The numbers come from the estimator classes a user calls (``drafteu.estimators``: ``GroundTruth``,
 ``TokUR``, ``PredictiveEntropy``, ``DraftEnsemble``), set up once per trial on one loaded target:
-the noise members, the proxy and the target share one PEFT model, every source re-uses the KV cache
-of the prompts' shared prefix (system + worked examples; positions unchanged, so the numbers equal
-full forwards), and the proxy's logits are computed once per answer for all draft ensembles.
-Output: ``eval/token_eu.jsonl``, one row per (answer, method label, trial), appended one answer at
-a time (a killed run resumes; TokUR's draws depend on (seed, prompt) only, so a resumed run draws
+the noise members, the proxy and the target share one PEFT model, the draft ensembles share one
+loaded draft base (``DraftBases``), every source re-uses the KV cache of the prompts' shared prefix
+(system + worked examples) and runs a question's prompt once for its several answers (positions
+unchanged, so the numbers equal full forwards), and the proxy's pass is computed once per batch for
+all draft ensembles.  Answers are scored ``eval.score_batch`` at a time (``score_batch``: padded
+batches, logits reduced a chunk of positions at a time).
+Output: ``eval/token_eu.jsonl``, one row per (answer, method label, trial), appended one batch at a
+time (a killed run resumes; TokUR's draws depend on (seed, prompt) only, so a resumed run draws
 the same).  Whether the rows are current is the stage contract's business (``drafteu.pipeline``).
 """
 
@@ -16,7 +19,7 @@ import json
 from pathlib import Path
 
 from drafteu import estimators, models, runio
-from drafteu.kvcache import LogitsSource, lcp
+from drafteu.kvcache import lcp
 from drafteu.methods import ESTIMATORS, TARGET_ONLY
 from drafteu.posterior import NoisyModel, family_seeds
 from drafteu.progress import progress
@@ -32,13 +35,15 @@ from drafteu.rundir import (
     rounded,
     trial_ensembles,
 )
+from drafteu.sources import HiddenSource
 
 
 class TrialEstimators:
     """Every estimator of one trial, on one loaded target (with its noise members and the proxy).
 
-    ``shared=False`` runs full forwards and gives every draft ensemble its own proxy pass (the cost
-    table: every method pays for every token it needs)."""
+    ``shared=False`` runs full forwards (no prefix cache, no prompt shared between answers) and gives
+    every draft ensemble its own proxy pass (the paper's accounting: every method pays for every
+    token it needs)."""
 
     def __init__(self, cfg, run: Path, rows: list[dict] | None = None, shared: bool = True):
         self.cfg, self.run = cfg, Path(run)
@@ -51,27 +56,36 @@ class TrialEstimators:
         self.tokenizer_only = models.load(cfg.target, tokenizer_only=True)
         self.shared = shared
         self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if shared and rows and len(rows) > 1 else 0
-        self.proxy = LogitsSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len)
+        self.proxy = HiddenSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len, share_prompts=shared)
+        self.bases = estimators.DraftBases()  # the ensembles of a trial share one loaded draft base
         self.estimators: dict[str, estimators.Estimator] = {}
         self.trial: int | None = None
 
     def set_trial(self, trial: int, specs: list[EnsembleSpec]) -> None:
         """Draw the trial's family and TokUR seeds; load the trial's draft ensembles ``specs``."""
-        cfg, e, plen = self.cfg, self.cfg.eval, self.prefix_len
+        cfg, e, plen, share = self.cfg, self.cfg.eval, self.prefix_len, self.shared
         self.trial = trial
+        previous = list(self.estimators.values())
+        self.proxy.invalidate()
         self.estimators = {
-            "groundtruth": estimators.GroundTruth(self.noisy, e.family_size, cfg.seed + trial, prefix_len=plen),
-            "tokur": estimators.TokUR(self.noisy, e.tokur_size, cfg.seed + trial, prefix_len=plen),
-            "entropy": estimators.PredictiveEntropy(self.noisy, prefix_len=plen),
+            "groundtruth": estimators.GroundTruth(self.noisy, e.family_size, cfg.seed + trial, prefix_len=plen,
+                                                  share_prompts=share),
+            "tokur": estimators.TokUR(self.noisy, e.tokur_size, cfg.seed + trial, prefix_len=plen, share_prompts=share),
+            "entropy": estimators.PredictiveEntropy(self.noisy, prefix_len=plen, share_prompts=share),
         }
         for spec in specs:
             self.estimators[spec.label] = estimators.DraftEnsemble(
                 draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
-                proxy_source=self.proxy if self.shared else LogitsSource(self.noisy.model, ["proxy"]))
+                proxy_source=self.proxy if share else HiddenSource(self.noisy.model, ["proxy"], share_prompts=False),
+                bases=self.bases, share_prompts=share)
+        for est in previous:  # the previous trial's adapters leave the shared base
+            if isinstance(est, estimators.DraftEnsemble):
+                est.close()
 
-    def score(self, row: dict, methods: list[str]) -> dict[str, estimators.TokenScores]:
-        """TokenScores per method label for one answer."""
-        return {m: self.estimators[m].score(row["prompt_ids"], row["response_ids"]) for m in methods}
+    def score(self, rows: list[dict], methods: list[str]) -> dict[str, list[estimators.TokenScores]]:
+        """TokenScores per method label for every answer of ``rows`` (one batched pass per method)."""
+        pairs = [(r["prompt_ids"], r["response_ids"]) for r in rows]
+        return {m: self.estimators[m].score_batch(pairs) for m in methods}
 
 
 def score_jobs(cfg, rows: list[dict]) -> list[tuple[int, list[str], list[dict]]]:
@@ -98,8 +112,8 @@ def part_path(run: Path, rank: int) -> Path:
 
 
 def stage_score(cfg, run: Path) -> dict:
-    """Score every (answer, method, trial) on every process: process r takes answers r, r + P, ...
-    of each trial, appends them to its own part (a killed run resumes each part), and the main
+    """Score every (answer, method, trial) on every process: process r takes batches r, r + P, ...
+    of each trial's answers, appends them to its own part (a killed run resumes each part), and the main
     process merges the parts into ``eval/token_eu.jsonl`` in one canonical order (trial, answer,
     method), so the file is the same however many processes scored it."""
     run = Path(run)
@@ -108,7 +122,11 @@ def stage_score(cfg, run: Path) -> dict:
     path = part_path(run, rank)
     done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
     jobs = score_jobs(cfg, rows)
-    mine = [(t, ms, rs[rank::world]) for t, ms, rs in jobs]
+    size = cfg.eval.score_batch
+    # process r takes batches r, r + P, ... of each trial: the batches (and so every number, to the
+    # last bit) are the ones a single process scores
+    mine = [(t, ms, [r for b in range(rank * size, len(rs), world * size) for r in rs[b:b + size]])
+            for t, ms, rs in jobs]
     total = sum(len(rs) for _, _, rs in mine)
     todo = [(t, ms, rs) for t, ms, rs in mine if any((key_of(r), m, t) not in done for r in rs for m in ms)]
     scored = 0
@@ -119,14 +137,17 @@ def stage_score(cfg, run: Path) -> dict:
         with progress("score", total=total, completed=n_done, enabled=rank == 0) as bar:
             for trial, methods, rs in todo:
                 trial_est.set_trial(trial, [EnsembleSpec.from_label(m) for m in methods if m not in TARGET_ONLY])
-                for row in rs:
-                    missing = [m for m in methods if (key_of(row), m, trial) not in done]
-                    if missing:
-                        res = trial_est.score(row, missing)
+                for start in range(0, len(rs), size):
+                    batch = rs[start:start + size]
+                    for m in methods:  # each method on the batch's answers it lacks, in one batched pass
+                        need = [r for r in batch if (key_of(r), m, trial) not in done]
+                        if not need:
+                            continue
+                        res = trial_est.score(need, [m])[m]
                         runio.append_jsonl(path, [
-                            {"key": key_of(row), "qid": row["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
-                             "variance": rounded(s.variance), "bias": rounded(s.bias)} for m, s in res.items()])
-                    bar.update(advance=1, info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
+                            {"key": key_of(r), "qid": r["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
+                             "variance": rounded(s.variance), "bias": rounded(s.bias)} for r, s in zip(need, res, strict=True)])
+                    bar.update(advance=len(batch), info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
     runio.barrier()  # every part is complete before the merge
     if rank == 0:
         _merge(run, jobs, world)

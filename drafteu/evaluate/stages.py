@@ -17,12 +17,12 @@ from drafteu.config import ExperimentConfig
 from drafteu.evaluate import compare, cost, fidelity, hallucination
 from drafteu.evaluate.labels import cross_check, relabel
 from drafteu.evaluate.scoring import TrialEstimators
-from drafteu.kvcache import LogitsSource
 from drafteu.methods import ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import family_seeds, member_seed
 from drafteu.progress import progress
 from drafteu.rundir import EnsembleSpec, eval_rows, fidelity_rows, key_of, labels, token_eu
 from drafteu.rundir import rounded as _round
+from drafteu.sources import HiddenSource, reduce_chunks
 
 
 def _trial_questions(cfg: ExperimentConfig, qids: list[str], trial: int) -> list[str]:
@@ -112,25 +112,32 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         trial_est = TrialEstimators(cfg, run, rows)
         trial_est.set_trial(0, [EnsembleSpec.from_label(label)])
         ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
-        ref = LogitsSource(noisy.model, noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
+        ref = HiddenSource(noisy.model, noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
                            prefix_len=plen)
         raw_target = trial_est.estimators[named("baseline")].source  # the target, adapters off
-        fresh_sources = {k: LogitsSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
+        fresh_sources = {k: HiddenSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
         v = ens.vocab
 
-        def q_mix(row):
-            ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"], trial_est.device)
-            return ids, keep, divergence.mixture(ens.draft_logits(ids, keep)[:, :-1])
+        def cut(h):
+            h.vocab = v
+            return h
+
+        def bias_terms(pair, *sources):
+            """KL(q_mix || mixture of each source) at every response position of one answer."""
+            hidden = [ens.draft_hidden([pair])] + [cut(s.hidden([pair])) for s in sources]
+
+            def fn(q, *ps):
+                qm = divergence.mixture(q)
+                return tuple(divergence.kl(qm, divergence.mixture(p)) for p in ps)
+
+            return reduce_chunks(fn, *hidden)
 
         with progress("proxy robustness", total=len(need)) as bar:
             for row in [r for r, t in need if t == -1]:
-                ids, keep, qm = q_mix(row)
-                p_ref = divergence.mixture(ref.logits(ids, keep)[:, :-1, :v])
-                p_mix = ens.proxy_logits(ids, keep)[:-1]
-                raw = raw_target.logits(ids, keep)[0, :-1, :v]
-                runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name,
-                                           "bias": _round(divergence.kl(qm, p))}
-                                          for name, p in (("reference", p_ref), ("p_mix", p_mix), ("raw target", raw))])
+                pair = (row["prompt_ids"], row["response_ids"])
+                terms = bias_terms(pair, ref, ens.proxy_source, raw_target)
+                runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
+                                          for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
                 bar.update(advance=1)
             for t in range(e.trials):
                 todo = [r for r, tt in need if tt == t]
@@ -140,13 +147,9 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
                     fresh_sources[k].set_names(
                         noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)]))
                 for row in todo:
-                    ids, keep, qm = q_mix(row)
-                    out = []
-                    for k, source in fresh_sources.items():
-                        p_k = divergence.mixture(source.logits(ids, keep)[:, :-1, :v])
-                        out.append({"key": key_of(row), "trial": t, "estimate": f"K={k}",
-                                    "bias": _round(divergence.kl(qm, p_k))})
-                    runio.append_jsonl(path, out)
+                    terms = bias_terms((row["prompt_ids"], row["response_ids"]), *fresh_sources.values())
+                    runio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
+                                              for k, b in zip(fresh_sources, terms, strict=True)])
                     bar.update(advance=1, info=f"trial {t}")
     stored = {(r["key"], r["estimate"], r["trial"]): np.array(r["bias"]) for r in runio.read_jsonl(path)}
     keys = [key_of(r) for r in rows]
@@ -212,13 +215,14 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     tokens = sum(len(r["response_ids"]) for r in rows)
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
     methods = list(TARGET_ONLY) + labels(cfg)
-    trial_est.score(rows[0], methods)  # warm-up: first-call allocations are not the method's cost
+    trial_est.score(rows[:1], methods)  # warm-up: first-call allocations are not the method's cost
     wall = dict.fromkeys(methods, 0.0)
-    for r in rows:  # methods interleaved answer by answer: machine noise hits all alike
-        for m in methods:
+    for order in (methods, methods[::-1]):  # interleaved, both orders: machine noise hits all alike
+        for m in order:
+            trial_est.estimators[m].forget()  # nothing cached from the warm-up or the other order
             t0 = time.perf_counter()
-            trial_est.score(r, [m])  # TokUR draws its members for each new prompt (inside the timing)
-            wall[m] += time.perf_counter() - t0
+            trial_est.score(rows, [m])  # one batched pass over the answers, as the score stage runs it
+            wall[m] += (time.perf_counter() - t0) / 2
     flops, passes = {}, {}
     for m in methods:
         ens = trial_est.estimators[m] if isinstance(trial_est.estimators[m], estimators.DraftEnsemble) else None

@@ -9,8 +9,9 @@ calling ``load_estimator(config)`` (``FactoryEstimator``)::
 
 or from Python, ``DraftEUEstimator(drafts="runs/demo")`` next to its own estimators in a
 ``UEManager``.  The estimator reads the tokens LM-Polygraph's ``WhiteboxModel`` fed and generated
-(``input_tokens``, ``greedy_tokens``) and scores them with ``estimators.DraftEnsemble`` - the class
-``drafteu score`` uses - so the numbers are ``drafteu score``'s on the same tokens.  Generation
+(``input_tokens``, ``greedy_tokens``) and scores each LM-Polygraph batch in one batched pass of
+``estimators.DraftEnsemble.score_batch`` - the class ``drafteu score`` uses - so the numbers are
+``drafteu score``'s on the same tokens.  Generation
 needs the tokenizer to pad on the left (``WhiteboxModel.from_pretrained`` sets it; set
 ``tokenizer.padding_side = "left"`` when building the WhiteboxModel from ``estimator.lm``).  Two
 conventions are LM-Polygraph's: the prompt row is the padded batch row (its padding is removed
@@ -57,13 +58,14 @@ class _Shared:
     def __init__(self, drafts: str, target: str, proxy: str | None, device: str, dtype: str):
         self.lm = models.load(target, dtype=dtype, device=device)
         drafts_dir, proxy_dir = rundir.resolve_drafts(drafts, proxy)
-        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype)
+        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype,
+                                                 prefix_len="auto")  # the benchmark's shared instruction, once
         self.batch, self.scores = None, []
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[estimators.TokenScores]:
         batch = [(tuple(p), tuple(a)) for p, a in pairs]
         if batch != self.batch:
-            self.batch, self.scores = batch, [self.ensemble.score(p, a) for p, a in pairs]
+            self.batch, self.scores = batch, self.ensemble.score_batch(pairs)  # one batched pass
         return self.scores
 
 

@@ -5,8 +5,9 @@ Requests arrive on the event loop; ``Engine.submit`` puts a ``Job`` (a generatio
 thread-safe queue and returns an asyncio future.  The worker takes the first job, waits up to
 ``batch_wait_ms`` for more (up to ``max_batch``), then runs the batch: generations through the
 generation backend in one batched call per sampling setting (the HF backend's batched ``generate``,
-or vLLM's engine), then every answer's EU through ``estimators.DraftEnsemble.score`` - the estimator
-`drafteu score --method drafts` calls, so a response carries the numbers the command prints.  With
+or vLLM's engine), then the EU of every answer of the batch in one pass of
+``estimators.DraftEnsemble.score_batch`` - the estimator `drafteu score --method drafts` calls, so a
+response carries the numbers the command prints - with the target's logprobs from the same pass.  With
 ``engine: speculative`` a generation is speculative decoding by the same drafts (EU comes with
 every token, streamed per round), one request at a time.  Model work never runs on the event loop.
 
@@ -145,7 +146,9 @@ class Engine:
         drafts_dir, proxy_dir = rundir.resolve_drafts(s["drafts"], s["proxy"])
         self.lm = models.load(s["target"], dtype=s["dtype"], device=s["device"])
         self.tokenizer = self.lm.tokenizer
-        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=s["device"], dtype=s["dtype"])
+        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=s["device"], dtype=s["dtype"],
+                                                 target_rows=True,  # logprobs ride in the proxy's pass
+                                                 prefix_len="auto")  # requests' shared system prompt, once
         self.context = getattr(self.lm.model.config, "max_position_embeddings", None)
         self.eos = models.eos_ids(self.lm.model, self.tokenizer)
         with self.ensemble.base_target():
@@ -170,18 +173,20 @@ class Engine:
     def _run(self, batch: list[Job]) -> None:
         scoring = [j for j in batch if j.kind == "score"]
         generating = [j for j in batch if j.kind == "generate"]
+        work: list[tuple[Job, list[int], str, object]] = []  # (job, answer ids, finish, its EU if known)
         if self.engine == "speculative":
             for job in generating:
                 if not job.cancelled:
-                    self._resolve(job, self._speculate(job))
+                    work.append(self._speculate(job))
         else:
             answers = self._generate(generating)  # one batched call per sampling setting
-            for job, ids in zip(generating, answers, strict=True):
-                if not job.cancelled:
-                    self._resolve(job, [self._answer(job, r, f) for r, f in ids])
-        for job in scoring:
+            work += [(job, r, f, None) for job, ids in zip(generating, answers, strict=True) if not job.cancelled
+                     for r, f in ids]
+        work += [(job, job.response_ids, "length", None) for job in scoring if not job.cancelled]
+        results = self._answers(work)
+        for job in {id(j): j for j, *_ in work}.values():
             if not job.cancelled:
-                self._resolve(job, [self._answer(job, job.response_ids, "length")])
+                self._resolve(job, [a for (j, *_), a in zip(work, results, strict=True) if j is job])
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> list[list[tuple[list[int], str]]]:
@@ -208,8 +213,10 @@ class Engine:
                     out[i].append((ids, finish))
         return out
 
-    def _speculate(self, job: Job) -> list[Answer]:
-        """Speculative decoding, EU streamed with every round's tokens (one choice: n is 1 here)."""
+    def _speculate(self, job: Job) -> tuple:
+        """Speculative decoding, EU streamed with every round's tokens (one choice: n is 1 here); the
+        answer keeps the EU its rounds computed (it is not scored again)."""
+        from drafteu.estimators import TokenScores
         from drafteu.score import StreamPieces
 
         pieces = StreamPieces(self.tokenizer)
@@ -221,51 +228,60 @@ class Engine:
                                    "eu_bias": float(b)} for i, t, v, b in zip(ids, texts, variance, bias, strict=True)])
         res = self.decoder.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
                                     eos_ids=self.eos, on_tokens=on_tokens)
-        return [self._answer(job, res.token_ids, res.finish)]
+        scores = None
+        if res.variance is not None and res.bias is not None:
+            scores = TokenScores(token_ids=list(res.token_ids), eu=res.variance + res.bias, variance=res.variance,
+                                 bias=res.bias)
+        return job, res.token_ids, res.finish, scores
 
-    def _answer(self, job: Job, ids: list[int], finish: str) -> Answer:
-        """The EU of every token of one answer (``DraftEnsemble.score``, as `drafteu score`), its target
-        logprobs, and a cut at the first stop string."""
+    def _answers(self, work: list[tuple]) -> list[Answer]:
+        """Every answer of a batch: cut at its first stop string, its EU from one batched scoring pass
+        (``DraftEnsemble.score_batch``, as `drafteu score`) unless its decoding computed it, and the
+        target's logprobs from the same pass."""
         from drafteu import estimators
         from drafteu.evaluate.hallucination import p_wrong
         from drafteu.score import token_pieces
 
-        ids, stopped = _cut_at_stop(self.tokenizer, ids, job.stop)
-        finish = "stop" if stopped or finish == "eos" else finish
-        texts = token_pieces(self.tokenizer, ids)
-        tokens: list[dict] = [{"token": text, "bytes": list(text.encode("utf-8"))} for text in texts]
-        summary = {"mean": 0.0, "max": 0.0, "sum": 0.0, "tokens": len(ids)}
-        if ids and job.eu:
-            s = self.ensemble.score(job.prompt_ids, ids)  # what `drafteu score --method drafts` computes
-            for j, tok in enumerate(tokens):
-                tok |= {"eu": float(s.eu[j]), "eu_variance": float(s.variance[j]), "eu_bias": float(s.bias[j])}
-            summary = {how: s.aggregate(how) for how in estimators.AGGREGATIONS} | {"tokens": len(ids)}
-        if ids and (job.logprobs or job.top_logprobs):
-            logp = self._target_logprobs(job.prompt_ids, ids)
-            for j, (tid, tok) in enumerate(zip(ids, tokens, strict=True)):
-                tok["logprob"], tok["top_logprobs"] = float(logp[j, tid]), []
-                if job.top_logprobs:
-                    top = logp[j].topk(job.top_logprobs)
-                    tok["top_logprobs"] = [
-                        {"token": (t := self.tokenizer.decode([int(i)])), "logprob": float(v), "bytes": list(t.encode())}
-                        for v, i in zip(top.values, top.indices, strict=True)]
-        if not job.eu:
-            summary = None
-        elif self.hallucination_map is not None:
-            how = self.hallucination_map["aggregation"]
-            summary["p_wrong"] = p_wrong(summary[how], self.hallucination_map) if ids else None
-        return Answer(ids, tokens, finish, summary)
-
-    @torch.no_grad()
-    def _target_logprobs(self, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
-        """(T, V) log-probabilities of the target (adapters off) at each answer token."""
-        from drafteu.estimators import response_inputs
-
-        device = next(self.lm.model.parameters()).device
-        inp, keep = response_inputs(prompt_ids, ids, device)
-        with self.ensemble.base_target():
-            logits = self.ensemble.target(input_ids=inp, logits_to_keep=keep).logits[0, :-1]
-        return torch.log_softmax(logits.float(), -1).cpu()
+        cut = []
+        for job, ids, finish, scores in work:
+            kept, stopped = _cut_at_stop(self.tokenizer, ids, job.stop)
+            if scores is not None and len(kept) < len(ids):
+                scores = estimators.TokenScores(kept, scores.eu[: len(kept)], scores.variance[: len(kept)],
+                                                scores.bias[: len(kept)])
+            cut.append((job, kept, "stop" if stopped or finish == "eos" else finish, scores))
+        need = [i for i, (job, ids, _, scores) in enumerate(cut) if ids and job.eu and scores is None]
+        pairs = [(cut[i][0].prompt_ids, cut[i][1]) for i in need]
+        scored = dict(zip(need, self.ensemble.score_batch(pairs), strict=True)) if need else {}
+        want = [i for i, (job, ids, _, _) in enumerate(cut) if ids and (job.logprobs or job.top_logprobs)]
+        top = max([cut[i][0].top_logprobs for i in want], default=0)
+        lp_pairs = [(cut[i][0].prompt_ids, cut[i][1]) for i in want]
+        logprobs = dict(zip(want, self.ensemble.target_logprobs(lp_pairs, top), strict=True)) if want else {}
+        out = []
+        for i, (job, ids, finish, scores) in enumerate(cut):
+            scores = scored.get(i, scores)
+            texts = token_pieces(self.tokenizer, ids)
+            tokens: list[dict] = [{"token": text, "bytes": list(text.encode("utf-8"))} for text in texts]
+            summary = {"mean": 0.0, "max": 0.0, "sum": 0.0, "tokens": len(ids)}
+            if ids and job.eu and scores is not None:
+                for j, tok in enumerate(tokens):
+                    tok |= {"eu": float(scores.eu[j]), "eu_variance": float(scores.variance[j]),
+                            "eu_bias": float(scores.bias[j])}
+                summary = {how: scores.aggregate(how) for how in estimators.AGGREGATIONS} | {"tokens": len(ids)}
+            if i in logprobs:
+                chosen, values, indices = logprobs[i]
+                for j, tok in enumerate(tokens):
+                    tok["logprob"], tok["top_logprobs"] = float(chosen[j]), []
+                    if job.top_logprobs:
+                        tok["top_logprobs"] = [
+                            {"token": (t := self.tokenizer.decode([int(x)])), "logprob": float(v), "bytes": list(t.encode())}
+                            for v, x in zip(values[j, : job.top_logprobs], indices[j, : job.top_logprobs], strict=True)]
+            if not job.eu:
+                summary = None
+            elif self.hallucination_map is not None:
+                how = self.hallucination_map["aggregation"]
+                summary["p_wrong"] = p_wrong(summary[how], self.hallucination_map) if ids else None
+            out.append(Answer(ids, tokens, finish, summary))
+        return out
 
 
 def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], bool]:
