@@ -50,7 +50,7 @@ FLAGS = {"question": ("--question", "-q"), "out": ("--out", "-o"), "family_size"
          "partitions": ("--partitions", "-S"), "per_partition": ("--per-partition", "-M"), "json": ("--json",),
          "questions": ("--questions", "-n"), "n_teacher": ("--n-teacher", "--teachers")}
 # Nested config sections as flat options: section -> {field: option name} ("*": every field, same name).
-NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme"}
+NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme", "scale": "noise_scale"}
 NESTED = {"noise": NOISE, "train": "*", "init_noise": {"sigma": "init_sigma"}, "quantize": "*"}
 
 

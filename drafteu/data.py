@@ -82,6 +82,62 @@ def format_prompt(tokenizer, question: str, shots: Sequence[tuple[str, str]] = (
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+# Where the plain format's next turn begins: a base model that has answered goes on to ask itself the
+# next "Question:" (its EOS rarely comes); an answer ends there.
+PLAIN_TURN = "\nQuestion:"
+
+
+def turn_stops(tokenizer) -> tuple[str, ...]:
+    """The text that ends an answer in ``format_prompt``'s format: nothing for a chat template (its
+    end-of-turn token is an EOS id), the plain format's next-turn delimiter otherwise."""
+    return () if getattr(tokenizer, "chat_template", None) else (PLAIN_TURN,)
+
+
+class TextStops:
+    """Where an answer's text reaches one of ``stops`` (a turn delimiter, a request's ``stop``).
+
+    ``cut(ids)``: how many tokens the answer keeps - the tokens that end before the first stop string
+    begins (a token reaching into it is dropped with it) - or None when no stop string occurs;
+    ``held(ids)``: how many trailing tokens could be the beginning of a stop string (a stream holds
+    them back until the next tokens tell)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] | None = ()):
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in (stops or ()) if s)
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def _text(self, ids: Sequence[int]) -> tuple[str, list[int]]:
+        """The decoded text and the character offset where each token's text ends."""
+        ends, text = [], ""
+        for i in range(len(ids)):
+            text = self.tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=False)
+            ends.append(len(text.rstrip("\ufffd")))  # an incomplete UTF-8 character ends later
+        return text, ends
+
+    def cut(self, ids: Sequence[int]) -> int | None:
+        if not self.stops or not ids:
+            return None
+        text, ends = self._text(ids)
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if not found:
+            return None
+        start = min(found)
+        return sum(1 for e in ends if e <= start)
+
+    def end(self, ids: list[int], finish: str) -> tuple[list[int], str]:
+        """``(ids, finish)`` of an answer cut at its first stop string (finish "eos" there: it ended)."""
+        k = self.cut(ids)
+        return (ids, finish) if k is None else (list(ids[:k]), "eos")
+
+    def held(self, ids: Sequence[int]) -> int:
+        if not self.stops or not ids:
+            return 0
+        text, ends = self._text(ids)
+        tail = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return sum(1 for e in ends if e > len(text) - tail) if tail else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Answers
 

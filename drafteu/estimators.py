@@ -425,6 +425,7 @@ class DraftEnsemble(Estimator):
             return (names.index("__base__") if "__base__" in names else None), names.index("proxy")
         return (None if self.has_proxy else 0), 0
 
+    @torch.no_grad()
     def target_logprobs(self, pairs, top: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The raw target's log-probability of every response token and its ``top`` most likely tokens
         ((T,), (T, top) values, (T, top) ids per pair; responses of >= 1 token), from p's pass when it

@@ -179,6 +179,7 @@ class HFBackend:
         self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
         self.device = next(model.parameters()).device
         self.eos = models.eos_ids(model, tokenizer)
+        self.stops = data.TextStops(tokenizer, data.turn_stops(tokenizer))  # the plain format's next turn
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prefix: tuple[tuple[int, ...], object] | None = None
 
@@ -191,7 +192,7 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts, sampling: Sampling) -> list[tuple[list[int], str]]:
-        """(response ids before EOS, "eos" | "length") per prompt."""
+        """(response ids before EOS or the format's next turn, "eos" | "length") per prompt."""
         if not prompts:
             return []
         plen = lcp(prompts) if self.prefix_cache and len(prompts) > 0 else 0
@@ -217,11 +218,13 @@ class HFBackend:
                 raise DraftEUError("sampling needs one seed per prompt")
             kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampler(
                 sampling.seeds, sampling.temperature, sampling.top_p, ids_t.shape[1])])
+        if self.stops:  # a row stops once its text reaches the next turn
+            kwargs |= {"stop_strings": list(self.stops.stops), "tokenizer": self.tokenizer}
         out = self.model.generate(
             input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device),
             max_new_tokens=sampling.max_new_tokens, do_sample=False, pad_token_id=self.pad, **kwargs,
         )[:, ids_t.shape[1]:].tolist()
-        return [models.cut_at_eos(row, self.eos) for row in out]
+        return [self.stops.end(*models.cut_at_eos(row, self.eos)) for row in out]
 
     def close(self) -> None:
         """Nothing to free: the model belongs to the caller."""

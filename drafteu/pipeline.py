@@ -355,8 +355,9 @@ def _stages() -> tuple[Stage, ...]:
                         "eval.trials", "eval.bootstrap"), lambda cfg: trained,
                    ("eval/proxy_bias.jsonl", "eval/proxy_robustness.json")),
         evaluation("fidelity", stages.stage_fidelity,
-                   keys("seed", "eval.trials", "eval.fidelity_questions", "eval.retrain_per_trial", "eval.bootstrap"),
-                   lambda cfg: ("score",), ("eval/fidelity.json",)),
+                   keys("seed", "noise", "eval.family_size", "eval.trials", "eval.fidelity_questions",
+                        "eval.retrain_per_trial", "eval.bootstrap"),
+                   lambda cfg: ("score",), ("eval/fidelity.json",), version=3),  # 3: the perturbation's strength
         evaluation("hallucination", stages.stage_hallucination,
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
                    lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling

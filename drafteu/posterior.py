@@ -13,6 +13,10 @@ r * in * sigma^2, independent of the basis.  The schemes differ only in U:
 - ``svd``: the top-r left singular vectors of W (TokUR's scheme: perturb along the weight's
   principal output directions), shared by all members.
 
+``scale: relative`` multiplies sigma by each module's weight RMS, so one setting is the same relative
+perturbation on models whose weights differ in scale (Gemma 3 270M's q/v weights have RMS 0.040,
+SmolLM2-135M's 0.19); the default, absolute, is the paper's.
+
 A member is reproducible from ``(seed, name_of_module)``: noise is drawn on the CPU from a
 generator seeded by a hash of both, so the same seed gives the same weights on any device.
 sigma = 0 gives dW = 0 exactly: the member is the target.
@@ -32,6 +36,7 @@ from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
 SCHEMES = ("gaussian", "svd")
+SCALES = ("absolute", "relative")
 SIGMA_WARN = 2.0  # above this a noisy copy is no longer a small perturbation of the model
 
 
@@ -48,6 +53,12 @@ class NoiseConfig:
         default="gaussian",
         metadata={"help": "basis U: 'gaussian' (random orthonormal) or 'svd' (TokUR: top-r of W)"},
     )
+    scale: str | None = field(
+        default=None,
+        metadata={"help": "what sigma is: 'absolute' (the default, the paper's: the std of eps) or 'relative' "
+                  "(sigma times each module's weight RMS: one setting perturbs models of any weight scale alike)"},
+    )
+    optional_fields = ("scale",)  # unset (absolute): the identity of runs made before the option existed
 
     def __post_init__(self):
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
@@ -61,6 +72,10 @@ class NoiseConfig:
             raise DraftEUError("noise target_modules must name at least one module")
         if self.scheme not in SCHEMES:
             raise DraftEUError(f"unknown noise scheme {self.scheme!r}; choose one of {SCHEMES}")
+        if self.scale == "absolute":
+            object.__setattr__(self, "scale", None)  # the default, spelt out
+        if self.scale is not None and self.scale not in SCALES:
+            raise DraftEUError(f"unknown noise scale {self.scale!r}; choose one of {', '.join(SCALES)}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
@@ -215,17 +230,29 @@ def svd_basis(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return u[:, :rank].cpu()
 
 
+def weight_rms(weight: torch.Tensor) -> float:
+    """Root mean square of a linear layer's weight (a quantized base's dequantized)."""
+    w = weight.dequantize() if hasattr(weight, "dequantize") else weight
+    return float(w.detach().float().pow(2).mean().sqrt())
+
+
+def noise_std(noise: NoiseConfig, weight: torch.Tensor) -> float:
+    """The std of eps on one module: sigma, or sigma x the module's weight RMS (``scale: relative``)."""
+    return noise.sigma * weight_rms(weight) if noise.scale == "relative" else noise.sigma
+
+
 def draw_noise(
     noise: NoiseConfig, seed: int, module_name: str, weight: torch.Tensor, basis: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, eps) with dW = U @ eps for one linear layer (see the module docstring).
 
     U (out, r) has orthonormal columns (``basis`` for the svd scheme, Haar-random otherwise);
-    eps (r, in) ~ N(0, sigma^2).  Drawn on the CPU from (seed, module_name): device-independent.
+    eps (r, in) ~ N(0, s^2), s = sigma, or sigma x the weight's RMS with ``scale: relative``.  Drawn
+    on the CPU from (seed, module_name): device-independent.
     """
     out_f, in_f = weight.shape
     gen = torch.Generator().manual_seed(member_seed(seed, module_name))
-    eps = torch.randn(noise.rank, in_f, generator=gen, dtype=torch.float32) * noise.sigma
+    eps = torch.randn(noise.rank, in_f, generator=gen, dtype=torch.float32) * noise_std(noise, weight)
     if noise.scheme == "svd":
         u = basis if basis is not None else svd_basis(weight, noise.rank)
     else:
@@ -260,7 +287,7 @@ def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) ->
             continue
         a, b = lora_a[adapter].weight, module.lora_B[adapter].weight  # (r, in), (out, r)
         r = min(noise.rank, a.shape[0])
-        u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme,
+        u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme, scale=noise.scale,
                                         target_modules=noise.target_modules), seed, name, module.get_base_layer().weight)
         scale = module.scaling[adapter]
         b[:, :r] = u.to(b)

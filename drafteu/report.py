@@ -256,6 +256,13 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
         md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
                "'variance only' is that ensemble's JSD term alone (no bias term).", ""]
+        pert = fid.get("perturbation")
+        if pert:
+            md += [f"Perturbation: σ = {pert['sigma']} ({pert['scale']}), rank {pert['rank']} on "
+                   f"{', '.join(pert['modules'])}; the family's mean MI is {pert['mean_mi']:.4f} nats/token, "
+                   f"{pert['share_of_ln_k']:.1%} of its ceiling ln {pert['family_size']} = {pert['ln_k']:.3f}.", ""]
+            if pert.get("warning"):
+                md += [f"**Warning**: {pert['warning']}.", ""]
         md += _bias_lines(run, fid)
     if rob:
         md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",

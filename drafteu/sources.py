@@ -72,8 +72,9 @@ class Hidden:
     def rows(self) -> int:
         return self.states.shape[0]
 
+    @torch.no_grad()
     def logits(self, sl: slice) -> torch.Tensor:
-        """(rows, n, V) logits at the packed positions ``sl``."""
+        """(rows, n, V) logits at the packed positions ``sl`` (inference: no autograd graph)."""
         out = self.head(self.states[:, sl])
         return out if self.vocab is None else out[..., : self.vocab]
 
@@ -92,6 +93,7 @@ def chunk_slices(*hidden: Hidden, chunk_elements: int | None = None) -> list[sli
     return [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
 
+@torch.no_grad()
 def reduce_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], *hidden: Hidden,
                   chunk_elements: int | None = None) -> list[torch.Tensor]:
     """Apply ``fn`` to the logits of every source, a chunk of positions at a time (``chunk_slices``).

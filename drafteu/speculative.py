@@ -368,9 +368,11 @@ class SpeculativeDecoder:
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  eos_ids: set[int] | frozenset = frozenset(),
                  on_tokens: Callable[[list[int], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-                 ) -> SpecResult:
+                 stops=None) -> SpecResult:
         """Decode up to ``max_new_tokens``; ``on_tokens(ids, variance, bias)`` streams each round's
-        finished tokens (EU known) as they come."""
+        finished tokens (EU known) as they come.  ``stops`` (``data.TextStops``): the answer also ends
+        where its text reaches one of them (the plain format's next turn, a request's stop strings),
+        cut before it; tokens that could begin one are held back from the stream until it is known."""
         if not prompt_ids:
             raise DraftEUError("the prompt is empty")
         if max_new_tokens < 1:
@@ -391,8 +393,9 @@ class SpeculativeDecoder:
             props, r_probs = _timed(st, "draft_s", self.proposer.propose, st, gamma, eu)
             n_acc, nxt = _timed(st, "verify_s", self.verifier.verify, st, props, r_probs, gamma, eu)
             self._accept(st, base, props, n_acc, nxt)
-            done = _stop(st, eos_ids, max_new_tokens)
-            _timed(st, "eu_s", self._emit, st, done, on_tokens)
+            done = _stop(st, eos_ids, max_new_tokens, stops)
+            hold = 0 if done or not stops else stops.held(st.seq[st.prompt_len:])
+            _timed(st, "eu_s", self._emit, st, done, on_tokens, hold)
             if done:
                 break
         res = st.res
@@ -415,8 +418,9 @@ class SpeculativeDecoder:
             for j in [j for j in d if j > base + n_acc]:
                 del d[j]
 
-    def _emit(self, st: _Generation, done: bool, on_tokens) -> None:
-        """EU of every emitted token whose drafts' distributions are known; stream them."""
+    def _emit(self, st: _Generation, done: bool, on_tokens, hold: int = 0) -> None:
+        """EU of every emitted token whose drafts' distributions are known (but the last ``hold``);
+        stream them."""
         seq, plen, eu = st.seq, st.prompt_len, self.options.eu
         if eu and done and len(seq) - plen > st.streamed and (len(seq) - 1) not in st.q_at:
             last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
@@ -424,7 +428,7 @@ class SpeculativeDecoder:
             seq.append(last)
             st.q_at[first + logits.shape[1] - 1] = logits[:, -1]
         ready = st.streamed
-        while plen + ready < len(seq) and (not eu or plen + ready in st.q_at):
+        while plen + ready < len(seq) - hold and (not eu or plen + ready in st.q_at):
             ready += 1
         if ready <= st.streamed:
             return
@@ -449,10 +453,13 @@ def _timed(st: _Generation, key: str, fn, *args):
     return out
 
 
-def _stop(st: _Generation, eos_ids, max_new_tokens: int) -> bool:
-    """Cut at EOS / the length limit; True when the generation is finished."""
+def _stop(st: _Generation, eos_ids, max_new_tokens: int, stops=None) -> bool:
+    """Cut at EOS / a stop string / the length limit; True when the generation is finished."""
     emitted = st.seq[st.prompt_len:]
     stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)
+    if stops:
+        at = stops.cut(emitted[:stop])
+        stop = at if at is not None else stop
     if stop is not None:
         del st.seq[st.prompt_len + stop:]
         st.res.finish = "eos"
@@ -511,7 +518,7 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
         def on_tokens(ids, var, bias):
             on_pieces(pieces_of(ids), var, bias)
     res = dec.generate(prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, eos_ids=eos,
-                       on_tokens=on_tokens)
+                       on_tokens=on_tokens, stops=data.TextStops(lm.tokenizer, data.turn_stops(lm.tokenizer)))
     answer = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True)
     pieces = token_pieces(lm.tokenizer, res.token_ids)
     method = f"speculative (drafts {ens.method}, bias: {bias})"

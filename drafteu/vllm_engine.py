@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from drafteu import models
+from drafteu import data, models
 from drafteu.errors import DraftEUError
 from drafteu.posterior import Member, NoiseConfig, draw_noise
 
@@ -133,6 +133,7 @@ class VLLMBackend:
         dev = hardware.resolve_device(device)
         resolved = hardware.resolve_dtype(dtype, dev)
         self.tokenizer = tokenizer
+        self.stops = data.TextStops(tokenizer, data.turn_stops(tokenizer))  # the plain format's next turn
         try:  # the generation config's EOS ids too (e.g. Llama 3's <|eot_id|>), as the HF backend stops on
             from transformers import GenerationConfig
 
@@ -173,12 +174,12 @@ class VLLMBackend:
             raise DraftEUError("sampling needs one seed per prompt")
         params = [self._sampling(
             temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens, stop_token_ids=self.eos,
+            max_tokens=sampling.max_new_tokens, stop_token_ids=self.eos, stop=list(self.stops.stops) or None,
             seed=None if greedy else int(sampling.seeds[i] % (2**63 - 1)), n=1) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
                                  lora_request=self._lora)
-        return [models.cut_at_eos(list(o.outputs[0].token_ids), self.eos, o.outputs[0].finish_reason == "stop")
-                for o in outs]
+        return [self.stops.end(*models.cut_at_eos(list(o.outputs[0].token_ids), self.eos,
+                                                  o.outputs[0].finish_reason == "stop")) for o in outs]
 
     def close(self) -> None:
         """Shut the engine down (its worker processes and memory) before the next stage needs the device."""

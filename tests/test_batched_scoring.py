@@ -195,3 +195,12 @@ def test_a_model_with_more_after_its_head_keeps_its_logits():
     want = full(model, [1, 2, 3, 4, 5], 2)
     got = src.hidden([([1, 2, 3], [4, 5])])
     torch.testing.assert_close(got.logits(slice(None))[0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_scores_carry_no_autograd_graph():
+    """Scoring is inference: called without torch.no_grad (a server, a notebook), no score keeps the
+    graph of its chunks' logits alive."""
+    noisy = NoisyModel(make_model(120), NoiseConfig(sigma=0.3))
+    for est in (estimators.GroundTruth(noisy, size=2), estimators.PredictiveEntropy(noisy)):
+        s = est.score([5, 6, 7], [8, 9, 10])
+        assert not s.eu.requires_grad and s.eu.grad_fn is None

@@ -215,3 +215,19 @@ def test_the_report_renders_each_stages_verdict_once():
                      "- Spearman a - b (paper: > 0): difference -0.1000, 95% interval [-0.2000, -0.0500] "
                      "(10 question resamples) — **disagrees**",
                      "- wall a / ref (paper: < 1): 1.70 — **disagrees**"]
+
+
+def test_the_perturbation_is_stated_against_ln_k_with_a_warning_near_either_end():
+    """SmolLM2's demo family: 0.077 nats/token of ln 3 (7%, fine); Gemma 3 270M's at the same absolute
+    sigma: 0.460 (42%, saturating); a family whose members barely differ: a warning too."""
+    import math
+
+    from drafteu.config import ExperimentConfig
+    from drafteu.evaluate.stages import perturbation
+
+    cfg = ExperimentConfig()
+    fine, hot, cold = (perturbation(cfg, m) for m in (0.077, 0.460, 0.0005))
+    k = cfg.eval.family_size
+    assert fine["ln_k"] == pytest.approx(math.log(k)) and fine["share_of_ln_k"] == pytest.approx(0.077 / math.log(k))
+    assert fine["warning"] is None and fine["scale"] == "absolute"
+    assert "disagree on most tokens" in hot["warning"] and "barely differ" in cold["warning"]

@@ -97,3 +97,21 @@ def test_config_validation():
     noisy = NoisyModel(make_model(V))
     with pytest.raises(DraftEUError, match="unknown noise members"):
         noisy.logits(ids(), ["nope"])
+
+
+def test_relative_noise_scales_sigma_by_each_modules_weight_rms():
+    """noise.scale: relative - eps has std sigma x RMS(W) on every module, so a model whose weights are
+    10x smaller gets 10x smaller noise; absolute (the default) leaves sigma as it is."""
+    from drafteu.posterior import draw_noise, noise_std, weight_rms
+
+    w = torch.randn(64, 48) * 0.04
+    rel, ab = NoiseConfig(sigma=0.5, scale="relative"), NoiseConfig(sigma=0.5)
+    assert noise_std(rel, w) == pytest.approx(0.5 * weight_rms(w)) and noise_std(ab, w) == 0.5
+    _, eps_rel = draw_noise(rel, 3, "layer.q_proj", w)
+    _, eps_abs = draw_noise(ab, 3, "layer.q_proj", w)
+    torch.testing.assert_close(eps_rel, eps_abs * weight_rms(w))  # the same draw, rescaled
+    _, eps_big = draw_noise(rel, 3, "layer.q_proj", w * 10)
+    torch.testing.assert_close(eps_big, eps_rel * 10)
+    assert NoiseConfig(scale="absolute").scale is None  # the default spelt out keeps old runs' identity
+    with pytest.raises(DraftEUError, match="noise scale"):
+        NoiseConfig(scale="percent")

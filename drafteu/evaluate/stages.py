@@ -85,6 +85,7 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
     # The bias term's share of each ensemble's estimate and its size next to the ground truth (trial 0):
     # the diagnostic of drafts too far from the target (docs/method.md §15)
     mean_truth = float(np.mean(np.concatenate(list(truth.values()))))
+    out["perturbation"] = perturbation(cfg, mean_truth)
     out["bias"] = {}
     for m in labels(cfg):
         var = np.concatenate([np.array(scores[(k, m, 0)]["variance"]) for k in qkeys])
@@ -93,6 +94,28 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
                           "share": float(bias.sum() / max(var.sum() + bias.sum(), 1e-30)),
                           "bias_vs_truth": float(bias.mean() / mean_truth) if mean_truth > 0 else None}
     return out
+
+
+# The family's mean MI as a share of its ceiling ln K (docs/method.md §2): above SATURATED the members
+# disagree on most tokens (the noise is no longer a small perturbation), below VANISHING they barely differ.
+SATURATED, VANISHING = 0.3, 0.002
+
+
+def perturbation(cfg: ExperimentConfig, mean_truth: float) -> dict:
+    """How strong the ground-truth family's perturbation is: its mean MI per token against ln K, and a
+    plain warning near either end."""
+    ceiling = float(np.log(cfg.eval.family_size))
+    share = mean_truth / ceiling
+    warning = None
+    if share > SATURATED:
+        warning = (f"the family's mean MI is {share:.0%} of its ceiling ln {cfg.eval.family_size}: the noise makes the "
+                   "members disagree on most tokens; lower noise.sigma (or use noise.scale: relative), docs/method.md §2")
+    elif share < VANISHING:
+        warning = (f"the family's mean MI is {share:.2%} of its ceiling ln {cfg.eval.family_size}: the members barely "
+                   "differ and every EU is near zero; raise noise.sigma (or use noise.scale: relative), docs/method.md §2")
+    return {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
+            "modules": list(cfg.noise.target_modules), "family_size": cfg.eval.family_size,
+            "mean_mi": mean_truth, "ln_k": ceiling, "share_of_ln_k": share, "warning": warning}
 
 
 def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:

@@ -226,8 +226,11 @@ class Engine:
                 texts = pieces(ids)
                 job.on_tokens(0, [{"token": t, "id": int(i), "eu": float(v + b), "eu_variance": float(v),
                                    "eu_bias": float(b)} for i, t, v, b in zip(ids, texts, variance, bias, strict=True)])
+        from drafteu.data import TextStops, turn_stops
+
         res = self.decoder.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
-                                    eos_ids=self.eos, on_tokens=on_tokens)
+                                    eos_ids=self.eos, on_tokens=on_tokens,
+                                    stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
         scores = None
         if res.variance is not None and res.bias is not None:
             scores = TokenScores(token_ids=list(res.token_ids), eu=res.variance + res.bias, variance=res.variance,
@@ -285,17 +288,11 @@ class Engine:
 
 
 def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], bool]:
-    """The answer up to (not including) the token that completes the first stop string."""
-    if not stop or not ids:
-        return ids, False
-    from drafteu.score import StreamPieces
+    """The answer before the first stop string (the tokens that end before it begins)."""
+    from drafteu.data import TextStops
 
-    pieces, text = StreamPieces(tokenizer), ""
-    for j, tid in enumerate(ids):
-        text += pieces([tid])[0]
-        if any(s in text for s in stop):
-            return ids[:j], True
-    return ids, False
+    k = TextStops(tokenizer, stop).cut(ids)
+    return (ids, False) if k is None else (ids[:k], True)
 
 
 def _fitted_map(drafts: Path, method: str) -> dict | None:
