@@ -91,7 +91,8 @@ def _leaves(cls, prefix=""):
 
 # another valid value for a key, where its type alone does not say one
 OTHER = {"target": "other-model", "dtype": "float32", "device": "cpu", "name": "n", "notes": "n",
-         "noise.scheme": "svd", "noise.target_modules": ["q_proj"], "data.task": "tasks/other.jsonl",
+         "noise.scheme": "svd", "noise.scale": "relative", "noise.target_modules": ["q_proj"],
+         "data.task": "tasks/other.jsonl",
          "generation.backend": "vllm", "draft_base.model": "sibling", "draft_base.data": {"questions": 5},
          "drafts.methods": ["ddd"], "drafts.layouts": [[1, 1]], "drafts.lora_modules": "q_proj",
          "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "eval.task": "tasks/other.jsonl",
