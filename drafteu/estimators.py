@@ -7,6 +7,7 @@ P + t - 2.  Prompt positions are never scored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -484,9 +485,7 @@ class DraftEnsemble(Estimator):
 
     def draft_hidden(self, pairs) -> Hidden:
         """The drafts' hidden states (K rows) at the response positions of ``pairs``."""
-        h = self.source.hidden(pairs)
-        h.vocab = self.vocab
-        return h
+        return dataclasses.replace(self.source.hidden(pairs), vocab=self.vocab)  # the source's memo stays as it is
 
     def proxy_hidden(self, pairs) -> Hidden:
         """p's hidden states (one row: the proxy, or the raw target) at the response positions of ``pairs``."""
@@ -494,7 +493,7 @@ class DraftEnsemble(Estimator):
             raise DraftEUError("this ensemble was loaded without the target's weights: no proxy / target logits")
         h = self.proxy_source.hidden(pairs)
         row = self._rows[1]
-        return Hidden(states=h.states[row: row + 1], lengths=h.lengths, head=h.head, width=h.width, vocab=self.vocab)
+        return dataclasses.replace(h, states=h.states[row: row + 1], vocab=self.vocab)
 
     def _score(self, pairs) -> list[TokenScores]:
         q, p = self.draft_hidden(pairs), self.proxy_hidden(pairs)

@@ -6,6 +6,7 @@ hallucination detection (Table 2) and cost (Table 6).  Each returns the JSON wri
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -141,9 +142,8 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         fresh_sources = {k: HiddenSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
         v = ens.vocab
 
-        def cut(h):
-            h.vocab = v
-            return h
+        def cut(h):  # a copy: the sources' memoized batches (the entropy estimator's) keep their vocabulary
+            return dataclasses.replace(h, vocab=v)
 
         def bias_terms(pair, *sources):
             """KL(q_mix || mixture of each source) at every response position of one answer."""
