@@ -26,6 +26,7 @@ from rich.markup import escape
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
+from drafteu.perturbation import NoiseCheckConfig
 from drafteu.serve import ServeConfig
 from drafteu.speculative import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig
@@ -212,6 +213,31 @@ def _say_diagnostic(result: dict) -> None:
     console.print(f"bias term: {d['bias_share']:.0%} of the EU{kl}", highlight=False)
     if d["warning"]:
         err.print(f"warning: {escape(d['warning'])}", highlight=False, soft_wrap=True)
+
+
+@config_command(NoiseCheckConfig, "noise-check")
+def noise_check(cfg: NoiseCheckConfig) -> None:
+    """How strong each of --sigmas is on the target: a fixed K-member family's mean MI per token
+    against its ceiling ln K, and the members' KL to the target, on the same answers.  Choose a sigma
+    for a new model from it (docs/method.md §2)."""
+    from rich.table import Table
+
+    from drafteu import perturbation
+
+    with console.status(f"measuring {len(cfg.sigma_values)} noise setting(s) on {cfg.target} ..."):
+        rows = perturbation.check(cfg)
+    table = Table(title=f"{rows[0]['tokens']} answer tokens, K = {cfg.family_size}")
+    for col in ("sigma", "scale", "mean MI", "MI / ln K", "KL(member || target)", "KL(mean || target)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['sigma']:g}", r["scale"], f"{r['mean_mi']:.4f}", f"{r['share_of_ln_k']:.1%}",
+                      f"{r['kl_member_to_target']:.4f}", f"{r['kl_mean_to_target']:.4f}")
+    console.print(table)
+    for r in rows:
+        if r["warning"]:
+            err.print(f"sigma {r['sigma']:g}: {escape(r['warning'])}", highlight=False, soft_wrap=True)
+    if cfg.json is not None:
+        console.print(f"wrote {cfg.json}")
 
 
 @config_command(GenerateConfig, "generate")

@@ -54,6 +54,18 @@ def lcp(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model's sliding-window layers (None when every layer sees everything)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 class PrefixCache:
     """A model plus its KV cache and the sequence tokens the cache holds.
 
@@ -63,6 +75,8 @@ class PrefixCache:
     def __init__(self, model, names: list[str] | None = None):
         self.model, self.names = model, names
         self.cache, self.ids = None, []
+        self.window = sliding_window(model.config) if hasattr(model, "config") else None
+        self.last = 0  # tokens fed by the last forward (what a sliding-window cache can give back)
 
     @property
     def fed(self) -> int:
@@ -94,17 +108,30 @@ class PrefixCache:
         """Make room for ``length`` positions of ``batch`` rows (a dynamic cache grows by itself)."""
 
     def _forward(self, ids: torch.Tensor, keep: int, kw: dict) -> torch.Tensor:
+        if self.cache is None and self.window:
+            # sliding-window layers keep only the window: recording the last forward's states lets
+            # a rollback remove that forward's rejected tokens (transformers' past recording)
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config)
+            self.cache.activate_past_recording()
+        elif self.cache is not None and self.window:
+            self.cache.crop(0)  # what the previous forward kept past the window is no longer needed
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **cache_kw(self.cache), **kw)
         self.cache = output_cache(out)
+        self.last = ids.shape[1]
         return out.logits
 
     def rollback(self, valid: int) -> None:
-        """Keep the first ``valid`` cached tokens (the rest were rejected proposals)."""
+        """Keep the first ``valid`` cached tokens (the rest were rejected proposals).  A sliding-window
+        cache can only give back tokens of its last forward; further back it starts again (the next
+        feed recomputes the sequence: the same numbers, more work)."""
         if self.fed > valid:
-            if valid == 0:
-                self.cache = None
-            else:
-                self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
+            if valid == 0 or (self.window and self.fed - valid > self.last):
+                self.cache, self.ids = None, []
+                return
+            self.cache.crop(valid - self.fed)  # a negative count: remove that many (all transformers 5.x)
+            self.last -= self.fed - valid
             self.ids = self.ids[:valid]
 
 
@@ -184,7 +211,7 @@ def decoding_cache(model, names: list[str] | None = None, *, compile: bool = Fal
                    device: torch.device | None = None) -> PrefixCache:
     """The decoding cache for ``model``: ``StaticPrefixCache`` with compiled steps when ``compile``
     (``hardware.resolve_compile``), else the eager ``PrefixCache``."""
-    if not compile:
+    if not compile or sliding_window(model.config):  # a static sliding window cannot roll back
         return PrefixCache(model, names)
     from drafteu.hardware import compile_mode
 

@@ -1,7 +1,7 @@
 """`drafteu reproduce`: every stage of an experiment, in order, into one run directory.
 
 The stages (``STAGES``): data -> draft_base -> drafts (+ layouts, + per-trial redraws) -> teachers
--> proxy -> eval_samples -> score -> proxy_robustness -> fidelity -> hallucination -> cost, then the
+-> proxy -> eval_samples -> score -> perturbation -> proxy_robustness -> fidelity -> hallucination -> cost, then the
 report.  Each declares the config slice it reads and the stages it consumes; ``drafteu.contract``
 keeps a stamp per stage and decides, in one place, whether the stage is current (skipped),
 interrupted (resumed: generation and scoring append one batch at a time, training checkpoints) or
@@ -350,6 +350,9 @@ def _stages() -> tuple[Stage, ...]:
                    "eval.fidelity_questions"), lambda cfg: trained,
               outputs=(str(rundir.TOKEN_EU), str(rundir.TOKEN_EU_META), "eval/token_eu.part*.jsonl"),
               every_process=True, products=files(str(rundir.TOKEN_EU))),
+        evaluation("perturbation", stages.stage_perturbation,
+                   keys(*model, "eval.family_size", "eval.tokur_size", "eval.proxy_questions", "proxy.n_teacher"),
+                   lambda cfg: ("eval_samples",), ("eval/perturbation.json",)),
         evaluation("proxy_robustness", stages.stage_proxy_robustness,
                    keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
                         "eval.trials", "eval.bootstrap"), lambda cfg: trained,

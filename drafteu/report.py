@@ -178,10 +178,22 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _perturbation_lines(pert: dict | None) -> list[str]:
+    """Each use of the noise, measured: its members' mean MI against ln K and KL to the target."""
+    if not pert:
+        return []
+    lines = [f"Each use of the noise (σ = {pert['sigma']}, {pert['scale']}), measured on {pert['answers']} answers:", ""]
+    lines.append(_table(["members", "K", "mean MI", "MI / ln K", "KL(member ‖ target)", "KL(mean ‖ target)"],
+                        [[n, str(r["members"]), f"{r['mean_mi']:.4f}", f"{r['share_of_ln_k']:.1%}",
+                          f"{r['kl_member_to_target']:.4f}", f"{r['kl_mean_to_target']:.4f}"]
+                         for n, r in pert["sets"].items()]))
+    return lines + [""]
+
+
 def _bias_lines(run: Path, fid: dict) -> list[str]:
     """The bias term next to the variance and the ground truth, the draft base's measured distance to
     the target, and the warning when the bias dominates (docs/method.md §15)."""
-    from drafteu.estimators import BASE_KL_WARN, BIAS_WARN_SHARE
+    from drafteu.estimators import BASE_KL_WARN, BIAS_WARN_SHARE, proxy_fit, proxy_fit_warning
 
     lines = []
     base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
@@ -202,6 +214,14 @@ def _bias_lines(run: Path, fid: dict) -> list[str]:
         if worst:
             lines += [f"**Warning**: the bias term is over {BIAS_WARN_SHARE:.0%} of the EU of {', '.join(worst)}: these "
                       "drafts are too far from the target for their EU to be epistemic (docs/method.md §15).", ""]
+        fit = proxy_fit(run / "proxy")
+        if fit:
+            reached = {True: "; OSD stopped on its held-out plateau", False: "; OSD ended before its held-out plateau",
+                       None: ""}[fit["plateau"]]
+            lines += [f"Proxy fit (held out): KL(family mean ‖ p_mix) {fit['kl_to_family_mean']:.4f} nats/token, against "
+                      f"{fit['raw_target_kl']:.4f} for the raw target{reached}.", ""]
+            if proxy_fit_warning(fit):
+                lines += [f"**Warning**: {proxy_fit_warning(fit)}.", ""]
         if (base.get("kl_to_target") or 0) > BASE_KL_WARN:
             lines += [f"**Warning**: the draft base's KL to the target ({base['kl_to_target']:.2f} nats/token) is over "
                       f"{BASE_KL_WARN}: every ensemble on it is too far from the target for its EU to be epistemic "
@@ -263,6 +283,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
                    f"{pert['share_of_ln_k']:.1%} of its ceiling ln {pert['family_size']} = {pert['ln_k']:.3f}.", ""]
             if pert.get("warning"):
                 md += [f"**Warning**: {pert['warning']}.", ""]
+        md += _perturbation_lines(_load(run, "perturbation"))
         md += _bias_lines(run, fid)
     if rob:
         md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
@@ -329,7 +350,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
 
 
 GENERATED = "<!-- written by `drafteu report --publish`: everything below this line is replaced on the next publish -->"
-EVAL_JSONS = ("fidelity", "proxy_robustness", "hallucination", "cost")
+EVAL_JSONS = ("fidelity", "perturbation", "proxy_robustness", "hallucination", "cost")
 
 
 def check_publish(out: Path, name: str) -> None:

@@ -132,7 +132,7 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
         answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
         result = to_json(question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
         if cfg.method == "drafts" and response_ids:
-            result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl)
+            result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl, est.proxy_fit)
         results.append(result)
     out = results if items is not None else results[0]
     if cfg.json is not None:

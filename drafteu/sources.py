@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafteu.kvcache import cache_kw, lcp, output_cache
+from drafteu.kvcache import cache_kw, lcp, output_cache, sliding_window
 
 # Float entries of one chunk of logits (all rows of every model being reduced together): 2^24
 # float32 = 64 MiB; a chunk keeps at least MIN_CHUNK_POSITIONS positions so the head's matmul
@@ -121,18 +121,6 @@ def unwrap(model):
 
 def _identity(x, *args, **kwargs):
     return x
-
-
-def sliding_window(config) -> int | None:
-    """The attention window of a model's sliding-window layers (None when every layer sees everything)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if not window or (types is not None and "sliding_attention" not in types):
-        return None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
 
 
 class HiddenSource:

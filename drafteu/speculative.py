@@ -529,7 +529,7 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
         result = {"question": cfg.question, "answer": answer, "method": method, "target": cfg.target,
                   "tokens": [{"id": int(t), "text": p} for t, p in zip(res.token_ids, pieces, strict=True)]}
     if cfg.eu and res.token_ids:
-        result["diagnostic"] = estimators.bias_diagnostic(res.variance, res.bias, ens.base_kl)
+        result["diagnostic"] = estimators.bias_diagnostic(res.variance, res.bias, ens.base_kl, ens.proxy_fit)
     result["speculative"] = {
         "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
         "draft_dtype": cfg.draft_dtype, "compiled": dec.compile,

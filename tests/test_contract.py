@@ -177,7 +177,7 @@ TABLE = [
     ({"seed": 1}, STAGES),
     ({"dtype": "float32"}, STAGES),
     ({"device": "cpu", "name": "renamed", "notes": "x"}, []),
-    ({"noise.sigma": 0.2}, ["drafts", "teachers", "proxy"] + EVAL),
+    ({"noise.sigma": 0.2}, ["drafts", "teachers", "proxy", "perturbation"] + EVAL),
     ({"data.temperature": 0.7}, ["data", "draft_base", "drafts", "teachers", "proxy"] + EVAL),
     ({"data.questions": 10}, ["data", "draft_base"] + TRAINED),
     ({"data.shots": 1}, STAGES),
@@ -193,9 +193,9 @@ TABLE = [
     ({"drafts.train.max_steps": 3}, TRAINED),
     ({"drafts.train.save_every": 3, "proxy.train.save_every": 3}, []),
     ({"proxy.train.max_steps": 3}, ["proxy"] + EVAL),
-    ({"proxy.n_teacher": 1}, ["proxy"] + EVAL),
+    ({"proxy.n_teacher": 1}, ["proxy", "perturbation"] + EVAL),
     ({"proxy.samples": 2}, ["teachers", "proxy"] + EVAL),
-    ({"eval.temperature": 0.5}, ["eval_samples"] + EVAL),
+    ({"eval.temperature": 0.5}, ["eval_samples", "perturbation"] + EVAL),
     ({"eval.trials": 2}, TRAINED),
     ({"eval.bootstrap": 20}, ["proxy_robustness", "fidelity", "hallucination"]),
     ({"eval.ece_bins": 10}, ["hallucination"]),
@@ -228,7 +228,7 @@ def finished(tmp_path_factory, tiny_dir):
 PRODUCT = {"data": "data/samples.jsonl", "draft_base": "draft_base/model.safetensors",
            "drafts": "drafts/ddd/s0_m0/adapter_model.safetensors", "teachers": "proxy_data/t0/samples.jsonl",
            "proxy": "proxy/adapter/adapter_model.safetensors", "eval_samples": "eval/samples/samples.jsonl",
-           "score": "eval/token_eu.jsonl", "proxy_robustness": "eval/proxy_robustness.json",
+           "score": "eval/token_eu.jsonl", "perturbation": "eval/perturbation.json", "proxy_robustness": "eval/proxy_robustness.json",
            "fidelity": "eval/fidelity.json", "hallucination": "eval/hallucination.json", "cost": "eval/cost.json"}
 
 

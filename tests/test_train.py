@@ -238,6 +238,49 @@ def test_the_proxy_is_closer_to_the_family_mean_than_the_raw_target(workdir, tin
     assert h["tokens"] > 0 and h["kl_ref_mean_to_proxy"] < 0.8 * h["kl_ref_mean_to_target"]
 
 
+def test_the_plateau_rule():
+    assert not loop.plateau([]) and not loop.plateau([(1, 1.0), (2, 1.0)])  # too few to tell
+    assert loop.plateau([(1, 1.0), (2, 0.995), (3, 1.2)])  # neither of the last 2 beats 1.0 by 1%
+    assert not loop.plateau([(1, 1.0), (2, 0.995), (3, 0.98)])  # the last one does
+    assert not loop.plateau([(1, 2.0), (2, 1.0), (3, 0.5)])
+
+
+def test_training_stops_on_a_held_out_plateau_and_says_whether_it_got_there(tiny_dir, workdir, tmp_path):
+    """eval_every: the held-out loss is measured every N steps; training stops once it stops
+    improving, and says so; a falling loss runs the schedule out and says it never flattened."""
+    lm = models.load(str(tiny_dir))
+    ex = loop.examples_from_rows(runio.read_jsonl(workdir / "data" / "samples.jsonl"), lm.tokenizer.eos_token_id)
+    cfg = TrainConfig(lr=1e-3, max_steps=12, batch_size=4, grad_accum=1, warmup_steps=0, mixed_precision="no",
+                      eval_every=2)
+    flat = iter([1.0, 0.999, 0.998] + [0.5] * 10)  # flat after the first measurement
+    stats = loop.fit(models.truncate_layers(lm.model, 1), ex, drafts._sft_loss, cfg, tmp_path / "flat",
+                     pad_id=lm.tokenizer.pad_token_id, heldout=lambda m: next(flat))
+    assert stats["steps"] == 6 and stats["plateau"] is True  # measured at 2, 4, 6: stopped
+    assert stats["heldout_curve"] == [[2, 1.0], [4, 0.999], [6, 0.998]]
+    falling = iter([1.0 / (k + 1) for k in range(10)])
+    stats = loop.fit(models.truncate_layers(lm.model, 1), ex, drafts._sft_loss, cfg, tmp_path / "falling",
+                     pad_id=lm.tokenizer.pad_token_id, heldout=lambda m: next(falling))
+    assert stats["steps"] == 12 and stats["plateau"] is False and len(stats["heldout_curve"]) == 6
+    # a resumed run continues the curve where the checkpoint left it (and stops at once on a plateau)
+    again = loop.fit(models.truncate_layers(lm.model, 1), ex, drafts._sft_loss, cfg, tmp_path / "flat",
+                     pad_id=lm.tokenizer.pad_token_id, heldout=lambda m: 0.1)
+    assert again["steps"] == 6 and again["heldout_curve"] == [[2, 1.0], [4, 0.999], [6, 0.998]]
+    with pytest.raises(DraftEUError, match="eval_every"):
+        TrainConfig(eval_every=0)
+    assert "eval_every" not in runio.identity(TrainConfig())  # unset: old runs keep their identity
+
+
+def test_the_bias_diagnostic_checks_the_proxys_fit():
+    v, b = torch.tensor([0.2]), torch.tensor([0.2])
+    good = {"kl_to_family_mean": 0.02, "raw_target_kl": 0.1, "plateau": True}
+    assert estimators.bias_diagnostic(v, b, 0.01, good)["warning"] is None
+    far = {"kl_to_family_mean": 0.08, "raw_target_kl": 0.1, "plateau": None}
+    assert "0.080 nats/token from the family mean" in estimators.bias_diagnostic(v, b, 0.01, far)["warning"]
+    short = {"kl_to_family_mean": 0.02, "raw_target_kl": 0.1, "plateau": False}
+    assert "before the held-out KL stopped improving" in estimators.bias_diagnostic(v, b, 0.01, short)["warning"]
+    assert estimators.proxy_fit(None) is None
+
+
 def test_training_steps_are_whole_and_follow_the_schedule(tiny_dir, workdir, tmp_path):
     """Epochs that do not fill the last step: every optimizer step still averages grad_accum
     micro-batches (the last group is completed from the next shuffle) and each one changes the

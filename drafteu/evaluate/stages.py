@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from drafteu import divergence, estimators, runio
+from drafteu import perturbation as noise_strength
 from drafteu.config import ExperimentConfig
 from drafteu.evaluate import compare, cost, fidelity, hallucination
 from drafteu.evaluate.labels import cross_check, relabel
@@ -97,26 +98,44 @@ def stage_fidelity(cfg: ExperimentConfig, run: Path) -> dict:
     return out
 
 
-# The family's mean MI as a share of its ceiling ln K (docs/method.md §2): above SATURATED the members
-# disagree on most tokens (the noise is no longer a small perturbation), below VANISHING they barely differ.
-SATURATED, VANISHING = 0.3, 0.002
-
-
 def perturbation(cfg: ExperimentConfig, mean_truth: float) -> dict:
-    """How strong the ground-truth family's perturbation is: its mean MI per token against ln K, and a
-    plain warning near either end."""
+    """How strong the ground-truth family's perturbation is on the scored answers: its mean MI per
+    token against ln K, and a plain warning near either end (``drafteu.perturbation.verdict``)."""
     ceiling = float(np.log(cfg.eval.family_size))
     share = mean_truth / ceiling
-    warning = None
-    if share > SATURATED:
-        warning = (f"the family's mean MI is {share:.0%} of its ceiling ln {cfg.eval.family_size}: the noise makes the "
-                   "members disagree on most tokens; lower noise.sigma (or use noise.scale: relative), docs/method.md §2")
-    elif share < VANISHING:
-        warning = (f"the family's mean MI is {share:.2%} of its ceiling ln {cfg.eval.family_size}: the members barely "
-                   "differ and every EU is near zero; raise noise.sigma (or use noise.scale: relative), docs/method.md §2")
     return {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
             "modules": list(cfg.noise.target_modules), "family_size": cfg.eval.family_size,
-            "mean_mi": mean_truth, "ln_k": ceiling, "share_of_ln_k": share, "warning": warning}
+            "mean_mi": mean_truth, "ln_k": ceiling, "share_of_ln_k": share,
+            "warning": noise_strength.verdict(share, cfg.eval.family_size)}
+
+
+def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
+    """What each use of the noise is, measured on the first ``eval.proxy_questions`` evaluation
+    answers (docs/method.md §2): the ground-truth family (trial 0's), TokUR's draws (one per
+    question, as it scores), and one draw of the OSD teachers (``proxy.n_teacher`` members): each
+    set's mean MI against ln K and its KL to the raw target."""
+    from drafteu import models
+    from drafteu.kvcache import lcp
+    from drafteu.posterior import NoisyModel
+
+    e = cfg.eval
+    rows = [r for r in fidelity_rows(eval_rows(run), e.proxy_questions) if r["response_ids"]]
+    pairs = [(list(r["prompt_ids"]), list(r["response_ids"])) for r in rows]
+    lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    noisy = NoisyModel(lm.model, cfg.noise)
+    plen = lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0
+    family = noisy.set_members("family", family_seeds(cfg.seed, e.family_size))
+    tokur = estimators.TokUR(noisy, e.tokur_size, cfg.seed)
+    teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, 1, k) for k in range(cfg.proxy.n_teacher)])
+    sets = {"ground-truth family": [family] * len(pairs), "TokUR": tokur.slots(pairs),
+            "OSD teachers": [teachers] * len(pairs)}
+    out = {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
+           "modules": list(cfg.noise.target_modules), "answers": len(pairs), "sets": {}}
+    with progress("perturbation", total=len(sets)) as bar:
+        for name, slots in sets.items():
+            out["sets"][name] = noise_strength.strength(noisy, slots, pairs, plen)
+            bar.update(advance=1, info=name)
+    return out
 
 
 def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:

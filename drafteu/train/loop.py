@@ -44,6 +44,10 @@ from drafteu import divergence
 from drafteu.errors import DraftEUError
 from drafteu.progress import note, progress
 
+# The held-out plateau (TrainConfig.eval_every): training stops once PLATEAU_PATIENCE measurements in a
+# row have not improved on the best by PLATEAU_TOLERANCE (relative).
+PLATEAU_PATIENCE, PLATEAU_TOLERANCE = 2, 0.01
+
 
 @dataclass
 class TrainConfig:
@@ -61,8 +65,13 @@ class TrainConfig:
                                  "native bf16: CUDA with bf16, CPUs with AMX or AVX512-BF16; float32 elsewhere), "
                                  "bf16, or no"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    eval_every: int | None = field(default=None, metadata={
+        "help": "with held-out data: measure the held-out loss every N optimizer steps and stop once it stops "
+                f"improving ({PLATEAU_PATIENCE} measurements in a row without a {PLATEAU_TOLERANCE:.0%} gain on the "
+                "best); null: train for the configured steps, measured at the end"})
 
     location_fields = ("save_every",)  # how often progress is saved: resume is exact, so not what is trained
+    optional_fields = ("eval_every",)  # unset: the identity of runs made before the option existed
 
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -77,6 +86,8 @@ class TrainConfig:
             raise DraftEUError(f"max_steps must be >= 1 (or null: train for `epochs`), got {self.max_steps}")
         if self.warmup_steps < 0 or self.save_every < 1 or self.weight_decay < 0:
             raise DraftEUError("warmup_steps and weight_decay must be >= 0, save_every >= 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise DraftEUError(f"eval_every must be >= 1 (or null), got {self.eval_every}")
 
 
 @dataclass
@@ -296,10 +307,13 @@ def fit(
     seed: int = 0,
     desc: str = "train",
     on_step: Callable[[int, float, float], None] | None = None,
+    heldout: Callable[[torch.nn.Module], float] | None = None,
 ) -> dict:
     """Train the parameters of ``model`` that require grad; returns steps, loss, tokens/s, time,
     and the resolved mixed precision.  ``on_step(step, lr, loss)`` is called after every
-    optimizer step with the learning rate that step used."""
+    optimizer step with the learning rate that step used.  ``heldout(model)``, a loss on held-out
+    data (eval mode, no grad), is measured every ``cfg.eval_every`` steps and at the end; training
+    stops on its plateau (``plateau``), and the result carries its curve and whether it got there."""
     if not examples:
         raise DraftEUError(f"{desc}: no training examples (empty partition or empty data)")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -308,12 +322,21 @@ def fit(
     device = params[0].device
     precision = resolve_precision(cfg, device, desc)
     with accelerate_stage(precision, device) as acc:
-        stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc, on_step)
+        stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc, on_step, heldout)
     return stats | {"mixed_precision": precision}
 
 
+def plateau(curve: list[tuple[int, float]]) -> bool:
+    """Whether the last PLATEAU_PATIENCE held-out measurements of ``curve`` [(step, loss)] all fail to
+    improve on the best before them by PLATEAU_TOLERANCE (relative)."""
+    if len(curve) <= PLATEAU_PATIENCE:
+        return False
+    best = min(v for _, v in curve[:-PLATEAU_PATIENCE])
+    return all(v > best * (1 - PLATEAU_TOLERANCE) for _, v in curve[-PLATEAU_PATIENCE:])
+
+
 def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path, pad_id: int, seed: int,
-         desc: str, on_step) -> dict:
+         desc: str, on_step, heldout=None) -> dict:
     procs, rank = acc.num_processes, acc.process_index
     order = micro_order(len(examples), cfg, procs, seed)
     steps_total = optimizer_steps(len(examples), cfg, procs)
@@ -324,6 +347,7 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
     step, tokens, loss_ema, seconds_before, resumed_from = 0, 0, None, 0.0, None
+    curve: list[tuple[int, float]] = []  # (step, held-out loss)
     unwrapped = acc.unwrap_model(model)
     names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
     if ckpt.exists():
@@ -335,6 +359,7 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, tokens, loss_ema = state["step"], state["tokens"], state["loss"]
+        curve = [tuple(c) for c in state.get("heldout", [])]
         # training time before the kill (absent from checkpoints older than this field: None)
         seconds_before, resumed_from = state.get("seconds"), step
         rng = state.get("rng")
@@ -347,13 +372,20 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
             own = dict(unwrapped.named_parameters())
             _atomic_save({"params": {n: own[n].detach().cpu() for n in names},
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "step": step, "tokens": tokens, "loss": loss_ema, "rng": rng,
+                          "step": step, "tokens": tokens, "loss": loss_ema, "rng": rng, "heldout": curve,
                           "seconds": None if seconds_before is None else seconds_before + time.time() - t0}, ckpt)
+
+    def measure():
+        model.eval()
+        with torch.no_grad():
+            curve.append((step, float(heldout(unwrapped))))
+        model.train()
 
     model.train()
     t0, tokens_at_start = time.time(), tokens
+    every = cfg.eval_every if heldout is not None else None
     with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
-        while step < steps_total:
+        while step < steps_total and not (every and plateau(curve)):
             lr = scheduler.get_last_lr()[0]
             # one optimizer step: grad_accum micro-batches, their gradients averaged
             for micro in range(cfg.grad_accum):
@@ -376,9 +408,14 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
             if on_step is not None:
                 on_step(step, lr, loss_ema)
             rate = (tokens - tokens_at_start) * procs / max(time.time() - t0, 1e-9)
-            bar.update(completed=step, info=f"loss {loss_ema:.4f}  {rate:.0f} tok/s")
-            if step % cfg.save_every == 0:
+            if every and step % every == 0:
+                measure()
+            held = f"  held-out {curve[-1][1]:.4f}" if curve else ""
+            bar.update(completed=step, info=f"loss {loss_ema:.4f}{held}  {rate:.0f} tok/s")
+            if step % cfg.save_every == 0 or (every and plateau(curve)):
                 save()
+    if heldout is not None and (not curve or curve[-1][0] != step):
+        measure()
     save()
     wait_for_everyone()
     model.eval()
@@ -388,7 +425,9 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     return {"steps": step, "loss": loss_ema, "processes": procs,
             "seconds": None if seconds_before is None else round(seconds_before + seconds, 2),
             "seconds_this_run": round(seconds, 2), "resumed_from": resumed_from,
-            "tokens_per_s": (tokens - tokens_at_start) * procs / max(seconds, 1e-9)}
+            "tokens_per_s": (tokens - tokens_at_start) * procs / max(seconds, 1e-9)} | (
+        {"heldout_curve": [list(c) for c in curve], "plateau": plateau(curve), "eval_every": every}
+        if heldout is not None else {})
 
 
 def _load_checkpoint(path: Path, desc: str) -> dict:

@@ -13,7 +13,9 @@ Outputs ``<out>/adapter/`` (a PEFT adapter on the target), ``config.yaml``, ``ma
 
 Held-out check (Table 4's question, in its simplest form): on held-out responses, the mean
 per-token KL(p_ref || p) from the mean p_ref of a fixed reference family (K_ref members, seeds
-disjoint from training) to p = the proxy, against p = the raw target.
+disjoint from training) to p = the proxy, against p = the raw target.  With ``train.eval_every`` the
+same KL is measured during training and OSD stops on its plateau (``loop.plateau``); the manifest
+keeps the curve and whether the plateau was reached.
 """
 
 from __future__ import annotations
@@ -170,6 +172,9 @@ def _run(cfg: ProxyConfig) -> dict:
 
     noisy = NoisyModel(lm.model, cfg.noise)
     teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, -1, k) for k in range(cfg.n_teacher)])
+    # the held-out reference family (seeds disjoint from training), before the proxy: its adapters never train
+    reference = noisy.set_members("ref", family_seeds(cfg.seed + 10_000, cfg.reference_size, tag="proxy-ref")) \
+        if held_ex else []
     # LoRA's initialization and dropout draw from torch's global generator: seed it, so the proxy
     # does not depend on what the process did before (a resumed `reproduce` starts at another stage)
     torch.manual_seed(member_seed("proxy", cfg.seed))
@@ -182,12 +187,14 @@ def _run(cfg: ProxyConfig) -> dict:
     tc = dataclasses.replace(cfg.train)  # a copy: the caller's config is never changed
     steps = optimizer_steps(len(train_ex), tc, int(os.environ.get("WORLD_SIZE", "1")))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
-    stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)")
+
+    def held_kl(model) -> float:  # the plateau's measure: how far p_mix is from the family mean, held out
+        return heldout_kl(noisy, held_ex, pad, reference)["kl_ref_mean_to_proxy"]
+
+    stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)",
+                heldout=held_kl if held_ex and tc.eval_every else None)
     noisy.model.eval()
-    check = {}
-    if held_ex:
-        reference = noisy.set_members("ref", family_seeds(cfg.seed + 10_000, cfg.reference_size, tag="proxy-ref"))
-        check = heldout_kl(noisy, held_ex, pad, reference)
+    check = heldout_kl(noisy, held_ex, pad, reference) if held_ex else {}
     adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
