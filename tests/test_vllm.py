@@ -90,3 +90,29 @@ def test_noisy_member_through_a_lora_adapter_equals_the_hf_member(tmp_path, gree
     assert (tmp_path / "vllm" / "member1-adapter" / "adapter_model.safetensors").is_file()
     target = {r["qid"]: r["response_ids"] for r in _rows(greedy["vllm"][1])}  # the unperturbed target
     assert [target[r["qid"]] for r in b] != [r["response_ids"] for r in b]
+
+
+def test_a_gemma3_base_model_gives_the_hf_answers_cut_at_its_turn(tmp_path, tokenizer):
+    """A tiny random Gemma 3 (sliding-window and full layers, q/k norms, tied embeddings) with a tokenizer
+    without a chat template: vLLM's greedy answers equal the HF backend's, both ending at the plain
+    format's next turn."""
+    import copy
+
+    from drafteu import data
+
+    from .conftest import make_gemma3
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    model = make_gemma3(len(tok), layers=2, sliding_window=16, hidden_size=64, head_dim=32, num_attention_heads=2)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp_path / "gemma3")
+    tok.save_pretrained(tmp_path / "gemma3")
+    kw = dict(target=str(tmp_path / "gemma3"), shots=0, max_new_tokens=24, max_model_len=512)
+    for b in ("hf", "vllm"):
+        generate.run(cfg(tmp_path / b, backend=b, **kw))
+    a, b = _rows(tmp_path / "hf"), _rows(tmp_path / "vllm")
+    assert [r["prompt_ids"] for r in a] == [r["prompt_ids"] for r in b]
+    assert all(len(r["prompt_ids"]) > 16 for r in a)  # every prompt crosses the window
+    assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
+    assert all(data.PLAIN_TURN not in r["response"] for r in a + b)
