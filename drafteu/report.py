@@ -193,7 +193,7 @@ def _perturbation_lines(pert: dict | None) -> list[str]:
 def _bias_lines(run: Path, fid: dict) -> list[str]:
     """The bias term next to the variance and the ground truth, the draft base's measured distance to
     the target, and the warning when the bias dominates (docs/method.md §15)."""
-    from drafteu.estimators import BASE_KL_WARN, BIAS_WARN_SHARE, proxy_fit, proxy_fit_warning
+    from drafteu.diagnostics import BASE_KL_WARN, BIAS_WARN_SHARE, proxy_fit, proxy_fit_warning
 
     lines = []
     base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}

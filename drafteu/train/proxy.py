@@ -188,13 +188,17 @@ def _run(cfg: ProxyConfig) -> dict:
     steps = optimizer_steps(len(train_ex), tc, int(os.environ.get("WORLD_SIZE", "1")))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
 
+    last: dict = {}  # the latest held-out check: the one after the last step when fit measured it
+
     def held_kl(model) -> float:  # the plateau's measure: how far p_mix is from the family mean, held out
-        return heldout_kl(noisy, held_ex, pad, reference)["kl_ref_mean_to_proxy"]
+        last.update(heldout_kl(noisy, held_ex, pad, reference))
+        return last["kl_ref_mean_to_proxy"]
 
     stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)",
                 heldout=held_kl if held_ex and tc.eval_every else None)
     noisy.model.eval()
-    check = heldout_kl(noisy, held_ex, pad, reference) if held_ex else {}
+    # fit measures after the last step unless a resumed checkpoint already had it: computed once
+    check = dict(last) or (heldout_kl(noisy, held_ex, pad, reference) if held_ex else {})
     adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
