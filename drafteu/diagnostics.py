@@ -80,3 +80,23 @@ def bias_diagnostic(variance: torch.Tensor, bias: torch.Tensor, base_kl: float |
         warnings.append(proxy_fit_warning(fit))
     return {"bias_share": share, "base_kl_to_target": base_kl, "proxy_fit": fit, "warn_share_above": BIAS_WARN_SHARE,
             "warn_base_kl_above": BASE_KL_WARN, "warning": "; ".join(warnings) or None}
+
+
+def draft_fit(ensemble_dir: Path) -> dict | None:
+    """How an ensemble's drafts ended on their held-out questions (``drafts.heldout``): the mean over
+    drafts of the first, best and last held-out SFT loss, and how many stopped on their plateau.  None when
+    the drafts measured nothing held out."""
+    try:
+        man = json.loads((Path(ensemble_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    curves = {n: t for n, t in (man.get("train") or {}).items() if t.get("heldout_curve")}
+    if not curves:
+        return None
+    def mean(pick) -> float:
+        values = [pick([v for _, v in t["heldout_curve"]]) for t in curves.values()]
+        return sum(values) / len(values)
+
+    return {"count": len(curves), "questions": man.get("heldout_questions"), "first": mean(lambda c: c[0]),
+            "best": mean(min), "last": mean(lambda c: c[-1]),
+            "plateau": sum(bool(t.get("plateau")) for t in curves.values()), "steps": [t["steps"] for t in curves.values()]}

@@ -190,10 +190,17 @@ def _perturbation_lines(pert: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _bias_lines(run: Path, fid: dict) -> list[str]:
+def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
     """The bias term next to the variance and the ground truth, the draft base's measured distance to
     the target, and the warning when the bias dominates (docs/method.md §15)."""
-    from drafteu.diagnostics import BASE_KL_WARN, BIAS_WARN_SHARE, proxy_fit, proxy_fit_warning
+    from drafteu import rundir
+    from drafteu.diagnostics import (
+        BASE_KL_WARN,
+        BIAS_WARN_SHARE,
+        draft_fit,
+        proxy_fit,
+        proxy_fit_warning,
+    )
 
     lines = []
     base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
@@ -222,6 +229,14 @@ def _bias_lines(run: Path, fid: dict) -> list[str]:
                       f"{fit['raw_target_kl']:.4f} for the raw target{reached}.", ""]
             if proxy_fit_warning(fit):
                 lines += [f"**Warning**: {proxy_fit_warning(fit)}.", ""]
+        for method in fid["bias"]:
+            d = draft_fit(rundir.draft_dir(run, cfg, rundir.EnsembleSpec(method), 0))
+            if d:
+                rest = "" if d["plateau"] == d["count"] else ", the others ran their configured steps"
+                lines += [f"Draft training ({method}, held out): SFT loss on {d['questions']} held-out questions, "
+                          f"mean of {d['count']} drafts: first {d['first']:.4f}, best {d['best']:.4f}, last "
+                          f"{d['last']:.4f} nats/token ({min(d['steps'])}-{max(d['steps'])} steps); {d['plateau']} "
+                          f"of {d['count']} stopped on their held-out plateau{rest}.", ""]
         if (base.get("kl_to_target") or 0) > BASE_KL_WARN:
             lines += [f"**Warning**: the draft base's KL to the target ({base['kl_to_target']:.2f} nats/token) is over "
                       f"{BASE_KL_WARN}: every ensemble on it is too far from the target for its EU to be epistemic "
@@ -284,7 +299,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
             if pert.get("warning"):
                 md += [f"**Warning**: {pert['warning']}.", ""]
         md += _perturbation_lines(_load(run, "perturbation"))
-        md += _bias_lines(run, fid)
+        md += _bias_lines(cfg, run, fid)
     if rob:
         md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
                f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "

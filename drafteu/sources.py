@@ -191,7 +191,7 @@ class HiddenSource:
         ok = lm_head is not None and getattr(lm_head, "lora_A", None) is None
         if ok:  # a model whose forward does more after its head (a scale, ...) keeps its logits
             with torch.no_grad():
-                with self._hidden_out():
+                with self.hidden_out():
                     states = hf(input_ids=ids, logits_to_keep=1).logits
                 got = apply(states)
             ok = want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-3, atol=1e-3)
@@ -199,7 +199,7 @@ class HiddenSource:
         return self._head[1:]
 
     @contextlib.contextmanager
-    def _hidden_out(self):
+    def hidden_out(self):
         """The model's forward returns its last hidden states where it would return logits (its head
         an identity, a soft-capping of the logits off: ``head`` applies both)."""
         hf = unwrap(self.model)
@@ -242,7 +242,7 @@ class HiddenSource:
         lengths = [len(r) for _, r in pairs]
         if slots is None:
             slots = [self.names] * len(pairs) if self.names else None
-        with self._ctx(), (self._hidden_out() if hidden_ok else nullcontext()):
+        with self._ctx(), (self.hidden_out() if hidden_ok else nullcontext()):
             if not self.batched and slots:  # one pair and one adapter at a time
                 per_pair = []
                 for pair, names in zip(pairs, slots, strict=True):

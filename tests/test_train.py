@@ -9,7 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drafteu import adapters, divergence, estimators, generate, models, posterior, runio
+from drafteu import (
+    adapters,
+    diagnostics,
+    divergence,
+    estimators,
+    generate,
+    models,
+    posterior,
+    runio,
+)
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.train import draft_base, drafts, loop, proxy
@@ -268,6 +277,130 @@ def test_training_stops_on_a_held_out_plateau_and_says_whether_it_got_there(tiny
     with pytest.raises(DraftEUError, match="eval_every"):
         TrainConfig(eval_every=0)
     assert "eval_every" not in runio.identity(TrainConfig())  # unset: old runs keep their identity
+
+
+def _shared_prefix_examples(seed: int = 1, vocab: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab, (12,), generator=g).tolist()  # a "system prompt" of 12 tokens
+    return [loop.Example(prefix + torch.randint(3, vocab, (n,), generator=g).tolist(),
+                         torch.randint(3, vocab, (r,), generator=g).tolist()) for n, r in [(3, 5), (7, 2), (1, 6), (4, 4)]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_shared_prefix_gives_the_whole_sequences_loss_gradient_and_teachers(arch):
+    """share_prefix runs the common prefix once and continues every sequence from its KV cache: the
+    window logits, the loss, every LoRA gradient and a mixed-adapter teacher batch equal the whole
+    sequences' (left-padded) to float rounding - also on Gemma 3's sliding window (6 tokens, crossed
+    by the 12-token prefix)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .conftest import make_gemma3
+
+    model = make_gemma3(64) if arch == "gemma3" else make_model(64, layers=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    peft = get_peft_model(model, lora, adapter_name="s0")
+    peft.add_adapter("s1", lora)
+    peft.set_adapter("s0")
+    ex = _shared_prefix_examples()
+    got = {}
+    for share in (False, True):
+        batch = loop.collate(ex, 0, "cpu", share_prefix=share)
+        assert ("prefix_ids" in batch) is share and batch["keep"] == 7
+        peft.train()
+        peft.zero_grad()
+        loss = drafts._sft_loss(peft, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in peft.parameters() if p.grad is not None])
+        with torch.no_grad():
+            window = loop.window_logits(peft, batch) * batch["loss_mask"][..., None]
+            peft.eval()
+            teachers = loop.window_logits(peft, batch, adapters=["s0", "s1"]) * batch["loss_mask"][..., None]
+        got[share] = (float(loss.detach()), grads, window, teachers, batch["targets"] * batch["loss_mask"].long())
+    (l0, g0, w0, t0, y0), (l1, g1, w1, t1, y1) = got[False], got[True]
+    assert l1 == pytest.approx(l0, rel=1e-5) and torch.equal(y0, y1)
+    assert g0.abs().max() > 0.01 and torch.allclose(g1, g0, atol=1e-5)
+    assert torch.allclose(w1, w0, atol=1e-4) and t1.shape == (2, 4, 6, 64) and torch.allclose(t1, t0, atol=1e-4)
+    assert not torch.allclose(t1[0], t1[1], atol=1e-2)  # the two adapters' rows differ
+
+
+def test_a_shared_prefix_trains_to_the_same_weights(tmp_path):
+    """fit with train.share_prefix reaches the weights of whole-sequence training (no dropout), and a
+    batch whose prompts share too little is laid out whole."""
+    from peft import LoraConfig, get_peft_model
+
+    ex = _shared_prefix_examples(seed=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    weights = []
+    for share in (None, True):
+        torch.manual_seed(0)
+        peft = get_peft_model(make_model(64, layers=2), lora, adapter_name="d")
+        cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=2, grad_accum=2, warmup_steps=0, mixed_precision="no",
+                          share_prefix=share)
+        loop.fit(peft, ex, drafts._sft_loss, cfg, tmp_path / str(share), pad_id=0)
+        weights.append(torch.cat([p.detach().flatten() for n, p in peft.named_parameters() if "lora_" in n]))
+    assert (weights[0] - weights[1]).abs().max() < 1e-4 and weights[0].abs().max() > 0.01
+    short = [loop.Example([5] * 7 + [9], [4]), loop.Example([5] * 7 + [8], [4])]  # 7 shared tokens: too few
+    assert "prefix_ids" not in loop.collate(short, 0, "cpu", share_prefix=True)
+    assert "share_prefix" not in runio.identity(TrainConfig())  # unset: old runs keep their identity
+
+
+def test_drafts_hold_out_questions_and_stop_on_their_plateau(workdir, tiny_dir):
+    """drafts.heldout: the held-out questions are in no partition; each draft's SFT loss on them is
+    measured every eval_every steps (its curve in the manifest), the last point being that loss on the
+    saved adapter."""
+    from peft import PeftModel
+
+    cfg = drafts.DraftsConfig(samples=workdir / "data" / "samples.jsonl", out=workdir / "drafts-held",
+                              base=str(workdir / "base"), target=str(tiny_dir), method="ddd", partitions=2,
+                              per_partition=1, heldout=0.25, lora_dropout=0.0,
+                              train=TrainConfig(**FAST | {"max_steps": 4, "eval_every": 2}))
+    m = drafts.run(cfg)
+    parts = json.loads((workdir / "drafts-held" / "ddd" / "partitions.json").read_text())
+    held = set(parts["heldout"])
+    assert held and m["heldout_questions"] == len(held) and not held & {q for p in parts["qids"] for q in p}
+    rows = [r for r in runio.read_jsonl(workdir / "data" / "samples.jsonl") if r["qid"] in held]
+    base = models.load(str(workdir / "base"))
+    examples = loop.examples_from_rows(rows, base.tokenizer.eos_token_id)
+    for name in m["adapters"]:
+        train = m["train"][name]
+        assert [s for s, _ in train["heldout_curve"]][-1] == train["steps"] and train["eval_every"] == 2
+        assert isinstance(train["plateau"], bool)
+        draft = PeftModel.from_pretrained(models.load(str(workdir / "base")).model, str(workdir / "drafts-held" / "ddd" / name))
+        with torch.no_grad():
+            ce = drafts.heldout_ce(examples, base.tokenizer.pad_token_id)(draft.eval())
+        assert train["heldout_curve"][-1][1] == pytest.approx(ce, rel=1e-4)
+    fit = diagnostics.draft_fit(workdir / "drafts-held" / "ddd")  # the report's line
+    curves = [m["train"][n]["heldout_curve"] for n in m["adapters"]]
+    assert fit["count"] == 2 and fit["questions"] == len(held)
+    assert fit["last"] == pytest.approx(sum(c[-1][1] for c in curves) / 2) and fit["plateau"] <= 2
+    assert fit["best"] == pytest.approx(sum(min(v for _, v in c) for c in curves) / 2) <= fit["first"]
+    assert diagnostics.draft_fit(workdir / "drafts" / "ddd") is None  # nothing held out
+    with pytest.raises(DraftEUError, match="heldout must be in"):
+        drafts.DraftSettings(heldout=1.0)
+
+
+def test_the_proxys_held_out_check_keeps_what_does_not_train(workdir, tiny_dir):
+    """HeldoutCheck computes the reference family and the raw target once: after the proxy's weights
+    change, a kept check gives the numbers of one computed from scratch."""
+    from peft import LoraConfig
+
+    lm = models.load(str(tiny_dir))
+    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")[:6]
+    ex = loop.examples_from_rows(rows, lm.tokenizer.eos_token_id)
+    noisy = posterior.NoisyModel(lm.model, posterior.NoiseConfig(sigma=0.3))
+    ref = noisy.set_members("ref", [11, 12, 13])
+    noisy.model.add_adapter(proxy.PROXY, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    noisy.model.eval()
+    kept = proxy.HeldoutCheck(noisy, ex, lm.tokenizer.pad_token_id, ref, batch_size=4)
+    first = kept()
+    for n, p in noisy.model.named_parameters():
+        if ".proxy." in n and "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    again, fresh = kept(), proxy.HeldoutCheck(noisy, ex, lm.tokenizer.pad_token_id, ref, cache_bytes=0)()
+    assert kept._refs is not None and len(kept._refs) == 2  # 6 answers in batches of 4
+    assert again == pytest.approx(fresh, rel=1e-6)
+    assert first["kl_ref_mean_to_proxy"] == pytest.approx(first["kl_ref_mean_to_target"], rel=1e-5)  # LoRA B = 0
+    assert again["kl_ref_mean_to_proxy"] != pytest.approx(first["kl_ref_mean_to_proxy"], rel=1e-2)
 
 
 def test_the_bias_diagnostic_checks_the_proxys_fit():

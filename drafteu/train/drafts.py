@@ -39,8 +39,10 @@ from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
 from drafteu.methods import DRAFT_METHODS
 from drafteu.posterior import NoiseConfig, NoisyModel, apply_init_noise, member_seed
+from drafteu.train.draft_base import split_heldout
 from drafteu.train.loop import (
     TrainConfig,
+    collate,
     examples_from_rows,
     fit,
     masked_mean,
@@ -66,14 +68,24 @@ class DraftSettings:
         "help": "LoRA on the top N decoder layers only (None: every layer); the K drafts then share the layers "
                 "below, which run once for all of them (docs/method.md §15)"})
     max_new_tokens: int = field(default=400, metadata={"help": "gkd/minillm: length of on-policy samples (paper: 400)"})
+    heldout: float | None = field(default=None, metadata={
+        "help": "fraction of the draft data's questions held out from every draft: with train.eval_every, the "
+                "SFT loss on them is measured during training, which stops on its plateau (the manifest keeps "
+                "each draft's curve); null: no held-out data"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=7e-5, epochs=1.0, batch_size=8, grad_accum=2,
                                                                    warmup_steps=150))
 
-    optional_fields = ("lora_layers",)  # off: the identity of ensembles made before the option existed
+    optional_fields = ("lora_layers", "heldout")  # off: the identity of ensembles made before the options existed
 
     def __post_init__(self):
+        runio.require_finite(self)
         if self.partitions < 1 or self.per_partition < 1:
             raise DraftEUError("partitions (S) and per_partition (M) must be >= 1")
+        adapters.check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
+        if self.max_new_tokens < 1:
+            raise DraftEUError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.heldout is not None and not 0 < self.heldout < 1:
+            raise DraftEUError(f"heldout must be in (0, 1) (or null: nothing held out), got {self.heldout}")
         if self.lora_layers is not None and self.lora_layers < 1:
             raise DraftEUError(f"lora_layers must be >= 1 (or null: every layer), got {self.lora_layers}")
 
@@ -129,15 +141,32 @@ def adapter_names(cfg: DraftsConfig) -> list[str]:
     return [f"s{s}_m{m}" for s in range(cfg.partitions) for m in range(cfg.per_partition)]
 
 
-def _sft_loss(model, batch):
+def _token_ce(model, batch) -> torch.Tensor:
     logits = window_logits(model, batch)  # (B, W, V)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")  # (B, W)
-    return masked_mean(ce, batch["loss_mask"])
+    return F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")  # (B, W)
+
+
+def _sft_loss(model, batch):
+    return masked_mean(_token_ce(model, batch), batch["loss_mask"])
+
+
+def heldout_ce(examples, pad_id: int, batch_size: int = 8, share_prefix: bool = False):
+    """model -> the mean per-token SFT loss on held-out ``examples`` (``fit``'s held-out measure)."""
+    def measure(model) -> float:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0.0
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i : i + batch_size], pad_id, device, share_prefix)
+            total += float((_token_ce(model, batch) * batch["loss_mask"]).sum())
+            count += float(batch["loss_mask"].sum())
+        return total / max(count, 1.0)
+    return measure
 
 
 def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, seed: int, init_noise: bool,
-              directory: Path, tokenizer) -> dict:
-    """LoRA SFT of one draft on ``rows``; saves the adapter to ``directory``."""
+              directory: Path, tokenizer, held: list[dict] | None = None) -> dict:
+    """LoRA SFT of one draft on ``rows``; saves the adapter to ``directory``.  ``held``: held-out rows
+    whose loss ``fit`` measures every ``train.eval_every`` steps (its plateau stops training)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # LoRA A init
@@ -148,8 +177,11 @@ def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, see
     if init_noise:
         apply_init_noise(peft_model, name, cfg.init_noise, seed)
     examples = examples_from_rows(rows, tokenizer.eos_token_id)
+    held_ex = examples_from_rows(held or [], tokenizer.eos_token_id)
     stats = fit(peft_model, examples, _sft_loss, cfg.train, directory.with_name(directory.name + ".trainer"),
-                pad_id=tokenizer.pad_token_id, seed=seed, desc=f"{cfg.method} {name}")
+                pad_id=tokenizer.pad_token_id, seed=seed, desc=f"{cfg.method} {name}",
+                heldout=heldout_ce(held_ex, tokenizer.pad_token_id, share_prefix=bool(cfg.train.share_prefix))
+                if held_ex else None)
     adapters.save_adapter(peft_model, name, directory)
     return stats
 
@@ -179,13 +211,14 @@ def _run(cfg: DraftsConfig) -> dict:
     base_lm = models.load(cfg.base, device=cfg.device)
     models.shared_vocab_size(target_tok, base_lm)
     method = DRAFT_METHODS[cfg.method]
+    rows, held = split_heldout(rows, cfg.heldout or 0.0, cfg.seed)  # held out from every draft
     needs_parts = method.partitions
     parts = partition(rows, cfg.partitions, seed=cfg.seed) if needs_parts else [rows] * cfg.partitions
     stats = partition_stats(parts) if needs_parts else []
     out.mkdir(parents=True, exist_ok=True)
     runio.write_config(out, cfg)
 
-    base_dir, timings = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm)
+    base_dir, timings = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm, held)
     wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = runio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
@@ -195,24 +228,26 @@ def _run(cfg: DraftsConfig) -> dict:
         base_is_path=Path(base_dir).exists(),
         base_absolute=str(Path(base_dir).resolve()) if Path(base_dir).exists() else None,
         target=cfg.target, adapters=names, partitions=stats, train=timings,
+        **({"heldout_questions": len({r["qid"] for r in held})} if held else {}),
     )
     if runio.is_main_process():
         (out / "partitions.json").write_text(json.dumps(
-            {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}))
+            {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}
+            | ({"heldout": sorted({r["qid"] for r in held})} if held else {})))
     return manifest
 
 
 # -- one builder per kind of method (methods.DraftMethod.trainer); each returns (base dir, timings)
 
 
-def _untrained(cfg, out, names, rows, parts, base_lm):
+def _untrained(cfg, out, names, rows, parts, base_lm, held):
     """S*M noise copies of the draft base (sigma = cfg.noise)."""
     seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
     _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
     return cfg.base, {}
 
 
-def _konly(cfg, out, names, rows, parts, base_lm):
+def _konly(cfg, out, names, rows, parts, base_lm, held):
     """One trained draft (``konly_from``: DDD's s0_m0; else trained here as DDD's s0_m0 would be, into
     ``OUT/konly/draft``) plus K = S*M noise copies of it (``konly_adapters``), on the unchanged base."""
     timings = {}
@@ -221,7 +256,7 @@ def _konly(cfg, out, names, rows, parts, base_lm):
         ddd_dir = out / "draft"
         if not (ddd_dir / "adapter_model.safetensors").exists():
             timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
-                                         False, ddd_dir, base_lm.tokenizer)
+                                         False, ddd_dir, base_lm.tokenizer, held)
     seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
     konly_adapters(base_lm.model, ddd_dir, names, cfg.noise, seeds, out)
     return cfg.base, timings
@@ -269,8 +304,9 @@ def konly_adapters(base_model, trained: Path, names: list[str], noise: NoiseConf
         adapters.save_adapter(peft, name, out / name)
 
 
-def _trl(cfg, out, names, rows, parts, base_lm):
-    """GKD / MiniLLM drafts through TRL, each from its own noise, on all the data."""
+def _trl(cfg, out, names, rows, parts, base_lm, held):
+    """GKD / MiniLLM drafts through TRL, each from its own noise, on all the data (but ``held``: held
+    out, not measured - TRL's trainers run their own loop)."""
     from drafteu.train import baselines
 
     baselines.require_trl()  # a missing TRL is an error before any work
@@ -284,7 +320,7 @@ def _trl(cfg, out, names, rows, parts, base_lm):
     return cfg.base, timings
 
 
-def _sft(cfg, out, names, rows, parts, base_lm):
+def _sft(cfg, out, names, rows, parts, base_lm, held):
     """DDD / IDD / FDD: LoRA SFT of draft s_m on partition s (all data without partitions)."""
     timings = {}
     for s in range(cfg.partitions):
@@ -294,7 +330,7 @@ def _sft(cfg, out, names, rows, parts, base_lm):
                 continue  # complete: skip
             seed = member_seed("draft", cfg.seed, s, m)
             timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, DRAFT_METHODS[cfg.method].init_noise,
-                                      out / name, base_lm.tokenizer)
+                                      out / name, base_lm.tokenizer, held)
     return cfg.base, timings
 
 

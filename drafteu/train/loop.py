@@ -5,6 +5,13 @@ Examples are (prompt ids, response ids).  Batches are *left*-padded with explici
 forward keeps only the last ``max response length + 1`` logits: every response token of the
 batch is predicted inside that window, and the (B, L, V) prompt logits are never built.
 
+Shared prefix (``TrainConfig.share_prefix``): the prompts of a micro-batch that start with the same
+tokens (a system prompt, worked examples) run that prefix once; its KV cache is repeated for every
+sequence, whose rest follows right-padded (so a sliding window sees the same tokens as in a whole
+sequence), and the response window is gathered from the last hidden states before the output head.
+The loss and its gradient equal the whole sequences' to float rounding (the repeat's backward sums
+the rows' gradients into the one prefix); LoRA dropout draws one mask for the prefix.
+
 Steps: one optimizer step averages the gradients of ``grad_accum`` micro-batches (the loop
 reads: for each step, for each micro-batch, forward + backward; then one ``optimizer.step()``).
 Every step is whole: with ``epochs``, a count of micro-batches that does not fill the last step is
@@ -40,9 +47,11 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence
+from drafteu import divergence, runio
 from drafteu.errors import DraftEUError
+from drafteu.kvcache import cache_kw, lcp, output_cache
 from drafteu.progress import note, progress
+from drafteu.sources import HiddenSource
 
 # The held-out plateau (TrainConfig.eval_every): training stops once PLATEAU_PATIENCE measurements in a
 # row have not improved on the best by PLATEAU_TOLERANCE (relative).
@@ -71,13 +80,19 @@ class TrainConfig:
                 "best); null: train for the configured steps, measured at the end"})
 
     location_fields = ("save_every",)  # how often progress is saved: resume is exact, so not what is trained
-    optional_fields = ("eval_every",)  # unset: the identity of runs made before the option existed
+    share_prefix: bool | None = field(default=None, metadata={
+        "help": "run the prompts' common prefix (system prompt, worked examples) once per micro-batch and continue "
+                "every sequence from its KV cache: the same loss to float rounding, a fraction of the prompt's "
+                "compute; null or false: every sequence whole"})
+
+    optional_fields = ("eval_every", "share_prefix")  # unset: the identity of runs made before the option existed
 
     def __post_init__(self):
+        runio.require_finite(self)
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise DraftEUError("lr must be > 0, batch_size and grad_accum >= 1")
-        if self.epochs <= 0 and not self.max_steps:
-            raise DraftEUError("epochs must be > 0 (or give max_steps)")
+        if not self.epochs > 0:
+            raise DraftEUError(f"epochs must be > 0 (max_steps, when given, overrides it), got {self.epochs}")
         if self.scheduler not in ("linear", "cosine"):
             raise DraftEUError(f"scheduler must be linear or cosine, got {self.scheduler!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
@@ -108,13 +123,25 @@ def examples_from_rows(rows: list[dict], eos_id: int | None) -> list[Example]:
     return out
 
 
-def collate(batch: list[Example], pad_id: int, device) -> dict:
+# share_prefix: the shortest common prefix worth a forward of its own
+MIN_SHARED_PREFIX = 8
+
+
+def collate(batch: list[Example], pad_id: int, device, share_prefix: bool = False) -> dict:
     """Left-padded ids, mask, position ids, and the response window.
 
     ``targets`` (B, W) are the ids predicted by the kept logits (B, W, V), W = max response
     length; ``loss_mask`` (B, W) marks response tokens.  Call the model with
-    ``logits_to_keep = W + 1`` and drop the last logit.
+    ``logits_to_keep = W + 1`` and drop the last logit (``window_logits`` does).
+
+    ``share_prefix``: when the prompts share at least MIN_SHARED_PREFIX leading tokens, the batch is
+    laid out for ``window_logits`` to run them once (``prefix_ids`` (1, P); ``input_ids`` the rest,
+    right-padded; ``gather`` (B, W) the rest's position predicting each window slot).
     """
+    if share_prefix:
+        shared = _shared_layout(batch, pad_id, device)
+        if shared is not None:
+            return shared
     seqs = [e.prompt_ids + e.response_ids for e in batch]
     width = max(len(s) for s in seqs)
     win = max(len(e.response_ids) for e in batch)
@@ -132,11 +159,100 @@ def collate(batch: list[Example], pad_id: int, device) -> dict:
     }
 
 
-def window_logits(model, batch: dict) -> torch.Tensor:
-    """(B, W, V) logits predicting the response window of ``batch``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["keep"])
-    return out.logits[:, :-1]
+def _shared_layout(batch: list[Example], pad_id: int, device) -> dict | None:
+    """``collate``'s shared-prefix layout, or None when the prompts share too little."""
+    prompts = [e.prompt_ids for e in batch]
+    plen = min(lcp(prompts), min(len(p) for p in prompts) - 1)  # each prompt keeps its last token
+    if plen < MIN_SHARED_PREFIX:
+        return None
+    rests = [e.prompt_ids[plen:] + e.response_ids for e in batch]
+    width, win = max(len(r) for r in rests), max(len(e.response_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), plen + width), dtype=torch.long)
+    mask[:, :plen] = 1
+    targets = torch.full((len(batch), win), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), win), dtype=torch.float32)
+    gather = torch.zeros((len(batch), win), dtype=torch.long)
+    for i, (r, e) in enumerate(zip(rests, batch, strict=True)):
+        n = len(e.response_ids)
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, plen: plen + len(r)] = 1
+        targets[i, win - n:] = torch.tensor(e.response_ids)
+        loss_mask[i, win - n:] = 1.0
+        # response token j is predicted at rest position len(prompt) - 1 - plen + j
+        gather[i, win - n:] = torch.arange(n) + len(e.prompt_ids) - 1 - plen
+    pos = torch.arange(plen, plen + width).expand(len(batch), -1)
+    return {
+        "prefix_ids": torch.tensor([prompts[0][:plen]], device=device),
+        "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device),
+        "targets": targets.to(device), "loss_mask": loss_mask.to(device), "gather": gather.to(device),
+        "keep": win + 1,
+    }
+
+
+def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torch.Tensor:
+    """(B, W, V) logits predicting the response window of ``batch``; with ``adapters`` (PEFT adapter
+    names, one mixed-adapter batch: eval mode) (K, B, W, V), one slab per adapter."""
+    b = batch["input_ids"].shape[0]
+    k = len(adapters) if adapters else 1
+    rep = (lambda t: t.repeat(k, 1)) if adapters else (lambda t: t)
+    names = {"adapter_names": [a for a in adapters for _ in range(b)]} if adapters else {}
+    inputs = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
+              "position_ids": rep(batch["position_ids"])}
+    if "prefix_ids" in batch:
+        out = _shared_window(model, batch, inputs, adapters, names)
+    else:
+        out = model(**inputs, **names, logits_to_keep=batch["keep"]).logits[:, :-1]
+    return out.reshape(k, b, *out.shape[1:]) if adapters else out
+
+
+def _shared_window(model, batch: dict, inputs: dict, adapters, names: dict) -> torch.Tensor:
+    """``window_logits`` for the shared-prefix layout: the prefix once per adapter, its KV cache
+    repeated for every sequence, the rest of each sequence after it, the window gathered from the
+    last hidden states, then the output head."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    source = _head_source(inner)
+    apply, hidden_ok, _ = source.head()
+    if not hidden_ok:  # a head the hidden states cannot reproduce: the model's own logits, all positions
+        logits = model(**inputs, **names, **cache_kw(_prefix_cache(model, batch, adapters, names)),
+                       logits_to_keep=0).logits
+        return _gather(logits, batch["gather"], len(adapters) if adapters else 1)
+    with source.hidden_out():
+        cache = _prefix_cache(model, batch, adapters, names)
+        states = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
+    return apply(_gather(states, batch["gather"], len(adapters) if adapters else 1))
+
+
+def _prefix_cache(model, batch: dict, adapters, names: dict):
+    """The prefix's KV cache (one row per adapter), each row repeated for the batch's sequences."""
+    b = batch["input_ids"].shape[0]
+    prefix = batch["prefix_ids"].expand(len(adapters) if adapters else 1, -1)
+    pre_names = {"adapter_names": list(adapters)} if adapters else {}
+    cache = output_cache(model(input_ids=prefix, **pre_names, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(b)  # row k * b + i: adapter k, sequence i (adapter-major, as ``names``)
+    return cache
+
+
+def _gather(values: torch.Tensor, gather: torch.Tensor, k: int) -> torch.Tensor:
+    """(k * B, L, X) -> (k * B, W, X): each row's window positions."""
+    idx = gather.repeat(k, 1)
+    return values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def _head_source(model):
+    """A ``HiddenSource`` of ``model`` whose output-head check ran once, in eval mode (no dropout
+    draws), kept on the model."""
+    source = model.__dict__.get("_drafteu_head")
+    if source is None or source.model is not model:
+        source = HiddenSource(model)
+        was = model.training
+        model.eval()
+        try:
+            source.head()
+        finally:
+            model.train(was)
+        model.__dict__["_drafteu_head"] = source
+    return source
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -390,7 +506,8 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
             # one optimizer step: grad_accum micro-batches, their gradients averaged
             for micro in range(cfg.grad_accum):
                 local = step * cfg.grad_accum + micro
-                batch = collate([examples[i] for i in order[local * procs + rank]], pad_id, acc.device)
+                batch = collate([examples[i] for i in order[local * procs + rank]], pad_id, acc.device,
+                                share_prefix=bool(cfg.share_prefix))
                 batch["micro"] = local
                 last = micro == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():

@@ -64,10 +64,16 @@ class ProxySettings:
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
 
     def __post_init__(self):
+        runio.require_finite(self)
         if self.n_teacher < 1:
             raise DraftEUError(f"n_teacher must be >= 1, got {self.n_teacher}")
         if not 0 <= self.heldout < 1:
             raise DraftEUError(f"heldout must be in [0, 1), got {self.heldout}")
+        adapters.check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
+        if not 0 <= self.warmup_ratio < 1:
+            raise DraftEUError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.reference_size < 1:
+            raise DraftEUError(f"reference_size must be >= 1, got {self.reference_size}")
 
 
 @dataclass(kw_only=True)
@@ -114,26 +120,57 @@ def _mix_equally(files: list[Path], seed: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def heldout_kl(noisy: NoisyModel, examples, pad_id: int, reference: list[str], batch_size: int = 4) -> dict:
-    """Mean per-token KL(p_ref_mean || proxy) and KL(p_ref_mean || raw target) on held-out data."""
-    device = next(noisy.model.parameters()).device
-    sums = {"proxy": 0.0, "target": 0.0}
-    count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id, device)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        fam = noisy.logits(members=reference, logits_to_keep=batch["keep"], **inputs)[:, :, :-1]
-        ref = divergence.mixture(fam)  # (B, W, V)
-        proxy = noisy.model(**inputs, adapter_names=[PROXY] * len(batch["input_ids"]),
-                            logits_to_keep=batch["keep"]).logits[:, :-1]
-        with noisy.base() as m:
-            raw = m(**inputs, logits_to_keep=batch["keep"]).logits[:, :-1]
-        mask = batch["loss_mask"]
-        sums["proxy"] += float((divergence.kl(ref, proxy) * mask).sum())
-        sums["target"] += float((divergence.kl(ref, raw) * mask).sum())
-        count += float(mask.sum())
-    return {f"kl_ref_mean_to_{k}": v / max(count, 1.0) for k, v in sums.items()} | {"tokens": count}
+# Bytes of the reference family's mean kept between held-out checks (beyond it, recomputed each time).
+REFERENCE_CACHE_BYTES = 1 << 30
+
+
+class HeldoutCheck:
+    """Mean per-token KL(p_ref_mean || proxy) and KL(p_ref_mean || raw target) on held-out data.
+
+    Neither the reference family nor the raw target trains, so their part - the family's mean per
+    batch and the raw target's KL - is computed on the first call and kept while the means fit in
+    ``cache_bytes``; every later check (``train.eval_every``) then runs the proxy alone.  The numbers
+    are those of a check computed from scratch (the same forwards on the same batches)."""
+
+    def __init__(self, noisy: NoisyModel, examples, pad_id: int, reference: list[str], batch_size: int = 4,
+                 cache_bytes: int = REFERENCE_CACHE_BYTES, share_prefix: bool = False):
+        self.noisy, self.examples, self.pad_id, self.reference = noisy, examples, pad_id, reference
+        self.batch_size, self.cache_bytes, self.share_prefix = batch_size, cache_bytes, share_prefix
+        self._refs: list[torch.Tensor] | None = None
+        self._target: tuple[float, float] | None = None  # (sum of the raw target's KL, tokens)
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        noisy = self.noisy
+        device = next(noisy.model.parameters()).device
+        refs, keep, kept, raw_sum, proxy_sum, count = [], self._refs is None, 0, 0.0, 0.0, 0.0
+        for n, i in enumerate(range(0, len(self.examples), self.batch_size)):
+            batch = collate(self.examples[i : i + self.batch_size], self.pad_id, device, self.share_prefix)
+            mask = batch["loss_mask"]
+            if self._refs is not None:
+                ref = self._refs[n]
+            else:
+                ref = divergence.mixture(window_logits(noisy.model, batch, adapters=self.reference))  # (B, W, V)
+                kept += ref.numel() * ref.element_size()
+                keep = keep and kept <= self.cache_bytes
+                if keep:
+                    refs.append(ref)
+                else:
+                    refs.clear()  # too large to keep: recomputed next time
+            if self._target is None:
+                with noisy.base() as m:
+                    raw = window_logits(m, batch)
+                raw_sum += float((divergence.kl(ref, raw) * mask).sum())
+            proxy = window_logits(noisy.model, batch, adapters=[PROXY])[0]
+            proxy_sum += float((divergence.kl(ref, proxy) * mask).sum())
+            count += float(mask.sum())
+        if keep and refs:
+            self._refs = refs
+        if self._target is None:
+            self._target = (raw_sum, count)
+        count = max(count, 1.0)
+        return {"kl_ref_mean_to_proxy": proxy_sum / count, "kl_ref_mean_to_target": self._target[0] / count,
+                "tokens": self._target[1]}
 
 
 def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict) -> torch.Tensor:
@@ -144,8 +181,8 @@ def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: di
     for k, name in enumerate(teachers):
         noisy.set_member(name, member_seed("osd", seed, batch["micro"] + 1, k))  # re-drawn in place
     model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
-    t = noisy.logits(batch["input_ids"], teachers, attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], logits_to_keep=batch["keep"])[:, :, :-1]  # (N, B, W, V)
+    with torch.no_grad():
+        t = window_logits(noisy.model, batch, adapters=teachers)  # (N, B, W, V)
     model.train()
     return kd_loss(t, window_logits(model, batch), batch["loss_mask"])
 
@@ -189,16 +226,17 @@ def _run(cfg: ProxyConfig) -> dict:
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
 
     last: dict = {}  # the latest held-out check: the one after the last step when fit measured it
+    check_heldout = HeldoutCheck(noisy, held_ex, pad, reference, share_prefix=bool(tc.share_prefix))
 
     def held_kl(model) -> float:  # the plateau's measure: how far p_mix is from the family mean, held out
-        last.update(heldout_kl(noisy, held_ex, pad, reference))
+        last.update(check_heldout())
         return last["kl_ref_mean_to_proxy"]
 
     stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)",
                 heldout=held_kl if held_ex and tc.eval_every else None)
     noisy.model.eval()
     # fit measures after the last step unless a resumed checkpoint already had it: computed once
-    check = dict(last) or (heldout_kl(noisy, held_ex, pad, reference) if held_ex else {})
+    check = dict(last) or (check_heldout() if held_ex else {})
     adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
