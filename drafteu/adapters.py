@@ -14,6 +14,16 @@ from drafteu import runio
 from drafteu.errors import DraftEUError
 
 
+def check_lora(r: int, alpha: float, dropout: float) -> None:
+    """LoRA rank, alpha and dropout that PEFT can use, or a DraftEUError naming the bad one."""
+    if r < 1:
+        raise DraftEUError(f"lora_r must be >= 1 (the adapter's rank), got {r}")
+    if not alpha > 0:
+        raise DraftEUError(f"lora_alpha must be > 0 (the adapter's scale is alpha / r), got {alpha}")
+    if not 0 <= dropout < 1:
+        raise DraftEUError(f"lora_dropout must be in [0, 1), got {dropout}")
+
+
 def lora_config(r: int, alpha: int, dropout: float, modules: str | list[str] | tuple[str, ...],
                 layers: list[int] | None = None, model=None):
     """A PEFT ``LoraConfig`` for a causal LM; ``modules`` is 'all-linear', a comma-separated

@@ -27,8 +27,9 @@ from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.perturbation import NoiseCheckConfig
+from drafteu.pipeline import STAGES
 from drafteu.serve import ServeConfig
-from drafteu.speculative import SpeculateConfig
+from drafteu.speculate import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig
 from drafteu.train.drafts import DraftsConfig
 from drafteu.train.proxy import ProxyConfig
@@ -294,7 +295,7 @@ def speculate(cfg: SpeculateConfig) -> None:
     """
     from rich.text import Text
 
-    from drafteu import speculative
+    from drafteu import speculate
     from drafteu.display import color, heatmap
 
     def stream(pieces, var, bias_t):
@@ -302,7 +303,7 @@ def speculate(cfg: SpeculateConfig) -> None:
             style = f"black on {color((float(var[i]) + float(bias_t[i])) / cfg.scale)}" if var is not None else None
             console.print(Text(piece, style=style), end="")
 
-    result = speculative.run(cfg, on_pieces=stream)
+    result = speculate.run(cfg, on_pieces=stream)
     console.print()
     s = result["speculative"]
     console.print(f"acceptance {s['acceptance']:.1%} ({s['accepted']}/{s['proposed']} proposals, {s['rounds']} "
@@ -334,18 +335,19 @@ def reproduce(
     overrides: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set eval.trials=2; "
                                         "the value is read as the key's type (a text key takes it as written, "
                                         "lists as YAML: --set drafts.methods=[ddd,konly]); repeat the option"),
-    until: str | None = typer.Option(None, help="stop after this stage (data, draft_base, drafts, teachers, proxy, "
-                                     "eval_samples, score, proxy_robustness, fidelity, hallucination, cost); no report"),
+    until: str | None = typer.Option(None, help=f"stop after this stage ({', '.join(s.name for s in STAGES)}); "
+                                     "no report"),
     threads: int | None = typer.Option(None, help=THREADS_HELP),
 ):
     """Run every stage of an experiment (data, drafts, proxy, evaluation, report) into one run directory.
 
     Each stage records what its outputs were made from: a current stage is skipped, an interrupted
     one resumes, and one whose config keys changed is recomputed with everything after it (the keys
-    are named).  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
+    are named; its previous outputs stay until the new ones are complete, and come back if it
+    fails).  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
     """
     def go():
-        from drafteu import pipeline
+        from drafteu import pipeline, preflight
         from drafteu.config import load_experiment
 
         parsed = {}
@@ -356,7 +358,7 @@ def reproduce(
             parsed[key.strip()] = value  # coerced by the field's type in load_experiment
         cfg = load_experiment(config, parsed)
         out = run_dir or Path("runs") / cfg.name
-        pipeline.preflight(cfg, out)  # config errors before anything is printed or written
+        preflight.check(cfg, out)  # config errors before anything is printed or written
         console.print(f"reproduce {escape(cfg.name)} into {out}")
         m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False), until=until)
         console.print(f"done in {m['last_run_seconds']:.0f} s" + ("" if until else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,9 @@ class DraftsSection(DraftSettings):
         for lay in self.layouts:
             if len(lay) != 2 or min(lay) < 1:
                 raise DraftEUError(f"drafts.layouts entries are [S, M] with S, M >= 1, got {lay}")
+        for key in ("init_sigma", "sigma"):
+            if getattr(self, key) < 0:
+                raise DraftEUError(f"drafts.{key} must be >= 0 (a noise scale), got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -191,6 +195,9 @@ class ProxySection(ProxySettings):
             raise DraftEUError(f"proxy.data must be 'teachers' or 'samples', got {self.data!r}")
         if self.teachers < 1:
             raise DraftEUError("proxy.teachers must be >= 1")
+        if self.samples < 1 or (self.questions is not None and self.questions < 1):
+            raise DraftEUError(f"proxy.samples and proxy.questions must be >= 1 (questions null: all), got "
+                               f"{self.samples} and {self.questions}")
 
 
 def section_values(section, settings_cls) -> dict:
@@ -228,6 +235,7 @@ class EvalSection:
     heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
 
     def __post_init__(self):
+        runio.require_finite(self)
         if self.temperature < 0:
             raise DraftEUError(f"eval.temperature must be >= 0 (0: greedy answers), got {self.temperature}")
         if self.questions is not None and self.questions < 1:
@@ -308,6 +316,8 @@ def _build(cls, value, where: str):
         out = [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if cls is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML's .nan / .inf, or --set KEY=nan
+            raise DraftEUError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if cls is Path and isinstance(value, str):
         return Path(value)

@@ -11,9 +11,16 @@ compares the stamp with the stage's current inputs (``decide``):
 
     stamp done, same digest      -> skip: the outputs are current
     stamp running, same digest   -> resume: the stage continues the work it had started
-    no stamp, or another digest  -> recompute: its outputs are deleted and rebuilt, after saying
-                                    which keys changed (downstream stages follow, their digests
-                                    having changed with it)
+    no stamp, or another digest  -> recompute: its outputs are rebuilt, after saying which keys
+                                    changed (downstream stages follow, their digests having
+                                    changed with it)
+
+A recompute replaces the old outputs only once the new ones are complete: ``begin`` moves the old
+outputs and stamp into ``RUN/.previous/<name>/`` (renames, no copy), ``finish`` deletes them after
+stamping the new ones done, and a stage that fails - an error, Ctrl-C - puts them back
+(``restore``); after a kill, the next run puts them back before it decides anything (``recover``).
+The run's ``config.yaml`` and ``manifest.json`` are kept the same way (``RUN_FILES``) until the
+run's first stage with new results finishes.
 
 The one rule is *recompute*: a run directory holds the results of the config it was last run
 with.  Keeping the results of an old config means running the new one into another ``--run``.
@@ -37,6 +44,9 @@ from drafteu import runio
 from drafteu.errors import DraftEUError
 
 STAMP = "stage.json"
+PREVIOUS = ".previous"  # RUN/.previous/<stage>/: a recomputed stage's old outputs until its new ones are complete
+RUN_FILES = ("config.yaml", "manifest.json")  # the run's own files, kept as RUN/.previous/run/ during a run
+ASIDE = "set-aside.json"  # in RUN/.previous/<stage>/: the run-relative paths set aside
 
 
 def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -172,11 +182,16 @@ def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[st
 
 
 def begin(run: Path, d: Decision) -> None:
-    """Before the stage runs (main process): delete stale outputs, stamp it as running."""
+    """Before the stage runs (main process): set its old outputs and stamp aside (a recompute), stamp
+    it as running."""
     run = Path(run)
     if d.action == "recompute":
-        for path in _paths(run, d.stage):
-            remove(path)
+        keep = run / PREVIOUS / d.stage.name
+        remove(keep)  # (``recover`` emptied it; a leftover here holds nothing of the previous results)
+        old = _paths(run, d.stage) + [p for p in [stamp_path(run, d.stage.name)] if p.exists()]
+        # the list first: a kill mid-way through the renames still knows what to put back
+        runio.write_json(keep / ASIDE, {"stage": d.stage.name, "paths": [str(p.relative_to(run)) for p in old]})
+        _move([p.relative_to(run) for p in old], run, keep)
     if d.action != "resume":
         runio.write_json(stamp_path(run, d.stage.name), {
             "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "running",
@@ -192,6 +207,81 @@ def finish(run: Path, d: Decision, seconds: float) -> None:
         "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "done",
         "inputs": d.inputs, "upstream": d.upstream, "started": stamp.get("started"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(compute, 2)})
+    remove(Path(run) / PREVIOUS / d.stage.name)  # the new outputs are complete: the old ones can go
+
+
+def _move(rels: list[Path], src: Path, dest: Path) -> None:
+    """Rename each run-relative path from under ``src`` to under ``dest`` (absent ones are skipped)."""
+    for rel in rels:
+        if (src / rel).exists() or (src / rel).is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).rename(dest / rel)
+
+
+def _put_back(run: Path, keep: Path, current: list[Path]) -> None:
+    """Delete ``current`` (what a failed attempt wrote) and move what ``keep`` holds back to ``run``."""
+    try:
+        rels = [Path(r) for r in runio.json_load(keep / ASIDE)["paths"]]
+    except (OSError, ValueError, KeyError):
+        rels = []  # killed before the list was written: nothing was moved yet
+    for path in current:
+        remove(path)
+    _move(rels, keep, run)
+    remove(keep)
+
+
+def restore(run: Path, stage: Stage) -> bool:
+    """Put a failed recompute's previous outputs and stamp back (main process); whether there were any."""
+    run = Path(run)
+    keep = run / PREVIOUS / stage.name
+    if not keep.is_dir():
+        return False
+    stamp = stamp_path(run, stage.name)
+    _put_back(run, keep, _paths(run, stage) + ([stamp] if stamp.exists() else []))
+    return True
+
+
+def recover(run: Path, stages: tuple[Stage, ...]) -> list[str]:
+    """Before a run decides anything: the stages whose recompute was killed get their previous outputs
+    back (one whose new outputs were stamped done keeps them); the run's own files likewise.  Returns
+    the stages restored."""
+    run = Path(run)
+    done = []
+    for stage in stages:
+        keep = run / PREVIOUS / stage.name
+        if not keep.is_dir():
+            continue
+        stamp = read_stamp(stamp_path(run, stage.name))
+        if stamp is not None and stamp.get("status") == "done":
+            remove(keep)  # killed after the new outputs were complete
+        elif restore(run, stage):
+            done.append(stage.name)
+    restore_run_files(run)
+    return done
+
+
+def keep_run_files(run: Path) -> None:
+    """Copy the run's ``config.yaml`` and ``manifest.json`` aside before a run rewrites them."""
+    keep = Path(run) / PREVIOUS / "run"
+    remove(keep)
+    names = [n for n in RUN_FILES if (Path(run) / n).exists()]
+    runio.write_json(keep / ASIDE, {"stage": "run", "paths": names})
+    for name in names:
+        shutil.copy2(Path(run) / name, keep / name)
+
+
+def restore_run_files(run: Path) -> None:
+    """Put the kept ``config.yaml`` and ``manifest.json`` back (a run that failed); no-op without them."""
+    keep = Path(run) / PREVIOUS / "run"
+    if keep.is_dir():
+        _put_back(Path(run), keep, [Path(run) / n for n in RUN_FILES if (Path(run) / n).exists()])
+
+
+def drop_run_files(run: Path) -> None:
+    """The run finished (or ended where asked): its new ``config.yaml`` and ``manifest.json`` stay."""
+    remove(Path(run) / PREVIOUS / "run")
+    if (Path(run) / PREVIOUS).is_dir() and not any((Path(run) / PREVIOUS).iterdir()):
+        (Path(run) / PREVIOUS).rmdir()
 
 
 def remove(path: Path) -> None:

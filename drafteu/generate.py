@@ -54,6 +54,7 @@ class SamplingSettings:
     location_fields = ("batch_size",)  # how many are generated at once: the rows do not depend on it
 
     def __post_init__(self):
+        runio.require_finite(self)
         if self.samples < 1:
             raise DraftEUError(f"samples must be >= 1, got {self.samples}")
         if self.questions is not None and self.questions < 1:

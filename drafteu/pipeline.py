@@ -17,11 +17,10 @@ and K-only noise) and bootstrap-resamples the evaluated questions.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 from pathlib import Path
 
-from drafteu import contract, generate, hardware, rundir, runio
+from drafteu import contract, generate, hardware, preflight, rundir, runio
 from drafteu.config import ExperimentConfig, GenerationSection, section_values
 from drafteu.contract import Context, Stage
 from drafteu.errors import DraftEUError
@@ -369,73 +368,6 @@ def _stages() -> tuple[Stage, ...]:
     )
 
 
-def _groups(heldout: float) -> int:
-    """Question groups a held-out split makes (``draft_base.split_heldout``)."""
-    return max(2, round(1 / heldout)) if heldout > 0 else 1
-
-
-def preflight(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Every check that can be made before any work, each naming its config key: the run directory,
-    the device, DRAFTEU_DIVERGENCE, the generation backend, the cache folder, the target and the
-    draft base (readable; the truncation depth within the target's), and whether the configured
-    questions are enough for every partition the stages will make."""
-    from drafteu import divergence, models
-
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DraftEUError(f"--run {run_dir} is a file; give a directory (new or an earlier run of this config)")
-    hardware.resolve_device(cfg.device)
-    try:
-        divergence.choice()  # read by the score stage, after every training stage
-    except ValueError as e:
-        raise DraftEUError(str(e)) from None
-    if cfg.generation.backend == "vllm":
-        from drafteu.vllm_engine import INSTALL_HELP
-
-        if importlib.util.find_spec("vllm") is None:
-            raise DraftEUError(f"generation.backend is vllm, but vLLM is not installed: {INSTALL_HELP}, "
-                               "or set generation.backend: hf")
-    models.writable_cache()
-    try:
-        depth = models.model_config(cfg.target).num_hidden_layers
-    except DraftEUError as e:
-        raise DraftEUError(f"target: {e}") from None
-    db = cfg.draft_base
-    if db.model == "truncate" and db.layers > depth:
-        raise DraftEUError(f"draft_base.layers is {db.layers}, but the target ({cfg.target}) has {depth} layers; "
-                           f"choose 1..{depth}")
-    if db.model == "quantize":
-        from drafteu.quantize import require_torchao
-
-        require_torchao()  # torchao importable, before any work
-    elif db.model != "truncate":
-        try:
-            models.model_config(db.model)
-        except DraftEUError as e:
-            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, 'truncate' or "
-                               "'quantize')") from None
-    n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
-    if n is None:
-        return  # a dataset's size is known only once it is read
-    needs = []
-    if cfg.draft_base.model == "truncate" and cfg.draft_base.heldout > 0:
-        needs.append((_groups(cfg.draft_base.heldout), f"draft_base.heldout {cfg.draft_base.heldout:g} splits them "
-                      f"into {_groups(cfg.draft_base.heldout)} groups", "lower draft_base.heldout"))
-    parts = [cfg.drafts.partitions] if any(DRAFT_METHODS[m].partitions for m in cfg.drafts.methods) else []
-    parts += [s for s, _ in cfg.drafts.layouts]
-    if parts:
-        needs.append((max(parts), f"the drafts need {max(parts)} disjoint partitions", "lower drafts.partitions"))
-    if cfg.proxy.heldout > 0:
-        pq = n if cfg.proxy.data == "samples" or cfg.proxy.questions is None else min(n, cfg.proxy.questions)
-        if pq < _groups(cfg.proxy.heldout):
-            raise DraftEUError(f"the proxy trains on {pq} questions, but proxy.heldout {cfg.proxy.heldout:g} splits "
-                               f"them into {_groups(cfg.proxy.heldout)} groups; raise the questions or lower "
-                               "proxy.heldout (0: no held-out check)")
-    for need, why, fix in needs:
-        if n < need:
-            raise DraftEUError(f"data.questions is {n}, but {why}: raise data.questions to >= {need} or {fix}")
-
-
 STAGES = _stages()
 
 
@@ -469,7 +401,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
     names = [s.name for s in STAGES]
     if until is not None and until not in names:
         raise DraftEUError(f"--until {until!r}: not a stage; the stages are {', '.join(names)}")
-    preflight(cfg, run_dir)  # config errors before any work
+    preflight.check(cfg, run_dir)  # config errors before any work
     with runio.locked(run_dir, "run"):  # one process writes a run directory at a time
         return _run(cfg, run_dir, log, names.index(until) + 1 if until is not None else len(names))
 
@@ -483,11 +415,34 @@ def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
     hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}
     log(f"device {hw['device']} ({hw['hardware']}), model dtype {hw['dtype']}, "
         f"training mixed precision {', '.join(f'{k} {v}' for k, v in precision.items())}")
-    decisions = plan(cfg, run_dir)[:stages]
     main = runio.is_main_process()
     if main:
+        for name in contract.recover(run_dir, STAGES):  # a killed recompute: the previous results come back
+            log(f"[{name}] a recompute did not finish: its previous outputs are back")
+    runio.barrier()
+    decisions = plan(cfg, run_dir)[:stages]
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        contract.keep_run_files(run_dir)
         runio.write_config(run_dir, cfg)
+    try:
+        manifest = _run_stages(cfg, run_dir, log, decisions, hw, main)
+    except BaseException:
+        if main:
+            contract.restore_run_files(run_dir)  # failed before any new result: config.yaml, manifest.json as they were
+        raise
+    if main:
+        contract.drop_run_files(run_dir)
+    if main and stages == len(STAGES):
+        log("[report] ...")
+        report.write(cfg, run_dir)  # last, so it shows this run's stage timings
+        log(f"[report] {run_dir / 'report.md'}")
+    return manifest
+
+
+def _run_stages(cfg: ExperimentConfig, run_dir: Path, log, decisions, hw: dict, main: bool) -> dict:
+    """Run the decided stages in order; returns the run manifest.  A stage that fails gets its previous
+    outputs back (``contract.restore``) before the error goes on."""
     manifest_path = run_dir / "manifest.json"
     manifest = runio.json_load(manifest_path) if manifest_path.exists() else {}
     manifest.update({"stage": "reproduce", "name": cfg.name, "versions": runio.versions(),
@@ -507,12 +462,18 @@ def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
         if d.action != "skip":
             if main:
                 contract.begin(run_dir, d)
-            runio.barrier()
-            if main or d.stage.every_process:
-                d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
-            runio.barrier()
+            try:
+                runio.barrier()
+                if main or d.stage.every_process:
+                    d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
+                runio.barrier()
+            except BaseException:
+                if main and contract.restore(run_dir, d.stage):
+                    log(f"[{name}] failed: its previous outputs are back")
+                raise
             if main:
                 contract.finish(run_dir, d, time.time() - t0)
+                contract.drop_run_files(run_dir)  # the run now holds new results: its new config.yaml stays
             log(f"[{name}] {time.time() - t0:.1f} s")
         stamp = contract.read_stamp(contract.stamp_path(run_dir, name)) or {}
         manifest["stages"][name] = {"seconds": round(time.time() - t0, 2),
@@ -525,8 +486,4 @@ def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
                                             "seconds": manifest["last_run_seconds"]})
     if main:
         runio.write_json(manifest_path, manifest)
-    if main and stages == len(STAGES):
-        log("[report] ...")
-        report.write(cfg, run_dir)  # last, so it shows this run's stage timings
-        log(f"[report] {run_dir / 'report.md'}")
     return manifest

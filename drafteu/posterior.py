@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
@@ -61,6 +62,7 @@ class NoiseConfig:
     optional_fields = ("scale",)  # unset (absolute): the identity of runs made before the option existed
 
     def __post_init__(self):
+        runio.require_finite(self)
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise DraftEUError(f"sigma must be a finite number >= 0, got {self.sigma} (the paper uses 0.1)")
         if self.sigma > SIGMA_WARN:

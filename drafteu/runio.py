@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -45,6 +46,15 @@ def json_load(path: Path):
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write."""
     write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def require_finite(obj) -> None:
+    """Every float field of dataclass ``obj`` is a finite number, or a DraftEUError naming the field
+    (a NaN passes every comparison a range check makes)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DraftEUError(f"{f.name} must be a finite number, got {value}")
 
 
 def plain(obj):

@@ -193,9 +193,11 @@ def test_row_seeded_sampler_samples_the_tempered_top_p_distribution():
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -3.0]])
     temperature, top_p, n = 0.8, 0.9, 3000
-    p = torch.softmax(logits[0] / temperature, -1)
-    keep = (p.sort(descending=True).values.cumsum(0) - p.sort(descending=True).values) < top_p
-    nucleus = p.sort(descending=True).indices[keep]
+    p = torch.softmax(logits[0] / temperature, -1)  # 0.656, 0.188, 0.101, 0.054, 0.001
+    # top-p 0.9 by hand: the mass before tokens 0, 1, 2 is 0, 0.656, 0.844 (< 0.9: kept); before token 3
+    # it is 0.945 (dropped)
+    nucleus = torch.tensor([0, 1, 2])
+    assert torch.allclose(p, torch.tensor([0.6564, 0.1881, 0.1006, 0.0539, 0.0013]), atol=1e-3)
     q = torch.zeros_like(p)
     q[nucleus] = p[nucleus] / p[nucleus].sum()
     draws = torch.zeros(5)
@@ -425,3 +427,86 @@ def test_a_deleted_damaged_draft_is_the_only_one_rebuilt(finished_run, tmp_path)
     assert adapter.read_bytes() == before
     after = _stamps(run)
     assert [p for p in after if after[p] != stamps.get(p)] == [adapter.relative_to(run)]
+
+
+# -- every numeric config value checked before any work ------------------------------------------------
+
+
+def _numeric_fields(cls, prefix: str = ""):
+    """(dotted key, int or float) of every numeric field of the experiment config, sections included."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        base = args[0] if typing.get_origin(t) in (typing.Union, types.UnionType) and args else t
+        if dataclasses.is_dataclass(base):
+            yield from _numeric_fields(base, f"{prefix}{f.name}.")
+        elif base in (int, float):
+            yield f"{prefix}{f.name}", base
+
+
+# 0 and -1 are meaningful here (everything else numeric is a count, a size, a rate or a scale > 0)
+ZERO_OK = {"seed", "noise.sigma", "data.temperature", "data.shots", "draft_base.heldout", "draft_base.data.temperature",
+           "draft_base.data.shots", "draft_base.train.warmup_steps", "draft_base.train.weight_decay",
+           "drafts.train.warmup_steps", "drafts.train.weight_decay", "drafts.init_sigma", "drafts.sigma",
+           "proxy.train.warmup_steps", "proxy.train.weight_decay", "proxy.warmup_ratio", "proxy.heldout",
+           "eval.temperature", "eval.heatmap_examples", "drafts.lora_dropout", "proxy.lora_dropout"}
+NEGATIVE_OK = {"seed"}
+
+
+def test_every_numeric_config_value_is_checked(tmp_path):
+    """Each numeric field of the experiment config, set to NaN, inf, 0 and -1 (a float field to all four,
+    an int field to the last two): NaN and inf are always refused, 0 and -1 are refused wherever they
+    mean nothing - each a one-line DraftEUError naming the key, before anything is read or written."""
+    from drafteu.config import ExperimentConfig, load_experiment
+    from drafteu.errors import DraftEUError
+
+    cfg = tmp_path / "c.yaml"
+    # every optional section present, so that its fields are checked too
+    cfg.write_text(yaml.safe_dump({"draft_base": {"data": {"task": "easy-word"}}, "drafts": {"lora_layers": 2,
+                                  "heldout": 0.2, "baseline_steps": 2, "train": {"max_steps": 2, "eval_every": 1}},
+                                   "proxy": {"questions": 4, "train": {"eval_every": 1}}, "eval": {"questions": 4}}))
+    load_experiment(cfg)
+    fields = list(_numeric_fields(ExperimentConfig))
+    assert len(fields) > 80
+    wrong = []
+    for key, typ in fields:
+        leaf = key.rsplit(".", 1)[-1]
+        for value in (["nan", "inf", "-inf"] if typ is float else []) + ["0", "-1"]:
+            try:
+                load_experiment(cfg, {key: value})
+            except DraftEUError as e:
+                message = str(e)
+                if "\n" in message or leaf not in message or "." in key and key.rsplit(".", 1)[0] not in message:
+                    wrong.append(f"{key} = {value}: {message}")
+                continue
+            if not (value == "0" and key in ZERO_OK or value == "-1" and key in NEGATIVE_OK):
+                wrong.append(f"{key} = {value} is accepted")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("drafts.lora_modules", "q_proj,bogus_proj", "drafts.lora_modules: bogus_proj is not a linear module"),
+    ("proxy.lora_modules", "[bogus_proj]", "proxy.lora_modules: bogus_proj"),
+    ("noise.target_modules", "[bogus_proj]", "noise.target_modules: bogus_proj"),
+    ("drafts.lora_layers", "1000", "drafts.lora_layers is 1000"),
+    ("drafts.lora_r", "0", "lora_r must be >= 1"),
+    ("drafts.lora_dropout", "1.5", "lora_dropout must be in [0, 1)"),
+    ("drafts.lora_alpha", "0", "lora_alpha must be > 0"),
+    ("proxy.lora_r", "0", "lora_r must be >= 1"),
+    ("data.temperature", "nan", "data.temperature must be a finite number"),
+])
+def test_bad_values_are_refused_before_the_run_is_touched(finished_run, tmp_path, key, value, needle):
+    """The values that used to pass the config check and delete a stage's outputs before failing:
+    now exit 2 with one line naming the key, the run byte for byte as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "r1", run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    res = CliRunner().invoke(app, ["reproduce", "--config", str(finished_run / "c.yaml"), "--run", str(run),
+                                   "--set", f"{key}={value}"])
+    _one_line_error(res, needle)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before

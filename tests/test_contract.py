@@ -330,3 +330,49 @@ def test_a_reproduce_killed_in_every_stage_resumes_to_the_same_bytes(tmp_path, t
     a, b = _outputs(finished / "run"), _outputs(run)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == [], [k for k in a if a[k] != b[k]]
+
+
+# -- a recompute that fails leaves the previous results ------------------------------------------
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _fail(*args, **kwargs):
+    raise OSError(28, "No space left on device (injected)")
+
+
+@pytest.mark.parametrize("when", ["start", "mid-way", "kill"])
+@pytest.mark.parametrize("stage,key", [("draft_base", "draft_base.train.lr"), ("drafts", "drafts.train.lr"),
+                                       ("proxy", "proxy.train.lr")])
+def test_a_failed_recompute_leaves_the_run_as_it_was(finished, monkeypatch, tmp_path, stage, key, when):
+    """A training stage recomputed with a changed key and made to fail - at its start, mid-way
+    (its first checkpoint hits a full disk, after training steps and files of its own), or killed
+    mid-way (nothing runs after the error; the next run recovers) - leaves every file of the run
+    byte for byte as it was, stamps included; the next successful run leaves no trace of the swap."""
+    from drafteu.train import loop
+
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run)
+    before = _snapshot(run)
+    cfg = load_experiment(finished / "c.yaml", {key: 0.002})
+    assert {d.stage.name: d.action for d in pipeline.plan(cfg, run)}[stage] == "recompute"
+    with monkeypatch.context() as m:
+        if when == "start":
+            m.setattr(pipeline, "STAGES", tuple(dataclasses.replace(s, run=_fail) if s.name == stage else s
+                                                for s in pipeline.STAGES))
+        else:
+            m.setattr(loop, "_atomic_save", _fail)
+        if when == "kill":  # nothing of drafteu runs after the failure: no restore
+            m.setattr(contract, "restore", lambda *a, **k: False)
+            m.setattr(contract, "restore_run_files", lambda *a, **k: None)
+        with pytest.raises(OSError, match="injected"):
+            pipeline.run(cfg, run, log=lambda s: None, until=stage)
+    if when == "kill":
+        assert (run / contract.PREVIOUS / stage).is_dir() and _snapshot(run) != before
+        assert contract.recover(run, pipeline.STAGES) == [stage]  # what the next run does first
+    assert _snapshot(run) == before
+    pipeline.run(cfg, run, log=lambda s: None, until=stage)  # and the recompute then goes through
+    assert not (run / contract.PREVIOUS).exists()
+    assert {d.stage.name: d.action for d in pipeline.plan(cfg, run)}[stage] == "skip"
