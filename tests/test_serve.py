@@ -142,7 +142,8 @@ def test_completions_streams_and_scores(server, reference, tmp_path):
     # /v1/score equals `drafteu score --answer` on the same question and answer
     answer = "He has 3 + 4 = 7 apples. The answer is \\boxed{7}."
     r = httpx.post(server.url + "/v1/score", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "drafteu-test", "question": QUESTION, "response": answer})
+                   json={"model": "drafteu-test", "question": QUESTION, "response": answer},
+                   timeout=120)  # httpx's default 5 s: a first score on a slow 2-core CPU takes about that
     assert r.status_code == 200, r.text
     from typer.testing import CliRunner
 
