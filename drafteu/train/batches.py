@@ -1,0 +1,179 @@
+"""Training examples, their batches and the logits of their response windows.
+
+Examples are (prompt ids, response ids).  Batches are *left*-padded with explicit position ids
+(as in generation and scoring, so every token sits at the position it has there) and the
+forward keeps only the last ``max response length + 1`` logits: every response token of the
+batch is predicted inside that window, and the (B, L, V) prompt logits are never built.
+
+Shared prefix (``TrainConfig.share_prefix``): the prompts of a micro-batch that start with the same
+tokens (a system prompt, worked examples) run that prefix once; its KV cache is repeated for every
+sequence, whose rest follows right-padded (so a sliding window sees the same tokens as in a whole
+sequence), and the response window is gathered from the last hidden states before the output head.
+The loss and its gradient equal the whole sequences' to float rounding (the repeat's backward sums
+the rows' gradients into the one prefix); LoRA dropout draws one mask for the prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from drafteu.kvcache import cache_kw, lcp, output_cache
+from drafteu.sources import HiddenSource
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def examples_from_rows(rows: list[dict], eos_id: int | None) -> list[Example]:
+    """Training examples from samples.jsonl rows; responses that ended with EOS keep it."""
+    out = []
+    for r in rows:
+        resp = list(r["response_ids"])
+        if r.get("finish") == "eos" and eos_id is not None:
+            resp.append(eos_id)
+        if resp:
+            out.append(Example(list(r["prompt_ids"]), resp))
+    return out
+
+
+# share_prefix: the shortest common prefix worth a forward of its own
+MIN_SHARED_PREFIX = 8
+
+
+def collate(batch: list[Example], pad_id: int, device, share_prefix: bool = False) -> dict:
+    """Left-padded ids, mask, position ids, and the response window.
+
+    ``targets`` (B, W) are the ids predicted by the kept logits (B, W, V), W = max response
+    length; ``loss_mask`` (B, W) marks response tokens.  Call the model with
+    ``logits_to_keep = W + 1`` and drop the last logit (``window_logits`` does).
+
+    ``share_prefix``: when the prompts share at least MIN_SHARED_PREFIX leading tokens, the batch is
+    laid out for ``window_logits`` to run them once (``prefix_ids`` (1, P); ``input_ids`` the rest,
+    right-padded; ``gather`` (B, W) the rest's position predicting each window slot).
+    """
+    if share_prefix:
+        shared = _shared_layout(batch, pad_id, device)
+        if shared is not None:
+            return shared
+    seqs = [e.prompt_ids + e.response_ids for e in batch]
+    width = max(len(s) for s in seqs)
+    win = max(len(e.response_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), win), dtype=torch.float32)
+    for i, (s, e) in enumerate(zip(seqs, batch, strict=True)):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+        loss_mask[i, win - len(e.response_ids):] = 1.0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {
+        "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device),
+        "targets": ids[:, width - win:].to(device), "loss_mask": loss_mask.to(device), "keep": win + 1,
+    }
+
+
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens a batch's prompts share at the start, each prompt keeping its last token (it predicts
+    the first response token)."""
+    return min(lcp(prompts), min(len(p) for p in prompts) - 1)
+
+
+def _shared_layout(batch: list[Example], pad_id: int, device) -> dict | None:
+    """``collate``'s shared-prefix layout, or None when the prompts share too little."""
+    prompts = [e.prompt_ids for e in batch]
+    plen = shared_prefix_len(prompts)
+    if plen < MIN_SHARED_PREFIX:
+        return None
+    rests = [e.prompt_ids[plen:] + e.response_ids for e in batch]
+    width, win = max(len(r) for r in rests), max(len(e.response_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), plen + width), dtype=torch.long)
+    mask[:, :plen] = 1
+    targets = torch.full((len(batch), win), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), win), dtype=torch.float32)
+    gather = torch.zeros((len(batch), win), dtype=torch.long)
+    for i, (r, e) in enumerate(zip(rests, batch, strict=True)):
+        n = len(e.response_ids)
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, plen: plen + len(r)] = 1
+        targets[i, win - n:] = torch.tensor(e.response_ids)
+        loss_mask[i, win - n:] = 1.0
+        # response token j is predicted at rest position len(prompt) - 1 - plen + j
+        gather[i, win - n:] = torch.arange(n) + len(e.prompt_ids) - 1 - plen
+    pos = torch.arange(plen, plen + width).expand(len(batch), -1)
+    return {
+        "prefix_ids": torch.tensor([prompts[0][:plen]], device=device),
+        "input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device),
+        "targets": targets.to(device), "loss_mask": loss_mask.to(device), "gather": gather.to(device),
+        "keep": win + 1,
+    }
+
+
+def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torch.Tensor:
+    """(B, W, V) logits predicting the response window of ``batch``; with ``adapters`` (PEFT adapter
+    names, one mixed-adapter batch: eval mode) (K, B, W, V), one slab per adapter."""
+    b = batch["input_ids"].shape[0]
+    k = len(adapters) if adapters else 1
+    rep = (lambda t: t.repeat(k, 1)) if adapters else (lambda t: t)
+    names = {"adapter_names": [a for a in adapters for _ in range(b)]} if adapters else {}
+    inputs = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
+              "position_ids": rep(batch["position_ids"])}
+    if "prefix_ids" in batch:
+        out = _shared_window(model, batch, inputs, adapters, names)
+    else:
+        out = model(**inputs, **names, logits_to_keep=batch["keep"]).logits[:, :-1]
+    return out.reshape(k, b, *out.shape[1:]) if adapters else out
+
+
+def _shared_window(model, batch: dict, inputs: dict, adapters, names: dict) -> torch.Tensor:
+    """``window_logits`` for the shared-prefix layout: the prefix once per adapter, its KV cache
+    repeated for every sequence, the rest of each sequence after it, the window gathered from the
+    last hidden states, then the output head."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    source = _head_source(inner)
+    apply, hidden_ok, _ = source.head()
+    if not hidden_ok:  # a head the hidden states cannot reproduce: the model's own logits, all positions
+        logits = model(**inputs, **names, **cache_kw(_prefix_cache(model, batch, adapters, names)),
+                       logits_to_keep=0).logits
+        return _gather(logits, batch["gather"], len(adapters) if adapters else 1)
+    with source.hidden_out():
+        cache = _prefix_cache(model, batch, adapters, names)
+        states = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
+    return apply(_gather(states, batch["gather"], len(adapters) if adapters else 1))
+
+
+def _prefix_cache(model, batch: dict, adapters, names: dict):
+    """The prefix's KV cache (one row per adapter), each row repeated for the batch's sequences."""
+    b = batch["input_ids"].shape[0]
+    prefix = batch["prefix_ids"].expand(len(adapters) if adapters else 1, -1)
+    pre_names = {"adapter_names": list(adapters)} if adapters else {}
+    cache = output_cache(model(input_ids=prefix, **pre_names, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(b)  # row k * b + i: adapter k, sequence i (adapter-major, as ``names``)
+    return cache
+
+
+def _gather(values: torch.Tensor, gather: torch.Tensor, k: int) -> torch.Tensor:
+    """(k * B, L, X) -> (k * B, W, X): each row's window positions."""
+    idx = gather.repeat(k, 1)
+    return values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def _head_source(model):
+    """A ``HiddenSource`` of ``model`` whose output-head check ran once, in eval mode (no dropout
+    draws), kept on the model."""
+    source = model.__dict__.get("_drafteu_head")
+    if source is None or source.model is not model:
+        source = HiddenSource(model)
+        was = model.training
+        model.eval()
+        try:
+            source.head()
+        finally:
+            model.train(was)
+        model.__dict__["_drafteu_head"] = source
+    return source
