@@ -98,6 +98,7 @@ class TextStops:
 
     ``cut(ids)``: how many tokens the answer keeps - the tokens that end before the first stop string
     begins (a token reaching into it is dropped with it) - or None when no stop string occurs;
+    ``find(ids)``: the tokens that begin before it and the exact text before it (a server's cut);
     ``held(ids)``: how many trailing tokens could be the beginning of a stop string (a stream holds
     them back until the next tokens tell)."""
 
@@ -115,15 +116,26 @@ class TextStops:
             ends.append(len(text.rstrip("\ufffd")))  # an incomplete UTF-8 character ends later
         return text, ends
 
-    def cut(self, ids: Sequence[int]) -> int | None:
+    def _first(self, ids: Sequence[int]) -> tuple[str, list[int], int] | None:
+        """(text, token ends, where the first stop string begins), or None when none occurs."""
         if not self.stops or not ids:
             return None
         text, ends = self._text(ids)
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if not found:
+        return (text, ends, min(found)) if found else None
+
+    def cut(self, ids: Sequence[int]) -> int | None:
+        first = self._first(ids)
+        return None if first is None else sum(1 for e in first[1] if e <= first[2])
+
+    def find(self, ids: Sequence[int]) -> tuple[int, str] | None:
+        """(how many tokens begin before the first stop string, the text before it), or None: the
+        exact cut a server makes (the token the stop string begins in keeps its text before it)."""
+        first = self._first(ids)
+        if first is None:
             return None
-        start = min(found)
-        return sum(1 for e in ends if e <= start)
+        text, ends, start = first
+        return sum(1 for e in [0, *ends[:-1]] if e < start), text[:start]
 
     def end(self, ids: list[int], finish: str) -> tuple[list[int], str]:
         """``(ids, finish)`` of an answer cut at its first stop string (finish "eos" there: it ended)."""

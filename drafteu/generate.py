@@ -21,6 +21,7 @@ import contextlib
 import copy
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,20 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seeds: list[int] | None = None
+    # which rows are no longer wanted (a client went away), asked once per decoding step: those rows
+    # stop there, and the batch ends when every row has
+    cancelled: Callable[[], Sequence[bool]] | None = None
+
+
+class RowsCancelled:
+    """A stopping criterion: the rows ``cancelled()`` flags end at this step (``model.generate``
+    checks it per step, as a serving engine aborts a request)."""
+
+    def __init__(self, cancelled: Callable[[], Sequence[bool]]):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor(list(self.cancelled()), dtype=torch.bool, device=input_ids.device)
 
 
 class RowSeededSampler:
@@ -221,6 +236,10 @@ class HFBackend:
                 sampling.seeds, sampling.temperature, sampling.top_p, ids_t.shape[1])])
         if self.stops:  # a row stops once its text reaches the next turn
             kwargs |= {"stop_strings": list(self.stops.stops), "tokenizer": self.tokenizer}
+        if sampling.cancelled is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([RowsCancelled(sampling.cancelled)])
         out = self.model.generate(
             input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device),
             max_new_tokens=sampling.max_new_tokens, do_sample=False, pad_token_id=self.pad, **kwargs,

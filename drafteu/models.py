@@ -41,6 +41,12 @@ _DTYPES = {
 }
 
 
+def check_dtype(dtype: str) -> None:
+    """A DraftEUError naming the choices when ``dtype`` is none of them."""
+    if dtype not in _DTYPES:
+        raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+
+
 @dataclass
 class LoadedModel:
     """A causal LM, its tokenizer, and the name it was asked for (used in messages)."""
@@ -262,8 +268,7 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise DraftEUError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    check_dtype(dtype)
     recipe = quantized_recipe(spec)
     if recipe is not None:  # a quantized self-draft: the target, quantized as the recipe says
         from drafteu import quantize

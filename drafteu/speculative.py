@@ -93,6 +93,9 @@ class SpecResult:
     seconds: float = 0.0
     finish: str = "length"
     timings: dict = field(default_factory=dict)
+    # with ``logprobs`` asked for: the raw target's log-probability of each token, and its top ones
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
 
     @property
     def eu(self) -> torch.Tensor | None:
@@ -140,6 +143,8 @@ class _Generation:
     # keyed by the sequence position of the token the distribution predicts
     q_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (K, V) draft logits
     p_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) logits of p for the bias term
+    t_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) the raw target's logits (logprobs)
+    logprobs: int | None = None  # how many top logprobs per token (None: no logprobs)
     var_out: list[float] = field(default_factory=list)
     bias_out: list[float] = field(default_factory=list)
     streamed: int = 0
@@ -235,6 +240,9 @@ class Verifier:
         if eu:
             for j in range(out.shape[1]):
                 st.p_at[first + j] = out[self.bias_row, j]
+        if st.logprobs is not None:  # row 0 is the raw target (verification)
+            for j in range(out.shape[1]):
+                st.t_at[first + j] = out[0, j]
         n_acc, nxt = 0, None
         for i, tok in enumerate(props):
             if st.temperature == 0:
@@ -334,12 +342,16 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  eos_ids: set[int] | frozenset = frozenset(),
-                 on_tokens: Callable[[list[int], torch.Tensor | None, torch.Tensor | None], None] | None = None,
-                 stops=None) -> SpecResult:
+                 on_tokens: Callable[..., None] | None = None, stops=None, logprobs: int | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> SpecResult:
         """Decode up to ``max_new_tokens``; ``on_tokens(ids, variance, bias)`` streams each round's
         finished tokens (EU known) as they come.  ``stops`` (``data.TextStops``): the answer also ends
         where its text reaches one of them (the plain format's next turn, a request's stop strings),
-        cut before it; tokens that could begin one are held back from the stream until it is known."""
+        cut before it; tokens that could begin one are held back from the stream until it is known.
+        ``logprobs`` (a count, 0 for none but the chosen token's): the raw target's log-probabilities
+        from the verifying pass (no extra forward) in the result, and ``on_tokens`` gets them as a
+        fourth argument ``[(logprob, [(id, logprob), ...]) per token]``.  ``cancelled``: asked each
+        round; True ends the generation there (finish "cancelled")."""
         if not prompt_ids:
             raise DraftEUError("the prompt is empty")
         if max_new_tokens < 1:
@@ -352,10 +364,16 @@ class SpeculativeDecoder:
             else:
                 c.rollback(0)
         st = _Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
-                         gen=torch.Generator().manual_seed(seed), vocab=self.vocab, device=self.device)
+                         gen=torch.Generator().manual_seed(seed), vocab=self.vocab, device=self.device,
+                         logprobs=logprobs)
+        if logprobs is not None:
+            st.res.logprobs, st.res.top = [], []
         gamma, eu = self.options.gamma, self.options.eu
         t0 = time.perf_counter()
         while len(st.seq) - st.prompt_len < max_new_tokens:
+            if cancelled is not None and cancelled():
+                st.res.finish = "cancelled"
+                break
             base = len(st.seq)
             props, r_probs = _timed(st, "draft_s", self.proposer.propose, st, gamma, eu)
             n_acc, nxt = _timed(st, "verify_s", self.verifier.verify, st, props, r_probs, gamma, eu)
@@ -408,8 +426,18 @@ class SpeculativeDecoder:
             var, bias = terms.variance.cpu(), terms.bias.cpu()
             st.var_out += var.tolist()
             st.bias_out += bias.tolist()
+        lps = None
+        if st.logprobs is not None:
+            logp = torch.log_softmax(torch.stack([st.t_at.pop(j) for j in range(plen + st.streamed, plen + ready)])
+                                     .float(), dim=-1).cpu()
+            chosen = logp.gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+            values, indices = logp.topk(st.logprobs, dim=-1) if st.logprobs else (logp[:, :0], logp[:, :0].long())
+            tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for v, i in zip(values, indices, strict=True)]
+            st.res.logprobs += chosen
+            st.res.top += tops
+            lps = list(zip(chosen, tops, strict=True))
         if on_tokens is not None:
-            on_tokens(ids, var, bias)
+            on_tokens(ids, var, bias, *([lps] if lps is not None else []))
         st.streamed = ready
 
 

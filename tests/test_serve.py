@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,66 +16,17 @@ import time
 import httpx
 import pytest
 
-from drafteu import estimators, models, runio
-from drafteu.train import drafts
+from drafteu import estimators, models
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-KEY = "sk-test-key"
-QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serve_support import KEY, QUESTION, Server, _free_port, untrained_ensemble  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    """Three noisy copies of the embedded target (no training: untrained drafts on the target itself)."""
-    root = tmp_path_factory.mktemp("serve")
-    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1, 2], "response_ids": [3],
-                                                 "correct": True, "finish": "eos"}])
-    drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
-                                   target="embedded", method="untrained", partitions=1, per_partition=3))
-    return root / "drafts" / "untrained"
-
-
-class Server:
-    """`drafteu serve` in a thread of this process, on a free loopback port."""
-
-    def __init__(self, drafts_dir, **kw):
-        import uvicorn
-
-        from drafteu.serve import ServeConfig, build
-
-        self.port = _free_port()
-        self.cfg = ServeConfig(drafts=drafts_dir, port=self.port, api_key=KEY, model_name="drafteu-test", **kw)
-        self.engine, self.app = build(self.cfg)
-        self.engine.start()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server never became healthy")
-
-    def client(self):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.engine.stop()
+    return untrained_ensemble(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +77,19 @@ def test_completions_streams_and_scores(server, reference, tmp_path):
     lm, ens = reference
     client = server.client()
     c = client.completions.create(model="drafteu-test", prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert c.choices[0].text and len(c.choices[0].logprobs.model_extra["content"]) == c.usage.completion_tokens
+    assert c.choices[0].text and len(c.choices[0].model_extra["eu_tokens"]) == c.usage.completion_tokens
+    assert c.choices[0].logprobs is None  # not asked for
     # streaming: the same answer, token by token with the EU, then the finish, the usage and [DONE]
     messages = [{"role": "user", "content": QUESTION}]
     full = client.chat.completions.create(model="drafteu-test", messages=messages, max_tokens=10, temperature=0)
     chunks = list(client.chat.completions.create(model="drafteu-test", messages=messages, max_tokens=10,
                                                  temperature=0, stream=True, stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    streamed = [t for ch in chunks if ch.choices for t in (ch.choices[0].logprobs.content or [])]
+    streamed = [t for ch in chunks if ch.choices for t in (ch.choices[0].model_extra.get("eu_tokens") or [])]
     assert text == full.choices[0].message.content
-    assert [t.eu for t in streamed] == pytest.approx([t.eu for t in full.choices[0].logprobs.content], rel=1e-5)
+    assert [t["eu"] for t in streamed] == pytest.approx([t["eu"] for t in full.choices[0].model_extra["eu_tokens"]],
+                                                        rel=1e-5)
+    assert all(ch.choices[0].logprobs is None for ch in chunks if ch.choices)  # not asked for
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
     # /v1/score equals `drafteu score --answer` on the same question and answer
@@ -261,7 +214,8 @@ def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(ensemble):
 
         t = threading.Thread(target=ask)
         t.start()
-        time.sleep(1.0)  # the request is being answered
+        while time.time() < deadline and not httpx.get(url + "/health", timeout=2).json()["in_flight"]:
+            time.sleep(0.05)  # until the request is being answered
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"]

@@ -9,6 +9,7 @@ so N servers behind any HTTP load balancer scale out (README, "Serving").
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class ServeConfig(EngineSettings):
                                                         "$DRAFTEU_API_KEY; unset: no key)"})
     model_name: str | None = field(default=None, metadata={"help": "the model id clients ask for (default: "
                                                            "drafteu/<run directory name>)"})
+    served_model_name: tuple[str, ...] = field(default=(), metadata={
+        "help": "more ids the API answers to (comma-separated aliases; /v1/models lists them after --model-name)"})
     engine: str = field(default="batched", metadata={
         "help": "batched (requests that arrive together are generated in one batch, then scored) or speculative "
                 "(speculative decoding by the drafts: EU streamed with every token, one request at a time)"})
@@ -43,6 +46,7 @@ class ServeConfig(EngineSettings):
     max_queue: int = field(default=32, metadata={"help": "requests waiting beyond that; more get 429 with Retry-After"})
     timeout: float = field(default=120.0, metadata={"help": "seconds a request may take (504 after)"})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "how long the engine waits for more requests to batch"})
+    max_body_mb: float = field(default=8.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of every model: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -55,12 +59,42 @@ class ServeConfig(EngineSettings):
 
         if self.backend not in BACKENDS:
             raise DraftEUError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.max_concurrency < 1 or self.max_queue < 0 or self.timeout <= 0 or self.batch_wait_ms < 0:
-            raise DraftEUError("--max-concurrency must be >= 1, --max-queue >= 0, --timeout > 0, --batch-wait-ms >= 0")
+        if self.max_concurrency < 1 or self.max_queue < 0:
+            raise DraftEUError("--max-concurrency must be >= 1 and --max-queue >= 0")
+        for name, value, low in (("timeout", self.timeout, 0.0), ("max-body-mb", self.max_body_mb, 0.0)):
+            if not (math.isfinite(value) and value > low):
+                raise DraftEUError(f"--{name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.batch_wait_ms) and self.batch_wait_ms >= 0):
+            raise DraftEUError(f"--batch-wait-ms must be a finite number >= 0, got {self.batch_wait_ms}")
         if not 0 < self.port < 65536:
             raise DraftEUError(f"--port must be in 1..65535, got {self.port}")
-        if self.api_key is None:
-            self.api_key = os.environ.get("DRAFTEU_API_KEY") or None
+        from drafteu.hardware import resolve_device
+        from drafteu.models import check_dtype
+
+        resolve_device(self.device)  # an unknown or absent device is an error before anything starts
+        check_dtype(self.dtype)
+        if self.api_key is not None and not self.api_key.strip():
+            raise DraftEUError("--api-key is empty: give a key, or leave the option out to serve without one")
+        if self.api_key is None:  # an empty variable counts as unset
+            self.api_key = os.environ.get("DRAFTEU_API_KEY", "").strip() or None
+        if any(not n.strip() for n in self.served_model_name) or (self.model_name is not None and not self.model_name.strip()):
+            raise DraftEUError("--model-name / --served-model-name: model ids must not be empty")
+
+    @property
+    def names(self) -> list[str]:
+        """Every id the API answers to, the main one first."""
+        return list(dict.fromkeys([self.served_name, *self.served_model_name]))
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def served_name(self) -> str:
@@ -81,30 +115,46 @@ def build(cfg: ServeConfig):
     engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine,
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
-    app = build_app(engine, model_name=cfg.served_name, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
-                    max_queue=cfg.max_queue, timeout=cfg.timeout)
+    app = build_app(engine, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
+                    max_queue=cfg.max_queue, timeout=cfg.timeout, max_body_bytes=int(cfg.max_body_mb * 2**20))
     return engine, app
 
 
 def run(cfg: ServeConfig, log=print) -> None:
-    """Serve until SIGTERM / Ctrl-C: new requests are refused (503, and the socket closes), those in
-    flight finish, then the engine stops."""
+    """Load the models, then serve until SIGTERM / Ctrl-C: new requests are refused (503, and the
+    socket closes), those in flight finish, then the engine stops.  A failed load is a
+    ``DraftEUError`` (one line, a non-zero exit) before anything listens; Ctrl-C while loading is a
+    quiet exit."""
     import uvicorn
 
     engine, app = build(cfg)
+    if not cfg.loopback and cfg.api_key is None:
+        log(f"warning: serving on {cfg.host} without an API key: anyone who can reach this address can use the "
+            "model (give --api-key or $DRAFTEU_API_KEY)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log(f"loading the models for {cfg.served_name} ...")
     engine.start()
+    try:
+        while not engine.ready.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        log("interrupted while loading; nothing was served")
+        raise SystemExit(130) from None
+    if engine.failure is not None:
+        raise DraftEUError(f"drafteu serve: {engine.failure}")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             app.state.drain()
             super().handle_exit(sig, frame)
 
-    log(f"serving {cfg.served_name} on http://{cfg.host}:{cfg.port}/v1 (loading the models; /health says when ready)")
+    log(f"serving {', '.join(cfg.names)} on http://{cfg.host}:{cfg.port}/v1")
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                    timeout_graceful_shutdown=cfg.timeout))
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass
     finally:
         engine.stop()
 

@@ -11,13 +11,17 @@ response carries the numbers the command prints - with the target's logprobs fro
 ``engine: speculative`` a generation is speculative decoding by the same drafts (EU comes with
 every token, streamed per round), one request at a time.  Model work never runs on the event loop.
 
-A job whose client went away (or timed out) is marked cancelled: it is dropped if still queued, and
-its result is discarded if it was already running.
+A job whose client went away (or timed out) is marked cancelled: it is dropped if still queued; if
+it is running, its generation stops at the next decoding step (a stopping criterion per row; the
+speculative decoder asks per round) and it is not scored.  The engine returns plain values
+(``Answer``); ``serving`` turns them into OpenAI's shapes.  A batch that fails is re-run job by job,
+so one request's error fails that request only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import queue
 import threading
@@ -27,10 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from drafteu.errors import DraftEUError
-
-MAX_LOGPROBS = 20  # top_logprobs, as OpenAI's API
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Job:
     eu: bool = True  # score the answer's tokens (off: a plain completion, for the benchmark's baseline)
     logprobs: bool = True  # the target's log-probability of each token
     top_logprobs: int = 0
-    on_tokens: Callable[[int, list[dict]], None] | None = None  # speculative streaming: (choice, tokens)
+    on_tokens: Callable[[int, Answer], None] | None = None  # speculative streaming: (choice, the round's tokens)
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
@@ -59,12 +59,24 @@ class Job:
 
 @dataclass
 class Answer:
-    """One choice: its tokens with their EU (and logprobs), why it ended, and the sequence summary."""
+    """One choice (or, streamed, one round of its tokens) as plain values - the serving layer turns it
+    into OpenAI's shapes: the token ids and the text of each (``pieces`` concatenate to ``text``, the
+    answer cut exactly at a stop string), why it ended ("stop" | "length"), the EU terms and the raw
+    target's log-probabilities per token when computed (``top``: (id, logprob) pairs), and the summary."""
 
     token_ids: list[int]
-    tokens: list[dict]
-    finish_reason: str
-    summary: dict
+    pieces: list[str]
+    finish_reason: str = "length"
+    eu: list[float] | None = None
+    variance: list[float] | None = None
+    bias: list[float] | None = None
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+    summary: dict | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class Engine:
@@ -81,6 +93,8 @@ class Engine:
         self.ready = threading.Event()
         self.failure: str | None = None
         self.hallucination_map: dict | None = None
+        # the last jobs run: (kind, tokens generated before any cut, cancelled) - what a cancellation stopped
+        self.finished: collections.deque[tuple[str, int, bool]] = collections.deque(maxlen=64)
         self._thread = threading.Thread(target=self._main, name="drafteu-engine", daemon=True)
 
     # -- the event-loop side ------------------------------------------------------------------------------
@@ -128,14 +142,22 @@ class Engine:
                     self.jobs.put(None)
                     break
                 batch.append(job)
-            batch = [j for j in batch if not j.cancelled]
-            try:
-                self._run(batch)
-            except Exception as e:  # an engine failure: every job of the batch gets it; /health says so
-                if not isinstance(e, DraftEUError):
-                    self.failure = f"{type(e).__name__}: {e}"
-                for job in batch:
-                    self._resolve(job, error=e)
+            self._run_isolated([j for j in batch if not j.cancelled])
+
+    def _run_isolated(self, batch: list[Job]) -> None:
+        """Run a batch; when it fails, run its jobs one by one, so that a job's error (its own bad
+        input, say) fails that job only, with its own message."""
+        try:
+            self._run(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                self._resolve(batch[0], error=e)
+                return
+            for job in batch:
+                if not job.cancelled and not (job.future is not None and job.future.done()):
+                    self._run_isolated([job])
+        finally:
+            _give_back_memory()
 
     def _load(self) -> None:
         from drafteu import estimators, models, rundir
@@ -150,6 +172,8 @@ class Engine:
                                                  target_rows=True,  # logprobs ride in the proxy's pass
                                                  prefix_len="auto")  # requests' shared system prompt, once
         self.context = getattr(self.lm.model.config, "max_position_embeddings", None)
+        # an upper bound on any token's UTF-8 bytes: a text longer than context x this cannot fit
+        self.max_token_bytes = 4 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.eos = models.eos_ids(self.lm.model, self.tokenizer)
         with self.ensemble.base_target():
             self.backend = BACKENDS[s["backend"]](s["target"], self.tokenizer, model=self.lm.model, dtype=s["dtype"],
@@ -173,15 +197,17 @@ class Engine:
     def _run(self, batch: list[Job]) -> None:
         scoring = [j for j in batch if j.kind == "score"]
         generating = [j for j in batch if j.kind == "generate"]
-        work: list[tuple[Job, list[int], str, object]] = []  # (job, answer ids, finish, its EU if known)
+        work: list[tuple[Job, list[int], str, Answer | None]] = []  # (job, answer ids, finish, what decoding knew)
         if self.engine == "speculative":
             for job in generating:
                 if not job.cancelled:
                     work.append(self._speculate(job))
         else:
             answers = self._generate(generating)  # one batched call per sampling setting
-            work += [(job, r, f, None) for job, ids in zip(generating, answers, strict=True) if not job.cancelled
-                     for r, f in ids]
+            work += [(job, r, f, None) for job, ids in zip(generating, answers, strict=True) for r, f in ids]
+        for job, ids, *_ in work:
+            self.finished.append((job.kind, len(ids), job.cancelled))
+        work = [w for w in work if not w[0].cancelled]
         work += [(job, job.response_ids, "length", None) for job in scoring if not job.cancelled]
         results = self._answers(work)
         for job in {id(j): j for j, *_ in work}.values():
@@ -191,7 +217,8 @@ class Engine:
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> list[list[tuple[list[int], str]]]:
         """Every job's n answers: jobs that sample alike run as one batch (row seeds keep each
-        answer independent of the batch it ran in); each is cut at its own max_tokens."""
+        answer independent of the batch it ran in); each is cut at its own max_tokens.  A job whose
+        client went away stops at the next decoding step (its rows end; the batch ends when all have)."""
         from drafteu.generate import Sampling
         from drafteu.posterior import member_seed
 
@@ -205,8 +232,9 @@ class Engine:
                 rows = [(i, c) for i in idx for c in range(jobs[i].n)]
                 longest = max(jobs[i].max_tokens for i in idx)
                 seeds = [member_seed("serve", jobs[i].seed, c) for i, c in rows] if temperature > 0 else None
-                answers = self.backend.generate([jobs[i].prompt_ids for i, _ in rows],
-                                                Sampling(temperature, top_p, longest, seeds))
+                row_jobs = [jobs[i] for i, _ in rows]
+                answers = self.backend.generate([j.prompt_ids for j in row_jobs], Sampling(
+                    temperature, top_p, longest, seeds, cancelled=lambda rj=row_jobs: [j.cancelled for j in rj]))
                 for (i, _), (ids, finish) in zip(rows, answers, strict=True):
                     if len(ids) > jobs[i].max_tokens:
                         ids, finish = ids[: jobs[i].max_tokens], "length"
@@ -214,85 +242,112 @@ class Engine:
         return out
 
     def _speculate(self, job: Job) -> tuple:
-        """Speculative decoding, EU streamed with every round's tokens (one choice: n is 1 here); the
-        answer keeps the EU its rounds computed (it is not scored again)."""
-        from drafteu.estimators import TokenScores
+        """Speculative decoding, EU (and, when asked, the target's logprobs from its verifying pass)
+        streamed with every round's tokens (one choice: n is 1 here); the answer keeps what its rounds
+        computed (it is not scored again).  A cancelled job stops at the next round."""
+        from drafteu.data import TextStops, turn_stops
         from drafteu.score import StreamPieces
 
         pieces = StreamPieces(self.tokenizer)
+        top = job.top_logprobs if job.logprobs or job.top_logprobs else None
 
-        def on_tokens(ids, variance, bias):
+        def on_tokens(ids, variance, bias, lps=None):
+            texts = pieces(ids)
             if job.on_tokens is not None and not job.cancelled:
-                texts = pieces(ids)
-                job.on_tokens(0, [{"token": t, "id": int(i), "eu": float(v + b), "eu_variance": float(v),
-                                   "eu_bias": float(b)} for i, t, v, b in zip(ids, texts, variance, bias, strict=True)])
-        from drafteu.data import TextStops, turn_stops
+                job.on_tokens(0, Answer(list(ids), texts, eu=(variance + bias).tolist() if variance is not None else None,
+                                        variance=variance.tolist() if variance is not None else None,
+                                        bias=bias.tolist() if bias is not None else None,
+                                        logprobs=[c for c, _ in lps] if lps is not None else None,
+                                        top=[t for _, t in lps] if lps is not None else None))
 
         res = self.decoder.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
-                                    eos_ids=self.eos, on_tokens=on_tokens,
+                                    eos_ids=self.eos, on_tokens=on_tokens, logprobs=top,
+                                    cancelled=lambda: job.cancelled,
                                     stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
-        scores = None
-        if res.variance is not None and res.bias is not None:
-            scores = TokenScores(token_ids=list(res.token_ids), eu=res.variance + res.bias, variance=res.variance,
-                                 bias=res.bias)
-        return job, res.token_ids, res.finish, scores
+        known = Answer(list(res.token_ids), [], logprobs=res.logprobs, top=res.top)
+        if job.eu and res.variance is not None and res.bias is not None:
+            known.variance, known.bias = res.variance.tolist(), res.bias.tolist()
+            known.eu = (res.variance + res.bias).tolist()
+        return job, list(res.token_ids), res.finish, known
 
     def _answers(self, work: list[tuple]) -> list[Answer]:
-        """Every answer of a batch: cut at its first stop string, its EU from one batched scoring pass
-        (``DraftEnsemble.score_batch``, as `drafteu score`) unless its decoding computed it, and the
-        target's logprobs from the same pass."""
+        """Every answer of a batch: cut exactly at its first stop string, its EU from one batched
+        scoring pass (``DraftEnsemble.score_batch``, as `drafteu score`) and the target's logprobs
+        from the same pass, unless its decoding computed them."""
         from drafteu import estimators
         from drafteu.evaluate.hallucination import p_wrong
         from drafteu.score import token_pieces
 
         cut = []
-        for job, ids, finish, scores in work:
-            kept, stopped = _cut_at_stop(self.tokenizer, ids, job.stop)
-            if scores is not None and len(kept) < len(ids):
-                scores = estimators.TokenScores(kept, scores.eu[: len(kept)], scores.variance[: len(kept)],
-                                                scores.bias[: len(kept)])
-            cut.append((job, kept, "stop" if stopped or finish == "eos" else finish, scores))
-        need = [i for i, (job, ids, _, scores) in enumerate(cut) if ids and job.eu and scores is None]
-        pairs = [(cut[i][0].prompt_ids, cut[i][1]) for i in need]
-        scored = dict(zip(need, self.ensemble.score_batch(pairs), strict=True)) if need else {}
-        want = [i for i, (job, ids, _, _) in enumerate(cut) if ids and (job.logprobs or job.top_logprobs)]
-        top = max([cut[i][0].top_logprobs for i in want], default=0)
-        lp_pairs = [(cut[i][0].prompt_ids, cut[i][1]) for i in want]
-        logprobs = dict(zip(want, self.ensemble.target_logprobs(lp_pairs, top), strict=True)) if want else {}
-        out = []
-        for i, (job, ids, finish, scores) in enumerate(cut):
-            scores = scored.get(i, scores)
-            texts = token_pieces(self.tokenizer, ids)
-            tokens: list[dict] = [{"token": text, "bytes": list(text.encode("utf-8"))} for text in texts]
-            summary = {"mean": 0.0, "max": 0.0, "sum": 0.0, "tokens": len(ids)}
-            if ids and job.eu and scores is not None:
-                for j, tok in enumerate(tokens):
-                    tok |= {"eu": float(scores.eu[j]), "eu_variance": float(scores.variance[j]),
-                            "eu_bias": float(scores.bias[j])}
-                summary = {how: scores.aggregate(how) for how in estimators.AGGREGATIONS} | {"tokens": len(ids)}
-            if i in logprobs:
-                chosen, values, indices = logprobs[i]
-                for j, tok in enumerate(tokens):
-                    tok["logprob"], tok["top_logprobs"] = float(chosen[j]), []
-                    if job.top_logprobs:
-                        tok["top_logprobs"] = [
-                            {"token": (t := self.tokenizer.decode([int(x)])), "logprob": float(v), "bytes": list(t.encode())}
-                            for v, x in zip(values[j, : job.top_logprobs], indices[j, : job.top_logprobs], strict=True)]
-            if not job.eu:
-                summary = None
-            elif self.hallucination_map is not None:
-                how = self.hallucination_map["aggregation"]
-                summary["p_wrong"] = p_wrong(summary[how], self.hallucination_map) if ids else None
-            out.append(Answer(ids, tokens, finish, summary))
-        return out
+        for job, ids, finish, known in work:
+            kept, text = _cut_at_stop(self.tokenizer, ids, job.stop)
+            pieces = token_pieces(self.tokenizer, kept)
+            if text is not None:  # the stop string begins inside the last kept token: its text ends there
+                pieces[-1] = text[len("".join(pieces[:-1])):] if pieces else ""
+            answer = Answer(kept, pieces, "stop" if text is not None or finish == "eos" else "length")
+            if known is not None:
+                n = len(kept)
+                for name in ("eu", "variance", "bias", "logprobs", "top"):
+                    value = getattr(known, name)
+                    setattr(answer, name, value[:n] if value is not None and len(value) >= n else None)
+            cut.append((job, answer))
+        need = [i for i, (job, a) in enumerate(cut) if a.token_ids and job.eu and a.eu is None]
+        if need:
+            for i, s in zip(need, self.ensemble.score_batch([(cut[i][0].prompt_ids, cut[i][1].token_ids)
+                                                             for i in need]), strict=True):
+                a = cut[i][1]
+                a.eu, a.variance, a.bias = s.eu.tolist(), s.variance.tolist(), s.bias.tolist()
+        want = [i for i, (job, a) in enumerate(cut)
+                if a.token_ids and (job.logprobs or job.top_logprobs) and a.logprobs is None]
+        if want:
+            top = max(cut[i][0].top_logprobs for i in want)
+            lps = self.ensemble.target_logprobs([(cut[i][0].prompt_ids, cut[i][1].token_ids) for i in want], top)
+            for i, (chosen, values, indices) in zip(want, lps, strict=True):
+                k = cut[i][0].top_logprobs
+                cut[i][1].logprobs = chosen.tolist()
+                cut[i][1].top = [list(zip(x.tolist(), v.tolist(), strict=True))
+                                 for v, x in zip(values[:, :k], indices[:, :k], strict=True)]
+        for job, a in cut:
+            if job.eu:
+                ok = a.token_ids and a.eu is not None
+                a.summary = {how: estimators.TokenScores(a.token_ids, torch.tensor(a.eu)).aggregate(how) if ok else 0.0
+                             for how in estimators.AGGREGATIONS} | {"tokens": len(a.token_ids)}
+                if self.hallucination_map is not None:
+                    how = self.hallucination_map["aggregation"]
+                    a.summary["p_wrong"] = p_wrong(a.summary[how], self.hallucination_map) if ok else None
+            else:
+                a.eu = a.variance = a.bias = None
+        return [a for _, a in cut]
 
 
-def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], bool]:
-    """The answer before the first stop string (the tokens that end before it begins)."""
+def _give_back_memory() -> None:
+    """Hand freed heap pages back to the system after a batch (glibc keeps a long request's buffers
+    otherwise: the server's resident memory would stay at its largest batch's)."""
+    import ctypes
+    import ctypes.util
+
+    global _TRIM
+    if _TRIM is None:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+        _TRIM = getattr(lib, "malloc_trim", False) if lib is not None else False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], str | None]:
+    """(the tokens that begin before the first stop string, the answer's text before it; None when
+    no stop string occurs)."""
     from drafteu.data import TextStops
 
-    k = TextStops(tokenizer, stop).cut(ids)
-    return (ids, False) if k is None else (ids[:k], True)
+    found = TextStops(tokenizer, stop).find(ids)
+    if found is None:
+        return ids, None
+    k, text = found
+    return ids[:k], text
 
 
 def _fitted_map(drafts: Path, method: str) -> dict | None:

@@ -1,0 +1,459 @@
+"""Between the wire and the engine: requests become ``engine.Job``s, the engine's plain ``Answer``s
+become the response models of ``protocol`` (or a stream of chunks).  One class per endpoint family,
+as vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``; the routes (``api``) only call them.
+
+Every model-facing step is off the event loop (tokenizing runs in a worker thread, model work in the
+engine's), and a request's job is cancelled - its generation stops at the next decoding step - when
+its client disconnects (awaited, not polled) or its time runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from drafteu.errors import DraftEUError
+from drafteu.serve import protocol as P
+from drafteu.serve.engine import Answer, Engine, Job
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return P.ErrorResponse(error=P.ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                                 code=self.code)).model_dump()
+
+
+def engine_error(e: Exception) -> ApiError:
+    """A job's own error: its input was at fault (a ``DraftEUError``: 400 with its message) or the
+    server was (500, the message kept)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, DraftEUError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+# -- tokens: bytes and top alternatives ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_decoder(tokenizer) -> dict[str, int] | None:
+    """GPT-2's byte-to-character table inverted, when ``tokenizer`` is byte-level (else None)."""
+    try:
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    except (AttributeError, ValueError):
+        return None
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+    if "ByteLevel" not in kinds:
+        return None
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes token ``token_id`` stands for - its own, also for a token that holds part of a
+    multi-byte character (its decoded text would be U+FFFD's bytes)."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    table = _byte_decoder(tokenizer)
+    if table is not None and piece is not None and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])  # SentencePiece's byte fallback
+    return tokenizer.decode([int(token_id)], skip_special_tokens=False).encode("utf-8")
+
+
+def top_token(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """(text, bytes) of an alternative token; one that is not whole UTF-8 text is written as OpenAI
+    writes it, ``bytes:\\xe2\\x80``."""
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+# -- answers -> response parts -----------------------------------------------------------------------------
+
+
+class Tokens:
+    """An answer's (or a streamed round's) tokens as the protocol's parts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def top(self, pairs: list[tuple[int, float]]) -> list[P.TopLogprob]:
+        out = []
+        for tid, lp in pairs:
+            text, raw = top_token(self.tokenizer, tid)
+            out.append(P.TopLogprob(token=text, bytes=raw, logprob=lp))
+        return out
+
+    def content(self, a: Answer) -> list[P.TokenLogprob]:
+        """``logprobs.content``: each token's text, own bytes, logprob, top alternatives and EU."""
+        out = []
+        for j, (tid, text) in enumerate(zip(a.token_ids, a.pieces, strict=True)):
+            eu = {} if a.eu is None else {"eu": a.eu[j], "eu_variance": a.variance[j], "eu_bias": a.bias[j]}
+            out.append(P.TokenLogprob(token=text, bytes=list(token_bytes(self.tokenizer, tid)), logprob=a.logprobs[j],
+                                      top_logprobs=self.top(a.top[j]) if a.top else [], **eu))
+        return out
+
+    @staticmethod
+    def eu(a: Answer) -> list[P.TokenEU] | None:
+        if a.eu is None:
+            return None
+        return [P.TokenEU(token=t, eu=e, eu_variance=v, eu_bias=b)
+                for t, e, v, b in zip(a.pieces, a.eu, a.variance, a.bias, strict=True)]
+
+    def legacy(self, a: Answer, offset: int = 0) -> P.LegacyLogprobs:
+        """The completions API's logprobs; ``offset``: characters of the choice's text before the
+        answer's (the prompt, with ``echo``; a stream's earlier chunks)."""
+        offsets = []
+        for text in a.pieces:
+            offsets.append(offset)
+            offset += len(text)
+        return P.LegacyLogprobs(tokens=list(a.pieces), token_logprobs=list(a.logprobs),
+                                top_logprobs=[{t.token: t.logprob for t in self.top(pairs)} for pairs in a.top or
+                                              [[] for _ in a.pieces]],
+                                text_offset=offsets)
+
+
+def _usage(prompt_ids: list[int], answers: list[Answer]) -> P.Usage:
+    completion = sum(len(a.token_ids) for a in answers)
+    return P.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                   total_tokens=len(prompt_ids) + completion)
+
+
+# -- the request's life: admission, the job, its cancellation -------------------------------------------
+
+
+class Admission:
+    """Slots for requests in flight (running + queued); over capacity is 429 with Retry-After."""
+
+    def __init__(self, engine: Engine, max_concurrency: int, max_queue: int):
+        self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
+        self.in_flight, self.draining = 0, False
+
+    def admit(self) -> None:
+        engine = self.engine
+        if not engine.ready.is_set():
+            raise ApiError(503, "the model is loading; retry shortly", "server_error", code="loading",
+                           headers={"Retry-After": "5"})
+        if engine.failure is not None:
+            raise ApiError(503, f"the engine failed: {engine.failure}", "server_error", code="engine_failure")
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="draining")
+        if self.in_flight >= self.max_concurrency + self.max_queue:
+            raise ApiError(429, f"over capacity ({self.max_concurrency} running + {self.max_queue} queued); retry "
+                           "later", "rate_limit_error", code="over_capacity", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client has gone: awaits ASGI's ``http.disconnect`` (the body was read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_job(engine: Engine, job: Job, request, timeout: float) -> list[Answer]:
+    """The job's answers; when the client disconnects or ``timeout`` passes first, the job is
+    cancelled (its generation stops at the next step, its slot is freed by the caller) and this
+    raises (``CancelledError`` / a 504)."""
+    future = engine.submit(job)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            try:
+                return future.result()
+            except Exception as e:
+                raise engine_error(e) from None
+        job.cancelled = True
+        if gone in done:
+            raise asyncio.CancelledError("the client disconnected")
+        raise ApiError(504, f"the request took longer than the server's timeout ({timeout:g} s)", "timeout",
+                       code="timeout")
+    finally:
+        gone.cancel()
+        if not future.done():
+            job.cancelled = True
+            future.cancel()
+
+
+# -- the endpoints' work ------------------------------------------------------------------------------------
+
+
+class Serving:
+    """Chat, completions and score over one engine: request model -> job -> response model (or SSE)."""
+
+    def __init__(self, engine: Engine, names: list[str], admission: Admission, timeout: float,
+                 observe: Callable[[list[Answer], list[int]], None] = lambda answers, prompt: None):
+        self.engine, self.names, self.admission, self.timeout = engine, names, admission, timeout
+        self.observe = observe
+
+    @property
+    def tokens(self) -> Tokens:
+        return Tokens(self.engine.tokenizer)
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, self.names))}",
+                           param="model", code="model_not_found")
+
+    # -- tokenizing (in a worker thread; the length checked before) ------------------------------------------
+
+    def _check_length(self, text: str, param: str) -> None:
+        context = self.engine.context
+        if context and len(text.encode("utf-8")) > context * self.engine.max_token_bytes:
+            raise ApiError(400, f"{param} is longer than the model's context of {context} tokens could hold; "
+                           "shorten it", param=param, code="context_length_exceeded")
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        self._check_length(text, param)
+        return await run_in_threadpool(lambda: list(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    async def chat_prompt(self, messages: list[P.Message]) -> list[int]:
+        for i, m in enumerate(messages):
+            self._check_length(m.text(), f"messages.{i}.content")
+
+        def template():
+            try:
+                ids = self.engine.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                                add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # a template that refuses the roles given
+                raise ApiError(400, f"messages: {e}", param="messages") from None
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
+
+        return await run_in_threadpool(template)
+
+    def job_for(self, req: P._Sampling, prompt_ids: list[int], logprobs: bool, top_logprobs: int) -> Job:
+        engine, max_tokens = self.engine, req.max_new_tokens
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if engine.context and len(prompt_ids) + max_tokens > engine.context:
+            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
+                           f"model's context of {engine.context} tokens; shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        if engine.engine == "speculative" and (req.n > 1 or req.top_p < 1 or req.stop):
+            raise ApiError(400, "n > 1, top_p < 1 and stop need the batched engine (drafteu serve --engine batched)",
+                           param="n" if req.n > 1 else "top_p" if req.top_p < 1 else "stop")
+        seed = req.seed if req.seed is not None else uuid.uuid4().int % (2**31)
+        return Job("generate", prompt_ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature,
+                   top_p=req.top_p, seed=seed, stop=req.stop, eu=req.eu, logprobs=logprobs, top_logprobs=top_logprobs)
+
+    async def _answers(self, job: Job, request) -> list[Answer]:
+        answers = await run_job(self.engine, job, request, self.timeout)
+        self.observe(answers, job.prompt_ids)
+        return answers
+
+    # -- chat ----------------------------------------------------------------------------------------------
+
+    async def chat(self, req: P.ChatRequest, request):
+        self.check_model(req.model)
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        self.admission.admit()
+        handed = False
+        try:
+            prompt = await self.chat_prompt(req.messages)
+            job = self.job_for(req, prompt, req.logprobs, top)
+            rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+            if req.stream:
+                handed = True
+                return self._stream(job, request, rid, created, req, chat=True)
+            answers = await self._answers(job, request)
+        finally:
+            if not handed:
+                self.admission.release()
+        tokens = self.tokens
+        return P.ChatCompletion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
+            P.ChatChoice(index=i, message=P.AssistantMessage(content=a.text), finish_reason=a.finish_reason,
+                         logprobs=P.Logprobs(content=tokens.content(a)) if req.logprobs else None,
+                         eu=a.summary, eu_tokens=tokens.eu(a))
+            for i, a in enumerate(answers)])
+
+    # -- completions --------------------------------------------------------------------------------------------
+
+    async def completions(self, req: P.CompletionRequest, request):
+        self.check_model(req.model)
+        self.admission.admit()
+        handed = False
+        try:
+            prompt = await self.encode(req.prompt, "prompt")
+            job = self.job_for(req, prompt, req.logprobs is not None, req.logprobs or 0)
+            rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+            if req.stream:
+                handed = True
+                return self._stream(job, request, rid, created, req, chat=False)
+            answers = await self._answers(job, request)
+        finally:
+            if not handed:
+                self.admission.release()
+        tokens, before = self.tokens, req.prompt if req.echo else ""
+        return P.Completion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
+            P.CompletionChoice(index=i, text=before + a.text, finish_reason=a.finish_reason,
+                               logprobs=tokens.legacy(a, len(before)) if req.logprobs is not None else None,
+                               eu=a.summary, eu_tokens=tokens.eu(a))
+            for i, a in enumerate(answers)])
+
+    # -- score ------------------------------------------------------------------------------------------------
+
+    async def score(self, req: P.ScoreRequest, request) -> P.ScoreResponse:
+        self.check_model(req.model)
+        given = [k for k in ("messages", "prompt", "question") if getattr(req, k) is not None]
+        if len(given) != 1:
+            raise ApiError(400, "give exactly one of messages, prompt or question", param="messages")
+        self.admission.admit()
+        try:
+            if req.messages is not None:
+                prompt = await self.chat_prompt(req.messages)
+            elif req.prompt is not None:
+                prompt = await self.encode(req.prompt, "prompt")
+            else:
+                from drafteu import data
+
+                self._check_length(req.question, "question")
+                prompt = await run_in_threadpool(data.format_prompt, self.engine.tokenizer, req.question,
+                                                 data.shots_for("score", req.shots))
+            response = await self.encode(req.response, "response")
+            if not prompt or not response:
+                which = "response" if prompt else given[0]
+                raise ApiError(400, f"{which} has no tokens", param=which)
+            context = self.engine.context
+            if context and len(prompt) + len(response) > context:
+                raise ApiError(400, f"the prompt + response ({len(prompt) + len(response)} tokens) exceed the "
+                               f"model's context of {context} tokens", param="response", code="context_length_exceeded")
+            job = Job("score", prompt, response_ids=response, logprobs=True, top_logprobs=req.top_logprobs or 0)
+            answers = await self._answers(job, request)
+        finally:
+            self.admission.release()
+        a = answers[0]
+        tokens = self.tokens
+        return P.ScoreResponse(id=f"score-{uuid.uuid4().hex[:24]}", model=req.model, eu=a.summary,
+                               usage=P.ScoreUsage(prompt_tokens=len(prompt), response_tokens=len(response)), tokens=[
+            P.ScoredToken(id=t, token=text, bytes=list(token_bytes(tokens.tokenizer, t)), logprob=a.logprobs[j],
+                          top_logprobs=tokens.top(a.top[j]) if req.top_logprobs else None,
+                          eu=a.eu[j], eu_variance=a.variance[j], eu_bias=a.bias[j])
+            for j, (t, text) in enumerate(zip(a.token_ids, a.pieces, strict=True))])
+
+    # -- streaming -----------------------------------------------------------------------------------------------
+
+    def _stream(self, job: Job, request, rid: str, created: int, req, chat: bool):
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(self._events(job, request, rid, created, req, chat), media_type="text/event-stream")
+
+    async def _events(self, job: Job, request, rid: str, created: int, req, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: the answer's tokens as chunks (with the speculative engine as each round
+        verifies them), a chunk per choice with its finish reason and EU summary, the usage chunk when
+        asked, then ``data: [DONE]``.  An error after the stream started is a ``data: {"error": ...}``
+        event.  The client leaving (the response's send fails, Starlette cancels this generator) or
+        the timeout cancels the job."""
+        live: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        if self.engine.engine == "speculative":
+            job.on_tokens = lambda choice, part: loop.call_soon_threadsafe(live.put_nowait, (choice, part))
+        tokens, logprobs = self.tokens, (req.logprobs if chat else req.logprobs is not None)
+        offsets: dict[int, int] = {}  # completions: characters sent per choice (text_offset)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choice: int, part: Answer | None, finish: str | None = None, summary: dict | None = None,
+                  first: bool = False) -> str:
+            eu_tokens = tokens.eu(part) if part is not None else None
+            if chat:
+                delta = P.Delta(role="assistant" if first else None, content=part.text if part is not None else None)
+                body = P.ChatChunk(id=rid, created=created, model=req.model, choices=[P.ChatChunkChoice(
+                    index=choice, delta=delta, finish_reason=finish, eu=summary, eu_tokens=eu_tokens,
+                    logprobs=P.Logprobs(content=tokens.content(part)) if logprobs and part is not None else None)])
+            else:
+                legacy = None
+                if logprobs and part is not None:
+                    legacy = tokens.legacy(part, offsets.get(choice, 0))
+                    offsets[choice] = offsets.get(choice, 0) + len(part.text)
+                body = P.CompletionChunk(id=rid, created=created, model=req.model, choices=[P.CompletionChunkChoice(
+                    index=choice, text=part.text if part is not None else "", finish_reason=finish, eu=summary,
+                    eu_tokens=eu_tokens, logprobs=legacy)])
+            return "data: " + body.model_dump_json() + "\n\n"
+
+        future = self.engine.submit(job)
+        sent: dict[int, int] = {}
+        deadline = time.monotonic() + self.timeout
+        try:
+            if chat:
+                for i in range(job.n):
+                    yield chunk(i, Answer([], []), first=True)
+            if not chat and req.echo:
+                for i in range(job.n):
+                    offsets[i] = len(req.prompt)
+                    yield "data: " + P.CompletionChunk(id=rid, created=created, model=req.model, choices=[
+                        P.CompletionChunkChoice(index=i, text=req.prompt)]).model_dump_json() + "\n\n"
+            while not future.done() or not live.empty():
+                getter = asyncio.ensure_future(live.get())
+                done, _ = await asyncio.wait({future, getter}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    choice, part = getter.result()
+                    sent[choice] = sent.get(choice, 0) + len(part.token_ids)
+                    yield chunk(choice, part)
+                    continue
+                getter.cancel()
+                if not done:
+                    job.cancelled = True
+                    yield "data: " + json.dumps(ApiError(504, "the request took longer than the server's timeout",
+                                                         "timeout", code="timeout").body()) + "\n\n"
+                    return
+            try:
+                answers = future.result()
+            except Exception as e:
+                yield "data: " + json.dumps(engine_error(e).body()) + "\n\n"
+                return
+            self.observe(answers, job.prompt_ids)
+            for i, a in enumerate(answers):
+                start = sent.get(i, 0)
+                for j in range(start, len(a.token_ids), 8):  # the unsent tokens, a few per event
+                    yield chunk(i, _slice(a, j, min(len(a.token_ids), j + 8)))
+                yield chunk(i, None, a.finish_reason, a.summary)
+            if include_usage:
+                usage = _usage(job.prompt_ids, answers)
+                model = P.ChatChunk if chat else P.CompletionChunk
+                yield "data: " + model(id=rid, created=created, model=req.model, choices=[],
+                                       usage=usage).model_dump_json() + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not future.done():
+                job.cancelled = True
+                future.cancel()
+            self.admission.release()
+
+
+def _slice(a: Answer, start: int, end: int) -> Answer:
+    """Tokens ``start:end`` of an answer (a stream's chunk)."""
+    def cut(values):
+        return None if values is None else values[start:end]
+
+    return Answer(a.token_ids[start:end], a.pieces[start:end], a.finish_reason, cut(a.eu), cut(a.variance),
+                  cut(a.bias), cut(a.logprobs), cut(a.top))
