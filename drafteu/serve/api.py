@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from drafteu.serve import protocol as P
+import drafteu.serve.protocol as P
 from drafteu.serve.engine import Engine
 from drafteu.serve.serving import Admission, ApiError, Serving
 

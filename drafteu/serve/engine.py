@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import queue
 import threading
@@ -254,9 +255,7 @@ class Engine:
         def on_tokens(ids, variance, bias, lps=None):
             texts = pieces(ids)
             if job.on_tokens is not None and not job.cancelled:
-                job.on_tokens(0, Answer(list(ids), texts, eu=(variance + bias).tolist() if variance is not None else None,
-                                        variance=variance.tolist() if variance is not None else None,
-                                        bias=bias.tolist() if bias is not None else None,
+                job.on_tokens(0, Answer(list(ids), texts, **_terms(variance, bias),
                                         logprobs=[c for c, _ in lps] if lps is not None else None,
                                         top=[t for _, t in lps] if lps is not None else None))
 
@@ -264,10 +263,8 @@ class Engine:
                                     eos_ids=self.eos, on_tokens=on_tokens, logprobs=top,
                                     cancelled=lambda: job.cancelled,
                                     stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
-        known = Answer(list(res.token_ids), [], logprobs=res.logprobs, top=res.top)
-        if job.eu and res.variance is not None and res.bias is not None:
-            known.variance, known.bias = res.variance.tolist(), res.bias.tolist()
-            known.eu = (res.variance + res.bias).tolist()
+        known = Answer(list(res.token_ids), [], logprobs=res.logprobs, top=res.top,
+                       **(_terms(res.variance, res.bias) if job.eu else {}))
         return job, list(res.token_ids), res.finish, known
 
     def _answers(self, work: list[tuple]) -> list[Answer]:
@@ -295,8 +292,8 @@ class Engine:
         if need:
             for i, s in zip(need, self.ensemble.score_batch([(cut[i][0].prompt_ids, cut[i][1].token_ids)
                                                              for i in need]), strict=True):
-                a = cut[i][1]
-                a.eu, a.variance, a.bias = s.eu.tolist(), s.variance.tolist(), s.bias.tolist()
+                for name, value in _terms(s.variance, s.bias, s.eu).items():
+                    setattr(cut[i][1], name, value)
         want = [i for i, (job, a) in enumerate(cut)
                 if a.token_ids and (job.logprobs or job.top_logprobs) and a.logprobs is None]
         if want:
@@ -320,22 +317,30 @@ class Engine:
         return [a for _, a in cut]
 
 
-def _give_back_memory() -> None:
-    """Hand freed heap pages back to the system after a batch (glibc keeps a long request's buffers
-    otherwise: the server's resident memory would stay at its largest batch's)."""
+def _terms(variance, bias, eu=None) -> dict:
+    """An answer's EU fields from its (T,) variance and bias terms (and their sum, when the scorer gave
+    it); none when either term is missing."""
+    if variance is None or bias is None:
+        return {}
+    return {"eu": (variance + bias if eu is None else eu).tolist(), "variance": variance.tolist(),
+            "bias": bias.tolist()}
+
+
+@functools.cache
+def _malloc_trim():
     import ctypes
     import ctypes.util
 
-    global _TRIM
-    if _TRIM is None:
-        name = ctypes.util.find_library("c")
-        lib = ctypes.CDLL(name) if name else None
-        _TRIM = getattr(lib, "malloc_trim", False) if lib is not None else False
-    if _TRIM:
-        _TRIM(0)
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
-_TRIM = None
+def _give_back_memory() -> None:
+    """Hand freed heap pages back to the system after a batch (glibc keeps a long request's buffers
+    otherwise: the server's resident memory would stay at its largest batch's)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], str | None]:

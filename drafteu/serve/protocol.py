@@ -233,11 +233,23 @@ class ChatChoice(_EUChoice):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(BaseModel):
+class _Answer(Wire):
+    """What every completion response and chunk starts with."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+
+
+class _Chunk(_Answer):
+    """A streamed chunk: the usage only on the last one, when asked for."""
+
+    omit_if_none = frozenset({"usage"})
+    usage: Usage | None = None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -248,11 +260,8 @@ class CompletionChoice(_EUChoice):
     finish_reason: Literal["stop", "length"]
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
 
@@ -269,14 +278,9 @@ class ChatChunkChoice(_EUChoice):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatChunk(Wire):
-    omit_if_none = frozenset({"usage"})
-    id: str
+class ChatChunk(_Chunk):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class CompletionChunkChoice(_EUChoice):
@@ -285,14 +289,9 @@ class CompletionChunkChoice(_EUChoice):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class CompletionChunk(Wire):
-    omit_if_none = frozenset({"usage"})
-    id: str
+class CompletionChunk(_Chunk):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
 
 
 class ScoredToken(Wire):

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.concurrency import run_in_threadpool
 
+import drafteu.serve.protocol as P
 from drafteu.errors import DraftEUError
-from drafteu.serve import protocol as P
 from drafteu.serve.engine import Answer, Engine, Job
 
 
@@ -273,22 +273,30 @@ class Serving:
 
     # -- chat ----------------------------------------------------------------------------------------------
 
-    async def chat(self, req: P.ChatRequest, request):
+    async def _generation(self, req, request, prompt_of, logprobs: bool, top: int, chat: bool):
+        """Admit the request, tokenize its prompt, and either hand its job to a stream (which frees the
+        slot when it ends) or wait for the answers: (stream, None) or (None, (answers, prompt, id, created))."""
         self.check_model(req.model)
-        top = (req.top_logprobs or 0) if req.logprobs else 0
         self.admission.admit()
         handed = False
         try:
-            prompt = await self.chat_prompt(req.messages)
-            job = self.job_for(req, prompt, req.logprobs, top)
-            rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+            prompt = await prompt_of()
+            job = self.job_for(req, prompt, logprobs, top)
+            rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
             if req.stream:
                 handed = True
-                return self._stream(job, request, rid, created, req, chat=True)
-            answers = await self._answers(job, request)
+                return self._stream(job, request, rid, created, req, chat=chat), None
+            return None, (await self._answers(job, request), prompt, rid, created)
         finally:
             if not handed:
                 self.admission.release()
+
+    async def chat(self, req: P.ChatRequest, request):
+        stream, done = await self._generation(req, request, lambda: self.chat_prompt(req.messages), req.logprobs,
+                                              (req.top_logprobs or 0) if req.logprobs else 0, chat=True)
+        if stream is not None:
+            return stream
+        answers, prompt, rid, created = done
         tokens = self.tokens
         return P.ChatCompletion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
             P.ChatChoice(index=i, message=P.AssistantMessage(content=a.text), finish_reason=a.finish_reason,
@@ -299,20 +307,11 @@ class Serving:
     # -- completions --------------------------------------------------------------------------------------------
 
     async def completions(self, req: P.CompletionRequest, request):
-        self.check_model(req.model)
-        self.admission.admit()
-        handed = False
-        try:
-            prompt = await self.encode(req.prompt, "prompt")
-            job = self.job_for(req, prompt, req.logprobs is not None, req.logprobs or 0)
-            rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-            if req.stream:
-                handed = True
-                return self._stream(job, request, rid, created, req, chat=False)
-            answers = await self._answers(job, request)
-        finally:
-            if not handed:
-                self.admission.release()
+        stream, done = await self._generation(req, request, lambda: self.encode(req.prompt, "prompt"),
+                                              req.logprobs is not None, req.logprobs or 0, chat=False)
+        if stream is not None:
+            return stream
+        answers, prompt, rid, created = done
         tokens, before = self.tokens, req.prompt if req.echo else ""
         return P.Completion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
             P.CompletionChoice(index=i, text=before + a.text, finish_reason=a.finish_reason,
