@@ -252,6 +252,35 @@ def model_config(spec: str):
         raise DraftEUError(f"{spec}: cannot read its config ({str(e).splitlines()[0][:160]})") from None
 
 
+def _tokenizer(path: str):
+    """The tokenizer of ``path`` (a pad token set: the EOS when it has none).  A local directory's is
+    loaded once per process and shared by every model loaded from it (Gemma 3's 262k-token
+    tokenizer takes 3-5 s to build, and a run loads its target and draft base dozens of times):
+    treat a loaded tokenizer as read-only (``copy.deepcopy`` one to change it).  The cache is keyed
+    by the tokenizer files' sizes and times, so a changed directory is read again."""
+    directory = Path(path)
+    if not directory.is_dir():  # a hub id: transformers' own cache
+        return _read_tokenizer(path)
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.iterdir())
+                  if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))
+                                      or f.suffix == ".model"))
+    return _cached_tokenizer(str(directory.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(path: str, stamp: tuple):
+    return _read_tokenizer(path)
+
+
+def _read_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(
     spec: str = EMBEDDED,
     *,
@@ -266,7 +295,7 @@ def load(
     materialized there directly, never staged in host memory first.  ``dtype``: auto (bfloat16 on
     GPUs with native bf16, else float32; ``hardware.resolve_dtype``), float32, bfloat16 or float16.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
     recipe = quantized_recipe(spec)
@@ -285,13 +314,11 @@ def load(
     if gguf_file is not None:
         path = str(converted_gguf(path, gguf_file))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _tokenizer(path)
         if tokenizer_only:
             from transformers import AutoConfig
 
             vocab = getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
             return LoadedModel(model=None, tokenizer=tokenizer, name=spec, vocab_out=vocab)
         torch_dtype = _DTYPES[hardware.resolve_dtype(dtype, device)]
         # Under a device context transformers materializes the weights on that device.
@@ -302,8 +329,6 @@ def load(
     except (SafetensorError, ValueError, RuntimeError, KeyError) as e:
         raise DraftEUError(f"could not load model {spec!r}: its files look damaged ({str(e).splitlines()[0][:160]}); "
                            "re-download or re-create it (a run's draft_base: delete it and re-run)") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()  # a no-op when the weights are already there
     contiguous_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)

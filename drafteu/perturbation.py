@@ -4,8 +4,9 @@ The same ``noise.sigma`` is a different perturbation on models whose weights dif
 ground truth, TokUR and the OSD teachers all rest on it: a family whose members disagree on nearly
 every token (MI near its ceiling ln K) measures the noise, not the model's uncertainty; one whose
 members barely differ gives every EU near zero.  ``strength`` measures, on answers, a set of noise
-members' mean MI (against ln K) and their KL to the raw target; ``verdict`` turns the MI share into a
-one-line warning near either end.  Used by the perturbation stage of `drafteu reproduce`
+members' mean MI (against ln K) and their KL to the raw target (``measure``: any members' hidden
+states, e.g. the noise ensembles of drafts, with their KL to the draft they perturb); ``verdict``
+turns the MI share into a one-line warning near either end.  Used by the perturbation stage of `drafteu reproduce`
 (``eval/perturbation.json``, shown in the report) and by `drafteu noise-check`, which measures
 candidate sigmas on a new model before a run.
 """
@@ -24,21 +25,22 @@ from drafteu import divergence, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel
-from drafteu.sources import HiddenSource, reduce_chunks
+from drafteu.sources import Hidden, HiddenSource, reduce_chunks
 
 # The family's mean MI as a share of its ceiling ln K: above SATURATED the members disagree on most
 # tokens (the noise is no longer a small perturbation), below VANISHING they barely differ.
 SATURATED, VANISHING = 0.3, 0.002
 
 
-def verdict(share: float, k: int) -> str | None:
-    """A one-line warning when ``share`` (mean MI / ln k) is near either end, else None."""
+def verdict(share: float, k: int, setting: str = "noise.sigma") -> str | None:
+    """A one-line warning when ``share`` (mean MI / ln k) is near either end, else None; ``setting``:
+    the config key that sets this noise."""
     if share > SATURATED:
         return (f"the family's mean MI is {share:.0%} of its ceiling ln {k}: the noise makes the members disagree on "
-                "most tokens; lower noise.sigma (or use noise.scale: relative), docs/method.md §2")
+                f"most tokens; lower {setting} (or use noise.scale: relative), docs/method.md §2")
     if share < VANISHING:
         return (f"the family's mean MI is {share:.2%} of its ceiling ln {k}: the members barely differ and every EU "
-                "is near zero; raise noise.sigma (or use noise.scale: relative), docs/method.md §2")
+                f"is near zero; raise {setting} (or use noise.scale: relative), docs/method.md §2")
     return None
 
 
@@ -46,27 +48,35 @@ def verdict(share: float, k: int) -> str | None:
 def strength(noisy: NoisyModel, slots: Sequence[Sequence[str]], pairs: Sequence[tuple[list[int], list[int]]],
              prefix_len: int | str = 0) -> dict:
     """Per-token means over the response tokens of ``pairs``, pair i scored by the noise members
-    ``slots[i]`` (K each; all of ``noisy``): the members' MI and its share of ln K, the mean
-    KL(member || target) and KL(members' mean || target)."""
+    ``slots[i]`` (K each; all of ``noisy``): ``measure`` of those members against the target."""
     ks = {len(s) for s in slots}
     if len(ks) != 1 or min(ks) < 1:
         raise ValueError(f"every pair needs the same number (>= 1) of members, got {sorted(ks)}")
-    k = ks.pop()
     members = HiddenSource(noisy.model, list(slots[0]), prefix_len=prefix_len)
     target = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
-    hq, ht = members.hidden(pairs, slots), target.hidden(pairs)
+    return measure(members.hidden(pairs, slots), target.hidden(pairs))
 
-    def fn(q, t):
+
+@torch.no_grad()
+def measure(members: Hidden, target: Hidden, centre: Hidden | None = None, setting: str = "noise.sigma") -> dict:
+    """Per-token means over the packed positions: the K ``members``' MI and its share of ln K, the
+    mean KL(member || target) and KL(members' mean || target), and with ``centre`` (the model the
+    noise perturbs, when it is not the target: a draft) the mean KL(member || centre)."""
+    k = members.rows
+
+    def fn(q, t, *c):
         mix = divergence.mixture(q)  # log-probabilities: valid logits
-        return divergence.mutual_information(q), divergence.kl(q, t).mean(0), divergence.kl(mix, t[0])
+        out = (divergence.mutual_information(q), divergence.kl(q, t).mean(0), divergence.kl(mix, t[0]))
+        return out + ((divergence.kl(q, c[0]).mean(0),) if c else ())
 
-    mi, to_target, mean_to_target = reduce_chunks(fn, hq, ht)
+    mi, to_target, mean_to_target, *to_centre = reduce_chunks(fn, members, target, *([centre] if centre else []))
     mean_mi = float(mi.mean())
     ceiling = math.log(k) if k > 1 else float("nan")
     share = mean_mi / ceiling if k > 1 else float("nan")
     return {"members": k, "tokens": int(mi.numel()), "mean_mi": mean_mi, "ln_k": ceiling, "share_of_ln_k": share,
             "kl_member_to_target": float(to_target.mean()), "kl_mean_to_target": float(mean_to_target.mean()),
-            "warning": verdict(share, k) if k > 1 else None}
+            **({"kl_member_to_centre": float(to_centre[0].mean())} if to_centre else {}),
+            "warning": verdict(share, k, setting) if k > 1 else None}
 
 
 @dataclass(kw_only=True)

@@ -351,7 +351,8 @@ def _stages() -> tuple[Stage, ...]:
               every_process=True, products=files(str(rundir.TOKEN_EU))),
         evaluation("perturbation", stages.stage_perturbation,
                    keys(*model, "eval.family_size", "eval.tokur_size", "eval.proxy_questions", "proxy.n_teacher"),
-                   lambda cfg: ("eval_samples",), ("eval/perturbation.json",)),
+                   lambda cfg: ("eval_samples",) + (("drafts",) if stages.noise_ensembles(cfg) else ()),
+                   ("eval/perturbation.json",), version=3),  # 3: the drafts' noise ensembles
         evaluation("proxy_robustness", stages.stage_proxy_robustness,
                    keys(*model, "eval.family_size", "eval.reference_size", "eval.proxy_ks", "eval.proxy_questions",
                         "eval.trials", "eval.bootstrap"), lambda cfg: trained,

@@ -179,15 +179,22 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
 
 
 def _perturbation_lines(pert: dict | None) -> list[str]:
-    """Each use of the noise, measured: its members' mean MI against ln K and KL to the target."""
+    """Each use of the noise, measured: its members' mean MI against ln K, KL to the target and, for
+    the drafts built of noise, KL to the draft they perturb."""
     if not pert:
         return []
-    lines = [f"Each use of the noise (σ = {pert['sigma']}, {pert['scale']}), measured on {pert['answers']} answers:", ""]
-    lines.append(_table(["members", "K", "mean MI", "MI / ln K", "KL(member ‖ target)", "KL(mean ‖ target)"],
-                        [[n, str(r["members"]), f"{r['mean_mi']:.4f}", f"{r['share_of_ln_k']:.1%}",
-                          f"{r['kl_member_to_target']:.4f}", f"{r['kl_mean_to_target']:.4f}"]
-                         for n, r in pert["sets"].items()]))
-    return lines + [""]
+    sets = pert["sets"]
+    lines = [f"Each use of the noise (σ = {pert['sigma']}, {pert['scale']}; the drafts' own σ where given), "
+             f"measured on {pert['answers']} answers:", ""]
+    lines.append(_table(
+        ["members", "σ", "K", "mean MI", "MI / ln K", "KL(member ‖ target)", "KL(mean ‖ target)",
+         "KL(member ‖ the draft perturbed)"],
+        [[n, f"{r.get('sigma', pert['sigma']):g}", str(r["members"]), f"{r['mean_mi']:.4f}", f"{r['share_of_ln_k']:.1%}",
+          f"{r['kl_member_to_target']:.4f}", f"{r['kl_mean_to_target']:.4f}",
+          f"{r['kl_member_to_centre']:.4f}" if "kl_member_to_centre" in r else "-"] for n, r in sets.items()]))
+    warned = [f"**Warning** ({n}): {r['warning']}." for n, r in sets.items()  # the family's: with fidelity's
+              if r.get("warning") and n != "ground-truth family"]
+    return lines + [""] + [w for line in warned for w in (line, "")]
 
 
 def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:

@@ -20,7 +20,7 @@ from .test_pipeline import tiny_config
 
 STAGES = [s.name for s in pipeline.STAGES]
 EVAL = ["score", "proxy_robustness", "fidelity", "hallucination", "cost"]
-TRAINED = ["drafts"] + EVAL
+TRAINED = ["drafts", "perturbation"] + EVAL  # perturbation: it measures the untrained and K-only drafts
 
 
 # -- the contract's parts -------------------------------------------------------------------------
@@ -177,8 +177,8 @@ TABLE = [
     ({"seed": 1}, STAGES),
     ({"dtype": "float32"}, STAGES),
     ({"device": "cpu", "name": "renamed", "notes": "x"}, []),
-    ({"noise.sigma": 0.2}, ["drafts", "teachers", "proxy", "perturbation"] + EVAL),
-    ({"data.temperature": 0.7}, ["data", "draft_base", "drafts", "teachers", "proxy"] + EVAL),
+    ({"noise.sigma": 0.2}, ["teachers", "proxy"] + TRAINED),
+    ({"data.temperature": 0.7}, ["data", "draft_base", "teachers", "proxy"] + TRAINED),
     ({"data.questions": 10}, ["data", "draft_base"] + TRAINED),
     ({"data.shots": 1}, STAGES),
     ({"data.batch_size": 4, "eval.batch_size": 4, "generation.tensor_parallel_size": 2}, []),

@@ -22,6 +22,22 @@ def test_load_local_dir(tiny_dir, tokenizer):
     assert next(bf.model.parameters()).dtype == torch.bfloat16
 
 
+def test_a_directorys_tokenizer_is_read_once_and_again_when_its_files_change(tiny_dir, tokenizer, tmp_path):
+    import shutil
+
+    first, again = models.load(str(tiny_dir), tokenizer_only=True), models.load(str(tiny_dir))
+    assert again.tokenizer is first.tokenizer  # one tokenizer per directory and process
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy_dir)
+    before = models.load(str(copy_dir), tokenizer_only=True).tokenizer
+    assert before is not first.tokenizer and before.get_vocab() == first.tokenizer.get_vocab()
+    changed = make_tokenizer()
+    changed.add_tokens(["<extra_token_for_the_test>"])
+    changed.save_pretrained(copy_dir)  # the directory's tokenizer files change: read again
+    after = models.load(str(copy_dir), tokenizer_only=True).tokenizer
+    assert after is not before and len(after) == len(before) + 1
+
+
 def test_head_gets_a_contiguous_input_with_logits_to_keep(tiny_dir):
     """The kept-positions slice reaches the head contiguous (torch's CPU F.linear otherwise copies
     the expanded weight per row), and the logits are those of the full forward."""

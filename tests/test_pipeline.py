@@ -39,6 +39,58 @@ def tiny_config(target: Path) -> dict:
 ALL_METHODS = ["gkd", "minillm", "untrained", "ddd", "idd", "fdd", "konly"]
 
 
+def _noise_drafts_equal_full_forwards(cfg, run: Path) -> None:
+    """The perturbation stage's numbers for the drafts built of noise (untrained: the draft base's
+    noise copies; K-only: the trained draft's) are what full forwards give, one adapter at a time:
+    their MI, their KL to the target and their KL to the draft they perturb."""
+    from peft import PeftModel
+
+    from drafteu import divergence, estimators, models
+
+    sets = runio.json_load(run / "eval" / "perturbation.json")["sets"]
+    rows = [r for r in rundir.fidelity_rows(rundir.eval_rows(run), cfg.eval.proxy_questions) if r["response_ids"]]
+    target = models.load(cfg.target).model.eval()
+    for method in ("untrained", "konly"):
+        directory = run / "drafts" / method
+        manifest = estimators.read_drafts_manifest(directory)
+        assert ("perturbs" in manifest) == (method == "konly")
+        base = models.load(estimators.manifest_base(manifest, directory)).model
+        names = manifest["adapters"]
+        model = PeftModel.from_pretrained(base, str(directory / names[0]), adapter_name=names[0])
+        for n in names[1:]:
+            model.load_adapter(str(directory / n), adapter_name=n)
+        if method == "konly":
+            model.load_adapter(str(directory / manifest["perturbs"]), adapter_name="centre")
+        mi = to_target = mean_to_target = to_centre = n_tokens = 0.0
+        with torch.no_grad():
+            for r in rows:
+                ids, keep = estimators.response_inputs(r["prompt_ids"], r["response_ids"])
+                q = []
+                for n in names:
+                    model.set_adapter(n)
+                    q.append(model(input_ids=ids, logits_to_keep=keep).logits[0, :-1])
+                q = torch.stack(q).float()
+                if method == "konly":
+                    model.set_adapter("centre")
+                    c = model(input_ids=ids, logits_to_keep=keep).logits[0, :-1].float()
+                else:
+                    with model.disable_adapter():
+                        c = model(input_ids=ids, logits_to_keep=keep).logits[0, :-1].float()
+                t = target(input_ids=ids, logits_to_keep=keep).logits[0, :-1].float()
+                mi += float(divergence.mutual_information(q).sum())
+                to_target += float(divergence.kl(q, t).mean(0).sum())
+                mean_to_target += float(divergence.kl(divergence.mixture(q), t).sum())
+                to_centre += float(divergence.kl(q, c).mean(0).sum())
+                n_tokens += len(r["response_ids"])
+        got = sets[f"{method} drafts"]
+        assert got["members"] == len(names) and got["tokens"] == n_tokens and got["sigma"] == cfg.drafts.sigma
+        assert got["mean_mi"] == pytest.approx(mi / n_tokens, rel=1e-3, abs=1e-6), method
+        assert got["kl_member_to_target"] == pytest.approx(to_target / n_tokens, rel=1e-3), method
+        assert got["kl_mean_to_target"] == pytest.approx(mean_to_target / n_tokens, rel=1e-3), method
+        assert got["kl_member_to_centre"] == pytest.approx(to_centre / n_tokens, rel=1e-3, abs=1e-6), method
+        assert got["kl_member_to_centre"] > 0  # the noise moved every member
+
+
 @pytest.mark.integration
 def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     pytest.importorskip("trl")
@@ -82,6 +134,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
         if r["variance"] is not None:
             assert all(abs(e - v - b) < 1e-4 for e, v, b in zip(r["eu"], r["variance"], r["bias"], strict=True))
     _token_eu_equals_the_estimators(load_experiment(cfg_path), run)
+    _noise_drafts_equal_full_forwards(load_experiment(cfg_path), run)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<span title=" in html
     md = (run / "report.md").read_text()

@@ -19,10 +19,19 @@ from drafteu.config import ExperimentConfig
 from drafteu.evaluate import compare, cost, fidelity, hallucination
 from drafteu.evaluate.labels import cross_check, relabel
 from drafteu.evaluate.scoring import TrialEstimators
-from drafteu.methods import ESTIMATORS, TARGET_ONLY, named
+from drafteu.methods import DRAFT_METHODS, ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import family_seeds, member_seed
 from drafteu.progress import progress
-from drafteu.rundir import EnsembleSpec, eval_rows, fidelity_rows, key_of, labels, token_eu
+from drafteu.rundir import (
+    EnsembleSpec,
+    draft_dir,
+    ensembles,
+    eval_rows,
+    fidelity_rows,
+    key_of,
+    labels,
+    token_eu,
+)
 from drafteu.rundir import rounded as _round
 from drafteu.sources import HiddenSource, reduce_chunks
 
@@ -112,8 +121,9 @@ def perturbation(cfg: ExperimentConfig, mean_truth: float) -> dict:
 def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     """What each use of the noise is, measured on the first ``eval.proxy_questions`` evaluation
     answers (docs/method.md §2): the ground-truth family (trial 0's), TokUR's draws (one per
-    question, as it scores), and one draw of the OSD teachers (``proxy.n_teacher`` members): each
-    set's mean MI against ln K and its KL to the raw target."""
+    question, as it scores), one draw of the OSD teachers (``proxy.n_teacher`` members) and the
+    ensembles built of noise (untrained, K-only; trial 0's): each set's mean MI against ln K and its
+    KL to the raw target, and for the drafts' noise also the KL to the draft it perturbs."""
     from drafteu import models
     from drafteu.kvcache import lcp
     from drafteu.posterior import NoisyModel
@@ -129,13 +139,52 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, 1, k) for k in range(cfg.proxy.n_teacher)])
     sets = {"ground-truth family": [family] * len(pairs), "TokUR": tokur.slots(pairs),
             "OSD teachers": [teachers] * len(pairs)}
+    drafts = noise_ensembles(cfg)
     out = {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
            "modules": list(cfg.noise.target_modules), "answers": len(pairs), "sets": {}}
-    with progress("perturbation", total=len(sets)) as bar:
+    with progress("perturbation", total=len(sets) + len(drafts)) as bar:
         for name, slots in sets.items():
             out["sets"][name] = noise_strength.strength(noisy, slots, pairs, plen)
             bar.update(advance=1, info=name)
+        if drafts:
+            target = HiddenSource(noisy.model, None, prefix_len=plen, context=noisy.base)
+            tokenizer = models.load(cfg.target, tokenizer_only=True)
+            bases = estimators.DraftBases()
+            for spec in drafts:
+                name = f"{spec.label} drafts"
+                out["sets"][name] = {"sigma": cfg.drafts.sigma} | _draft_noise(
+                    draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device)
+                bar.update(advance=1, info=name)
     return out
+
+
+def noise_ensembles(cfg: ExperimentConfig) -> list[EnsembleSpec]:
+    """The ensembles the perturbation stage measures: those built of noise, not trained (untrained, K-only)."""
+    return [s for s in ensembles(cfg) if s.layout is None and DRAFT_METHODS[s.method].trainer in ("noise", "konly")]
+
+
+def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: int, bases, device) -> dict:
+    """``perturbation.measure`` of one noise ensemble: its members against the raw target and against
+    the draft they perturb (the draft base with its adapters off; K-only: the trained draft its
+    manifest ``perturbs``)."""
+    ens = estimators.DraftEnsemble(directory, tokenizer, device=device, prefix_len=plen, bases=bases)
+    perturbs = estimators.read_drafts_manifest(directory).get("perturbs")
+    if perturbs is not None:
+        model = estimators.load_adapter(ens.drafts, directory / perturbs, "perturbed")
+        centre = HiddenSource(model, ["perturbed"], prefix_len=plen)
+    elif ens.method == "konly":  # made before manifests named the trained draft
+        centre = None
+    else:
+        centre = HiddenSource(ens.drafts, None, prefix_len=plen, context=ens.drafts.disable_adapter)
+    try:
+        members = ens.draft_hidden(pairs)
+        cut = dataclasses.replace(target.hidden(pairs), vocab=ens.vocab)
+        around = dataclasses.replace(centre.hidden(pairs), vocab=ens.vocab) if centre is not None else None
+        return noise_strength.measure(members, cut, around, setting="drafts.sigma")
+    finally:
+        if perturbs is not None:
+            ens.drafts.delete_adapter("perturbed")
+        ens.close()
 
 
 def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:

@@ -11,8 +11,9 @@ Paper Sec. 4.3, App. B.2, B.6; docs/method.md §6-7.  Every draft is a PEFT adap
 - fdd:       both.
 - untrained: S*M noise copies (sigma, docs/method.md §7) of the base; no training.
 - gkd, minillm: S*M on-policy TRL drafts on all the data, each from its own noise (baselines.py).
-- konly:     one trained draft (the ddd s0_m0 adapter, trained here as ``draft/`` if not given)
-             merged into the base, plus K = S*M noise copies of it at inference (App. B.6 "K only").
+- konly:     one trained draft (the ddd s0_m0 adapter, trained here as ``draft/`` if not given) plus
+             K = S*M noise copies of it, each one adapter (App. B.6 "K only"); the manifest's
+             ``perturbs`` names the trained draft.
 
 Initialization noise (IDD/FDD).  docs/method.md §7 merges a low-rank noise draw (sigma 0.5, q_proj
 and v_proj, the §2 scheme) into the draft before training.  Here that noise is the adapter's
@@ -218,7 +219,8 @@ def _run(cfg: DraftsConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runio.write_config(out, cfg)
 
-    base_dir, timings = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm, held)
+    timings, extra = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm, held)
+    base_dir = cfg.base
     wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = runio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
@@ -228,7 +230,7 @@ def _run(cfg: DraftsConfig) -> dict:
         base_is_path=Path(base_dir).exists(),
         base_absolute=str(Path(base_dir).resolve()) if Path(base_dir).exists() else None,
         target=cfg.target, adapters=names, partitions=stats, train=timings,
-        **({"heldout_questions": len({r["qid"] for r in held})} if held else {}),
+        **({"heldout_questions": len({r["qid"] for r in held})} if held else {}), **extra,
     )
     if runio.is_main_process():
         (out / "partitions.json").write_text(json.dumps(
@@ -237,14 +239,14 @@ def _run(cfg: DraftsConfig) -> dict:
     return manifest
 
 
-# -- one builder per kind of method (methods.DraftMethod.trainer); each returns (base dir, timings)
+# -- one builder per kind of method (methods.DraftMethod.trainer); each returns (timings, more manifest fields)
 
 
 def _untrained(cfg, out, names, rows, parts, base_lm, held):
     """S*M noise copies of the draft base (sigma = cfg.noise)."""
     seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
     _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
-    return cfg.base, {}
+    return {}, {}
 
 
 def _konly(cfg, out, names, rows, parts, base_lm, held):
@@ -259,7 +261,8 @@ def _konly(cfg, out, names, rows, parts, base_lm, held):
                                          False, ddd_dir, base_lm.tokenizer, held)
     seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
     konly_adapters(base_lm.model, ddd_dir, names, cfg.noise, seeds, out)
-    return cfg.base, timings
+    # the trained draft the members perturb (relative: a moved run keeps finding it), for the perturbation stage
+    return timings, {"perturbs": os.path.relpath(Path(ddd_dir).resolve(), out.resolve())}
 
 
 @torch.no_grad()
@@ -317,7 +320,7 @@ def _trl(cfg, out, names, rows, parts, base_lm, held):
             if not (out / name / "adapter_model.safetensors").exists():
                 timings[name] = baselines.train(cfg.method, cfg, rows, name, member_seed(cfg.method, cfg.seed, s, m),
                                                 out / name, base_lm.tokenizer)
-    return cfg.base, timings
+    return timings, {}
 
 
 def _sft(cfg, out, names, rows, parts, base_lm, held):
@@ -331,7 +334,7 @@ def _sft(cfg, out, names, rows, parts, base_lm, held):
             seed = member_seed("draft", cfg.seed, s, m)
             timings[name] = train_one(cfg, cfg.base, parts[s], name, seed, DRAFT_METHODS[cfg.method].init_noise,
                                       out / name, base_lm.tokenizer, held)
-    return cfg.base, timings
+    return timings, {}
 
 
 BUILDERS = {"noise": _untrained, "konly": _konly, "trl": _trl, "sft": _sft}
