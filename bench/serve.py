@@ -7,7 +7,8 @@ the EU and without it (the same server; a request's ``"eu": false`` skips the sc
 Each client sends ``--requests`` chat completions one after another (``--max-tokens`` each, greedy);
 clients of one setting start together.  The table goes to docs/benchmarks.md (serve-cpu / serve-cuda).
 Goals on a CPU: the EU costs <= 20% of a request's latency with one client, and batching makes 16
-clients' throughput >= 2x one client's.
+clients' throughput >= 2x one client's.  Then memory: the server's resident set before and after one
+long `/v1/score` (``--score-tokens`` response tokens), and its peak, read from /proc (Linux).
 """
 
 from __future__ import annotations
@@ -72,6 +73,29 @@ async def clients(url: str, concurrency: int, requests: int, max_tokens: int, eu
     return [x for x, _ in flat], sum(t for _, t in flat), wall
 
 
+def _rss_gb() -> tuple[float, float]:
+    """(resident, peak resident) of this process in GB, from /proc/self/status (NaN elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return tuple(int(fields[k].split()[0]) / 1e6 for k in ("VmRSS", "VmHWM"))
+    except (OSError, KeyError, ValueError):
+        return float("nan"), float("nan")
+
+
+def long_score(url: str, tokens: int) -> dict:
+    """One `/v1/score` of a response of about ``tokens`` tokens: the resident set before, after and
+    at its peak (the server runs in this process)."""
+    import httpx
+
+    response = " ".join(f"{i} apples and {i + 1} pears make {2 * i + 1} fruits." for i in range(tokens // 12 + 1))
+    before, _ = _rss_gb()
+    resp = httpx.post(url + "/v1/score", timeout=1200, json={"model": "bench", "question": QUESTIONS[0],
+                                                             "response": response})
+    resp.raise_for_status()
+    after, peak = _rss_gb()
+    return {"tokens": len(resp.json()["tokens"]), "before": before, "after": after, "peak": peak}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: 4 noisy copies of the embedded target)")
@@ -80,6 +104,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--score-tokens", type=int, default=3151, help="response tokens of the long /v1/score")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
 
@@ -117,6 +142,7 @@ def main() -> None:
             rows.append(f"| {c} | {'on' if eu else 'off'} | {len(lat)} | {per[c, eu]['rps']:.2f} | "
                         f"{per[c, eu]['tps']:.1f} | {per[c, eu]['p50']:.2f} | {p99:.2f} |")
             print(rows[-1], flush=True)
+    mem = long_score(url, args.score_tokens)
     server.should_exit = True
     engine.stop()
     lo, hi = min(args.concurrency), max(args.concurrency)
@@ -134,6 +160,8 @@ def main() -> None:
         f"- The EU's share of a request's latency with {lo} client: **{eu_cost:+.0%}** of the p50 without it "
         "(goal: <= 20%).",
         f"- Throughput with {hi} clients / with {lo} (EU on): **{scale:.2f}x** (goal: >= 2x).",
+        f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set from "
+        f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start).",
     ])
     write_section(args.out, f"serve-{device}", "drafteu serve: throughput and latency", body)
     print(body)

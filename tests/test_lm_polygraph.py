@@ -108,6 +108,82 @@ def test_its_scores_are_drafteu_scores_on_the_same_answers(managed, drafts, tmp_
     assert start == len(tokens)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_padding_is_removed_on_the_side_the_batch_was_padded(drafts, side):
+    """LM-Polygraph's tokenizer padded the batch; drafteu's own pads on the other side.  The prompts
+    come back unpadded, from LM-Polygraph's tokenizer or, without it, from the rows themselves, and
+    the scores are those of the unpadded prompts."""
+    import copy
+    from types import SimpleNamespace
+
+    from drafteu import data
+    from drafteu.integrations.lm_polygraph import DraftEUEstimator
+
+    est = DraftEUEstimator(drafts, aggregation="mean")
+    theirs = copy.deepcopy(est.lm.tokenizer)
+    theirs.padding_side = side
+    shots = data.shots_for("easy-word", 1)
+    prompts = [data.format_prompt(theirs, q, shots) for q in QUESTIONS[:2]]
+    assert len(prompts[0]) != len(prompts[1])  # one of them is padded
+    answers = [theirs(" 7", add_special_tokens=False)["input_ids"] + [theirs.eos_token_id],
+               theirs(" 30 pens", add_special_tokens=False)["input_ids"]]
+    padded = theirs.pad({"input_ids": prompts}, padding=True)["input_ids"]
+    own = est.lm.tokenizer.padding_side
+    est.lm.tokenizer.padding_side = "left" if side == "right" else "right"
+    try:
+        want = [(p, [t for t in a if t != theirs.eos_token_id]) for p, a in zip(prompts, answers, strict=True)]
+        stats = {"input_tokens": padded, "greedy_tokens": answers, "model": SimpleNamespace(tokenizer=theirs)}
+        assert est.pairs(stats) == want
+        assert est.pairs({"input_tokens": padded, "greedy_tokens": answers}) == want  # from the rows
+        direct = est.ensemble.score_batch(want)
+        np.testing.assert_allclose(est(stats), [s.aggregate("mean") for s in direct], rtol=1e-5)
+    finally:
+        est.lm.tokenizer.padding_side = own
+
+
+def test_polygraph_eval_runs_drafteus_estimator_from_the_example_config(drafts, tmp_path):
+    """LM-Polygraph's own runner, as its users run it: `polygraph_eval` with the shipped
+    examples/lm-polygraph/drafteu.yaml (the dataset, the drafts and where to save given on its
+    command line).  drafteu's estimators run next to LM-Polygraph's, and their numbers are the
+    plugin's on the tokens LM-Polygraph generated."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from drafteu.integrations.lm_polygraph import DraftEUEstimator
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "lm-polygraph" / "drafteu.yaml"
+    questions = tmp_path / "questions.csv"
+    with questions.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "answer"])
+        writer.writerows(zip(QUESTIONS, ["7 apples", "30 pens", "7 pencils"], strict=True))  # text, not numbers
+    script = Path(sys.executable).parent / "polygraph_eval"
+    out = tmp_path / "out"
+    out.mkdir()  # LM-Polygraph saves into it (its default, hydra's output directory, exists)
+    args = [f"dataset={questions}", f"estimators.2.cfg.drafts={drafts}", f"estimators.3.cfg.drafts={drafts}",
+            f"cache_path={tmp_path}", f"+save_path={out}", "max_new_tokens=16", "+save_stats=[input_tokens]"]
+    env = os.environ | {"HYDRA_CONFIG": str(example), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    saved = torch.load(out / "ue_manager_seed1", weights_only=False)
+    assert saved["state"] != "failed"
+    est = saved["estimations"]
+    for name in ("DraftEU-mean", "DraftEU-max", "MaximumSequenceProbability", "Perplexity"):
+        values = np.asarray(est["sequence", name], dtype=float)
+        assert values.shape == (3,) and np.all(np.isfinite(values)), name
+    stats = {"input_tokens": saved["stats"]["input_tokens"], "greedy_tokens": saved["stats"]["greedy_tokens"]}
+    ours = DraftEUEstimator(drafts, aggregation="mean")
+    rows = [ours({k: [v[i]] for k, v in stats.items()})[0] for i in range(3)]  # one answer at a time, unpadded
+    np.testing.assert_allclose(est["sequence", "DraftEU-mean"], rows, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(est["sequence", "DraftEU-max"]) >= np.asarray(rows) - 1e-6)
+
+
 def test_a_config_without_drafts_is_a_clear_error():
     from drafteu.errors import DraftEUError
     from drafteu.integrations.lm_polygraph import load_estimator

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_support import KEY, QUESTION, Server, untrained_ensemble
+from tests.serve_support import KEY, QUESTION, Server, _free_port, untrained_ensemble
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
@@ -212,3 +212,52 @@ def test_a_failed_load_exits_with_one_line_and_never_listens(ensemble, tmp_path)
     with pytest.raises(DraftEUError, match="loading failed"):
         run(cfg, log=lines.append)
     assert any("without an API key" in line for line in lines)
+
+
+def test_ctrl_c_while_loading_or_serving_exits_quietly(ensemble):
+    """SIGINT (Ctrl-C) during the model load exits 130 without a traceback and never listens;
+    SIGINT while serving stops the server cleanly (exit 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def start():
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "serve", "--drafts", str(ensemble), "--port",
+                                 str(port), "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, "DRAFTEU_API_KEY": ""})
+        return proc, f"http://127.0.0.1:{port}"
+
+    def wait_for(proc, text):
+        seen = []
+        for line in iter(proc.stdout.readline, ""):
+            seen.append(line)
+            if text in line:
+                return seen
+        raise AssertionError(f"{text!r} never printed: {''.join(seen)}")
+
+    def finish(proc):  # the rest of its output, through the same buffered reader
+        proc.wait(timeout=120)
+        return proc.stdout.read()
+
+    proc, url = start()
+    try:
+        seen = wait_for(proc, "loading the models")
+        proc.send_signal(signal.SIGINT)
+        out = finish(proc)
+        assert proc.returncode == 130, "".join(seen) + out
+        assert "Traceback" not in out and "interrupted while loading" in out
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        proc.kill()
+    proc, url = start()
+    try:
+        seen = wait_for(proc, "serving m on")
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        out = finish(proc)
+        assert proc.returncode == 0 and "Traceback" not in out, "".join(seen) + out
+    finally:
+        proc.kill()

@@ -15,8 +15,9 @@ or from Python, ``DraftEUEstimator(drafts="runs/demo")`` next to its own estimat
 needs the tokenizer to pad on the left (``WhiteboxModel.from_pretrained`` sets it; set
 ``tokenizer.padding_side = "left"`` when building the WhiteboxModel from ``estimator.lm``).  Two
 conventions are LM-Polygraph's: the prompt row is the padded batch row (its padding is removed
-here), and a generated answer keeps its end-of-sequence token (removed here: drafteu scores the
-answer's tokens, as ``drafteu score`` and the pipeline do).
+here, on the side LM-Polygraph's tokenizer padded it: ``batch_padding``), and a generated answer
+keeps its end-of-sequence token (removed here: drafteu scores the answer's tokens, as ``drafteu
+score`` and the pipeline do).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ LEVELS = ("sequence", "token")
 
 
 def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> list[int]:
-    """A padded prompt row without its padding (``side``: the tokenizer's padding side)."""
+    """A padded prompt row without its padding (``side``: where the batch was padded)."""
     row = list(row)
     if pad_id is None:
         return row
@@ -49,6 +50,20 @@ def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> lis
         while row and row[-1] == pad_id:
             row.pop()
     return row
+
+
+def batch_padding(stats: dict, fallback) -> tuple[int | None, str]:
+    """(pad id, padding side) of the batch in ``stats``: LM-Polygraph's own tokenizer (the
+    ``WhiteboxModel`` its manager puts in ``stats["model"]``) padded it; without one, ``fallback``'s
+    pad id and the side the rows show (a padded batch's shorter rows start or end with the pad)."""
+    tok = getattr(stats.get("model"), "tokenizer", None)
+    if tok is not None and getattr(tok, "padding_side", None) in ("left", "right"):
+        pad = tok.pad_token_id if tok.pad_token_id is not None else fallback.pad_token_id
+        return pad, tok.padding_side
+    pad, rows = fallback.pad_token_id, [list(r) for r in stats["input_tokens"]]
+    starts = sum(bool(r) and r[0] == pad for r in rows)
+    ends = sum(bool(r) and r[-1] == pad for r in rows)
+    return pad, "right" if ends > starts else "left"
 
 
 class _Shared:
@@ -93,21 +108,20 @@ class DraftEUEstimator(Estimator):
         self.aggregation = aggregation
         self.shared = _shared(str(drafts), target, None if proxy is None else str(proxy), device, dtype)
         self.lm, self.ensemble = self.shared.lm, self.shared.ensemble
-        tok = self.lm.tokenizer
-        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        self.eos_id = self.lm.tokenizer.eos_token_id
 
     def __str__(self) -> str:
         return "DraftEU" if self.level == "token" else f"DraftEU-{self.aggregation}"
 
     def pairs(self, stats: dict) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, answer ids) per generated answer, in drafteu's conventions (see the module)."""
+        pad_id, side = batch_padding(stats, self.lm.tokenizer)  # as this batch was padded, not as ours pads
         out = []
         for prompt, answer in zip(stats["input_tokens"], stats["greedy_tokens"], strict=True):
             answer = list(answer)
             if answer and answer[-1] == self.eos_id:
                 answer = answer[:-1]
-            side = getattr(self.lm.tokenizer, "padding_side", "left") or "left"  # as the batch was padded
-            out.append((strip_padding(prompt, self.pad_id, side), answer))
+            out.append((strip_padding(prompt, pad_id, side), answer))
         return out
 
     def token_scores(self, stats: dict) -> list[estimators.TokenScores]:

@@ -127,14 +127,14 @@ def run(cfg: ServeConfig, log=print) -> None:
     quiet exit."""
     import uvicorn
 
-    engine, app = build(cfg)
-    if not cfg.loopback and cfg.api_key is None:
-        log(f"warning: serving on {cfg.host} without an API key: anyone who can reach this address can use the "
-            "model (give --api-key or $DRAFTEU_API_KEY)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    log(f"loading the models for {cfg.served_name} ...")
-    engine.start()
-    try:
+    try:  # Ctrl-C anywhere before serving (building, starting the engine thread, loading) is quiet
+        engine, app = build(cfg)
+        if not cfg.loopback and cfg.api_key is None:
+            log(f"warning: serving on {cfg.host} without an API key: anyone who can reach this address can use the "
+                "model (give --api-key or $DRAFTEU_API_KEY)")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        log(f"loading the models for {cfg.served_name} ...")
+        engine.start()
         while not engine.ready.wait(0.2):
             pass
     except KeyboardInterrupt:
