@@ -32,15 +32,16 @@ from drafteu.sources import Hidden, HiddenSource, reduce_chunks
 SATURATED, VANISHING = 0.3, 0.002
 
 
-def verdict(share: float, k: int, setting: str = "noise.sigma") -> str | None:
+def verdict(share: float, k: int, setting: str = "noise.sigma", relative: bool = False) -> str | None:
     """A one-line warning when ``share`` (mean MI / ln k) is near either end, else None; ``setting``:
-    the config key that sets this noise."""
+    the config key that sets this noise; ``relative``: whether its scale is already relative."""
+    hint = "" if relative else " (or use noise.scale: relative)"
     if share > SATURATED:
-        return (f"the family's mean MI is {share:.0%} of its ceiling ln {k}: the noise makes the members disagree on "
-                f"most tokens; lower {setting} (or use noise.scale: relative), docs/method.md §2")
+        return (f"the members' mean MI is {share:.0%} of its ceiling ln {k}: the noise makes them disagree on "
+                f"most tokens; lower {setting}{hint}, docs/method.md §2")
     if share < VANISHING:
-        return (f"the family's mean MI is {share:.2%} of its ceiling ln {k}: the members barely differ and every EU "
-                f"is near zero; raise {setting} (or use noise.scale: relative), docs/method.md §2")
+        return (f"the members' mean MI is {share:.2%} of its ceiling ln {k}: they barely differ and every EU "
+                f"is near zero; raise {setting}{hint}, docs/method.md §2")
     return None
 
 
@@ -54,11 +55,12 @@ def strength(noisy: NoisyModel, slots: Sequence[Sequence[str]], pairs: Sequence[
         raise ValueError(f"every pair needs the same number (>= 1) of members, got {sorted(ks)}")
     members = HiddenSource(noisy.model, list(slots[0]), prefix_len=prefix_len)
     target = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
-    return measure(members.hidden(pairs, slots), target.hidden(pairs))
+    return measure(members.hidden(pairs, slots), target.hidden(pairs), relative=noisy.noise.scale == "relative")
 
 
 @torch.no_grad()
-def measure(members: Hidden, target: Hidden, centre: Hidden | None = None, setting: str = "noise.sigma") -> dict:
+def measure(members: Hidden, target: Hidden, centre: Hidden | None = None, setting: str = "noise.sigma",
+            relative: bool = False) -> dict:
     """Per-token means over the packed positions: the K ``members``' MI and its share of ln K, the
     mean KL(member || target) and KL(members' mean || target), and with ``centre`` (the model the
     noise perturbs, when it is not the target: a draft) the mean KL(member || centre)."""
@@ -76,7 +78,7 @@ def measure(members: Hidden, target: Hidden, centre: Hidden | None = None, setti
     return {"members": k, "tokens": int(mi.numel()), "mean_mi": mean_mi, "ln_k": ceiling, "share_of_ln_k": share,
             "kl_member_to_target": float(to_target.mean()), "kl_mean_to_target": float(mean_to_target.mean()),
             **({"kl_member_to_centre": float(to_centre[0].mean())} if to_centre else {}),
-            "warning": verdict(share, k, setting) if k > 1 else None}
+            "warning": verdict(share, k, setting, relative) if k > 1 else None}
 
 
 @dataclass(kw_only=True)

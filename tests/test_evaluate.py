@@ -220,6 +220,7 @@ def test_the_report_renders_each_stages_verdict_once():
 def test_the_perturbation_is_stated_against_ln_k_with_a_warning_near_either_end():
     """SmolLM2's demo family: 0.077 nats/token of ln 3 (7%, fine); Gemma 3 270M's at the same absolute
     sigma: 0.460 (42%, saturating); a family whose members barely differ: a warning too."""
+    import dataclasses
     import math
 
     from drafteu.config import ExperimentConfig
@@ -231,3 +232,6 @@ def test_the_perturbation_is_stated_against_ln_k_with_a_warning_near_either_end(
     assert fine["ln_k"] == pytest.approx(math.log(k)) and fine["share_of_ln_k"] == pytest.approx(0.077 / math.log(k))
     assert fine["warning"] is None and fine["scale"] == "absolute"
     assert "disagree on most tokens" in hot["warning"] and "barely differ" in cold["warning"]
+    assert "use noise.scale: relative" in cold["warning"]  # the fix it names: absolute noise may go relative
+    relative = dataclasses.replace(cfg, noise=dataclasses.replace(cfg.noise, scale="relative"))
+    assert "noise.scale" not in perturbation(relative, 0.0005)["warning"]  # already relative: only sigma is named

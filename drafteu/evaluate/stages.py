@@ -115,7 +115,7 @@ def perturbation(cfg: ExperimentConfig, mean_truth: float) -> dict:
     return {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
             "modules": list(cfg.noise.target_modules), "family_size": cfg.eval.family_size,
             "mean_mi": mean_truth, "ln_k": ceiling, "share_of_ln_k": share,
-            "warning": noise_strength.verdict(share, cfg.eval.family_size)}
+            "warning": noise_strength.verdict(share, cfg.eval.family_size, relative=cfg.noise.scale == "relative")}
 
 
 def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
@@ -153,7 +153,8 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
             for spec in drafts:
                 name = f"{spec.label} drafts"
                 out["sets"][name] = {"sigma": cfg.drafts.sigma} | _draft_noise(
-                    draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device)
+                    draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device,
+                    relative=cfg.noise.scale == "relative")  # the drafts' noise: cfg.noise with drafts.sigma
                 bar.update(advance=1, info=name)
     return out
 
@@ -163,7 +164,8 @@ def noise_ensembles(cfg: ExperimentConfig) -> list[EnsembleSpec]:
     return [s for s in ensembles(cfg) if s.layout is None and DRAFT_METHODS[s.method].trainer in ("noise", "konly")]
 
 
-def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: int, bases, device) -> dict:
+def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: int, bases, device,
+                 relative: bool) -> dict:
     """``perturbation.measure`` of one noise ensemble: its members against the raw target and against
     the draft they perturb (the draft base with its adapters off; K-only: the trained draft its
     manifest ``perturbs``)."""
@@ -180,7 +182,7 @@ def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: 
         members = ens.draft_hidden(pairs)
         cut = dataclasses.replace(target.hidden(pairs), vocab=ens.vocab)
         around = dataclasses.replace(centre.hidden(pairs), vocab=ens.vocab) if centre is not None else None
-        return noise_strength.measure(members, cut, around, setting="drafts.sigma")
+        return noise_strength.measure(members, cut, around, setting="drafts.sigma", relative=relative)
     finally:
         if perturbs is not None:
             ens.drafts.delete_adapter("perturbed")
