@@ -252,6 +252,11 @@ def model_config(spec: str):
         raise DraftEUError(f"{spec}: cannot read its config ({str(e).splitlines()[0][:160]})") from None
 
 
+# What a tokenizer is read from (transformers' file names, and SentencePiece's *.model): their sizes
+# and times key the per-process tokenizer cache.
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")
+
+
 def _tokenizer(path: str):
     """The tokenizer of ``path`` (a pad token set: the EOS when it has none).  A local directory's is
     loaded once per process and shared by every model loaded from it (Gemma 3's 262k-token
@@ -261,9 +266,9 @@ def _tokenizer(path: str):
     directory = Path(path)
     if not directory.is_dir():  # a hub id: transformers' own cache
         return _read_tokenizer(path)
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.iterdir())
-                  if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))
-                                      or f.suffix == ".model"))
+    files = [f for f in sorted(directory.iterdir())
+             if f.is_file() and (f.name.startswith(TOKENIZER_FILES) or f.suffix == ".model")]
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _cached_tokenizer(str(directory.resolve()), stamp)
 
 

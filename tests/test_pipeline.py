@@ -139,6 +139,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     assert "data:image/png;base64," in html and "<span title=" in html
     md = (run / "report.md").read_text()
     assert "## Fidelity" in md and "## Hallucination detection" in md and "## Cost" in md
+    assert "| untrained drafts |" in md and "| konly drafts |" in md  # the drafts' noise, stated
 
     # publishing: report + figures + every number, a reading above the generated part kept
     pub = tmp_path / "results"

@@ -160,8 +160,9 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
 
 
 def noise_ensembles(cfg: ExperimentConfig) -> list[EnsembleSpec]:
-    """The ensembles the perturbation stage measures: those built of noise, not trained (untrained, K-only)."""
-    return [s for s in ensembles(cfg) if s.layout is None and DRAFT_METHODS[s.method].trainer in ("noise", "konly")]
+    """The ensembles the perturbation stage measures: those whose members are noise, not trained (untrained,
+    K-only: `DraftMethod.trained` false, their noise redrawn per trial)."""
+    return [s for s in ensembles(cfg) if s.layout is None and not DRAFT_METHODS[s.method].trained]
 
 
 def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: int, bases, device,
@@ -174,10 +175,10 @@ def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: 
     if perturbs is not None:
         model = estimators.load_adapter(ens.drafts, directory / perturbs, "perturbed")
         centre = HiddenSource(model, ["perturbed"], prefix_len=plen)
-    elif ens.method == "konly":  # made before manifests named the trained draft
-        centre = None
-    else:
+    elif DRAFT_METHODS[ens.method].trainer == "noise":  # noise on the draft base itself
         centre = HiddenSource(ens.drafts, None, prefix_len=plen, context=ens.drafts.disable_adapter)
+    else:  # K-only made before manifests named the trained draft
+        centre = None
     try:
         members = ens.draft_hidden(pairs)
         cut = dataclasses.replace(target.hidden(pairs), vocab=ens.vocab)
