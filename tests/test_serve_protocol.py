@@ -221,6 +221,7 @@ def test_ctrl_c_while_loading_or_serving_exits_quietly(ensemble):
     import signal
     import subprocess
     import sys
+    import threading
 
     def start():
         port = _free_port()
@@ -237,9 +238,15 @@ def test_ctrl_c_while_loading_or_serving_exits_quietly(ensemble):
                 return seen
         raise AssertionError(f"{text!r} never printed: {''.join(seen)}")
 
-    def finish(proc):  # the rest of its output, through the same buffered reader
-        proc.wait(timeout=120)
-        return proc.stdout.read()
+    def finish(proc):  # the rest of its output, read to the end (a full pipe would block the server's exit)
+        watchdog = threading.Timer(120, proc.kill)
+        watchdog.start()
+        try:
+            out = proc.stdout.read()
+        finally:
+            watchdog.cancel()
+        proc.wait(timeout=30)
+        return out
 
     proc, url = start()
     try:

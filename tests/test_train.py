@@ -301,7 +301,8 @@ def test_drafts_hold_out_questions_and_stop_on_their_plateau(workdir, tiny_dir):
         assert [s for s, _ in train["heldout_curve"]][-1] == train["steps"] and train["eval_every"] == 2
         assert isinstance(train["plateau"], bool)
         draft = PeftModel.from_pretrained(models.load(str(workdir / "base")).model, str(workdir / "drafts-held" / "ddd" / name))
-        with torch.no_grad():
+        bf16 = train["mixed_precision"] == "bf16"  # measured as it trained (bf16 autocast where bf16 is native)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             ce = drafts.heldout_ce(examples, base.tokenizer.pad_token_id)(draft.eval())
         assert train["heldout_curve"][-1][1] == pytest.approx(ce, rel=1e-4)
     fit = diagnostics.draft_fit(workdir / "drafts-held" / "ddd")  # the report's line
