@@ -225,9 +225,12 @@ def test_ctrl_c_while_loading_or_serving_exits_quietly(ensemble):
 
     def start():
         port = _free_port()
+        # SIGINT at its default: a test run in the background (`cmd &` in a script) inherits it ignored,
+        # and Python then installs no Ctrl-C handler
         proc = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "serve", "--drafts", str(ensemble), "--port",
                                  str(port), "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env={**os.environ, "DRAFTEU_API_KEY": ""})
+                                text=True, env={**os.environ, "DRAFTEU_API_KEY": ""},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return proc, f"http://127.0.0.1:{port}"
 
     def wait_for(proc, text):

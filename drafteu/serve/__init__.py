@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,12 +139,7 @@ def run(cfg: ServeConfig, log=print) -> None:
             pass
     except KeyboardInterrupt:
         log("interrupted while loading; nothing was served")
-        # The load runs in library code in the engine thread (and its thread pools), which cannot be
-        # interrupted and which an orderly interpreter exit would wait for; nothing has been served or
-        # written, so leave at once.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        raise SystemExit(130) from None
     if engine.failure is not None:
         raise DraftEUError(f"drafteu serve: {engine.failure}")
 
