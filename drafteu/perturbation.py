@@ -47,15 +47,18 @@ def verdict(share: float, k: int, setting: str = "noise.sigma", relative: bool =
 
 @torch.no_grad()
 def strength(noisy: NoisyModel, slots: Sequence[Sequence[str]], pairs: Sequence[tuple[list[int], list[int]]],
-             prefix_len: int | str = 0) -> dict:
+             prefix_len: int | str = 0, target: HiddenSource | None = None) -> dict:
     """Per-token means over the response tokens of ``pairs``, pair i scored by the noise members
-    ``slots[i]`` (K each; all of ``noisy``): ``measure`` of those members against the target."""
+    ``slots[i]`` (K each; all of ``noisy``): ``measure`` of those members against the target.
+    ``target``: a raw-target source shared by several calls on the same pairs (its last batch is kept,
+    so the target runs once)."""
     ks = {len(s) for s in slots}
     if len(ks) != 1 or min(ks) < 1:
         raise ValueError(f"every pair needs the same number (>= 1) of members, got {sorted(ks)}")
     members = HiddenSource(noisy.model, list(slots[0]), prefix_len=prefix_len)
-    target = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
-    return measure(members.hidden(pairs, slots), target.hidden(pairs), relative=noisy.noise.scale == "relative")
+    if target is None:
+        target = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base)
+    return measure(members.hidden(pairs, slots), target.hidden(pairs), relative=noisy.noise.relative)
 
 
 @torch.no_grad()
@@ -145,11 +148,13 @@ def check(cfg: NoiseCheckConfig) -> list[dict]:
         raise DraftEUError(f"{cfg.answers} holds no non-empty answers to measure on")
     plen = lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0
     noisy, out = NoisyModel(lm.model, cfg.noise), []
+    target = HiddenSource(noisy.model, None, prefix_len=plen, context=noisy.base)  # the same for every sigma
     for sigma in cfg.sigma_values:
         noisy.noise = dataclasses.replace(cfg.noise, sigma=sigma)
         names = noisy.set_members("check", family_seeds(cfg.seed, cfg.family_size))  # re-drawn in place
         out.append({"sigma": sigma, "scale": noisy.noise.scale or "absolute", "rank": noisy.noise.rank,
-                    "modules": list(noisy.noise.target_modules)} | strength(noisy, [names] * len(pairs), pairs, plen))
+                    "modules": list(noisy.noise.target_modules)} | strength(noisy, [names] * len(pairs), pairs, plen,
+                                                                          target=target))
     if cfg.json is not None:
         runio.write_json(cfg.json, out)
     return out

@@ -61,6 +61,11 @@ class NoiseConfig:
     )
     optional_fields = ("scale",)  # unset (absolute): the identity of runs made before the option existed
 
+    @property
+    def relative(self) -> bool:
+        """Whether sigma is relative to each module's weight RMS (``scale: relative``)."""
+        return self.scale == "relative"
+
     def __post_init__(self):
         runio.require_finite(self)
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
@@ -240,7 +245,7 @@ def weight_rms(weight: torch.Tensor) -> float:
 
 def noise_std(noise: NoiseConfig, weight: torch.Tensor) -> float:
     """The std of eps on one module: sigma, or sigma x the module's weight RMS (``scale: relative``)."""
-    return noise.sigma * weight_rms(weight) if noise.scale == "relative" else noise.sigma
+    return noise.sigma * weight_rms(weight) if noise.relative else noise.sigma
 
 
 def draw_noise(

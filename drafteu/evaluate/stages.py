@@ -115,7 +115,7 @@ def perturbation(cfg: ExperimentConfig, mean_truth: float) -> dict:
     return {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
             "modules": list(cfg.noise.target_modules), "family_size": cfg.eval.family_size,
             "mean_mi": mean_truth, "ln_k": ceiling, "share_of_ln_k": share,
-            "warning": noise_strength.verdict(share, cfg.eval.family_size, relative=cfg.noise.scale == "relative")}
+            "warning": noise_strength.verdict(share, cfg.eval.family_size, relative=cfg.noise.relative)}
 
 
 def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
@@ -142,19 +142,19 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     drafts = noise_ensembles(cfg)
     out = {"sigma": cfg.noise.sigma, "scale": cfg.noise.scale or "absolute", "rank": cfg.noise.rank,
            "modules": list(cfg.noise.target_modules), "answers": len(pairs), "sets": {}}
+    target = HiddenSource(noisy.model, None, prefix_len=plen, context=noisy.base)  # one raw-target pass for all
     with progress("perturbation", total=len(sets) + len(drafts)) as bar:
         for name, slots in sets.items():
-            out["sets"][name] = noise_strength.strength(noisy, slots, pairs, plen)
+            out["sets"][name] = noise_strength.strength(noisy, slots, pairs, plen, target=target)
             bar.update(advance=1, info=name)
         if drafts:
-            target = HiddenSource(noisy.model, None, prefix_len=plen, context=noisy.base)
             tokenizer = models.load(cfg.target, tokenizer_only=True)
             bases = estimators.DraftBases()
             for spec in drafts:
                 name = f"{spec.label} drafts"
                 out["sets"][name] = {"sigma": cfg.drafts.sigma} | _draft_noise(
                     draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device,
-                    relative=cfg.noise.scale == "relative")  # the drafts' noise: cfg.noise with drafts.sigma
+                    relative=cfg.noise.relative)  # the drafts' noise: cfg.noise with drafts.sigma
                 bar.update(advance=1, info=name)
     return out
 
