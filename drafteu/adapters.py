@@ -75,7 +75,7 @@ def save_adapter(peft_model, name: str, directory: Path) -> None:
 def k_adapter_model(peft_model, names: list[str], fused: bool = True):
     """What runs ``names`` (adapter-major rows, PEFT's ``"__base__"`` allowed) in one forward - the one
     place that chooses: ``FusedDrafts`` (two batched LoRA matmuls per module) when ``fused`` and the
-    adapters allow it (same rank, plain LoRA), else the PEFT model's mixed-adapter batch.  Both give
+    adapters allow it (plain LoRA; ranks and modules may differ), else the PEFT model's mixed-adapter batch.  Both give
     the same numbers (tested); called like the PEFT model with ``adapter_names``."""
     from drafteu.fused import FusedDrafts
 

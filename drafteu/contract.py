@@ -143,6 +143,17 @@ def read_stamp(path: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) and "digest" in stamp else None
 
 
+def base_identity(base: str, resolve: bool = False) -> str:
+    """What a model something is trained on is (a draft base): one drafteu built (``train-draft-base``,
+    a run's ``draft_base/``) is the digest of the inputs it was made from, wherever it has been copied;
+    anything else (a sibling's hub id or directory) is its spec as given (``resolve``: a directory as
+    its absolute path, so a relative and an absolute spelling agree)."""
+    stamp = read_stamp(Path(base) / STAMP) if Path(base).is_dir() else None
+    if stamp:
+        return f"drafteu:{stamp['digest']}"
+    return str(Path(base).resolve()) if resolve and Path(base).is_dir() else str(base)
+
+
 def _paths(run: Path, stage: Stage) -> list[Path]:
     """The stage's outputs that exist (an output may be a glob pattern, e.g. per-process parts)."""
     out = []

@@ -21,10 +21,8 @@ BASE_KL_WARN = 0.5
 PROXY_FIT_WARN = 0.5
 
 
-def proxy_fit(proxy_dir: Path | None) -> dict | None:
-    """The held-out fit a drafteu-trained proxy records (its manifest next to or above the adapter):
-    KL(reference family mean || p_mix) and || raw target per token, and whether OSD reached its
-    held-out plateau (None: not checked).  None when nothing was held out or there is no manifest."""
+def proxy_manifest(proxy_dir: Path | None) -> dict | None:
+    """The manifest a drafteu-trained proxy has next to or above its adapter directory (None: none)."""
     if proxy_dir is None:
         return None
     for path in (Path(proxy_dir) / "manifest.json", Path(proxy_dir).parent / "manifest.json"):
@@ -32,13 +30,22 @@ def proxy_fit(proxy_dir: Path | None) -> dict | None:
             man = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        held = man.get("heldout") or {}
-        if "kl_ref_mean_to_proxy" not in held:
-            return None
-        train = man.get("train") or {}
-        return {"kl_to_family_mean": held["kl_ref_mean_to_proxy"], "raw_target_kl": held["kl_ref_mean_to_target"],
-                "plateau": train.get("plateau") if train.get("eval_every") else None}
+        if isinstance(man, dict):
+            return man
     return None
+
+
+def proxy_fit(proxy_dir: Path | None) -> dict | None:
+    """The held-out fit a drafteu-trained proxy records (its manifest next to or above the adapter):
+    KL(reference family mean || p_mix) and || raw target per token, and whether OSD reached its
+    held-out plateau (None: not checked).  None when nothing was held out or there is no manifest."""
+    man = proxy_manifest(proxy_dir)
+    held = (man or {}).get("heldout") or {}
+    if "kl_ref_mean_to_proxy" not in held:
+        return None
+    train = man.get("train") or {}
+    return {"kl_to_family_mean": held["kl_ref_mean_to_proxy"], "raw_target_kl": held["kl_ref_mean_to_target"],
+            "plateau": train.get("plateau") if train.get("eval_every") else None}
 
 
 def proxy_fit_warning(fit: dict | None) -> str | None:

@@ -25,6 +25,7 @@ from drafteu.diagnostics import (  # noqa: F401  (re-exported: score, speculate 
     bias_diagnostic,
     proxy_fit,
     proxy_fit_warning,
+    proxy_manifest,
 )
 from drafteu.errors import DraftEUError
 from drafteu.methods import ESTIMATORS
@@ -326,6 +327,17 @@ class DraftBases:
         self._models[(spec, dtype, str(device))][0] = model
 
 
+def _check_proxy_base(manifest: dict, base_spec: str, proxy_dir) -> None:
+    """A proxy on a draft base runs in the drafts' pass only on the base it was trained on."""
+    from drafteu.contract import base_identity
+
+    want, got = manifest.get("draft_base_identity"), base_identity(base_spec, resolve=True)
+    if want != got:
+        raise DraftEUError(f"the proxy {proxy_dir} was trained on another draft base ({manifest.get('draft_base')}) "
+                           f"than these drafts' ({base_spec}); retrain it on this one (drafteu train-proxy --base "
+                           f"draft_base --draft-base {base_spec}) or pass a proxy trained on the target")
+
+
 class DraftEnsemble(Estimator):
     """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; docs/method.md §3).
 
@@ -368,23 +380,32 @@ class DraftEnsemble(Estimator):
         self.names = [f"{tag}{n}" for n in self.adapters]
         for n, name in zip(self.adapters, self.names, strict=True):
             model = load_adapter(model, Path(drafts_dir) / n, name)
+        self.proxy_fit = proxy_fit(proxy_dir)
+        self.proxy_in_drafts = proxy_dir is not None and (proxy_manifest(proxy_dir) or {}).get("base") == "draft_base"
+        rows = list(self.names)
+        if self.proxy_in_drafts:  # p_mix: one more adapter on the drafts' base, row K of their pass
+            _check_proxy_base(proxy_manifest(proxy_dir), self.base_spec, proxy_dir)
+            rows.append(f"{tag}proxy")
+            model = load_adapter(model, Path(proxy_dir), rows[-1])
         self.bases.put(self.base_spec, dtype, device, model)
         self.drafts = model.eval()
-        self.runner = adapters.k_adapter_model(self.drafts, self.names)
+        self.rows = rows  # the drafts' pass: the K drafts, then p_mix when it is on their base
+        self.runner = adapters.k_adapter_model(self.drafts, rows)
         self.method = manifest.get("method", "drafts")
-        self.source = HiddenSource(self.runner, self.names, prefix_len=prefix_len, share_prompts=share_prompts)
+        self.source = HiddenSource(self.runner, rows, prefix_len=prefix_len, share_prompts=share_prompts)
         self.batched = batched
         self.target = target.model  # None for a tokenizer-only target: draft_hidden only
-        if proxy_dir is not None and self.target is None:
+        if proxy_dir is not None and self.target is None and not self.proxy_in_drafts:
             raise DraftEUError("a proxy needs the target's weights; load the target with its model")
-        self.proxy_fit = proxy_fit(proxy_dir)
-        if proxy_dir is not None:
+        if proxy_dir is not None and not self.proxy_in_drafts:
             self.target = load_adapter(self.target, Path(proxy_dir), "proxy")
             self.target.set_adapter("proxy")
         if self.target is not None:
             self.target.eval()
         self.has_proxy = proxy_dir is not None or proxy_source is not None
-        if proxy_source is not None:
+        if self.proxy_in_drafts:
+            self.proxy_source = None  # p is in the drafts' pass
+        elif proxy_source is not None:
             self.proxy_source = proxy_source
         elif self.target is None:
             self.proxy_source = None
@@ -403,6 +424,8 @@ class DraftEnsemble(Estimator):
     @property
     def _rows(self) -> tuple[int | None, int]:
         """(the raw target's row in p's pass or None, p's row)."""
+        if self.proxy_in_drafts:
+            return None, len(self.names)
         names = self.proxy_source.names if self.proxy_source is not None else None
         if names and "proxy" in names:
             return (names.index("__base__") if "__base__" in names else None), names.index("proxy")
@@ -419,7 +442,7 @@ class DraftEnsemble(Estimator):
         if row is None:  # the proxy's pass lacks the raw target: one pass of its own
             if getattr(self, "_target_source", None) is None:
                 self._target_source = HiddenSource(self.target, None, context=self.base_target,
-                                                   prefix_len=self.proxy_source.prefix_len)
+                                                   prefix_len=(self.proxy_source or self.source).prefix_len)
             h, row = self._target_source.hidden(pairs), 0
         else:
             h = self.proxy_source.hidden(pairs)
@@ -438,9 +461,9 @@ class DraftEnsemble(Estimator):
     def close(self) -> None:
         """Remove this ensemble's adapters from the shared base (the next trial loads its own)."""
         config = getattr(self.drafts, "peft_config", {})
-        if not set(config) - set(self.names):
+        if not set(config) - set(self.rows):
             return  # the base's only adapters: they go with the model
-        for name in self.names:
+        for name in self.rows:
             if name in config:
                 self.drafts.delete_adapter(name)
         self.drafts.set_adapter(next(iter(config)))  # PEFT keeps a deleted adapter active
@@ -467,10 +490,18 @@ class DraftEnsemble(Estimator):
 
     def draft_hidden(self, pairs) -> Hidden:
         """The drafts' hidden states (K rows) at the response positions of ``pairs``."""
-        return dataclasses.replace(self.source.hidden(pairs), vocab=self.vocab)  # the source's memo stays as it is
+        h = self.source.hidden(pairs)
+        k = len(self.names)
+        # copies: the source's memo stays as it is
+        return dataclasses.replace(h, states=h.states[:k], vocab=self.vocab) if self.proxy_in_drafts else \
+            dataclasses.replace(h, vocab=self.vocab)
 
     def proxy_hidden(self, pairs) -> Hidden:
         """p's hidden states (one row: the proxy, or the raw target) at the response positions of ``pairs``."""
+        if self.proxy_in_drafts:  # row K of the drafts' pass: no forward when the drafts already ran
+            h = self.source.hidden(pairs)
+            k = len(self.names)
+            return dataclasses.replace(h, states=h.states[k: k + 1], vocab=self.vocab)
         if self.proxy_source is None:
             raise DraftEUError("this ensemble was loaded without the target's weights: no proxy / target logits")
         h = self.proxy_source.hidden(pairs)

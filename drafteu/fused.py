@@ -29,7 +29,8 @@ class FusedDrafts:
     A name may be PEFT's ``"__base__"`` (that row runs the base model, as in PEFT's mixed batch):
     the target verifying proposals in the same forward as its proxy adapter uses
     ``["__base__", "proxy"]``, and ``["__base__"]`` alone runs the base model with every adapter
-    off (no LoRA work at all)."""
+    off (no LoRA work at all).  Adapters may differ in rank and modules (K drafts and a proxy on the
+    draft base: K + 1 rows): a module an adapter lacks adds nothing to its rows."""
 
     def __init__(self, peft_model, names: list[str]):
         self.model, self.names, self.k = peft_model, list(names), len(names)
@@ -44,21 +45,9 @@ class FusedDrafts:
             if not real or not any(n in lora_a for n in real):  # base rows only: skip the LoRA update
                 (self.layers if not real else others).append((module, self._base_forward(module)))
                 continue
-            if not all(n in lora_a for n in real):
-                raise DraftEUError("fused drafts need every adapter on the same modules")
             if any(n in getattr(module, "lora_variant", {}) for n in real):
                 raise DraftEUError("fused drafts support plain LoRA only (no DoRA or other variants)")
-            ranks = {lora_a[n].weight.shape[0] for n in real}
-            if len(ranks) != 1:
-                raise DraftEUError(f"fused drafts need one LoRA rank, got {sorted(ranks)}")
-            with torch.no_grad():
-                zero_a = torch.zeros_like(lora_a[real[0]].weight)
-                zero_b = torch.zeros_like(module.lora_B[real[0]].weight)
-                a = torch.stack([lora_a[n].weight if n != "__base__" else zero_a for n in self.names])
-                a = a.transpose(1, 2).contiguous()  # (K, in, r)
-                b = torch.stack([module.lora_B[n].weight * module.scaling[n] if n != "__base__" else zero_b
-                                 for n in self.names])
-                b = b.transpose(1, 2).contiguous()  # (K, r, out)
+            a, b = _stacked(module, self.names)
             self.layers.append((module, self._lora_forward(module, a, b)))
         if not self.layers:
             raise DraftEUError("no LoRA modules carry the drafts' adapters")
@@ -156,6 +145,27 @@ class FusedDrafts:
             finally:
                 for h in handles:
                     h.remove()
+
+
+def _stacked(module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, in, r) A and (K, r, out) scaled B of one LoRA module, one slab per name.  A row whose adapter
+    is not on this module (``"__base__"``, or an adapter on other modules: the proxy's q/v LoRA among
+    all-linear drafts) gets zeros, and ranks are padded with zeros to the largest: exact, as a zero
+    update adds nothing."""
+    lora_a, lora_b = module.lora_A, module.lora_B
+    present = [n for n in names if n in lora_a]
+    rank = max(lora_a[n].weight.shape[0] for n in present)
+    like = lora_a[present[0]].weight
+    d_in, d_out = like.shape[1], lora_b[present[0]].weight.shape[0]
+    with torch.no_grad():
+        a = torch.zeros(len(names), d_in, rank, dtype=like.dtype, device=like.device)
+        b = torch.zeros(len(names), rank, d_out, dtype=lora_b[present[0]].weight.dtype, device=like.device)
+        for k, n in enumerate(names):
+            if n in lora_a:
+                r = lora_a[n].weight.shape[0]
+                a[k, :, :r] = lora_a[n].weight.T
+                b[k, :r] = (lora_b[n].weight * module.scaling[n]).T
+    return a, b
 
 
 def _decoder_layers(model):

@@ -90,7 +90,8 @@ def reads_proxy(cfg):
 
 
 def after_proxy(cfg):
-    return ("teachers",) if cfg.proxy.data == "teachers" else ("data",)
+    data = ("teachers",) if cfg.proxy.data == "teachers" else ("data",)
+    return data + (("draft_base",) if cfg.proxy.base == "draft_base" else ())  # p_mix's adapter on the draft base
 
 
 def reads_eval_samples(cfg):
@@ -278,7 +279,8 @@ def proxy_cfg(cfg: ExperimentConfig, run: Path):
     else:
         samples = [rundir.samples_path(run)]
     return proxy.ProxyConfig(samples=samples, out=rundir.proxy_adapter(run).parent, target=cfg.target, noise=cfg.noise,
-                             seed=cfg.seed, device=cfg.device, **section_values(cfg.proxy, proxy.ProxySettings))
+                             seed=cfg.seed, device=cfg.device, **section_values(cfg.proxy, proxy.ProxySettings),
+                             draft_base=rundir.base_model(cfg, run) if cfg.proxy.base == "draft_base" else None)
 
 
 def stage_proxy(ctx: Context) -> dict:
@@ -365,7 +367,8 @@ def _stages() -> tuple[Stage, ...]:
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
                    lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling
         evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
-                   lambda cfg: trained, ("eval/cost.json",), version=5),  # 3: quantized weights counted; 4: shared trunk; 5: batched
+                   lambda cfg: trained, ("eval/cost.json",), version=6),
+        # 3: quantized weights counted; 4: shared trunk; 5: batched; 6: both modes (prefix shared / full forwards)
     )
 
 

@@ -109,7 +109,7 @@ def linear_modules(spec: str) -> tuple[frozenset[str], int]:
 def modules(cfg: ExperimentConfig) -> None:
     """drafts.lora_modules / lora_layers, proxy.lora_modules and noise.target_modules name modules
     and layers the models they apply to have: the drafts' base (the target for 'truncate' and
-    'quantize'), the target (noise, proxy)."""
+    'quantize'), the target (noise, the proxy unless ``proxy.base`` is the draft base)."""
     target, depth = linear_modules(cfg.target)
     db = cfg.draft_base
     if db.model in ("truncate", "quantize"):
@@ -118,7 +118,9 @@ def modules(cfg: ExperimentConfig) -> None:
         base, base_depth = linear_modules(db.model)
     d = cfg.drafts
     wanted = [("noise.target_modules", list(cfg.noise.target_modules), target, "the target"),
-              ("proxy.lora_modules", list(cfg.proxy.lora_modules), target, "the target")]
+              ("proxy.lora_modules", list(cfg.proxy.lora_modules), *((base, "the draft base (proxy.base)")
+                                                                        if cfg.proxy.base == "draft_base" else
+                                                                        (target, "the target")))]
     if d.lora_modules != "all-linear":
         wanted.append(("drafts.lora_modules", [m.strip() for m in d.lora_modules.split(",") if m.strip()], base,
                        "the draft base"))

@@ -116,6 +116,28 @@ def _figures(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cs
     return paths
 
 
+def _cost_modes(cst: dict) -> list[str]:
+    """The cost in both of the stage's modes: what a deployment pays (the shared prefix cached, a prompt
+    run once for its answers) next to the paper's full forwards, from the positions each pass ran."""
+    ref, modes = cst["reference"], cst["modes"]
+    names = list(modes)
+    rows = []
+    for m in cst["methods"]:
+        row = [m]
+        for mode in names:
+            r = modes[mode]["methods"][m]
+            row += [f"{r['fed_flops_per_token'] / 1e9:.3f}", f"{modes[mode]['fed_flops_rel_reference'].get(m, float('nan')):.2f}x",
+                    f"{r['ms_per_token']:.1f}", f"{modes[mode]['wall_rel_reference'].get(m, float('nan')):.2f}x"]
+        rows.append(row)
+    head = ["method"] + [h for mode in names for h in (f"GFLOPs / token, {mode}", f"vs {ref}", f"ms / token, {mode}",
+                                                        f"vs {ref}")]
+    return ["", f"The same answers in both modes, interleaved: *prefix shared* caches the {cst.get('shared_prefix', 0)} "
+            "prompt tokens every answer starts with and runs a prompt once for its answers (what a deployment pays; "
+            f"{ref} re-draws its noise per prompt, so its cache is per prompt); *full forwards* runs every answer whole "
+            "(the paper's accounting). GFLOPs count the positions each pass ran (prompts and padding included).", "",
+            _table(head, rows)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper's orderings, as each stage decided them (every verdict is computed once, in its stage).
 
@@ -265,7 +287,9 @@ def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
         + (f", extra DDD layouts {dr.layouts}" if dr.layouts else "")
         + f"; LoRA r {dr.lora_r}; {steps} steps of {dr.train.batch_size} x {dr.train.grad_accum} sequences, lr {dr.train.lr}.",
         f"- Proxy (OSD): data from {f'{p.teachers} fixed noisy teachers' if p.data == 'teachers' else 'the draft data'}; "
-        f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps.",
+        f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps; "
+        + ("its LoRA on the draft base (row K of the drafts' pass, no target pass)." if p.base == "draft_base"
+           else "its LoRA on the target."),
         f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground truth = "
         f"MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = {e.tokur_size}; "
         f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, docs/method.md §5'}).",
@@ -352,6 +376,8 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
         md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
             [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
              f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+        if "modes" in cst:
+            md += _cost_modes(cst)
         base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
         if base.get("kernel"):
             md += ["", f"The drafts ran on the quantized base as it is: {base['kernel']}; its weights take "

@@ -138,7 +138,8 @@ class HiddenSource:
     left is there to test that padding changes no number).  ``share_prompts``: answers of one prompt
     continue from its KV cache (off: every pair is one full sequence after the prefix).
     The last batch's hidden states are kept, so estimators sharing a source (the proxy under several
-    draft ensembles) pay one pass per batch.
+    draft ensembles) pay one pass per batch.  ``fed`` counts the row-positions run through the model
+    (padding and prefixes included): the cost stage's measure of the work done.
     """
 
     def __init__(self, model, names: Sequence[str] | None = None, *, prefix_len: int | str = 0,
@@ -152,6 +153,7 @@ class HiddenSource:
         self._prefix = None  # (prefix token ids, adapter names, DynamicCache)
         self._memo = None  # (key, Hidden)
         self._head = None  # (model, head fn, whether hidden states can be read)
+        self.fed = 0
 
     @property
     def rows(self) -> int:
@@ -223,6 +225,7 @@ class HiddenSource:
         return self.context() if self.context else nullcontext()
 
     def _call(self, ids, row_names, **kw):
+        self.fed += ids.numel()
         kw = kw | ({"adapter_names": list(row_names)} if row_names is not None else {})
         return self.model(input_ids=ids, **kw)
 

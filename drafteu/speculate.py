@@ -61,6 +61,10 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     bias = cfg.bias if cfg.bias != "auto" else ("proxy" if proxy_dir is not None else "target")
     if bias == "proxy" and proxy_dir is None:
         raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")
+    if cfg.eu and bias == "proxy" and (estimators.proxy_manifest(proxy_dir) or {}).get("base") == "draft_base":
+        raise DraftEUError(f"the proxy {proxy_dir} sits on the draft base (proxy.base: draft_base); speculative "
+                           "decoding takes p_mix from the target's verification forward, so it needs a proxy on the "
+                           "target: pass --bias target, or --proxy DIR of a proxy trained with base: target")
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, data.shots_for("score", cfg.shots))
     models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens + cfg.gamma,

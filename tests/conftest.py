@@ -170,6 +170,15 @@ def tiny(tiny_dir):
     return models.load(str(tiny_dir))
 
 
+def tiny_answers(root, tiny_dir):
+    """8 questions x 2 target answers of the tiny target under ``root/data``; their samples.jsonl."""
+    from drafteu import generate
+
+    generate.run(generate.GenerateConfig(out=root / "data", target=str(tiny_dir), questions=8, samples=2,
+                                         max_new_tokens=6, batch_size=8))
+    return root / "data" / "samples.jsonl"
+
+
 def make_gemma3(vocab_size: int, layers: int = 4, seed: int = 0, sliding_window: int = 6, **overrides):
     """A tiny random Gemma3ForCausalLM: sliding-window layers (a small window, so tests cross it),
     q/k norms, tied embeddings, the architecture of Gemma 3 270M at toy size."""

@@ -12,10 +12,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import estimators, generate, models, quantize, runio
+from drafteu import estimators, models, quantize, runio
 from drafteu.cli import app
 from drafteu.train import draft_base, drafts
 from drafteu.train.loop import TrainConfig
+
+from .conftest import tiny_answers
 
 pytestmark = pytest.mark.integration
 FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
@@ -25,9 +27,7 @@ FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, sa
 def built(tmp_path_factory, tiny_dir):
     """Target answers, an int8 and an int4 self-draft of the tiny target, and a far 1-layer base."""
     root = tmp_path_factory.mktemp("quant")
-    generate.run(generate.GenerateConfig(out=root / "data", target=str(tiny_dir), questions=8, samples=2,
-                                         max_new_tokens=6, batch_size=8))
-    samples = root / "data" / "samples.jsonl"
+    samples = tiny_answers(root, tiny_dir)
     bases = {}
     for name, q in (("int8", quantize.QuantizeSettings(bits=8)), ("int4", quantize.QuantizeSettings(bits=4, group_size=16))):
         bases[name] = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / name, target=str(tiny_dir),

@@ -51,12 +51,17 @@ class TrialEstimators:
         self.device = next(self.lm.model.parameters()).device
         self.noisy = NoisyModel(self.lm.model, cfg.noise)
         self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))  # makes it a PeftModel
-        self.noisy.model.load_adapter(proxy_adapter(run), adapter_name="proxy")
+        # p_mix on the target: one pass per batch for every ensemble; on the draft base: a row of each
+        # ensemble's own pass (DraftEnsemble reads the proxy's manifest)
+        self.proxy_in_drafts = (estimators.proxy_manifest(proxy_adapter(run)) or {}).get("base") == "draft_base"
+        if not self.proxy_in_drafts:
+            self.noisy.model.load_adapter(proxy_adapter(run), adapter_name="proxy")
         self.noisy.model.eval()
         self.tokenizer_only = models.load(cfg.target, tokenizer_only=True)
         self.shared = shared
         self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if shared and rows and len(rows) > 1 else 0
-        self.proxy = HiddenSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len, share_prompts=shared)
+        self.proxy = None if self.proxy_in_drafts else \
+            HiddenSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len, share_prompts=shared)
         self.bases = estimators.DraftBases()  # the ensembles of a trial share one loaded draft base
         self.estimators: dict[str, estimators.Estimator] = {}
         self.trial: int | None = None
@@ -66,7 +71,8 @@ class TrialEstimators:
         cfg, e, plen, share = self.cfg, self.cfg.eval, self.prefix_len, self.shared
         self.trial = trial
         previous = list(self.estimators.values())
-        self.proxy.invalidate()
+        if self.proxy is not None:
+            self.proxy.invalidate()
         self.estimators = {
             "groundtruth": estimators.GroundTruth(self.noisy, e.family_size, cfg.seed + trial, prefix_len=plen,
                                                   share_prompts=share),
@@ -74,10 +80,14 @@ class TrialEstimators:
             "entropy": estimators.PredictiveEntropy(self.noisy, prefix_len=plen, share_prompts=share),
         }
         for spec in specs:
+            if self.proxy_in_drafts:
+                proxy = {"proxy_dir": proxy_adapter(self.run)}
+            else:
+                proxy = {"proxy_source": self.proxy if share else HiddenSource(self.noisy.model, ["proxy"],
+                                                                               share_prompts=False)}
             self.estimators[spec.label] = estimators.DraftEnsemble(
                 draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
-                proxy_source=self.proxy if share else HiddenSource(self.noisy.model, ["proxy"], share_prompts=False),
-                bases=self.bases, share_prompts=share)
+                bases=self.bases, share_prompts=share, **proxy)
         for est in previous:  # the previous trial's adapters leave the shared base
             if isinstance(est, estimators.DraftEnsemble):
                 est.close()

@@ -217,8 +217,9 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             return dataclasses.replace(h, vocab=v)
 
         def bias_terms(pair, *sources):
-            """KL(q_mix || mixture of each source) at every response position of one answer."""
-            hidden = [ens.draft_hidden([pair])] + [cut(s.hidden([pair])) for s in sources]
+            """KL(q_mix || mixture of each source) at every response position of one answer (a source:
+            a HiddenSource, or a function of the pairs giving Hidden - p_mix, wherever it runs)."""
+            hidden = [ens.draft_hidden([pair])] + [cut(s([pair]) if callable(s) else s.hidden([pair])) for s in sources]
 
             def fn(q, *ps):
                 qm = divergence.mixture(q)
@@ -229,7 +230,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         with progress("proxy robustness", total=len(need)) as bar:
             for row in [r for r, t in need if t == -1]:
                 pair = (row["prompt_ids"], row["response_ids"])
-                terms = bias_terms(pair, ref, ens.proxy_source, raw_target)
+                terms = bias_terms(pair, ref, ens.proxy_hidden, raw_target)
                 runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
                                           for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
                 bar.update(advance=1)
@@ -299,8 +300,32 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
     return out
 
 
+# The cost stage's two modes: (name, shared) - every method with the prompts' shared prefix cached
+# and a prompt run once for its answers (what a deployment pays), or full forwards (the paper's accounting).
+COST_MODES = (("full forwards", False), ("prefix shared", True))
+
+
+def _sources(est) -> list[tuple[HiddenSource, int]]:
+    """(source, rows per scored position) of an estimator: the passes its cost is made of."""
+    if isinstance(est, estimators.DraftEnsemble):
+        return [(est.source, len(est.rows))] + ([(est.proxy_source, 1)] if est.proxy_source is not None else [])
+    return [(est.source, getattr(est, "size", 1))]
+
+
+def _share(est, prefix_len: int, shared: bool) -> None:
+    """Run ``est``'s passes with the shared prefix cached and prompts shared between answers, or not."""
+    for src, _ in _sources(est):
+        src.prefix_len, src.share_prompts = (prefix_len, True) if shared else (0, False)
+        src.invalidate()
+
+
 def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
-    """FLOPs per token and measured wall time per method on the same answers, in this one run."""
+    """FLOPs per token and measured wall time per method on the same answers, in this one run, in both
+    ``COST_MODES`` (interleaved: method by method, mode by mode, both orders).  ``flops_per_token`` is
+    the paper's parameter count x passes; ``fed_flops_per_token`` scales it by the positions each pass
+    really ran (prompts, the shared prefix and padding included) per scored token."""
+    from drafteu.kvcache import lcp
+
     rows = eval_rows(run)[: cfg.eval.cost_responses]
     trial_est = TrialEstimators(cfg, run, rows, shared=False)  # every method pays for every token it needs
     specs = [EnsembleSpec.from_label(m) for m in labels(cfg)]
@@ -308,39 +333,72 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     n_target = cost.parameters(trial_est.lm.model)
     tokens = sum(len(r["response_ids"]) for r in rows)
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
+    plen = lcp([r["prompt_ids"] for r in rows]) if len(rows) > 1 else 0
     methods = list(TARGET_ONLY) + labels(cfg)
-    trial_est.score(rows[:1], methods)  # warm-up: first-call allocations are not the method's cost
-    wall = dict.fromkeys(methods, 0.0)
-    for order in (methods, methods[::-1]):  # interleaved, both orders: machine noise hits all alike
+    for _, shared in COST_MODES:  # warm-up: first-call allocations are not the method's cost
+        for m in methods:
+            _share(trial_est.estimators[m], plen, shared)
+        trial_est.score(rows[:1], methods)
+    wall = {mode: dict.fromkeys(methods, 0.0) for mode, _ in COST_MODES}
+    fed: dict[str, dict[str, list[float]]] = {mode: {} for mode, _ in COST_MODES}
+    for order, modes in ((methods, COST_MODES), (methods[::-1], COST_MODES[::-1])):  # machine noise hits all alike
         for m in order:
-            trial_est.estimators[m].forget()  # nothing cached from the warm-up or the other order
-            t0 = time.perf_counter()
-            trial_est.score(rows, [m])  # one batched pass over the answers, as the score stage runs it
-            wall[m] += (time.perf_counter() - t0) / 2
-    flops, passes = {}, {}
+            est = trial_est.estimators[m]
+            for mode, shared in modes:
+                _share(est, plen, shared)
+                est.forget()  # nothing cached from the warm-up, the other mode or the other order
+                before = [src.fed for src, _ in _sources(est)]
+                t0 = time.perf_counter()
+                trial_est.score(rows, [m])  # one batched pass over the answers, as the score stage runs it
+                wall[mode][m] += (time.perf_counter() - t0) / 2
+                # positions per scored token, each pass's rows counted once
+                fed[mode][m] = [(src.fed - b) / rows_per / max(tokens, 1)
+                                for (src, rows_per), b in zip(_sources(est), before, strict=True)]
+    flops, passes, parts = {}, {}, {}
     for m in methods:
         ens = trial_est.estimators[m] if isinstance(trial_est.estimators[m], estimators.DraftEnsemble) else None
         kind = ESTIMATORS[named("estimate") if ens else m]
         k_target = cfg.eval.tokur_size if m == named("reference") else cfg.eval.family_size
         n_t, n_k = kind.passes(k_target, len(ens.names) if ens else 0)
+        if ens is not None and ens.proxy_in_drafts:  # p_mix is a row of the drafts' pass, not a target pass
+            n_t, n_k = n_t - 1, n_k + 1
         n_d = cost.parameters(ens.drafts.get_base_model()) if ens else 0
         trunk = getattr(ens.runner, "trunk", 0) if ens else 0  # layers the fused forward runs once for all K
         n_s = cost.trunk_parameters(ens.drafts, trunk) if ens else 0
-        flops[m] = cost.flops_per_token(target_params=n_target, target_passes=n_t, draft_params=n_d, draft_passes=n_k,
-                                        shared_params=n_s)
+        draft_part = cost.flops_per_token(target_params=0, target_passes=0, draft_params=n_d, draft_passes=n_k,
+                                          shared_params=n_s)
+        target_part = cost.flops_per_token(target_params=n_target, target_passes=n_t)
+        flops[m] = draft_part + target_part
+        parts[m] = [draft_part, target_part] if ens and ens.proxy_source is not None else \
+            [draft_part if ens else target_part]  # in the order of _sources
         shared = f", the first {trunk} layers ({n_s / 1e6:.1f}M) once" if n_s else ""
-        passes[m] = (f"{n_k} x draft ({n_d / 1e6:.1f}M){shared} + {n_t} x proxy ({n_target / 1e6:.1f}M)" if ens else
-                     f"{n_t} x target ({n_target / 1e6:.1f}M)")
+        if ens is None:
+            passes[m] = f"{n_t} x target ({n_target / 1e6:.1f}M)"
+        elif ens.proxy_in_drafts:
+            passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M; the proxy is row {n_k} on the draft base){shared}"
+        else:
+            passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M){shared} + {n_t} x proxy ({n_target / 1e6:.1f}M)"
     reference, proposed = named("reference"), named("proposed")
-    rel_wall = cost.relative(wall, reference)
-    result = {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "device": str(trial_est.device),
-              "threads": torch.get_num_threads(), "reference": reference,
-              "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], "wall_s": wall[m],
-                              "ms_per_token": 1000 * wall[m] / max(tokens, 1)} for m in methods},
-              "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall, "comparisons": {}}
+    modes = {}
+    for mode, _ in COST_MODES:
+        fed_flops = {m: sum(f * x for f, x in zip(parts[m], fed[mode][m], strict=True)) for m in methods}
+        modes[mode] = {"methods": {m: {"wall_s": wall[mode][m], "ms_per_token": 1000 * wall[mode][m] / max(tokens, 1),
+                                       "fed_flops_per_token": fed_flops[m],
+                                       "positions_per_token": [round(x, 4) for x in fed[mode][m]]} for m in methods},
+                       "wall_rel_reference": cost.relative(wall[mode], reference),
+                       "fed_flops_rel_reference": cost.relative(fed_flops, reference)}
+    full = modes[COST_MODES[0][0]]
+    rel_wall = full["wall_rel_reference"]
+    result = {"answers": len(rows), "tokens": tokens, "prompt_tokens": prompt_tokens, "shared_prefix": plen,
+              "device": str(trial_est.device), "threads": torch.get_num_threads(), "reference": reference,
+              "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], **full["methods"][m]} for m in methods},
+              "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall,
+              "modes": modes, "comparisons": {}}
     if proposed in rel_wall:  # the paper: the drafts cost less than TokUR (a measurement, no interval)
-        r = rel_wall[proposed]
-        result["comparisons"][f"{proposed} vs {reference} cost"] = {
-            "claim": f"wall time {proposed} / {reference} per scored token, measured side by side (paper: < 1)",
-            "ratio": r, "verdict": "agrees" if r < 1 else "disagrees"}
+        for mode, _ in COST_MODES:
+            r = modes[mode]["wall_rel_reference"][proposed]
+            key = f"{proposed} vs {reference} cost" + ("" if mode == COST_MODES[0][0] else f", {mode}")
+            result["comparisons"][key] = {
+                "claim": f"wall time {proposed} / {reference} per scored token, {mode}, measured side by side "
+                         "(paper: < 1)", "ratio": r, "verdict": "agrees" if r < 1 else "disagrees"}
     return result

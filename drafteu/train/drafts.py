@@ -120,22 +120,14 @@ class DraftsConfig(DraftSettings):
     location_fields = ("samples", "out", "base", "konly_from", "device")
 
     def identity(self) -> dict:
-        """The settings, the content of the samples file and what the base is (``base_identity``)."""
+        """The settings, the content of the samples file and what the base is (``contract.base_identity``)."""
         path = Path(self.samples)
-        return runio.fields_identity(self) | {"base": base_identity(self.base),
+        return runio.fields_identity(self) | {"base": contract.base_identity(self.base),
                                               "samples_sha256": runio.file_digest(path) if path.is_file() else None}
 
     @property
     def size(self) -> int:
         return self.partitions * self.per_partition
-
-
-def base_identity(base: str) -> str:
-    """What a draft base is: a base drafteu built (``train-draft-base``, a run's ``draft_base/``)
-    is the digest of the inputs it was made from, wherever it has been copied; anything else (a
-    sibling's hub id or directory) is its spec as given."""
-    stamp = contract.read_stamp(Path(base) / contract.STAMP) if Path(base).is_dir() else None
-    return f"drafteu:{stamp['digest']}" if stamp else str(base)
 
 
 def adapter_names(cfg: DraftsConfig) -> list[str]:

@@ -8,8 +8,13 @@ minimizer is the teachers' mean (the BMA), which is why forward, not reverse, KL
 Teacher and student share one copy of the target's weights: the noise members and the proxy are
 adapters on the same PEFT model (teachers run in one mixed-adapter batch, eval mode, no grad).
 
-Outputs ``<out>/adapter/`` (a PEFT adapter on the target), ``config.yaml``, ``manifest.json``
-(including the held-out check below).
+With ``base: draft_base`` the adapter sits on the draft base instead (a self-draft: the target
+quantized; docs/method.md §8): the student is the draft base + LoRA, the teachers are still noise
+members of the float target, and at scoring time p_mix is one more row of the drafts' fused pass -
+K + 1 rows over one set of base weights, no target pass (the paper's cost accounting).
+
+Outputs ``<out>/adapter/`` (a PEFT adapter on the target, or on the draft base), ``config.yaml``,
+``manifest.json`` (including the held-out check below; ``base`` and, on a draft base, its identity).
 
 Held-out check (Table 4's question, in its simplest form): on held-out responses, the mean
 per-token KL(p_ref || p) from the mean p_ref of a fixed reference family (K_ref members, seeds
@@ -45,6 +50,7 @@ from drafteu.train.loop import (
 )
 
 PROXY = "proxy"
+BASES = ("target", "draft_base")  # what the proxy's adapter sits on
 
 
 @dataclass(kw_only=True)
@@ -62,9 +68,14 @@ class ProxySettings:
     warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps (when warmup_steps is 0)"})
     heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
+    base: str = field(default="target", metadata={
+        "help": "what p_mix's LoRA sits on: 'target' (the paper: one target pass per scored token) or 'draft_base' "
+                "(a self-draft base: p_mix is one more row of the drafts' fused pass, no target pass)"})
 
     def __post_init__(self):
         runio.require_finite(self)
+        if self.base not in BASES:
+            raise DraftEUError(f"proxy base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.n_teacher < 1:
             raise DraftEUError(f"n_teacher must be >= 1, got {self.n_teacher}")
         if not 0 <= self.heldout < 1:
@@ -75,28 +86,39 @@ class ProxySettings:
         if self.reference_size < 1:
             raise DraftEUError(f"reference_size must be >= 1, got {self.reference_size}")
 
+    def identity(self) -> dict:
+        """The settings (``base`` only when it is not the target: runs made before the option keep
+        their identity)."""
+        return runio.fields_identity(self, skip=("base",) if self.base == "target" else ())
+
 
 @dataclass(kw_only=True)
 class ProxyConfig(ProxySettings):
     """`drafteu train-proxy`: OSD for p_mix."""
 
     samples: list[Path] = field(metadata={"help": "samples.jsonl files of noisy-teacher answers (mixed equally)"})
-    out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target)"})
+    out: Path = field(metadata={"help": "output directory (a PEFT adapter on the target, or on the draft base)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
     noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the fresh teachers' noise"})
     seed: int = field(default=0, metadata={"help": "seed of teachers, data order and held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    draft_base: str | None = field(default=None, metadata={
+        "help": "with --base draft_base: the draft base (a train-draft-base directory, a quantized self-draft, "
+                "or a sibling's hub id / directory)"})
 
-    location_fields = ("samples", "out", "device")  # where the run lives: not part of its identity
+    location_fields = ("samples", "out", "device", "draft_base")  # where the run lives: not part of its identity
 
     def __post_init__(self):
         super().__post_init__()
         self.samples = [Path(p) for p in (self.samples if isinstance(self.samples, (list, tuple)) else [self.samples])]
         self.out = Path(self.out)
+        if (self.base == "draft_base") != (self.draft_base is not None):
+            raise DraftEUError("--base draft_base needs --draft-base DIR (and --draft-base needs --base draft_base)")
 
     def identity(self) -> dict:
-        """The settings and the content of the samples files (not where they are)."""
-        return runio.fields_identity(self) | {"samples_sha256": [_content(p) for p in self.samples]}
+        """The settings and the content of the samples files and of the draft base (not where they are)."""
+        out = super().identity() | {"samples_sha256": [_content(p) for p in self.samples]}
+        return out | ({"draft_base": contract.base_identity(self.draft_base)} if self.draft_base is not None else {})
 
 
 def _content(path: Path) -> str | None:
@@ -130,14 +152,28 @@ class HeldoutCheck:
     Neither the reference family nor the raw target trains, so their part - the family's mean per
     batch and the raw target's KL - is computed on the first call and kept while the means fit in
     ``cache_bytes``; every later check (``train.eval_every``) then runs the proxy alone.  The numbers
-    are those of a check computed from scratch (the same forwards on the same batches)."""
+    are those of a check computed from scratch (the same forwards on the same batches).
+    ``student``: the proxy's model when it is not the target's (a draft base + the proxy adapter);
+    ``vocab``: the logits the two models share (None: all)."""
 
     def __init__(self, noisy: NoisyModel, examples, pad_id: int, reference: list[str], batch_size: int = 4,
-                 cache_bytes: int = REFERENCE_CACHE_BYTES, share_prefix: bool = False):
+                 cache_bytes: int = REFERENCE_CACHE_BYTES, share_prefix: bool = False, student=None,
+                 vocab: int | None = None):
         self.noisy, self.examples, self.pad_id, self.reference = noisy, examples, pad_id, reference
         self.batch_size, self.cache_bytes, self.share_prefix = batch_size, cache_bytes, share_prefix
+        self.student, self.vocab = student, vocab
         self._refs: list[torch.Tensor] | None = None
         self._target: tuple[float, float] | None = None  # (sum of the raw target's KL, tokens)
+
+    def _proxy_logits(self, batch) -> torch.Tensor:
+        if self.student is None:
+            return window_logits(self.noisy.model, batch, adapters=[PROXY])[0]
+        was = self.student.training
+        self.student.eval()
+        try:
+            return _cut(window_logits(self.student, batch), self.vocab)
+        finally:
+            self.student.train(was)
 
     @torch.no_grad()
     def __call__(self) -> dict:
@@ -150,7 +186,7 @@ class HeldoutCheck:
             if self._refs is not None:
                 ref = self._refs[n]
             else:
-                ref = divergence.mixture(window_logits(noisy.model, batch, adapters=self.reference))  # (B, W, V)
+                ref = divergence.mixture(_cut(window_logits(noisy.model, batch, adapters=self.reference), self.vocab))
                 kept += ref.numel() * ref.element_size()
                 keep = keep and kept <= self.cache_bytes
                 if keep:
@@ -159,9 +195,9 @@ class HeldoutCheck:
                     refs.clear()  # too large to keep: recomputed next time
             if self._target is None:
                 with noisy.base() as m:
-                    raw = window_logits(m, batch)
+                    raw = _cut(window_logits(m, batch), self.vocab)
                 raw_sum += float((divergence.kl(ref, raw) * mask).sum())
-            proxy = window_logits(noisy.model, batch, adapters=[PROXY])[0]
+            proxy = self._proxy_logits(batch)
             proxy_sum += float((divergence.kl(ref, proxy) * mask).sum())
             count += float(mask.sum())
         if keep and refs:
@@ -173,18 +209,23 @@ class HeldoutCheck:
                 "tokens": self._target[1]}
 
 
-def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict) -> torch.Tensor:
+def _cut(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    return logits if vocab is None else logits[..., :vocab]
+
+
+def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict, vocab: int | None = None) -> torch.Tensor:
     """One OSD micro-batch: draw the teachers' noise afresh - from (seed, the micro-batch index), so a
     resumed run draws what an uninterrupted one does - and return the mean over teachers of the
-    forward KL(p_teacher || p_mix) on the response tokens (``loop.kd_loss``).  ``model`` is
-    ``noisy.model`` with the proxy adapter active."""
+    forward KL(p_teacher || p_mix) on the response tokens (``loop.kd_loss``).  ``model`` is p_mix: the
+    target (``noisy.model``) with the proxy adapter active, or a draft base with it (``vocab``: the
+    logits it shares with the target)."""
     for k, name in enumerate(teachers):
         noisy.set_member(name, member_seed("osd", seed, batch["micro"] + 1, k))  # re-drawn in place
-    model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
+    noisy.model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
     with torch.no_grad():
-        t = window_logits(noisy.model, batch, adapters=teachers)  # (N, B, W, V)
+        t = _cut(window_logits(noisy.model, batch, adapters=teachers), vocab)  # (N, B, W, V)
     model.train()
-    return kd_loss(t, window_logits(model, batch), batch["loss_mask"])
+    return kd_loss(t, _cut(window_logits(model, batch), vocab), batch["loss_mask"])
 
 
 def run(cfg: ProxyConfig) -> dict:
@@ -215,29 +256,51 @@ def _run(cfg: ProxyConfig) -> dict:
     # LoRA's initialization and dropout draw from torch's global generator: seed it, so the proxy
     # does not depend on what the process did before (a resumed `reproduce` starts at another stage)
     torch.manual_seed(member_seed("proxy", cfg.seed))
-    noisy.model.add_adapter(PROXY, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                              target_modules=list(cfg.lora_modules), bias="none"))
-    noisy.model.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
-    for n, p in noisy.model.named_parameters():
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_modules), bias="none")
+    student, vocab, extra = _student(cfg, lm, config)
+    if student is None:  # the paper's proxy: an adapter on the target, next to the teachers
+        noisy.model.add_adapter(PROXY, config)
+        student = noisy.model
+    student.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
+    for n, p in student.named_parameters():
         p.requires_grad_(f".{PROXY}." in n)
-    loss_fn = functools.partial(osd_loss, noisy, teachers, cfg.seed)
+    if student is not noisy.model:
+        noisy.model.requires_grad_(False)  # the teachers never train
+    loss_fn = functools.partial(osd_loss, noisy, teachers, cfg.seed, vocab=vocab)
     tc = dataclasses.replace(cfg.train)  # a copy: the caller's config is never changed
     steps = optimizer_steps(len(train_ex), tc, int(os.environ.get("WORLD_SIZE", "1")))
     tc.warmup_steps = tc.warmup_steps or max(0, round(cfg.warmup_ratio * steps))
 
     last: dict = {}  # the latest held-out check: the one after the last step when fit measured it
-    check_heldout = HeldoutCheck(noisy, held_ex, pad, reference, share_prefix=bool(tc.share_prefix))
+    check_heldout = HeldoutCheck(noisy, held_ex, pad, reference, share_prefix=bool(tc.share_prefix),
+                                 student=None if student is noisy.model else student, vocab=vocab)
 
     def held_kl(model) -> float:  # the plateau's measure: how far p_mix is from the family mean, held out
         last.update(check_heldout())
         return last["kl_ref_mean_to_proxy"]
 
-    stats = fit(noisy.model, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)",
+    stats = fit(student, train_ex, loss_fn, tc, cfg.out / "trainer", pad_id=pad, seed=cfg.seed, desc="proxy (OSD)",
                 heldout=held_kl if held_ex and tc.eval_every else None)
-    noisy.model.eval()
+    student.eval()
     # fit measures after the last step unless a resumed checkpoint already had it: computed once
     check = dict(last) or (check_heldout() if held_ex else {})
-    adapters.save_adapter(noisy.model, PROXY, cfg.out / "adapter")
+    adapters.save_adapter(student, PROXY, cfg.out / "adapter")
     runio.write_config(cfg.out, cfg)
     return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
-                                heldout_examples=len(held_ex), n_teacher=cfg.n_teacher, train=stats, heldout=check)
+                                heldout_examples=len(held_ex), n_teacher=cfg.n_teacher, train=stats, heldout=check,
+                                base=cfg.base, **extra)
+
+
+def _student(cfg: ProxyConfig, target: models.LoadedModel, config):
+    """(p_mix's model with the proxy adapter, the vocabulary it shares with the target, manifest fields)
+    for ``base: draft_base``; (None, None, {}) for the target (the adapter goes on it, next to the teachers)."""
+    from peft import get_peft_model
+
+    if cfg.base == "target":
+        return None, None, {}
+    base = models.load(cfg.draft_base, device=cfg.device)
+    vocab = models.shared_vocab_size(target, base)
+    torch.manual_seed(member_seed("proxy", cfg.seed))  # as on the target: loading may have drawn
+    student = get_peft_model(base.model, config, adapter_name=PROXY)
+    return student, vocab, {"draft_base": str(cfg.draft_base), "draft_base_identity": contract.base_identity(cfg.draft_base, resolve=True)}
