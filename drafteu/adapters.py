@@ -42,13 +42,13 @@ def lora_config(r: int, alpha: int, dropout: float, modules: str | list[str] | t
                       layers_pattern="layers" if layers is not None else None)
 
 
-def top_layers(model, count: int | None) -> list[int] | None:
+def top_layers(model, count: int | None, key: str = "drafts.lora_layers") -> list[int] | None:
     """The indices of ``model``'s last ``count`` decoder layers (None: every layer)."""
     if count is None:
         return None
     total = model.config.num_hidden_layers
     if not 1 <= count <= total:
-        raise DraftEUError(f"drafts.lora_layers is {count}, but the draft base has {total} layers; choose 1..{total} "
+        raise DraftEUError(f"{key} is {count}, but the model it applies to has {total} layers; choose 1..{total} "
                            "(or null: every layer)")
     return list(range(total - count, total))
 

@@ -134,3 +134,8 @@ def modules(cfg: ExperimentConfig) -> None:
     if d.lora_layers is not None and d.lora_layers > base_depth:
         raise DraftEUError(f"drafts.lora_layers is {d.lora_layers}, but the draft base has {base_depth} layers; choose "
                            f"1..{base_depth} (or null: every layer)")
+    proxy_depth = base_depth if cfg.proxy.base == "draft_base" else depth
+    if cfg.proxy.lora_layers is not None and cfg.proxy.lora_layers > proxy_depth:
+        raise DraftEUError(f"proxy.lora_layers is {cfg.proxy.lora_layers}, but the "
+                           f"{'draft base' if cfg.proxy.base == 'draft_base' else 'target'} has {proxy_depth} layers; "
+                           f"choose 1..{proxy_depth} (or null: every layer)")

@@ -121,6 +121,29 @@ def test_a_proxy_trained_on_the_draft_base_is_row_k_of_the_drafts_pass(built, ti
         assert torch.equal(top_ids, logp.topk(2, dim=-1).indices)
 
 
+def test_drafts_and_proxy_on_the_top_layers_share_the_trunk(built, tiny_dir):
+    """Drafts and the proxy with LoRA on the top layer only: the K + 1 rows run the layer below once
+    (``FusedDrafts.trunk``), with the numbers of one PEFT forward per adapter."""
+    root, _ = built
+    samples = root / "data" / "samples.jsonl"
+    fast = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=2)
+    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "top-drafts", base=str(root / "int8"),
+                                   target=str(tiny_dir), method="ddd", partitions=2, per_partition=1, lora_layers=1,
+                                   train=fast))
+    proxy.run(proxy.ProxyConfig(samples=[samples], out=root / "top-proxy", target=str(tiny_dir), base="draft_base",
+                                draft_base=str(root / "int8"), heldout=0.0, lora_layers=1, train=fast))
+    ens = estimators.DraftEnsemble(root / "top-drafts" / "ddd", models.load(str(tiny_dir)), root / "top-proxy" / "adapter")
+    depth = ens.drafts.get_base_model().config.num_hidden_layers
+    assert ens.proxy_in_drafts and ens.runner.trunk == depth - 1  # every layer below the top one, once
+    pairs = [([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 12], [13, 14])]
+    fused = ens.score_batch(pairs)
+    ens.batched = False
+    for a, b in zip(fused, ens.score_batch(pairs), strict=True):
+        assert torch.allclose(a.eu, b.eu, atol=1e-5) and torch.allclose(a.bias, b.bias, atol=1e-5)
+    with pytest.raises(DraftEUError, match="proxy lora_layers must be >= 1"):
+        proxy.ProxyConfig(samples=[samples], out=root / "p", target=str(tiny_dir), lora_layers=0)
+
+
 def test_a_proxy_on_another_draft_base_is_refused(built, tiny_dir, tmp_path):
     root, _ = built
     samples = root / "data" / "samples.jsonl"

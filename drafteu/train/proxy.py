@@ -68,9 +68,14 @@ class ProxySettings:
     warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps (when warmup_steps is 0)"})
     heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
+    lora_layers: int | None = field(default=None, metadata={
+        "help": "LoRA on the top N decoder layers only (None: every layer); on the draft base, the drafts' "
+                "drafts.lora_layers keeps the trunk below them shared by all K + 1 rows"})
     base: str = field(default="target", metadata={
         "help": "what p_mix's LoRA sits on: 'target' (the paper: one target pass per scored token) or 'draft_base' "
                 "(a self-draft base: p_mix is one more row of the drafts' fused pass, no target pass)"})
+
+    optional_fields = ("lora_layers",)  # unset: the identity of proxies made before the option existed
 
     def __post_init__(self):
         runio.require_finite(self)
@@ -85,6 +90,8 @@ class ProxySettings:
             raise DraftEUError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.reference_size < 1:
             raise DraftEUError(f"reference_size must be >= 1, got {self.reference_size}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise DraftEUError(f"proxy lora_layers must be >= 1 (or null: every layer), got {self.lora_layers}")
 
     def identity(self) -> dict:
         """The settings (``base`` only when it is not the target: runs made before the option keep
@@ -256,11 +263,15 @@ def _run(cfg: ProxyConfig) -> dict:
     # LoRA's initialization and dropout draw from torch's global generator: seed it, so the proxy
     # does not depend on what the process did before (a resumed `reproduce` starts at another stage)
     torch.manual_seed(member_seed("proxy", cfg.seed))
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_modules), bias="none")
+    def config(model):
+        layers = adapters.top_layers(model, cfg.lora_layers, "proxy.lora_layers")
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_modules), bias="none", layers_to_transform=layers,
+                          layers_pattern="layers" if layers is not None else None)
+
     student, vocab, extra = _student(cfg, lm, config)
     if student is None:  # the paper's proxy: an adapter on the target, next to the teachers
-        noisy.model.add_adapter(PROXY, config)
+        noisy.model.add_adapter(PROXY, config(lm.model))
         student = noisy.model
     student.set_adapter(PROXY)  # PEFT: only the active adapter's weights require grad
     for n, p in student.named_parameters():
@@ -293,7 +304,8 @@ def _run(cfg: ProxyConfig) -> dict:
 
 
 def _student(cfg: ProxyConfig, target: models.LoadedModel, config):
-    """(p_mix's model with the proxy adapter, the vocabulary it shares with the target, manifest fields)
+    """(p_mix's model with the proxy adapter (``config(model)``: its LoRA config), the vocabulary it
+    shares with the target, manifest fields)
     for ``base: draft_base``; (None, None, {}) for the target (the adapter goes on it, next to the teachers)."""
     from peft import get_peft_model
 
@@ -302,5 +314,5 @@ def _student(cfg: ProxyConfig, target: models.LoadedModel, config):
     base = models.load(cfg.draft_base, device=cfg.device)
     vocab = models.shared_vocab_size(target, base)
     torch.manual_seed(member_seed("proxy", cfg.seed))  # as on the target: loading may have drawn
-    student = get_peft_model(base.model, config, adapter_name=PROXY)
+    student = get_peft_model(base.model, config(base.model), adapter_name=PROXY)
     return student, vocab, {"draft_base": str(cfg.draft_base), "draft_base_identity": contract.base_identity(cfg.draft_base, resolve=True)}
