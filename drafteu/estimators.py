@@ -463,10 +463,11 @@ class DraftEnsemble(Estimator):
         config = getattr(self.drafts, "peft_config", {})
         if not set(config) - set(self.rows):
             return  # the base's only adapters: they go with the model
+        # another ensemble's adapter active first: PEFT warns when the active adapter is deleted
+        self.drafts.set_adapter(next(n for n in config if n not in self.rows))
         for name in self.rows:
             if name in config:
                 self.drafts.delete_adapter(name)
-        self.drafts.set_adapter(next(iter(config)))  # PEFT keeps a deleted adapter active
         self.source.invalidate()
 
     @property
