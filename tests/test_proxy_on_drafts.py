@@ -211,3 +211,19 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
     assert full["ddd"]["fed_flops_per_token"] == pytest.approx(c["flops_per_token"] * len(answers) * width / tokens,
                                                                rel=1e-3)
     assert set(cst["modes"]["prefix shared"]["wall_rel_reference"]) == set(full)
+
+
+def test_proxy_keys_are_checked_against_the_model_they_apply_to(tmp_path, tiny_dir):
+    """proxy.lora_layers and proxy.lora_modules name layers and modules of the draft base with
+    ``proxy.base: draft_base`` (of the target otherwise): one-line errors before any work."""
+    from drafteu import preflight
+
+    d = tiny_config(tiny_dir)
+    d["draft_base"] = {"model": "quantize", "heldout": 0.25}
+    for patch, message in (({"lora_layers": 99}, "proxy.lora_layers is 99, but the draft base has"),
+                           ({"lora_modules": ["bogus_proj"]}, "proxy.lora_modules: bogus_proj is not a linear module "
+                                                              "of the draft base")):
+        d["proxy"] = tiny_config(tiny_dir)["proxy"] | {"base": "draft_base"} | patch
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+        with pytest.raises(DraftEUError, match=message):
+            preflight.modules(load_experiment(tmp_path / "c.yaml"))
