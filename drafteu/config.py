@@ -10,7 +10,7 @@ from pathlib import Path
 from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, METHODS
-from drafteu.hardware import DEVICE_HELP
+from drafteu.hardware import DEVICE_HELP, KERNEL_HELP, SCORING_KERNELS
 from drafteu.posterior import NoiseConfig
 
 MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
@@ -61,11 +61,14 @@ class ScoreConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})
     dtype: str = field(default="auto", metadata={"help": "dtype of every model (target, drafts, proxy): auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    draft_kernel: str = field(default="recipe", metadata={"help": "with --method drafts: " + KERNEL_HELP})
     json: Path | None = field(default=None, metadata={"help": "write the per-token result as JSON here"})
 
     def __post_init__(self):
         if not self.question or not self.question.strip():
             raise DraftEUError("--question is empty; pass the problem text to score")
+        if self.draft_kernel not in SCORING_KERNELS:
+            raise DraftEUError(f"--draft-kernel {self.draft_kernel!r}: choose one of {', '.join(SCORING_KERNELS)}")
         if self.method not in METHODS:
             raise DraftEUError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "drafts" and self.drafts is None:
@@ -233,9 +236,12 @@ class EvalSection:
     proxy_questions: int | None = field(default=None, metadata={"help": "questions used for proxy robustness (None: all)"})
     cost_responses: int = field(default=16, metadata={"help": "responses timed per method for the cost table"})
     heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
+    draft_kernel: str = field(default="recipe", metadata={"help": KERNEL_HELP})
 
     def __post_init__(self):
         runio.require_finite(self)
+        if self.draft_kernel not in SCORING_KERNELS:
+            raise DraftEUError(f"eval.draft_kernel must be one of {', '.join(SCORING_KERNELS)}, got {self.draft_kernel!r}")
         if self.temperature < 0:
             raise DraftEUError(f"eval.temperature must be >= 0 (0: greedy answers), got {self.temperature}")
         if self.questions is not None and self.questions < 1:

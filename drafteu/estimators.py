@@ -310,21 +310,22 @@ class DraftBases:
         self._models: dict[tuple, list] = {}  # key -> [model (plain, then the PeftModel), LoadedModel]
         self._count = 0
 
-    def get(self, spec: str, dtype: str, device):
-        """(the base's current model, its LoadedModel, a fresh adapter-name prefix)."""
+    def get(self, spec: str, dtype: str, device, kernel: str = "recipe"):
+        """(the base's current model, its LoadedModel, a fresh adapter-name prefix); ``kernel``: what a
+        quantized self-draft scores on (``models.load``)."""
         from drafteu import models
 
-        key = (spec, dtype, str(device))
+        key = (spec, dtype, str(device), kernel)
         if key not in self._models:
-            lm = models.load(spec, dtype=dtype, device=device)
+            lm = models.load(spec, dtype=dtype, device=device, kernel=kernel)
             self._models[key] = [lm.model, lm]
         self._count += 1
         model, lm = self._models[key]
         return model, lm, f"e{self._count}_"
 
-    def put(self, spec: str, dtype: str, device, model) -> None:
+    def put(self, spec: str, dtype: str, device, model, kernel: str = "recipe") -> None:
         """The base's model after adapters were added (PEFT wraps it on the first)."""
-        self._models[(spec, dtype, str(device))][0] = model
+        self._models[(spec, dtype, str(device), kernel)][0] = model
 
 
 def _check_proxy_base(manifest: dict, base_spec: str, proxy_dir) -> None:
@@ -350,7 +351,9 @@ class DraftEnsemble(Estimator):
     from the prompts scored, for a server).  Logits are cut to the vocabulary range the models share
     and reduced a chunk of positions at a time.  ``dtype`` is the drafts' (``models.load``'s
     choices); divergences are always computed in float32.  ``device``: the drafts' device (default:
-    the target's).
+    the target's).  ``kernel`` (``hardware.SCORING_KERNELS``): what an int8 self-draft's members score
+    on - the weights they trained on, or int8 dynamic activations (``quantize.for_scoring``); the
+    choice made is ``self.kernel``.
     """
 
     name = "drafts"
@@ -359,7 +362,7 @@ class DraftEnsemble(Estimator):
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
                  batched: bool = True, dtype: str = "auto", prefix_len: int | str = 0,
                  proxy_source: HiddenSource | None = None, bases: DraftBases | None = None,
-                 share_prompts: bool = True, target_rows: bool = False):
+                 share_prompts: bool = True, target_rows: bool = False, kernel: str = "recipe"):
 
         from drafteu import adapters, models
 
@@ -375,7 +378,8 @@ class DraftEnsemble(Estimator):
         if device is None:  # next to the target, else where ``device: auto`` puts models
             device = next(target.model.parameters()).device if target.model is not None else "auto"
         self.bases = bases or DraftBases()
-        model, base, tag = self.bases.get(self.base_spec, dtype, device)
+        model, base, tag = self.bases.get(self.base_spec, dtype, device, kernel)
+        self.kernel = base.kernel  # a quantized self-draft: what its layers score on (None: a float base)
         self.vocab = models.shared_vocab_size(target, base)
         self.names = [f"{tag}{n}" for n in self.adapters]
         for n, name in zip(self.adapters, self.names, strict=True):
@@ -387,7 +391,7 @@ class DraftEnsemble(Estimator):
             _check_proxy_base(proxy_manifest(proxy_dir), self.base_spec, proxy_dir)
             rows.append(f"{tag}proxy")
             model = load_adapter(model, Path(proxy_dir), rows[-1])
-        self.bases.put(self.base_spec, dtype, device, model)
+        self.bases.put(self.base_spec, dtype, device, model, kernel)
         self.drafts = model.eval()
         self.rows = rows  # the drafts' pass: the K drafts, then p_mix when it is on their base
         self.runner = adapters.k_adapter_model(self.drafts, rows)

@@ -55,6 +55,7 @@ class LoadedModel:
     tokenizer: object
     name: str
     vocab_out: int | None = None  # number of output logits (config.vocab_size when no model)
+    kernel: str | None = None  # a quantized self-draft: what its linear layers run on, and why
 
     def output_size(self) -> int:
         if self.model is not None:
@@ -292,6 +293,7 @@ def load(
     dtype: str = "auto",
     device: str | torch.device = "auto",
     tokenizer_only: bool = False,
+    kernel: str = "recipe",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local dir, a .gguf file or ``embedded``.
 
@@ -299,6 +301,9 @@ def load(
     ``device``: auto (cuda when available, else cpu) or a torch device; the weights are
     materialized there directly, never staged in host memory first.  ``dtype``: auto (bfloat16 on
     GPUs with native bf16, else float32; ``hardware.resolve_dtype``), float32, bfloat16 or float16.
+    ``kernel`` (``hardware.SCORING_KERNELS``): an int8 weight-only self-draft loaded for scoring may run
+    its linear layers with int8 activations instead (same int8 weights, per-token activation scales);
+    anything else loads as it is (the choice falls back to the recipe, and ``kernel`` says why).
     """
     from transformers import AutoModelForCausalLM
 
@@ -308,9 +313,12 @@ def load(
         from drafteu import quantize
 
         lm = load(recipe["target"], dtype=dtype, device=device, tokenizer_only=tokenizer_only)
+        q = quantize.QuantizeSettings(**recipe["quantize"])
+        how = None
         if lm.model is not None:
-            quantize.apply(lm.model, quantize.QuantizeSettings(**recipe["quantize"]))
-        return LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name=spec, vocab_out=lm.vocab_out)
+            q, how = quantize.for_scoring(q, kernel, next(lm.model.parameters()).device)
+            quantize.apply(lm.model, q)
+        return LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name=spec, vocab_out=lm.vocab_out, kernel=how)
     device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)
     if gguf_file is None and not Path(path).exists() and not tokenizer_only:

@@ -319,8 +319,8 @@ BASE_FILE = {"truncate": "config.json", "quantize": "quantized.json"}  # what a 
 def _stages() -> tuple[Stage, ...]:
     from drafteu.evaluate import scoring, stages
 
-    def keys(*ks):
-        return lambda cfg: pick(cfg, *ks)
+    def keys(*ks):  # eval.draft_kernel only when set: runs made before the option keep their identity
+        return lambda cfg: pick(cfg, *ks, *(("eval.draft_kernel",) if cfg.eval.draft_kernel != "recipe" else ()))
 
     trained = ("eval_samples", "drafts", "proxy")
     model = ("target", "dtype", "seed", "noise")

@@ -129,6 +129,26 @@ def kernel(q: QuantizeSettings, device: torch.device) -> str:
             + ("" if device.type == "cuda" else "; torchao 0.18 has no int4 CPU kernel"))
 
 
+def for_scoring(q: QuantizeSettings, wanted: str, device: torch.device) -> tuple[QuantizeSettings, str]:
+    """The recipe a self-draft is *scored* with under ``wanted`` (``hardware.SCORING_KERNELS``), and a
+    line saying what runs: int8 weight-only becomes int8 dynamic (the same per-channel int8 weights,
+    activations quantized per token: torchao's int8 GEMM) when asked, or under ``auto`` when
+    ``hardware.scoring_kernel`` measured it faster.  Anything else stays as trained (int4, grouped
+    weights, already dynamic).  Members never *train* on dynamic: torchao's dynamic linear passes no
+    gradient to its input, so LoRA below a quantized layer would learn nothing."""
+    import dataclasses
+
+    from drafteu import hardware
+
+    choice, why = hardware.scoring_kernel(wanted, device)
+    if choice == "dynamic" and q.bits == 8 and q.scheme == "weight-only" and q.groups is None:
+        q = dataclasses.replace(q, scheme="dynamic")
+        return q, f"{q.name} ({why}): {kernel(q, device)}"
+    if choice == "dynamic" and wanted != "auto" and q.scheme != "dynamic":
+        why = f"{why}, but only an int8 per-channel weight-only recipe has it; kept"
+    return q, f"{q.name} ({why}): {kernel(q, device)}"
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters occupy as stored (low-bit data + scales for quantized ones)."""
     total = 0
@@ -139,4 +159,5 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-__all__ = ["QuantizeSettings", "RECIPE", "apply", "is_quantized", "kernel", "torchao_config", "weight_bytes"]
+__all__ = ["QuantizeSettings", "RECIPE", "apply", "for_scoring", "is_quantized", "kernel", "torchao_config",
+           "weight_bytes"]

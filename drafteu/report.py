@@ -380,7 +380,8 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
             md += _cost_modes(cst)
         base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
         if base.get("kernel"):
-            md += ["", f"The drafts ran on the quantized base as it is: {base['kernel']}; its weights take "
+            ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
+            md += ["", f"The drafts ran on {ran}; its weights take "
                    f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's {base['target_weight_bytes'] / 2**20:.0f} MiB."]
         md.append("")
     checks = claims(fid, rob, hal, cst)

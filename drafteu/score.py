@@ -103,7 +103,8 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
     if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
         drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
-        est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype)
+        est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype,
+                                       kernel=cfg.draft_kernel)
     shots = data.shots_for("score", cfg.shots)
     if items is None:
         prompt_ids = data.format_prompt(lm.tokenizer, cfg.question, shots)
@@ -133,6 +134,8 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
         result = to_json(question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
         if cfg.method == "drafts" and response_ids:
             result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl, est.proxy_fit)
+        if cfg.method == "drafts" and est.kernel is not None:
+            result["draft_kernel"] = est.kernel  # what the self-draft's layers ran on, and why
         results.append(result)
     out = results if items is not None else results[0]
     if cfg.json is not None:

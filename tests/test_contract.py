@@ -95,7 +95,7 @@ OTHER = {"target": "other-model", "dtype": "float32", "device": "cpu", "name": "
          "data.task": "tasks/other.jsonl",
          "generation.backend": "vllm", "draft_base.model": "sibling", "draft_base.data": {"questions": 5},
          "drafts.methods": ["ddd"], "drafts.layouts": [[1, 1]], "drafts.lora_modules": "q_proj",
-         "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "proxy.base": "draft_base",
+         "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "proxy.base": "draft_base", "eval.draft_kernel": "dynamic",
          "eval.task": "tasks/other.jsonl",
          "eval.split": "train", "eval.aggregations": ["max"], "eval.proxy_ks": [2],
          "draft_base.quantize.bits": 4, "draft_base.quantize.group_size": 32, "draft_base.quantize.scheme": "dynamic"}

@@ -185,7 +185,8 @@ def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
         }
         for spec in rundir.trial_ensembles(cfg, trial):
             direct[spec.label] = estimators.DraftEnsemble(rundir.draft_dir(run, cfg, spec, trial),
-                                                          models.load(cfg.target), rundir.proxy_adapter(run))
+                                                          models.load(cfg.target), rundir.proxy_adapter(run),
+                                                          kernel=cfg.eval.draft_kernel)
         for row in answers:
             for method, est in direct.items():
                 r = stored.get((rundir.key_of(row), method, trial))

@@ -144,16 +144,24 @@ def test_drafts_and_proxy_on_the_top_layers_share_the_trunk(built, tiny_dir):
         proxy.ProxyConfig(samples=[samples], out=root / "p", target=str(tiny_dir), lora_layers=0)
 
 
-def test_a_proxy_on_another_draft_base_is_refused(built, tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def int4_drafts(built, tiny_dir):
+    """Untrained drafts on an int4 self-draft of the tiny target: another base than ``built``'s."""
     root, _ = built
     samples = root / "data" / "samples.jsonl"
-    draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=tmp_path / "int4", target=str(tiny_dir),
+    draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / "int4", target=str(tiny_dir),
                                               kind="quantize", quantize=QuantizeSettings(bits=4, group_size=16),
                                               heldout=0.25))
-    drafts.run(drafts.DraftsConfig(samples=samples, out=tmp_path / "drafts", base=str(tmp_path / "int4"),
+    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "d4", base=str(root / "int4"),
                                    target=str(tiny_dir), method="untrained", partitions=2, per_partition=1))
+    return root / "d4" / "untrained"
+
+
+def test_a_proxy_on_another_draft_base_is_refused(built, int4_drafts, tiny_dir, tmp_path):
+    root, _ = built
+    samples = root / "data" / "samples.jsonl"
     with pytest.raises(DraftEUError, match="trained on another draft base"):
-        estimators.DraftEnsemble(tmp_path / "drafts" / "untrained", models.load(str(tiny_dir)), root / "proxy" / "adapter")
+        estimators.DraftEnsemble(int4_drafts, models.load(str(tiny_dir)), root / "proxy" / "adapter")
     with pytest.raises(DraftEUError, match="--draft-base"):
         proxy.ProxyConfig(samples=[samples], out=tmp_path / "p", target=str(tiny_dir), base="draft_base")
     with pytest.raises(DraftEUError, match="proxy base must be one of"):
@@ -188,6 +196,7 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
     pipeline.run(cfg, run, until="cost")
     assert runio.json_load(run / "proxy" / "manifest.json")["base"] == "draft_base"
     _token_eu_equals_the_estimators(cfg, run)  # the stage's rows == DraftEnsemble with the run's proxy
+    assert "weight-only" in runio.json_load(run / "eval" / "cost.json")["draft_kernel"]
     c = runio.json_load(run / "eval" / "cost.json")["methods"]["ddd"]
     assert "row 3 on the draft base" in c["passes"]
     ens = estimators.DraftEnsemble(rundir.draft_dir(run, cfg, rundir.EnsembleSpec("ddd"), 0), models.load(cfg.target),
@@ -196,6 +205,17 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
 
     n_d = cost.parameters(ens.drafts.get_base_model())
     assert c["flops_per_token"] == pytest.approx(2.0 * 3 * n_d)  # K + 1 = 3 draft passes, no target pass
+    # eval.draft_kernel reaches every stage's ensembles (and, set, their identity: the scores are redone)
+    import dataclasses
+
+    from drafteu.evaluate.scoring import TrialEstimators
+
+    dyn = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, draft_kernel="dynamic"))
+    trial = TrialEstimators(dyn, run, rundir.eval_rows(run)[:2])
+    trial.set_trial(0, [rundir.EnsembleSpec("ddd")])
+    assert "int8 dynamic" in trial.estimators["ddd"].kernel
+    redo = {x.stage.name: x.action for x in pipeline.plan(dyn, run)}
+    assert redo["score"] == "recompute" and redo["proxy"] == "skip" and redo["drafts"] == "skip"
     robust = runio.json_load(run / "eval" / "proxy_robustness.json")["estimates"]
     assert {"p_mix", "raw target", "K=1", "K=2"} <= set(robust)
     # the cost stage's two modes: full forwards run every answer whole (padded to the longest), the shared
@@ -227,3 +247,60 @@ def test_proxy_keys_are_checked_against_the_model_they_apply_to(tmp_path, tiny_d
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
         with pytest.raises(DraftEUError, match=message):
             preflight.modules(load_experiment(tmp_path / "c.yaml"))
+
+
+def test_members_score_on_int8_dynamic_when_asked_or_measured_faster(built, int4_drafts, tiny_dir, monkeypatch,
+                                                                     tmp_path):
+    """``kernel``: an int8 weight-only self-draft's members score with int8 activations (the same int8
+    weights; numbers close to, not equal to, the recipe's), ``auto`` follows the machine's measurement,
+    and anything else falls back to the recipe with the reason said."""
+    from drafteu import hardware, quantize
+
+    root, _ = built
+    target = models.load(str(tiny_dir))
+    pairs = [([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 12], [13, 14])]
+    recipe = estimators.DraftEnsemble(root / "drafts" / "ddd", target, root / "proxy" / "adapter")
+    dynamic = estimators.DraftEnsemble(root / "drafts" / "ddd", target, root / "proxy" / "adapter", kernel="dynamic")
+    assert "weight-only" in recipe.kernel and "int8 dynamic" in dynamic.kernel and "as asked" in dynamic.kernel
+    assert type(dynamic.runner).__name__ == "FusedDrafts"
+    def weight(ens):
+        return ens.drafts.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight
+
+    # the same int8 weights; the dynamic ones quantize their activations per token
+    assert quantize.is_quantized(dynamic.drafts) and torch.equal(weight(dynamic).qdata, weight(recipe).qdata)
+    assert weight(dynamic).act_quant_kwargs is not None and weight(recipe).act_quant_kwargs is None
+    for a, b in zip(recipe.score_batch(pairs), dynamic.score_batch(pairs), strict=True):
+        assert torch.allclose(a.eu, b.eu, atol=0.05, rtol=0.2) and not torch.equal(a.eu, b.eu)
+    # auto: the measurement decides
+    for speed, want in ((0.5, "int8 dynamic"), (1.3, "weight-only"), (None, "no int8 dynamic kernel measured")):
+        monkeypatch.setattr(hardware, "int8_dynamic_speed", lambda device_type, s=speed: s)
+        assert want in estimators.DraftEnsemble(root / "drafts" / "ddd", target, kernel="auto").kernel, speed
+    monkeypatch.undo()
+    speed = hardware.int8_dynamic_speed("cpu")  # the real measurement: a ratio of two medians
+    assert speed is None or speed > 0
+    assert hardware.int8_dynamic_speed("cuda") is None
+    # an int4 base has no dynamic kernel: kept as trained, and said so; a float base has no kernel
+    samples = root / "data" / "samples.jsonl"
+    int4 = estimators.DraftEnsemble(int4_drafts, target, kernel="dynamic")
+    assert "int4" in int4.kernel and "kept" in int4.kernel
+    drafts.run(drafts.DraftsConfig(samples=samples, out=tmp_path / "df", base=str(tiny_dir), target=str(tiny_dir),
+                                   method="untrained", partitions=2, per_partition=1))
+    assert estimators.DraftEnsemble(tmp_path / "df" / "untrained", target, kernel="dynamic").kernel is None
+    with pytest.raises(DraftEUError, match="unknown scoring kernel"):
+        hardware.scoring_kernel("fast", torch.device("cpu"))
+
+
+def test_score_cli_runs_the_drafts_on_the_kernel_asked(built, tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from drafteu.cli import app
+
+    root, _ = built
+    base = ["score", "-q", "What is 2 + 3?", "--answer", "5", "--target", str(tiny_dir), "--method", "drafts",
+            "--drafts", str(root / "drafts" / "ddd"), "--proxy", str(root / "proxy" / "adapter")]
+    res = CliRunner().invoke(app, base + ["--draft-kernel", "bogus"])
+    assert res.exit_code == 2 and "--draft-kernel 'bogus'" in res.output
+    res = CliRunner().invoke(app, base + ["--draft-kernel", "dynamic", "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    out = runio.json_load(tmp_path / "o.json")
+    assert "int8 dynamic" in out["draft_kernel"] and len(out["tokens"]) >= 1

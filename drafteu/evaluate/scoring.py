@@ -87,7 +87,7 @@ class TrialEstimators:
                                                                                share_prompts=False)}
             self.estimators[spec.label] = estimators.DraftEnsemble(
                 draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
-                bases=self.bases, share_prompts=share, **proxy)
+                bases=self.bases, share_prompts=share, kernel=cfg.eval.draft_kernel, **proxy)
         for est in previous:  # the previous trial's adapters leave the shared base
             if isinstance(est, estimators.DraftEnsemble):
                 est.close()

@@ -154,7 +154,7 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
                 name = f"{spec.label} drafts"
                 out["sets"][name] = {"sigma": cfg.drafts.sigma} | _draft_noise(
                     draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device,
-                    relative=cfg.noise.relative)  # the drafts' noise: cfg.noise with drafts.sigma
+                    relative=cfg.noise.relative, kernel=cfg.eval.draft_kernel)  # the drafts' noise: cfg.noise with drafts.sigma
                 bar.update(advance=1, info=name)
     return out
 
@@ -166,11 +166,11 @@ def noise_ensembles(cfg: ExperimentConfig) -> list[EnsembleSpec]:
 
 
 def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: int, bases, device,
-                 relative: bool) -> dict:
+                 relative: bool, kernel: str = "recipe") -> dict:
     """``perturbation.measure`` of one noise ensemble: its members against the raw target and against
     the draft they perturb (the draft base with its adapters off; K-only: the trained draft its
     manifest ``perturbs``)."""
-    ens = estimators.DraftEnsemble(directory, tokenizer, device=device, prefix_len=plen, bases=bases)
+    ens = estimators.DraftEnsemble(directory, tokenizer, device=device, prefix_len=plen, bases=bases, kernel=kernel)
     perturbs = estimators.read_drafts_manifest(directory).get("perturbs")
     if perturbs is not None:
         model = estimators.load_adapter(ens.drafts, directory / perturbs, "perturbed")
@@ -394,6 +394,9 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
               "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], **full["methods"][m]} for m in methods},
               "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall,
               "modes": modes, "comparisons": {}}
+    kernels = {m: trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel}
+    if kernels:  # a quantized self-draft: what its members' layers ran on, and why
+        result["draft_kernel"] = next(iter(kernels.values()))
     if proposed in rel_wall:  # the paper: the drafts cost less than TokUR (a measurement, no interval)
         for mode, _ in COST_MODES:
             r = modes[mode]["wall_rel_reference"][proposed]
