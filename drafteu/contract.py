@@ -321,7 +321,13 @@ def claim(directory: Path, inputs: dict, *, what: str) -> None:
     if stamp is not None and stamp["digest"] == digest:
         return
     bookkeeping = (STAMP, "config.yaml", runio.LOCK, runio.LOCK_OWNER)
-    made = directory.is_dir() and any(p.name not in bookkeeping for p in directory.iterdir())
+    writing = tuple(f".{b}.tmp" for b in bookkeeping)  # runio.tmp_name of a stamp being written
+    made = directory.is_dir() and any(p.name not in bookkeeping and not p.name.startswith(writing)
+                                      for p in directory.iterdir())
+    if made and stamp is None:  # under several processes the main one may have stamped it meanwhile
+        stamp = read_stamp(path)
+        if stamp is not None and stamp["digest"] == digest:
+            return
     if made and stamp is not None:
         diff = changes(stamp.get("inputs", {}), inputs)
         raise DraftEUError(f"{directory} holds {what} made from other inputs ({'; '.join(diff[:6])}"
