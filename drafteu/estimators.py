@@ -25,7 +25,15 @@ from drafteu.diagnostics import (  # noqa: F401  (re-exported: score, speculate 
     bias_diagnostic,
     proxy_fit,
     proxy_fit_warning,
-    proxy_manifest,
+)
+from drafteu.ensembles import (  # noqa: F401  (re-exported: the stages, score and tests use estimators.*)
+    DraftBases,
+    check_proxy_base,
+    load_adapter,
+    manifest_base,
+    proxy_on_draft_base,
+    read_drafts_manifest,
+    rebuild,
 )
 from drafteu.errors import DraftEUError
 from drafteu.methods import ESTIMATORS
@@ -249,96 +257,6 @@ def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefi
     raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def rebuild(what: str = "it") -> str:
-    """The fix for a damaged stage output."""
-    return f"delete {what} and re-run (reproduce rebuilds only what is missing; nothing else is lost)"
-
-
-def read_drafts_manifest(drafts_dir: Path) -> dict:
-    """A drafts directory's manifest.json, or a DraftEUError saying what is wrong and how to fix it."""
-    path = Path(drafts_dir) / "manifest.json"
-    if not path.exists():
-        raise DraftEUError(f"{drafts_dir} has no manifest.json: not a drafts directory (drafteu train-drafts "
-                           "writes one), or its training did not finish; re-run it")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["adapters"], manifest["base"]  # noqa: B018 - the fields every ensemble needs
-    except (ValueError, KeyError, TypeError):
-        raise DraftEUError(f"{path} is damaged (not a complete drafts manifest); {rebuild(str(path))}") from None
-    return manifest
-
-
-def load_adapter(model, directory: Path, name: str):
-    """``model`` with the PEFT adapter in ``directory`` added as ``name`` (a PeftModel), or a
-    DraftEUError naming the missing or damaged file."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (directory / f).is_file():
-            raise DraftEUError(f"{directory / f} is missing; {rebuild(str(directory))}")
-    try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(directory, adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, directory, adapter_name=name)
-    except (SafetensorError, ValueError, OSError, KeyError, RuntimeError) as e:
-        raise DraftEUError(f"adapter {directory} is damaged ({str(e).splitlines()[0][:120]}); "
-                           f"{rebuild(str(directory))}") from None
-
-
-def manifest_base(manifest: dict, drafts_dir: Path) -> str:
-    """The draft base of a drafts manifest: a path relative to the ensemble directory (so whole runs
-    can be copied and moved), else - for an ensemble copied on its own - the absolute path it was
-    made with; or a hub id / 'embedded'.  Older manifests hold absolute paths."""
-    base = manifest["base"]
-    if not manifest.get("base_is_path"):
-        return base
-    relative = (Path(drafts_dir) / base).resolve()
-    absolute = manifest.get("base_absolute")
-    if not relative.exists() and absolute and Path(absolute).exists():
-        return absolute  # the ensemble was copied without its run; the base is where it was made
-    return str(relative)
-
-
-class DraftBases:
-    """Draft bases loaded once per (base, dtype, device): every ensemble on one base adds its adapters
-    to the same model under names of its own (``e<i>_<adapter>``), so a process scoring several
-    ensembles (the scoring stage: untrained, DDD, K-only, ...) holds one copy of the base weights."""
-
-    def __init__(self):
-        self._models: dict[tuple, list] = {}  # key -> [model (plain, then the PeftModel), LoadedModel]
-        self._count = 0
-
-    def get(self, spec: str, dtype: str, device, kernel: str = "recipe"):
-        """(the base's current model, its LoadedModel, a fresh adapter-name prefix); ``kernel``: what a
-        quantized self-draft scores on (``models.load``)."""
-        from drafteu import models
-
-        key = (spec, dtype, str(device), kernel)
-        if key not in self._models:
-            lm = models.load(spec, dtype=dtype, device=device, kernel=kernel)
-            self._models[key] = [lm.model, lm]
-        self._count += 1
-        model, lm = self._models[key]
-        return model, lm, f"e{self._count}_"
-
-    def put(self, spec: str, dtype: str, device, model, kernel: str = "recipe") -> None:
-        """The base's model after adapters were added (PEFT wraps it on the first)."""
-        self._models[(spec, dtype, str(device), kernel)][0] = model
-
-
-def _check_proxy_base(manifest: dict, base_spec: str, proxy_dir) -> None:
-    """A proxy on a draft base runs in the drafts' pass only on the base it was trained on."""
-    from drafteu.contract import base_identity
-
-    want, got = manifest.get("draft_base_identity"), base_identity(base_spec, resolve=True)
-    if want != got:
-        raise DraftEUError(f"the proxy {proxy_dir} was trained on another draft base ({manifest.get('draft_base')}) "
-                           f"than these drafts' ({base_spec}); retrain it on this one (drafteu train-proxy --base "
-                           f"draft_base --draft-base {base_spec}) or pass a proxy trained on the target")
-
-
 class DraftEnsemble(Estimator):
     """EU = JSD(q_1..q_K) + KL(q_mix || p) per response token (Theorem 3.4, Eq. 1; docs/method.md §3).
 
@@ -385,10 +303,11 @@ class DraftEnsemble(Estimator):
         for n, name in zip(self.adapters, self.names, strict=True):
             model = load_adapter(model, Path(drafts_dir) / n, name)
         self.proxy_fit = proxy_fit(proxy_dir)
-        self.proxy_in_drafts = proxy_dir is not None and (proxy_manifest(proxy_dir) or {}).get("base") == "draft_base"
+        on_base = proxy_on_draft_base(proxy_dir)
+        self.proxy_in_drafts = on_base is not None
         rows = list(self.names)
-        if self.proxy_in_drafts:  # p_mix: one more adapter on the drafts' base, row K of their pass
-            _check_proxy_base(proxy_manifest(proxy_dir), self.base_spec, proxy_dir)
+        if on_base is not None:  # p_mix: one more adapter on the drafts' base, row K of their pass
+            check_proxy_base(on_base, self.base_spec, proxy_dir)
             rows.append(f"{tag}proxy")
             model = load_adapter(model, Path(proxy_dir), rows[-1])
         self.bases.put(self.base_spec, dtype, device, model, kernel)
@@ -493,20 +412,19 @@ class DraftEnsemble(Estimator):
 
         return self.target.disable_adapter() if isinstance(self.target, PeftModel) else nullcontext()
 
+    def _drafts_pass(self, pairs, rows: slice) -> Hidden:
+        """Rows ``rows`` of the drafts' pass (a copy: the source's memo stays as it is)."""
+        h = self.source.hidden(pairs)
+        return dataclasses.replace(h, states=h.states[rows], vocab=self.vocab)
+
     def draft_hidden(self, pairs) -> Hidden:
         """The drafts' hidden states (K rows) at the response positions of ``pairs``."""
-        h = self.source.hidden(pairs)
-        k = len(self.names)
-        # copies: the source's memo stays as it is
-        return dataclasses.replace(h, states=h.states[:k], vocab=self.vocab) if self.proxy_in_drafts else \
-            dataclasses.replace(h, vocab=self.vocab)
+        return self._drafts_pass(pairs, slice(0, len(self.names)))
 
     def proxy_hidden(self, pairs) -> Hidden:
         """p's hidden states (one row: the proxy, or the raw target) at the response positions of ``pairs``."""
         if self.proxy_in_drafts:  # row K of the drafts' pass: no forward when the drafts already ran
-            h = self.source.hidden(pairs)
-            k = len(self.names)
-            return dataclasses.replace(h, states=h.states[k: k + 1], vocab=self.vocab)
+            return self._drafts_pass(pairs, slice(len(self.names), len(self.names) + 1))
         if self.proxy_source is None:
             raise DraftEUError("this ensemble was loaded without the target's weights: no proxy / target logits")
         h = self.proxy_source.hidden(pairs)

@@ -12,7 +12,7 @@ import html
 import math
 from pathlib import Path
 
-from drafteu import runio
+from drafteu import figures, runio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import named
@@ -44,76 +44,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Figures.
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _figures(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cst: dict | None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = run / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if fid:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for i, (m, r) in enumerate(fid["methods"].items()):
-            xs = [t["rmse"] for t in r["trials"]]
-            ys = [t["spearman"] for t in r["trials"]]
-            ax.scatter(xs, ys, label=m, color=plt.cm.tab10(i % 10), alpha=0.8)
-        xs_all = [t["rmse"] for r in fid["methods"].values() for t in r["trials"] if t["rmse"] > 0]
-        if xs_all and max(xs_all) / min(xs_all) > 20:
-            ax.set_xscale("log")
-        ax.set_xlabel("RMSE vs ground truth (lower is better)")
-        ax.set_ylabel("Spearman vs ground truth (higher is better)")
-        ax.set_title("Fidelity per trial (Fig. 1)")
-        ax.legend(fontsize=7, loc="best")
-        paths.append(_save(fig, out / "fidelity_scatter.png"))
-    if rob:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-        names = list(rob["estimates"])
-        for ax, metric in zip(axes, ("rmse", "spearman"), strict=True):
-            ax.boxplot([[t[metric] for t in rob["estimates"][n]["trials"]] for n in names])
-            ax.set_xticks(range(1, len(names) + 1), names, rotation=20, fontsize=8)
-            ax.set_title(f"bias term: {metric.upper() if metric == 'rmse' else 'Spearman'} vs reference")
-        fig.suptitle("Proxy robustness (Fig. 2)")
-        paths.append(_save(fig, out / "proxy_robustness.png"))
-    if hal:
-        how = next(iter(next(iter(hal["methods"].values()))))
-        names = [m for m, r in hal["methods"].items() if "auroc" in r[how]]
-        if names:
-            fig, ax = plt.subplots(figsize=(6, 3.6))
-            vals = [hal["methods"][m][how]["auroc"] for m in names]
-            mid = [v["value"] for v in vals]
-            err = [[max(v["value"] - v["low"], 0) for v in vals], [max(v["high"] - v["value"], 0) for v in vals]]
-            ax.bar(range(len(names)), mid, yerr=err, capsize=3, color="#6a8fc8")
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-            ax.set_ylabel(f"AUROC ({how} EU)")
-            ax.set_title("Hallucination detection (Table 2), 95% bootstrap CI")
-            paths.append(_save(fig, out / "hallucination_auroc.png"))
-    if cst and cst.get("flops_rel_reference"):
-        names = list(cst["methods"])
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [cst["flops_rel_reference"][m] for m in names], 0.4, label="FLOPs")
-        ax.bar([i + 0.2 for i in x], [cst["wall_rel_reference"][m] for m in names], 0.4, label="wall time")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(list(x), names, rotation=20, fontsize=8)
-        ax.set_ylabel(f"relative to {cst['reference']}")
-        ax.set_title("Cost per scored token (Table 6)")
-        ax.legend()
-        paths.append(_save(fig, out / "cost.png"))
-    return paths
 
 
 def _cost_modes(cst: dict) -> list[str]:
@@ -310,7 +240,7 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
     """Write report.md, report.html and figures/*.png; returns the markdown path."""
     run = Path(run)
     fid, rob, hal, cst = (_load(run, n) for n in ("fidelity", "proxy_robustness", "hallucination", "cost"))
-    figs = _figures(run, fid, rob, hal, cst)
+    figs = figures.write(run, fid, rob, hal, cst)
     md = [f"# drafteu report: {cfg.name}", "", *_setup(cfg, run), ""]
     if fid:
         md += ["## Fidelity against the ground truth (Tables 1, 3, 5)", "",

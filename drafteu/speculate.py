@@ -61,7 +61,7 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     bias = cfg.bias if cfg.bias != "auto" else ("proxy" if proxy_dir is not None else "target")
     if bias == "proxy" and proxy_dir is None:
         raise DraftEUError("--bias proxy needs a proxy: pass a run directory with proxy/, or --proxy DIR")
-    if cfg.eu and bias == "proxy" and (estimators.proxy_manifest(proxy_dir) or {}).get("base") == "draft_base":
+    if cfg.eu and bias == "proxy" and estimators.proxy_on_draft_base(proxy_dir) is not None:
         raise DraftEUError(f"the proxy {proxy_dir} sits on the draft base (proxy.base: draft_base); speculative "
                            "decoding takes p_mix from the target's verification forward, so it needs a proxy on the "
                            "target: pass --bias target, or --proxy DIR of a proxy trained with base: target")

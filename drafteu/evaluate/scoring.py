@@ -53,7 +53,7 @@ class TrialEstimators:
         self.noisy.set_members("family", family_seeds(cfg.seed, cfg.eval.family_size))  # makes it a PeftModel
         # p_mix on the target: one pass per batch for every ensemble; on the draft base: a row of each
         # ensemble's own pass (DraftEnsemble reads the proxy's manifest)
-        self.proxy_in_drafts = (estimators.proxy_manifest(proxy_adapter(run)) or {}).get("base") == "draft_base"
+        self.proxy_in_drafts = estimators.proxy_on_draft_base(proxy_adapter(run)) is not None
         if not self.proxy_in_drafts:
             self.noisy.model.load_adapter(proxy_adapter(run), adapter_name="proxy")
         self.noisy.model.eval()

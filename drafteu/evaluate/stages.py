@@ -217,9 +217,9 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             return dataclasses.replace(h, vocab=v)
 
         def bias_terms(pair, *sources):
-            """KL(q_mix || mixture of each source) at every response position of one answer (a source:
-            a HiddenSource, or a function of the pairs giving Hidden - p_mix, wherever it runs)."""
-            hidden = [ens.draft_hidden([pair])] + [cut(s([pair]) if callable(s) else s.hidden([pair])) for s in sources]
+            """KL(q_mix || mixture of each source) at every response position of one answer (a source: a
+            function of the pairs giving Hidden - a HiddenSource's ``hidden``, or p_mix wherever it runs)."""
+            hidden = [ens.draft_hidden([pair])] + [cut(s([pair])) for s in sources]
 
             def fn(q, *ps):
                 qm = divergence.mixture(q)
@@ -230,7 +230,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         with progress("proxy robustness", total=len(need)) as bar:
             for row in [r for r, t in need if t == -1]:
                 pair = (row["prompt_ids"], row["response_ids"])
-                terms = bias_terms(pair, ref, ens.proxy_hidden, raw_target)
+                terms = bias_terms(pair, ref.hidden, ens.proxy_hidden, raw_target.hidden)
                 runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
                                           for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
                 bar.update(advance=1)
@@ -242,7 +242,8 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
                     fresh_sources[k].set_names(
                         noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)]))
                 for row in todo:
-                    terms = bias_terms((row["prompt_ids"], row["response_ids"]), *fresh_sources.values())
+                    terms = bias_terms((row["prompt_ids"], row["response_ids"]),
+                                       *(src.hidden for src in fresh_sources.values()))
                     runio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
                                               for k, b in zip(fresh_sources, terms, strict=True)])
                     bar.update(advance=1, info=f"trial {t}")
@@ -394,9 +395,9 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
               "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], **full["methods"][m]} for m in methods},
               "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall,
               "modes": modes, "comparisons": {}}
-    kernels = {m: trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel}
-    if kernels:  # a quantized self-draft: what its members' layers ran on, and why
-        result["draft_kernel"] = next(iter(kernels.values()))
+    kernel = next((trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel), None)
+    if kernel:  # a quantized self-draft: what its members' layers ran on, and why
+        result["draft_kernel"] = kernel
     if proposed in rel_wall:  # the paper: the drafts cost less than TokUR (a measurement, no interval)
         for mode, _ in COST_MODES:
             r = modes[mode]["wall_rel_reference"][proposed]
