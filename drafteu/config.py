@@ -7,10 +7,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drafteu import runio
+from drafteu import draft_bases, runio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, METHODS
 from drafteu.hardware import DEVICE_HELP, KERNEL_HELP, SCORING_KERNELS
+from drafteu.methods import ESTIMATORS, named
 from drafteu.posterior import NoiseConfig
 
 MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
@@ -42,10 +43,8 @@ class ScoreConfig:
                                 "{\"answer\": ...} (the --question) or {\"question\": ..., \"answer\": ...}; "
                                 "--json then writes a list"})
     method: str = field(
-        default="groundtruth",
-        metadata={"help": "groundtruth (MI of a fixed noisy target family), tokur (MI of fresh "
-                  "noisy copies), entropy (the target's predictive entropy) or drafts (JSD of the "
-                  "drafts + KL to the proxy; needs --drafts)"},
+        default=named("truth"),
+        metadata={"help": "; ".join(kind.help for kind in ESTIMATORS.values())},
     )
     drafts: Path | None = field(
         default=None, metadata={"help": "with --method drafts: a run directory or a drafts directory"}
@@ -54,7 +53,8 @@ class ScoreConfig:
         default=None, metadata={"help": "with --method drafts and a drafts directory: the proxy (train-proxy output); "
                                 "without it the bias term uses the raw target"}
     )
-    family_size: int = field(default=3, metadata={"help": "K: noisy target copies for groundtruth/tokur"})
+    family_size: int = field(default=3, metadata={"help": "K: noisy target copies of an MI method (" + ", ".join(
+        name for name, kind in ESTIMATORS.items() if kind.size_setting) + ")"})
     noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the noise of the family / TokUR copies"})
     seed: int = field(default=0, metadata={"help": "seed of the noise family (same seed, same numbers)"})
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
@@ -71,9 +71,10 @@ class ScoreConfig:
             raise DraftEUError(f"--draft-kernel {self.draft_kernel!r}: choose one of {', '.join(SCORING_KERNELS)}")
         if self.method not in METHODS:
             raise DraftEUError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "drafts" and self.drafts is None:
-            raise DraftEUError("--method drafts needs --drafts DIR (a run directory or a drafts directory)")
-        if self.method in ("groundtruth", "tokur") and self.family_size < 2:
+        kind = ESTIMATORS[self.method]
+        if kind.uses_drafts and self.drafts is None:
+            raise DraftEUError(f"--method {self.method} needs --drafts DIR (a run directory or a drafts directory)")
+        if kind.size_setting is not None and self.family_size < 2:
             raise DraftEUError(f"--family-size {self.family_size}: the mutual information of fewer than 2 noisy "
                                "copies is 0 by definition; use K >= 2 (the paper uses 3)")
         if self.family_size > MAX_FAMILY:
@@ -138,8 +139,7 @@ class DraftBaseSection(DraftBaseSettings):
     fields of `drafteu train-draft-base`) or 'quantize' (the target itself at low precision, the
     ``quantize`` fields; docs/method.md §15)."""
 
-    model: str = field(default="truncate", metadata={
-        "help": "sibling model (hub id / local dir), 'truncate' or 'quantize'"})
+    model: str = field(default=draft_bases.DEFAULT, metadata={"help": draft_bases.MODEL_HELP})
     data: DraftBaseData | None = field(default=None, metadata={
         "help": "the warm-up data: None = the run's draft data (the data section); a mapping of generate's "
                 "fields = target answers of its own (e.g. GSM8K train questions)"})
@@ -155,7 +155,7 @@ class DraftsSection(DraftSettings):
     """Draft ensembles (Sec. 4.3, App. B.2-B.6, Table 8): the methods and layouts to build, each with
     the fields of `drafteu train-drafts` (``train.drafts.DraftSettings``)."""
 
-    methods: list[str] = field(default_factory=lambda: ["untrained", "ddd", "idd", "fdd", "konly"],
+    methods: list[str] = field(default_factory=lambda: [n for n, m in DRAFT_METHODS.items() if m.default],
                                metadata={"help": "draft methods: " + ", ".join(DRAFT_METHODS)})
     layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table 5), e.g. [[1, 6], [3, 2]]"})
     init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise (sigma; rank, modules and scheme from `noise`)"})

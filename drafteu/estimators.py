@@ -111,6 +111,12 @@ class Estimator(ABC):
                 out[i] = s
         return out
 
+    @classmethod
+    def for_target(cls, noisy: NoisyModel, *, size: int, seed: int, prefix_len: int,
+                   share_prompts: bool) -> Estimator:
+        """The estimator on the target held by ``noisy`` (what ``methods.EstimatorKind.build`` calls)."""
+        raise DraftEUError(f"the {cls.name} method cannot be built from the target alone")
+
     @abstractmethod
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
         """``score_batch`` on pairs whose responses are not empty."""
@@ -137,6 +143,10 @@ class _FamilyMI(Estimator):
         # the members' source; its model is set once members exist (NoisyModel wraps the target in
         # PEFT on its first member)
         self.source = HiddenSource(None, [], prefix_len=prefix_len, batched=batched, share_prompts=share_prompts)
+
+    @classmethod
+    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
+        return cls(noisy, size, seed, prefix_len=prefix_len, share_prompts=share_prompts)
 
     @abstractmethod
     def slots(self, pairs) -> list[list[str]]:
@@ -188,7 +198,7 @@ class TokUR(_FamilyMI):
     """
 
     name = "tokur"
-    prefix = "tokur"
+    prefix = name
 
     def __init__(self, noisy, size=3, seed=0, batched=True, prefix_len=0, share_prompts=True):
         super().__init__(noisy, size, seed, batched, prefix_len, share_prompts)
@@ -204,7 +214,7 @@ class TokUR(_FamilyMI):
             if j >= len(self.held):
                 self.held.append(None)
             if self.held[j] != key:
-                seeds = [member_seed("tokur", self.seed, key, k) for k in range(self.size)]
+                seeds = [member_seed(self.name, self.seed, key, k) for k in range(self.size)]
                 self.noisy.set_members(slot, seeds)
                 self.held[j], self.draws, fresh = key, self.draws + 1, True
             names[key] = [f"{slot}{k}" for k in range(self.size)]
@@ -233,6 +243,10 @@ class PredictiveEntropy(Estimator):
         self.source = HiddenSource(noisy.model, None, prefix_len=prefix_len, context=noisy.base,
                                    share_prompts=share_prompts)
 
+    @classmethod
+    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
+        return cls(noisy, prefix_len=prefix_len, share_prompts=share_prompts)  # no members: size, seed unused
+
     def _score(self, pairs) -> list[TokenScores]:
         self.source.model = self.noisy.model  # NoisyModel wraps its model in PEFT on its first member
         h = self.source.hidden(pairs)
@@ -240,21 +254,15 @@ class PredictiveEntropy(Estimator):
         return [TokenScores(token_ids=r, eu=e) for (_, r), e in zip(pairs, h.split(ent), strict=True)]
 
 
-METHODS = tuple(ESTIMATORS)  # groundtruth, tokur, entropy, drafts
+METHODS = tuple(ESTIMATORS)  # the estimators' names, in the registry's order
 
 
 def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefix_len: int = 0,
           share_prompts: bool = True) -> Estimator:
-    """The target-only estimator named ``method`` on the target held by ``noisy``."""
-    if method == "groundtruth":
-        return GroundTruth(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
-    if method == "tokur":
-        return TokUR(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
-    if method == "entropy":
-        return PredictiveEntropy(noisy, prefix_len=prefix_len, share_prompts=share_prompts)
-    if method == "drafts":
-        raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
-    raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """The estimator named ``method`` on the target held by ``noisy`` (its registry entry builds it)."""
+    if method not in ESTIMATORS:
+        raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return ESTIMATORS[method].build(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
 
 
 class DraftEnsemble(Estimator):
@@ -276,6 +284,10 @@ class DraftEnsemble(Estimator):
 
     name = "drafts"
     has_terms = True
+
+    @classmethod
+    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
+        raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
 
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
                  batched: bool = True, dtype: str = "auto", prefix_len: int | str = 0,

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -181,6 +182,9 @@ class HFBackend:
     padding masked, so position ids stay those of an unpadded prompt.
     """
 
+    owns_weights = False
+    chunk = 1
+
     def __init__(self, target: str, tokenizer, *, model=None, dtype: str = "auto", device: str = "auto", seed: int = 0,
                  max_len: int | None = None, member: Member | None = None, workdir: Path | None = None,
                  prefix_cache: bool = True, settings: EngineSettings | None = None):
@@ -198,6 +202,10 @@ class HFBackend:
         self.stops = data.TextStops(tokenizer, data.turn_stops(tokenizer))  # the plain format's next turn
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._prefix: tuple[tuple[int, ...], object] | None = None
+
+    @classmethod
+    def require(cls, cheap: bool = False) -> None:
+        """transformers is a dependency: nothing to check."""
 
     def _cache_for(self, prefix: list[int]):
         if self._prefix is None or self._prefix[0] != tuple(prefix):
@@ -250,7 +258,30 @@ class HFBackend:
         """Nothing to free: the model belongs to the caller."""
 
 
-BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+class GenerationBackend(Protocol):
+    """What ``generate``, ``drafteu serve`` and the pipeline call a generation backend through.
+
+    A backend is constructed as ``cls(target, tokenizer, *, model, dtype, device, seed, max_len, member,
+    workdir, prefix_cache, settings)`` (``model``: a loaded target it may use; ``member``: a noisy
+    family member to sample from) and registered in ``BACKENDS``; adding one is its class plus that
+    entry (docs/architecture.md, "How to add ...")."""
+
+    owns_weights: ClassVar[bool]  # loads the target itself: callers load only the tokenizer around it
+    chunk: ClassVar[int]          # the fewest prompts worth handing it at once (appended per chunk)
+
+    @classmethod
+    def require(cls, cheap: bool = False) -> None:
+        """A DraftEUError naming the install when the backend's library is missing (``cheap``: without
+        importing it, for preflight)."""
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[tuple[list[int], str]]:
+        """(response ids, finish reason) per prompt."""
+
+    def close(self) -> None:
+        """Free what the backend holds."""
+
+
+BACKENDS: dict[str, type[GenerationBackend]] = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +320,6 @@ def partition_stats(parts: list[list[dict]]) -> list[dict]:
 # The stage.
 
 
-VLLM_CHUNK = 256
-
-
 def _backend(cfg: GenerateConfig, lm, max_len: int):
     """The configured backend on the target or on noise member ``cfg.member``."""
     member = None
@@ -316,14 +344,11 @@ def _run(cfg: GenerateConfig) -> dict:
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
                               low=cfg.low, high=cfg.high)
     shots = data.shots_for(cfg.task, cfg.shots)
-    if cfg.backend == "vllm":  # the engine loads the weights itself: only the tokenizer here
-        from transformers import AutoConfig
-
-        from drafteu.vllm_engine import model_path, require_vllm
-
-        require_vllm()  # a missing vLLM is an error before any work
+    backend_cls = BACKENDS[cfg.backend]
+    backend_cls.require()  # a missing library is an error before any work
+    if backend_cls.owns_weights:  # the engine loads the weights itself: only the tokenizer here
         lm = models.load(cfg.target, tokenizer_only=True)
-        model_config = AutoConfig.from_pretrained(model_path(cfg.target))
+        model_config = models.model_config(cfg.target)
     else:
         lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
         model_config = lm.model.config
@@ -341,8 +366,8 @@ def _run(cfg: GenerateConfig) -> dict:
     member = cfg.member
     new_tokens = 0
     t0 = time.time()
-    # vLLM schedules its own batches: hand it larger chunks (each is appended, so a kill loses one chunk)
-    chunk = max(cfg.batch_size, VLLM_CHUNK) if cfg.backend == "vllm" else cfg.batch_size
+    # a backend that schedules its own batches (vLLM) gets larger chunks (each is appended: a kill loses one)
+    chunk = max(cfg.batch_size, backend_cls.chunk)
     with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, (contextlib.closing(backend) if backend else contextlib.nullcontext()):
         for start in range(0, len(work), chunk):
             batch = work[start : start + chunk]

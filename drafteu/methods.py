@@ -1,14 +1,24 @@
 """What drafteu knows about each draft method and each EU estimator, in one place.
 
-The pipeline, the trial logic, cost accounting, the report and config validation read these
-registries; adding a method is an entry here plus its implementation (``train/drafts.py`` for a
-draft method, ``estimators.py`` for an estimator).  No module lists method names elsewhere.
+The pipeline, the trial logic, cost accounting, the report, config validation and ``drafteu score``
+read these registries; adding a method is an entry here plus its implementation, which the entry
+names (``component``: an estimator class, a TRL baseline's recipe) and every caller builds through
+the entry.  No other module branches on a method's name (tests/test_architecture.py scans the
+package); docs/architecture.md "How to add ..." walks through it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def component(path: str):
+    """The object named by ``"package.module:attribute"`` (imported on first use, so this registry stays
+    import-light and below every module it names)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
@@ -21,9 +31,13 @@ class DraftMethod:
                          # untrained ensembles (noise only) are redrawn in every trial instead
     partitions: bool     # drafts see disjoint partitions of the questions (S of them)
     init_noise: bool     # each draft starts from its own initialization noise
-    trainer: str         # "sft" (own loop), "trl" (TRL baseline), "noise" (no training), "konly"
+    trainer: str         # "sft" (own loop), "trl" (TRL baseline), "noise" (no training),
+                         # "copies" (noisy copies of one trained draft of ``copies_of``)
     role: str = ""       # "proposed": the paper's method, which its claims are about (DDD);
                          # "baseline drafts": the no-training ensemble it is compared with
+    recipe: str = ""     # trainer "trl": the function giving its TRL trainer, dataset and arguments
+    copies_of: str = ""  # trainer "copies": the method whose first draft (s0_m0) the copies perturb
+    default: bool = True  # in an experiment's default methods (the TRL baselines need an extra: opt-in)
 
 
 DRAFT_METHODS: dict[str, DraftMethod] = {m.name: m for m in (
@@ -32,9 +46,12 @@ DRAFT_METHODS: dict[str, DraftMethod] = {m.name: m for m in (
     DraftMethod("idd", "IDD (initialization-diverse drafts)", True, False, True, "sft"),
     DraftMethod("fdd", "FDD (data- and initialization-diverse)", True, True, True, "sft"),
     # K only: one trained draft (DDD s0_m0) plus K noisy copies of it, redrawn per trial
-    DraftMethod("konly", "K only (noisy copies of one trained draft)", False, True, False, "konly"),
-    DraftMethod("gkd", "GKD (TRL, on-policy generalized JSD)", True, False, True, "trl"),
-    DraftMethod("minillm", "MiniLLM (TRL, reverse-KL policy gradient)", True, False, True, "trl"),
+    DraftMethod("konly", "K only (noisy copies of one trained draft)", False, True, False, "copies",
+                copies_of="ddd"),
+    DraftMethod("gkd", "GKD (TRL, on-policy generalized JSD)", True, False, True, "trl",
+                recipe="drafteu.train.baselines:gkd_recipe", default=False),
+    DraftMethod("minillm", "MiniLLM (TRL, reverse-KL policy gradient)", True, False, True, "trl",
+                recipe="drafteu.train.baselines:minillm_recipe", default=False),
 )}
 
 
@@ -59,16 +76,31 @@ class EstimatorKind:
     # paper's cost and detection claims compare the drafts with (TokUR); "baseline": a cheap
     # non-EU score; "estimate": a draft ensemble
     role: str
+    component: str       # its class ("module:Class"); every caller builds it through ``build``
+    size_setting: str | None = None  # the evaluation setting giving its member count (an MI of K copies)
+
+    def build(self, noisy, *, size: int = 3, seed: int = 0, prefix_len: int = 0, share_prompts: bool = True):
+        """The estimator on the target held by ``noisy`` (``Estimator.for_target``; a draft ensemble
+        says what it needs instead)."""
+        return component(self.component).for_target(noisy, size=size, seed=seed, prefix_len=prefix_len,
+                                                     share_prompts=share_prompts)
+
+    @property
+    def help(self) -> str:
+        """How ``--method`` help describes it."""
+        return f"{self.name}: {self.label}{' (needs --drafts)' if self.uses_drafts else ''}"
 
 
 ESTIMATORS: dict[str, EstimatorKind] = {e.name: e for e in (
     EstimatorKind("groundtruth", "ground truth (MI of a fixed target family)", False, True, lambda kt, kd: (kt, 0),
-                  "truth"),
-    EstimatorKind("tokur", "TokUR (MI of fresh noisy targets)", False, True, lambda kt, kd: (kt, 0), "reference"),
-    EstimatorKind("entropy", "predictive entropy of the target", False, False, lambda kt, kd: (1, 0), "baseline"),
+                  "truth", "drafteu.estimators:GroundTruth", "family_size"),
+    EstimatorKind("tokur", "TokUR (MI of fresh noisy targets)", False, True, lambda kt, kd: (kt, 0), "reference",
+                  "drafteu.estimators:TokUR", "tokur_size"),
+    EstimatorKind("entropy", "predictive entropy of the target", False, False, lambda kt, kd: (1, 0), "baseline",
+                  "drafteu.estimators:PredictiveEntropy"),
     # a draft ensemble: K draft passes + one proxy pass (the proxy is the target + an adapter)
     EstimatorKind("drafts", "draft ensemble: JSD + KL(q_mix || p_mix)", True, False, lambda kt, kd: (1, kd),
-                  "estimate"),
+                  "estimate", "drafteu.estimators:DraftEnsemble"),
 )}
 
 TARGET_ONLY = tuple(n for n, e in ESTIMATORS.items() if not e.uses_drafts)

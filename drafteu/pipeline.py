@@ -20,7 +20,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from drafteu import contract, generate, hardware, preflight, rundir, runio
+from drafteu import contract, draft_bases, generate, hardware, preflight, rundir, runio
 from drafteu.config import ExperimentConfig, GenerationSection, section_values
 from drafteu.contract import Context, Stage
 from drafteu.errors import DraftEUError
@@ -57,20 +57,23 @@ def reads_data(cfg):
                 *backend_if_sampling(cfg.data.temperature))
 
 
+def _own_data(db) -> bool:
+    """Whether the draft base answers questions of its own to train on (else it reads the run's data)."""
+    kind = draft_bases.kind(db.model)
+    return kind is not None and kind.own_data and db.data is not None
+
+
 def reads_draft_base(cfg):
     db = cfg.draft_base
-    if db.model == "quantize":  # measured on the run's held-out answers; no training, no data of its own
-        return pick(cfg, "target", "seed", "draft_base.model", "draft_base.quantize", "draft_base.heldout")
-    if db.model != "truncate":
+    kind = draft_bases.kind(db.model)
+    if kind is None:
         return pick(cfg, "draft_base.model")  # a sibling: used as it is
-    own_data = () if db.data is None else ("dtype", *backend_if_sampling(db.data.temperature))
-    return pick(cfg, "target", "seed", "draft_base.model", "draft_base.layers", "draft_base.heldout",
-                "draft_base.train", "draft_base.data", *own_data)
+    own_data = ("dtype", *backend_if_sampling(db.data.temperature)) if _own_data(db) else ()
+    return pick(cfg, *kind.reads, *own_data)
 
 
 def after_draft_base(cfg):
-    db = cfg.draft_base
-    return ("data",) if db.model == "quantize" or (db.model == "truncate" and db.data is None) else ()
+    return ("data",) if draft_bases.kind(cfg.draft_base.model) is not None and not _own_data(cfg.draft_base) else ()
 
 
 def reads_drafts(cfg):
@@ -145,7 +148,8 @@ def stage_draft_base(ctx: Context) -> dict | None:
     answers that task's train questions, cached under ``draft_base/data-<key of the data recipe>``
     so that recipes differing only in depth or training share one data set."""
     cfg, run = ctx.cfg, ctx.run
-    if cfg.draft_base.model not in ("truncate", "quantize"):
+    kind = draft_bases.kind(cfg.draft_base.model)
+    if kind is None:
         return None  # a sibling model: nothing to build
     import shutil
 
@@ -156,11 +160,10 @@ def stage_draft_base(ctx: Context) -> dict | None:
     sec, out = cfg.draft_base, run / "draft_base"
     cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
     target = models.identity(cfg.target)
-    label = f"Q{sec.quantize.bits}" if sec.model == "quantize" else f"L{sec.layers}"
-    home = cache / f"{label}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
+    home = cache / f"{kind.label(sec)}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
     reused = sec.cache and _verified_entry(home / "model")
     samples = rundir.samples_path(run)
-    gen = draft_base_data_cfg(cfg, home / "data") if sec.model == "truncate" else None
+    gen = draft_base_data_cfg(cfg, home / "data") if kind.own_data else None
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
         if sec.cache:
             gen = dataclasses.replace(gen, out=cache / f"data-{runio.digest([target, runio.identity(gen)])}")
@@ -219,11 +222,11 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
     out = rundir.draft_dir(run, cfg, spec, trial).parent
     method = spec.method
     seed = cfg.seed + trial
-    konly_from = None  # K-only perturbs DDD's s0_m0: this trial's, else trial 0's; without DDD it trains its own
-    ddd = rundir.EnsembleSpec("ddd")
-    if method == "konly" and "ddd" in d.methods:
-        own = ddd in rundir.trial_ensembles(cfg, trial)
-        konly_from = rundir.draft_dir(run, cfg, ddd, trial if own else 0) / "s0_m0"
+    # K-only perturbs its source's (DDD's) s0_m0: this trial's, else trial 0's; without the source it trains its own
+    konly_from, source = None, DRAFT_METHODS[method].copies_of
+    if source and source in d.methods:
+        of = rundir.EnsembleSpec(source)
+        konly_from = rundir.draft_dir(run, cfg, of, trial if of in rundir.trial_ensembles(cfg, trial) else 0) / "s0_m0"
     settings = section_values(d, drafts.DraftSettings) | {"partitions": s, "per_partition": m}
     if d.baseline_steps is not None and DRAFT_METHODS[method].trainer == "trl":
         settings["train"] = dataclasses.replace(d.train, max_steps=d.baseline_steps)
@@ -235,10 +238,10 @@ def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, tri
 
 
 def drafts_cfgs(cfg: ExperimentConfig, run: Path) -> list:
-    """Every ensemble the drafts stage builds, trial by trial; konly after the ddd whose s0_m0 it
-    re-uses."""
+    """Every ensemble the drafts stage builds, trial by trial; copies (K only) after the ensemble whose
+    s0_m0 they re-use."""
     return [_drafts_cfg(cfg, run, spec, trial) for trial in range(cfg.eval.trials)
-            for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: e.method == "konly")]
+            for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: bool(DRAFT_METHODS[e.method].copies_of))]
 
 
 def ensemble_files(dcfg) -> list[Path]:
@@ -313,9 +316,6 @@ def _evaluation(name: str, fn):
     return run_stage
 
 
-BASE_FILE = {"truncate": "config.json", "quantize": "quantized.json"}  # what a built draft base has
-
-
 def _stages() -> tuple[Stage, ...]:
     from drafteu.evaluate import scoring, stages
 
@@ -336,8 +336,8 @@ def _stages() -> tuple[Stage, ...]:
         Stage("data", stage_data, reads_data, outputs=("data",), products=files("data/samples.jsonl")),
         Stage("draft_base", stage_draft_base, reads_draft_base, after_draft_base,
               outputs=("draft_base", "draft_base_data"), every_process=True,
-              products=lambda cfg, run: [run / "draft_base" / BASE_FILE[cfg.draft_base.model],
-                                         run / "draft_base" / "manifest.json"] if cfg.draft_base.model in BASE_FILE else []),
+              products=lambda cfg, run: [run / "draft_base" / k.product, run / "draft_base" / "manifest.json"]
+              if (k := draft_bases.kind(cfg.draft_base.model)) else []),
         Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
               every_process=True, products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
         Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",),

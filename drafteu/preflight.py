@@ -6,10 +6,9 @@ models - their layers and linear modules - and the sizes the stages will make ar
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
-from drafteu import hardware
+from drafteu import draft_bases, hardware
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import DRAFT_METHODS
@@ -36,37 +35,33 @@ def check(cfg: ExperimentConfig, run_dir: Path) -> None:
         divergence.choice()  # read by the score stage, after every training stage
     except ValueError as e:
         raise DraftEUError(str(e)) from None
-    if cfg.generation.backend == "vllm":
-        from drafteu.vllm_engine import INSTALL_HELP
+    from drafteu.generate import BACKENDS
 
-        if importlib.util.find_spec("vllm") is None:
-            raise DraftEUError(f"generation.backend is vllm, but vLLM is not installed: {INSTALL_HELP}, "
-                               "or set generation.backend: hf")
+    try:
+        BACKENDS[cfg.generation.backend].require(cheap=True)
+    except DraftEUError as e:
+        raise DraftEUError(f"generation.backend is {cfg.generation.backend}: {e}") from None
     models.writable_cache()
     try:
         depth = linear_modules(cfg.target)[1]
     except DraftEUError as e:
         raise DraftEUError(f"target: {e}") from None
     db = cfg.draft_base
-    if db.model == "truncate" and db.layers > depth:
-        raise DraftEUError(f"draft_base.layers is {db.layers}, but the target ({cfg.target}) has {depth} layers; "
-                           f"choose 1..{depth}")
-    if db.model == "quantize":
-        from drafteu.quantize import require_torchao
-
-        require_torchao()  # torchao importable, before any work
-    elif db.model != "truncate":
+    kind = draft_bases.kind(db.model)
+    if kind is not None:
+        kind.check(db, cfg.target, depth)
+    else:
         try:
             linear_modules(db.model)
         except DraftEUError as e:
-            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, 'truncate' or "
-                               "'quantize')") from None
+            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, or one of "
+                               f"{', '.join(repr(k) for k in draft_bases.KINDS)})") from None
     modules(cfg)
     n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
     if n is None:
         return  # a dataset's size is known only once it is read
     needs = []
-    if cfg.draft_base.model == "truncate" and cfg.draft_base.heldout > 0:
+    if (k := draft_bases.kind(cfg.draft_base.model)) is not None and k.trains and cfg.draft_base.heldout > 0:
         needs.append((_groups(cfg.draft_base.heldout), f"draft_base.heldout {cfg.draft_base.heldout:g} splits them "
                       f"into {_groups(cfg.draft_base.heldout)} groups", "lower draft_base.heldout"))
     parts = [cfg.drafts.partitions] if any(DRAFT_METHODS[m].partitions for m in cfg.drafts.methods) else []
@@ -108,12 +103,12 @@ def linear_modules(spec: str) -> tuple[frozenset[str], int]:
 
 def modules(cfg: ExperimentConfig) -> None:
     """drafts.lora_modules / lora_layers, proxy.lora_modules and noise.target_modules name modules
-    and layers the models they apply to have: the drafts' base (the target for 'truncate' and
-    'quantize'), the target (noise, the proxy unless ``proxy.base`` is the draft base)."""
+    and layers the models they apply to have: the drafts' base (the target's modules for a kind built
+    from it), the target (noise, the proxy unless ``proxy.base`` is the draft base)."""
     target, depth = linear_modules(cfg.target)
     db = cfg.draft_base
-    if db.model in ("truncate", "quantize"):
-        base, base_depth = target, db.layers if db.model == "truncate" else depth
+    if (kind := draft_bases.kind(db.model)) is not None:
+        base, base_depth = target, kind.depth(db, depth)
     else:
         base, base_depth = linear_modules(db.model)
     d = cfg.drafts
@@ -124,7 +119,7 @@ def modules(cfg: ExperimentConfig) -> None:
     if d.lora_modules != "all-linear":
         wanted.append(("drafts.lora_modules", [m.strip() for m in d.lora_modules.split(",") if m.strip()], base,
                        "the draft base"))
-    if any(DRAFT_METHODS[m].trainer in ("noise", "konly") for m in d.methods) or d.init_sigma > 0:
+    if any(DRAFT_METHODS[m].trainer in ("noise", "copies") for m in d.methods) or d.init_sigma > 0:
         wanted.append(("noise.target_modules", list(cfg.noise.target_modules), base, "the draft base"))
     for key, names, have, what in wanted:
         bad = [n for n in names if n not in have]

@@ -12,7 +12,7 @@ import html
 import math
 from pathlib import Path
 
-from drafteu import figures, runio
+from drafteu import draft_bases, figures, runio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import named
@@ -206,8 +206,7 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
 def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
     d, db, dr, p, e = cfg.data, cfg.draft_base, cfg.drafts, cfg.proxy, cfg.eval
     man = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
-    base = {"truncate": f"the target's first {db.layers} layers, warmed up by logit distillation",
-            "quantize": f"the target itself, quantized ({db.quantize.name}, torchao)"}.get(db.model, db.model)
+    base = kind.describe(db) if (kind := draft_bases.kind(db.model)) else db.model
     steps = dr.train.max_steps or f"{dr.train.epochs} epoch(s)"
     lines = [
         f"- Target: `{cfg.target}`; draft base: {base}.",

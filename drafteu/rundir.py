@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from drafteu import runio
+from drafteu import draft_bases, runio
 from drafteu.errors import DraftEUError
-from drafteu.methods import draft_method
+from drafteu.methods import draft_method, named
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class EnsembleSpec:
 
 def ensembles(cfg) -> list[EnsembleSpec]:
     """Every ensemble an experiment scores: its methods, then the extra DDD layouts."""
-    return [EnsembleSpec(m) for m in cfg.drafts.methods] + [EnsembleSpec("ddd", (s, m)) for s, m in cfg.drafts.layouts]
+    proposed = named("proposed")  # the layouts are the proposed method's (DDD's)
+    return [EnsembleSpec(m) for m in cfg.drafts.methods] + [EnsembleSpec(proposed, (s, m)) for s, m in cfg.drafts.layouts]
 
 
 def labels(cfg) -> list[str]:
@@ -90,7 +91,7 @@ def draft_dir(run: Path, cfg, spec: EnsembleSpec, trial: int) -> Path:
 
 def base_model(cfg, run: Path) -> str:
     """The draft base: the run's built one (truncated or quantized target), or the configured sibling."""
-    return str(Path(run) / "draft_base") if cfg.draft_base.model in ("truncate", "quantize") else cfg.draft_base.model
+    return str(Path(run) / "draft_base") if draft_bases.kind(cfg.draft_base.model) else cfg.draft_base.model
 
 
 def samples_path(run: Path) -> Path:
@@ -164,7 +165,7 @@ def resolve_drafts(path: str | Path, proxy: str | Path | None = None) -> tuple[P
     bias term uses the raw target, docs/method.md §3).
     """
     path = Path(path)
-    run_drafts = draft_dir(path, None, EnsembleSpec("ddd"), 0)
+    run_drafts = draft_dir(path, None, EnsembleSpec(named("proposed")), 0)
     if (run_drafts / "manifest.json").exists():
         drafts, run_proxy = run_drafts, proxy_adapter(path)
         proxy = proxy or (run_proxy if (run_proxy / "adapter_config.json").exists() else None)

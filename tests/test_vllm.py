@@ -55,7 +55,7 @@ def test_sampled_rows_are_well_formed_seeded_and_resume(tmp_path, monkeypatch):
         assert len(r["response_ids"]) <= 48 and r["response"]
     assert len({tuple(r["response_ids"]) for r in want}) > 12  # samples, not one greedy answer repeated
 
-    monkeypatch.setattr(generate, "VLLM_CHUNK", 5)
+    monkeypatch.setattr(generate.VLLMBackend, "chunk", 5)
     real, calls = runio.append_jsonl, {"n": 0}
 
     def dying_append(path, rows):

@@ -73,12 +73,10 @@ class TrialEstimators:
         previous = list(self.estimators.values())
         if self.proxy is not None:
             self.proxy.invalidate()
-        self.estimators = {
-            "groundtruth": estimators.GroundTruth(self.noisy, e.family_size, cfg.seed + trial, prefix_len=plen,
-                                                  share_prompts=share),
-            "tokur": estimators.TokUR(self.noisy, e.tokur_size, cfg.seed + trial, prefix_len=plen, share_prompts=share),
-            "entropy": estimators.PredictiveEntropy(self.noisy, prefix_len=plen, share_prompts=share),
-        }
+        self.estimators = {  # the target-only estimators, each built by its registry entry
+            name: kind.build(self.noisy, size=getattr(e, kind.size_setting) if kind.size_setting else 0,
+                             seed=cfg.seed + trial, prefix_len=plen, share_prompts=share)
+            for name, kind in ESTIMATORS.items() if not kind.uses_drafts}
         for spec in specs:
             if self.proxy_in_drafts:
                 proxy = {"proxy_dir": proxy_adapter(self.run)}

@@ -108,10 +108,9 @@ def build(cfg: ServeConfig):
     from drafteu.serve.engine import Engine
 
     rundir.resolve_drafts(cfg.drafts, cfg.proxy)  # a wrong --drafts is an error before anything starts
-    if cfg.backend == "vllm":
-        from drafteu.vllm_engine import require_vllm
+    from drafteu.generate import BACKENDS
 
-        require_vllm()
+    BACKENDS[cfg.backend].require()
     engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine,
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))

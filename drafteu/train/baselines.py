@@ -1,5 +1,8 @@
 """GKD and MiniLLM draft baselines through TRL (paper App. B.3, B.4, Tables 9 and 10).
 
+Each baseline's registry entry (``methods.DRAFT_METHODS``) names its recipe here (``gkd_recipe``,
+``minillm_recipe``: trainer class, dataset, arguments); the training around it is shared.
+
 Both are on-policy: the student samples its own continuations and is pulled towards the
 target (GKD: generalized JSD with beta, lambda; MiniLLM: reverse-KL policy gradient).  As
 docs/method.md §7 asks, each draft starts from its own noise (sigma 0.1, ``posterior.apply_init_noise``)
@@ -19,18 +22,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
 
 from drafteu import adapters, data, models
 from drafteu.errors import DraftEUError
+from drafteu.methods import DRAFT_METHODS, component
 from drafteu.posterior import apply_init_noise
 from drafteu.train import loop
 
 
-def require_trl():
-    """TRL's GKD and MiniLLM classes, or a DraftEUError naming the extra to install."""
+def require_trl() -> SimpleNamespace:
+    """TRL's GKD and MiniLLM classes (as attributes), or a DraftEUError naming the extra to install."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the pin above is the deliberate choice
     try:
         import trl  # noqa: F401
@@ -41,7 +46,8 @@ def require_trl():
             "the GKD and MiniLLM baselines need TRL 1.14.x: pip install 'drafteu[baselines]' "
             f"({e})"
         ) from e
-    return GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer
+    return SimpleNamespace(GKDConfig=GKDConfig, GKDTrainer=GKDTrainer, MiniLLMConfig=MiniLLMConfig,
+                           MiniLLMTrainer=MiniLLMTrainer)
 
 
 def _shots(samples: Path) -> tuple:
@@ -102,36 +108,45 @@ def scheduled(trainer_cls, train: loop.TrainConfig):
     return type(trainer_cls.__name__, (trainer_cls,), {"create_scheduler": create_scheduler})
 
 
-def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, shots, common) -> dict:
+def gkd_recipe(trl, cfg, rows, shots, common):
+    """GKD (on-policy generalized JSD, lambda = beta = 0.5): its trainer class, dataset and arguments."""
     from datasets import Dataset
-    from peft import PeftModel
 
-    GKDConfig, GKDTrainer, MiniLLMConfig, MiniLLMTrainer = require_trl()
-    trainer_dir = Path(common["output_dir"])
-    torch.manual_seed(seed)
-    questions = list(dict.fromkeys(r["question"] for r in rows))
-    if kind == "gkd":
-        ds = Dataset.from_list([
-            {"messages": data.chat_messages(r["question"], shots) + [{"role": "assistant", "content": r["response"]}]}
-            for r in rows
-        ])
-        args = GKDConfig(**common, temperature=1.0, lmbda=0.5, beta=0.5,
+    ds = Dataset.from_list([
+        {"messages": data.chat_messages(r["question"], shots) + [{"role": "assistant", "content": r["response"]}]}
+        for r in rows
+    ])
+    args = trl.GKDConfig(**common, temperature=1.0, lmbda=0.5, beta=0.5,
                          max_new_tokens=cfg.max_new_tokens, max_length=None, disable_dropout=False)
-        trainer = scheduled(GKDTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                             processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                                            cfg.lora_modules, adapters.top_layers(
-                                                                                student, cfg.lora_layers), student))
-    elif kind == "minillm":
-        ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
-        args = MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
+    return trl.GKDTrainer, ds, args
+
+
+def minillm_recipe(trl, cfg, rows, shots, common):
+    """MiniLLM (reverse-KL policy gradient over 4 generations per question): its trainer, dataset, arguments."""
+    from datasets import Dataset
+
+    questions = list(dict.fromkeys(r["question"] for r in rows))
+    ds = Dataset.from_list([{"prompt": data.chat_messages(q, shots)} for q in questions])
+    args = trl.MiniLLMConfig(**common, temperature=1.0, top_p=1.0,
                              num_generations=4, max_completion_length=cfg.max_new_tokens,
                              single_step_decomposition=True, disable_dropout=False)
-        trainer = scheduled(MiniLLMTrainer, cfg.train)(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                                 processing_class=tokenizer, peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                                                            cfg.lora_modules, adapters.top_layers(
-                                                                                student, cfg.lora_layers), student))
-    else:
+    return trl.MiniLLMTrainer, ds, args
+
+
+def _train(kind, cfg, rows, name, seed, directory, tokenizer, teacher, student, shots, common) -> dict:
+    from peft import PeftModel
+
+    method = DRAFT_METHODS.get(kind)
+    if method is None or not method.recipe:
         raise DraftEUError(f"unknown baseline {kind!r}")
+    trl = require_trl()
+    trainer_dir = Path(common["output_dir"])
+    torch.manual_seed(seed)
+    trainer_cls, ds, args = component(method.recipe)(trl, cfg, rows, shots, common)
+    trainer = scheduled(trainer_cls, cfg.train)(
+        model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tokenizer,
+        peft_config=adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules,
+                                         adapters.top_layers(student, cfg.lora_layers), student))
     model = trainer.model
     if not isinstance(model, PeftModel):
         raise DraftEUError(f"TRL did not wrap the {kind} student in a PEFT model; check the peft install")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from drafteu import contract, models, runio
+from drafteu import contract, draft_bases, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
+from drafteu.methods import component
 from drafteu.quantize import QuantizeSettings
 from drafteu.train.loop import (
     Example,
@@ -60,9 +61,8 @@ class DraftBaseConfig(DraftBaseSettings):
     samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
     out: Path = field(metadata={"help": "output directory (an HF model directory + manifest)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
-    kind: str = field(default="truncate", metadata={
-        "help": "truncate (the target's first LAYERS layers, warmed up by distillation) or quantize (the target "
-                "itself at 8 or 4 bits: no training; docs/method.md §15)"})
+    kind: str = field(default=draft_bases.DEFAULT, metadata={
+        "help": "; ".join(f"{k.name} ({k.help})" for k in draft_bases.KINDS.values())})
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -77,12 +77,11 @@ class DraftBaseConfig(DraftBaseSettings):
         """The recipe and the content of the samples file (not where it is); a kind's unused
         settings are not part of it."""
         path = Path(self.samples)
-        unused = ("layers", "train") if self.kind == "quantize" else ("quantize",)
-        return runio.fields_identity(self, unused) | {
+        return runio.fields_identity(self, draft_bases.KINDS[self.kind].unused) | {
             "samples_sha256": runio.file_digest(path) if path.is_file() else None}
 
 
-KINDS = ("truncate", "quantize")
+KINDS = tuple(draft_bases.KINDS)
 MEASURED_ANSWERS = 64  # held-out answers a quantized base's KL and agreement are measured on
 
 
@@ -144,7 +143,7 @@ def _portable(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
+def quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
     """A quantized self-draft: its recipe, and its KL and top-1 agreement to the target measured on
     held-out answers (all answers when nothing is held out), as ``models.load`` runs it."""
     from drafteu import quantize
@@ -162,7 +161,7 @@ def _quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
     device = next(draft.parameters()).device
     runio.write_config(out, cfg)
     return runio.write_manifest(
-        out, "draft_base", cfg, started, kind="quantize", target=cfg.target, quantize=cfg.quantize.name,
+        out, "draft_base", cfg, started, kind=cfg.kind, target=cfg.target, quantize=cfg.quantize.name,
         kernel=quantize.kernel(cfg.quantize, device), parameters=sum(p.numel() for p in draft.parameters()),
         weight_bytes=quantize.weight_bytes(draft), target_weight_bytes=quantize.weight_bytes(lm.model),
         heldout_examples=len(held), kl_to_target=kl_to_target(lm.model, draft, held, pad),
@@ -174,11 +173,15 @@ def _run(cfg: DraftBaseConfig) -> dict:
     out = Path(cfg.out)
     rows = runio.read_samples(cfg.samples)
     contract.claim(out, runio.identity(cfg), what="a draft base")
-    product = "quantized.json" if cfg.kind == "quantize" else "config.json"
-    if (out / "manifest.json").exists() and (out / product).exists():
+    kind = draft_bases.KINDS[cfg.kind]
+    if (out / "manifest.json").exists() and (out / kind.product).exists():
         return runio.json_load(out / "manifest.json")  # complete, from the same inputs: skip
-    if cfg.kind == "quantize":
-        return _quantized(cfg, rows, started)
+    return component(kind.builder)(cfg, rows, started)
+
+
+def truncated(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
+    """The target's first ``cfg.layers`` layers, warmed up by logit distillation on ``rows``."""
+    out = Path(cfg.out)
     lm = models.load(cfg.target, device=cfg.device)
     target = lm.model.eval()
     for p in target.parameters():
@@ -201,7 +204,7 @@ def _run(cfg: DraftBaseConfig) -> dict:
     lm.tokenizer.save_pretrained(out)
     runio.write_config(out, cfg)
     return runio.write_manifest(
-        out, "draft_base", cfg, started, kind="truncate", layers=cfg.layers, target=cfg.target, kl_to_target=after_kl,
+        out, "draft_base", cfg, started, kind=cfg.kind, layers=cfg.layers, target=cfg.target, kl_to_target=after_kl,
         parameters=sum(p.numel() for p in draft.parameters()), train_examples=len(train_ex),
         heldout_examples=len(held_ex), top1_agreement_before=before, top1_agreement_after=after, train=stats,
     )

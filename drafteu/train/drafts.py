@@ -38,7 +38,7 @@ from drafteu import adapters, contract, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
-from drafteu.methods import DRAFT_METHODS
+from drafteu.methods import DRAFT_METHODS, named
 from drafteu.posterior import NoiseConfig, NoisyModel, apply_init_noise, member_seed
 from drafteu.train.draft_base import split_heldout
 from drafteu.train.loop import (
@@ -99,7 +99,7 @@ class DraftsConfig(DraftSettings):
     out: Path = field(metadata={"help": "drafts root; the ensemble goes to OUT/<method>/"})
     base: str = field(metadata={"help": "draft base: a model dir (train-draft-base output), hub id or .gguf"})
     target: str = field(default="embedded", metadata={"help": "target model (vocabulary check)"})
-    method: str = field(default="ddd", metadata={"help": "ddd, idd, fdd, untrained, konly, gkd or minillm"})
+    method: str = field(default=named("proposed"), metadata={"help": ", ".join(DRAFT_METHODS)})
     init_noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.5),
                                     metadata={"help": "IDD/FDD initialization noise"})
     noise: NoiseConfig = field(default_factory=lambda: NoiseConfig(sigma=0.1),
@@ -236,7 +236,7 @@ def _run(cfg: DraftsConfig) -> dict:
 
 def _untrained(cfg, out, names, rows, parts, base_lm, held):
     """S*M noise copies of the draft base (sigma = cfg.noise)."""
-    seeds = [member_seed("untrained", cfg.seed, k) for k in range(cfg.size)]
+    seeds = [member_seed(cfg.method, cfg.seed, k) for k in range(cfg.size)]
     _noise_adapters(base_lm.model, names, cfg.noise, seeds, out)
     return {}, {}
 
@@ -251,7 +251,7 @@ def _konly(cfg, out, names, rows, parts, base_lm, held):
         if not (ddd_dir / "adapter_model.safetensors").exists():
             timings["s0_m0"] = train_one(cfg, cfg.base, parts[0], "s0_m0", member_seed("draft", cfg.seed, 0, 0),
                                          False, ddd_dir, base_lm.tokenizer, held)
-    seeds = [member_seed("konly", cfg.seed, k) for k in range(cfg.size)]
+    seeds = [member_seed(cfg.method, cfg.seed, k) for k in range(cfg.size)]
     konly_adapters(base_lm.model, ddd_dir, names, cfg.noise, seeds, out)
     # the trained draft the members perturb (relative: a moved run keeps finding it), for the perturbation stage
     return timings, {"perturbs": os.path.relpath(Path(ddd_dir).resolve(), out.resolve())}
@@ -329,4 +329,4 @@ def _sft(cfg, out, names, rows, parts, base_lm, held):
     return timings, {}
 
 
-BUILDERS = {"noise": _untrained, "konly": _konly, "trl": _trl, "sft": _sft}
+BUILDERS = {"noise": _untrained, "copies": _konly, "trl": _trl, "sft": _sft}
