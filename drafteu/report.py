@@ -214,11 +214,14 @@ def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
         f"≤ {d.max_new_tokens} tokens).",
         f"- Drafts: {', '.join(dr.methods)}; S x M = {dr.partitions} x {dr.per_partition}"
         + (f", extra DDD layouts {dr.layouts}" if dr.layouts else "")
-        + f"; LoRA r {dr.lora_r}; {steps} steps of {dr.train.batch_size} x {dr.train.grad_accum} sequences, lr {dr.train.lr}.",
+        + f"; LoRA r {dr.lora_r}" + (f" on the top {dr.lora_layers} layers" if dr.lora_layers else "")
+        + f"; {steps} steps of {dr.train.batch_size} x {dr.train.grad_accum} sequences, lr {dr.train.lr}"
+        + (f"; scored with eval.draft_kernel {e.draft_kernel} (what ran: the cost section)." if e.draft_kernel != "recipe"
+           else "."),
         f"- Proxy (OSD): data from {f'{p.teachers} fixed noisy teachers' if p.data == 'teachers' else 'the draft data'}; "
         f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps; "
-        + ("its LoRA on the draft base (row K of the drafts' pass, no target pass)." if p.base == "draft_base"
-           else "its LoRA on the target."),
+        + ("its LoRA on the draft base (row K of the drafts' pass, no target pass)" if p.base == "draft_base"
+           else "its LoRA on the target") + (f", on the top {p.lora_layers} layers." if p.lora_layers else "."),
         f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground truth = "
         f"MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = {e.tokur_size}; "
         f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, docs/method.md §5'}).",
