@@ -370,8 +370,8 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     keep = ""
     if md_path.exists():
         old = md_path.read_text(encoding="utf-8")
-        if GENERATED in old:
-            keep = old.split(GENERATED)[0]
+        # text above the marker is kept; a file without one is all hand-written: kept whole, above it
+        keep = old.split(GENERATED)[0] if GENERATED in old else old.rstrip() + "\n\n"
     body = (run / "report.md").read_text(encoding="utf-8").replace("](figures/", f"]({name}/")
     body = body.replace("are in report.html", f"are in [{name}/report.html]({name}/report.html)")
     runio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")

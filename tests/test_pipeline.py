@@ -155,6 +155,12 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     numbers = runio.json_load(pub / "tiny-study.json")
     assert numbers["fidelity"] == fid and numbers["config"]["drafts"]["baseline_steps"] == 1
     assert set(numbers) >= {"manifest", "proxy_robustness", "hallucination", "cost"}
+    # a page written by hand before its first publish (no marker yet) is kept whole, above the report
+    (pub / "by-hand.md").write_text("# A study\n\nits reading\n")
+    res = CliRunner().invoke(app, ["report", "--run", str(run), "--publish", str(pub), "--name", "by-hand"])
+    assert res.exit_code == 0, res.output
+    text = (pub / "by-hand.md").read_text()
+    assert text.startswith("# A study\n\nits reading\n\n<!-- written by") and "## Fidelity" in text
     res = CliRunner().invoke(app, ["report", "--run", str(tmp_path)])
     assert res.exit_code == 2 and "not a run directory" in res.output
 

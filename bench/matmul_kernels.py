@@ -8,7 +8,7 @@ base keeps it) in three forms - float32 (``F.linear``, MKL / oneDNN), int8 weigh
 decoding run (K = 4 member rows x L positions), with each form's KL to the float target on real
 answer tokens (activation quantization costs accuracy).  Writes the table to docs/benchmarks.md.
 
-    python bench/kernels.py [--repeats 7] [--positions 1 16 128]
+    python bench/matmul_kernels.py [--repeats 7] [--positions 1 16 128]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
                     times.setdefault((name, positions), []).append(time.perf_counter() - t0)
 
     hw = hardware.describe(torch.device("cpu"))
-    lines = [f"`python bench/kernels.py` on {hw['hardware']}, {torch.get_num_threads()} threads, torch "
+    lines = [f"`python bench/matmul_kernels.py` on {hw['hardware']}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}: the embedded target's decoder body (float head left out) in each form, "
              f"{args.rows} member rows x L positions per forward, median of {args.repeats} interleaved repeats; "
              "KL and top-1 agreement to the float target on its own 48-token greedy answer (full model).", "",
