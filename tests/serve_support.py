@@ -68,3 +68,39 @@ class Server:
         self.engine.stop()
 
 
+
+
+def reference(ensemble) -> tuple:
+    """(the target, the estimator `drafteu score --method drafts` uses on it), loaded on their own."""
+    from drafteu import estimators, models
+
+    lm = models.load("embedded")
+    return lm, estimators.DraftEnsemble(ensemble, lm)
+
+
+def abandon_and_follow(server, body: dict, wait: float) -> None:
+    """``body`` (a long completion) abandoned by its client after ``wait`` seconds, then streamed and
+    dropped unread: each time its generation stops where the client left (``engine.finished``), its
+    slot is freed, and a short request is answered."""
+    import pytest
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    longest = body["max_tokens"]
+
+    def short_is_answered():
+        r = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": 2}, headers=headers, timeout=300)
+        assert r.status_code == 200, r.text
+        gone = [f for f in server.engine.finished if f[2]]
+        assert gone and gone[-1][1] < longest  # the abandoned one stopped where the client left
+
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=wait)
+    short_is_answered()
+    with httpx.stream("POST", server.url + "/v1/completions", headers=headers, json=body | {"stream": True},
+                      timeout=60) as s:
+        assert s.status_code == 200  # and hangs up before reading
+    deadline = time.time() + 60
+    while httpx.get(server.url + "/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
+    short_is_answered()

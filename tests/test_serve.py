@@ -16,11 +16,10 @@ import time
 import httpx
 import pytest
 
-from drafteu import estimators, models
-
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+from tests import serve_support  # noqa: E402
 from tests.serve_support import KEY, QUESTION, Server, _free_port, untrained_ensemble  # noqa: E402
 
 
@@ -38,9 +37,7 @@ def server(ensemble):
 
 @pytest.fixture(scope="module")
 def reference(ensemble):
-    """The estimator `drafteu score --method drafts` uses, on its own loaded target."""
-    lm = models.load("embedded")
-    return lm, estimators.DraftEnsemble(ensemble, lm)
+    return serve_support.reference(ensemble)
 
 
 def _eu(tokens):
@@ -160,8 +157,6 @@ def test_a_bounded_load_is_answered_once_each_with_429_only_beyond_capacity(serv
     """32 clients x 2 requests on loopback against 4 running + 8 queued: every request gets exactly one
     answer (200, or 429 with Retry-After when the server is full), the server's memory stays bounded,
     and it is healthy afterwards."""
-    import resource
-
     async def load():
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits,
@@ -177,19 +172,26 @@ def test_a_bounded_load_is_answered_once_each_with_429_only_beyond_capacity(serv
             return [x for batch in await asyncio.wait_for(asyncio.gather(*(user(u) for u in range(32))), 300)
                     for x in batch]
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = _resident_mib()
     results = asyncio.run(load())
     assert len(results) == 64
     statuses = [s for s, _, _ in results]
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 12
     assert all(ra is not None and body["error"]["code"] == "over_capacity" for s, ra, body in results if s == 429)
     assert all(len(body["choices"]) == 1 for s, _, body in results if s == 200)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 1_000_000  # KiB: well under 1 GiB more
+    assert _resident_mib() - rss < 256  # the server (in this process) keeps no request's memory
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["in_flight"] == 0
     metrics = httpx.get(server.url + "/metrics").text
     assert 'drafteu_requests_total{endpoint="/v1/completions",status="200"}' in metrics
     assert "drafteu_token_eu_bucket" in metrics and "drafteu_queue_depth" in metrics
+
+
+def _resident_mib() -> float:
+    """This process's resident set now (the lifetime peak, ru_maxrss, was set by loading the models and
+    could not show a leak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(ensemble):
@@ -239,3 +241,46 @@ def test_serve_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "neither a run directory" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["serve", "--drafts", str(tmp_path), "--engine", "fast"])
     assert res.exit_code == 2 and "--engine must be one of" in res.output
+
+
+def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_computes(ensemble, reference):
+    """`--engine speculative`, tested like the batched engine: greedy answers are the target's, every
+    token carries the estimator's EU and the target's logprobs (from the verifying pass), and the
+    answer and its stream are OpenAI's schema."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    lm, ens = reference
+    s = Server(ensemble, engine="speculative", max_concurrency=2, max_queue=2)
+    try:
+        messages = [{"role": "user", "content": QUESTION}]
+        body = {"model": "drafteu-test", "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
+                "top_logprobs": 2}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=300)
+        assert r.status_code == 200, r.text
+        choice = ChatCompletion.model_validate(r.json()).choices[0]
+        prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
+        from drafteu.score import greedy_answer
+
+        with ens.base_target():
+            assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 12) == ids
+        tokens = choice.logprobs.content
+        want = ens.score(prompt_ids, ids)
+        # the rounds' own passes, with their caches: equal to full forwards to float rounding
+        assert [t.eu for t in tokens] == pytest.approx(want.eu.tolist(), rel=1e-3, abs=1e-4)
+        assert [t.eu_bias for t in tokens] == pytest.approx(want.bias.tolist(), rel=1e-3, abs=1e-4)
+        chosen, values, _ = ens.target_logprobs([(prompt_ids, ids)], 2)[0]
+        assert [t.logprob for t in tokens] == pytest.approx(chosen.tolist(), rel=1e-3, abs=1e-4)
+        assert [x.logprob for t in tokens for x in t.top_logprobs] == pytest.approx(values.flatten().tolist(), rel=1e-3,
+                                                                                     abs=1e-4)
+        with httpx.stream("POST", s.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json=body | {"stream": True}, timeout=300) as st:
+            chunks = [json.loads(line[6:]) for line in st.iter_lines() if line.startswith("data: {")]
+        for ch in chunks:
+            ChatCompletionChunk.model_validate(ch)
+        streamed = [t for ch in chunks for c in ch["choices"] for t in (c.get("eu_tokens") or [])]
+        assert [t["eu"] for t in streamed] == pytest.approx([t.eu for t in tokens], rel=1e-3, abs=1e-4)
+        assert "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"]) == choice.message.content
+    finally:
+        s.close()

@@ -5,12 +5,18 @@ generation stops; one job's error is its own; bodies, paths and options are boun
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from tests.serve_support import KEY, QUESTION, Server, _free_port, untrained_ensemble
+from tests.serve_support import (
+    KEY,
+    QUESTION,
+    Server,
+    _free_port,
+    abandon_and_follow,
+    untrained_ensemble,
+)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
@@ -116,22 +122,8 @@ def test_a_stop_string_inside_a_token_keeps_the_text_before_it(server):
 
 
 def test_an_abandoned_request_stops_generating_and_the_next_is_answered(server):
-    body = {"model": "drafteu-test", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0}
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", json=body, headers=H, timeout=2.0)
-    r = _post(server, "/v1/completions", body | {"max_tokens": 2})
-    assert r.status_code == 200
-    long = [f for f in server.engine.finished if f[2]]
-    assert long and long[-1][1] < 400  # the generation stopped where the client left
-    with httpx.stream("POST", server.url + "/v1/completions", headers=H, json=body | {"stream": True},
-                      timeout=60) as s:
-        assert s.status_code == 200  # and hangs up before reading
-    deadline = time.time() + 60
-    while httpx.get(server.url + "/health").json()["in_flight"] and time.time() < deadline:
-        time.sleep(0.1)
-    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
-    assert _post(server, "/v1/completions", body | {"max_tokens": 2}).status_code == 200
-    assert [f for f in server.engine.finished if f[2]][-1][1] < 400
+    abandon_and_follow(server, {"model": "drafteu-test", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400,
+                                "temperature": 0}, wait=2.0)
 
 
 def test_one_jobs_error_fails_that_job_only(server):

@@ -41,7 +41,10 @@ class ServeConfig(EngineSettings):
     engine: str = field(default="batched", metadata={
         "help": "batched (requests that arrive together are generated in one batch, then scored) or speculative "
                 "(speculative decoding by the drafts: EU streamed with every token, one request at a time)"})
-    backend: str = field(default="hf", metadata={"help": "generation backend of the batched engine: hf or vllm"})
+    backend: str = field(default="hf", metadata={
+        "help": "generation backend of the batched engine: hf (transformers' generate; requests that arrive together "
+                "decode as one batch) or vllm (vLLM's async engine: continuous batching, tokens and their EU streamed "
+                "in segments while decoding, a request aborted when its client leaves)"})
     max_concurrency: int = field(default=8, metadata={"help": "requests processed at once (a batch holds up to this many)"})
     max_queue: int = field(default=32, metadata={"help": "requests waiting beyond that; more get 429 with Retry-After"})
     timeout: float = field(default=120.0, metadata={"help": "seconds a request may take (504 after)"})

@@ -4,12 +4,17 @@ forward at a time, fed by a queue of futures that it drains into batches.
 Requests arrive on the event loop; ``Engine.submit`` puts a ``Job`` (a generation or a scoring) on a
 thread-safe queue and returns an asyncio future.  The worker takes the first job, waits up to
 ``batch_wait_ms`` for more (up to ``max_batch``), then runs the batch: generations through the
-generation backend in one batched call per sampling setting (the HF backend's batched ``generate``,
-or vLLM's engine), then the EU of every answer of the batch in one pass of
-``estimators.DraftEnsemble.score_batch`` - the estimator `drafteu score --method drafts` calls, so a
-response carries the numbers the command prints - with the target's logprobs from the same pass.  With
-``engine: speculative`` a generation is speculative decoding by the same drafts (EU comes with
-every token, streamed per round), one request at a time.  Model work never runs on the event loop.
+generation backend in one batched call per sampling setting (the HF backend's batched ``generate``),
+then the EU of every answer of the batch in one pass of ``estimators.DraftEnsemble.score_batch`` - the
+estimator `drafteu score --method drafts` calls, so a response carries the numbers the command prints -
+with the target's logprobs from the same pass.  With ``engine: speculative`` a generation is
+speculative decoding by the same drafts (EU comes with every token, streamed per round), one request at
+a time.  With a backend that has an async engine of its own (``--backend vllm``: vLLM's ``AsyncLLM``)
+generations do not wait for the worker: each is a task on the event loop that streams token ids out
+of that engine's continuous batch (a request joins and leaves it at any step; cancelling the task
+aborts the request there), and only their scoring is queued here - in segments of doubling length
+while the answer decodes when it streams, so EU reaches the client with the tokens.  Model work never
+runs on the event loop.
 
 A job whose client went away (or timed out) is marked cancelled: it is dropped if still queued; if
 it is running, its generation stops at the next decoding step (a stopping criterion per row; the
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import math
 import queue
@@ -51,7 +57,9 @@ class Job:
     eu: bool = True  # score the answer's tokens (off: a plain completion, for the benchmark's baseline)
     logprobs: bool = True  # the target's log-probability of each token
     top_logprobs: int = 0
-    on_tokens: Callable[[int, Answer], None] | None = None  # speculative streaming: (choice, the round's tokens)
+    on_tokens: Callable[[int, Answer], None] | None = None  # live streaming: (choice, the tokens just known)
+    # answers decoded elsewhere (the continuous engine): (ids, finish, what streaming already computed) per choice
+    generated: list[tuple[list[int], str, Answer | None]] | None = None
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
@@ -94,6 +102,7 @@ class Engine:
         self.ready = threading.Event()
         self.failure: str | None = None
         self.hallucination_map: dict | None = None
+        self.continuous = None  # the backend's async engine, when it has one (vLLM): generation runs there
         # the last jobs run: (kind, tokens generated before any cut, cancelled) - what a cancellation stopped
         self.finished: collections.deque[tuple[str, int, bool]] = collections.deque(maxlen=64)
         self._thread = threading.Thread(target=self._main, name="drafteu-engine", daemon=True)
@@ -108,15 +117,119 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the worker after the jobs queued before this, and wait for it (and a continuous engine's
+        own process) to end."""
         self.jobs.put(None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def live(self) -> bool:
+        """Whether a generation's tokens reach the client while it decodes (``Job.on_tokens``): the
+        speculative engine's rounds, the continuous engine's segments; else the answer comes whole."""
+        return self.engine == "speculative" or self.continuous is not None
 
     def submit(self, job: Job) -> asyncio.Future:
-        """Queue ``job``; the future resolves to a list of ``Answer`` (or raises the job's error)."""
+        """Queue ``job``; the future resolves to a list of ``Answer`` (or raises the job's error).  On
+        the continuous engine a generation is a task on this event loop instead (``_continuous``):
+        cancelling the future aborts its decoding in the engine."""
         job.loop = asyncio.get_running_loop()
+        if self.continuous is not None and job.kind == "generate" and job.generated is None:
+            job.future = job.loop.create_task(self._continuous(job))
+            return job.future
         job.future = job.loop.create_future()
         self.jobs.put(job)
         return job.future
+
+    # -- the continuous engine (the backend's async engine: vLLM) ----------------------------------------
+
+    async def _scored(self, job: Job) -> list[Answer]:
+        """``job`` through the worker (its scoring batches); cancelled with the caller."""
+        try:
+            return await self.submit(job)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    async def _continuous(self, job: Job) -> list[Answer]:
+        """A generation on the continuous engine: the n choices decode in the engine's running batch,
+        their EU and logprobs come from the worker's scoring batches - while decoding goes on, in
+        segments of doubling length, when the job streams - and the answers are finished (cut at a stop
+        string, the rest scored, summarized) like the batched engine's."""
+        import dataclasses
+
+        from drafteu.data import TextStops
+
+        stops = TextStops(self.tokenizer, self.continuous.turns.stops + tuple(job.stop or ()))
+        generated = await asyncio.gather(*(self._choice(job, c, stops) for c in range(job.n)))
+        return await self._scored(dataclasses.replace(job, generated=list(generated), on_tokens=None, future=None,
+                                                      cancelled=False))
+
+    async def _choice(self, job: Job, choice: int, stops) -> tuple[list[int], str, Answer | None]:
+        """Choice ``choice`` of ``job`` decoded by the continuous engine: (its ids cut at EOS and at a turn
+        delimiter, the finish, what was streamed of it: ids and their scores)."""
+        import uuid
+
+        from drafteu import models
+        from drafteu.posterior import member_seed
+        from drafteu.score import StreamPieces
+
+        scoring = job.eu or job.logprobs or job.top_logprobs > 0
+        streamed = Answer([], [], eu=[], variance=[], bias=[], logprobs=[], top=[]) if job.on_tokens else None
+        pieces = StreamPieces(self.tokenizer) if streamed is not None else None
+        pending: asyncio.Task | None = None
+        segment = SEGMENT
+        ids: list[int] = []
+        reason = None
+
+        def emit(part: Answer) -> None:
+            part.pieces = pieces(part.token_ids)
+            for name in ("token_ids", "eu", "variance", "bias", "logprobs", "top"):
+                value = getattr(part, name)
+                setattr(streamed, name, None if value is None or getattr(streamed, name) is None
+                        else getattr(streamed, name) + list(value))
+            job.on_tokens(choice, part)
+
+        async def segment_of(start: int, end: int) -> Answer:
+            if not scoring:
+                return Answer(ids[start:end], [])
+            part = (await self._scored(Job("score", job.prompt_ids + ids[:start], response_ids=ids[start:end],
+                                           eu=job.eu, logprobs=job.logprobs or job.top_logprobs > 0,
+                                           top_logprobs=job.top_logprobs)))[0]
+            return Answer(part.token_ids, [], eu=part.eu, variance=part.variance, bias=part.bias,
+                          logprobs=part.logprobs, top=part.top)
+
+        decoding = self.continuous.stream(
+            job.prompt_ids, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
+            seed=member_seed("serve", job.seed, choice) if job.temperature > 0 else None, stop=list(stops.stops),
+            request_id=f"drafteu-{uuid.uuid4().hex}")
+        try:
+            async with contextlib.aclosing(decoding):  # leaving early (cancelled) aborts the request in the engine
+                async for new, reason in decoding:
+                    ids += new
+                    if streamed is None or reason is not None:
+                        continue
+                    if pending is not None and pending.done():
+                        emit(pending.result())
+                        pending = None
+                    start, least = len(streamed.token_ids), segment if scoring else 1  # unscored tokens go at once
+                    if pending is None and len(ids) - start >= least:
+                        end = await asyncio.to_thread(_streamable, stops, ids, self.continuous.eos)
+                        if end - start >= least:
+                            pending = asyncio.ensure_future(segment_of(start, end))
+                            segment = min(2 * segment, MAX_SEGMENT)
+            if pending is not None:
+                emit(await pending)
+                pending = None
+        finally:
+            if pending is not None:
+                pending.cancel()
+            self.finished.append((job.kind, len(ids), job.cancelled or reason is None))
+        kept, finish = self.continuous.turns.end(*models.cut_at_eos(ids, self.continuous.eos, reason == "stop"))
+        if streamed is not None and len(streamed.token_ids) > len(kept):  # never: segments end before any stop
+            streamed = None
+        return kept, finish, streamed
 
     # -- the worker ----------------------------------------------------------------------------------------
 
@@ -131,6 +244,8 @@ class Engine:
         while True:
             first = self.jobs.get()
             if first is None:
+                if self.continuous is not None:  # its engine process goes with the server
+                    self.continuous.close()
                 return
             batch = [first]
             deadline = time.monotonic() + self.batch_wait
@@ -176,10 +291,16 @@ class Engine:
         # an upper bound on any token's UTF-8 bytes: a text longer than context x this cannot fit
         self.max_token_bytes = 4 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.eos = models.eos_ids(self.lm.model, self.tokenizer)
-        with self.ensemble.base_target():
-            self.backend = BACKENDS[s["backend"]](s["target"], self.tokenizer, model=self.lm.model, dtype=s["dtype"],
-                                                  device=s["device"], prefix_cache=True, settings=s["settings"],
-                                                  max_len=self.context)
+        backend = BACKENDS[s["backend"]]
+        if backend.serving is not None and self.engine != "speculative":  # continuous batching in its engine
+            self.continuous = backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
+                                              settings=s["settings"], max_len=self.context)
+            self.backend = None
+        else:
+            with self.ensemble.base_target():
+                self.backend = backend(s["target"], self.tokenizer, model=self.lm.model, dtype=s["dtype"],
+                                       device=s["device"], prefix_cache=True, settings=s["settings"],
+                                       max_len=self.context)
         self.decoder = None
         if self.engine == "speculative":
             self.decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=2)
@@ -197,7 +318,9 @@ class Engine:
 
     def _run(self, batch: list[Job]) -> None:
         scoring = [j for j in batch if j.kind == "score"]
-        generating = [j for j in batch if j.kind == "generate"]
+        generating = [j for j in batch if j.kind == "generate" and j.generated is None]
+        decoded = [(j, ids, f, known) for j in batch if j.generated is not None and not j.cancelled
+                   for ids, f, known in j.generated]  # by the continuous engine (counted in ``finished`` there)
         work: list[tuple[Job, list[int], str, Answer | None]] = []  # (job, answer ids, finish, what decoding knew)
         if self.engine == "speculative":
             for job in generating:
@@ -208,7 +331,7 @@ class Engine:
             work += [(job, r, f, None) for job, ids in zip(generating, answers, strict=True) for r, f in ids]
         for job, ids, *_ in work:
             self.finished.append((job.kind, len(ids), job.cancelled))
-        work = [w for w in work if not w[0].cancelled]
+        work = [w for w in work if not w[0].cancelled] + decoded
         work += [(job, job.response_ids, "length", None) for job in scoring if not job.cancelled]
         results = self._answers(work)
         for job in {id(j): j for j, *_ in work}.values():
@@ -270,7 +393,9 @@ class Engine:
     def _answers(self, work: list[tuple]) -> list[Answer]:
         """Every answer of a batch: cut exactly at its first stop string, its EU from one batched
         scoring pass (``DraftEnsemble.score_batch``, as `drafteu score`) and the target's logprobs
-        from the same pass, unless its decoding computed them."""
+        from the same pass.  What decoding already computed of an answer (``known``: the speculative
+        engine's rounds, the continuous engine's streamed segments) is kept; only the tokens after it
+        are scored, with it as their context."""
         from drafteu import estimators
         from drafteu.evaluate.hallucination import p_wrong
         from drafteu.score import token_pieces
@@ -282,28 +407,40 @@ class Engine:
             if text is not None:  # the stop string begins inside the last kept token: its text ends there
                 pieces[-1] = text[len("".join(pieces[:-1])):] if pieces else ""
             answer = Answer(kept, pieces, "stop" if text is not None or finish == "eos" else "length")
-            if known is not None:
-                n = len(kept)
+            if known is not None:  # the values of its first tokens (all of them, or a prefix)
                 for name in ("eu", "variance", "bias", "logprobs", "top"):
                     value = getattr(known, name)
-                    setattr(answer, name, value[:n] if value is not None and len(value) >= n else None)
+                    setattr(answer, name, None if value is None else list(value[:len(kept)]))
             cut.append((job, answer))
-        need = [i for i, (job, a) in enumerate(cut) if a.token_ids and job.eu and a.eu is None]
+
+        def rest(i: int, done: list | None) -> tuple[list[int], list[int]]:  # (context, tokens to score)
+            job, a = cut[i]
+            m = len(done or [])
+            return job.prompt_ids + a.token_ids[:m], a.token_ids[m:]
+
+        def partial(values: list | None, a: Answer) -> bool:
+            return values is None or len(values) < len(a.token_ids)
+
+        need = [i for i, (job, a) in enumerate(cut) if a.token_ids and job.eu and partial(a.eu, a)]
         if need:
-            for i, s in zip(need, self.ensemble.score_batch([(cut[i][0].prompt_ids, cut[i][1].token_ids)
-                                                             for i in need]), strict=True):
+            scores = self.ensemble.score_batch([rest(i, cut[i][1].eu) for i in need])
+            for i, s in zip(need, scores, strict=True):
+                a = cut[i][1]
+                m = len(a.eu or [])
                 for name, value in _terms(s.variance, s.bias, s.eu).items():
-                    setattr(cut[i][1], name, value)
+                    setattr(a, name, (getattr(a, name) or [])[:m] + value)
         want = [i for i, (job, a) in enumerate(cut)
-                if a.token_ids and (job.logprobs or job.top_logprobs) and a.logprobs is None]
+                if a.token_ids and (job.logprobs or job.top_logprobs) and partial(a.logprobs, a)]
         if want:
             top = max(cut[i][0].top_logprobs for i in want)
-            lps = self.ensemble.target_logprobs([(cut[i][0].prompt_ids, cut[i][1].token_ids) for i in want], top)
+            lps = self.ensemble.target_logprobs([rest(i, cut[i][1].logprobs) for i in want], top)
             for i, (chosen, values, indices) in zip(want, lps, strict=True):
-                k = cut[i][0].top_logprobs
-                cut[i][1].logprobs = chosen.tolist()
-                cut[i][1].top = [list(zip(x.tolist(), v.tolist(), strict=True))
-                                 for v, x in zip(values[:, :k], indices[:, :k], strict=True)]
+                a, k = cut[i][1], cut[i][0].top_logprobs
+                m = len(a.logprobs or [])
+                a.logprobs = (a.logprobs or [])[:m] + chosen.tolist()
+                a.top = (a.top or [[] for _ in range(m)])[:m] + [
+                    list(zip(x.tolist(), v.tolist(), strict=True))
+                    for v, x in zip(values[:, :k], indices[:, :k], strict=True)]
         for job, a in cut:
             if job.eu:
                 ok = a.token_ids and a.eu is not None
@@ -315,6 +452,18 @@ class Engine:
             else:
                 a.eu = a.variance = a.bias = None
         return [a for _, a in cut]
+
+
+SEGMENT, MAX_SEGMENT = 8, 128  # a streamed answer's first scored segment, and the longest (doubling between)
+
+
+def _streamable(stops, ids: list[int], eos: list[int]) -> int:
+    """How many of ``ids`` a stream may send: those before an EOS id that end before a stop string
+    begins - and, while none has occurred, before the trailing tokens that could begin one."""
+    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    ids = ids[:end]
+    k = stops.cut(ids)
+    return k if k is not None else len(ids) - stops.held(ids)
 
 
 def _terms(variance, bias, eu=None) -> dict:

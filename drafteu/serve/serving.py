@@ -374,7 +374,7 @@ class Serving:
         the timeout cancels the job."""
         live: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        if self.engine.engine == "speculative":
+        if self.engine.live:  # the speculative rounds, the continuous engine's segments
             job.on_tokens = lambda choice, part: loop.call_soon_threadsafe(live.put_nowait, (choice, part))
         tokens, logprobs = self.tokens, (req.logprobs if chat else req.logprobs is not None)
         offsets: dict[int, int] = {}  # completions: characters sent per choice (text_offset)
