@@ -383,35 +383,12 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
 
 
 def _html(cfg: ExperimentConfig, run: Path, md: str, figs: list[Path]) -> str:
-    """A self-contained page: the markdown's tables rendered, figures inlined as base64, heat-maps."""
-    body = []
-    in_table = False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-: "):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-            else:
-                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<p>• {_inline(line[2:])}</p>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        body.append("</table>")
+    """A self-contained page: the markdown rendered (markdown-it-py, CommonMark with tables), figures
+    inlined as base64 instead of linked, heat-maps."""
+    from markdown_it import MarkdownIt
+
+    text = "\n".join(line for line in md.splitlines() if not line.startswith("!["))  # the figures come inlined
+    body = [MarkdownIt("commonmark", {"html": False}).enable("table").render(text)]
     for p in figs:
         data = base64.b64encode(p.read_bytes()).decode()
         body.append(f'<figure><img alt="{p.stem}" src="data:image/png;base64,{data}"></figure>')
@@ -425,11 +402,3 @@ def _html(cfg: ExperimentConfig, run: Path, md: str, figs: list[Path]) -> str:
              ".hm{font-family:monospace;white-space:pre-wrap;margin:.4em 0 .8em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>drafteu report: {html.escape(cfg.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-
-
-def _inline(text: str) -> str:
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)

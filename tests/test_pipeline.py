@@ -137,6 +137,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     _noise_drafts_equal_full_forwards(load_experiment(cfg_path), run)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<span title=" in html
+    assert html.count("<table>") >= 4 and "<th>method</th>" in html and "<h2>Fidelity" in html  # markdown rendered
     md = (run / "report.md").read_text()
     assert "## Fidelity" in md and "## Hallucination detection" in md and "## Cost" in md
     assert "| untrained drafts |" in md and "| konly drafts |" in md  # the drafts' noise, stated
