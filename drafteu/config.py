@@ -238,6 +238,8 @@ class EvalSection:
     heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
     draft_kernel: str = field(default="recipe", metadata={"help": KERNEL_HELP})
 
+    location_fields = ("batch_size", "score_batch", "heatmap_examples")  # how answers are batched, what the report shows
+
     def __post_init__(self):
         runio.require_finite(self)
         if self.draft_kernel not in SCORING_KERNELS:

@@ -3,6 +3,7 @@ downstream of them; nothing else runs; a killed run resumes to the same bytes.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import typing
@@ -168,6 +169,90 @@ def test_stages_read_every_key_their_work_depends_on(tmp_path, variant):
             assert got == built[stage.name], f"stage {stage.name} depends on {key}, which it does not declare"
             checked += 1
     assert checked > 200
+
+
+@contextlib.contextmanager
+def _traced_reads(cfg):
+    """The dotted config keys read while inside (a leaf field read by attribute, also through
+    ``dataclasses.replace`` / ``fields_identity``): the stage's real inputs, as its code reads them."""
+    paths, read, patched = {}, set(), {}
+
+    def walk(obj, prefix):
+        paths[id(obj)] = prefix
+        patched.setdefault(type(obj), {f.name for f in dataclasses.fields(obj)})
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(cfg, "")
+
+    def getter(self, name):
+        value = object.__getattribute__(self, name)
+        prefix = paths.get(id(self))
+        if prefix is not None and name in patched[type(self)] and not dataclasses.is_dataclass(value):
+            read.add(prefix + name)
+        return value
+
+    for cls in patched:
+        cls.__getattribute__ = getter
+    try:
+        yield read
+    finally:
+        for cls in patched:
+            del cls.__getattribute__
+
+
+def _location_keys(cfg, prefix=""):
+    """Keys that say where or how a run computes, never what (``location_fields``), and the labels."""
+    out = {f"{prefix}{n}" for n in getattr(cfg, "location_fields", ())}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out |= _location_keys(value, f"{prefix}{f.name}.")
+    return out | ({"name", "notes"} if not prefix else set())
+
+
+# read always, watched only when not at this value (runs made before the option keep their identity)
+OPTIONAL = {"eval.draft_kernel": "recipe"}
+
+
+@pytest.mark.integration
+def test_the_evaluation_stages_read_only_keys_the_contract_watches(finished, tmp_path):
+    """Each evaluation stage - those that build no config of their own, so the builders' test above
+    cannot see their inputs - run again on a copy of a finished run with its outputs removed, reads
+    (attribute by attribute, traced) only config keys that it or a stage it consumes declares."""
+    cfg = load_experiment(finished / "c.yaml")
+    built = _builders(cfg, tmp_path)
+    allowed = _location_keys(cfg) | {k for k, v in OPTIONAL.items() if runio.identity(_value(cfg, k)) == v}
+    watched: dict[str, set[str]] = {}
+    undeclared, checked = {}, []
+    for stage in pipeline.STAGES:
+        watched[stage.name] = set(stage.reads(cfg)).union(*(watched[u] for u in stage.after(cfg)))
+        if stage.name in built:
+            continue
+        run = tmp_path / stage.name
+        shutil.copytree(finished / "run", run)
+        for pattern in stage.outputs:
+            for path in run.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        ctx = pipeline.context(cfg, run, stage.name)  # the contract's digests read every key: outside the trace
+        with _traced_reads(cfg) as read:
+            stage.run(ctx)
+        assert read, f"stage {stage.name} read nothing: the trace is broken"
+        checked.append(stage.name)
+        bad = sorted(k for k in read - allowed
+                     if not any(k == d or k.startswith(d + ".") for d in watched[stage.name]))
+        if bad:
+            undeclared[stage.name] = bad
+    assert checked == ["score", "perturbation", "proxy_robustness", "fidelity", "hallucination", "cost"]
+    assert undeclared == {}, f"stages read keys they do not declare: {undeclared}"
+
+
+def _value(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 # -- the table: edit a finished run, see exactly the dependent stages run again ---------------------

@@ -130,7 +130,7 @@ def test_one_jobs_error_fails_that_job_only(server):
     import asyncio
 
     from drafteu.errors import DraftEUError
-    from drafteu.serve.engine import Job
+    from drafteu.serve.jobs import Job
 
     tok = server.engine.tokenizer
     good = tok(QUESTION, add_special_tokens=False)["input_ids"]

@@ -66,8 +66,9 @@ class TrialEstimators:
         self.estimators: dict[str, estimators.Estimator] = {}
         self.trial: int | None = None
 
-    def set_trial(self, trial: int, specs: list[EnsembleSpec]) -> None:
-        """Draw the trial's family and TokUR seeds; load the trial's draft ensembles ``specs``."""
+    def set_trial(self, trial: int, specs: list[EnsembleSpec], target_only: list[str] | None = None) -> None:
+        """Draw the trial's family and TokUR seeds; load the trial's draft ensembles ``specs``
+        (``target_only``: the target-only estimators to build, by name; None: all)."""
         cfg, e, plen, share = self.cfg, self.cfg.eval, self.prefix_len, self.shared
         self.trial = trial
         previous = list(self.estimators.values())
@@ -76,7 +77,7 @@ class TrialEstimators:
         self.estimators = {  # the target-only estimators, each built by its registry entry
             name: kind.build(self.noisy, size=getattr(e, kind.size_setting) if kind.size_setting else 0,
                              seed=cfg.seed + trial, prefix_len=plen, share_prompts=share)
-            for name, kind in ESTIMATORS.items() if not kind.uses_drafts}
+            for name, kind in ESTIMATORS.items() if not kind.uses_drafts and (target_only is None or name in target_only)}
         for spec in specs:
             if self.proxy_in_drafts:
                 proxy = {"proxy_dir": proxy_adapter(self.run)}

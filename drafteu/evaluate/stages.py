@@ -205,7 +205,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     need += [(r, -1) for r in rows if any((key_of(r), est, -1) not in done for est in estimates[:3])]
     if need:
         trial_est = TrialEstimators(cfg, run, rows)
-        trial_est.set_trial(0, [EnsembleSpec.from_label(label)])
+        trial_est.set_trial(0, [EnsembleSpec.from_label(label)], target_only=[named("baseline")])  # the raw target
         ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
         ref = HiddenSource(noisy.model, noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
                            prefix_len=plen)

@@ -10,10 +10,8 @@ estimator `drafteu score --method drafts` calls, so a response carries the numbe
 with the target's logprobs from the same pass.  With ``engine: speculative`` a generation is
 speculative decoding by the same drafts (EU comes with every token, streamed per round), one request at
 a time.  With a backend that has an async engine of its own (``--backend vllm``: vLLM's ``AsyncLLM``)
-generations do not wait for the worker: each is a task on the event loop that streams token ids out
-of that engine's continuous batch (a request joins and leaves it at any step; cancelling the task
-aborts the request there), and only their scoring is queued here - in segments of doubling length
-while the answer decodes when it streams, so EU reaches the client with the tokens.  Model work never
+generations do not wait for the worker: ``continuous.ContinuousDecoder`` runs each as a task on the
+event loop in that engine's continuous batch, and only their scoring is queued here.  Model work never
 runs on the event loop.
 
 A job whose client went away (or timed out) is marked cancelled: it is dropped if still queued; if
@@ -27,65 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from drafteu.serve.continuous import ContinuousDecoder
+from drafteu.serve.jobs import Answer, Job
 
-@dataclass
-class Job:
-    """One request's model work.  ``kind``: "generate" (``prompt_ids`` -> ``n`` answers) or "score"
-    (``prompt_ids`` + ``response_ids`` -> their EU)."""
-
-    kind: str
-    prompt_ids: list[int]
-    response_ids: list[int] | None = None
-    n: int = 1
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-    eu: bool = True  # score the answer's tokens (off: a plain completion, for the benchmark's baseline)
-    logprobs: bool = True  # the target's log-probability of each token
-    top_logprobs: int = 0
-    on_tokens: Callable[[int, Answer], None] | None = None  # live streaming: (choice, the tokens just known)
-    # answers decoded elsewhere (the continuous engine): (ids, finish, what streaming already computed) per choice
-    generated: list[tuple[list[int], str, Answer | None]] | None = None
-    future: asyncio.Future | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    cancelled: bool = False
-    started: float = 0.0
-
-
-@dataclass
-class Answer:
-    """One choice (or, streamed, one round of its tokens) as plain values - the serving layer turns it
-    into OpenAI's shapes: the token ids and the text of each (``pieces`` concatenate to ``text``, the
-    answer cut exactly at a stop string), why it ended ("stop" | "length"), the EU terms and the raw
-    target's log-probabilities per token when computed (``top``: (id, logprob) pairs), and the summary."""
-
-    token_ids: list[int]
-    pieces: list[str]
-    finish_reason: str = "length"
-    eu: list[float] | None = None
-    variance: list[float] | None = None
-    bias: list[float] | None = None
-    logprobs: list[float] | None = None
-    top: list[list[tuple[int, float]]] | None = None
-    summary: dict | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
+__all__ = ["Answer", "Engine", "Job"]
 
 
 class Engine:
@@ -102,7 +54,7 @@ class Engine:
         self.ready = threading.Event()
         self.failure: str | None = None
         self.hallucination_map: dict | None = None
-        self.continuous = None  # the backend's async engine, when it has one (vLLM): generation runs there
+        self.continuous: ContinuousDecoder | None = None  # generation on the backend's async engine (vLLM)
         # the last jobs run: (kind, tokens generated before any cut, cancelled) - what a cancellation stopped
         self.finished: collections.deque[tuple[str, int, bool]] = collections.deque(maxlen=64)
         self._thread = threading.Thread(target=self._main, name="drafteu-engine", daemon=True)
@@ -136,100 +88,11 @@ class Engine:
         cancelling the future aborts its decoding in the engine."""
         job.loop = asyncio.get_running_loop()
         if self.continuous is not None and job.kind == "generate" and job.generated is None:
-            job.future = job.loop.create_task(self._continuous(job))
+            job.future = job.loop.create_task(self.continuous.generate(job))
             return job.future
         job.future = job.loop.create_future()
         self.jobs.put(job)
         return job.future
-
-    # -- the continuous engine (the backend's async engine: vLLM) ----------------------------------------
-
-    async def _scored(self, job: Job) -> list[Answer]:
-        """``job`` through the worker (its scoring batches); cancelled with the caller."""
-        try:
-            return await self.submit(job)
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-
-    async def _continuous(self, job: Job) -> list[Answer]:
-        """A generation on the continuous engine: the n choices decode in the engine's running batch,
-        their EU and logprobs come from the worker's scoring batches - while decoding goes on, in
-        segments of doubling length, when the job streams - and the answers are finished (cut at a stop
-        string, the rest scored, summarized) like the batched engine's."""
-        import dataclasses
-
-        from drafteu.data import TextStops
-
-        stops = TextStops(self.tokenizer, self.continuous.turns.stops + tuple(job.stop or ()))
-        generated = await asyncio.gather(*(self._choice(job, c, stops) for c in range(job.n)))
-        return await self._scored(dataclasses.replace(job, generated=list(generated), on_tokens=None, future=None,
-                                                      cancelled=False))
-
-    async def _choice(self, job: Job, choice: int, stops) -> tuple[list[int], str, Answer | None]:
-        """Choice ``choice`` of ``job`` decoded by the continuous engine: (its ids cut at EOS and at a turn
-        delimiter, the finish, what was streamed of it: ids and their scores)."""
-        import uuid
-
-        from drafteu import models
-        from drafteu.posterior import member_seed
-        from drafteu.score import StreamPieces
-
-        scoring = job.eu or job.logprobs or job.top_logprobs > 0
-        streamed = Answer([], [], eu=[], variance=[], bias=[], logprobs=[], top=[]) if job.on_tokens else None
-        pieces = StreamPieces(self.tokenizer) if streamed is not None else None
-        pending: asyncio.Task | None = None
-        segment = SEGMENT
-        ids: list[int] = []
-        reason = None
-
-        def emit(part: Answer) -> None:
-            part.pieces = pieces(part.token_ids)
-            for name in ("token_ids", "eu", "variance", "bias", "logprobs", "top"):
-                value = getattr(part, name)
-                setattr(streamed, name, None if value is None or getattr(streamed, name) is None
-                        else getattr(streamed, name) + list(value))
-            job.on_tokens(choice, part)
-
-        async def segment_of(start: int, end: int) -> Answer:
-            if not scoring:
-                return Answer(ids[start:end], [])
-            part = (await self._scored(Job("score", job.prompt_ids + ids[:start], response_ids=ids[start:end],
-                                           eu=job.eu, logprobs=job.logprobs or job.top_logprobs > 0,
-                                           top_logprobs=job.top_logprobs)))[0]
-            return Answer(part.token_ids, [], eu=part.eu, variance=part.variance, bias=part.bias,
-                          logprobs=part.logprobs, top=part.top)
-
-        decoding = self.continuous.stream(
-            job.prompt_ids, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
-            seed=member_seed("serve", job.seed, choice) if job.temperature > 0 else None, stop=list(stops.stops),
-            request_id=f"drafteu-{uuid.uuid4().hex}")
-        try:
-            async with contextlib.aclosing(decoding):  # leaving early (cancelled) aborts the request in the engine
-                async for new, reason in decoding:
-                    ids += new
-                    if streamed is None or reason is not None:
-                        continue
-                    if pending is not None and pending.done():
-                        emit(pending.result())
-                        pending = None
-                    start, least = len(streamed.token_ids), segment if scoring else 1  # unscored tokens go at once
-                    if pending is None and len(ids) - start >= least:
-                        end = await asyncio.to_thread(_streamable, stops, ids, self.continuous.eos)
-                        if end - start >= least:
-                            pending = asyncio.ensure_future(segment_of(start, end))
-                            segment = min(2 * segment, MAX_SEGMENT)
-            if pending is not None:
-                emit(await pending)
-                pending = None
-        finally:
-            if pending is not None:
-                pending.cancel()
-            self.finished.append((job.kind, len(ids), job.cancelled or reason is None))
-        kept, finish = self.continuous.turns.end(*models.cut_at_eos(ids, self.continuous.eos, reason == "stop"))
-        if streamed is not None and len(streamed.token_ids) > len(kept):  # never: segments end before any stop
-            streamed = None
-        return kept, finish, streamed
 
     # -- the worker ----------------------------------------------------------------------------------------
 
@@ -245,7 +108,7 @@ class Engine:
             first = self.jobs.get()
             if first is None:
                 if self.continuous is not None:  # its engine process goes with the server
-                    self.continuous.close()
+                    self.continuous.engine.close()
                 return
             batch = [first]
             deadline = time.monotonic() + self.batch_wait
@@ -293,8 +156,10 @@ class Engine:
         self.eos = models.eos_ids(self.lm.model, self.tokenizer)
         backend = BACKENDS[s["backend"]]
         if backend.serving is not None and self.engine != "speculative":  # continuous batching in its engine
-            self.continuous = backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
-                                              settings=s["settings"], max_len=self.context)
+            self.continuous = ContinuousDecoder(
+                backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
+                                settings=s["settings"], max_len=self.context),
+                self.tokenizer, self.submit, self.finished)
             self.backend = None
         else:
             with self.ensemble.base_target():
@@ -452,18 +317,6 @@ class Engine:
             else:
                 a.eu = a.variance = a.bias = None
         return [a for _, a in cut]
-
-
-SEGMENT, MAX_SEGMENT = 8, 128  # a streamed answer's first scored segment, and the longest (doubling between)
-
-
-def _streamable(stops, ids: list[int], eos: list[int]) -> int:
-    """How many of ``ids`` a stream may send: those before an EOS id that end before a stop string
-    begins - and, while none has occurred, before the trailing tokens that could begin one."""
-    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    ids = ids[:end]
-    k = stops.cut(ids)
-    return k if k is not None else len(ids) - stops.held(ids)
 
 
 def _terms(variance, bias, eu=None) -> dict:

@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 import drafteu.serve.protocol as P
 from drafteu.errors import DraftEUError
-from drafteu.serve.engine import Answer, Engine, Job
+from drafteu.serve.engine import Engine
+from drafteu.serve.jobs import Answer, Job
 
 
 class ApiError(Exception):
