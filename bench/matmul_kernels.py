@@ -82,7 +82,10 @@ def main() -> None:
         lines.append(f"| {name} | {kl[name]:.5f} | {top1[name]:.3f} | " + " | ".join(cells) + " |")
     body = "\n".join(lines)
     print(body)
-    write_section(args.out, "bench-kernels", "Kernels of the quantized self-draft", body)
+    # one section per kind of CPU (the kernels' ranking differs between them): AVX512-BF16 / AMX or AVX2
+    native, _ = hardware.native_bf16(torch.device("cpu"))
+    kind = "avx512" if native else torch.backends.cpu.get_cpu_capability().lower()
+    write_section(args.out, f"bench-kernels-{kind}", f"Kernels of the quantized self-draft, {hw['hardware']}", body)
 
 
 if __name__ == "__main__":

@@ -245,77 +245,13 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
     figs = figures.write(run, fid, rob, hal, cst)
     md = [f"# drafteu report: {cfg.name}", "", *_setup(cfg, run), ""]
     if fid:
-        md += ["## Fidelity against the ground truth (Tables 1, 3, 5)", "",
-               f"{fid['questions']} held-out answers (one per question), {fid['trials']} trials "
-               f"({fid['trial_kind']}); mean ± std over trials.", ""]
-        md.append(_table(["method", "mean EU", "RMSE", "Spearman"], [
-            [m, f"{sum(t['mean_estimate'] for t in r['trials']) / len(r['trials']):.4f}", _pm(r["rmse"]),
-             _pm(r["spearman"], 3)] for m, r in fid["methods"].items()]))
-        truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
-        md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
-               "'variance only' is that ensemble's JSD term alone (no bias term).", ""]
-        pert = fid.get("perturbation")
-        if pert:
-            md += [f"Perturbation: σ = {pert['sigma']} ({pert['scale']}), rank {pert['rank']} on "
-                   f"{', '.join(pert['modules'])}; the family's mean MI is {pert['mean_mi']:.4f} nats/token, "
-                   f"{pert['share_of_ln_k']:.1%} of its ceiling ln {pert['family_size']} = {pert['ln_k']:.3f}.", ""]
-            if pert.get("warning"):
-                md += [f"**Warning**: {pert['warning']}.", ""]
-        md += _perturbation_lines(_load(run, "perturbation"))
-        md += _bias_lines(cfg, run, fid)
+        md += _fidelity_section(cfg, run, fid)
     if rob:
-        md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
-               f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "
-               f"fixed K = {rob['reference_size']} target family; K = k rows use k fresh perturbed copies of the raw "
-               "target per trial; mean ± std over trials.", ""]
-        md.append(_table(["p̂", "RMSE vs reference", "Spearman vs reference"],
-                         [[n, _pm(r["rmse"]), _pm(r["spearman"], 3)] for n, r in rob["estimates"].items()]))
-        md.append("")
+        md += _robustness_section(rob)
     if hal:
-        how = cfg.eval.aggregations[0]
-        md += ["## Hallucination detection (Table 2)", "",
-               f"{hal['answers']} answers to {hal['questions']} questions, {hal['wrong_rate']:.1%} wrong; logistic map "
-               f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% intervals from "
-               f"{cfg.eval.bootstrap} resamples of test questions (all answers of a drawn question together); "
-               f"sequence score = {how} token EU.", ""]
-        lab = hal.get("labels", {})
-        if "agree" in lab:
-            md += [f"Labels: drafteu's answer checker and math-verify agree on {lab['agree']} of {lab['answers']} answers "
-                   f"({lab['drafteu_only_correct']} correct only for drafteu, {lab['math_verify_only_correct']} only for "
-                   "math-verify; each listed in eval/hallucination.json)"
-                   + (f"; {lab['relabelled']} labels changed since generation by answer-checker fixes"
-                      if lab.get("relabelled") else "") + ".", ""]
-        rows = []
-        for m, r in hal["methods"].items():
-            x = r[how]
-            if "error" in x:
-                rows.append([m, x["error"], "", "", ""])
-            else:
-                rows.append([m, _ci(x["auroc"]), _ci(x["ece"]), _ci(x["brier"]), _ci(x["prr"])])
-        md.append(_table(["method", "AUROC", "ECE", "Brier", "PRR"], rows))
-        if len(cfg.eval.aggregations) > 1:
-            md += ["", "AUROC by aggregation:", ""]
-            md.append(_table(["method", *cfg.eval.aggregations], [
-                [m, *(_ci(r[a].get("auroc")) for a in cfg.eval.aggregations)] for m, r in hal["methods"].items()]))
-        md.append("")
+        md += _hallucination_section(cfg, hal)
     if cst:
-        md += ["## Cost (Table 6)", "",
-               f"Scoring the same {cst['answers']} answers ({cst['tokens']} response tokens after "
-               f"{cst.get('prompt_tokens', 0)} prompt tokens, full forwards without prefix caching) with each method, "
-               f"interleaved answer by answer in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
-               "every model pass per token; the proxy pass is part of every draft method.", ""]
-        ref = cst["reference"]
-        md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
-            [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
-             f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
-        if "modes" in cst:
-            md += _cost_modes(cst)
-        base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
-        if base.get("kernel"):
-            ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
-            md += ["", f"The drafts ran on {ran}; its weights take "
-                   f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's {base['target_weight_bytes'] / 2**20:.0f} MiB."]
-        md.append("")
+        md += _cost_section(run, cst)
     checks = claims(fid, rob, hal, cst)
     if checks:
         md += ["## The paper's orderings, checked", "",
@@ -328,6 +264,98 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
     runio.write_text_atomic(run / "report.md", text)
     runio.write_text_atomic(run / "report.html", _html(cfg, run, text, figs))
     return run / "report.md"
+
+
+def _fidelity_section(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
+    """Tables 1, 3, 5: each method against the ground truth, the perturbation, the bias term's share."""
+    md = []
+    md += ["## Fidelity against the ground truth (Tables 1, 3, 5)", "",
+           f"{fid['questions']} held-out answers (one per question), {fid['trials']} trials "
+           f"({fid['trial_kind']}); mean ± std over trials.", ""]
+    md.append(_table(["method", "mean EU", "RMSE", "Spearman"], [
+        [m, f"{sum(t['mean_estimate'] for t in r['trials']) / len(r['trials']):.4f}", _pm(r["rmse"]),
+         _pm(r["spearman"], 3)] for m, r in fid["methods"].items()]))
+    truth = fid["methods"][next(iter(fid["methods"]))]["trials"]
+    md += ["", f"Ground-truth mean EU: {sum(t['mean_truth'] for t in truth) / len(truth):.4f} nats. "
+           "'variance only' is that ensemble's JSD term alone (no bias term).", ""]
+    pert = fid.get("perturbation")
+    if pert:
+        md += [f"Perturbation: σ = {pert['sigma']} ({pert['scale']}), rank {pert['rank']} on "
+               f"{', '.join(pert['modules'])}; the family's mean MI is {pert['mean_mi']:.4f} nats/token, "
+               f"{pert['share_of_ln_k']:.1%} of its ceiling ln {pert['family_size']} = {pert['ln_k']:.3f}.", ""]
+        if pert.get("warning"):
+            md += [f"**Warning**: {pert['warning']}.", ""]
+    md += _perturbation_lines(_load(run, "perturbation"))
+    md += _bias_lines(cfg, run, fid)
+    return md
+
+
+def _robustness_section(rob: dict) -> list[str]:
+    """Table 4: the bias term with p_mix against K fresh noisy targets."""
+    md = []
+    md += ["## Proxy robustness: the bias term (Table 4, Fig. 2)", "",
+           f"KL(q_mix ‖ p̂) of the {rob['ensemble']} ensemble on {rob['questions']} answers; reference p̂ = mean of a "
+           f"fixed K = {rob['reference_size']} target family; K = k rows use k fresh perturbed copies of the raw "
+           "target per trial; mean ± std over trials.", ""]
+    md.append(_table(["p̂", "RMSE vs reference", "Spearman vs reference"],
+                     [[n, _pm(r["rmse"]), _pm(r["spearman"], 3)] for n, r in rob["estimates"].items()]))
+    md.append("")
+    return md
+
+
+def _hallucination_section(cfg: ExperimentConfig, hal: dict) -> list[str]:
+    """Table 2: hallucination detection per method and aggregation."""
+    md = []
+    how = cfg.eval.aggregations[0]
+    md += ["## Hallucination detection (Table 2)", "",
+           f"{hal['answers']} answers to {hal['questions']} questions, {hal['wrong_rate']:.1%} wrong; logistic map "
+           f"fitted on {cfg.eval.fit_fraction:.0%} of the questions; test-split metrics with 95% intervals from "
+           f"{cfg.eval.bootstrap} resamples of test questions (all answers of a drawn question together); "
+           f"sequence score = {how} token EU.", ""]
+    lab = hal.get("labels", {})
+    if "agree" in lab:
+        md += [f"Labels: drafteu's answer checker and math-verify agree on {lab['agree']} of {lab['answers']} answers "
+               f"({lab['drafteu_only_correct']} correct only for drafteu, {lab['math_verify_only_correct']} only for "
+               "math-verify; each listed in eval/hallucination.json)"
+               + (f"; {lab['relabelled']} labels changed since generation by answer-checker fixes"
+                  if lab.get("relabelled") else "") + ".", ""]
+    rows = []
+    for m, r in hal["methods"].items():
+        x = r[how]
+        if "error" in x:
+            rows.append([m, x["error"], "", "", ""])
+        else:
+            rows.append([m, _ci(x["auroc"]), _ci(x["ece"]), _ci(x["brier"]), _ci(x["prr"])])
+    md.append(_table(["method", "AUROC", "ECE", "Brier", "PRR"], rows))
+    if len(cfg.eval.aggregations) > 1:
+        md += ["", "AUROC by aggregation:", ""]
+        md.append(_table(["method", *cfg.eval.aggregations], [
+            [m, *(_ci(r[a].get("auroc")) for a in cfg.eval.aggregations)] for m, r in hal["methods"].items()]))
+    md.append("")
+    return md
+
+
+def _cost_section(run: Path, cst: dict) -> list[str]:
+    """Table 6: FLOPs and wall time per method, in both modes, and the kernel the drafts ran on."""
+    md = []
+    md += ["## Cost (Table 6)", "",
+           f"Scoring the same {cst['answers']} answers ({cst['tokens']} response tokens after "
+           f"{cst.get('prompt_tokens', 0)} prompt tokens, full forwards without prefix caching) with each method, "
+           f"interleaved answer by answer in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
+           "every model pass per token; the proxy pass is part of every draft method.", ""]
+    ref = cst["reference"]
+    md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
+        [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
+         f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+    if "modes" in cst:
+        md += _cost_modes(cst)
+    base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    if base.get("kernel"):
+        ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
+        md += ["", f"The drafts ran on {ran}; its weights take "
+               f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's {base['target_weight_bytes'] / 2**20:.0f} MiB."]
+    md.append("")
+    return md
 
 
 GENERATED = "<!-- written by `drafteu report --publish`: everything below this line is replaced on the next publish -->"

@@ -320,29 +320,17 @@ def _share(est, prefix_len: int, shared: bool) -> None:
         src.invalidate()
 
 
-def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
-    """FLOPs per token and measured wall time per method on the same answers, in this one run, in both
-    ``COST_MODES`` (interleaved: method by method, mode by mode, both orders).  ``flops_per_token`` is
-    the paper's parameter count x passes; ``fed_flops_per_token`` scales it by the positions each pass
-    really ran (prompts, the shared prefix and padding included) per scored token."""
-    from drafteu.kvcache import lcp
-
-    rows = eval_rows(run)[: cfg.eval.cost_responses]
-    trial_est = TrialEstimators(cfg, run, rows, shared=False)  # every method pays for every token it needs
-    specs = [EnsembleSpec.from_label(m) for m in labels(cfg)]
-    trial_est.set_trial(0, specs)
-    n_target = cost.parameters(trial_est.lm.model)
-    tokens = sum(len(r["response_ids"]) for r in rows)
-    prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
-    plen = lcp([r["prompt_ids"] for r in rows]) if len(rows) > 1 else 0
-    methods = list(TARGET_ONLY) + labels(cfg)
+def _timed(trial_est, rows: list[dict], methods: list[str], plen: int, tokens: int):
+    """(wall seconds, positions per scored token of each pass) per mode and method: every method scores
+    ``rows`` in one batched pass per mode, interleaved method by method and mode by mode, then all in
+    the reverse order (machine noise hits every method alike), after a warm-up."""
     for _, shared in COST_MODES:  # warm-up: first-call allocations are not the method's cost
         for m in methods:
             _share(trial_est.estimators[m], plen, shared)
         trial_est.score(rows[:1], methods)
     wall = {mode: dict.fromkeys(methods, 0.0) for mode, _ in COST_MODES}
     fed: dict[str, dict[str, list[float]]] = {mode: {} for mode, _ in COST_MODES}
-    for order, modes in ((methods, COST_MODES), (methods[::-1], COST_MODES[::-1])):  # machine noise hits all alike
+    for order, modes in ((methods, COST_MODES), (methods[::-1], COST_MODES[::-1])):
         for m in order:
             est = trial_est.estimators[m]
             for mode, shared in modes:
@@ -355,6 +343,13 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
                 # positions per scored token, each pass's rows counted once
                 fed[mode][m] = [(src.fed - b) / rows_per / max(tokens, 1)
                                 for (src, rows_per), b in zip(_sources(est), before, strict=True)]
+    return wall, fed
+
+
+def _counted(cfg: ExperimentConfig, trial_est, methods: list[str], n_target: int):
+    """(the paper's FLOPs per token, the passes in words, the FLOPs of each of ``_sources``' passes) per
+    method: parameters x passes (a shared trunk once, the proxy a row of the drafts' pass when it sits
+    on the draft base)."""
     flops, passes, parts = {}, {}, {}
     for m in methods:
         ens = trial_est.estimators[m] if isinstance(trial_est.estimators[m], estimators.DraftEnsemble) else None
@@ -379,6 +374,27 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
             passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M; the proxy is row {n_k} on the draft base){shared}"
         else:
             passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M){shared} + {n_t} x proxy ({n_target / 1e6:.1f}M)"
+    return flops, passes, parts
+
+
+def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
+    """FLOPs per token and measured wall time per method on the same answers, in this one run, in both
+    ``COST_MODES`` (interleaved: method by method, mode by mode, both orders).  ``flops_per_token`` is
+    the paper's parameter count x passes; ``fed_flops_per_token`` scales it by the positions each pass
+    really ran (prompts, the shared prefix and padding included) per scored token."""
+    from drafteu.kvcache import lcp
+
+    rows = eval_rows(run)[: cfg.eval.cost_responses]
+    trial_est = TrialEstimators(cfg, run, rows, shared=False)  # every method pays for every token it needs
+    specs = [EnsembleSpec.from_label(m) for m in labels(cfg)]
+    trial_est.set_trial(0, specs)
+    n_target = cost.parameters(trial_est.lm.model)
+    tokens = sum(len(r["response_ids"]) for r in rows)
+    prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
+    plen = lcp([r["prompt_ids"] for r in rows]) if len(rows) > 1 else 0
+    methods = list(TARGET_ONLY) + labels(cfg)
+    wall, fed = _timed(trial_est, rows, methods, plen, tokens)
+    flops, passes, parts = _counted(cfg, trial_est, methods, n_target)
     reference, proposed = named("reference"), named("proposed")
     modes = {}
     for mode, _ in COST_MODES:

@@ -303,25 +303,10 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     model, optimizer = acc.prepare(model, optimizer)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / "checkpoint.pt"
-    step, tokens, loss_ema, seconds_before, resumed_from = 0, 0, None, 0.0, None
-    curve: list[tuple[int, float]] = []  # (step, held-out loss)
     unwrapped = acc.unwrap_model(model)
     names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-    if ckpt.exists():
-        state = _load_checkpoint(ckpt, desc)
-        own = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for n in names:
-                own[n].copy_(state["params"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens, loss_ema = state["step"], state["tokens"], state["loss"]
-        curve = [tuple(c) for c in state.get("heldout", [])]
-        # training time before the kill (absent from checkpoints older than this field: None)
-        seconds_before, resumed_from = state.get("seconds"), step
-        rng = state.get("rng")
-        if rng is not None and len(rng) == procs:
-            _set_rng_state(rng[rank])
+    step, tokens, loss_ema, curve, seconds_before, resumed_from = _resume(
+        ckpt, unwrapped, names, optimizer, scheduler, procs, rank, desc)
 
     def save():
         rng = _all_rng_states(acc)  # collective: before the main-process-only write
@@ -344,20 +329,8 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
         while step < steps_total and not (every and plateau(curve)):
             lr = scheduler.get_last_lr()[0]
-            # one optimizer step: grad_accum micro-batches, their gradients averaged
-            for micro in range(cfg.grad_accum):
-                local = step * cfg.grad_accum + micro
-                batch = collate([examples[i] for i in order[local * procs + rank]], pad_id, acc.device,
-                                share_prefix=bool(cfg.share_prefix))
-                batch["micro"] = local
-                last = micro == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
-                    loss = loss_fn(model, batch)
-                    acc.backward(loss / cfg.grad_accum)
-                tokens += int(batch["loss_mask"].sum()) + int(batch["attention_mask"].sum())
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise DraftEUError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
+            for value, n_tokens in _accumulate(acc, model, loss_fn, examples, order, step, cfg, pad_id, desc):
+                tokens += n_tokens
                 loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             optimizer.step()
             scheduler.step()
@@ -386,6 +359,46 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
             "tokens_per_s": (tokens - tokens_at_start) * procs / max(seconds, 1e-9)} | (
         {"heldout_curve": [list(c) for c in curve], "plateau": plateau(curve), "eval_every": every}
         if heldout is not None else {})
+
+
+def _resume(ckpt: Path, unwrapped, names: list[str], optimizer, scheduler, procs: int, rank: int, desc: str):
+    """(step, tokens, loss EMA, held-out curve, seconds trained before, step resumed from) of the
+    checkpoint, loaded into the trained parameters, the optimizer, the scheduler and this process's
+    RNG; a fresh start's values when there is none."""
+    if not ckpt.exists():
+        return 0, 0, None, [], 0.0, None
+    state = _load_checkpoint(ckpt, desc)
+    own = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            own[n].copy_(state["params"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state.get("rng")
+    if rng is not None and len(rng) == procs:
+        _set_rng_state(rng[rank])
+    # training time before the kill: absent from checkpoints older than that field (None)
+    return (state["step"], state["tokens"], state["loss"], [tuple(c) for c in state.get("heldout", [])],
+            state.get("seconds"), state["step"])
+
+
+def _accumulate(acc, model, loss_fn, examples, order, step: int, cfg: TrainConfig, pad_id: int, desc: str):
+    """One optimizer step's gradients: ``grad_accum`` micro-batches, averaged; yields (loss, tokens)
+    of each micro-batch."""
+    procs, rank = acc.num_processes, acc.process_index
+    for micro in range(cfg.grad_accum):
+        local = step * cfg.grad_accum + micro
+        batch = collate([examples[i] for i in order[local * procs + rank]], pad_id, acc.device,
+                        share_prefix=bool(cfg.share_prefix))
+        batch["micro"] = local
+        last = micro == cfg.grad_accum - 1
+        with (contextlib.nullcontext() if last else acc.no_sync(model)), acc.autocast():
+            loss = loss_fn(model, batch)
+            acc.backward(loss / cfg.grad_accum)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DraftEUError(f"{desc}: the loss became {value} at step {step}; lower the learning rate")
+        yield value, int(batch["loss_mask"].sum()) + int(batch["attention_mask"].sum())
 
 
 def _load_checkpoint(path: Path, desc: str) -> dict:
