@@ -143,25 +143,24 @@ def compile_mode(device: torch.device) -> str | None:
 
 # ``scoring_kernel``: what the members of an int8 self-draft score on.  The measured shape - 512 rows
 # (K = 4 members x 128 positions, a scoring pass) through a 1024 x 1024 linear layer - and the
-# speed-up int8 dynamic activations must reach to be chosen.
-KERNEL_ROWS, KERNEL_WIDTH, KERNEL_GAIN = 512, 1024, 0.8
-SCORING_KERNELS = ("recipe", "dynamic", "auto")
+# speed-ups that choose int8 dynamic activations (below KERNEL_GAIN x float32's time) or float weights
+# (int8 weight-only above FLOAT_GAIN x float32's: its per-matmul conversion costs more than it saves).
+KERNEL_ROWS, KERNEL_WIDTH, KERNEL_GAIN, FLOAT_GAIN = 512, 1024, 0.8, 1.05
+SCORING_KERNELS = ("recipe", "dynamic", "float", "auto")
 KERNEL_HELP = ("what an int8 weight-only self-draft's members score on: recipe (the weights they trained on), "
                "dynamic (int8 activations x int8 weights: torchao's int8 GEMM; KL ~0.01 nats/token on the embedded "
-               "model) or auto (dynamic where a short measurement finds it faster than float32 on this machine); "
-               "training always uses the recipe")
+               "model), float (the same weights dequantized once to float: float GEMMs, the recipe's numbers to float "
+               "rounding, 4x the weights' memory) or auto (dynamic where a short measurement finds it faster than "
+               "float32 on this machine, else float where the int8 weights' per-matmul conversion is slower than float "
+               "weights, else the recipe); training always uses the recipe")
 
 
-@functools.cache
-def int8_dynamic_speed(device_type: str) -> float | None:
-    """Median time of a 512-row int8-dynamic linear over a float32 one on this machine's CPU (< 1:
-    faster; None when torchao or the int8 path is unavailable).  Measured once per process, ~0.5 s."""
+def _linear_speed(scheme: str) -> float | None:
+    """Median time of a 512-row linear with torchao's int8 ``scheme`` over a float32 one on this CPU."""
     import copy
     import statistics
     import time
 
-    if device_type != "cpu":
-        return None
     try:
         import torchao.quantization as tq
     except ImportError:
@@ -170,8 +169,9 @@ def int8_dynamic_speed(device_type: str) -> float | None:
     dense = torch.nn.Linear(KERNEL_WIDTH, KERNEL_WIDTH, bias=False)
     x = torch.randn(KERNEL_ROWS, KERNEL_WIDTH, generator=g)
     quant = copy.deepcopy(dense)
+    config = tq.Int8DynamicActivationInt8WeightConfig() if scheme == "dynamic" else tq.Int8WeightOnlyConfig()
     try:
-        tq.quantize_(quant, tq.Int8DynamicActivationInt8WeightConfig())
+        tq.quantize_(quant, config)
     except Exception:  # noqa: BLE001 - any failure means: not this machine's kernel
         return None
     times: dict[str, list[float]] = {"float": [], "int8": []}
@@ -186,14 +186,33 @@ def int8_dynamic_speed(device_type: str) -> float | None:
     return statistics.median(times["int8"]) / statistics.median(times["float"])
 
 
+@functools.cache
+def int8_dynamic_speed(device_type: str) -> float | None:
+    """An int8-dynamic linear's time over float32's on this machine's CPU (< 1: faster; None off the
+    CPU or without torchao).  Measured once per process, ~0.5 s."""
+    return _linear_speed("dynamic") if device_type == "cpu" else None
+
+
+@functools.cache
+def int8_weight_only_speed(device_type: str) -> float | None:
+    """An int8 weight-only linear's time over float32's on this machine's CPU (> 1: the per-matmul
+    conversion of its weights costs; None off the CPU or without torchao).  Measured once per process."""
+    return _linear_speed("weight-only") if device_type == "cpu" else None
+
+
 def scoring_kernel(value: str, device: torch.device) -> tuple[str, str]:
-    """(``recipe`` | ``dynamic``, why) for ``value`` in ``SCORING_KERNELS`` on ``device``."""
+    """(``recipe`` | ``dynamic`` | ``float``, why) for ``value`` in ``SCORING_KERNELS`` on ``device``."""
     if value not in SCORING_KERNELS:
         raise DraftEUError(f"unknown scoring kernel {value!r}; choose one of {', '.join(SCORING_KERNELS)}")
     if value != "auto":
         return value, "as asked"
-    speed = int8_dynamic_speed(device.type)
-    if speed is None:
+    dynamic = int8_dynamic_speed(device.type)
+    if dynamic is None:
         return "recipe", f"auto: no int8 dynamic kernel measured on {device.type}"
-    choice = "dynamic" if speed < KERNEL_GAIN else "recipe"
-    return choice, f"auto: an int8 dynamic linear took {speed:.2f}x float32's time at {KERNEL_ROWS} rows here"
+    said = f"auto: an int8 dynamic linear took {dynamic:.2f}x float32's time at {KERNEL_ROWS} rows here"
+    if dynamic < KERNEL_GAIN:
+        return "dynamic", said
+    weight_only = int8_weight_only_speed(device.type)
+    if weight_only is not None and weight_only > FLOAT_GAIN:
+        return "float", f"{said}, int8 weight-only {weight_only:.2f}x"
+    return "recipe", said + (f", int8 weight-only {weight_only:.2f}x" if weight_only is not None else "")

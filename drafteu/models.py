@@ -302,8 +302,9 @@ def load(
     materialized there directly, never staged in host memory first.  ``dtype``: auto (bfloat16 on
     GPUs with native bf16, else float32; ``hardware.resolve_dtype``), float32, bfloat16 or float16.
     ``kernel`` (``hardware.SCORING_KERNELS``): an int8 weight-only self-draft loaded for scoring may run
-    its linear layers with int8 activations instead (same int8 weights, per-token activation scales);
-    anything else loads as it is (the choice falls back to the recipe, and ``kernel`` says why).
+    its linear layers with int8 activations instead (same int8 weights, per-token activation scales),
+    or on its weights dequantized once to float; anything else loads as it is (the choice falls back
+    to the recipe, and ``kernel`` says why).
     """
     from transformers import AutoModelForCausalLM
 
@@ -316,8 +317,10 @@ def load(
         q = quantize.QuantizeSettings(**recipe["quantize"])
         how = None
         if lm.model is not None:
-            q, how = quantize.for_scoring(q, kernel, next(lm.model.parameters()).device)
+            q, how, to_float = quantize.for_scoring(q, kernel, next(lm.model.parameters()).device)
             quantize.apply(lm.model, q)
+            if to_float:  # the recipe's weights, dequantized once: float GEMMs for scoring
+                quantize.dequantize(lm.model)
         return LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name=spec, vocab_out=lm.vocab_out, kernel=how)
     device = None if tokenizer_only else hardware.resolve_device(device)
     path, gguf_file = resolve(spec)

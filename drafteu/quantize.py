@@ -129,13 +129,16 @@ def kernel(q: QuantizeSettings, device: torch.device) -> str:
             + ("" if device.type == "cuda" else "; torchao 0.18 has no int4 CPU kernel"))
 
 
-def for_scoring(q: QuantizeSettings, wanted: str, device: torch.device) -> tuple[QuantizeSettings, str]:
-    """The recipe a self-draft is *scored* with under ``wanted`` (``hardware.SCORING_KERNELS``), and a
-    line saying what runs: int8 weight-only becomes int8 dynamic (the same per-channel int8 weights,
-    activations quantized per token: torchao's int8 GEMM) when asked, or under ``auto`` when
-    ``hardware.scoring_kernel`` measured it faster.  Anything else stays as trained (int4, grouped
-    weights, already dynamic).  Members never *train* on dynamic: torchao's dynamic linear passes no
-    gradient to its input, so LoRA below a quantized layer would learn nothing."""
+def for_scoring(q: QuantizeSettings, wanted: str, device: torch.device) -> tuple[QuantizeSettings, str, bool]:
+    """(the recipe a self-draft is *scored* with under ``wanted`` (``hardware.SCORING_KERNELS``), a line
+    saying what runs, whether its weights are then dequantized to float).  int8 weight-only becomes int8
+    dynamic (the same per-channel int8 weights, activations quantized per token: torchao's int8 GEMM)
+    when asked, or under ``auto`` when ``hardware.scoring_kernel`` measured it faster; a weight-only
+    recipe's weights are dequantized once to float (``dequantize``: float GEMMs on the recipe's weights,
+    equal to its numbers to float rounding) when asked, or under ``auto`` where the per-matmul conversion
+    measured slower than float weights.  Anything else stays as trained.  Members never *train* on
+    these: torchao's dynamic linear passes no gradient to its input, and training keeps the recipe's
+    memory."""
     import dataclasses
 
     from drafteu import hardware
@@ -143,10 +146,29 @@ def for_scoring(q: QuantizeSettings, wanted: str, device: torch.device) -> tuple
     choice, why = hardware.scoring_kernel(wanted, device)
     if choice == "dynamic" and q.bits == 8 and q.scheme == "weight-only" and q.groups is None:
         q = dataclasses.replace(q, scheme="dynamic")
-        return q, f"{q.name} ({why}): {kernel(q, device)}"
+        return q, f"{q.name} ({why}): {kernel(q, device)}", False
+    if choice == "float" and q.scheme == "weight-only":
+        return q, (f"{q.name}, dequantized once to float ({why}): float GEMMs on the recipe's weights "
+                   "(4x their memory)"), True
     if choice == "dynamic" and wanted != "auto" and q.scheme != "dynamic":
         why = f"{why}, but only an int8 per-channel weight-only recipe has it; kept"
-    return q, f"{q.name} ({why}): {kernel(q, device)}"
+    elif choice == "float" and wanted != "auto":
+        why = f"{why}, but a {q.scheme} recipe quantizes its activations too; kept"
+    return q, f"{q.name} ({why}): {kernel(q, device)}", False
+
+
+def dequantize(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every low-bit weight of ``model`` by its float value (torchao's ``dequantize``), in
+    place: the same weights on float GEMMs (for scoring only; nothing trains on them here)."""
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError:
+        return model
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, TorchAOBaseTensor):
+            module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+    return model
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -159,5 +181,5 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-__all__ = ["QuantizeSettings", "RECIPE", "apply", "for_scoring", "is_quantized", "kernel", "torchao_config",
-           "weight_bytes"]
+__all__ = ["QuantizeSettings", "RECIPE", "apply", "dequantize", "for_scoring", "is_quantized", "kernel",
+           "torchao_config", "weight_bytes"]

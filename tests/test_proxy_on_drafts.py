@@ -249,7 +249,7 @@ def test_proxy_keys_are_checked_against_the_model_they_apply_to(tmp_path, tiny_d
             preflight.modules(load_experiment(tmp_path / "c.yaml"))
 
 
-def test_members_score_on_int8_dynamic_when_asked_or_measured_faster(built, int4_drafts, tiny_dir, monkeypatch,
+def test_members_score_on_int8_dynamic_or_float_weights_when_asked_or_measured_faster(built, int4_drafts, tiny_dir, monkeypatch,
                                                                      tmp_path):
     """``kernel``: an int8 weight-only self-draft's members score with int8 activations (the same int8
     weights; numbers close to, not equal to, the recipe's), ``auto`` follows the machine's measurement,
@@ -271,14 +271,24 @@ def test_members_score_on_int8_dynamic_when_asked_or_measured_faster(built, int4
     assert weight(dynamic).act_quant_kwargs is not None and weight(recipe).act_quant_kwargs is None
     for a, b in zip(recipe.score_batch(pairs), dynamic.score_batch(pairs), strict=True):
         assert torch.allclose(a.eu, b.eu, atol=0.05, rtol=0.2) and not torch.equal(a.eu, b.eu)
-    # auto: the measurement decides
-    for speed, want in ((0.5, "int8 dynamic"), (1.3, "weight-only"), (None, "no int8 dynamic kernel measured")):
-        monkeypatch.setattr(hardware, "int8_dynamic_speed", lambda device_type, s=speed: s)
-        assert want in estimators.DraftEnsemble(root / "drafts" / "ddd", target, kernel="auto").kernel, speed
+    # float: the recipe's weights dequantized once - plain float tensors, the recipe's numbers to rounding
+    floated = estimators.DraftEnsemble(root / "drafts" / "ddd", target, root / "proxy" / "adapter", kernel="float")
+    assert "dequantized once to float" in floated.kernel and not quantize.is_quantized(floated.drafts)
+    assert torch.equal(weight(floated), weight(recipe).dequantize())
+    for a, b in zip(recipe.score_batch(pairs), floated.score_batch(pairs), strict=True):
+        assert torch.allclose(a.eu, b.eu, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(a.variance, b.variance, atol=1e-6, rtol=1e-4)
+    # auto: the measurements decide (int8 dynamic first, then float weights over a slow conversion)
+    for dyn, wo, want in ((0.5, 1.3, "int8 dynamic"), (1.3, 1.3, "dequantized once to float"),
+                          (1.3, 1.0, "int8 weight-only, per channel (auto"), (None, 1.3, "no int8 dynamic kernel measured")):
+        monkeypatch.setattr(hardware, "int8_dynamic_speed", lambda device_type, s=dyn: s)
+        monkeypatch.setattr(hardware, "int8_weight_only_speed", lambda device_type, s=wo: s)
+        assert want in estimators.DraftEnsemble(root / "drafts" / "ddd", target, kernel="auto").kernel, (dyn, wo)
     monkeypatch.undo()
-    speed = hardware.int8_dynamic_speed("cpu")  # the real measurement: a ratio of two medians
-    assert speed is None or speed > 0
-    assert hardware.int8_dynamic_speed("cuda") is None
+    for measure in (hardware.int8_dynamic_speed, hardware.int8_weight_only_speed):
+        speed = measure("cpu")  # the real measurement: a ratio of two medians
+        assert speed is None or speed > 0
+        assert measure("cuda") is None
     # an int4 base has no dynamic kernel: kept as trained, and said so; a float base has no kernel
     samples = root / "data" / "samples.jsonl"
     int4 = estimators.DraftEnsemble(int4_drafts, target, kernel="dynamic")
