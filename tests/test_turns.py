@@ -62,6 +62,22 @@ def test_text_stops_cut_before_the_token_the_stop_begins_in_and_hold_back_its_st
     assert not data.TextStops(tok, ()) and data.TextStops(tok, ()).cut(ids) is None
 
 
+def test_a_stream_sends_only_tokens_no_stop_string_or_eos_can_reach():
+    """The continuous engine's segments (``serve.continuous.streamable``): tokens before an EOS id that
+    end before a stop string, holding back a tail that may begin one; the same from any sent prefix."""
+    from drafteu.serve.continuous import streamable
+
+    tok = plain_tokenizer()
+    stops = data.TextStops(tok, (data.PLAIN_TURN,))
+    ids = tok("The answer is 7 because 3 + 4 = 7.\nQuestion: what", add_special_tokens=False)["input_ids"]
+    k = stops.cut(ids)
+    assert all(streamable(stops, ids, [], start) == k for start in range(k + 1))
+    partial = tok("The answer is 7 because 3 + 4 = 7.\nQues", add_special_tokens=False)["input_ids"]
+    assert streamable(stops, partial, [], 3) == len(partial) - stops.held(partial) < len(partial)
+    eos = tok.eos_token_id
+    assert streamable(stops, ids[:5] + [eos] + ids[5:], [eos], 2) == 5
+
+
 def test_hf_generation_stops_at_the_next_turn():
     tok = plain_tokenizer()
     model = looping_model(tok, " 7.")

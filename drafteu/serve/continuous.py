@@ -24,6 +24,7 @@ from drafteu.score import StreamPieces
 from drafteu.serve.jobs import Answer, Job
 
 SEGMENT, MAX_SEGMENT = 8, 128  # a streamed answer's first scored segment, and the longest (doubling between)
+CONTEXT = 4  # tokens decoded before a stream's unsent ones (the text at their boundary decodes as in the whole)
 FIELDS = ("token_ids", "eu", "variance", "bias", "logprobs", "top")
 
 
@@ -96,7 +97,7 @@ class ContinuousDecoder:
                         pending = None
                     start, least = len(streamed.token_ids), segment if scoring else 1  # unscored tokens go at once
                     if pending is None and len(ids) - start >= least:
-                        end = await asyncio.to_thread(streamable, stops, ids, self.engine.eos)
+                        end = await asyncio.to_thread(streamable, stops, ids, self.engine.eos, start)
                         if end - start >= least:
                             pending = asyncio.ensure_future(segment_of(start, end))
                             segment = min(2 * segment, MAX_SEGMENT)
@@ -113,10 +114,13 @@ class ContinuousDecoder:
         return kept, finish, streamed
 
 
-def streamable(stops: TextStops, ids: list[int], eos: list[int]) -> int:
+def streamable(stops: TextStops, ids: list[int], eos: list[int], start: int = 0) -> int:
     """How many of ``ids`` a stream may send: those before an EOS id that end before a stop string
-    begins - and, while none has occurred, before the trailing tokens that could begin one."""
+    begins - and, while none has occurred, before the trailing tokens that could begin one.  The first
+    ``start`` were sent already (no stop string begins before them), so only the text from a few
+    tokens before ``start`` is decoded."""
     end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    ids = ids[:end]
-    k = stops.cut(ids)
-    return k if k is not None else len(ids) - stops.held(ids)
+    context = max(0, start - CONTEXT)
+    tail = ids[context:end]
+    k = stops.cut(tail)
+    return context + (k if k is not None else len(tail) - stops.held(tail))
