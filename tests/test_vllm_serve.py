@@ -135,7 +135,7 @@ def test_an_abandoned_request_is_aborted_in_the_engine_and_the_next_is_answered(
     t0 = time.time()
     abandon_and_follow(server, {"model": "drafteu-test", "prompt": COUNTING, "max_tokens": 400, "temperature": 0},
                        wait=3.0)
-    processor = server.engine.continuous.engine.output_processor  # vLLM holds no request of them
+    processor = server.engine.continuous.engine.engine.output_processor  # vLLM (AsyncLLM) holds no request of them
     deadline = time.time() + 60
     while processor.get_num_unfinished_requests() and time.time() < deadline:
         time.sleep(0.1)
