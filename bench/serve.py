@@ -3,6 +3,7 @@ the EU and without it (the same server; a request's ``"eu": false`` skips the sc
 
     python bench/serve.py                          # noisy copies of the embedded target as drafts
     python bench/serve.py --drafts runs/demo       # a reproduce run's drafts
+    python bench/serve.py --backend vllm           # generation on vLLM's async engine (in vLLM's environment)
 
 Each client sends ``--requests`` chat completions one after another (``--max-tokens`` each, greedy);
 clients of one setting start together.  The table goes to docs/benchmarks.md (serve-cpu / serve-cuda).
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="hf", help="generation: hf (the batched engine's static batches) or vllm "
+                                                    "(vLLM's async engine: continuous batching)")
     ap.add_argument("--score-tokens", type=int, default=3151, help="response tokens of the long /v1/score")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
@@ -118,7 +121,7 @@ def main() -> None:
     drafts_dir = args.drafts or untrained_ensemble(Path(tmp.name))
     port = _free_port()
     cfg = ServeConfig(drafts=drafts_dir, target=args.target, port=port, model_name="bench", device=args.device,
-                      max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency))
+                      max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency), backend=args.backend)
     engine, app = build(cfg)
     engine.start()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -150,7 +153,8 @@ def main() -> None:
     scale = per[hi, True]["rps"] / per[lo, True]["rps"]
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     body = "\n".join([
-        f"`python bench/serve.py {shown_args()}`: `drafteu serve` (batched engine, HF backend) on "
+        f"`python bench/serve.py {shown_args()}`: `drafteu serve` ("
+        f"{'batched engine, HF backend' if args.backend == 'hf' else 'vLLM async engine, continuous batching'}) on "
         f"{'4 noisy copies of the embedded target' if args.drafts is None else args.drafts} as the drafts, "
         f"{args.requests} greedy chat completions of up to {args.max_tokens} tokens per client, clients started "
         f"together, over loopback; {torch.get_num_threads()} torch threads on {device}. EU off: the same server "
@@ -161,9 +165,11 @@ def main() -> None:
         "(goal: <= 20%).",
         f"- Throughput with {hi} clients / with {lo} (EU on): **{scale:.2f}x** (goal: >= 2x).",
         f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set from "
-        f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start).",
+        f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start)"
+        + ("; vLLM's engine runs in a process of its own, not counted" if args.backend != "hf" else "") + ".",
     ])
-    write_section(args.out, f"serve-{device}", "drafteu serve: throughput and latency", body)
+    key = f"serve-{device}" + ("" if args.backend == "hf" else f"-{args.backend}")
+    write_section(args.out, key, f"drafteu serve: throughput and latency, {args.backend} backend", body)
     print(body)
 
 
