@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def row(run: Path, method: str) -> dict:
         "run": run.name, "config": {k: _get(cfg, k) for k in KEYS},
         "rmse": f["rmse"], "spearman": f["spearman"], "variance": b["mean_variance"], "bias": b["mean_bias"],
         "bias_vs_truth": b["bias_vs_truth"],
+        "mean_eu": sum(t["mean_estimate"] for t in f["trials"]) / len(f["trials"]),
+        "mean_truth": sum(t["mean_truth"] for t in f["trials"]) / len(f["trials"]),
         "truth_spearman_tokur": fid["methods"].get(ref, {}).get("spearman"),
         "auroc": hal["methods"][method]["mean"]["auroc"], "auroc_ref": hal["methods"][ref]["mean"]["auroc"],
         "auroc_diff": {k: comparison.get(k) for k in ("difference", "low", "high", "verdict")},
@@ -72,13 +75,13 @@ def table(rows: list[dict]) -> str:
     def pm(x, d=4):
         return f"{x['mean']:.{d}f} ± {x['std']:.{d}f}"
 
-    head = ["run", *varying, "RMSE", "Spearman", "variance (JSD)", "bias / truth", "AUROC (TokUR)",
+    head = ["run", *varying, "mean EU (truth)", "RMSE", "Spearman", "variance (JSD)", "bias / truth", "AUROC (TokUR)",
             "AUROC − TokUR, all answers", "FLOPs vs TokUR (paper)", "wall vs TokUR, full forwards",
             "FLOPs of work done vs TokUR, prefix shared", "wall vs TokUR, prefix shared", "drafts stage"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (1 + len(varying)) + ["---:"] * 11) + " |"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (1 + len(varying)) + ["---:"] * 12) + " |"]
     for r in rows:
         d, full, shared = r["auroc_diff"], r["modes"].get("full forwards", {}), r["modes"].get("prefix shared", {})
-        cells = [r["run"], *(json.dumps(r["config"][k]) for k in varying), pm(r["rmse"]), pm(r["spearman"], 3),
+        cells = [r["run"], *(json.dumps(r["config"][k]) for k in varying), f"{r['mean_eu']:.4f} ({r['mean_truth']:.4f})", pm(r["rmse"]), pm(r["spearman"], 3),
                  f"{r['variance']:.4f}", f"{r['bias_vs_truth']:.2f}x",
                  f"{r['auroc']['value']:.3f} ({r['auroc_ref']['value']:.3f})",
                  f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d.get("difference") is not None else "",
@@ -87,10 +90,13 @@ def table(rows: list[dict]) -> str:
                  f"{r['drafts_seconds']:.0f} s" if r["drafts_seconds"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     machines = sorted({r["hardware"] for r in rows})
-    kernels = sorted({r["kernel"] for r in rows if r["kernel"]})
+    # one line per kernel; each run's own auto measurement (it varies run to run) said apart
+    kernels = sorted({re.sub(r" \(auto: [^)]*\)", "", r["kernel"]) for r in rows if r["kernel"]})
+    measured = "; ".join(f"{r['run']} {m.group(1)}" for r in rows if (m := re.search(r"\(auto: ([^)]*)\)", r["kernel"])))
     ms = "; ".join(f"{r['run']} {r['modes']['full forwards']['ref_ms']:.1f} / {r['modes']['prefix shared']['ref_ms']:.1f}"
                    for r in rows if "full forwards" in r["modes"] and "prefix shared" in r["modes"])
-    return "\n".join(lines + ["", f"Timed on: {', '.join(machines)}; the members' kernel: {'; '.join(kernels) or 'the recipe'}.",
+    return "\n".join(lines + ["", f"Timed on: {', '.join(machines)}; the members' kernel: {'; '.join(kernels) or 'the recipe'}"
+                              + (f" (what `eval.draft_kernel: auto` measured: {measured})." if measured else "."),
                               f"TokUR's own ms per scored token in each run's cost stage (full forwards / prefix shared), "
                               f"the spread of the baseline the wall ratios divide by: {ms}."])
 
