@@ -77,8 +77,8 @@ def table(rows: list[dict]) -> str:
 
     head = ["run", *varying, "mean EU (truth)", "RMSE", "Spearman", "variance (JSD)", "bias / truth", "AUROC (TokUR)",
             "AUROC − TokUR, all answers", "FLOPs vs TokUR (paper)", "wall vs TokUR, full forwards",
-            "FLOPs of work done vs TokUR, prefix shared", "wall vs TokUR, prefix shared", "drafts stage"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (1 + len(varying)) + ["---:"] * 12) + " |"]
+            "FLOPs of work done vs TokUR, prefix shared", "wall vs TokUR, prefix shared"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (1 + len(varying)) + ["---:"] * 11) + " |"]
     for r in rows:
         d, full, shared = r["auroc_diff"], r["modes"].get("full forwards", {}), r["modes"].get("prefix shared", {})
         cells = [r["run"], *(json.dumps(r["config"][k]) for k in varying), f"{r['mean_eu']:.4f} ({r['mean_truth']:.4f})", pm(r["rmse"]), pm(r["spearman"], 3),
@@ -86,8 +86,7 @@ def table(rows: list[dict]) -> str:
                  f"{r['auroc']['value']:.3f} ({r['auroc_ref']['value']:.3f})",
                  f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d.get("difference") is not None else "",
                  f"{r['flops']:.2f}x", f"{full.get('wall', float('nan')):.2f}x",
-                 f"{shared.get('fed_flops', float('nan')):.2f}x", f"{shared.get('wall', float('nan')):.2f}x",
-                 f"{r['drafts_seconds']:.0f} s" if r["drafts_seconds"] else ""]
+                 f"{shared.get('fed_flops', float('nan')):.2f}x", f"{shared.get('wall', float('nan')):.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     machines = sorted({r["hardware"] for r in rows})
     # one line per kernel; each run's own auto measurement (it varies run to run) said apart
@@ -115,7 +114,8 @@ def main() -> None:
     body = table(rows)
     print(body)
     if args.out is not None:
-        write_section(args.out, "frontier", "The frontier, measured", body)
+        device = "cuda" if any("cuda" in r["hardware"].lower() for r in rows) else "cpu"
+        write_section(args.out, f"frontier-{device}", "The frontier, measured", body)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
 
