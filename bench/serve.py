@@ -121,7 +121,8 @@ def main() -> None:
     drafts_dir = args.drafts or untrained_ensemble(Path(tmp.name))
     port = _free_port()
     cfg = ServeConfig(drafts=drafts_dir, target=args.target, port=port, model_name="bench", device=args.device,
-                      max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency), backend=args.backend)
+                      max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency), backend=args.backend,
+                      timeout=1200.0)  # the long /v1/score's client waits as long (a 2-core CPU shared with vLLM's engine needs it)
     engine, app = build(cfg)
     engine.start()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
