@@ -213,7 +213,12 @@ def test_row_seeded_sampler_samples_the_tempered_top_p_distribution():
 
 
 def test_hub_ids_say_they_try_the_hub_and_honour_offline_mode(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import (a user sets it before starting drafteu): without
+    # this the lookup went online and waited ~40 s for the network here before failing
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     res = CliRunner().invoke(app, ["score", "--target", "no-such-org/no-such-model", "-q", "x", "--answer", "5"])
     _one_line_error(res, "could not load model 'no-such-org/no-such-model'")
     assert "not a local path" in res.output and "HF_HUB_OFFLINE" in res.output
