@@ -14,6 +14,7 @@ timed on the same kind of machine (each row says which).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -27,10 +28,9 @@ KEYS = ("drafts.lora_layers", "proxy.lora_layers", "proxy.base", "drafts.lora_r"
         "drafts.train.max_steps", "drafts.partitions", "drafts.per_partition", "eval.draft_kernel")
 
 
-def _get(d: dict, key: str):
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+def _get(cfg, key: str):
+    """The value of dotted config key ``key`` (``drafts.train.lr``) in a loaded config."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _json(run: Path, name: str) -> dict:
@@ -41,9 +41,8 @@ def _json(run: Path, name: str) -> dict:
 def row(run: Path, method: str) -> dict:
     """One frontier point: the numbers the run stored for ``method`` and its reference (TokUR)."""
     from drafteu.config import load_experiment
-    from drafteu.runio import identity
 
-    cfg = identity(load_experiment(run / "config.yaml"))
+    cfg = load_experiment(run / "config.yaml")
     fid, hal, rob, cst = (_json(run, n) for n in ("fidelity", "hallucination", "proxy_robustness", "cost"))
     manifest = json.loads((run / "manifest.json").read_text())
     ref = cst.get("reference", "tokur")
