@@ -70,9 +70,6 @@ class NoiseConfig:
         runio.require_finite(self)
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise DraftEUError(f"sigma must be a finite number >= 0, got {self.sigma} (the paper uses 0.1)")
-        if self.sigma > SIGMA_WARN:
-            note(f"note: noise sigma {self.sigma:g} is far above the paper's 0.1: noisy copies then disagree on "
-                 "almost every token and the mutual information saturates near ln K")
         if self.rank < 1:
             raise DraftEUError(f"noise rank must be >= 1, got {self.rank}")
         if not self.target_modules:
@@ -83,6 +80,9 @@ class NoiseConfig:
             object.__setattr__(self, "scale", None)  # the default, spelt out
         if self.scale is not None and self.scale not in SCALES:
             raise DraftEUError(f"unknown noise scale {self.scale!r}; choose one of {', '.join(SCALES)}")
+        if self.sigma > SIGMA_WARN and not self.relative:  # a relative sigma's strength depends on the model: measured
+            note(f"note: noise sigma {self.sigma:g} is far above the paper's 0.1: noisy copies then disagree on "
+                 "almost every token and the mutual information saturates near ln K")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 

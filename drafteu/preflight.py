@@ -54,8 +54,9 @@ def check(cfg: ExperimentConfig, run_dir: Path) -> None:
         try:
             linear_modules(db.model)
         except DraftEUError as e:
-            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id or local directory, or one of "
-                               f"{', '.join(repr(k) for k in draft_bases.KINDS)})") from None
+            raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id, local directory, GGUF file or packaged "
+                               f"name, or one of {', '.join(repr(k) for k in draft_bases.KINDS)})") from None
+        sibling(cfg.target, db.model, "draft_base.model")
     modules(cfg)
     n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
     if n is None:
@@ -82,6 +83,31 @@ def check(cfg: ExperimentConfig, run_dir: Path) -> None:
     for need, why, fix in needs:
         if n < need:
             raise DraftEUError(f"data.questions is {n}, but {why}: raise data.questions to >= {need} or {fix}")
+
+
+PROBE = "Tom has 3 apples and buys 12 more. How many apples does he have?"
+
+
+def sibling(target: str, draft: str, key: str = "the drafts' base") -> None:
+    """A sibling draft model fits its target: the same vocabulary (ids of the shared tokens, enough
+    output logits: ``models.shared_vocab_size``) and the same prompt, token for token, from the same
+    question (chat template, special tokens; ``data.format_prompt``) - the drafts are trained and
+    scored on the target's prompts, so a template that differs would put them on another input.
+    Tokenizers and configs only: no weights read."""
+    from drafteu import data, models
+
+    t, d = models.load(target, tokenizer_only=True), models.load(draft, tokenizer_only=True)
+    try:
+        models.shared_vocab_size(t, d)
+    except DraftEUError as e:
+        raise DraftEUError(f"{key}: {e}") from None
+    a, b = data.format_prompt(t.tokenizer, PROBE), data.format_prompt(d.tokenizer, PROBE)
+    if a != b:
+        at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        raise DraftEUError(
+            f"{key}: {draft!r} formats a prompt differently from the target {target!r} (their chat templates or "
+            f"special tokens differ from token {at} of {len(a)}: {t.tokenizer.decode(a[at:at + 8])!r} vs "
+            f"{d.tokenizer.decode(b[at:at + 8])!r}); drafts must share the target's tokenizer and chat template")
 
 
 @functools.cache
