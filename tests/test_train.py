@@ -222,15 +222,18 @@ def test_osd_loss_is_the_mean_forward_kl_to_freshly_drawn_teachers(tiny_dir, wor
 
 
 def test_the_osd_objective_is_minimized_by_the_teachers_mean():
-    """loop.kd_loss with stacked teachers (the objective osd_loss returns): gradient descent on a free
-    student reaches the teachers' mixture (the Bayesian model average), not any one teacher."""
+    """The forward KL against stacked teachers (the objective osd_loss returns, ``losses.window_loss``):
+    gradient descent on a free student reaches the teachers' mixture (the Bayesian model average), not
+    any one teacher."""
+    from drafteu.train.losses import Window, window_loss
+
     teachers = torch.randn(2, 1, 3, 10) * 2
     mask = torch.ones(1, 3)
     q = torch.zeros(1, 3, 10, requires_grad=True)
     opt = torch.optim.Adam([q], lr=0.1)
     for _ in range(500):
         opt.zero_grad()
-        loop.kd_loss(teachers, q, mask).backward()
+        window_loss(Window(q, None), mask, kind="forward_kl", teachers=Window(teachers, None)).backward()
         opt.step()
     assert torch.allclose(torch.softmax(q, -1), divergence.mixture(teachers).exp(), atol=1e-3)
 

@@ -1,9 +1,10 @@
-"""Training examples, their batches and the logits of their response windows.
+"""Training examples, their batches and the hidden states of their response windows.
 
 Examples are (prompt ids, response ids).  Batches are *left*-padded with explicit position ids
 (as in generation and scoring, so every token sits at the position it has there) and the
-forward keeps only the last ``max response length + 1`` logits: every response token of the
-batch is predicted inside that window, and the (B, L, V) prompt logits are never built.
+forward keeps only the last ``max response length + 1`` positions' hidden states: every response
+token of the batch is predicted inside that window; the output head is applied by the losses a
+chunk of positions at a time (``train.losses``), so no (B, W, V) logits tensor is built.
 
 Shared prefix (``TrainConfig.share_prefix``): the prompts of a micro-batch that start with the same
 tokens (a system prompt, worked examples) run that prefix once; its KV cache is repeated for every
@@ -15,12 +16,14 @@ the rows' gradients into the one prefix); LoRA dropout draws one mask for the pr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from drafteu.kvcache import cache_kw, lcp, output_cache
 from drafteu.sources import HiddenSource
+from drafteu.train.losses import Head, Window
 
 
 @dataclass
@@ -48,9 +51,9 @@ MIN_SHARED_PREFIX = 8
 def collate(batch: list[Example], pad_id: int, device, share_prefix: bool = False) -> dict:
     """Left-padded ids, mask, position ids, and the response window.
 
-    ``targets`` (B, W) are the ids predicted by the kept logits (B, W, V), W = max response
-    length; ``loss_mask`` (B, W) marks response tokens.  Call the model with
-    ``logits_to_keep = W + 1`` and drop the last logit (``window_logits`` does).
+    ``targets`` (B, W) are the ids predicted at the window's positions, W = max response length;
+    ``loss_mask`` (B, W) marks response tokens.  Call the model with ``logits_to_keep = W + 1`` and
+    drop the last position (``window_hidden`` does).
 
     ``share_prefix``: when the prompts share at least MIN_SHARED_PREFIX leading tokens, the batch is
     laid out for ``window_logits`` to run them once (``prefix_ids`` (1, P); ``input_ids`` the rest,
@@ -114,37 +117,35 @@ def _shared_layout(batch: list[Example], pad_id: int, device) -> dict | None:
     }
 
 
-def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torch.Tensor:
-    """(B, W, V) logits predicting the response window of ``batch``; with ``adapters`` (PEFT adapter
-    names, one mixed-adapter batch: eval mode) (K, B, W, V), one slab per adapter."""
+def window_hidden(model, batch: dict, adapters: list[str] | None = None) -> Window:
+    """The response window of ``batch`` as last hidden states and the model's head (``losses.Window``):
+    (B, W, H), or with ``adapters`` (PEFT adapter names, one mixed-adapter batch: eval mode) (K, B, W, H),
+    one slab per adapter.  The losses apply the head a chunk of positions at a time.  A model whose
+    head its hidden states cannot reproduce (a LoRA on the head, a scale after it) gives its logits."""
     b = batch["input_ids"].shape[0]
     k = len(adapters) if adapters else 1
     rep = (lambda t: t.repeat(k, 1)) if adapters else (lambda t: t)
     names = {"adapter_names": [a for a in adapters for _ in range(b)]} if adapters else {}
     inputs = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
               "position_ids": rep(batch["position_ids"])}
-    if "prefix_ids" in batch:
-        out = _shared_window(model, batch, inputs, adapters, names)
-    else:
-        out = model(**inputs, **names, logits_to_keep=batch["keep"]).logits[:, :-1]
-    return out.reshape(k, b, *out.shape[1:]) if adapters else out
-
-
-def _shared_window(model, batch: dict, inputs: dict, adapters, names: dict) -> torch.Tensor:
-    """``window_logits`` for the shared-prefix layout: the prefix once per adapter, its KV cache
-    repeated for every sequence, the rest of each sequence after it, the window gathered from the
-    last hidden states, then the output head."""
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     source = _head_source(inner)
-    apply, hidden_ok, _ = source.head()
-    if not hidden_ok:  # a head the hidden states cannot reproduce: the model's own logits, all positions
-        logits = model(**inputs, **names, **cache_kw(_prefix_cache(model, batch, adapters, names)),
-                       logits_to_keep=0).logits
-        return _gather(logits, batch["gather"], len(adapters) if adapters else 1)
-    with source.hidden_out():
-        cache = _prefix_cache(model, batch, adapters, names)
-        states = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
-    return apply(_gather(states, batch["gather"], len(adapters) if adapters else 1))
+    hidden_ok = source.head()[1]
+    head = Head.of(inner) if hidden_ok else None
+    with source.hidden_out() if head is not None else contextlib.nullcontext():
+        if "prefix_ids" in batch:
+            cache = _prefix_cache(model, batch, adapters, names)
+            out = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
+            out = _gather(out, batch["gather"], k)
+        else:
+            out = model(**inputs, **names, logits_to_keep=batch["keep"]).logits[:, :-1]
+    return Window(out.reshape(k, b, *out.shape[1:]) if adapters else out, head)
+
+
+def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torch.Tensor:
+    """(B, W, V) logits predicting the response window of ``batch`` ((K, B, W, V) with ``adapters``):
+    the whole tensor the losses avoid, for tests and small models."""
+    return window_hidden(model, batch, adapters).logits()
 
 
 def _prefix_cache(model, batch: dict, adapters, names: dict):

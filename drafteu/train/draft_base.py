@@ -22,15 +22,9 @@ from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.methods import component
 from drafteu.quantize import QuantizeSettings
-from drafteu.train.loop import (
-    Example,
-    TrainConfig,
-    collate,
-    examples_from_rows,
-    fit,
-    kd_loss,
-    window_logits,
-)
+from drafteu.train.batches import window_hidden
+from drafteu.train.loop import Example, TrainConfig, collate, examples_from_rows, fit
+from drafteu.train.losses import reduce_window, window_loss
 
 
 @dataclass(kw_only=True)
@@ -104,18 +98,23 @@ def top1_agreement(target, draft, examples: list[Example], pad_id: int, batch_si
     agree = total = 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
-        a = window_logits(target, batch).argmax(-1)
-        b = window_logits(draft, batch).argmax(-1)
-        agree += float(((a == b).float() * batch["loss_mask"]).sum())
-        total += float(batch["loss_mask"].sum())
+        mask = batch["loss_mask"]
+        if mask.sum() == 0:
+            continue
+        same, = reduce_window(lambda p, q: ((p[0].argmax(-1) == q[0].argmax(-1)).float(),), mask,
+                              window_hidden(target, batch), window_hidden(draft, batch))
+        agree += float(same.sum())
+        total += float(mask.sum())
     return agree / max(total, 1.0)
 
 
-def distill_loss(target, draft, batch: dict) -> torch.Tensor:
-    """The draft base's objective: forward KL(p_target || q_draft) on the response tokens of ``batch``."""
+def distill_loss(target, draft, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """The draft base's objective: forward KL(p_target || q_draft) on the response tokens of ``batch``
+    (chunked: ``losses.window_loss``)."""
     with torch.no_grad():
-        teacher = window_logits(target, batch)
-    return kd_loss(teacher, window_logits(draft, batch), batch["loss_mask"])
+        teacher = window_hidden(target, batch)
+    return window_loss(window_hidden(draft, batch), batch["loss_mask"], kind="forward_kl", teachers=teacher,
+                       reduction=reduction)
 
 
 def run(cfg: DraftBaseConfig) -> dict:
@@ -132,7 +131,7 @@ def kl_to_target(target, draft, examples: list[Example], pad_id: int, batch_size
     total = count = 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
-        total += float(distill_loss(target, draft, batch)) * float(batch["loss_mask"].sum())
+        total += float(distill_loss(target, draft, batch, reduction="sum"))
         count += float(batch["loss_mask"].sum())
     return total / max(count, 1.0)
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from drafteu import adapters, contract, models, runio
 from drafteu.errors import DraftEUError
@@ -40,16 +39,10 @@ from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
 from drafteu.methods import DRAFT_METHODS, named
 from drafteu.posterior import NoiseConfig, NoisyModel, apply_init_noise, member_seed
+from drafteu.train.batches import window_hidden
 from drafteu.train.draft_base import split_heldout
-from drafteu.train.loop import (
-    TrainConfig,
-    collate,
-    examples_from_rows,
-    fit,
-    masked_mean,
-    wait_for_everyone,
-    window_logits,
-)
+from drafteu.train.loop import TrainConfig, collate, examples_from_rows, fit, wait_for_everyone
+from drafteu.train.losses import window_loss
 
 METHODS = tuple(DRAFT_METHODS)
 
@@ -134,13 +127,10 @@ def adapter_names(cfg: DraftsConfig) -> list[str]:
     return [f"s{s}_m{m}" for s in range(cfg.partitions) for m in range(cfg.per_partition)]
 
 
-def _token_ce(model, batch) -> torch.Tensor:
-    logits = window_logits(model, batch)  # (B, W, V)
-    return F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")  # (B, W)
-
-
-def _sft_loss(model, batch):
-    return masked_mean(_token_ce(model, batch), batch["loss_mask"])
+def _sft_loss(model, batch, reduction: str = "mean"):
+    """Cross-entropy on the target's tokens of the response window (no (B, W, V) logits)."""
+    return window_loss(window_hidden(model, batch), batch["loss_mask"], kind="ce", targets=batch["targets"],
+                       reduction=reduction)
 
 
 def heldout_ce(examples, pad_id: int, batch_size: int = 8, share_prefix: bool = False):
@@ -150,7 +140,7 @@ def heldout_ce(examples, pad_id: int, batch_size: int = 8, share_prefix: bool = 
         total, count = 0.0, 0.0
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i : i + batch_size], pad_id, device, share_prefix)
-            total += float((_token_ce(model, batch) * batch["loss_mask"]).sum())
+            total += float(_sft_loss(model, batch, reduction="sum"))
             count += float(batch["loss_mask"].sum())
         return total / max(count, 1.0)
     return measure

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence, runio
+from drafteu import runio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note, progress
-from drafteu.train.batches import Example, collate, examples_from_rows, window_logits
+from drafteu.train.batches import Example, collate, examples_from_rows, window_hidden, window_logits
 
-__all__ = ["Example", "TrainConfig", "collate", "examples_from_rows", "fit", "kd_loss", "masked_mean", "window_logits"]
+__all__ = ["Example", "TrainConfig", "collate", "examples_from_rows", "fit", "window_hidden", "window_logits"]
 
 # The held-out plateau (TrainConfig.eval_every): training stops once PLATEAU_PATIENCE measurements in a
 # row have not improved on the best by PLATEAU_TOLERANCE (relative).
@@ -94,21 +94,6 @@ class TrainConfig:
             raise DraftEUError("warmup_steps and weight_decay must be >= 0, save_every >= 1")
         if self.eval_every is not None and self.eval_every < 1:
             raise DraftEUError(f"eval_every must be >= 1 (or null), got {self.eval_every}")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def kd_loss(teachers: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Forward KL(p_teacher || q_student) per token, averaged over the ``mask``ed tokens: the
-    objective of the draft base (one teacher, the target: ``teachers`` (B, W, V)) and of the OSD proxy
-    (N fresh noisy teachers stacked as (N, B, W, V): the mean over them, docs/method.md §8).  Over q,
-    the expected forward KL is minimized by the teachers' mean, the Bayesian model average."""
-    if teachers.dim() == student.dim():
-        return masked_mean(divergence.kl(teachers, student), mask)
-    kls = torch.stack([divergence.kl(t, student) for t in teachers]).mean(0)  # (B, W)
-    return masked_mean(kls, mask)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -317,9 +302,9 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
                           "step": step, "tokens": tokens, "loss": loss_ema, "rng": rng, "heldout": curve,
                           "seconds": None if seconds_before is None else seconds_before + time.time() - t0}, ckpt)
 
-    def measure():
+    def measure():  # in the training's precision: the losses apply the head outside the model's forward
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), acc.autocast():
             curve.append((step, float(heldout(unwrapped))))
         model.train()
 

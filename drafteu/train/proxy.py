@@ -38,16 +38,10 @@ from drafteu import adapters, contract, divergence, models, runio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
+from drafteu.train.batches import window_hidden
 from drafteu.train.draft_base import split_heldout
-from drafteu.train.loop import (
-    TrainConfig,
-    collate,
-    examples_from_rows,
-    fit,
-    kd_loss,
-    optimizer_steps,
-    window_logits,
-)
+from drafteu.train.loop import TrainConfig, collate, examples_from_rows, fit, optimizer_steps
+from drafteu.train.losses import Window, reduce_window, window_loss
 
 PROXY = "proxy"
 BASES = ("target", "draft_base")  # what the proxy's adapter sits on
@@ -149,19 +143,19 @@ def _mix_equally(files: list[Path], seed: int) -> list[dict]:
     return out
 
 
-# Bytes of the reference family's mean kept between held-out checks (beyond it, recomputed each time).
+# Bytes of the reference family's hidden states kept between held-out checks (beyond it, recomputed each time).
 REFERENCE_CACHE_BYTES = 1 << 30
 
 
 class HeldoutCheck:
     """Mean per-token KL(p_ref_mean || proxy) and KL(p_ref_mean || raw target) on held-out data.
 
-    Neither the reference family nor the raw target trains, so their part - the family's mean per
-    batch and the raw target's KL - is computed on the first call and kept while the means fit in
-    ``cache_bytes``; every later check (``train.eval_every``) then runs the proxy alone.  The numbers
-    are those of a check computed from scratch (the same forwards on the same batches).
-    ``student``: the proxy's model when it is not the target's (a draft base + the proxy adapter);
-    ``vocab``: the logits the two models share (None: all)."""
+    Neither the reference family nor the raw target trains, so their part - the family members' hidden
+    states per batch and the raw target's KL - is computed on the first call and kept while the states fit
+    in ``cache_bytes``; every later check (``train.eval_every``) then runs the proxy alone.  Every KL is
+    reduced a chunk of positions at a time from hidden states (``losses.reduce_window``): no (B, W, V)
+    tensor.  ``student``: the proxy's model when it is not the target's (a draft base + the proxy
+    adapter); ``vocab``: the logits the two models share (None: all)."""
 
     def __init__(self, noisy: NoisyModel, examples, pad_id: int, reference: list[str], batch_size: int = 4,
                  cache_bytes: int = REFERENCE_CACHE_BYTES, share_prefix: bool = False, student=None,
@@ -169,16 +163,16 @@ class HeldoutCheck:
         self.noisy, self.examples, self.pad_id, self.reference = noisy, examples, pad_id, reference
         self.batch_size, self.cache_bytes, self.share_prefix = batch_size, cache_bytes, share_prefix
         self.student, self.vocab = student, vocab
-        self._refs: list[torch.Tensor] | None = None
+        self._refs: list[Window] | None = None
         self._target: tuple[float, float] | None = None  # (sum of the raw target's KL, tokens)
 
-    def _proxy_logits(self, batch) -> torch.Tensor:
+    def _proxy(self, batch) -> Window:
         if self.student is None:
-            return window_logits(self.noisy.model, batch, adapters=[PROXY])[0]
+            return window_hidden(self.noisy.model, batch, adapters=[PROXY]).cut(self.vocab)
         was = self.student.training
         self.student.eval()
         try:
-            return _cut(window_logits(self.student, batch), self.vocab)
+            return window_hidden(self.student, batch).cut(self.vocab)
         finally:
             self.student.train(was)
 
@@ -193,8 +187,8 @@ class HeldoutCheck:
             if self._refs is not None:
                 ref = self._refs[n]
             else:
-                ref = divergence.mixture(_cut(window_logits(noisy.model, batch, adapters=self.reference), self.vocab))
-                kept += ref.numel() * ref.element_size()
+                ref = window_hidden(noisy.model, batch, adapters=self.reference).cut(self.vocab)
+                kept += ref.states.numel() * ref.states.element_size()
                 keep = keep and kept <= self.cache_bytes
                 if keep:
                     refs.append(ref)
@@ -202,10 +196,9 @@ class HeldoutCheck:
                     refs.clear()  # too large to keep: recomputed next time
             if self._target is None:
                 with noisy.base() as m:
-                    raw = _cut(window_logits(m, batch), self.vocab)
-                raw_sum += float((divergence.kl(ref, raw) * mask).sum())
-            proxy = self._proxy_logits(batch)
-            proxy_sum += float((divergence.kl(ref, proxy) * mask).sum())
+                    raw = window_hidden(m, batch).cut(self.vocab)
+                raw_sum += float(reduce_window(_kl_to_mean, mask, ref, raw)[0].sum())
+            proxy_sum += float(reduce_window(_kl_to_mean, mask, ref, self._proxy(batch))[0].sum())
             count += float(mask.sum())
         if keep and refs:
             self._refs = refs
@@ -216,23 +209,24 @@ class HeldoutCheck:
                 "tokens": self._target[1]}
 
 
-def _cut(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
-    return logits if vocab is None else logits[..., :vocab]
+def _kl_to_mean(members: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor]:
+    """KL(mean of ``members`` (K, n, V) || ``model`` (1, n, V)) per position."""
+    return (divergence.kl(divergence.mixture(members), model[0]),)
 
 
 def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict, vocab: int | None = None) -> torch.Tensor:
     """One OSD micro-batch: draw the teachers' noise afresh - from (seed, the micro-batch index), so a
     resumed run draws what an uninterrupted one does - and return the mean over teachers of the
-    forward KL(p_teacher || p_mix) on the response tokens (``loop.kd_loss``).  ``model`` is p_mix: the
-    target (``noisy.model``) with the proxy adapter active, or a draft base with it (``vocab``: the
-    logits it shares with the target)."""
+    forward KL(p_teacher || p_mix) on the response tokens (``losses.window_loss``, a chunk of positions
+    at a time).  ``model`` is p_mix: the target (``noisy.model``) with the proxy adapter active, or a
+    draft base with it (``vocab``: the logits it shares with the target)."""
     for k, name in enumerate(teachers):
         noisy.set_member(name, member_seed("osd", seed, batch["micro"] + 1, k))  # re-drawn in place
     noisy.model.eval()  # PEFT's mixed-adapter batch runs in eval mode only
     with torch.no_grad():
-        t = _cut(window_logits(noisy.model, batch, adapters=teachers), vocab)  # (N, B, W, V)
+        t = window_hidden(noisy.model, batch, adapters=teachers).cut(vocab)  # (N, B, W, H)
     model.train()
-    return kd_loss(t, _cut(window_logits(model, batch), vocab), batch["loss_mask"])
+    return window_loss(window_hidden(model, batch).cut(vocab), batch["loss_mask"], kind="forward_kl", teachers=t)
 
 
 def run(cfg: ProxyConfig) -> dict:
