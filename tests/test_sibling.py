@@ -1,0 +1,98 @@
+"""A sibling draft base end to end (the paper's setting: a small model of the target's family as the
+drafts' base): `reproduce` trains the drafts as LoRA on the sibling, the proxy on the target, TokUR
+and the ground truth on the target; `score` and `speculate` take the run; preflight refuses a sibling
+whose vocabulary or prompt format differs before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from drafteu import models, runio
+from drafteu.cli import app
+from drafteu.errors import DraftEUError
+from tests.conftest import make_model, make_tokenizer
+from tests.test_pipeline import tiny_config
+
+
+@pytest.fixture(scope="module")
+def sibling_dir(tmp_path_factory, tokenizer):
+    """A smaller model of another width (1 layer, hidden 16; the target: 4 layers, hidden 32) with the
+    target's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-sibling")
+    model = make_model(len(tokenizer), layers=1, seed=7, hidden_size=16, intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=1)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(tmp_path, tiny_dir, sibling) -> tuple:
+    d = tiny_config(tiny_dir)
+    d["draft_base"] = {"model": str(sibling)}
+    d["drafts"]["methods"] = ["untrained", "ddd", "konly"]
+    d["drafts"]["layouts"] = []
+    path = tmp_path / "sibling.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path, tmp_path / "run"
+
+
+@pytest.mark.integration
+def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sibling_dir):
+    cfg, run = _config(tmp_path, tiny_dir, sibling_dir)
+    res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg), "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    assert not (run / "draft_base" / "manifest.json").exists()  # the sibling is used as it is: nothing built
+    for method in ("untrained", "ddd", "konly"):
+        manifest = runio.json_load(run / "drafts" / method / "manifest.json")
+        assert manifest["base_absolute"] == str(sibling_dir.resolve()), method
+    proxy = runio.json_load(run / "proxy" / "manifest.json")
+    assert proxy["base"] == "target" and proxy["target"] == str(tiny_dir)
+    fid = runio.json_load(run / "eval" / "fidelity.json")
+    assert {"tokur", "untrained", "ddd", "konly"} <= set(fid["methods"])
+    cost = runio.json_load(run / "eval" / "cost.json")
+    assert cost["methods"]["ddd"]["flops_per_token"] < cost["methods"]["tokur"]["flops_per_token"]
+
+    out = tmp_path / "score.json"
+    res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "Tom has 3 apples and buys 4 more.",
+                                   "--answer", "The answer is 7.", "--method", "drafts", "--drafts", str(run),
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    tokens = json.loads(out.read_text())["tokens"]
+    assert tokens and all(t["eu"] >= 0 and abs(t["eu"] - t["variance"] - t["bias"]) < 1e-4 for t in tokens)
+
+    out = tmp_path / "speculate.json"
+    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(run / "drafts" / "ddd"),
+                                   "--proxy", str(run / "proxy"), "-q", "Tom has 3 apples and buys 4 more.",
+                                   "--max-new-tokens", "6", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    spoken = json.loads(out.read_text())
+    assert spoken["tokens"] and all(t["eu"] >= 0 for t in spoken["tokens"])
+
+
+def test_a_sibling_with_another_prompt_format_or_vocabulary_is_refused_before_any_work(tmp_path, tiny_dir, sibling_dir):
+    other = tmp_path / "other-template"
+    shutil.copytree(sibling_dir, other)
+    tok = models.load(str(other), tokenizer_only=True).tokenizer
+    tok = type(tok).from_pretrained(str(other))
+    tok.chat_template = tok.chat_template.replace("<|im_start|>assistant\n", "<|im_start|>assistant:\n")
+    tok.save_pretrained(other)
+    cfg, run = _config(tmp_path, tiny_dir, other)
+    res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg), "--run", str(run)])
+    assert res.exit_code == 2 and not run.exists(), res.output
+    assert "draft_base.model" in res.output and "formats a prompt differently" in res.output
+
+    foreign = tmp_path / "other-vocab"
+    shutil.copytree(sibling_dir, foreign)
+    tok = make_tokenizer(corpus=["A completely different corpus of words, numbers 1 2 3 and symbols + - *."] * 3)
+    tok.save_pretrained(foreign)
+    from drafteu import preflight
+
+    with pytest.raises(DraftEUError, match="draft_base.model: vocabularies of .* are incompatible"):
+        preflight.sibling(str(tiny_dir), str(foreign), "draft_base.model")
