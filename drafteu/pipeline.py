@@ -367,8 +367,9 @@ def _stages() -> tuple[Stage, ...]:
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
                    lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling
         evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
-                   lambda cfg: trained, ("eval/cost.json",), version=6),
-        # 3: quantized weights counted; 4: shared trunk; 5: batched; 6: both modes (prefix shared / full forwards)
+                   lambda cfg: trained, ("eval/cost.json",), version=7),
+        # 3: quantized weights counted; 4: shared trunk; 5: batched; 6: both modes (prefix shared / full forwards);
+        # 7: the draft's and target's parameters (the report's reading of the cost)
     )
 
 

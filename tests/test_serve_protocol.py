@@ -156,10 +156,33 @@ def test_one_jobs_error_fails_that_job_only(server):
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0"),  # OpenAI: null only with tool_calls
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"}]}, "messages.1"),
 ])
 def test_what_is_not_done_is_refused_naming_the_field(server, extra, param):
     r = _post(server, "/v1/chat/completions", {"model": "drafteu-test", "messages": MSG, "max_tokens": 2} | extra)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    if param.startswith("messages.") and param != "messages.0.content":
+        assert "needs content" in r.json()["error"]["message"]
+
+
+def test_a_prompt_of_token_ids_is_the_same_prompt_and_ids_are_checked(server):
+    """OpenAI's completions take a prompt as token ids (or a list holding one prompt): the same answer
+    as the text they encode; an id outside the vocabulary, several prompts and non-integers are 400s."""
+    tok = server.engine.tokenizer
+    prompt = "The capital of France is"
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    body = {"model": "alias", "max_tokens": 5, "temperature": 0, "echo": True}
+    want = _post(server, "/v1/completions", body | {"prompt": prompt}).json()
+    for form in (ids, [ids], [prompt]):
+        got = _post(server, "/v1/completions", body | {"prompt": form})
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got.json()["usage"]["prompt_tokens"] == len(ids)
+    for form, needle in ((ids + [len(tok) + 5], "outside the model's vocabulary"), ([prompt, prompt], "one prompt per request"),
+                         ([ids, ids], "one prompt per request"), ([1.5, 2], "token ids"), ([], "empty"), (7, "string")):
+        r = _post(server, "/v1/completions", body | {"prompt": form})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and needle in r.json()["error"]["message"], r.text
 
 
 def test_malformed_unknown_and_oversized_requests_get_the_envelope_and_bounded_metrics(server):

@@ -96,3 +96,15 @@ def test_a_sibling_with_another_prompt_format_or_vocabulary_is_refused_before_an
 
     with pytest.raises(DraftEUError, match="draft_base.model: vocabularies of .* are incompatible"):
         preflight.sibling(str(tiny_dir), str(foreign), "draft_base.model")
+
+
+def test_the_report_says_why_drafts_of_the_targets_size_cost_more():
+    from drafteu import report
+
+    cst = {"reference": "tokur", "flops_rel_reference": {"ddd": 1.67},
+           "params": {"target": 134_500_000, "draft": 134_500_000, "drafts": 4, "target_passes": 3}}
+    (line,) = [x for x in report._cost_reading(cst) if x]
+    assert "ddd costs 1.67x tokur's FLOPs" in line and "100% of the target's parameters" in line
+    assert "docs/results/qwen-gsm8k.md" in line
+    cheap = cst | {"flops_rel_reference": {"ddd": 0.63}, "params": cst["params"] | {"draft": 494_000_000 // 3}}
+    assert report._cost_reading(cheap) == [] and report._cost_reading({"reference": "tokur", "flops_rel_reference": {}}) == []

@@ -411,6 +411,10 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
               "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], **full["methods"][m]} for m in methods},
               "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall,
               "modes": modes, "comparisons": {}}
+    ens = trial_est.estimators.get(proposed)
+    if isinstance(ens, estimators.DraftEnsemble):  # what the report's reading of the cost needs
+        result["params"] = {"target": n_target, "draft": cost.parameters(ens.drafts.get_base_model()),
+                            "drafts": len(ens.names), "target_passes": cfg.eval.tokur_size}
     kernel = next((trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel), None)
     if kernel:  # a quantized self-draft: what its members' layers ran on, and why
         result["draft_kernel"] = kernel

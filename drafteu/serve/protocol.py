@@ -21,7 +21,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 MAX_LOGPROBS = 20  # top_logprobs, as OpenAI's API
 
@@ -58,6 +65,14 @@ class Message(BaseModel):
             if other:
                 raise ValueError(f"only text content parts are supported (this model reads no {', '.join(other)})")
         return v
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        # OpenAI: only an assistant message that calls tools may leave its content null (or out)
+        if self.content is None and not (self.role == "assistant" and getattr(self, "tool_calls", None)):
+            raise ValueError(f"a {self.role} message needs content (a string or text parts); null content is only "
+                             "valid for an assistant message with tool_calls")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -149,9 +164,28 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    """``prompt``: a string or a list of token ids (OpenAI's forms; a list holding one of them is that
+    prompt).  Several prompts in one request are refused: one request per prompt."""
+
+    prompt: str | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):  # OpenAI's batch of prompts
+            if len(v) != 1:
+                raise ValueError(f"one prompt per request ({len(v)} given); send a request for each prompt")
+            v = v[0]
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the prompt is empty")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise ValueError("a prompt given as a list takes token ids (integers), or one string in a list")
+        elif not isinstance(v, str):
+            raise ValueError("prompt takes a string or a list of token ids")
+        return v
 
 
 class ScoreRequest(BaseModel):

@@ -307,13 +307,27 @@ class Serving:
 
     # -- completions --------------------------------------------------------------------------------------------
 
+    async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion's prompt as token ids: a string tokenized, token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return await self.encode(prompt, "prompt")
+        vocab = len(self.engine.tokenizer)
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt: token id {bad} is outside the model's vocabulary (0..{vocab - 1})", param="prompt")
+        return list(prompt)
+
+    def echo_text(self, req: P.CompletionRequest, prompt_ids: list[int]) -> str:
+        """The prompt as ``echo`` returns it: the string sent, or the token ids sent, decoded."""
+        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(prompt_ids)
+
     async def completions(self, req: P.CompletionRequest, request):
-        stream, done = await self._generation(req, request, lambda: self.encode(req.prompt, "prompt"),
+        stream, done = await self._generation(req, request, lambda: self.prompt_ids(req.prompt),
                                               req.logprobs is not None, req.logprobs or 0, chat=False)
         if stream is not None:
             return stream
         answers, prompt, rid, created = done
-        tokens, before = self.tokens, req.prompt if req.echo else ""
+        tokens, before = self.tokens, self.echo_text(req, prompt) if req.echo else ""
         return P.Completion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
             P.CompletionChoice(index=i, text=before + a.text, finish_reason=a.finish_reason,
                                logprobs=tokens.legacy(a, len(before)) if req.logprobs is not None else None,
@@ -407,10 +421,11 @@ class Serving:
                 for i in range(job.n):
                     yield chunk(i, Answer([], []), first=True)
             if not chat and req.echo:
+                echoed = self.echo_text(req, job.prompt_ids)
                 for i in range(job.n):
-                    offsets[i] = len(req.prompt)
+                    offsets[i] = len(echoed)
                     yield "data: " + P.CompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        P.CompletionChunkChoice(index=i, text=req.prompt)]).model_dump_json() + "\n\n"
+                        P.CompletionChunkChoice(index=i, text=echoed)]).model_dump_json() + "\n\n"
             while not future.done() or not live.empty():
                 getter = asyncio.ensure_future(live.get())
                 done, _ = await asyncio.wait({future, getter}, timeout=max(0.0, deadline - time.monotonic()),
