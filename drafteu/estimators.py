@@ -50,6 +50,7 @@ class TokenScores:
     eu: torch.Tensor
     variance: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    nll: torch.Tensor | None = None  # the target's -log p(token) (predictive entropy's pass: perplexity for free)
 
     def aggregate(self, how: str = "mean") -> float:
         """Sequence-level EU: mean, max or sum over response tokens (0 for an empty response)."""
@@ -250,8 +251,15 @@ class PredictiveEntropy(Estimator):
     def _score(self, pairs) -> list[TokenScores]:
         self.source.model = self.noisy.model  # NoisyModel wraps its model in PEFT on its first member
         h = self.source.hidden(pairs)
-        (ent,) = reduce_chunks(lambda x: (divergence.entropy(x[0]),), h)
-        return [TokenScores(token_ids=r, eu=e) for (_, r), e in zip(pairs, h.split(ent), strict=True)]
+        tokens = torch.tensor([t for _, r in pairs for t in r], dtype=torch.long, device=h.states.device)
+        ent, nll = [], []
+        for sl in chunk_slices(h):  # the entropy and the answer's own token's -log p, a chunk at a time
+            logits = h.logits(sl)[0]
+            ent.append(divergence.entropy(logits).float().cpu())
+            nll.append(-divergence.log_softmax(logits).gather(-1, tokens[sl, None])[:, 0].float().cpu())
+        ent, nll = torch.cat(ent), torch.cat(nll)
+        return [TokenScores(token_ids=r, eu=e, nll=n)
+                for (_, r), e, n in zip(pairs, h.split(ent), h.split(nll), strict=True)]
 
 
 METHODS = tuple(ESTIMATORS)  # the estimators' names, in the registry's order

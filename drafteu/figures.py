@@ -1,5 +1,5 @@
 """The report's figures (matplotlib, headless): the fidelity scatter, proxy robustness (Table 4),
-hallucination AUROC (Table 2) and cost (Table 6), each from its stage's JSON, written to
+hallucination AUROC (Table 2), selective answering (risk-coverage) and cost (Table 6), each from its stage's JSON, written to
 ``RUN/figures/`` for ``drafteu.report``."""
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ def write(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cst: 
             ax.set_ylabel(f"AUROC ({how} EU)")
             ax.set_title("Hallucination detection (Table 2), 95% bootstrap CI")
             paths.append(save(fig, out / "hallucination_auroc.png"))
+    sel = (hal or {}).get("selective")
+    if sel and sel.get("methods"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (m, r) in enumerate(sel["methods"].items()):
+            ax.plot(r["coverage"], r["accuracy"], label=m, color=plt.cm.tab10(i % 10), lw=1.2)
+        grid = next(iter(sel["methods"].values()))["coverage"]
+        ax.plot(grid, sel["oracle"], color="black", ls=":", lw=1, label="oracle")
+        ax.axhline(sel["random"], color="grey", ls="--", lw=0.8, label="random")
+        ax.set_xlabel("share of answers kept (coverage)")
+        ax.set_ylabel("accuracy of the kept answers")
+        ax.set_title("Selective answering: risk-coverage")
+        ax.legend(fontsize=7, loc="best")
+        paths.append(save(fig, out / "risk_coverage.png"))
     if cst and cst.get("flops_rel_reference"):
         names = list(cst["methods"])
         fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -365,7 +365,7 @@ def _stages() -> tuple[Stage, ...]:
                    lambda cfg: ("score",), ("eval/fidelity.json",), version=3),  # 3: the perturbation's strength
         evaluation("hallucination", stages.stage_hallucination,
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
-                   lambda cfg: ("score",), ("eval/hallucination.json",), version=3),  # 3: the map's score scaling
+                   lambda cfg: ("score",), ("eval/hallucination.json",), version=4),  # 3: the map's score scaling; 4: perplexity, EU added to entropy
         evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
                    lambda cfg: trained, ("eval/cost.json",), version=7),
         # 3: quantized weights counted; 4: shared trunk; 5: batched; 6: both modes (prefix shared / full forwards);

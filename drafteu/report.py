@@ -331,7 +331,25 @@ def _hallucination_section(cfg: ExperimentConfig, hal: dict) -> list[str]:
         md += ["", "AUROC by aggregation:", ""]
         md.append(_table(["method", *cfg.eval.aggregations], [
             [m, *(_ci(r[a].get("auroc")) for a in cfg.eval.aggregations)] for m, r in hal["methods"].items()]))
+    md += _selective_section(hal.get("selective"))
     md.append("")
+    return md
+
+
+def _selective_section(sel: dict | None) -> list[str]:
+    """Selective answering: the accuracy of the answers a signal is least uncertain about."""
+    if not sel or not sel.get("methods"):
+        return []
+    grid = next(iter(sel["methods"].values()))["coverage"]
+    cov = list(next(iter(sel["methods"].values()))["at"])
+    oracle = {c: sel["oracle"][min(range(len(grid)), key=lambda i: abs(grid[i] - float(c)))] for c in cov}
+    md = ["", "### Selective answering (risk-coverage)", "",
+          f"Answer only the share of answers a signal ({sel['aggregation']} token score) is least uncertain about: the "
+          "accuracy of those kept, with 95% intervals over question resamples (every answer counts; no map is fitted). "
+          f"Random selection keeps the overall accuracy, {sel['random']:.1%}; an oracle that drops the wrong answers first "
+          f"reaches {', '.join(f'{oracle[c]:.1%} at {float(c):.0%}' for c in cov)}.", ""]
+    md.append(_table(["signal", *(f"accuracy at {float(c):.0%} answered" for c in cov)],
+                     [[m, *(_ci(r["at"][c]) for c in cov)] for m, r in sel["methods"].items()]))
     return md
 
 
@@ -365,7 +383,7 @@ def _cost_reading(cst: dict) -> list[str]:
     rel = cst["flops_rel_reference"].get(prop)
     if params is None or rel is None or rel < 0.9:
         return []
-    return ["", f"{prop} costs {rel:.2f}x {ref}'s FLOPs here because each of its {params['drafts']} draft passes runs a "
+    return ["", f"{prop} costs {rel:.2f}x {ref}'s FLOPs here because each of its {params['members']} draft passes runs a "
             f"model of {params['draft'] / params['target']:.0%} of the target's parameters, plus the proxy's pass, "
             f"against {params['target_passes']} target passes: the method saves compute only with drafts much smaller "
             "than the target, as in docs/results/qwen-gsm8k.md's cost table (0.5B drafts for a 1.5B target)."]

@@ -235,3 +235,25 @@ def test_the_perturbation_is_stated_against_ln_k_with_a_warning_near_either_end(
     assert "use noise.scale: relative" in cold["warning"]  # the fix it names: absolute noise may go relative
     relative = dataclasses.replace(cfg, noise=dataclasses.replace(cfg.noise, scale="relative"))
     assert "noise.scale" not in perturbation(relative, 0.0005)["warning"]  # already relative: only sigma is named
+
+
+def test_risk_coverage_keeps_the_least_uncertain_answers():
+    """Selective answering: the accuracy of the answers kept, the oracle and random selection, and
+    intervals over question resamples that contain the point."""
+    import numpy as np
+
+    from drafteu.evaluate import hallucination
+
+    wrong = np.array([0, 0, 0, 1, 0, 1, 1, 1, 0, 1])
+    perfect = wrong + np.linspace(0, 0.1, 10)  # every wrong answer more uncertain than every right one
+    assert hallucination.accuracy_at(perfect, wrong, 0.5) == 1.0
+    assert hallucination.accuracy_at(-perfect, wrong, 0.5) == 0.0  # the worst order keeps the wrong ones
+    assert hallucination.accuracy_at(perfect, wrong, 1.0) == 0.5
+    qids = [f"q{i // 2}" for i in range(10)]
+    rc = hallucination.risk_coverage(perfect, wrong, qids, resamples=200, points=10)
+    assert rc["coverage"][4] == 0.5 and rc["accuracy"][4] == 1.0 and rc["accuracy"][-1] == 0.5
+    assert set(rc["at"]) == {"0.5", "0.8"}
+    assert all(r["low"] <= r["value"] <= r["high"] for r in rc["at"].values())
+    bounds = hallucination.selective_bounds(wrong, rc["coverage"])
+    assert bounds["random"] == 0.5 and bounds["oracle"][4] == 1.0 and bounds["oracle"][-1] == 0.5
+    assert rc["accuracy"] == pytest.approx(bounds["oracle"])  # a perfect signal is the oracle

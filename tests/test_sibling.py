@@ -59,6 +59,12 @@ def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sib
     cost = runio.json_load(run / "eval" / "cost.json")
     assert cost["methods"]["ddd"]["flops_per_token"] < cost["methods"]["tokur"]["flops_per_token"]
 
+    # predictive entropy's pass stores the target's token NLL: perplexity, a free signal, at no cost
+    rows = {r["key"]: r for r in runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")}
+    stored = next(r for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl") if r["method"] == "entropy" and r["eu"])
+    _nll_is_the_targets(tiny_dir, rows[stored["key"]], stored["nll"])
+    assert "perplexity" in runio.json_load(run / "eval" / "hallucination.json")["methods"]
+
     out = tmp_path / "score.json"
     res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "Tom has 3 apples and buys 4 more.",
                                    "--answer", "The answer is 7.", "--method", "drafts", "--drafts", str(run),
@@ -74,6 +80,38 @@ def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sib
     assert res.exit_code == 0, res.output
     spoken = json.loads(out.read_text())
     assert spoken["tokens"] and all(t["eu"] >= 0 for t in spoken["tokens"])
+
+
+def _nll_is_the_targets(target_dir, row, nll):
+    import torch
+
+    from drafteu import estimators
+
+    model = models.load(str(target_dir)).model
+    ids, keep = estimators.response_inputs(row["prompt_ids"], row["response_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, logits_to_keep=keep).logits[0, :-1].float(), -1)
+    want = -logp.gather(-1, torch.tensor(row["response_ids"])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(nll), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_eu_added_to_a_free_signal_is_a_paired_auroc_difference():
+    """hallucination: a logistic map on [EU, entropy] against entropy alone, fitted on the fit questions and
+    compared on the test answers over question resamples - informative EU adds, noise EU does not."""
+    import numpy as np
+
+    from drafteu.config import ExperimentConfig
+    from drafteu.evaluate import stages
+
+    rng = np.random.default_rng(0)
+    qids = [f"q{i // 3}" for i in range(600)]
+    label = rng.integers(0, 2, 600)
+    free = label * 0.5 + rng.normal(0, 1, 600)  # a weak free signal
+    cfg = ExperimentConfig()
+    strong = stages._added_to(label * 2.0 + rng.normal(0, 1, 600), free, label, qids, cfg)
+    noise = stages._added_to(rng.normal(0, 1, 600), free, label, qids, cfg)
+    assert strong["difference"] > 0.1 and strong["verdict"] == "agrees"
+    assert abs(noise["difference"]) < 0.05 and noise["verdict"] != "agrees"
 
 
 def test_a_sibling_with_another_prompt_format_or_vocabulary_is_refused_before_any_work(tmp_path, tiny_dir, sibling_dir):
@@ -102,7 +140,7 @@ def test_the_report_says_why_drafts_of_the_targets_size_cost_more():
     from drafteu import report
 
     cst = {"reference": "tokur", "flops_rel_reference": {"ddd": 1.67},
-           "params": {"target": 134_500_000, "draft": 134_500_000, "drafts": 4, "target_passes": 3}}
+           "params": {"target": 134_500_000, "draft": 134_500_000, "members": 4, "target_passes": 3}}
     (line,) = [x for x in report._cost_reading(cst) if x]
     assert "ddd costs 1.67x tokur's FLOPs" in line and "100% of the target's parameters" in line
     assert "docs/results/qwen-gsm8k.md" in line

@@ -165,6 +165,63 @@ def evaluate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_f
     return out
 
 
+COVERAGES = (0.5, 0.8)  # the shares of answers kept that the report states accuracy at
+
+
+def accuracy_at(uncertainty: np.ndarray, wrong: np.ndarray, coverage: float) -> float:
+    """Accuracy of the answers kept when only the ``coverage`` share with the lowest uncertainty is
+    answered (selective answering; ties in the order given)."""
+    keep = np.argsort(uncertainty, kind="stable")[: max(1, round(coverage * len(uncertainty)))]
+    return float(1.0 - wrong[keep].mean())
+
+
+def risk_coverage(uncertainty: np.ndarray, wrong: np.ndarray, qids: Sequence[str], *, resamples: int = 1000,
+                  seed: int = 0, points: int = 20) -> dict:
+    """Selective answering by ``uncertainty``: the accuracy of the kept answers at ``points`` coverages
+    (the curve), and at ``COVERAGES`` with 95% intervals from resamples of questions (all answers of a
+    drawn question together, as ``question_bootstrap``).  No map is fitted: every answer counts."""
+    uncertainty, wrong = np.asarray(uncertainty, dtype=np.float64), np.asarray(wrong, dtype=np.int64)
+    grid = [round((i + 1) / points, 4) for i in range(points)]
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(qids):
+        groups.setdefault(q, []).append(i)
+    rows = list(groups.values())
+    pick = np.random.default_rng(seed).integers(0, len(rows), size=(resamples, len(rows)))
+    at = {}
+    for c in COVERAGES:
+        draws = np.array([accuracy_at(uncertainty[idx], wrong[idx], c)
+                          for idx in (np.concatenate([rows[j] for j in row]) for row in pick)])
+        lo, hi = np.percentile(draws, [2.5, 97.5])
+        at[f"{c:g}"] = {"value": accuracy_at(uncertainty, wrong, c), "low": float(lo), "high": float(hi)}
+    return {"coverage": grid, "accuracy": [accuracy_at(uncertainty, wrong, c) for c in grid], "at": at}
+
+
+def selective_bounds(wrong: np.ndarray, coverage: list[float]) -> dict:
+    """The oracle's curve (every wrong answer ranked last) and random selection's accuracy."""
+    wrong = np.asarray(wrong, dtype=np.int64)
+    right = int((wrong == 0).sum())
+    n = len(wrong)
+    return {"oracle": [min(1.0, right / max(1, round(c * n))) for c in coverage], "random": float(1 - wrong.mean())}
+
+
+def fitted_test_scores(features: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_fraction: float = 0.5,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """P(wrong) of a logistic map on several answer features (n, k), fitted on the fit questions
+    (``split_questions``, as ``evaluate``; each feature standardized on them), for the test answers:
+    (their probabilities, a boolean mask of the test answers), or None when the fit split has one class."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, label = np.asarray(features, dtype=np.float64), np.asarray(label, dtype=np.int64)
+    x = x[:, None] if x.ndim == 1 else x
+    fit_q, _ = split_questions(qids, fit_fraction, seed)
+    fit = np.array([q in fit_q for q in qids])
+    if len(set(label[fit].tolist())) < 2:
+        return None
+    mu, sd = x[fit].mean(0), x[fit].std(0)
+    x = (x - mu) / np.where(sd > 0, sd, 1.0)
+    return LogisticRegression().fit(x[fit], label[fit]).predict_proba(x[~fit])[:, 1], ~fit
+
+
 def p_wrong(score: float, fitted: dict) -> float:
     """The fitted logistic map (``evaluate``'s ``coef``, ``intercept``, ``score_mean``,
     ``score_std``) applied to one sequence score: the probability that the answer is wrong."""

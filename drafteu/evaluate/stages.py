@@ -277,20 +277,27 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
     scores = token_eu(run)
     label = np.array([0 if r["correct"] else 1 for r in rows])
     qids = [r["qid"] for r in rows]
-    methods = [reference, named("baseline")] + labels(cfg) + [truth]
+    baseline = named("baseline")
+    methods = [reference, baseline] + labels(cfg) + [truth]
+    # the target's token NLL, stored with predictive entropy's pass (runs scored before it was stored have none)
+    nll = all("nll" in scores[(key_of(r), baseline, 0)] for r in rows)
+    signals = methods + ([PERPLEXITY] if nll else [])
     out = {"answers": len(rows), "questions": len(set(qids)), "wrong_rate": float(label.mean()),
            "labels": {**cross_check(rows), "relabelled": relabelled}, "methods": {}}
     first = {}
     how = cfg.eval.aggregations[0]
-    for m in methods:
+    for m in signals:
         out["methods"][m] = {}
         for agg in cfg.eval.aggregations:
-            seq = np.array([estimators.aggregate(torch.tensor(scores[(key_of(r), m, 0)]["eu"]), agg) for r in rows])
+            seq = np.array([estimators.aggregate(torch.tensor(
+                scores[(key_of(r), baseline, 0)]["nll"] if m == PERPLEXITY else scores[(key_of(r), m, 0)]["eu"]), agg)
+                for r in rows])
             if agg == how:
                 first[m] = seq
             out["methods"][m][agg] = hallucination.evaluate(
                 seq, label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed, bins=cfg.eval.ece_bins,
                 bootstrap=cfg.eval.bootstrap)
+    out["selective"] = _selective(first, label, qids, cfg, rows, scores, proposed)
     out["comparisons"] = {}
     if proposed in first:  # the paper: DDD detects hallucinations about as well as TokUR (within AUROC_MARGIN)
         c = compare.auroc_difference(first[proposed], first[reference], label, qids, margin=-compare.AUROC_MARGIN,
@@ -298,7 +305,40 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
         out["comparisons"][f"{proposed} vs {reference}"] = _claim(
             c | {"aggregation": how}, f"AUROC {proposed} - {reference}, {how} token EU, all answers (paper: "
             f"{proposed} no worse by more than {compare.AUROC_MARGIN})")
+        added = _added_to(first[proposed], first[baseline], label, qids, cfg)
+        if added is not None:
+            out["comparisons"][f"{proposed} + {baseline} vs {baseline}"] = _claim(
+                added | {"aggregation": how}, f"AUROC of a logistic map on [{how} {proposed} EU, {how} {baseline}] - "
+                f"on {baseline} alone, fitted on the fit questions, test answers (does the EU add to a free signal?)")
     return out
+
+
+def _selective(first: dict, label: np.ndarray, qids: list[str], cfg: ExperimentConfig, rows, scores, proposed) -> dict:
+    """Risk-coverage of every signal (its first aggregation) and of the proposed method's max-token EU:
+    the accuracy of the answers kept against the share kept, the oracle and random selection."""
+    signals = dict(first)
+    if proposed in first and "max" in cfg.eval.aggregations and cfg.eval.aggregations[0] != "max":
+        signals[f"{proposed} (max token)"] = np.array(
+            [estimators.aggregate(torch.tensor(scores[(key_of(r), proposed, 0)]["eu"]), "max") for r in rows])
+    methods = {m: hallucination.risk_coverage(v, label, qids, resamples=cfg.eval.bootstrap, seed=cfg.seed + 2)
+               for m, v in signals.items()}
+    grid = next(iter(methods.values()))["coverage"] if methods else []
+    return {"aggregation": cfg.eval.aggregations[0], "methods": methods, **hallucination.selective_bounds(label, grid)}
+
+
+PERPLEXITY = "perplexity"  # the target's token NLL as a free signal beside predictive entropy (mean: log perplexity)
+
+
+def _added_to(eu: np.ndarray, free: np.ndarray, label: np.ndarray, qids: list[str], cfg: ExperimentConfig) -> dict | None:
+    """AUROC(map on [eu, free]) - AUROC(map on free) on the test answers, paired over test questions."""
+    both = hallucination.fitted_test_scores(np.stack([eu, free], 1), label, qids, fit_fraction=cfg.eval.fit_fraction,
+                                            seed=cfg.seed)
+    alone = hallucination.fitted_test_scores(free, label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed)
+    if both is None or alone is None:
+        return None
+    test = both[1]
+    return compare.auroc_difference(both[0], alone[0], label[test], [q for q, t in zip(qids, test, strict=True) if t],
+                                    resamples=cfg.eval.bootstrap, seed=cfg.seed)
 
 
 # The cost stage's two modes: (name, shared) - every method with the prompts' shared prefix cached
@@ -414,7 +454,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     ens = trial_est.estimators.get(proposed)
     if isinstance(ens, estimators.DraftEnsemble):  # what the report's reading of the cost needs
         result["params"] = {"target": n_target, "draft": cost.parameters(ens.drafts.get_base_model()),
-                            "drafts": len(ens.names), "target_passes": cfg.eval.tokur_size}
+                            "members": len(ens.names), "target_passes": cfg.eval.tokur_size}
     kernel = next((trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel), None)
     if kernel:  # a quantized self-draft: what its members' layers ran on, and why
         result["draft_kernel"] = kernel
