@@ -22,10 +22,12 @@ def heatmap(result: dict, scale: float | None = None) -> Group:
     """The answer with each token's background coloured by its EU (0 .. ``scale``, default max)."""
     eus = [t["eu"] for t in result["tokens"]]
     top = scale if scale is not None else max(eus, default=0.0)
+    riskiest = (result.get("spans") or [None])[0]  # underlined: the sentence / line to re-check first
     text = Text()
-    for tok in result["tokens"]:
+    for i, tok in enumerate(result["tokens"]):
         shade = color(tok["eu"] / top) if top > 0 else color(0.0)
-        text.append(tok["text"], style=f"black on {shade}")
+        marked = riskiest is not None and riskiest["start"] <= i < riskiest["end"]
+        text.append(tok["text"], style=f"black on {shade}" + (" underline" if marked else ""))
     legend = Text("EU scale: ")
     for i in range(5):
         v = top * i / 4
@@ -38,4 +40,8 @@ def heatmap(result: dict, scale: float | None = None) -> Group:
     table.add_row(
         result["method"], str(len(eus)), f"{seq['mean']:.4g}", f"{seq['max']:.4g}", f"{seq['sum']:.4g}"
     )
-    return Group(text, Text(""), legend, table)
+    parts = [text, Text(""), legend, table]
+    if riskiest is not None:
+        parts.insert(2, Text(f"riskiest span (underlined; max EU {riskiest['max_eu']:.3g}, mean {riskiest['mean_eu']:.3g}): "
+                             f"{riskiest['text'][:120]}"))
+    return Group(*parts)

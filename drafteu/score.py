@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from drafteu import data, estimators, models, rundir
+from drafteu import data, estimators, models, rundir, spans
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
@@ -70,6 +70,7 @@ def to_json(question: str, answer: str, method: str, target: str, scores: TokenS
         "target": target,
         "tokens": tokens,
         "sequence": {how: scores.aggregate(how) for how in AGGREGATIONS},
+        "spans": spans.ranked(list(pieces), scores.eu.tolist()),  # sentences / lines, the riskiest first
     }
 
 

@@ -70,8 +70,13 @@ def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sib
                                    "--answer", "The answer is 7.", "--method", "drafts", "--drafts", str(run),
                                    "--json", str(out)])
     assert res.exit_code == 0, res.output
-    tokens = json.loads(out.read_text())["tokens"]
+    result = json.loads(out.read_text())
+    tokens = result["tokens"]
     assert tokens and all(t["eu"] >= 0 and abs(t["eu"] - t["variance"] - t["bias"]) < 1e-4 for t in tokens)
+    # the answer's sentences, the riskiest first, each with its tokens' max and mean EU
+    top = result["spans"][0]
+    assert top["max_eu"] == pytest.approx(max(t["eu"] for t in tokens[top["start"]:top["end"]]), rel=1e-6)
+    assert [s["max_eu"] for s in result["spans"]] == sorted((s["max_eu"] for s in result["spans"]), reverse=True)
 
     out = tmp_path / "speculate.json"
     res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(run / "drafts" / "ddd"),

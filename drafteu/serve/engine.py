@@ -261,7 +261,7 @@ class Engine:
         from the same pass.  What decoding already computed of an answer (``known``: the speculative
         engine's rounds, the continuous engine's streamed segments) is kept; only the tokens after it
         are scored, with it as their context."""
-        from drafteu import estimators
+        from drafteu import estimators, spans
         from drafteu.evaluate.hallucination import p_wrong
         from drafteu.score import token_pieces
 
@@ -311,6 +311,7 @@ class Engine:
                 ok = a.token_ids and a.eu is not None
                 a.summary = {how: estimators.TokenScores(a.token_ids, torch.tensor(a.eu)).aggregate(how) if ok else 0.0
                              for how in estimators.AGGREGATIONS} | {"tokens": len(a.token_ids)}
+                a.summary["spans"] = spans.ranked(a.pieces, a.eu) if ok else []
                 if self.hallucination_map is not None:
                     how = self.hallucination_map["aggregation"]
                     a.summary["p_wrong"] = p_wrong(a.summary[how], self.hallucination_map) if ok else None
