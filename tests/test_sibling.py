@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import models, runio
+from drafteu import models, rundir, runio
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from tests.conftest import make_model, make_tokenizer
@@ -60,7 +60,7 @@ def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sib
     assert cost["methods"]["ddd"]["flops_per_token"] < cost["methods"]["tokur"]["flops_per_token"]
 
     # predictive entropy's pass stores the target's token NLL: perplexity, a free signal, at no cost
-    rows = {r["key"]: r for r in runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")}
+    rows = {rundir.key_of(r): r for r in runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")}
     stored = next(r for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl") if r["method"] == "entropy" and r["eu"])
     _nll_is_the_targets(tiny_dir, rows[stored["key"]], stored["nll"])
     assert "perplexity" in runio.json_load(run / "eval" / "hallucination.json")["methods"]
