@@ -75,6 +75,19 @@ def write(run: Path, fid: dict | None, rob: dict | None, hal: dict | None, cst: 
         ax.set_title("Selective answering: risk-coverage")
         ax.legend(fontsize=7, loc="best")
         paths.append(save(fig, out / "risk_coverage.png"))
+    cal = (hal or {}).get("calibration")
+    if cal and "test" in cal:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
+        for i, (k, t) in enumerate(cal["test"].items()):
+            pts = t["reliability"]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=plt.cm.tab10(i),
+                    label=f"{k}{' (chosen)' if k == cal['chosen'] else ''}, ECE {t['ece']:.3f}")
+        ax.set_xlabel("predicted P(wrong)")
+        ax.set_ylabel("observed wrong rate (test answers)")
+        ax.set_title(f"Reliability of P(wrong) from {cal['method']}")
+        ax.legend(fontsize=7, loc="upper left")
+        paths.append(save(fig, out / "calibration.png"))
     if cst and cst.get("flops_rel_reference"):
         names = list(cst["methods"])
         fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -332,7 +332,24 @@ def _hallucination_section(cfg: ExperimentConfig, hal: dict) -> list[str]:
         md.append(_table(["method", *cfg.eval.aggregations], [
             [m, *(_ci(r[a].get("auroc")) for a in cfg.eval.aggregations)] for m, r in hal["methods"].items()]))
     md += _selective_section(hal.get("selective"))
+    md += _calibration_section(hal.get("calibration"))
     md.append("")
+    return md
+
+
+def _calibration_section(cal: dict | None) -> list[str]:
+    """The map from the proposed method's EU to P(wrong): Platt against isotonic, the choice and its check."""
+    if not cal or "error" in cal:
+        return []
+    chosen = cal["chosen"]
+    md = ["", "### Calibration: P(wrong) you can check", "",
+          f"P(wrong) from {cal['method']}'s {cal['aggregation']} token EU: a Platt (logistic) and an isotonic map, each "
+          f"scored by {cal['folds']}-fold log-loss over the {cal['n_fit']} fit answers (folds of questions); the lower, "
+          f"**{chosen}**, is the map `drafteu score` and `drafteu serve` report P(wrong) with (`p_wrong`, its provenance in "
+          f"`p_wrong_map`). Both maps on the {cal['n_test']} test answers:", ""]
+    md.append(_table(["map", "cross-validated log-loss (fit)", "ECE (test)", "Brier (test)", "log-loss (test)"], [
+        [k + (" (chosen)" if k == chosen else ""), f"{cal['cv_log_loss'][k]:.4f}", f"{t['ece']:.4f}", f"{t['brier']:.4f}",
+         f"{t['log_loss']:.4f}"] for k, t in cal["test"].items()]))
     return md
 
 

@@ -142,6 +142,35 @@ def token_eu(run: Path) -> dict[tuple[str, str, int], dict]:
     return {(r["key"], r["method"], r["trial"]): r for r in runio.read_jsonl(Path(run) / TOKEN_EU)}
 
 
+def hallucination_map(run: Path, method: str) -> dict | None:
+    """The map from ``method``'s sequence EU to P(wrong) that ``run`` fitted, with its provenance: the
+    calibration the hallucination stage chose (Platt or isotonic, by held-out log-loss) where it is for
+    ``method``, else that method's logistic map; None when the run has none.  The dict carries the map
+    (``hallucination.p_wrong`` reads it), ``aggregation`` and ``provenance`` (the run, the answers fitted
+    on, the map and its test-split ECE)."""
+    import json
+    import math
+
+    path = Path(run) / "eval" / "hallucination.json"
+    try:
+        hal = json.loads(path.read_text(encoding="utf-8"))
+        cal = hal.get("calibration") or {}
+        if cal.get("method") == method and "map" in cal:
+            return {**cal["map"], "aggregation": cal["aggregation"], "provenance": {
+                "run": str(Path(run).resolve()), "map": cal["chosen"], "answers_fitted": cal["n_fit"],
+                "test_ece": cal["test"][cal["chosen"]]["ece"], "chosen_by": f"{cal['folds']}-fold log-loss"}}
+        fitted = hal["methods"][method]
+        how = next(iter(fitted))
+        m = fitted[how]
+        if not all(k in m for k in ("coef", "intercept", "score_mean", "score_std")) or not math.isfinite(m["coef"]):
+            return None
+        return {"kind": "platt", **{k: m[k] for k in ("coef", "intercept", "score_mean", "score_std")},
+                "aggregation": how, "provenance": {"run": str(Path(run).resolve()), "map": "logistic",
+                                                   "answers_fitted": m.get("n_fit"), "test_ece": m["ece"]["value"]}}
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
+
+
 def rounded(t: torch.Tensor | None) -> list[float] | None:
     """A tensor as a list of 6-significant-digit floats (how token EU is stored)."""
     return None if t is None else [float(f"{x:.6g}") for x in t.tolist()]

@@ -9,6 +9,7 @@ from drafteu import data, estimators, models, rundir, spans
 from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS, TokenScores
+from drafteu.evaluate.hallucination import p_wrong
 from drafteu.generate import HFBackend, Sampling
 from drafteu.kvcache import lcp
 from drafteu.methods import ESTIMATORS
@@ -131,6 +132,8 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
     if not kind.uses_drafts:
         est = kind.build(noisy, size=cfg.family_size, seed=cfg.seed,
                          prefix_len=lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0)
+    # the run's map from sequence EU to P(wrong) (a run directory's hallucination stage), with its provenance
+    fitted = rundir.hallucination_map(Path(cfg.drafts), est.method) if kind.uses_drafts else None
     results = []
     for question, (_, response_ids), scores in zip(questions, pairs, est.score_batch(pairs), strict=True):
         answer = lm.tokenizer.decode(response_ids, skip_special_tokens=True)
@@ -139,6 +142,9 @@ def run(cfg: ScoreConfig) -> dict | list[dict]:
             result["diagnostic"] = estimators.bias_diagnostic(scores.variance, scores.bias, est.base_kl, est.proxy_fit)
         if kind.uses_drafts and est.kernel is not None:
             result["draft_kernel"] = est.kernel  # what the self-draft's layers ran on, and why
+        if fitted is not None and response_ids:
+            result["p_wrong"] = p_wrong(result["sequence"][fitted["aggregation"]], fitted)
+            result["p_wrong_map"] = fitted["provenance"]
         results.append(result)
     out = results if items is not None else results[0]
     if cfg.json is not None:

@@ -257,3 +257,39 @@ def test_risk_coverage_keeps_the_least_uncertain_answers():
     bounds = hallucination.selective_bounds(wrong, rc["coverage"])
     assert bounds["random"] == 0.5 and bounds["oracle"][4] == 1.0 and bounds["oracle"][-1] == 0.5
     assert rc["accuracy"] == pytest.approx(bounds["oracle"])  # a perfect signal is the oracle
+
+
+def test_calibration_chooses_by_held_out_log_loss_and_its_map_is_what_p_wrong_applies(tmp_path):
+    """Platt and isotonic maps fitted on the fit questions, the one with the lower cross-validated log-loss
+    chosen; the stored map gives the same P(wrong) through hallucination.p_wrong and the run's reader."""
+    import json
+
+    import numpy as np
+
+    from drafteu import rundir
+    from drafteu.evaluate import hallucination
+
+    rng = np.random.default_rng(1)
+    n = 600
+    score = rng.uniform(0, 1, n)
+    qids = [f"q{i // 3}" for i in range(n)]
+    # a step-shaped truth: P(wrong) 0.1 below 0.5, 0.9 above - a sigmoid cannot follow it, isotonic can
+    label = (rng.uniform(0, 1, n) < np.where(score > 0.5, 0.9, 0.1)).astype(int)
+    cal = hallucination.calibrate(score, label, qids, seed=0)
+    assert cal["chosen"] == "isotonic" and cal["cv_log_loss"]["isotonic"] < cal["cv_log_loss"]["platt"]
+    assert cal["test"]["isotonic"]["ece"] < cal["test"]["platt"]["ece"]
+    assert cal["n_fit"] + cal["n_test"] == n and all(len(t["reliability"]) > 3 for t in cal["test"].values())
+    p = hallucination.p_wrong(0.9, cal["map"])
+    assert 0.8 < p < 1.0 and hallucination.p_wrong(0.1, cal["map"]) < 0.2
+    # a smooth truth: the logistic map does as well, and is what the reader returns as P(wrong) with its provenance
+    smooth = (rng.uniform(0, 1, n) < 1 / (1 + np.exp(-6 * (score - 0.5)))).astype(int)
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    fitted = hallucination.calibrate(score, smooth, qids, seed=0)
+    (run / "eval" / "hallucination.json").write_text(json.dumps(
+        {"methods": {}, "calibration": {"method": "ddd", "aggregation": "mean"} | fitted}))
+    m = rundir.hallucination_map(run, "ddd")
+    assert m["aggregation"] == "mean" and m["provenance"]["map"] == fitted["chosen"]
+    assert m["provenance"]["answers_fitted"] == fitted["n_fit"]
+    assert hallucination.p_wrong(0.7, m) == pytest.approx(hallucination.p_wrong(0.7, fitted["map"]))
+    assert rundir.hallucination_map(run, "other") is None and rundir.hallucination_map(tmp_path, "ddd") is None

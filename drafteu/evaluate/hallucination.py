@@ -222,10 +222,87 @@ def fitted_test_scores(features: np.ndarray, label: np.ndarray, qids: Sequence[s
     return LogisticRegression().fit(x[fit], label[fit]).predict_proba(x[~fit])[:, 1], ~fit
 
 
-def p_wrong(score: float, fitted: dict) -> float:
-    """The fitted logistic map (``evaluate``'s ``coef``, ``intercept``, ``score_mean``,
-    ``score_std``) applied to one sequence score: the probability that the answer is wrong."""
-    import math
+MAPS = ("platt", "isotonic")  # the calibration maps compared (scikit-learn's), chosen by held-out log-loss
+_EPS = 1e-4  # probabilities kept in [eps, 1 - eps]: a log-loss stays finite
 
-    z = fitted["coef"] * (score - fitted["score_mean"]) / fitted["score_std"] + fitted["intercept"]
-    return 1.0 / (1.0 + math.exp(-z))
+
+def _fit_map(kind: str, score: np.ndarray, label: np.ndarray) -> dict:
+    """A map from a sequence score to P(wrong), fitted on (score, label), as plain numbers."""
+    if kind == "platt":  # the logistic map of ``evaluate``: a sigmoid of the standardized score
+        from sklearn.linear_model import LogisticRegression
+
+        mu, sd = float(score.mean()), float(score.std()) or 1.0
+        model = LogisticRegression().fit(((score - mu) / sd)[:, None], label)
+        return {"kind": "platt", "coef": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0]),
+                "score_mean": mu, "score_std": sd}
+    from sklearn.isotonic import IsotonicRegression
+
+    iso = IsotonicRegression(y_min=_EPS, y_max=1 - _EPS, increasing=True, out_of_bounds="clip").fit(score, label)
+    return {"kind": "isotonic", "x": [float(x) for x in iso.X_thresholds_], "y": [float(y) for y in iso.y_thresholds_]}
+
+
+def _apply(fitted: dict, score: np.ndarray) -> np.ndarray:
+    if fitted.get("kind", "platt") == "isotonic":
+        p = np.interp(score, fitted["x"], fitted["y"])
+    else:
+        z = fitted["coef"] * (np.asarray(score, dtype=np.float64) - fitted["score_mean"]) / fitted["score_std"] \
+            + fitted["intercept"]
+        p = 1.0 / (1.0 + np.exp(-z))
+    return np.clip(p, _EPS, 1 - _EPS)
+
+
+def log_loss(prob: np.ndarray, label: np.ndarray) -> float:
+    prob = np.clip(prob, _EPS, 1 - _EPS)
+    return float(-(label * np.log(prob) + (1 - label) * np.log(1 - prob)).mean())
+
+
+def reliability(prob: np.ndarray, label: np.ndarray, bins: int = 10) -> list[list[float]]:
+    """[mean predicted P(wrong), observed wrong rate, answers] per equal-width bin with answers."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    return [[float(prob[which == b].mean()), float(label[which == b].mean()), int((which == b).sum())]
+            for b in range(bins) if (which == b).any()]
+
+
+def calibrate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_fraction: float = 0.5, seed: int = 0,
+              folds: int = 5, bins: int = 15) -> dict:
+    """Platt and isotonic maps from a sequence score to P(wrong): each's log-loss by cross-validation over
+    the fit questions (``folds`` folds of questions), the lower one chosen and fitted on all fit answers;
+    both maps' test-split ECE, Brier and log-loss and reliability diagrams, so the choice can be checked.
+    ``{"error": why}`` when the fit split holds only one class."""
+    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=np.int64)
+    fit_q, _ = split_questions(qids, fit_fraction, seed)
+    fit = np.array([q in fit_q for q in qids])
+    if len(set(label[fit].tolist())) < 2:
+        return {"error": "the fit split has only one class (all answers right or all wrong)"}
+    fit_idx = np.flatnonzero(fit)
+    uniq = sorted({qids[i] for i in fit_idx})
+    order = np.random.default_rng(seed + 3).permutation(len(uniq))
+    fold_of = {uniq[j]: k % folds for k, j in enumerate(order)}
+    cv = {}
+    for kind in MAPS:
+        probs = np.empty(len(fit_idx))
+        for f in range(folds):
+            held = np.array([fold_of[qids[i]] == f for i in fit_idx])
+            train = fit_idx[~held]
+            if not held.any() or len(set(label[train].tolist())) < 2:
+                probs[held] = label[train].mean() if len(train) else 0.5
+                continue
+            probs[held] = _apply(_fit_map(kind, score[train], label[train]), score[fit_idx[held]])
+        cv[kind] = log_loss(probs, label[fit_idx])
+    chosen = min(MAPS, key=lambda k: cv[k])
+    maps = {k: _fit_map(k, score[fit], label[fit]) for k in MAPS}
+    y = label[~fit]
+    test = {}
+    for k in MAPS:
+        p = _apply(maps[k], score[~fit])
+        test[k] = {"ece": ece(p, y, bins), "brier": float(np.mean((p - y) ** 2)), "log_loss": log_loss(p, y),
+                   "reliability": reliability(p, y)}
+    return {"chosen": chosen, "cv_log_loss": cv, "folds": folds, "n_fit": int(fit.sum()), "n_test": int((~fit).sum()),
+            "map": maps[chosen], "test": test}
+
+
+def p_wrong(score: float, fitted: dict) -> float:
+    """A fitted map (``evaluate``'s logistic ``coef``, ``intercept``, ``score_mean``, ``score_std``; or
+    ``calibrate``'s chosen map, Platt or isotonic) applied to one sequence score: P(the answer is wrong)."""
+    return float(_apply(fitted, np.array([score], dtype=np.float64))[0])

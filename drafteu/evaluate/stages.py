@@ -298,6 +298,9 @@ def stage_hallucination(cfg: ExperimentConfig, run: Path) -> dict:
                 seq, label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed, bins=cfg.eval.ece_bins,
                 bootstrap=cfg.eval.bootstrap)
     out["selective"] = _selective(first, label, qids, cfg, rows, scores, proposed)
+    if proposed in first:  # P(wrong) you can check: Platt or isotonic, chosen by held-out log-loss
+        out["calibration"] = {"method": proposed, "aggregation": how} | hallucination.calibrate(
+            first[proposed], label, qids, fit_fraction=cfg.eval.fit_fraction, seed=cfg.seed, bins=cfg.eval.ece_bins)
     out["comparisons"] = {}
     if proposed in first:  # the paper: DDD detects hallucinations about as well as TokUR (within AUROC_MARGIN)
         c = compare.auroc_difference(first[proposed], first[reference], label, qids, margin=-compare.AUROC_MARGIN,

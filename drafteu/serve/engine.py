@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import math
 import queue
 import threading
 import time
@@ -169,7 +168,7 @@ class Engine:
         self.decoder = None
         if self.engine == "speculative":
             self.decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=2)
-        self.hallucination_map = _fitted_map(Path(s["drafts"]), self.ensemble.method)
+        self.hallucination_map = rundir.hallucination_map(Path(s["drafts"]), self.ensemble.method)
 
     def _resolve(self, job: Job, result=None, error: Exception | None = None) -> None:
         def finish():
@@ -315,6 +314,7 @@ class Engine:
                 if self.hallucination_map is not None:
                     how = self.hallucination_map["aggregation"]
                     a.summary["p_wrong"] = p_wrong(a.summary[how], self.hallucination_map) if ok else None
+                    a.summary["p_wrong_map"] = self.hallucination_map["provenance"]
             else:
                 a.eu = a.variance = a.bias = None
         return [a for _, a in cut]
@@ -358,20 +358,3 @@ def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int],
     return ids[:k], text
 
 
-def _fitted_map(drafts: Path, method: str) -> dict | None:
-    """The hallucination stage's logistic map of the ensemble's method (mean token EU), when the
-    run has one: P(wrong) for each answer the server gives."""
-    import json
-
-    path = drafts / "eval" / "hallucination.json"
-    if not path.exists():
-        return None
-    try:
-        fitted = json.loads(path.read_text(encoding="utf-8"))["methods"][method]
-        how = next(iter(fitted))
-        m = fitted[how]
-        if not all(k in m for k in ("coef", "intercept", "score_mean", "score_std")) or not math.isfinite(m["coef"]):
-            return None
-        return {"aggregation": how, **{k: m[k] for k in ("coef", "intercept", "score_mean", "score_std")}}
-    except (OSError, ValueError, KeyError, StopIteration):
-        return None
