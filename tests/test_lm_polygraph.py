@@ -108,6 +108,33 @@ def test_its_scores_are_drafteu_scores_on_the_same_answers(managed, drafts, tmp_
     assert start == len(tokens)
 
 
+def test_p_wrong_comes_from_the_runs_chosen_map(managed, drafts, tmp_path):
+    """output: p_wrong - the run's calibration map applied to the answer's aggregated EU, its provenance
+    kept; a drafts directory without a map is a clear error."""
+    from drafteu import rundir
+    from drafteu.errors import DraftEUError
+    from drafteu.evaluate.hallucination import p_wrong
+    from drafteu.integrations.lm_polygraph import DraftEUEstimator
+
+    run = tmp_path / "run"
+    (run / "drafts").mkdir(parents=True)
+    (run / "drafts" / "ddd").symlink_to(drafts, target_is_directory=True)  # a run whose proposed ensemble it is
+    (run / "eval").mkdir()
+    fitted = {"kind": "isotonic", "x": [0.0, 0.5, 2.0], "y": [0.1, 0.4, 0.9]}
+    (run / "eval" / "hallucination.json").write_text(json.dumps({"methods": {}, "calibration": {
+        "method": "untrained", "aggregation": "max", "chosen": "isotonic", "map": fitted, "n_fit": 40, "folds": 5,
+        "test": {"isotonic": {"ece": 0.05}}}}))
+    man, seq, _ = managed
+    est = DraftEUEstimator(run, output="p_wrong")
+    stats = {k: man.stats[k] for k in ("input_tokens", "greedy_tokens")}
+    got = est(stats)
+    want = [p_wrong(s.aggregate("max"), fitted) for s in seq.token_scores(stats)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert str(est) == "DraftEU-p_wrong" and est.p_wrong_map == rundir.hallucination_map(run, "untrained")["provenance"]
+    with pytest.raises(DraftEUError, match="output p_wrong needs a run directory"):
+        DraftEUEstimator(drafts, output="p_wrong")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_the_padding_is_removed_on_the_side_the_batch_was_padded(drafts, side):
     """LM-Polygraph's tokenizer padded the batch; drafteu's own pads on the other side.  The prompts

@@ -36,6 +36,7 @@ except ImportError as e:  # the module is only imported by LM-Polygraph, or by a
     raise ImportError("drafteu.integrations.lm_polygraph needs LM-Polygraph: pip install 'drafteu[polygraph]'") from e
 
 LEVELS = ("sequence", "token")
+OUTPUTS = ("eu", "p_wrong")  # what a sequence-level estimator returns: the aggregated EU, or P(wrong) from the run's map
 
 
 def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> list[int]:
@@ -94,24 +95,39 @@ class DraftEUEstimator(Estimator):
     target ``target`` (a hub id, a local directory or 'embedded'; the model LM-Polygraph runs).
     ``level='sequence'``: one number per answer, the ``aggregation`` (mean, max or sum) of its token
     EU; ``level='token'``: every answer token's EU, concatenated over answers (LM-Polygraph's
-    token-level shape).  ``proxy``: a proxy adapter (a run's own by default).  Estimators with the
+    token-level shape).  ``output='p_wrong'`` (sequence level, a run directory whose hallucination stage
+    fitted a map): P(the answer is wrong) from the run's chosen map (``rundir.hallucination_map``; the
+    aggregation is the map's; its provenance in ``p_wrong_map``) - calibrated numbers for LM-Polygraph's
+    calibration metrics.  ``proxy``: a proxy adapter (a run's own by default).  Estimators with the
     same drafts, target, proxy, device and dtype share one loaded ensemble and score a batch once."""
 
     def __init__(self, drafts: str | Path, *, target: str = "embedded", aggregation: str = "mean",
                  level: str = "sequence", proxy: str | Path | None = None, device: str = "auto",
-                 dtype: str = "auto"):
+                 dtype: str = "auto", output: str = "eu"):
         if aggregation not in estimators.AGGREGATIONS:
             raise DraftEUError(f"aggregation {aggregation!r}: choose one of {', '.join(estimators.AGGREGATIONS)}")
         if level not in LEVELS:
             raise DraftEUError(f"level {level!r}: choose one of {', '.join(LEVELS)}")
+        if output not in OUTPUTS or (output == "p_wrong" and level != "sequence"):
+            raise DraftEUError(f"output {output!r}: choose eu, or p_wrong with level sequence")
         super().__init__(["input_tokens", "greedy_tokens"], level)
-        self.aggregation = aggregation
         self.shared = _shared(str(drafts), target, None if proxy is None else str(proxy), device, dtype)
         self.lm, self.ensemble = self.shared.lm, self.shared.ensemble
         self.eos_id = self.lm.tokenizer.eos_token_id
+        self.output, self.p_wrong_map = output, None
+        if output == "p_wrong":
+            fitted = rundir.hallucination_map(Path(drafts), self.ensemble.method)
+            if fitted is None:
+                raise DraftEUError(f"output p_wrong needs a run directory whose hallucination stage fitted a map for "
+                                   f"{self.ensemble.method!r}; {drafts} has none (run `drafteu reproduce`, or use "
+                                   "output: eu)")
+            self.fitted, self.p_wrong_map, aggregation = fitted, fitted["provenance"], fitted["aggregation"]
+        self.aggregation = aggregation
 
     def __str__(self) -> str:
-        return "DraftEU" if self.level == "token" else f"DraftEU-{self.aggregation}"
+        if self.level == "token":
+            return "DraftEU"
+        return "DraftEU-p_wrong" if self.output == "p_wrong" else f"DraftEU-{self.aggregation}"
 
     def pairs(self, stats: dict) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, answer ids) per generated answer, in drafteu's conventions (see the module)."""
@@ -131,8 +147,12 @@ class DraftEUEstimator(Estimator):
         scores = self.token_scores(stats)
         if self.level == "token":
             return np.concatenate([s.eu.numpy() for s in scores] or [np.zeros(0)]).astype(np.float64)
-        return np.array([s.aggregate(self.aggregation) for s in scores],
-                        dtype=np.float64)
+        seq = [s.aggregate(self.aggregation) for s in scores]
+        if self.output == "p_wrong":
+            from drafteu.evaluate.hallucination import p_wrong
+
+            seq = [p_wrong(x, self.fitted) for x in seq]
+        return np.array(seq, dtype=np.float64)
 
 
 def load_estimator(config) -> DraftEUEstimator:
