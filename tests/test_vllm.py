@@ -24,9 +24,15 @@ def _rows(out):
 
 @pytest.fixture(scope="module")
 def greedy(tmp_path_factory):
-    """Greedy answers to 8 questions from each backend: (summaries, directories)."""
+    """Greedy answers to 8 questions from each backend: (summaries, directories).  vLLM starts from an
+    environment without VLLM_CPU_KVCACHE_SPACE: drafteu sizes its CPU memory from what is free."""
+    import os
+
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     root = tmp_path_factory.mktemp("greedy")
-    return {b: (generate.run(cfg(root / b, backend=b)), root / b) for b in ("hf", "vllm")}
+    out = {b: (generate.run(cfg(root / b, backend=b)), root / b) for b in ("hf", "vllm")}
+    assert 1 <= int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) <= 8  # what drafteu chose, for vLLM's engine process
+    return out
 
 
 def test_greedy_answers_equal_the_hf_backend(greedy):
