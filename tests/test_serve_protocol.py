@@ -286,3 +286,76 @@ def test_ctrl_c_while_loading_or_serving_exits_quietly(ensemble):
         assert proc.returncode == 0 and "Traceback" not in out, "".join(seen) + out
     finally:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def routed(ensemble, tmp_path_factory):
+    """A server over a run whose hallucination stage fitted a map (here a constant P(wrong) = 0.5), with
+    --review-above 0.3 --abstain-above 0.6."""
+    run = tmp_path_factory.mktemp("routed-run")
+    (run / "drafts").mkdir()
+    (run / "drafts" / "ddd").symlink_to(ensemble, target_is_directory=True)
+    (run / "eval").mkdir()
+    (run / "eval" / "hallucination.json").write_text(json.dumps({"methods": {}, "calibration": {
+        "method": "untrained", "aggregation": "mean", "chosen": "isotonic", "n_fit": 30, "folds": 5,
+        "map": {"kind": "isotonic", "x": [0.0, 1e9], "y": [0.5, 0.5]}, "test": {"isotonic": {"ece": 0.04}}}}))
+    s = Server(run, max_concurrency=2, max_queue=4, review_above=0.3, abstain_above=0.6)
+    yield s
+    s.close()
+
+
+def test_the_server_routes_answers_on_p_wrong_and_withholds_only_when_asked(routed, server):
+    body = {"model": "drafteu-test", "messages": MSG, "max_tokens": 4, "temperature": 0}
+    r = _post(routed, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    ChatCompletion.model_validate(r.json())
+    choice = r.json()["choices"][0]
+    assert choice["eu"]["decision"] == {"action": "review", "p_wrong": 0.5, "review_above": 0.3, "abstain_above": 0.6,
+                                        "withheld": False}
+    assert choice["eu"]["p_wrong_map"]["map"] == "isotonic" and choice["message"]["content"]
+    assert r.headers["x-drafteu-decision"] == "review" and float(r.headers["x-drafteu-p-wrong"]) == 0.5
+    strict = _post(routed, "/v1/chat/completions", body | {"abstain_above": 0.4, "review_above": 0.2})
+    assert strict.json()["choices"][0]["eu"]["decision"]["action"] == "abstain"
+    assert strict.json()["choices"][0]["message"]["content"]  # never withheld unless asked
+    withheld = _post(routed, "/v1/chat/completions", body | {"abstain_above": 0.4, "withhold": True})
+    assert withheld.json()["choices"][0]["message"]["content"] == ""
+    assert withheld.json()["choices"][0]["eu"]["decision"]["withheld"] is True
+    chunks = _events(routed, "/v1/chat/completions", body)
+    assert [c["choices"][0]["eu"]["decision"]["action"] for c in chunks if c["choices"] and c["choices"][0].get("eu")] \
+        == ["review"]
+    for extra, param in (({"withhold": True, "stream": True}, "withhold needs"), ({"abstain_above": 1.5}, "abstain_above"),
+                         ({"review_above": 0.7, "abstain_above": 0.6}, "review_above must not exceed")):
+        bad = _post(routed, "/v1/chat/completions", body | extra)
+        assert bad.status_code == 400 and param in bad.text, bad.text
+    # a server without a map, or a request without the EU, cannot decide: a 400 before any work
+    none = _post(server, "/v1/chat/completions", body | {"abstain_above": 0.5})
+    assert none.status_code == 400 and "fitted a map" in none.json()["error"]["message"]
+    no_eu = _post(routed, "/v1/chat/completions", body | {"eu": False})
+    assert no_eu.status_code == 400 and no_eu.json()["error"]["param"] == "eu"
+
+
+def test_the_langchain_example_routes_on_the_decision(routed):
+    """examples/langchain/route.py: ChatOpenAI with include_response_headers reads the decision and a
+    RunnableBranch routes on it."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("langchain_openai")
+    example = Path(__file__).resolve().parents[1] / "examples" / "langchain" / "route.py"
+    spec = importlib.util.spec_from_file_location("route", example)
+    route = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(route)
+    out = route.chain(route.model(routed.url + "/v1", "drafteu-test", KEY)).invoke(QUESTION)
+    assert out["route"] == "queued for review" and out["p_wrong"] == 0.5 and out["text"]
+    out = route.chain(route.model(routed.url + "/v1", "drafteu-test", KEY, abstain_above=0.4)).invoke(QUESTION)
+    assert out["route"] == "abstained" and "0.50" in out["text"]
+
+
+def test_thresholds_without_a_map_are_refused_before_listening(ensemble):
+    from drafteu.errors import DraftEUError
+    from drafteu.serve import ServeConfig, build
+
+    with pytest.raises(DraftEUError, match="fitted a map"):
+        build(ServeConfig(drafts=ensemble, abstain_above=0.5))
+    with pytest.raises(DraftEUError, match="must not exceed"):
+        ServeConfig(drafts=ensemble, review_above=0.7, abstain_above=0.6)

@@ -52,10 +52,22 @@ class ServeConfig(EngineSettings):
     max_body_mb: float = field(default=8.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of every model: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    review_above: float | None = field(default=None, metadata={
+        "help": "P(wrong) above which an answer's decision is 'review' (needs a run with a hallucination map; a "
+                "request's review_above overrides it)"})
+    abstain_above: float | None = field(default=None, metadata={
+        "help": "P(wrong) above which an answer's decision is 'abstain' (the text is still sent unless the request "
+                "asks withhold: true)"})
 
     def __post_init__(self):
         super().__post_init__()
         self.drafts = Path(self.drafts)
+        for name, value in (("review-above", self.review_above), ("abstain-above", self.abstain_above)):
+            if value is not None and not 0 <= value <= 1:
+                raise DraftEUError(f"--{name} is a probability of a wrong answer: give a number in [0, 1], got {value}")
+        if None not in (self.review_above, self.abstain_above) and self.review_above > self.abstain_above:
+            raise DraftEUError(f"--review-above ({self.review_above}) must not exceed --abstain-above "
+                               f"({self.abstain_above})")
         if self.engine not in ENGINES:
             raise DraftEUError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         from drafteu.generate import BACKENDS
@@ -106,11 +118,16 @@ class ServeConfig(EngineSettings):
 
 def build(cfg: ServeConfig):
     """(engine, app) for ``cfg``; the engine loads its models in its own thread once started."""
-    from drafteu import rundir
+    from drafteu import ensembles, rundir
     from drafteu.serve.api import build_app
     from drafteu.serve.engine import Engine
 
-    rundir.resolve_drafts(cfg.drafts, cfg.proxy)  # a wrong --drafts is an error before anything starts
+    drafts_dir, _ = rundir.resolve_drafts(cfg.drafts, cfg.proxy)  # a wrong --drafts is an error before anything starts
+    if (cfg.review_above, cfg.abstain_above) != (None, None):
+        method = ensembles.read_drafts_manifest(drafts_dir).get("method", "drafts")
+        if rundir.hallucination_map(cfg.drafts, method) is None:
+            raise DraftEUError(f"--review-above / --abstain-above decide on P(wrong), which needs a run directory whose "
+                               f"hallucination stage fitted a map for {method!r}; {cfg.drafts} has none")
     from drafteu.generate import BACKENDS
 
     BACKENDS[cfg.backend].require()
@@ -118,6 +135,7 @@ def build(cfg: ServeConfig):
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
     app = build_app(engine, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
+                    thresholds=(cfg.review_above, cfg.abstain_above),
                     max_queue=cfg.max_queue, timeout=cfg.timeout, max_body_bytes=int(cfg.max_body_mb * 2**20))
     return engine, app
 

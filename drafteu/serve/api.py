@@ -92,12 +92,12 @@ def _router(serving: Serving, admission: Admission, metrics: Metrics) -> APIRout
         return P.ModelList(data=[P.ModelCard(id=name) for name in serving.names])
 
     @router.post("/v1/chat/completions")
-    async def chat(req: P.ChatRequest, request: Request):
-        return await serving.chat(req, request)
+    async def chat(req: P.ChatRequest, request: Request, response: Response):
+        return _decision_header(await serving.chat(req, request), response)
 
     @router.post("/v1/completions")
-    async def completions(req: P.CompletionRequest, request: Request):
-        return await serving.completions(req, request)
+    async def completions(req: P.CompletionRequest, request: Request, response: Response):
+        return _decision_header(await serving.completions(req, request), response)
 
     @router.post("/v1/score", response_model=P.ScoreResponse)
     async def score(req: P.ScoreRequest, request: Request):
@@ -106,15 +106,29 @@ def _router(serving: Serving, admission: Admission, metrics: Metrics) -> APIRout
     return router
 
 
+def _decision_header(result, response: Response):
+    """A one-choice answer's routing decision also as response headers (``x-drafteu-decision``,
+    ``x-drafteu-p-wrong``): clients that keep headers but not extra fields (LangChain's
+    ``include_response_headers``) can route on it."""
+    choices = getattr(result, "choices", None)
+    decision = ((choices[0].eu or {}).get("decision") if choices and len(choices) == 1 else None)
+    if decision is not None:
+        response.headers["x-drafteu-decision"] = decision["action"]
+        if decision["p_wrong"] is not None:
+            response.headers["x-drafteu-p-wrong"] = f"{decision['p_wrong']:.6f}"
+    return result
+
+
 def build_app(engine: Engine, *, model_name: str | list[str], api_key: str | None = None, max_concurrency: int = 16,
-              max_queue: int = 64, timeout: float = 120.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              max_queue: int = 64, timeout: float = 120.0, max_body_bytes: int = MAX_BODY_BYTES,
+              thresholds: tuple[float | None, float | None] = (None, None)) -> FastAPI:
     """The FastAPI app over a started ``engine``; ``model_name``: the id clients ask for (or several
     aliases, the first the main one)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     app = FastAPI(title="drafteu", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(engine, max_concurrency, max_queue)
     metrics = Metrics(engine, admission)
-    serving = Serving(engine, names, admission, timeout, observe=metrics.observe)
+    serving = Serving(engine, names, admission, timeout, observe=metrics.observe, thresholds=thresholds)
     router = _router(serving, admission, metrics)
     app.include_router(router)
     routes = {r.path for r in router.routes}  # the metrics' endpoint labels; any other path is "other"

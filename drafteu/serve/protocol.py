@@ -3,8 +3,9 @@
 Responses are OpenAI's shapes (the tests validate each one, streamed chunks included, with the
 ``openai`` package's own types); drafteu's EU rides in *extra* fields, which OpenAI's types accept:
 
-- ``choices[i].eu``: the answer's summary (``mean``, ``max``, ``sum``, ``tokens``; ``p_wrong`` when
-  the run fitted a hallucination map); in a stream, on the chunk that ends the choice;
+- ``choices[i].eu``: the answer's summary (``mean``, ``max``, ``sum``, ``tokens``, ``spans``; ``p_wrong``
+  and ``p_wrong_map`` when the run fitted a hallucination map; ``decision`` when thresholds are set); in a
+  stream, on the chunk that ends the choice;
 - ``choices[i].eu_tokens``: ``{token, eu, eu_variance, eu_bias}`` per answer token (in a stream, per
   chunk: the tokens of that chunk), whether or not logprobs were asked for;
 - with ``logprobs`` asked for, each ``logprobs.content[j]`` also carries ``eu``, ``eu_variance``,
@@ -101,6 +102,11 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     eu: bool = True  # drafteu's own field: false skips the EU (a plain completion)
+    # drafteu's routing fields: P(wrong) thresholds of the answer's decision (answer / review / abstain; the
+    # server's --review-above / --abstain-above when left out), and whether an 'abstain' answer's text is withheld
+    review_above: float | None = Field(default=None, ge=0, le=1)
+    abstain_above: float | None = Field(default=None, ge=0, le=1)
+    withhold: bool = False
     logit_bias: dict[str, float] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -112,6 +118,15 @@ class _Sampling(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
+
+    @model_validator(mode="after")
+    def _routing(self):
+        if None not in (self.review_above, self.abstain_above) and self.review_above > self.abstain_above:
+            raise ValueError("review_above must not exceed abstain_above")
+        if self.withhold and self.stream:
+            raise ValueError("withhold needs a request that is not streamed: a streamed answer's text is sent before "
+                             "its P(wrong) is known")
+        return self
 
     @field_validator("logit_bias")
     @classmethod

@@ -213,9 +213,39 @@ class Serving:
     """Chat, completions and score over one engine: request model -> job -> response model (or SSE)."""
 
     def __init__(self, engine: Engine, names: list[str], admission: Admission, timeout: float,
-                 observe: Callable[[list[Answer], list[int]], None] = lambda answers, prompt: None):
+                 observe: Callable[[list[Answer], list[int]], None] = lambda answers, prompt: None,
+                 thresholds: tuple[float | None, float | None] = (None, None)):
         self.engine, self.names, self.admission, self.timeout = engine, names, admission, timeout
-        self.observe = observe
+        self.observe, self.thresholds = observe, thresholds
+
+    def routing(self, req: P._Sampling) -> tuple[float | None, float | None]:
+        """The (review, abstain) thresholds a request is decided with: its own, else the server's; a 400 before
+        any work when they are set but nothing gives a P(wrong)."""
+        review = req.review_above if req.review_above is not None else self.thresholds[0]
+        abstain = req.abstain_above if req.abstain_above is not None else self.thresholds[1]
+        if (review, abstain) != (None, None) and (self.engine.hallucination_map is None or not req.eu):
+            param = "eu" if not req.eu else "abstain_above" if req.abstain_above is not None else "review_above"
+            raise ApiError(400, "review_above / abstain_above decide on P(wrong): it needs the EU (eu: true) and a run "
+                           "whose hallucination stage fitted a map, which this server " +
+                           ("has" if self.engine.hallucination_map is not None else "does not have"), param=param)
+        return review, abstain
+
+    def decide(self, req: P._Sampling, answers: list[Answer]) -> list[Answer]:
+        """Each answer's routing decision from its P(wrong) and the request's (else the server's) thresholds:
+        ``abstain`` above ``abstain_above``, ``review`` above ``review_above``, else ``answer``; the thresholds
+        are stated with it.  An abstaining answer's text is withheld only when the request asks (``withhold``)."""
+        review, abstain = self.routing(req)
+        if review is None and abstain is None:
+            return answers
+        for a in answers:
+            p = (a.summary or {}).get("p_wrong")
+            action = "answer" if p is None else "abstain" if abstain is not None and p > abstain else \
+                "review" if review is not None and p > review else "answer"
+            a.summary["decision"] = {"action": action, "p_wrong": p, "review_above": review, "abstain_above": abstain,
+                                     "withheld": bool(req.withhold and action == "abstain")}
+            if a.summary["decision"]["withheld"]:
+                a.pieces = [""] * len(a.pieces)
+        return answers
 
     @property
     def tokens(self) -> Tokens:
@@ -281,6 +311,7 @@ class Serving:
         self.admission.admit()
         handed = False
         try:
+            self.routing(req)
             prompt = await prompt_of()
             job = self.job_for(req, prompt, logprobs, top)
             rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -298,7 +329,7 @@ class Serving:
         if stream is not None:
             return stream
         answers, prompt, rid, created = done
-        tokens = self.tokens
+        answers, tokens = self.decide(req, answers), self.tokens
         return P.ChatCompletion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
             P.ChatChoice(index=i, message=P.AssistantMessage(content=a.text), finish_reason=a.finish_reason,
                          logprobs=P.Logprobs(content=tokens.content(a)) if req.logprobs else None,
@@ -327,6 +358,7 @@ class Serving:
         if stream is not None:
             return stream
         answers, prompt, rid, created = done
+        answers = self.decide(req, answers)
         tokens, before = self.tokens, self.echo_text(req, prompt) if req.echo else ""
         return P.Completion(id=rid, created=created, model=req.model, usage=_usage(prompt, answers), choices=[
             P.CompletionChoice(index=i, text=before + a.text, finish_reason=a.finish_reason,
@@ -447,7 +479,7 @@ class Serving:
                 yield "data: " + json.dumps(engine_error(e).body()) + "\n\n"
                 return
             self.observe(answers, job.prompt_ids)
-            for i, a in enumerate(answers):
+            for i, a in enumerate(self.decide(req, answers)):  # the decision rides on the choice's last chunk
                 start = sent.get(i, 0)
                 for j in range(start, len(a.token_ids), 8):  # the unsent tokens, a few per event
                     yield chunk(i, _slice(a, j, min(len(a.token_ids), j + 8)))
