@@ -51,7 +51,27 @@ def test_sampled_rows_are_well_formed_seeded_and_resume(tmp_path, monkeypatch):
     its own seed only (a run killed after its first chunk and resumed gives the same rows as an
     uninterrupted one), and nothing is duplicated or lost.  24 requests of ~190 prompt tokens exceed
     one engine step's token budget (4096), the case where chunked prefill broke seeded sampling on
-    vLLM's CPU worker."""
+    vLLM's CPU worker.  The three runs share one engine (each request's draw depends on its own seed, not on
+    the engine's history): starting vLLM's engine is most of this test's time."""
+    engine = {}
+    real_backend = generate._backend
+
+    def one_engine(c, lm, max_len):
+        if "backend" not in engine:
+            backend = real_backend(c, lm, max_len)
+            engine["close"], backend.close = backend.close, lambda: None  # kept open across the runs
+            engine["backend"] = backend
+        return engine["backend"]
+
+    monkeypatch.setattr(generate, "_backend", one_engine)
+    try:
+        _sampled_rows(tmp_path, monkeypatch)
+    finally:
+        if "close" in engine:
+            engine["close"]()
+
+
+def _sampled_rows(tmp_path, monkeypatch):
     kw = dict(backend="vllm", temperature=1.0, samples=2, questions=12)
     generate.run(cfg(tmp_path / "full", **kw))
     want = _rows(tmp_path / "full")
