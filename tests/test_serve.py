@@ -250,8 +250,9 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
     lm, ens = reference
-    s = Server(ensemble, engine="speculative", max_concurrency=2, max_queue=2)
+    s = Server(ensemble, engine="speculative", max_concurrency=2, max_queue=2, gamma=3)
     try:
+        assert s.engine.decoding.decoder.gamma == 3 and s.engine.live  # --gamma reaches the decoder
         messages = [{"role": "user", "content": QUESTION}]
         body = {"model": "drafteu-test", "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
                 "top_logprobs": 2}

@@ -206,7 +206,8 @@ def test_malformed_unknown_and_oversized_requests_get_the_envelope_and_bounded_m
 @pytest.mark.parametrize("args, needle", [
     (["--dtype", "bogus"], "unknown dtype"), (["--device", "bogus"], "unknown device"),
     (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"), (["--batch-wait-ms", "nan"], "batch-wait"),
-    (["--api-key", ""], "--api-key is empty"),
+    (["--api-key", ""], "--api-key is empty"), (["--gamma", "0"], "--gamma must be in 1..16"),
+    (["--review-above", "0.7", "--abstain-above", "0.5"], "must not exceed"),
 ])
 def test_options_are_checked_before_listening(ensemble, args, needle):
     from typer.testing import CliRunner

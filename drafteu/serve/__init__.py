@@ -52,6 +52,9 @@ class ServeConfig(EngineSettings):
     max_body_mb: float = field(default=8.0, metadata={"help": "largest request body accepted, in MiB (413 beyond)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of every model: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    gamma: int = field(default=2, metadata={
+        "help": "the speculative engine: tokens the drafts propose per round (on a CPU 1-2; more where verifying a "
+                "round costs little more than one step, a GPU)"})
     review_above: float | None = field(default=None, metadata={
         "help": "P(wrong) above which an answer's decision is 'review' (needs a run with a hallucination map; a "
                 "request's review_above overrides it)"})
@@ -62,6 +65,8 @@ class ServeConfig(EngineSettings):
     def __post_init__(self):
         super().__post_init__()
         self.drafts = Path(self.drafts)
+        if not 1 <= self.gamma <= 16:
+            raise DraftEUError(f"--gamma must be in 1..16 (tokens proposed per speculative round), got {self.gamma}")
         for name, value in (("review-above", self.review_above), ("abstain-above", self.abstain_above)):
             if value is not None and not 0 <= value <= 1:
                 raise DraftEUError(f"--{name} is a probability of a wrong answer: give a number in [0, 1], got {value}")
@@ -131,7 +136,7 @@ def build(cfg: ServeConfig):
     from drafteu.generate import BACKENDS
 
     BACKENDS[cfg.backend].require()
-    engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine,
+    engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine, gamma=cfg.gamma,
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
     app = build_app(engine, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,

@@ -21,6 +21,7 @@ from drafteu import models
 from drafteu.data import TextStops
 from drafteu.posterior import member_seed
 from drafteu.score import StreamPieces
+from drafteu.serve.decoding import Decoded
 from drafteu.serve.jobs import Answer, Job
 
 SEGMENT, MAX_SEGMENT = 8, 128  # a streamed answer's first scored segment, and the longest (doubling between)
@@ -51,13 +52,13 @@ class ContinuousDecoder:
         (``job.on_tokens``) - and the answers are finished (cut at a stop string, the rest scored,
         summarized) like the batched engine's."""
         stops = TextStops(self.tokenizer, self.engine.turns.stops + tuple(job.stop or ()))
-        generated = await asyncio.gather(*(self._choice(job, c, stops) for c in range(job.n)))
-        return await self._scored(dataclasses.replace(job, generated=list(generated), on_tokens=None, future=None,
-                                                      cancelled=False))
+        decoded = await asyncio.gather(*(self._choice(job, c, stops) for c in range(job.n)))
+        return await self._scored(dataclasses.replace(job, kind="finish", decoded=list(decoded), on_tokens=None,
+                                                      future=None, cancelled=False))
 
-    async def _choice(self, job: Job, choice: int, stops: TextStops) -> tuple[list[int], str, Answer | None]:
-        """Choice ``choice`` of ``job``: (its ids cut at EOS and at a turn delimiter, the finish, what was
-        streamed of it: ids and their scores, or None when it did not stream)."""
+    async def _choice(self, job: Job, choice: int, stops: TextStops) -> Decoded:
+        """Choice ``choice`` of ``job``: its ids cut at EOS and at a turn delimiter, the finish, and what was
+        streamed of it (ids and their scores; None when it did not stream)."""
         scoring = job.eu or job.logprobs or job.top_logprobs > 0
         streamed = Answer([], [], eu=[], variance=[], bias=[], logprobs=[], top=[]) if job.on_tokens else None
         pieces = StreamPieces(self.tokenizer)
@@ -111,7 +112,7 @@ class ContinuousDecoder:
         kept, finish = self.engine.turns.end(*models.cut_at_eos(ids, self.engine.eos, reason == "stop"))
         if streamed is not None and len(streamed.token_ids) > len(kept):  # never: segments end before any stop
             streamed = None
-        return kept, finish, streamed
+        return Decoded(kept, finish, streamed)
 
 
 def streamable(stops: TextStops, ids: list[int], eos: list[int], start: int = 0) -> int:

@@ -3,13 +3,13 @@ forward at a time, fed by a queue of futures that it drains into batches.
 
 Requests arrive on the event loop; ``Engine.submit`` puts a ``Job`` (a generation or a scoring) on a
 thread-safe queue and returns an asyncio future.  The worker takes the first job, waits up to
-``batch_wait_ms`` for more (up to ``max_batch``), then runs the batch: generations through the
-generation backend in one batched call per sampling setting (the HF backend's batched ``generate``),
+``batch_wait_ms`` for more (up to ``max_batch``), then runs the batch: its generations through the
+generation strategy chosen once at load (``decoding.Decoding``: ``Batched``, the backend's batched
+``generate``, or ``Speculative``, speculative decoding by the same drafts with EU streamed per round),
 then the EU of every answer of the batch in one pass of ``estimators.DraftEnsemble.score_batch`` - the
 estimator `drafteu score --method drafts` calls, so a response carries the numbers the command prints -
-with the target's logprobs from the same pass.  With ``engine: speculative`` a generation is
-speculative decoding by the same drafts (EU comes with every token, streamed per round), one request at
-a time.  With a backend that has an async engine of its own (``--backend vllm``: vLLM's ``AsyncLLM``)
+with the target's logprobs from the same pass; each answer is built whole from what decoding computed and
+what scoring added.  With a backend that has an async engine of its own (``--backend vllm``: vLLM's ``AsyncLLM``)
 generations do not wait for the worker: ``continuous.ContinuousDecoder`` runs each as a task on the
 event loop in that engine's continuous batch, and only their scoring is queued here.  Model work never
 runs on the event loop.
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from drafteu.serve.continuous import ContinuousDecoder
+from drafteu.serve.decoding import Batched, Decoded, Decoding, Speculative, terms
 from drafteu.serve.jobs import Answer, Job
 
 __all__ = ["Answer", "Engine", "Job"]
@@ -44,15 +45,16 @@ class Engine:
 
     def __init__(self, drafts: Path, *, target: str = "embedded", proxy: Path | None = None, backend: str = "hf",
                  engine: str = "batched", dtype: str = "auto", device: str = "auto", max_batch: int = 8,
-                 batch_wait_ms: float = 5.0, shots: int = 0, settings=None):
+                 batch_wait_ms: float = 5.0, shots: int = 0, settings=None, gamma: int = 2):
         self.spec = dict(drafts=Path(drafts), target=target, proxy=proxy, backend=backend, dtype=dtype, device=device,
-                         settings=settings)
-        self.engine, self.max_batch, self.batch_wait = engine, max_batch, batch_wait_ms / 1000
+                         settings=settings, engine=engine, gamma=gamma)
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
         self.shots = shots
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.ready = threading.Event()
         self.failure: str | None = None
         self.hallucination_map: dict | None = None
+        self.decoding: Decoding | None = None  # the worker's generation strategy (``decoding.choose``), or
         self.continuous: ContinuousDecoder | None = None  # generation on the backend's async engine (vLLM)
         # the last jobs run: (kind, tokens generated before any cut, cancelled) - what a cancellation stopped
         self.finished: collections.deque[tuple[str, int, bool]] = collections.deque(maxlen=64)
@@ -79,14 +81,18 @@ class Engine:
     def live(self) -> bool:
         """Whether a generation's tokens reach the client while it decodes (``Job.on_tokens``): the
         speculative engine's rounds, the continuous engine's segments; else the answer comes whole."""
-        return self.engine == "speculative" or self.continuous is not None
+        return self.continuous is not None or (self.decoding is not None and self.decoding.live)
+
+    def refuses(self, job: Job) -> tuple[str, str] | None:
+        """Why the chosen generation strategy cannot run ``job`` (a message and the request field), or None."""
+        return self.decoding.refuses(job) if self.decoding is not None else None
 
     def submit(self, job: Job) -> asyncio.Future:
         """Queue ``job``; the future resolves to a list of ``Answer`` (or raises the job's error).  On
         the continuous engine a generation is a task on this event loop instead (``_continuous``):
         cancelling the future aborts its decoding in the engine."""
         job.loop = asyncio.get_running_loop()
-        if self.continuous is not None and job.kind == "generate" and job.generated is None:
+        if self.continuous is not None and job.kind == "generate":
             job.future = job.loop.create_task(self.continuous.generate(job))
             return job.future
         job.future = job.loop.create_future()
@@ -154,20 +160,21 @@ class Engine:
         self.max_token_bytes = 4 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
         self.eos = models.eos_ids(self.lm.model, self.tokenizer)
         backend = BACKENDS[s["backend"]]
-        if backend.serving is not None and self.engine != "speculative":  # continuous batching in its engine
+        # the generation strategy, chosen once: speculative decoding by the drafts, the backend's own async
+        # engine (continuous batching, on the event loop), or the backend's batched generate in this worker
+        if s["engine"] == "speculative":
+            decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"])
+            self.decoding = Speculative(decoder, self.tokenizer, self.eos)
+        elif backend.serving is not None:
             self.continuous = ContinuousDecoder(
                 backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
                                 settings=s["settings"], max_len=self.context),
                 self.tokenizer, self.submit, self.finished)
-            self.backend = None
         else:
             with self.ensemble.base_target():
-                self.backend = backend(s["target"], self.tokenizer, model=self.lm.model, dtype=s["dtype"],
-                                       device=s["device"], prefix_cache=True, settings=s["settings"],
-                                       max_len=self.context)
-        self.decoder = None
-        if self.engine == "speculative":
-            self.decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=2)
+                generator = backend(s["target"], self.tokenizer, model=self.lm.model, dtype=s["dtype"],
+                                    device=s["device"], prefix_cache=True, settings=s["settings"], max_len=self.context)
+            self.decoding = Batched(generator, self.ensemble.base_target)
         self.hallucination_map = rundir.hallucination_map(Path(s["drafts"]), self.ensemble.method)
 
     def _resolve(self, job: Job, result=None, error: Exception | None = None) -> None:
@@ -181,152 +188,88 @@ class Engine:
         job.loop.call_soon_threadsafe(finish)
 
     def _run(self, batch: list[Job]) -> None:
-        scoring = [j for j in batch if j.kind == "score"]
-        generating = [j for j in batch if j.kind == "generate" and j.generated is None]
-        decoded = [(j, ids, f, known) for j in batch if j.generated is not None and not j.cancelled
-                   for ids, f, known in j.generated]  # by the continuous engine (counted in ``finished`` there)
-        work: list[tuple[Job, list[int], str, Answer | None]] = []  # (job, answer ids, finish, what decoding knew)
-        if self.engine == "speculative":
-            for job in generating:
-                if not job.cancelled:
-                    work.append(self._speculate(job))
-        else:
-            answers = self._generate(generating)  # one batched call per sampling setting
-            work += [(job, r, f, None) for job, ids in zip(generating, answers, strict=True) for r, f in ids]
-        for job, ids, *_ in work:
-            self.finished.append((job.kind, len(ids), job.cancelled))
-        work = [w for w in work if not w[0].cancelled] + decoded
-        work += [(job, job.response_ids, "length", None) for job in scoring if not job.cancelled]
+        generating = [j for j in batch if j.kind == "generate"]
+        decoded = self.decoding.decode(generating) if generating else []
+        for job, choices in zip(generating, decoded, strict=True):
+            self.finished.extend((job.kind, len(d.token_ids), job.cancelled) for d in choices)
+        work = [(job, d) for job, choices in zip(generating, decoded, strict=True) if not job.cancelled for d in choices]
+        # decoded by the continuous engine (counted in ``finished`` there): only finished here
+        work += [(job, d) for job in batch if job.kind == "finish" and not job.cancelled for d in job.decoded]
+        work += [(job, Decoded(job.response_ids, "length")) for job in batch if job.kind == "score" and not job.cancelled]
         results = self._answers(work)
-        for job in {id(j): j for j, *_ in work}.values():
+        for job in {id(j): j for j, _ in work}.values():
             if not job.cancelled:
-                self._resolve(job, [a for (j, *_), a in zip(work, results, strict=True) if j is job])
+                self._resolve(job, [a for (j, _), a in zip(work, results, strict=True) if j is job])
 
-    @torch.no_grad()
-    def _generate(self, jobs: list[Job]) -> list[list[tuple[list[int], str]]]:
-        """Every job's n answers: jobs that sample alike run as one batch (row seeds keep each
-        answer independent of the batch it ran in); each is cut at its own max_tokens.  A job whose
-        client went away stops at the next decoding step (its rows end; the batch ends when all have)."""
-        from drafteu.generate import Sampling
-        from drafteu.posterior import member_seed
-
-        out: list[list[tuple[list[int], str]]] = [[] for _ in jobs]
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            if not job.cancelled:
-                groups.setdefault((job.temperature, job.top_p if job.temperature > 0 else 1.0), []).append(i)
-        with self.ensemble.base_target():  # the target answers, the proxy adapter off
-            for (temperature, top_p), idx in groups.items():
-                rows = [(i, c) for i in idx for c in range(jobs[i].n)]
-                longest = max(jobs[i].max_tokens for i in idx)
-                seeds = [member_seed("serve", jobs[i].seed, c) for i, c in rows] if temperature > 0 else None
-                row_jobs = [jobs[i] for i, _ in rows]
-                answers = self.backend.generate([j.prompt_ids for j in row_jobs], Sampling(
-                    temperature, top_p, longest, seeds, cancelled=lambda rj=row_jobs: [j.cancelled for j in rj]))
-                for (i, _), (ids, finish) in zip(rows, answers, strict=True):
-                    if len(ids) > jobs[i].max_tokens:
-                        ids, finish = ids[: jobs[i].max_tokens], "length"
-                    out[i].append((ids, finish))
-        return out
-
-    def _speculate(self, job: Job) -> tuple:
-        """Speculative decoding, EU (and, when asked, the target's logprobs from its verifying pass)
-        streamed with every round's tokens (one choice: n is 1 here); the answer keeps what its rounds
-        computed (it is not scored again).  A cancelled job stops at the next round."""
-        from drafteu.data import TextStops, turn_stops
-        from drafteu.score import StreamPieces
-
-        pieces = StreamPieces(self.tokenizer)
-        top = job.top_logprobs if job.logprobs or job.top_logprobs else None
-
-        def on_tokens(ids, variance, bias, lps=None):
-            texts = pieces(ids)
-            if job.on_tokens is not None and not job.cancelled:
-                job.on_tokens(0, Answer(list(ids), texts, **_terms(variance, bias),
-                                        logprobs=[c for c, _ in lps] if lps is not None else None,
-                                        top=[t for _, t in lps] if lps is not None else None))
-
-        res = self.decoder.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
-                                    eos_ids=self.eos, on_tokens=on_tokens, logprobs=top,
-                                    cancelled=lambda: job.cancelled,
-                                    stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
-        known = Answer(list(res.token_ids), [], logprobs=res.logprobs, top=res.top,
-                       **(_terms(res.variance, res.bias) if job.eu else {}))
-        return job, list(res.token_ids), res.finish, known
-
-    def _answers(self, work: list[tuple]) -> list[Answer]:
-        """Every answer of a batch: cut exactly at its first stop string, its EU from one batched
-        scoring pass (``DraftEnsemble.score_batch``, as `drafteu score`) and the target's logprobs
-        from the same pass.  What decoding already computed of an answer (``known``: the speculative
-        engine's rounds, the continuous engine's streamed segments) is kept; only the tokens after it
-        are scored, with it as their context."""
-        from drafteu import estimators, spans
-        from drafteu.evaluate.hallucination import p_wrong
+    def _answers(self, work: list[tuple[Job, Decoded]]) -> list[Answer]:
+        """Every answer of a batch, built whole: cut exactly at its first stop string, its EU from one
+        batched scoring pass (``DraftEnsemble.score_batch``, as `drafteu score`) and the target's logprobs
+        from the same pass.  What decoding already computed of an answer (``Decoded.known``: the
+        speculative engine's rounds, the continuous engine's streamed segments) is kept; only the tokens
+        after it are scored, with it as their context."""
         from drafteu.score import token_pieces
 
-        cut = []
-        for job, ids, finish, known in work:
-            kept, text = _cut_at_stop(self.tokenizer, ids, job.stop)
+        items = []  # (job, kept ids, their texts, finish, the values known per token so far)
+        for job, d in work:
+            kept, text = _cut_at_stop(self.tokenizer, d.token_ids, job.stop)
             pieces = token_pieces(self.tokenizer, kept)
             if text is not None:  # the stop string begins inside the last kept token: its text ends there
                 pieces[-1] = text[len("".join(pieces[:-1])):] if pieces else ""
-            answer = Answer(kept, pieces, "stop" if text is not None or finish == "eos" else "length")
-            if known is not None:  # the values of its first tokens (all of them, or a prefix)
-                for name in ("eu", "variance", "bias", "logprobs", "top"):
-                    value = getattr(known, name)
-                    setattr(answer, name, None if value is None else list(value[:len(kept)]))
-            cut.append((job, answer))
+            known = {} if d.known is None else {
+                name: list(v[:len(kept)]) for name in KNOWN if (v := getattr(d.known, name)) is not None}
+            items.append((job, kept, pieces, "stop" if text is not None or d.finish == "eos" else "length", known))
 
-        def rest(i: int, done: list | None) -> tuple[list[int], list[int]]:  # (context, tokens to score)
-            job, a = cut[i]
-            m = len(done or [])
-            return job.prompt_ids + a.token_ids[:m], a.token_ids[m:]
+        def rest(i: int, name: str) -> tuple[list[int], list[int]]:  # (context, the tokens without ``name``)
+            job, kept, *_, known = items[i]
+            m = len(known.get(name, []))
+            return job.prompt_ids + kept[:m], kept[m:]
 
-        def partial(values: list | None, a: Answer) -> bool:
-            return values is None or len(values) < len(a.token_ids)
+        def missing(i: int, name: str) -> bool:
+            return len(items[i][4].get(name, [])) < len(items[i][1])
 
-        need = [i for i, (job, a) in enumerate(cut) if a.token_ids and job.eu and partial(a.eu, a)]
+        need = [i for i, (job, kept, *_) in enumerate(items) if kept and job.eu and missing(i, "eu")]
         if need:
-            scores = self.ensemble.score_batch([rest(i, cut[i][1].eu) for i in need])
-            for i, s in zip(need, scores, strict=True):
-                a = cut[i][1]
-                m = len(a.eu or [])
-                for name, value in _terms(s.variance, s.bias, s.eu).items():
-                    setattr(a, name, (getattr(a, name) or [])[:m] + value)
-        want = [i for i, (job, a) in enumerate(cut)
-                if a.token_ids and (job.logprobs or job.top_logprobs) and partial(a.logprobs, a)]
+            for i, s in zip(need, self.ensemble.score_batch([rest(i, "eu") for i in need]), strict=True):
+                known = items[i][4]
+                m = len(known.get("eu", []))
+                for name, value in terms(s.variance, s.bias, s.eu).items():
+                    known[name] = known.get(name, [])[:m] + value
+        want = [i for i, (job, kept, *_) in enumerate(items)
+                if kept and (job.logprobs or job.top_logprobs) and missing(i, "logprobs")]
         if want:
-            top = max(cut[i][0].top_logprobs for i in want)
-            lps = self.ensemble.target_logprobs([rest(i, cut[i][1].logprobs) for i in want], top)
+            top = max(items[i][0].top_logprobs for i in want)
+            lps = self.ensemble.target_logprobs([rest(i, "logprobs") for i in want], top)
             for i, (chosen, values, indices) in zip(want, lps, strict=True):
-                a, k = cut[i][1], cut[i][0].top_logprobs
-                m = len(a.logprobs or [])
-                a.logprobs = (a.logprobs or [])[:m] + chosen.tolist()
-                a.top = (a.top or [[] for _ in range(m)])[:m] + [
+                known, k = items[i][4], items[i][0].top_logprobs
+                m = len(known.get("logprobs", []))
+                known["logprobs"] = known.get("logprobs", [])[:m] + chosen.tolist()
+                known["top"] = (known.get("top") or [[] for _ in range(m)])[:m] + [
                     list(zip(x.tolist(), v.tolist(), strict=True))
                     for v, x in zip(values[:, :k], indices[:, :k], strict=True)]
-        for job, a in cut:
-            if job.eu:
-                ok = a.token_ids and a.eu is not None
-                a.summary = {how: estimators.TokenScores(a.token_ids, torch.tensor(a.eu)).aggregate(how) if ok else 0.0
-                             for how in estimators.AGGREGATIONS} | {"tokens": len(a.token_ids)}
-                a.summary["spans"] = spans.ranked(a.pieces, a.eu) if ok else []
-                if self.hallucination_map is not None:
-                    how = self.hallucination_map["aggregation"]
-                    a.summary["p_wrong"] = p_wrong(a.summary[how], self.hallucination_map) if ok else None
-                    a.summary["p_wrong_map"] = self.hallucination_map["provenance"]
-            else:
-                a.eu = a.variance = a.bias = None
-        return [a for _, a in cut]
+        return [self._answer(*item) for item in items]
+
+    def _answer(self, job: Job, kept: list[int], pieces: list[str], finish: str, values: dict) -> Answer:
+        """One finished answer: its tokens, texts, EU terms (when asked), logprobs and EU summary."""
+        from drafteu import estimators, spans
+        from drafteu.evaluate.hallucination import p_wrong
+
+        eu = values.get("eu") if job.eu else None
+        summary = None
+        if job.eu:
+            ok = bool(kept) and eu is not None
+            summary = {how: estimators.TokenScores(kept, torch.tensor(eu)).aggregate(how) if ok else 0.0
+                       for how in estimators.AGGREGATIONS} | {"tokens": len(kept)}
+            summary["spans"] = spans.ranked(pieces, eu) if ok else []
+            if self.hallucination_map is not None:
+                how = self.hallucination_map["aggregation"]
+                summary["p_wrong"] = p_wrong(summary[how], self.hallucination_map) if ok else None
+                summary["p_wrong_map"] = self.hallucination_map["provenance"]
+        return Answer(kept, pieces, finish, eu=eu, variance=values.get("variance") if job.eu else None,
+                      bias=values.get("bias") if job.eu else None, logprobs=values.get("logprobs"),
+                      top=values.get("top"), summary=summary)
 
 
-def _terms(variance, bias, eu=None) -> dict:
-    """An answer's EU fields from its (T,) variance and bias terms (and their sum, when the scorer gave
-    it); none when either term is missing."""
-    if variance is None or bias is None:
-        return {}
-    return {"eu": (variance + bias if eu is None else eu).tolist(), "variance": variance.tolist(),
-            "bias": bias.tolist()}
+KNOWN = ("eu", "variance", "bias", "logprobs", "top")  # an answer's per-token values decoding may have computed
 
 
 @functools.cache

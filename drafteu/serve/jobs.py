@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Job:
-    """One request's model work.  ``kind``: "generate" (``prompt_ids`` -> ``n`` answers) or "score"
-    (``prompt_ids`` + ``response_ids`` -> their EU)."""
+    """One request's model work.  ``kind``: "generate" (``prompt_ids`` -> ``n`` answers), "score"
+    (``prompt_ids`` + ``response_ids`` -> their EU) or "finish" (choices decoded elsewhere - the continuous
+    engine's - ``decoded``, to be cut, scored where decoding did not and summarized)."""
 
     kind: str
     prompt_ids: list[int]
@@ -27,8 +28,7 @@ class Job:
     logprobs: bool = True  # the target's log-probability of each token
     top_logprobs: int = 0
     on_tokens: Callable[[int, Answer], None] | None = None  # live streaming: (choice, the tokens just known)
-    # answers decoded elsewhere (the continuous engine): (ids, finish, what streaming already computed) per choice
-    generated: list[tuple[list[int], str, Answer | None]] | None = None
+    decoded: list | None = None  # "finish": one ``decoding.Decoded`` per choice
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False

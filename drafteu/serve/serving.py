@@ -290,12 +290,13 @@ class Serving:
             raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
                            f"model's context of {engine.context} tokens; shorten the prompt or lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
-        if engine.engine == "speculative" and (req.n > 1 or req.top_p < 1 or req.stop):
-            raise ApiError(400, "n > 1, top_p < 1 and stop need the batched engine (drafteu serve --engine batched)",
-                           param="n" if req.n > 1 else "top_p" if req.top_p < 1 else "stop")
         seed = req.seed if req.seed is not None else uuid.uuid4().int % (2**31)
-        return Job("generate", prompt_ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature,
-                   top_p=req.top_p, seed=seed, stop=req.stop, eu=req.eu, logprobs=logprobs, top_logprobs=top_logprobs)
+        job = Job("generate", prompt_ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature,
+                  top_p=req.top_p, seed=seed, stop=req.stop, eu=req.eu, logprobs=logprobs, top_logprobs=top_logprobs)
+        refused = engine.refuses(job)  # what the server's generation strategy cannot do
+        if refused is not None:
+            raise ApiError(400, refused[0], param=refused[1])
+        return job
 
     async def _answers(self, job: Job, request) -> list[Answer]:
         answers = await run_job(self.engine, job, request, self.timeout)
