@@ -1,6 +1,7 @@
 """Benchmark: speculative decoding with per-token EU against plain greedy decoding of the target.
 
-Embedded setup (CPU): the SmolLM2-135M target and a trained draft ensemble (default: the DDD
+Any target and ensemble (``--target``, ``--drafts``, ``--proxy``, ``--task``; ``--json`` writes the numbers
+too), by default the embedded setup (CPU): the SmolLM2-135M target and a trained draft ensemble (default: the DDD
 ensemble of runs/spec and the proxy of runs/dev, see bench/ensembles.py for runs/dev; runs/spec
 re-uses runs/dev's samples with a longer draft-base warm-up:
 
@@ -37,24 +38,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from divergence import ROOT, shown_args, write_section  # noqa: E402
 
 
-def embedded(args) -> str:
+def real(args) -> str:
+    """The modes on a real target and ensemble (``--target``, ``--drafts``, ``--proxy``, ``--task``);
+    the table, and ``args.record`` filled for ``--json``."""
     import torch
 
-    from drafteu import data, estimators, models
+    from drafteu import data, estimators, hardware, models
     from drafteu.kvcache import PrefixCache, StaticPrefixCache
     from drafteu.speculative import SpeculativeDecoder, plain_greedy
 
     torch.manual_seed(0)
-    plain_lm = models.load("embedded", dtype=args.dtype)
-    proxy_lm = models.load("embedded", dtype=args.dtype)
+    plain_lm = models.load(args.target, dtype=args.dtype)
+    proxy_lm = models.load(args.target, dtype=args.dtype)
     # drafts; the target stays a plain model
     ens = estimators.DraftEnsemble(args.drafts, plain_lm, dtype=args.draft_dtype)
     # the target carries the proxy adapter
     ens_p = estimators.DraftEnsemble(args.drafts, proxy_lm, args.proxy, dtype=args.draft_dtype)
     tok = plain_lm.tokenizer
-    eos = {tok.eos_token_id}
-    problems = data.load_task("easy-word", "test", n=args.questions)
-    prompts = [data.format_prompt(tok, p.question, data.shots_for("easy-word", 2)) for p in problems]
+    eos = models.eos_ids(plain_lm.model, tok)
+    problems = data.load_task(args.task, "test", n=args.questions)
+    prompts = [data.format_prompt(tok, p.question, data.shots_for(args.task, args.shots)) for p in problems]
     k = len(ens.names)
 
     def spec(propose, eu, bias, gamma, compile="off"):
@@ -107,12 +110,20 @@ def embedded(args) -> str:
         print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
     base = stats["plain greedy (target)"]
     base_tps = base["tokens"] / base["seconds"]
+    device = next(plain_lm.model.parameters()).device
+    args.record = {"target": args.target, "drafts": str(args.drafts), "proxy": str(args.proxy), "task": args.task,
+                   "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "K": k,
+                   "device": hardware.describe(device), "target_dtype": str(next(plain_lm.model.parameters()).dtype),
+                   "draft_dtype": args.draft_dtype,
+                   "modes": {m: {"tokens_per_s": s["tokens"] / s["seconds"], "vs_plain": (s["tokens"] / s["seconds"]) / base_tps,
+                                 "acceptance": s["accepted"] / s["proposed"] if s["proposed"] else None,
+                                 "outputs_differing_from_plain_greedy": s["mismatch"]} for m, s in stats.items()}}
     lines = [
-        f"`python bench/speculative.py {shown_args()}` — embedded SmolLM2-135M target (30 layers, "
-        f"{next(plain_lm.model.parameters()).dtype}) on CPU "
+        f"`python bench/speculative.py {shown_args()}` — target `{args.target}` "
+        f"({plain_lm.model.config.num_hidden_layers} layers, {next(plain_lm.model.parameters()).dtype}) on {device} "
         f"({torch.get_num_threads()} threads); drafts: `{args.drafts}` (K = {k} LoRA drafts on a "
         f"{ens.drafts.get_base_model().config.num_hidden_layers}-layer base, {args.draft_dtype} weights), "
-        f"proxy `{args.proxy}`; {len(prompts)} easy-word test prompts (2-shot), greedy, ≤ {args.max_new_tokens} new "
+        f"proxy `{args.proxy}`; {len(prompts)} {args.task} test prompts ({args.shots}-shot), greedy, ≤ {args.max_new_tokens} new "
         "tokens; all modes interleaved prompt by prompt in one process; every mode (plain included) keeps its KV "
         "caches across prompts, so the shared worked examples are computed once. Time per token split into "
         "drafting, verification and EU. Compiled modes: static KV caches + torch.compile (inductor), warmed up "
@@ -416,8 +427,12 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="embedded", help="the target (a model spec: embedded, a packaged name, ...)")
     ap.add_argument("--drafts", type=Path, default=ROOT / "runs" / "spec" / "drafts" / "ddd")
     ap.add_argument("--proxy", type=Path, default=ROOT / "runs" / "dev" / "proxy" / "adapter")
+    ap.add_argument("--task", default="easy-word", help="the prompts' task (easy-word, a GSM8K jsonl, ...)")
+    ap.add_argument("--shots", type=int, default=2, help="worked examples before each question")
+    ap.add_argument("--json", type=Path, help="also write the modes' numbers (tokens/s, acceptance, device) here")
     ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, nargs="+", default=[1, 2], help="tokens proposed per round (several: each)")
@@ -441,11 +456,18 @@ def main() -> None:
         section = step_times(args, device, shapes)
         key, title = f"speculative-{device.split(':')[0]}-{shapes}", f"Speculative decoding step times, {device}, {shapes} shapes"
     else:
-        section = embedded(args)
-        key, title = "speculative-embedded", "Speculative decoding with per-token EU on the embedded setup"
+        section = real(args)
+        name = "embedded" if args.target == "embedded" else args.target
+        key, title = f"speculative-{name}", f"Speculative decoding with per-token EU, target {name}"
+        if args.target == "embedded":
+            key, title = "speculative-embedded", "Speculative decoding with per-token EU on the embedded setup"
         if args.draft_dtype != "auto" or args.dtype != "auto":
-            key = f"speculative-target-{args.dtype}-drafts-{args.draft_dtype}-embedded"
+            key = f"speculative-target-{args.dtype}-drafts-{args.draft_dtype}-{name}"
             title += f", target {args.dtype}, drafts {args.draft_dtype}"
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps(args.record, indent=1))
     print(section)
     write_section(args.out, key, title, section)
 
