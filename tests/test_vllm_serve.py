@@ -35,7 +35,7 @@ def ensemble(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ensemble):
     s = Server(ensemble, backend="vllm", max_concurrency=4, max_queue=8)
-    assert s.engine.continuous is not None and s.engine.backend is None  # vLLM's async engine decodes
+    assert s.engine.continuous is not None and s.engine.decoding is None  # vLLM's async engine decodes
     yield s
     s.close()
 
