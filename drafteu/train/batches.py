@@ -129,8 +129,7 @@ def window_hidden(model, batch: dict, adapters: list[str] | None = None) -> Wind
     inputs = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
               "position_ids": rep(batch["position_ids"])}
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    source = _head_source(inner)
-    hidden_ok = source.head()[1]
+    source, hidden_ok = _head_source(inner)
     head = Head.of(inner) if hidden_ok else None
     with source.hidden_out() if head is not None else contextlib.nullcontext():
         if "prefix_ids" in batch:
@@ -164,17 +163,19 @@ def _gather(values: torch.Tensor, gather: torch.Tensor, k: int) -> torch.Tensor:
     return values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1]))
 
 
-def _head_source(model):
-    """A ``HiddenSource`` of ``model`` whose output-head check ran once, in eval mode (no dropout
-    draws), kept on the model."""
-    source = model.__dict__.get("_drafteu_head")
-    if source is None or source.model is not model:
-        source = HiddenSource(model)
+def _head_source(model) -> tuple[HiddenSource, bool]:
+    """(a ``HiddenSource`` of ``model``, whether its hidden states reproduce its logits through its head).
+    The check runs once per model, in eval mode (no dropout draws); only its answer is kept on the model:
+    a source kept there would reference the model back, a cycle that keeps a trained model - gigabytes -
+    alive until Python's cycle collector happens to run (it counts objects, not bytes)."""
+    source = HiddenSource(model)
+    ok = model.__dict__.get("_drafteu_head_ok")
+    if ok is None:
         was = model.training
         model.eval()
         try:
-            source.head()
+            ok = source.head()[1]
         finally:
             model.train(was)
-        model.__dict__["_drafteu_head"] = source
-    return source
+        model.__dict__["_drafteu_head_ok"] = ok
+    return source, ok

@@ -26,6 +26,7 @@ TRL baseline's settings never leak into the next stage.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
@@ -265,6 +266,7 @@ def fit(
     precision = resolve_precision(cfg, device, desc)
     with accelerate_stage(precision, device) as acc:
         stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc, on_step, heldout)
+    gc.collect()  # what training left in reference cycles (accelerate's, PEFT's) goes now, not at the next model's peak
     return stats | {"mixed_precision": precision}
 
 
