@@ -216,3 +216,26 @@ def scoring_kernel(value: str, device: torch.device) -> tuple[str, str]:
     if weight_only is not None and weight_only > FLOAT_GAIN:
         return "float", f"{said}, int8 weight-only {weight_only:.2f}x"
     return "recipe", said + (f", int8 weight-only {weight_only:.2f}x" if weight_only is not None else "")
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def give_back_memory(collect: bool = False) -> None:
+    """Hand freed heap pages back to the system (glibc keeps a large step's buffers otherwise: a long
+    process's resident memory would stay at its largest step's, and grow with fragmentation); with
+    ``collect``, first free what reference cycles hold (Python's collector counts objects, not bytes)."""
+    if collect:
+        import gc
+
+        gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import queue
 import threading
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from drafteu.hardware import give_back_memory
 from drafteu.serve.continuous import ContinuousDecoder
 from drafteu.serve.decoding import Batched, Decoded, Decoding, Speculative, terms
 from drafteu.serve.jobs import Answer, Job
@@ -141,7 +141,7 @@ class Engine:
                 if not job.cancelled and not (job.future is not None and job.future.done()):
                     self._run_isolated([job])
         finally:
-            _give_back_memory()
+            give_back_memory()
 
     def _load(self) -> None:
         from drafteu import estimators, models, rundir
@@ -270,23 +270,6 @@ class Engine:
 
 
 KNOWN = ("eu", "variance", "bias", "logprobs", "top")  # an answer's per-token values decoding may have computed
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-
-
-def _give_back_memory() -> None:
-    """Hand freed heap pages back to the system after a batch (glibc keeps a long request's buffers
-    otherwise: the server's resident memory would stay at its largest batch's)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], str | None]:

@@ -26,7 +26,6 @@ TRL baseline's settings never leak into the next stage.
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import runio
+from drafteu import hardware, runio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note, progress
 from drafteu.train.batches import Example, collate, examples_from_rows, window_hidden, window_logits
@@ -266,7 +265,7 @@ def fit(
     precision = resolve_precision(cfg, device, desc)
     with accelerate_stage(precision, device) as acc:
         stats = _fit(acc, model, params, examples, loss_fn, cfg, Path(ckpt_dir), pad_id, seed, desc, on_step, heldout)
-    gc.collect()  # what training left in reference cycles (accelerate's, PEFT's) goes now, not at the next model's peak
+    hardware.give_back_memory(collect=True)  # what training left (cycles, freed buffers) goes before the next model
     return stats | {"mixed_precision": precision}
 
 
