@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--max-full-gb", type=float, default=12.0,
-                    help="skip the full path where its logits alone would take more (random models)")
+                    help="skip the full path where its logits alone would take more (a model's own vocabulary: "
+                         "counted as 262,144)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -146,8 +147,8 @@ def main() -> None:
         for vocab in [int(v) for v in args.vocabs.split(",")]:
             for length in [int(n) for n in args.lengths.split(",")]:
                 for mode in ("full", "chunked"):
-                    need = _full_logits_gb(vocab, length, loss)
-                    if mode == "full" and args.model == "random" and need > args.max_full_gb:
+                    need = _full_logits_gb(vocab or 262144, length, loss)
+                    if mode == "full" and need > args.max_full_gb:
                         rows.append({"loss": loss, "vocab": vocab, "length": length, "mode": mode, "skipped": need})
                         print(rows[-1], flush=True)
                         continue
