@@ -182,7 +182,8 @@ def test_a_bounded_load_is_answered_once_each_with_429_only_beyond_capacity(serv
     results = asyncio.run(load())
     assert len(results) == 64
     statuses = [s for s, _, _ in results]
-    assert set(statuses) <= {200, 429} and statuses.count(200) >= 12
+    # 32 clients at once against 4 running + 8 queued: the server is over capacity and says so
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 12
     assert all(ra is not None and body["error"]["code"] == "over_capacity" for s, ra, body in results if s == 429)
     assert all(len(body["choices"]) == 1 for s, _, body in results if s == 200)
     assert _resident_mib() - rss < 256  # the server (in this process) keeps no request's memory
