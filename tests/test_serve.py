@@ -292,3 +292,21 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
         assert "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"]) == choice.message.content
     finally:
         s.close()
+
+
+def test_a_draining_server_refuses_new_requests_with_503_and_says_so_on_health(ensemble):
+    """What SIGTERM switches on before uvicorn stops (serve.run's handle_exit): new requests on open
+    connections get 503 'draining' in OpenAI's envelope, /health reports draining - deterministic here,
+    where the SIGTERM test can only see the process gone afterwards."""
+    s = Server(ensemble, max_concurrency=2, max_queue=2)
+    try:
+        body = {"model": "drafteu-test", "prompt": "Count to 3:", "max_tokens": 2}
+        h = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=h, timeout=120).status_code == 200
+        s.app.state.drain()
+        r = httpx.post(s.url + "/v1/completions", json=body, headers=h, timeout=120)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+        health = httpx.get(s.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+    finally:
+        s.close()
