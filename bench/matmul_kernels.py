@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from drafteu import data, divergence, hardware, models, quantize
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
 
     lm = models.load("embedded", dtype="float32", device="cpu")
     forms = {"float32": lm.model}

@@ -27,8 +27,8 @@ def worker(threads: int, new_tokens: int) -> dict:
     import torch
 
     from drafteu import data, estimators, models
+    from drafteu.generate import greedy_answer
     from drafteu.posterior import NoisyModel
-    from drafteu.score import greedy_answer
 
     models.set_threads(threads)
     lm = models.load("embedded")

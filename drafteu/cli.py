@@ -23,11 +23,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from drafteu.config import ScoreConfig
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig
 from drafteu.perturbation import NoiseCheckConfig
 from drafteu.pipeline import STAGES
+from drafteu.score import ScoreConfig
 from drafteu.serve import ServeConfig
 from drafteu.speculate import SpeculateConfig
 from drafteu.train.draft_base import DraftBaseConfig

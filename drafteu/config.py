@@ -9,9 +9,8 @@ from pathlib import Path
 
 from drafteu import draft_bases, runio
 from drafteu.errors import DraftEUError
-from drafteu.estimators import AGGREGATIONS, METHODS
+from drafteu.estimators import AGGREGATIONS
 from drafteu.hardware import DEVICE_HELP, KERNEL_HELP, SCORING_KERNELS
-from drafteu.methods import ESTIMATORS, named
 from drafteu.posterior import NoiseConfig
 
 MAX_FAMILY = 64  # noisy copies per scored token: each is a full target pass
@@ -25,72 +24,7 @@ def help_of(cls, name: str) -> str:
     raise KeyError(name)
 
 
-@dataclass
-class ScoreConfig:
-    """`drafteu score`: token-level EU of one (question, answer) pair."""
-
-    question: str = field(metadata={"help": "the question (problem text) to answer and score"})
-    target: str = field(
-        default="embedded",
-        metadata={"help": "target model: 'embedded' (SmolLM2-135M-Instruct), a hub id, a local "
-                  "directory, or a .gguf file"},
-    )
-    answer: str | None = field(
-        default=None, metadata={"help": "the answer to score; generated greedily by the target when omitted"}
-    )
-    answers: Path | None = field(
-        default=None, metadata={"help": "a JSONL file of answers to score in batches, one per line: "
-                                "{\"answer\": ...} (the --question) or {\"question\": ..., \"answer\": ...}; "
-                                "--json then writes a list"})
-    method: str = field(
-        default=named("truth"),
-        metadata={"help": "; ".join(kind.help for kind in ESTIMATORS.values())},
-    )
-    drafts: Path | None = field(
-        default=None, metadata={"help": "with --method drafts: a run directory or a drafts directory"}
-    )
-    proxy: Path | None = field(
-        default=None, metadata={"help": "with --method drafts and a drafts directory: the proxy (train-proxy output); "
-                                "without it the bias term uses the raw target"}
-    )
-    family_size: int = field(default=3, metadata={"help": "K: noisy target copies of an MI method (" + ", ".join(
-        name for name, kind in ESTIMATORS.items() if kind.size_setting) + ")"})
-    noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the noise of the family / TokUR copies"})
-    seed: int = field(default=0, metadata={"help": "seed of the noise family (same seed, same numbers)"})
-    shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
-    max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of every model (target, drafts, proxy): auto, float32, bfloat16, float16"})
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    draft_kernel: str = field(default="recipe", metadata={"help": "with --method drafts: " + KERNEL_HELP})
-    json: Path | None = field(default=None, metadata={"help": "write the per-token result as JSON here"})
-
-    def __post_init__(self):
-        if not self.question or not self.question.strip():
-            raise DraftEUError("--question is empty; pass the problem text to score")
-        if self.draft_kernel not in SCORING_KERNELS:
-            raise DraftEUError(f"--draft-kernel {self.draft_kernel!r}: choose one of {', '.join(SCORING_KERNELS)}")
-        if self.method not in METHODS:
-            raise DraftEUError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        kind = ESTIMATORS[self.method]
-        if kind.uses_drafts and self.drafts is None:
-            raise DraftEUError(f"--method {self.method} needs --drafts DIR (a run directory or a drafts directory)")
-        if kind.size_setting is not None and self.family_size < 2:
-            raise DraftEUError(f"--family-size {self.family_size}: the mutual information of fewer than 2 noisy "
-                               "copies is 0 by definition; use K >= 2 (the paper uses 3)")
-        if self.family_size > MAX_FAMILY:
-            raise DraftEUError(f"--family-size {self.family_size}: at most {MAX_FAMILY} (each copy is one more "
-                               "target pass per token; the paper uses 3)")
-        if self.max_new_tokens < 1:
-            raise DraftEUError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.answer is not None and not self.answer.strip():
-            raise DraftEUError("--answer is empty; omit it to generate an answer")
-        if self.answers is not None and self.answer is not None:
-            raise DraftEUError("give --answer or --answers, not both")
-        if self.answers is not None and not Path(self.answers).is_file():
-            raise DraftEUError(f"--answers {self.answers}: no such file (a JSONL of {{\"answer\": ...}} lines)")
-
-
-__all__ = ["ScoreConfig", "NoiseConfig", "help_of", "AGGREGATIONS"]
+__all__ = ["NoiseConfig", "help_of", "MAX_FAMILY"]
 
 
 # --------------------------------------------------------------------------------------------

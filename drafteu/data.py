@@ -426,3 +426,34 @@ def shots_for(task: str, k: int) -> tuple[tuple[str, str], ...]:
     if not 0 <= k <= len(SHOTS):
         raise DraftEUError(f"shots must be in 0..{len(SHOTS)}, got {k}")
     return SHOTS[:k]
+
+
+class StreamPieces:
+    """Token texts for streaming: decodes the growing answer so multi-byte characters stay whole."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        out = []
+        for t in ids:
+            self.ids.append(t)
+            text = self.tok.decode(self.ids, skip_special_tokens=False)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+                out.append("")
+                continue
+            out.append(text[len(self.text):])
+            self.text = text
+        return out
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Text of each token such that the pieces concatenate to the decoded response.
+
+    Decoding prefixes (not single ids) keeps multi-byte characters split across tokens intact.
+    """
+    pieces = StreamPieces(tokenizer)(ids)
+    full = tokenizer.decode(ids, skip_special_tokens=False)
+    if pieces and "".join(pieces) != full:  # the answer ends inside a multi-byte character
+        pieces[-1] += full[len("".join(pieces)):]
+    return pieces

@@ -11,9 +11,11 @@ import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +86,62 @@ def check_prompt(prompt_ids: Sequence[int]) -> None:
         raise DraftEUError("the prompt is empty: at least one prompt token is needed to score")
 
 
+@dataclass
+class BuildContext:
+    """Everything an estimator is built from (``methods.EstimatorKind.build``): a caller fills in what it
+    has once and builds every estimator it needs from it, the draft ensemble included.
+
+    ``target``: the loaded target (``models.LoadedModel``; tokenizer-only where the drafts need no target
+    weights: a ``proxy_source`` gives p).  ``noisy``: the target's noise members (``NoisyModel``), which
+    the target-only estimators draw on.  ``drafts`` / ``proxy``: a drafts directory and the proxy
+    adapter's (``rundir.resolve_drafts``); ``proxy_source``: a ready pass of p shared by several
+    ensembles; ``bases``: loaded draft bases shared by them.  ``prefix_len``: the prompts' shared prefix
+    (``"auto"``: found from the prompts scored).  ``sizes``: member counts by the registry's
+    ``size_setting`` name (``{"family_size": 3, "tokur_size": 3}``).  ``target_rows``: the raw target
+    rides in p's pass (its logprobs, for a server).  ``kernel``, ``device``, ``dtype``: the drafts'.
+    """
+
+    target: Any = None
+    noisy: NoisyModel | None = None
+    drafts: Path | None = None
+    proxy: Path | None = None
+    proxy_source: HiddenSource | None = None
+    bases: DraftBases | None = None
+    prefix_len: int | str = 0
+    share_prompts: bool = True
+    seed: int = 0
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    target_rows: bool = False
+    kernel: str = "recipe"
+    device: Any = None
+    dtype: str = "auto"
+
+    def size(self, setting: str | None, default: int = 3) -> int:
+        """The member count ``setting`` names (``default`` when this context has none)."""
+        return self.sizes.get(setting, default) if setting else 0
+
+    def need_noisy(self, name: str) -> NoisyModel:
+        if self.noisy is None:
+            raise DraftEUError(f"the {name} method needs the target's weights (its noise members); "
+                               "load the target with its model")
+        return self.noisy
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward an estimator's scores are made of: what the cost stage times (``source``, ``rows``
+    per scored position) and counts (the paper's accounting: ``passes`` of ``model``'s base parameters,
+    the first ``trunk`` layers once for all rows).  ``name``: how the cost table writes it."""
+
+    source: HiddenSource
+    rows: int
+    model: Any
+    passes: int
+    name: str
+    trunk: int = 0
+    note: str = ""
+
+
 class Estimator(ABC):
     """Scores the tokens of responses.  Every distribution comes from a ``sources.HiddenSource`` (a
     model + adapter rows behind a shared-prefix KV cache, in padded batches, its logits reduced a
@@ -92,6 +150,7 @@ class Estimator(ABC):
 
     name: str
     has_terms = False  # variance and bias terms (the draft ensembles)
+    kernel: str | None = None  # what a quantized self-draft's layers score on (None: float weights)
 
     def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> TokenScores:
         """Token EU for ``response_ids`` given ``prompt_ids``."""
@@ -113,18 +172,35 @@ class Estimator(ABC):
         return out
 
     @classmethod
-    def for_target(cls, noisy: NoisyModel, *, size: int, seed: int, prefix_len: int,
-                   share_prompts: bool) -> Estimator:
-        """The estimator on the target held by ``noisy`` (what ``methods.EstimatorKind.build`` calls)."""
-        raise DraftEUError(f"the {cls.name} method cannot be built from the target alone")
+    @abstractmethod
+    def build(cls, ctx: BuildContext, size: int) -> Estimator:
+        """The estimator from ``ctx`` with ``size`` members where it has a size setting (what
+        ``methods.EstimatorKind.build`` calls)."""
 
     @abstractmethod
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
         """``score_batch`` on pairs whose responses are not empty."""
 
+    @abstractmethod
+    def passes(self) -> list[Pass]:
+        """The forwards its scores are made of (the cost stage times and counts these)."""
+
+    @property
+    def method(self) -> str:
+        """The name its scores go by (a draft ensemble: its draft method)."""
+        return self.name
+
+    def base_target(self):
+        """Context: the unperturbed target (every adapter off), e.g. for greedy answers."""
+        return nullcontext()
+
     def forget(self) -> None:
         """Drop every cache (prefix KV, the last batch, draws): the next batch pays its full cost."""
         self.source.invalidate()
+
+    def close(self) -> None:
+        """Release what it loaded into shared models (a draft ensemble's adapters); nothing by default."""
+        return None
 
 
 def _device(model) -> torch.device:
@@ -146,8 +222,14 @@ class _FamilyMI(Estimator):
         self.source = HiddenSource(None, [], prefix_len=prefix_len, batched=batched, share_prompts=share_prompts)
 
     @classmethod
-    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
-        return cls(noisy, size, seed, prefix_len=prefix_len, share_prompts=share_prompts)
+    def build(cls, ctx, size):
+        return cls(ctx.need_noisy(cls.name), size, ctx.seed, prefix_len=ctx.prefix_len, share_prompts=ctx.share_prompts)
+
+    def passes(self) -> list[Pass]:
+        return [Pass(self.source, self.size, self.noisy.model, self.size, "target")]
+
+    def base_target(self):
+        return self.noisy.base()
 
     @abstractmethod
     def slots(self, pairs) -> list[list[str]]:
@@ -238,6 +320,7 @@ class PredictiveEntropy(Estimator):
     """The target's own predictive entropy per token (a cheap baseline, not an EU)."""
 
     name = "entropy"
+    size = 1
 
     def __init__(self, noisy: NoisyModel, prefix_len: int = 0, share_prompts: bool = True):
         self.noisy = noisy
@@ -245,8 +328,14 @@ class PredictiveEntropy(Estimator):
                                    share_prompts=share_prompts)
 
     @classmethod
-    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
-        return cls(noisy, prefix_len=prefix_len, share_prompts=share_prompts)  # no members: size, seed unused
+    def build(cls, ctx, size):
+        return cls(ctx.need_noisy(cls.name), prefix_len=ctx.prefix_len, share_prompts=ctx.share_prompts)  # no members
+
+    def passes(self) -> list[Pass]:
+        return [Pass(self.source, 1, self.noisy.model, 1, "target")]
+
+    def base_target(self):
+        return self.noisy.base()
 
     def _score(self, pairs) -> list[TokenScores]:
         self.source.model = self.noisy.model  # NoisyModel wraps its model in PEFT on its first member
@@ -267,10 +356,14 @@ METHODS = tuple(ESTIMATORS)  # the estimators' names, in the registry's order
 
 def build(method: str, noisy: NoisyModel, *, size: int = 3, seed: int = 0, prefix_len: int = 0,
           share_prompts: bool = True) -> Estimator:
-    """The estimator named ``method`` on the target held by ``noisy`` (its registry entry builds it)."""
+    """The target-only estimator named ``method`` on the target held by ``noisy``, ``size`` members where
+    it has them (its registry entry builds it; ``BuildContext`` for the rest)."""
     if method not in ESTIMATORS:
         raise DraftEUError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return ESTIMATORS[method].build(noisy, size=size, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts)
+    kind = ESTIMATORS[method]
+    ctx = BuildContext(noisy=noisy, seed=seed, prefix_len=prefix_len, share_prompts=share_prompts,
+                       sizes={kind.size_setting: size} if kind.size_setting else {})
+    return kind.build(ctx)
 
 
 class DraftEnsemble(Estimator):
@@ -294,8 +387,13 @@ class DraftEnsemble(Estimator):
     has_terms = True
 
     @classmethod
-    def for_target(cls, noisy, *, size, seed, prefix_len, share_prompts):
-        raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
+    def build(cls, ctx, size):
+        """The ensemble of ``ctx.drafts`` (its K from the directory: ``size`` unused)."""
+        if ctx.drafts is None:
+            raise DraftEUError("the drafts method needs --drafts DIR (a run directory or a drafts directory)")
+        return cls(ctx.drafts, ctx.target, ctx.proxy, device=ctx.device, dtype=ctx.dtype, prefix_len=ctx.prefix_len,
+                   proxy_source=ctx.proxy_source, bases=ctx.bases, share_prompts=ctx.share_prompts,
+                   target_rows=ctx.target_rows, kernel=ctx.kernel)
 
     def __init__(self, drafts_dir: Path, target, proxy_dir: Path | None = None, *, device=None,
                  batched: bool = True, dtype: str = "auto", prefix_len: int | str = 0,
@@ -334,7 +432,7 @@ class DraftEnsemble(Estimator):
         self.drafts = model.eval()
         self.rows = rows  # the drafts' pass: the K drafts, then p_mix when it is on their base
         self.runner = adapters.k_adapter_model(self.drafts, rows)
-        self.method = manifest.get("method", "drafts")
+        self._method = manifest.get("method", "drafts")
         self.source = HiddenSource(self.runner, rows, prefix_len=prefix_len, share_prompts=share_prompts)
         self.batched = batched
         self.target = target.model  # None for a tokenizer-only target: draft_hidden only
@@ -358,6 +456,24 @@ class DraftEnsemble(Estimator):
         else:  # the raw target (its adapters, if any, off)
             self.proxy_source = HiddenSource(self.target, None, prefix_len=prefix_len, context=self.base_target,
                                              share_prompts=share_prompts)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def size(self) -> int:
+        """K, the drafts."""
+        return len(self.names)
+
+    def passes(self) -> list[Pass]:
+        out = [Pass(self.source, len(self.rows), self.drafts, len(self.rows), "draft",
+                    trunk=getattr(self.runner, "trunk", 0),
+                    note=f"the proxy is row {len(self.rows)} on the draft base" if self.proxy_in_drafts else "")]
+        if self.proxy_source is not None:
+            out.append(Pass(self.proxy_source, len(self.proxy_source.names or [None]), self.proxy_source.model, 1,
+                            "proxy"))
+        return out
 
     def forget(self) -> None:
         super().forget()
@@ -426,8 +542,6 @@ class DraftEnsemble(Estimator):
 
     def base_target(self):
         """Context: the unperturbed target (the proxy adapter off), e.g. for greedy answers."""
-        from contextlib import nullcontext
-
         from peft import PeftModel
 
         return self.target.disable_adapter() if isinstance(self.target, PeftModel) else nullcontext()

@@ -402,3 +402,9 @@ def _run(cfg: GenerateConfig) -> dict:
     }
     runio.write_manifest(cfg.out, "generate", cfg, started, **summary)
     return summary
+
+
+def greedy_answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy response token ids, cut before the first end-of-sequence token."""
+    backend = HFBackend(getattr(model, "name_or_path", ""), tokenizer, model=model, prefix_cache=False)
+    return backend.generate([prompt_ids], Sampling(temperature=0.0, max_new_tokens=max_new_tokens))[0][0]

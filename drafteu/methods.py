@@ -10,7 +10,6 @@ package); docs/architecture.md "How to add ..." walks through it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -70,8 +69,6 @@ class EstimatorKind:
     label: str
     uses_drafts: bool
     redrawn: bool        # re-scored in every trial (its randomness is redrawn)
-    # parameter-equivalent passes per token: f(k_target, k_drafts) -> (target passes, draft passes)
-    passes: Callable[[int, int], tuple[int, int]]
     # "truth": what the estimates are measured against; "reference": the target-ensemble EU the
     # paper's cost and detection claims compare the drafts with (TokUR); "baseline": a cheap
     # non-EU score; "estimate": a draft ensemble
@@ -79,11 +76,10 @@ class EstimatorKind:
     component: str       # its class ("module:Class"); every caller builds it through ``build``
     size_setting: str | None = None  # the evaluation setting giving its member count (an MI of K copies)
 
-    def build(self, noisy, *, size: int = 3, seed: int = 0, prefix_len: int = 0, share_prompts: bool = True):
-        """The estimator on the target held by ``noisy`` (``Estimator.for_target``; a draft ensemble
-        says what it needs instead)."""
-        return component(self.component).for_target(noisy, size=size, seed=seed, prefix_len=prefix_len,
-                                                     share_prompts=share_prompts)
+    def build(self, ctx):
+        """The estimator from ``ctx`` (an ``estimators.BuildContext``), with the member count its size
+        setting names there; what it costs is the estimator's own ``passes()``."""
+        return component(self.component).build(ctx, ctx.size(self.size_setting))
 
     @property
     def help(self) -> str:
@@ -92,15 +88,16 @@ class EstimatorKind:
 
 
 ESTIMATORS: dict[str, EstimatorKind] = {e.name: e for e in (
-    EstimatorKind("groundtruth", "ground truth (MI of a fixed target family)", False, True, lambda kt, kd: (kt, 0),
-                  "truth", "drafteu.estimators:GroundTruth", "family_size"),
-    EstimatorKind("tokur", "TokUR (MI of fresh noisy targets)", False, True, lambda kt, kd: (kt, 0), "reference",
+    # K_T target passes each
+    EstimatorKind("groundtruth", "ground truth (MI of a fixed target family)", False, True, "truth",
+                  "drafteu.estimators:GroundTruth", "family_size"),
+    EstimatorKind("tokur", "TokUR (MI of fresh noisy targets)", False, True, "reference",
                   "drafteu.estimators:TokUR", "tokur_size"),
-    EstimatorKind("entropy", "predictive entropy of the target", False, False, lambda kt, kd: (1, 0), "baseline",
+    EstimatorKind("entropy", "predictive entropy of the target", False, False, "baseline",  # one target pass
                   "drafteu.estimators:PredictiveEntropy"),
-    # a draft ensemble: K draft passes + one proxy pass (the proxy is the target + an adapter)
-    EstimatorKind("drafts", "draft ensemble: JSD + KL(q_mix || p_mix)", True, False, lambda kt, kd: (1, kd),
-                  "estimate", "drafteu.estimators:DraftEnsemble"),
+    # a draft ensemble: K draft passes + one proxy pass (the proxy is the target + an adapter); K from its directory
+    EstimatorKind("drafts", "draft ensemble: JSD + KL(q_mix || p_mix)", True, False, "estimate",
+                  "drafteu.estimators:DraftEnsemble"),
 )}
 
 TARGET_ONLY = tuple(n for n, e in ESTIMATORS.items() if not e.uses_drafts)

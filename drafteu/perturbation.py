@@ -122,7 +122,7 @@ class NoiseCheckConfig:
 
 def _pairs(cfg: NoiseCheckConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     from drafteu import data, rundir
-    from drafteu.score import read_answers
+    from drafteu.answers import read_answers
 
     if cfg.answers.is_dir():
         rows = rundir.eval_rows(cfg.answers)[: cfg.limit]

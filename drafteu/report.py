@@ -101,8 +101,8 @@ def claims(*results: dict | None) -> list[str]:
 
 def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
     from drafteu import models, rundir
+    from drafteu.data import token_pieces
     from drafteu.display import color
-    from drafteu.score import token_pieces
 
     if not (run / "eval" / "token_eu.jsonl").exists():
         return ""

@@ -146,7 +146,7 @@ def hallucination_map(run: Path, method: str) -> dict | None:
     """The map from ``method``'s sequence EU to P(wrong) that ``run`` fitted, with its provenance: the
     calibration the hallucination stage chose (Platt or isotonic, by held-out log-loss) where it is for
     ``method``, else that method's logistic map; None when the run has none.  The dict carries the map
-    (``hallucination.p_wrong`` reads it), ``aggregation`` and ``provenance`` (the run, the answers fitted
+    (``calibration.p_wrong`` applies it), ``aggregation`` and ``provenance`` (the run, the answers fitted
     on, the map and its test-split ECE)."""
     import json
     import math

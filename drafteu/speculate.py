@@ -51,9 +51,11 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     JSON of `drafteu score` plus a ``speculative`` block (acceptance, tokens/s, settings).
     ``on_pieces(texts, variance, bias)`` streams each round's finished tokens as text."""
     from drafteu import data, estimators, models, rundir
+    from drafteu.answers import to_json
+    from drafteu.data import StreamPieces, token_pieces
     from drafteu.estimators import TokenScores
+    from drafteu.methods import ESTIMATORS, named
     from drafteu.runio import write_json
-    from drafteu.score import StreamPieces, to_json, token_pieces
 
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")
@@ -70,8 +72,9 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     models.check_context(lm.model.config, len(prompt_ids) + cfg.max_new_tokens + cfg.gamma,
                          "the prompt + --max-new-tokens + --gamma", "shorten the question or lower --max-new-tokens",
                          cfg.target)
-    ens = estimators.DraftEnsemble(drafts_dir, lm, proxy_dir if cfg.eu and bias == "proxy" else None, device=cfg.device,
-                                   dtype=cfg.draft_dtype)
+    ens = ESTIMATORS[named("estimate")].build(estimators.BuildContext(
+        target=lm, drafts=drafts_dir, proxy=proxy_dir if cfg.eu and bias == "proxy" else None, device=cfg.device,
+        dtype=cfg.draft_dtype))
     dec = SpeculativeDecoder.from_ensemble(ens, ens.target, dataclasses.replace(
         SpeculateOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SpeculateOptions)}), bias=bias))
     eos = models.eos_ids(lm.model, lm.tokenizer)

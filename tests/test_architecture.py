@@ -65,19 +65,26 @@ def test_no_private_names_across_modules():
     assert not bad, bad
 
 
-def test_the_registries_name_the_methods():
-    """No draft method or estimator name is written as a literal in the evaluation stages or the report:
-    they ask drafteu.methods by role, so a new method needs a registry entry and nothing else."""
-    from drafteu.methods import DRAFT_METHODS, ESTIMATORS
+def _estimator_classes_named(tree: ast.AST, classes: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every use of an estimator class in ``tree``: a call, an ``isinstance``, an attribute."""
+    return [(n.lineno, n.id if isinstance(n, ast.Name) else n.attr) for n in ast.walk(tree)
+            if (isinstance(n, ast.Name) and n.id in classes) or (isinstance(n, ast.Attribute) and n.attr in classes)]
 
-    names = set(DRAFT_METHODS) | set(ESTIMATORS)
-    found = []
-    for rel in ("evaluate/stages.py", "report.py"):
-        for node in ast.walk(ast.parse((PACKAGE / rel).read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
-                found.append(f"{rel}:{node.lineno} {node.value!r}")
+
+def test_estimators_are_built_through_the_registry_only():
+    """Outside estimators.py no module names an estimator class (no constructor call, no ``isinstance``):
+    each caller fills one ``BuildContext`` and its registry entry builds the estimator, and what a method
+    costs is its estimator's ``passes()``."""
+    from drafteu.methods import ESTIMATORS
+
+    classes = {e.component.rpartition(":")[2] for e in ESTIMATORS.values()}
+    found = [f"{path.relative_to(PACKAGE)}:{line} {name}" for path in sorted(PACKAGE.rglob("*.py"))
+             if path.name != "estimators.py"
+             for line, name in _estimator_classes_named(ast.parse(path.read_text(encoding="utf-8")), classes)]
     assert not found, found
-
+    assert classes == {"GroundTruth", "TokUR", "PredictiveEntropy", "DraftEnsemble"}
+    code = "x = estimators.DraftEnsemble(d, t)\nif isinstance(e, TokUR):\n    pass\n"
+    assert [n for _, n in _estimator_classes_named(ast.parse(code), classes)] == ["DraftEnsemble", "TokUR"]
 
 
 def _name_literals(tree: ast.AST, registered: dict[str, str]):

@@ -82,7 +82,7 @@ def test_embedded_generate_easy_word(tmp_path):
 def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(tmp_path):
     """Speculative decoding on the real model: the target's greedy answer, EU equal to offline scoring."""
     from drafteu import runio
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
     from drafteu.speculative import SpeculativeDecoder
     from drafteu.train import drafts
 

@@ -94,6 +94,28 @@ def test_aggregation_and_errors():
         estimators.build("entropy", noisy).score([], RESPONSE)
 
 
+def test_the_registry_builds_each_estimator_from_one_context_and_its_passes_say_its_cost():
+    """Every target-only estimator is built from one ``BuildContext`` by its registry entry, with the member
+    count its size setting names there; its ``passes()`` (what the cost stage counts) follow that count, so
+    a sized estimator is costed at its own size."""
+    from drafteu.methods import ESTIMATORS
+
+    noisy = NoisyModel(make_model(V), NoiseConfig(sigma=0.3))
+    ctx = estimators.BuildContext(noisy=noisy, seed=1, sizes={"family_size": 4, "tokur_size": 5})
+    built = {name: kind.build(ctx) for name, kind in ESTIMATORS.items() if not kind.uses_drafts}
+    passes = {name: [(p.name, p.passes, p.rows) for p in est.passes()] for name, est in built.items()}
+    assert passes == {"groundtruth": [("target", 4, 4)], "tokur": [("target", 5, 5)], "entropy": [("target", 1, 1)]}
+    assert all(p.model is noisy.model for est in built.values() for p in est.passes())
+    assert built["groundtruth"].size == 4 and built["tokur"].size == 5
+    # the built estimators score what their classes built directly score
+    direct = estimators.GroundTruth(noisy, size=4, seed=1)
+    assert torch.allclose(built["groundtruth"].score(PROMPT, RESPONSE).eu, direct.score(PROMPT, RESPONSE).eu)
+    with pytest.raises(DraftEUError, match="needs --drafts"):
+        ESTIMATORS["drafts"].build(ctx)
+    with pytest.raises(DraftEUError, match="target's weights"):
+        ESTIMATORS["tokur"].build(estimators.BuildContext())
+
+
 def test_empty_response_scores_nothing():
     noisy = NoisyModel(make_model(V))
     s = estimators.build("groundtruth", noisy).score(PROMPT, [])

@@ -8,6 +8,7 @@ from scipy.stats import spearmanr
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, mean_squared_error, roc_auc_score
 
+from drafteu import calibration
 from drafteu.evaluate import cost, fidelity, hallucination
 
 
@@ -97,15 +98,8 @@ def test_evaluate_separates_an_informative_score_and_reports_intervals(rng):
 
 
 def test_flops_accounting():
-    from drafteu.methods import ESTIMATORS
-
-    def flops(kind, k_target=3, k_drafts=0, draft_params=0):
-        n_t, n_d = ESTIMATORS[kind].passes(k_target, k_drafts)
-        return cost.flops_per_token(target_params=100, target_passes=n_t, draft_params=draft_params, draft_passes=n_d)
-
-    assert flops("tokur") == 600 and flops("groundtruth") == 600
-    assert flops("entropy") == 200
-    assert flops("drafts", k_drafts=6, draft_params=10) == 2 * (60 + 100)
+    assert cost.flops_per_token(target_params=100, target_passes=3) == 600  # TokUR / ground truth, K_T = 3
+    assert cost.flops_per_token(target_params=100, target_passes=1, draft_params=10, draft_passes=6) == 2 * (60 + 100)
     # K = 6 drafts of 10 parameters sharing a 4-parameter trunk: 4 once, 6 x 6 for the rest, + the proxy
     assert cost.flops_per_token(target_params=100, target_passes=1, draft_params=10, draft_passes=6,
                                 shared_params=4) == 2 * (100 + 4 + 36)
@@ -261,7 +255,7 @@ def test_risk_coverage_keeps_the_least_uncertain_answers():
 
 def test_calibration_chooses_by_held_out_log_loss_and_its_map_is_what_p_wrong_applies(tmp_path):
     """Platt and isotonic maps fitted on the fit questions, the one with the lower cross-validated log-loss
-    chosen; the stored map gives the same P(wrong) through hallucination.p_wrong and the run's reader."""
+    chosen; the stored map gives the same P(wrong) through calibration.p_wrong and the run's reader."""
     import json
 
     import numpy as np
@@ -279,8 +273,8 @@ def test_calibration_chooses_by_held_out_log_loss_and_its_map_is_what_p_wrong_ap
     assert cal["chosen"] == "isotonic" and cal["cv_log_loss"]["isotonic"] < cal["cv_log_loss"]["platt"]
     assert cal["test"]["isotonic"]["ece"] < cal["test"]["platt"]["ece"]
     assert cal["n_fit"] + cal["n_test"] == n and all(len(t["reliability"]) > 3 for t in cal["test"].values())
-    p = hallucination.p_wrong(0.9, cal["map"])
-    assert 0.8 < p < 1.0 and hallucination.p_wrong(0.1, cal["map"]) < 0.2
+    p = calibration.p_wrong(0.9, cal["map"])
+    assert 0.8 < p < 1.0 and calibration.p_wrong(0.1, cal["map"]) < 0.2
     # a smooth truth: the logistic map does as well, and is what the reader returns as P(wrong) with its provenance
     smooth = (rng.uniform(0, 1, n) < 1 / (1 + np.exp(-6 * (score - 0.5)))).astype(int)
     run = tmp_path / "run"
@@ -291,5 +285,5 @@ def test_calibration_chooses_by_held_out_log_loss_and_its_map_is_what_p_wrong_ap
     m = rundir.hallucination_map(run, "ddd")
     assert m["aggregation"] == "mean" and m["provenance"]["map"] == fitted["chosen"]
     assert m["provenance"]["answers_fitted"] == fitted["n_fit"]
-    assert hallucination.p_wrong(0.7, m) == pytest.approx(hallucination.p_wrong(0.7, fitted["map"]))
+    assert calibration.p_wrong(0.7, m) == pytest.approx(calibration.p_wrong(0.7, fitted["map"]))
     assert rundir.hallucination_map(run, "other") is None and rundir.hallucination_map(tmp_path, "ddd") is None

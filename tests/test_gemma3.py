@@ -109,7 +109,7 @@ def test_fused_drafts_equal_peft_across_the_sliding_window():
 
 @pytest.mark.parametrize("propose", ["mix", 0])
 def test_speculative_greedy_is_the_targets_greedy_and_its_eu_the_offline_score(gemma, propose):
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
     from drafteu.speculative import SpeculativeDecoder
 
     root, _ = gemma

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from drafteu import data, estimators, generate, models, runio
 from drafteu.cli import app
-from drafteu.score import greedy_answer
+from drafteu.generate import greedy_answer
 from drafteu.speculative import SpeculativeDecoder, plain_greedy
 
 from .test_pipeline import ALL_METHODS, tiny_config

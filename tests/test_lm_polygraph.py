@@ -112,8 +112,8 @@ def test_p_wrong_comes_from_the_runs_chosen_map(managed, drafts, tmp_path):
     """output: p_wrong - the run's calibration map applied to the answer's aggregated EU, its provenance
     kept; a drafts directory without a map is a clear error."""
     from drafteu import rundir
+    from drafteu.calibration import p_wrong
     from drafteu.errors import DraftEUError
-    from drafteu.evaluate.hallucination import p_wrong
     from drafteu.integrations.lm_polygraph import DraftEUEstimator
 
     run = tmp_path / "run"

@@ -162,7 +162,7 @@ def test_the_bias_diagnostic_fires_on_far_drafts_and_not_on_close_ones(built, ti
 
 def test_speculative_decoding_on_a_quantized_ensemble_is_the_targets_greedy(built, tiny_dir):
     from drafteu import data
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
     from drafteu.speculative import SpeculativeDecoder
 
     root, _ = built

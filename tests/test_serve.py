@@ -55,7 +55,7 @@ def test_chat_answers_carry_the_eu_drafteu_score_computes(server, reference):
     prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
     ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
     # a greedy answer is the target's plain greedy decoding
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
 
     with ens.base_target():
         assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 12) == ids
@@ -269,7 +269,7 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
         choice = ChatCompletion.model_validate(r.json()).choices[0]
         prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
         ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
-        from drafteu.score import greedy_answer
+        from drafteu.generate import greedy_answer
 
         with ens.base_target():
             assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 12) == ids

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from drafteu import data, estimators, generate, models
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
+from drafteu.generate import greedy_answer
 from drafteu.kvcache import cache_kw, output_cache
-from drafteu.score import greedy_answer
 from drafteu.speculative import SpeculativeDecoder, plain_greedy
 from drafteu.train import draft_base, drafts, proxy
 from drafteu.train.loop import TrainConfig

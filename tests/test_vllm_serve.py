@@ -63,7 +63,7 @@ def test_answers_decode_on_vllm_and_carry_the_eu_drafteu_score_computes(server, 
     tokens = c.choices[0].logprobs.content
     prompt_ids = list(lm.tokenizer.apply_chat_template(MSG, add_generation_prompt=True, tokenize=True)["input_ids"])
     ids = lm.tokenizer(c.choices[0].message.content, add_special_tokens=False)["input_ids"]
-    from drafteu.score import greedy_answer
+    from drafteu.generate import greedy_answer
 
     with ens.base_target():  # vLLM's greedy answer is the target's
         assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 40) == ids

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from drafteu.calibration import EPS, apply_map
+
 
 def ece(prob: np.ndarray, label: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error with ``bins`` equal-width bins on [0, 1] (bins as in sklearn's
@@ -223,7 +225,6 @@ def fitted_test_scores(features: np.ndarray, label: np.ndarray, qids: Sequence[s
 
 
 MAPS = ("platt", "isotonic")  # the calibration maps compared (scikit-learn's), chosen by held-out log-loss
-_EPS = 1e-4  # probabilities kept in [eps, 1 - eps]: a log-loss stays finite
 
 
 def _fit_map(kind: str, score: np.ndarray, label: np.ndarray) -> dict:
@@ -237,22 +238,12 @@ def _fit_map(kind: str, score: np.ndarray, label: np.ndarray) -> dict:
                 "score_mean": mu, "score_std": sd}
     from sklearn.isotonic import IsotonicRegression
 
-    iso = IsotonicRegression(y_min=_EPS, y_max=1 - _EPS, increasing=True, out_of_bounds="clip").fit(score, label)
+    iso = IsotonicRegression(y_min=EPS, y_max=1 - EPS, increasing=True, out_of_bounds="clip").fit(score, label)
     return {"kind": "isotonic", "x": [float(x) for x in iso.X_thresholds_], "y": [float(y) for y in iso.y_thresholds_]}
 
 
-def _apply(fitted: dict, score: np.ndarray) -> np.ndarray:
-    if fitted.get("kind", "platt") == "isotonic":
-        p = np.interp(score, fitted["x"], fitted["y"])
-    else:
-        z = fitted["coef"] * (np.asarray(score, dtype=np.float64) - fitted["score_mean"]) / fitted["score_std"] \
-            + fitted["intercept"]
-        p = 1.0 / (1.0 + np.exp(-z))
-    return np.clip(p, _EPS, 1 - _EPS)
-
-
 def log_loss(prob: np.ndarray, label: np.ndarray) -> float:
-    prob = np.clip(prob, _EPS, 1 - _EPS)
+    prob = np.clip(prob, EPS, 1 - EPS)
     return float(-(label * np.log(prob) + (1 - label) * np.log(1 - prob)).mean())
 
 
@@ -288,21 +279,15 @@ def calibrate(score: np.ndarray, label: np.ndarray, qids: Sequence[str], *, fit_
             if not held.any() or len(set(label[train].tolist())) < 2:
                 probs[held] = label[train].mean() if len(train) else 0.5
                 continue
-            probs[held] = _apply(_fit_map(kind, score[train], label[train]), score[fit_idx[held]])
+            probs[held] = apply_map(_fit_map(kind, score[train], label[train]), score[fit_idx[held]])
         cv[kind] = log_loss(probs, label[fit_idx])
     chosen = min(MAPS, key=lambda k: cv[k])
     maps = {k: _fit_map(k, score[fit], label[fit]) for k in MAPS}
     y = label[~fit]
     test = {}
     for k in MAPS:
-        p = _apply(maps[k], score[~fit])
+        p = apply_map(maps[k], score[~fit])
         test[k] = {"ece": ece(p, y, bins), "brier": float(np.mean((p - y) ** 2)), "log_loss": log_loss(p, y),
                    "reliability": reliability(p, y)}
     return {"chosen": chosen, "cv_log_loss": cv, "folds": folds, "n_fit": int(fit.sum()), "n_test": int((~fit).sum()),
             "map": maps[chosen], "test": test}
-
-
-def p_wrong(score: float, fitted: dict) -> float:
-    """A fitted map (``evaluate``'s logistic ``coef``, ``intercept``, ``score_mean``, ``score_std``; or
-    ``calibrate``'s chosen map, Platt or isotonic) applied to one sequence score: P(the answer is wrong)."""
-    return float(_apply(fitted, np.array([score], dtype=np.float64))[0])

@@ -15,12 +15,13 @@ the same).  Whether the rows are current is the stage contract's business (``dra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from drafteu import estimators, models, runio
 from drafteu.kvcache import lcp
-from drafteu.methods import ESTIMATORS, TARGET_ONLY
+from drafteu.methods import ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import NoisyModel, family_seeds
 from drafteu.progress import progress
 from drafteu.rundir import (
@@ -74,22 +75,24 @@ class TrialEstimators:
         previous = list(self.estimators.values())
         if self.proxy is not None:
             self.proxy.invalidate()
+        sizes = {kind.size_setting: getattr(e, kind.size_setting) for kind in ESTIMATORS.values() if kind.size_setting}
+        ctx = estimators.BuildContext(noisy=self.noisy, seed=cfg.seed + trial, prefix_len=plen, share_prompts=share,
+                                      sizes=sizes, target=self.tokenizer_only, bases=self.bases, device=self.device,
+                                      kernel=cfg.eval.draft_kernel)
         self.estimators = {  # the target-only estimators, each built by its registry entry
-            name: kind.build(self.noisy, size=getattr(e, kind.size_setting) if kind.size_setting else 0,
-                             seed=cfg.seed + trial, prefix_len=plen, share_prompts=share)
-            for name, kind in ESTIMATORS.items() if not kind.uses_drafts and (target_only is None or name in target_only)}
-        for spec in specs:
+            name: kind.build(ctx) for name, kind in ESTIMATORS.items()
+            if not kind.uses_drafts and (target_only is None or name in target_only)}
+        drafts = ESTIMATORS[named("estimate")]
+        for spec in specs:  # the trial's draft ensembles: p from one pass shared by all (or a row of theirs)
             if self.proxy_in_drafts:
-                proxy = {"proxy_dir": proxy_adapter(self.run)}
+                proxy = {"proxy": proxy_adapter(self.run)}
             else:
                 proxy = {"proxy_source": self.proxy if share else HiddenSource(self.noisy.model, ["proxy"],
                                                                                share_prompts=False)}
-            self.estimators[spec.label] = estimators.DraftEnsemble(
-                draft_dir(self.run, cfg, spec, trial), self.tokenizer_only, device=self.device, prefix_len=plen,
-                bases=self.bases, share_prompts=share, kernel=cfg.eval.draft_kernel, **proxy)
+            self.estimators[spec.label] = drafts.build(dataclasses.replace(
+                ctx, drafts=draft_dir(self.run, cfg, spec, trial), **proxy))
         for est in previous:  # the previous trial's adapters leave the shared base
-            if isinstance(est, estimators.DraftEnsemble):
-                est.close()
+            est.close()
 
     def score(self, rows: list[dict], methods: list[str]) -> dict[str, list[estimators.TokenScores]]:
         """TokenScores per method label for every answer of ``rows`` (one batched pass per method)."""

@@ -135,7 +135,9 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     noisy = NoisyModel(lm.model, cfg.noise)
     plen = lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0
     family = noisy.set_members("family", family_seeds(cfg.seed, e.family_size))
-    tokur = estimators.TokUR(noisy, e.tokur_size, cfg.seed)
+    reference = ESTIMATORS[named("reference")]  # TokUR: its draws, as it scores
+    tokur = reference.build(estimators.BuildContext(noisy=noisy, seed=cfg.seed,
+                                                    sizes={reference.size_setting: getattr(e, reference.size_setting)}))
     teachers = noisy.set_members("teacher", [member_seed("osd", cfg.seed, 1, k) for k in range(cfg.proxy.n_teacher)])
     sets = {"ground-truth family": [family] * len(pairs), "TokUR": tokur.slots(pairs),
             "OSD teachers": [teachers] * len(pairs)}
@@ -170,7 +172,8 @@ def _draft_noise(directory: Path, tokenizer, target: HiddenSource, pairs, plen: 
     """``perturbation.measure`` of one noise ensemble: its members against the raw target and against
     the draft they perturb (the draft base with its adapters off; K-only: the trained draft its
     manifest ``perturbs``)."""
-    ens = estimators.DraftEnsemble(directory, tokenizer, device=device, prefix_len=plen, bases=bases, kernel=kernel)
+    ens = ESTIMATORS[named("estimate")].build(estimators.BuildContext(
+        target=tokenizer, drafts=directory, device=device, prefix_len=plen, bases=bases, kernel=kernel))
     perturbs = estimators.read_drafts_manifest(directory).get("perturbs")
     if perturbs is not None:
         model = estimators.load_adapter(ens.drafts, directory / perturbs, "perturbed")
@@ -351,9 +354,7 @@ COST_MODES = (("full forwards", False), ("prefix shared", True))
 
 def _sources(est) -> list[tuple[HiddenSource, int]]:
     """(source, rows per scored position) of an estimator: the passes its cost is made of."""
-    if isinstance(est, estimators.DraftEnsemble):
-        return [(est.source, len(est.rows))] + ([(est.proxy_source, 1)] if est.proxy_source is not None else [])
-    return [(est.source, getattr(est, "size", 1))]
+    return [(p.source, p.rows) for p in est.passes()]
 
 
 def _share(est, prefix_len: int, shared: bool) -> None:
@@ -389,34 +390,22 @@ def _timed(trial_est, rows: list[dict], methods: list[str], plen: int, tokens: i
     return wall, fed
 
 
-def _counted(cfg: ExperimentConfig, trial_est, methods: list[str], n_target: int):
+def _counted(trial_est, methods: list[str]):
     """(the paper's FLOPs per token, the passes in words, the FLOPs of each of ``_sources``' passes) per
-    method: parameters x passes (a shared trunk once, the proxy a row of the drafts' pass when it sits
-    on the draft base)."""
+    method: each of its estimator's ``passes()`` counted as parameters x passes (a shared trunk once, the
+    proxy a row of the drafts' pass when it sits on the draft base)."""
     flops, passes, parts = {}, {}, {}
     for m in methods:
-        ens = trial_est.estimators[m] if isinstance(trial_est.estimators[m], estimators.DraftEnsemble) else None
-        kind = ESTIMATORS[named("estimate") if ens else m]
-        k_target = cfg.eval.tokur_size if m == named("reference") else cfg.eval.family_size
-        n_t, n_k = kind.passes(k_target, len(ens.names) if ens else 0)
-        if ens is not None and ens.proxy_in_drafts:  # p_mix is a row of the drafts' pass, not a target pass
-            n_t, n_k = n_t - 1, n_k + 1
-        n_d = cost.parameters(ens.drafts.get_base_model()) if ens else 0
-        trunk = getattr(ens.runner, "trunk", 0) if ens else 0  # layers the fused forward runs once for all K
-        n_s = cost.trunk_parameters(ens.drafts, trunk) if ens else 0
-        draft_part = cost.flops_per_token(target_params=0, target_passes=0, draft_params=n_d, draft_passes=n_k,
-                                          shared_params=n_s)
-        target_part = cost.flops_per_token(target_params=n_target, target_passes=n_t)
-        flops[m] = draft_part + target_part
-        parts[m] = [draft_part, target_part] if ens and ens.proxy_source is not None else \
-            [draft_part if ens else target_part]  # in the order of _sources
-        shared = f", the first {trunk} layers ({n_s / 1e6:.1f}M) once" if n_s else ""
-        if ens is None:
-            passes[m] = f"{n_t} x target ({n_target / 1e6:.1f}M)"
-        elif ens.proxy_in_drafts:
-            passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M; the proxy is row {n_k} on the draft base){shared}"
-        else:
-            passes[m] = f"{n_k} x draft ({n_d / 1e6:.1f}M){shared} + {n_t} x proxy ({n_target / 1e6:.1f}M)"
+        parts[m], words = [], []
+        for p in trial_est.estimators[m].passes():
+            n = cost.parameters(p.model)
+            n_s = cost.trunk_parameters(p.model, p.trunk)
+            parts[m].append(cost.flops_per_token(target_params=0, target_passes=0, draft_params=n,
+                                                 draft_passes=p.passes, shared_params=n_s))
+            note = f"; {p.note}" if p.note else ""
+            shared = f", the first {p.trunk} layers ({n_s / 1e6:.1f}M) once" if n_s else ""
+            words.append(f"{p.passes} x {p.name} ({n / 1e6:.1f}M{note}){shared}")
+        flops[m], passes[m] = sum(parts[m]), " + ".join(words)
     return flops, passes, parts
 
 
@@ -437,7 +426,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     plen = lcp([r["prompt_ids"] for r in rows]) if len(rows) > 1 else 0
     methods = list(TARGET_ONLY) + labels(cfg)
     wall, fed = _timed(trial_est, rows, methods, plen, tokens)
-    flops, passes, parts = _counted(cfg, trial_est, methods, n_target)
+    flops, passes, parts = _counted(trial_est, methods)
     reference, proposed = named("reference"), named("proposed")
     modes = {}
     for mode, _ in COST_MODES:
@@ -454,10 +443,10 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
               "methods": {m: {"passes": passes[m], "flops_per_token": flops[m], **full["methods"][m]} for m in methods},
               "flops_rel_reference": cost.relative(flops, reference), "wall_rel_reference": rel_wall,
               "modes": modes, "comparisons": {}}
-    ens = trial_est.estimators.get(proposed)
-    if isinstance(ens, estimators.DraftEnsemble):  # what the report's reading of the cost needs
-        result["params"] = {"target": n_target, "draft": cost.parameters(ens.drafts.get_base_model()),
-                            "members": len(ens.names), "target_passes": cfg.eval.tokur_size}
+    if proposed in trial_est.estimators:  # what the report's reading of the cost needs
+        ens, ref = trial_est.estimators[proposed], trial_est.estimators[reference]
+        result["params"] = {"target": n_target, "draft": cost.parameters(ens.passes()[0].model),
+                            "members": ens.size, "target_passes": ref.size}
     kernel = next((trial_est.estimators[m].kernel for m in labels(cfg) if trial_est.estimators[m].kernel), None)
     if kernel:  # a quantized self-draft: what its members' layers ran on, and why
         result["draft_kernel"] = kernel

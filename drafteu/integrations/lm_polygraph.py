@@ -29,6 +29,7 @@ import numpy as np
 
 from drafteu import estimators, models, rundir
 from drafteu.errors import DraftEUError
+from drafteu.methods import ESTIMATORS, named
 
 try:
     from lm_polygraph.estimators.estimator import Estimator
@@ -74,8 +75,9 @@ class _Shared:
     def __init__(self, drafts: str, target: str, proxy: str | None, device: str, dtype: str):
         self.lm = models.load(target, dtype=dtype, device=device)
         drafts_dir, proxy_dir = rundir.resolve_drafts(drafts, proxy)
-        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=device, dtype=dtype,
-                                                 prefix_len="auto")  # the benchmark's shared instruction, once
+        self.ensemble = ESTIMATORS[named("estimate")].build(estimators.BuildContext(
+            target=self.lm, drafts=drafts_dir, proxy=proxy_dir, device=device, dtype=dtype,
+            prefix_len="auto"))  # the benchmark's shared instruction, once
         self.batch, self.scores = None, []
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[estimators.TokenScores]:
@@ -149,7 +151,7 @@ class DraftEUEstimator(Estimator):
             return np.concatenate([s.eu.numpy() for s in scores] or [np.zeros(0)]).astype(np.float64)
         seq = [s.aggregate(self.aggregation) for s in scores]
         if self.output == "p_wrong":
-            from drafteu.evaluate.hallucination import p_wrong
+            from drafteu.calibration import p_wrong
 
             seq = [p_wrong(x, self.fitted) for x in seq]
         return np.array(seq, dtype=np.float64)

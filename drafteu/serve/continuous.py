@@ -18,9 +18,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from drafteu import models
-from drafteu.data import TextStops
+from drafteu.data import StreamPieces, TextStops
 from drafteu.posterior import member_seed
-from drafteu.score import StreamPieces
 from drafteu.serve.decoding import Decoded
 from drafteu.serve.jobs import Answer, Job
 

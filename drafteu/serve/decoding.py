@@ -106,8 +106,7 @@ class Speculative:
         return [[self._one(job)] if not job.cancelled else [] for job in jobs]
 
     def _one(self, job: Job) -> Decoded:
-        from drafteu.data import TextStops, turn_stops
-        from drafteu.score import StreamPieces
+        from drafteu.data import StreamPieces, TextStops, turn_stops
 
         pieces = StreamPieces(self.tokenizer)
         top = job.top_logprobs if job.logprobs or job.top_logprobs else None

@@ -146,15 +146,17 @@ class Engine:
     def _load(self) -> None:
         from drafteu import estimators, models, rundir
         from drafteu.generate import BACKENDS
+        from drafteu.methods import ESTIMATORS, named
         from drafteu.speculative import SpeculativeDecoder
 
         s = self.spec
         drafts_dir, proxy_dir = rundir.resolve_drafts(s["drafts"], s["proxy"])
         self.lm = models.load(s["target"], dtype=s["dtype"], device=s["device"])
         self.tokenizer = self.lm.tokenizer
-        self.ensemble = estimators.DraftEnsemble(drafts_dir, self.lm, proxy_dir, device=s["device"], dtype=s["dtype"],
-                                                 target_rows=True,  # logprobs ride in the proxy's pass
-                                                 prefix_len="auto")  # requests' shared system prompt, once
+        self.ensemble = ESTIMATORS[named("estimate")].build(estimators.BuildContext(
+            target=self.lm, drafts=drafts_dir, proxy=proxy_dir, device=s["device"], dtype=s["dtype"],
+            target_rows=True,  # logprobs ride in the proxy's pass
+            prefix_len="auto"))  # requests' shared system prompt, once
         self.context = getattr(self.lm.model.config, "max_position_embeddings", None)
         # an upper bound on any token's UTF-8 bytes: a text longer than context x this cannot fit
         self.max_token_bytes = 4 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
@@ -207,7 +209,7 @@ class Engine:
         from the same pass.  What decoding already computed of an answer (``Decoded.known``: the
         speculative engine's rounds, the continuous engine's streamed segments) is kept; only the tokens
         after it are scored, with it as their context."""
-        from drafteu.score import token_pieces
+        from drafteu.data import token_pieces
 
         items = []  # (job, kept ids, their texts, finish, the values known per token so far)
         for job, d in work:
@@ -251,7 +253,7 @@ class Engine:
     def _answer(self, job: Job, kept: list[int], pieces: list[str], finish: str, values: dict) -> Answer:
         """One finished answer: its tokens, texts, EU terms (when asked), logprobs and EU summary."""
         from drafteu import estimators, spans
-        from drafteu.evaluate.hallucination import p_wrong
+        from drafteu.calibration import p_wrong
 
         eu = values.get("eu") if job.eu else None
         summary = None
