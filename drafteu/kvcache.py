@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from drafteu.errors import DraftEUError
+
 
 @functools.cache
 def cache_arg() -> str:
@@ -217,3 +219,104 @@ def decoding_cache(model, names: list[str] | None = None, *, compile: bool = Fal
 
     device = device or next(model.parameters()).device
     return StaticPrefixCache(model, names, compile=True, mode=compile_mode(torch.device(device)))
+
+
+class RaggedCache:
+    """The KV caches of several sequences in one batch, for decoding them together (speculative
+    rounds of several requests): B sequences x R adapter rows (``names``), adapter-major (row
+    k * B + b is sequence b under adapter k, ``fused.FusedDrafts``' layout).
+
+    Each forward feeds every sequence what its cache lacks - any number of tokens, right-aligned in
+    the window with masked padding on its left - so rows never wait on one another.  A rollback is a
+    count until the next forward, which first gathers each row's kept columns right-aligned again
+    (one copy of the cache, only when some row rolled back).  Positions are each sequence's own, so the
+    numbers equal one sequence decoded alone to float rounding.  Full-attention models only: a
+    sliding-window cache drops the columns a rollback would gather (``sliding_window``: decode those one
+    sequence at a time)."""
+
+    def __init__(self, model, names: list[str] | None, batch: int):
+        if hasattr(model, "config") and sliding_window(model.config):
+            raise DraftEUError("a sliding-window model decodes one sequence at a time (its cache cannot be "
+                               "realigned per row)")
+        self.model, self.names = model, names
+        self.rows = len(names) if names else 1
+        self.cache = None
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.cols: list[list[int]] = [[] for _ in range(batch)]  # the cache columns holding each sequence's tokens
+
+    @property
+    def batch(self) -> int:
+        return len(self.ids)
+
+    def fed(self, b: int) -> int:
+        return len(self.ids[b])
+
+    def rollback(self, b: int, valid: int) -> None:
+        """Keep the first ``valid`` cached tokens of sequence ``b``."""
+        del self.ids[b][valid:], self.cols[b][valid:]
+
+    def keep(self, seqs: list[int]) -> None:
+        """Keep only sequences ``seqs`` (in that order): the others finished."""
+        if self.cache is not None and seqs != list(range(self.batch)):
+            index = torch.tensor([k * self.batch + b for k in range(self.rows) for b in seqs], dtype=torch.long,
+                                 device=self._device())
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.ids = [self.ids[b] for b in seqs]
+        self.cols = [self.cols[b] for b in seqs]
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _align(self) -> int:
+        """Gather every row's kept columns right-aligned; the cache's new length."""
+        kept = [len(c) for c in self.cols]
+        width = max(kept, default=0)
+        length = self.cache.layers[0].keys.shape[2] if self.cache is not None else 0
+        if all(c == list(range(length - n, length)) for c, n in zip(self.cols, kept, strict=True)) and width == length:
+            return length
+        device = self._device()
+        index = torch.zeros(self.batch, width, dtype=torch.long)
+        for b, c in enumerate(self.cols):
+            if c:
+                index[b, width - len(c):] = torch.tensor(c)
+        index = index.repeat(self.rows, 1).to(device)  # adapter-major rows
+        for layer in self.cache.layers:
+            g = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, g), layer.values.gather(2, g)
+        self.cols = [list(range(width - n, width)) for n in kept]
+        return width
+
+    @torch.no_grad()
+    def feed(self, fulls: list[list[int]], keep: int) -> torch.Tensor:
+        """Feed sequence b ``fulls[b][fed(b):]`` (nothing for a sequence whose cache holds all of it);
+        returns (R * B, keep, V) logits of the window's last ``keep`` positions: sequence b's last
+        ``keep`` inputs when it fed at least that many."""
+        for b, full in enumerate(fulls):
+            if full[: self.fed(b)] != self.ids[b]:
+                raise RuntimeError("a sequence's cached tokens are not a prefix of what it feeds; roll back first")
+        length = self._align()
+        new = [list(full[self.fed(b):]) for b, full in enumerate(fulls)]
+        n = max(map(len, new))
+        if n == 0:
+            raise RuntimeError("nothing to feed: every cache holds its whole sequence")
+        device = self._device()
+        ids = torch.zeros(self.batch, n, dtype=torch.long)
+        pos = torch.zeros(self.batch, n, dtype=torch.long)
+        mask = torch.zeros(self.batch, length + n, dtype=torch.long)
+        for b, tokens in enumerate(new):
+            c, m = self.fed(b), len(tokens)
+            if m:
+                ids[b, n - m:] = torch.tensor(tokens)
+                pos[b, n - m:] = torch.arange(c, c + m)
+            mask[b, length - c: length] = 1
+            mask[b, length + n - m:] = 1
+        ids, mask, pos = (t.repeat(self.rows, 1).to(device) for t in (ids, mask, pos))  # adapter-major rows
+        kw = {"adapter_names": [name for name in self.names for _ in range(self.batch)]} if self.names else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep,
+                         **cache_kw(self.cache), **kw)
+        self.cache = output_cache(out)
+        for b, tokens in enumerate(new):
+            self.cols[b] += list(range(length + n - len(tokens), length + n))
+            self.ids[b] = list(fulls[b])
+        return out.logits

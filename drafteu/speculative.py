@@ -131,7 +131,7 @@ def plain_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids:
 
 
 @dataclass
-class _Generation:
+class Generation:
     """The state of one ``SpeculativeDecoder.generate`` call."""
 
     seq: list[int]
@@ -183,7 +183,7 @@ class MixtureProposer:
         self.caches = {"drafts": drafts}
         self.scorer = drafts
 
-    def propose(self, st: _Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
+    def propose(self, st: Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
         props: list[int] = []
         r_probs: list[torch.Tensor] = []
         for _ in range(gamma):
@@ -207,7 +207,7 @@ class SingleDraftProposer:
         self.caches = {"designated": designated} | ({"drafts": drafts} if drafts is not None else {})
         self.designated, self.scorer = designated, drafts
 
-    def propose(self, st: _Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
+    def propose(self, st: Generation, gamma: int, eu: bool) -> tuple[list[int], list[torch.Tensor]]:
         props: list[int] = []
         r_probs: list[torch.Tensor] = []
         for _ in range(gamma):
@@ -231,7 +231,7 @@ class Verifier:
     def __init__(self, cache: PrefixCache, bias_row: int):
         self.cache, self.bias_row = cache, bias_row
 
-    def verify(self, st: _Generation, props: list[int], r_probs: list[torch.Tensor], gamma: int,
+    def verify(self, st: Generation, props: list[int], r_probs: list[torch.Tensor], gamma: int,
                eu: bool) -> tuple[int, int]:
         """(accepted count, next token): greedy keeps the longest prefix equal to the target's argmax;
         sampling applies the speculative-sampling rule (the target's distribution is kept)."""
@@ -243,21 +243,28 @@ class Verifier:
         if st.logprobs is not None:  # row 0 is the raw target (verification)
             for j in range(out.shape[1]):
                 st.t_at[first + j] = out[0, j]
-        n_acc, nxt = 0, None
-        for i, tok in enumerate(props):
-            if st.temperature == 0:
-                if int(p_rows[i].argmax()) != tok:
-                    break
-            else:
-                p, r = st.tempered(p_rows[i]), r_probs[i]
-                if float(torch.rand((), generator=st.gen)) >= min(1.0, float(p[tok] / r[tok])):
-                    resid = torch.clamp(p - r, min=0)
-                    nxt = st.sample(resid / resid.sum() if float(resid.sum()) > 0 else p)
-                    break
-            n_acc += 1
-        if nxt is None:
-            nxt = int(p_rows[n_acc].argmax()) if st.temperature == 0 else st.sample(st.tempered(p_rows[n_acc]))
-        return n_acc, nxt
+        return accept_rule(st, p_rows, props, r_probs)
+
+
+def accept_rule(st: Generation, p_rows: torch.Tensor, props: list[int], r_probs: list[torch.Tensor]) -> tuple[int, int]:
+    """(accepted count, next token) of one round from the target's (gamma + 1, V) logits ``p_rows`` at the
+    proposals' positions: greedy keeps the longest prefix equal to the target's argmax; sampling applies
+    the speculative-sampling rule against the proposal distributions ``r_probs``."""
+    n_acc, nxt = 0, None
+    for i, tok in enumerate(props):
+        if st.temperature == 0:
+            if int(p_rows[i].argmax()) != tok:
+                break
+        else:
+            p, r = st.tempered(p_rows[i]), r_probs[i]
+            if float(torch.rand((), generator=st.gen)) >= min(1.0, float(p[tok] / r[tok])):
+                resid = torch.clamp(p - r, min=0)
+                nxt = st.sample(resid / resid.sum() if float(resid.sum()) > 0 else p)
+                break
+        n_acc += 1
+    if nxt is None:
+        nxt = int(p_rows[n_acc].argmax()) if st.temperature == 0 else st.sample(st.tempered(p_rows[n_acc]))
+    return n_acc, nxt
 
 
 class SpeculativeDecoder:
@@ -363,7 +370,7 @@ class SpeculativeDecoder:
                 c.reuse(prompt_ids)
             else:
                 c.rollback(0)
-        st = _Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
+        st = Generation(seq=list(prompt_ids), prompt_len=len(prompt_ids), temperature=temperature,
                          gen=torch.Generator().manual_seed(seed), vocab=self.vocab, device=self.device,
                          logprobs=logprobs)
         if logprobs is not None:
@@ -378,7 +385,7 @@ class SpeculativeDecoder:
             props, r_probs = _timed(st, "draft_s", self.proposer.propose, st, gamma, eu)
             n_acc, nxt = _timed(st, "verify_s", self.verifier.verify, st, props, r_probs, gamma, eu)
             self._accept(st, base, props, n_acc, nxt)
-            done = _stop(st, eos_ids, max_new_tokens, stops)
+            done = stop_at(st, eos_ids, max_new_tokens, stops)
             hold = 0 if done or not stops else stops.held(st.seq[st.prompt_len:])
             _timed(st, "eu_s", self._emit, st, done, on_tokens, hold)
             if done:
@@ -391,64 +398,82 @@ class SpeculativeDecoder:
         res.timings = st.timings
         return res
 
-    def _accept(self, st: _Generation, base: int, props: list[int], n_acc: int, nxt: int) -> None:
+    def _accept(self, st: Generation, base: int, props: list[int], n_acc: int, nxt: int) -> None:
         """Append the accepted proposals and the target's token; roll caches and stale distributions back."""
-        st.res.proposed += self.options.gamma
-        st.res.accepted += n_acc
-        st.res.rounds += 1
-        st.seq += props[:n_acc] + [nxt]
+        accept(st, base, props, n_acc, nxt, self.options.gamma)
         for c in self.caches.values():
             c.rollback(base + n_acc)
-        for d in (st.q_at, st.p_at):  # distributions computed after a rejected proposal are stale
-            for j in [j for j in d if j > base + n_acc]:
-                del d[j]
 
-    def _emit(self, st: _Generation, done: bool, on_tokens, hold: int = 0) -> None:
+    def _emit(self, st: Generation, done: bool, on_tokens, hold: int = 0) -> None:
         """EU of every emitted token whose drafts' distributions are known (but the last ``hold``);
         stream them."""
-        seq, plen, eu = st.seq, st.prompt_len, self.options.eu
-        if eu and done and len(seq) - plen > st.streamed and (len(seq) - 1) not in st.q_at:
-            last = seq.pop()  # the bonus token's drafts' distributions: one more draft forward
+        if self.options.eu and needs_bonus(st, done):
+            last = st.seq.pop()  # the bonus token's drafts' distributions: one more draft forward
             logits, first = st.feed(self.proposer.scorer, [])
-            seq.append(last)
+            st.seq.append(last)
             st.q_at[first + logits.shape[1] - 1] = logits[:, -1]
-        ready = st.streamed
-        while plen + ready < len(seq) - hold and (not eu or plen + ready in st.q_at):
-            ready += 1
-        if ready <= st.streamed:
-            return
-        ids = seq[plen + st.streamed: plen + ready]
-        var = bias = None
-        if eu:
-            pos = range(plen + st.streamed, plen + ready)
-            terms = divergence.eu_decomposition(torch.stack([st.q_at.pop(j) for j in pos], dim=1),
-                                                torch.stack([st.p_at.pop(j) for j in pos]))
-            var, bias = terms.variance.cpu(), terms.bias.cpu()
-            st.var_out += var.tolist()
-            st.bias_out += bias.tolist()
-        lps = None
-        if st.logprobs is not None:
-            logp = torch.log_softmax(torch.stack([st.t_at.pop(j) for j in range(plen + st.streamed, plen + ready)])
-                                     .float(), dim=-1).cpu()
-            chosen = logp.gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
-            values, indices = logp.topk(st.logprobs, dim=-1) if st.logprobs else (logp[:, :0], logp[:, :0].long())
-            tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for v, i in zip(values, indices, strict=True)]
-            st.res.logprobs += chosen
-            st.res.top += tops
-            lps = list(zip(chosen, tops, strict=True))
-        if on_tokens is not None:
-            on_tokens(ids, var, bias, *([lps] if lps is not None else []))
-        st.streamed = ready
+        emit(st, self.options.eu, on_tokens, hold)
 
 
-def _timed(st: _Generation, key: str, fn, *args):
+def accept(st: Generation, base: int, props: list[int], n_acc: int, nxt: int, gamma: int) -> None:
+    """Append a round's accepted proposals and the target's token to ``st``; drop the distributions computed
+    after a rejected proposal (stale).  The caches' rollback is the caller's."""
+    st.res.proposed += gamma
+    st.res.accepted += n_acc
+    st.res.rounds += 1
+    st.seq += props[:n_acc] + [nxt]
+    for d in (st.q_at, st.p_at):
+        for j in [j for j in d if j > base + n_acc]:
+            del d[j]
+
+
+def needs_bonus(st: Generation, done: bool) -> bool:
+    """Whether a finished generation's last token lacks its drafts' distributions (it was the target's bonus
+    token after every proposal was accepted): one more draft forward gives them."""
+    return done and len(st.seq) - st.prompt_len > st.streamed and (len(st.seq) - 1) not in st.q_at
+
+
+def emit(st: Generation, eu: bool, on_tokens, hold: int = 0) -> None:
+    """EU of every emitted token of ``st`` whose drafts' distributions are known (but the last ``hold``);
+    stream them with ``on_tokens``."""
+    seq, plen = st.seq, st.prompt_len
+    ready = st.streamed
+    while plen + ready < len(seq) - hold and (not eu or plen + ready in st.q_at):
+        ready += 1
+    if ready <= st.streamed:
+        return
+    ids = seq[plen + st.streamed: plen + ready]
+    var = bias = None
+    if eu:
+        pos = range(plen + st.streamed, plen + ready)
+        terms = divergence.eu_decomposition(torch.stack([st.q_at.pop(j) for j in pos], dim=1),
+                                            torch.stack([st.p_at.pop(j) for j in pos]))
+        var, bias = terms.variance.cpu(), terms.bias.cpu()
+        st.var_out += var.tolist()
+        st.bias_out += bias.tolist()
+    lps = None
+    if st.logprobs is not None:
+        logp = torch.log_softmax(torch.stack([st.t_at.pop(j) for j in range(plen + st.streamed, plen + ready)])
+                                 .float(), dim=-1).cpu()
+        chosen = logp.gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+        values, indices = logp.topk(st.logprobs, dim=-1) if st.logprobs else (logp[:, :0], logp[:, :0].long())
+        tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for v, i in zip(values, indices, strict=True)]
+        st.res.logprobs += chosen
+        st.res.top += tops
+        lps = list(zip(chosen, tops, strict=True))
+    if on_tokens is not None:
+        on_tokens(ids, var, bias, *([lps] if lps is not None else []))
+    st.streamed = ready
+
+
+def _timed(st: Generation, key: str, fn, *args):
     t = time.perf_counter()
     out = fn(*args)
     st.timings[key] += time.perf_counter() - t
     return out
 
 
-def _stop(st: _Generation, eos_ids, max_new_tokens: int, stops=None) -> bool:
+def stop_at(st: Generation, eos_ids, max_new_tokens: int, stops=None) -> bool:
     """Cut at EOS / a stop string / the length limit; True when the generation is finished."""
     emitted = st.seq[st.prompt_len:]
     stop = next((i for i, t in enumerate(emitted) if t in eos_ids), None)

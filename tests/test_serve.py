@@ -294,6 +294,60 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
         s.close()
 
 
+def test_the_speculative_engine_decodes_concurrent_requests_together(ensemble, reference):
+    """Requests that wait together are decoded speculatively in one batch (one forward per step for all of
+    them, ``speculative_batch``): each answer is still the target's greedy answer with the EU of
+    `drafteu score`; a lone request keeps the single-request decoder (its prompt cache)."""
+    lm, ens = reference
+    s = Server(ensemble, engine="speculative", max_concurrency=4, max_queue=4, gamma=2)
+    try:
+        decoding = s.engine.decoding
+        assert decoding.batched is not None and decoding.batched.gamma == 2
+        sizes, single = [], decoding.decoder.generate
+
+        def slow_single(*a, **kw):  # the first request holds the worker while the others queue
+            time.sleep(0.5)
+            return single(*a, **kw)
+
+        def spy(requests, **kw):
+            sizes.append(len(requests))
+            return batched(requests, **kw)
+
+        batched = decoding.batched.generate
+        decoding.decoder.generate, decoding.batched.generate = slow_single, spy
+        questions = [QUESTION, "What is 6 times 7?", "Add 12 and 30.", "Name a colour."]
+        out = [None] * len(questions)
+
+        def ask(i):
+            body = {"model": "drafteu-test", "messages": [{"role": "user", "content": questions[i]}], "max_tokens": 8,
+                    "temperature": 0}
+            out[i] = httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                                timeout=300)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        assert sizes and max(sizes) >= 2, sizes  # some requests were decoded together
+        from drafteu.generate import greedy_answer
+
+        for q, r in zip(questions, out, strict=True):
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            messages = [{"role": "user", "content": q}]
+            prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                               tokenize=True)["input_ids"])
+            ids = lm.tokenizer(choice["message"]["content"], add_special_tokens=False)["input_ids"]
+            with ens.base_target():
+                assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 8) == ids
+            want = ens.score(prompt_ids, ids)
+            assert [t["eu"] for t in choice["eu_tokens"]] == pytest.approx(want.eu.tolist(), rel=1e-3, abs=1e-4)
+    finally:
+        s.close()
+
+
 def test_a_draining_server_refuses_new_requests_with_503_and_says_so_on_health(ensemble):
     """What SIGTERM switches on before uvicorn stops (serve.run's handle_exit): new requests on open
     connections get 503 'draining' in OpenAI's envelope, /health reports draining - deterministic here,

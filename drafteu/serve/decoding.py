@@ -86,15 +86,18 @@ class Batched:
 
 
 class Speculative:
-    """Speculative decoding by the draft ensemble, one job at a time, ``gamma`` tokens proposed per
-    round: EU (and, when asked, the target's logprobs from its verifying pass) streamed with every round's
-    tokens; the answer keeps what its rounds computed (it is not scored again).  One choice per job, no
-    nucleus cut and no stop strings (the decoder's rule); a cancelled job stops at its next round."""
+    """Speculative decoding by the draft ensemble, ``gamma`` tokens proposed per round: EU (and, when asked,
+    the target's logprobs from its verifying pass) streamed with every round's tokens; the answer keeps what
+    its rounds computed (it is not scored again).  A lone job decodes on ``decoder`` (its prompt cache kept
+    across jobs: a shared system prompt computed once); several decode together on ``batched``
+    (``speculative_batch``: one forward per step for all of them) where there is one (not for a sliding-window
+    model).  One choice per job, no nucleus cut and no stop strings (the decoder's rule); a cancelled job
+    stops at its next round."""
 
     live = True
 
-    def __init__(self, decoder, tokenizer, eos):
-        self.decoder, self.tokenizer, self.eos = decoder, tokenizer, eos
+    def __init__(self, decoder, tokenizer, eos, batched=None):
+        self.decoder, self.tokenizer, self.eos, self.batched = decoder, tokenizer, eos, batched
 
     def refuses(self, job: Job) -> tuple[str, str] | None:
         if job.n > 1 or job.top_p < 1 or job.stop:
@@ -103,13 +106,20 @@ class Speculative:
         return None
 
     def decode(self, jobs: list[Job]) -> list[list[Decoded]]:
-        return [[self._one(job)] if not job.cancelled else [] for job in jobs]
+        todo = [job for job in jobs if not job.cancelled]
+        if self.batched is None or len(todo) < 2:
+            done = {id(job): self._finish(job, self.decoder.generate(**self._request(job).__dict__, eos_ids=self.eos))
+                    for job in todo}
+        else:
+            results = self.batched.generate([self._request(job) for job in todo], eos_ids=self.eos)
+            done = {id(job): self._finish(job, res) for job, res in zip(todo, results, strict=True)}
+        return [[done[id(job)]] if id(job) in done else [] for job in jobs]
 
-    def _one(self, job: Job) -> Decoded:
+    def _request(self, job: Job):
         from drafteu.data import StreamPieces, TextStops, turn_stops
+        from drafteu.speculative_batch import Request
 
         pieces = StreamPieces(self.tokenizer)
-        top = job.top_logprobs if job.logprobs or job.top_logprobs else None
 
         def on_tokens(ids, variance, bias, lps=None):
             texts = pieces(ids)
@@ -118,10 +128,13 @@ class Speculative:
                                         logprobs=[c for c, _ in lps] if lps is not None else None,
                                         top=[t for _, t in lps] if lps is not None else None))
 
-        res = self.decoder.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
-                                    eos_ids=self.eos, on_tokens=on_tokens, logprobs=top,
-                                    cancelled=lambda: job.cancelled,
-                                    stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
+        return Request(job.prompt_ids, job.max_tokens, temperature=job.temperature, seed=job.seed,
+                       on_tokens=on_tokens, logprobs=job.top_logprobs if job.logprobs or job.top_logprobs else None,
+                       cancelled=lambda: job.cancelled,
+                       stops=TextStops(self.tokenizer, turn_stops(self.tokenizer) + tuple(job.stop or ())))
+
+    @staticmethod
+    def _finish(job: Job, res) -> Decoded:
         known = Answer(list(res.token_ids), [], logprobs=res.logprobs, top=res.top,
                        **(terms(res.variance, res.bias) if job.eu else {}))
         return Decoded(list(res.token_ids), res.finish, known)

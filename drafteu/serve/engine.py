@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
 import time
@@ -32,10 +33,13 @@ from pathlib import Path
 
 import torch
 
+from drafteu.errors import DraftEUError
 from drafteu.hardware import give_back_memory
 from drafteu.serve.continuous import ContinuousDecoder
 from drafteu.serve.decoding import Batched, Decoded, Decoding, Speculative, terms
 from drafteu.serve.jobs import Answer, Job
+
+log = logging.getLogger("drafteu.serve")
 
 __all__ = ["Answer", "Engine", "Job"]
 
@@ -148,6 +152,7 @@ class Engine:
         from drafteu.generate import BACKENDS
         from drafteu.methods import ESTIMATORS, named
         from drafteu.speculative import SpeculativeDecoder
+        from drafteu.speculative_batch import BatchedSpeculativeDecoder
 
         s = self.spec
         drafts_dir, proxy_dir = rundir.resolve_drafts(s["drafts"], s["proxy"])
@@ -166,7 +171,12 @@ class Engine:
         # engine (continuous batching, on the event loop), or the backend's batched generate in this worker
         if s["engine"] == "speculative":
             decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"])
-            self.decoding = Speculative(decoder, self.tokenizer, self.eos)
+            try:  # several requests in one forward per step; a sliding-window model decodes them one by one
+                batched = BatchedSpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"])
+            except DraftEUError as e:
+                log.info("speculative engine: one request at a time (%s)", e)
+                batched = None
+            self.decoding = Speculative(decoder, self.tokenizer, self.eos, batched)
         elif backend.serving is not None:
             self.continuous = ContinuousDecoder(
                 backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
