@@ -41,8 +41,8 @@ class Server:
 
         self.port = _free_port()
         self.cfg = ServeConfig(drafts=drafts_dir, port=self.port, api_key=KEY, model_name="drafteu-test", **kw)
-        self.engine, self.app = build(self.cfg)
-        self.engine.start()
+        self.worker, self.app = build(self.cfg)
+        self.worker.start()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -65,7 +65,7 @@ class Server:
     def close(self):
         self.server.should_exit = True
         self.thread.join(30)
-        self.engine.stop()
+        self.worker.stop()
 
 
 
@@ -90,7 +90,7 @@ def abandon_and_follow(server, body: dict, wait: float) -> None:
     def short_is_answered():
         r = httpx.post(server.url + "/v1/completions", json=body | {"max_tokens": 2}, headers=headers, timeout=300)
         assert r.status_code == 200, r.text
-        gone = [f for f in server.engine.finished if f[2]]
+        gone = [f for f in server.worker.finished if f[2]]
         assert gone and gone[-1][1] < longest  # the abandoned one stopped where the client left
 
     with pytest.raises(httpx.TimeoutException):

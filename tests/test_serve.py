@@ -259,7 +259,7 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
     lm, ens = reference
     s = Server(ensemble, engine="speculative", max_concurrency=2, max_queue=2, gamma=3)
     try:
-        assert s.engine.decoding.decoder.gamma == 3 and s.engine.live  # --gamma reaches the decoder
+        assert s.worker.decoding.decoder.gamma == 3 and s.worker.live  # --gamma reaches the decoder
         messages = [{"role": "user", "content": QUESTION}]
         body = {"model": "drafteu-test", "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
                 "top_logprobs": 2}
@@ -301,7 +301,7 @@ def test_the_speculative_engine_decodes_concurrent_requests_together(ensemble, r
     lm, ens = reference
     s = Server(ensemble, engine="speculative", max_concurrency=4, max_queue=4, gamma=2)
     try:
-        decoding = s.engine.decoding
+        decoding = s.worker.decoding
         assert decoding.batched is not None and decoding.batched.gamma == 2
         sizes, single = [], decoding.decoder.generate
 

@@ -102,7 +102,7 @@ def test_completions_are_openais_schema_and_text_offsets_point_into_the_text(ser
 def test_top_logprobs_carry_each_tokens_own_bytes(server):
     from drafteu.serve.serving import token_bytes, top_token
 
-    tok = server.engine.tokenizer
+    tok = server.worker.tokenizer
     ids = tok("日本", add_special_tokens=False)["input_ids"]
     raw = b"".join(token_bytes(tok, i) for i in ids)
     assert raw == "日本".encode()  # a character split over tokens: each token's own bytes, not U+FFFD's
@@ -132,12 +132,12 @@ def test_one_jobs_error_fails_that_job_only(server):
     from drafteu.errors import DraftEUError
     from drafteu.serve.jobs import Job
 
-    tok = server.engine.tokenizer
+    tok = server.worker.tokenizer
     good = tok(QUESTION, add_special_tokens=False)["input_ids"]
 
     async def both():
-        bad = server.engine.submit(Job("score", [], response_ids=[5]))
-        ok = server.engine.submit(Job("score", good, response_ids=good[:3]))
+        bad = server.worker.submit(Job("score", [], response_ids=[5]))
+        ok = server.worker.submit(Job("score", good, response_ids=good[:3]))
         return await asyncio.gather(bad, ok, return_exceptions=True)
 
     bad, ok = asyncio.run(both())
@@ -169,7 +169,7 @@ def test_what_is_not_done_is_refused_naming_the_field(server, extra, param):
 def test_a_prompt_of_token_ids_is_the_same_prompt_and_ids_are_checked(server):
     """OpenAI's completions take a prompt as token ids (or a list holding one prompt): the same answer
     as the text they encode; an id outside the vocabulary, several prompts and non-integers are 400s."""
-    tok = server.engine.tokenizer
+    tok = server.worker.tokenizer
     prompt = "The capital of France is"
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
     body = {"model": "alias", "max_tokens": 5, "temperature": 0, "echo": True}

@@ -35,7 +35,7 @@ def ensemble(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ensemble):
     s = Server(ensemble, backend="vllm", max_concurrency=4, max_queue=8)
-    assert s.engine.continuous is not None and s.engine.decoding is None  # vLLM's async engine decodes
+    assert s.worker.continuous is not None and s.worker.decoding is None  # vLLM's async engine decodes
     yield s
     s.close()
 
@@ -87,7 +87,7 @@ def test_answers_decode_on_vllm_and_carry_the_eu_drafteu_score_computes(server, 
 
 
 def test_the_eu_streams_while_the_answer_still_decodes(server):
-    before = len(server.engine.finished)
+    before = len(server.worker.finished)
     body = {"model": "drafteu-test", "prompt": COUNTING, "max_tokens": 160, "temperature": 0, "stream": True}
     first_seen_while_decoding = None
     with httpx.stream("POST", server.url + "/v1/completions", headers=H, json=body, timeout=300) as s:
@@ -97,9 +97,9 @@ def test_the_eu_streams_while_the_answer_still_decodes(server):
                 continue
             chunks.append(json.loads(line[6:]))
             if first_seen_while_decoding is None and chunks[-1]["choices"] and chunks[-1]["choices"][0].get("eu_tokens"):
-                first_seen_while_decoding = len(server.engine.finished) == before  # its decoding has not ended
+                first_seen_while_decoding = len(server.worker.finished) == before  # its decoding has not ended
     assert first_seen_while_decoding is True
-    assert len(server.engine.finished) == before + 1 and server.engine.finished[-1][1] == 160
+    assert len(server.worker.finished) == before + 1 and server.worker.finished[-1][1] == 160
     for ch in chunks:  # finish_reason is null mid-stream, as OpenAI's chunks have it
         Completion.model_validate(ch | {"choices": [c | {"finish_reason": c["finish_reason"] or "length"}
                                                     for c in ch["choices"]]})
@@ -135,7 +135,7 @@ def test_an_abandoned_request_is_aborted_in_the_engine_and_the_next_is_answered(
     t0 = time.time()
     abandon_and_follow(server, {"model": "drafteu-test", "prompt": COUNTING, "max_tokens": 400, "temperature": 0},
                        wait=3.0)
-    processor = server.engine.continuous.engine.engine.output_processor  # vLLM (AsyncLLM) holds no request of them
+    processor = server.worker.continuous.engine.engine.output_processor  # vLLM (AsyncLLM) holds no request of them
     deadline = time.time() + 60
     while processor.get_num_unfinished_requests() and time.time() < deadline:
         time.sleep(0.1)

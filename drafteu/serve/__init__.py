@@ -1,7 +1,7 @@
 """`drafteu serve`: an OpenAI-compatible server whose answers carry per-token EU.
 
-``run(cfg)`` loads the run's target, proxy and draft ensemble in the engine's worker thread
-(``engine.Engine``), serves ``api.build_app`` with uvicorn on ``cfg.host`` (127.0.0.1 by default),
+``run(cfg)`` loads the run's target, proxy and draft ensemble in the worker thread
+(``worker.Worker``), serves ``api.build_app`` with uvicorn on ``cfg.host`` (127.0.0.1 by default),
 and on SIGTERM stops taking requests, finishes those in flight and exits.  Requests are independent,
 so N servers behind any HTTP load balancer scale out (README, "Serving").
 """
@@ -122,10 +122,10 @@ class ServeConfig(EngineSettings):
 
 
 def build(cfg: ServeConfig):
-    """(engine, app) for ``cfg``; the engine loads its models in its own thread once started."""
+    """(worker, app) for ``cfg``; the worker loads its models in its own thread once started."""
     from drafteu import ensembles, rundir
     from drafteu.serve.api import build_app
-    from drafteu.serve.engine import Engine
+    from drafteu.serve.worker import Worker
 
     drafts_dir, _ = rundir.resolve_drafts(cfg.drafts, cfg.proxy)  # a wrong --drafts is an error before anything starts
     if (cfg.review_above, cfg.abstain_above) != (None, None):
@@ -136,37 +136,37 @@ def build(cfg: ServeConfig):
     from drafteu.generate import BACKENDS
 
     BACKENDS[cfg.backend].require()
-    engine = Engine(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine, gamma=cfg.gamma,
+    worker = Worker(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine, gamma=cfg.gamma,
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
-    app = build_app(engine, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
+    app = build_app(worker, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,
                     thresholds=(cfg.review_above, cfg.abstain_above),
                     max_queue=cfg.max_queue, timeout=cfg.timeout, max_body_bytes=int(cfg.max_body_mb * 2**20))
-    return engine, app
+    return worker, app
 
 
 def run(cfg: ServeConfig, log=print) -> None:
     """Load the models, then serve until SIGTERM / Ctrl-C: new requests are refused (503, and the
-    socket closes), those in flight finish, then the engine stops.  A failed load is a
+    socket closes), those in flight finish, then the worker stops.  A failed load is a
     ``DraftEUError`` (one line, a non-zero exit) before anything listens; Ctrl-C while loading is a
     quiet exit."""
     import uvicorn
 
-    try:  # Ctrl-C anywhere before serving (building, starting the engine thread, loading) is quiet
-        engine, app = build(cfg)
+    try:  # Ctrl-C anywhere before serving (building, starting the worker thread, loading) is quiet
+        worker, app = build(cfg)
         if not cfg.loopback and cfg.api_key is None:
             log(f"warning: serving on {cfg.host} without an API key: anyone who can reach this address can use the "
                 "model (give --api-key or $DRAFTEU_API_KEY)")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         log(f"loading the models for {cfg.served_name} ...")
-        engine.start()
-        while not engine.ready.wait(0.2):
+        worker.start()
+        while not worker.ready.wait(0.2):
             pass
     except KeyboardInterrupt:
         log("interrupted while loading; nothing was served")
         raise SystemExit(130) from None
-    if engine.failure is not None:
-        raise DraftEUError(f"drafteu serve: {engine.failure}")
+    if worker.failure is not None:
+        raise DraftEUError(f"drafteu serve: {worker.failure}")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -181,7 +181,7 @@ def run(cfg: ServeConfig, log=print) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        worker.stop()
 
 
 __all__ = ["ServeConfig", "build", "run"]

@@ -7,7 +7,7 @@ and uqlm work unchanged), with the EU in extra fields (``protocol``).  ``POST /v
 of a response the client already has.  Errors use OpenAI's envelope ``{"error": {"message", "type",
 "param", "code"}}``, every one of them (404, 405, malformed bodies included): 400 for a bad request
 (never FastAPI's 422), 401 without the API key, 413 over the body limit, 429 with ``Retry-After``
-over capacity, 503 while loading, draining or after an engine failure, 504 past the per-request
+over capacity, 503 while loading, draining or after the worker failed to load, 504 past the per-request
 timeout.
 """
 
@@ -32,8 +32,8 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import drafteu.serve.protocol as P
-from drafteu.serve.engine import Engine
 from drafteu.serve.serving import Admission, ApiError, Serving
+from drafteu.serve.worker import Worker
 
 log = logging.getLogger("drafteu.serve")
 MAX_BODY_BYTES = 8 * 2**20
@@ -49,7 +49,7 @@ class BodyTooLarge(StarletteHTTPException):
 class Metrics:
     """The server's Prometheus series; endpoints are labelled by route (unknown paths as one label)."""
 
-    def __init__(self, engine: Engine, admission: Admission):
+    def __init__(self, worker: Worker, admission: Admission):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("drafteu_requests", "requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.latency = Histogram("drafteu_request_seconds", "request latency", ["endpoint"], registry=r,
@@ -57,7 +57,7 @@ class Metrics:
         self.tokens = Counter("drafteu_tokens", "tokens by kind", ["kind"], registry=r)
         self.token_eu = Histogram("drafteu_token_eu", "per-token EU (nats) of the answers given", registry=r,
                                   buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10))
-        Gauge("drafteu_queue_depth", "requests waiting for the model", registry=r).set_function(lambda: engine.queued)
+        Gauge("drafteu_queue_depth", "requests waiting for the model", registry=r).set_function(lambda: worker.queued)
         Gauge("drafteu_in_flight", "requests admitted and not answered",
               registry=r).set_function(lambda: admission.in_flight)
 
@@ -71,17 +71,17 @@ class Metrics:
 
 def _router(serving: Serving, admission: Admission, metrics: Metrics) -> APIRouter:
     router = APIRouter()
-    engine = serving.engine
+    worker = serving.worker
 
     @router.get("/health")
     async def health():
-        if engine.failure is not None:
-            return JSONResponse({"status": "failed", "error": engine.failure}, status_code=503)
-        if not engine.ready.is_set():
+        if worker.failure is not None:
+            return JSONResponse({"status": "failed", "error": worker.failure}, status_code=503)
+        if not worker.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
         if admission.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok", "model": serving.names[0], "in_flight": admission.in_flight, "queued": engine.queued}
+        return {"status": "ok", "model": serving.names[0], "in_flight": admission.in_flight, "queued": worker.queued}
 
     @router.get("/metrics")
     async def prometheus():
@@ -119,16 +119,16 @@ def _decision_header(result, response: Response):
     return result
 
 
-def build_app(engine: Engine, *, model_name: str | list[str], api_key: str | None = None, max_concurrency: int = 16,
+def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | None = None, max_concurrency: int = 16,
               max_queue: int = 64, timeout: float = 120.0, max_body_bytes: int = MAX_BODY_BYTES,
               thresholds: tuple[float | None, float | None] = (None, None)) -> FastAPI:
-    """The FastAPI app over a started ``engine``; ``model_name``: the id clients ask for (or several
+    """The FastAPI app over a started ``worker``; ``model_name``: the id clients ask for (or several
     aliases, the first the main one)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     app = FastAPI(title="drafteu", docs_url=None, redoc_url=None, openapi_url=None)
-    admission = Admission(engine, max_concurrency, max_queue)
-    metrics = Metrics(engine, admission)
-    serving = Serving(engine, names, admission, timeout, observe=metrics.observe, thresholds=thresholds)
+    admission = Admission(worker, max_concurrency, max_queue)
+    metrics = Metrics(worker, admission)
+    serving = Serving(worker, names, admission, timeout, observe=metrics.observe, thresholds=thresholds)
     router = _router(serving, admission, metrics)
     app.include_router(router)
     routes = {r.path for r in router.routes}  # the metrics' endpoint labels; any other path is "other"

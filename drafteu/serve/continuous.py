@@ -3,7 +3,7 @@
 Each generation is a task on the server's event loop: its choices decode in that engine's running batch
 (continuous batching: a request joins and leaves it at any step), token ids streamed as they come;
 cancelling the task closes the stream, which aborts the request inside the engine.  Only scoring goes
-through the serve engine's worker (``submit``: its batches, one ``DraftEnsemble.score_batch`` per batch).
+through the serve worker (``submit``: its batches, one ``DraftEnsemble.score_batch`` per batch).
 A streamed answer is scored in segments of doubling length while it decodes - each with the answer so
 far as its context, so the streamed EU equals the whole answer's - and the rest once it has ended.
 """
@@ -31,7 +31,7 @@ FIELDS = ("token_ids", "eu", "variance", "bias", "logprobs", "top")
 class ContinuousDecoder:
     """``generate(job)``: a generation job's answers, decoded by ``engine`` (an async engine with
     ``stream``, ``turns`` and ``eos``: ``vllm_engine.AsyncVLLM``) and scored through ``submit`` (the
-    serve engine's queue).  ``finished`` records (kind, tokens decoded, cancelled) per choice."""
+    serve worker's queue).  ``finished`` records (kind, tokens decoded, cancelled) per choice."""
 
     def __init__(self, engine, tokenizer, submit: Callable[[Job], Awaitable[list[Answer]]],
                  finished: collections.deque):

@@ -1,9 +1,9 @@
-"""Between the wire and the engine: requests become ``engine.Job``s, the engine's plain ``Answer``s
+"""Between the wire and the worker: requests become ``jobs.Job``s, the worker's plain ``Answer``s
 become the response models of ``protocol`` (or a stream of chunks).  One class per endpoint family,
 as vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``; the routes (``api``) only call them.
 
-Every model-facing step is off the event loop (tokenizing runs in a worker thread, model work in the
-engine's), and a request's job is cancelled - its generation stops at the next decoding step - when
+Every model-facing step is off the event loop (tokenizing runs in a thread pool, model work in the
+worker's thread), and a request's job is cancelled - its generation stops at the next decoding step - when
 its client disconnects (awaited, not polled) or its time runs out.
 """
 
@@ -20,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 import drafteu.serve.protocol as P
 from drafteu.errors import DraftEUError
-from drafteu.serve.engine import Engine
 from drafteu.serve.jobs import Answer, Job
+from drafteu.serve.worker import Worker
 
 
 class ApiError(Exception):
@@ -151,17 +151,17 @@ def _usage(prompt_ids: list[int], answers: list[Answer]) -> P.Usage:
 class Admission:
     """Slots for requests in flight (running + queued); over capacity is 429 with Retry-After."""
 
-    def __init__(self, engine: Engine, max_concurrency: int, max_queue: int):
-        self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
+    def __init__(self, worker: Worker, max_concurrency: int, max_queue: int):
+        self.worker, self.max_concurrency, self.max_queue = worker, max_concurrency, max_queue
         self.in_flight, self.draining = 0, False
 
     def admit(self) -> None:
-        engine = self.engine
-        if not engine.ready.is_set():
+        worker = self.worker
+        if not worker.ready.is_set():
             raise ApiError(503, "the model is loading; retry shortly", "server_error", code="loading",
                            headers={"Retry-After": "5"})
-        if engine.failure is not None:
-            raise ApiError(503, f"the engine failed: {engine.failure}", "server_error", code="engine_failure")
+        if worker.failure is not None:
+            raise ApiError(503, f"the engine failed: {worker.failure}", "server_error", code="engine_failure")
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_error", code="draining")
         if self.in_flight >= self.max_concurrency + self.max_queue:
@@ -181,11 +181,11 @@ async def _disconnected(request) -> None:
             return
 
 
-async def run_job(engine: Engine, job: Job, request, timeout: float) -> list[Answer]:
+async def run_job(worker: Worker, job: Job, request, timeout: float) -> list[Answer]:
     """The job's answers; when the client disconnects or ``timeout`` passes first, the job is
     cancelled (its generation stops at the next step, its slot is freed by the caller) and this
     raises (``CancelledError`` / a 504)."""
-    future = engine.submit(job)
+    future = worker.submit(job)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({future, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -210,12 +210,12 @@ async def run_job(engine: Engine, job: Job, request, timeout: float) -> list[Ans
 
 
 class Serving:
-    """Chat, completions and score over one engine: request model -> job -> response model (or SSE)."""
+    """Chat, completions and score over one worker: request model -> job -> response model (or SSE)."""
 
-    def __init__(self, engine: Engine, names: list[str], admission: Admission, timeout: float,
+    def __init__(self, worker: Worker, names: list[str], admission: Admission, timeout: float,
                  observe: Callable[[list[Answer], list[int]], None] = lambda answers, prompt: None,
                  thresholds: tuple[float | None, float | None] = (None, None)):
-        self.engine, self.names, self.admission, self.timeout = engine, names, admission, timeout
+        self.worker, self.names, self.admission, self.timeout = worker, names, admission, timeout
         self.observe, self.thresholds = observe, thresholds
 
     def routing(self, req: P._Sampling) -> tuple[float | None, float | None]:
@@ -223,11 +223,11 @@ class Serving:
         any work when they are set but nothing gives a P(wrong)."""
         review = req.review_above if req.review_above is not None else self.thresholds[0]
         abstain = req.abstain_above if req.abstain_above is not None else self.thresholds[1]
-        if (review, abstain) != (None, None) and (self.engine.hallucination_map is None or not req.eu):
+        if (review, abstain) != (None, None) and (self.worker.hallucination_map is None or not req.eu):
             param = "eu" if not req.eu else "abstain_above" if req.abstain_above is not None else "review_above"
             raise ApiError(400, "review_above / abstain_above decide on P(wrong): it needs the EU (eu: true) and a run "
                            "whose hallucination stage fitted a map, which this server " +
-                           ("has" if self.engine.hallucination_map is not None else "does not have"), param=param)
+                           ("has" if self.worker.hallucination_map is not None else "does not have"), param=param)
         return review, abstain
 
     def decide(self, req: P._Sampling, answers: list[Answer]) -> list[Answer]:
@@ -249,7 +249,7 @@ class Serving:
 
     @property
     def tokens(self) -> Tokens:
-        return Tokens(self.engine.tokenizer)
+        return Tokens(self.worker.tokenizer)
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
@@ -259,14 +259,14 @@ class Serving:
     # -- tokenizing (in a worker thread; the length checked before) ------------------------------------------
 
     def _check_length(self, text: str, param: str) -> None:
-        context = self.engine.context
-        if context and len(text.encode("utf-8")) > context * self.engine.max_token_bytes:
+        context = self.worker.context
+        if context and len(text.encode("utf-8")) > context * self.worker.max_token_bytes:
             raise ApiError(400, f"{param} is longer than the model's context of {context} tokens could hold; "
                            "shorten it", param=param, code="context_length_exceeded")
 
     async def encode(self, text: str, param: str) -> list[int]:
         self._check_length(text, param)
-        return await run_in_threadpool(lambda: list(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return await run_in_threadpool(lambda: list(self.worker.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     async def chat_prompt(self, messages: list[P.Message]) -> list[int]:
         for i, m in enumerate(messages):
@@ -274,7 +274,7 @@ class Serving:
 
         def template():
             try:
-                ids = self.engine.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                ids = self.worker.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
                                                                 add_generation_prompt=True, tokenize=True)
             except Exception as e:  # a template that refuses the roles given
                 raise ApiError(400, f"messages: {e}", param="messages") from None
@@ -283,23 +283,23 @@ class Serving:
         return await run_in_threadpool(template)
 
     def job_for(self, req: P._Sampling, prompt_ids: list[int], logprobs: bool, top_logprobs: int) -> Job:
-        engine, max_tokens = self.engine, req.max_new_tokens
+        worker, max_tokens = self.worker, req.max_new_tokens
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if engine.context and len(prompt_ids) + max_tokens > engine.context:
+        if worker.context and len(prompt_ids) + max_tokens > worker.context:
             raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the "
-                           f"model's context of {engine.context} tokens; shorten the prompt or lower max_tokens",
+                           f"model's context of {worker.context} tokens; shorten the prompt or lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
         seed = req.seed if req.seed is not None else uuid.uuid4().int % (2**31)
         job = Job("generate", prompt_ids, n=req.n, max_tokens=max_tokens, temperature=req.temperature,
                   top_p=req.top_p, seed=seed, stop=req.stop, eu=req.eu, logprobs=logprobs, top_logprobs=top_logprobs)
-        refused = engine.refuses(job)  # what the server's generation strategy cannot do
+        refused = worker.refuses(job)  # what the server's generation strategy cannot do
         if refused is not None:
             raise ApiError(400, refused[0], param=refused[1])
         return job
 
     async def _answers(self, job: Job, request) -> list[Answer]:
-        answers = await run_job(self.engine, job, request, self.timeout)
+        answers = await run_job(self.worker, job, request, self.timeout)
         self.observe(answers, job.prompt_ids)
         return answers
 
@@ -343,7 +343,7 @@ class Serving:
         """A completion's prompt as token ids: a string tokenized, token ids checked against the vocabulary."""
         if isinstance(prompt, str):
             return await self.encode(prompt, "prompt")
-        vocab = len(self.engine.tokenizer)
+        vocab = len(self.worker.tokenizer)
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"prompt: token id {bad} is outside the model's vocabulary (0..{vocab - 1})", param="prompt")
@@ -351,7 +351,7 @@ class Serving:
 
     def echo_text(self, req: P.CompletionRequest, prompt_ids: list[int]) -> str:
         """The prompt as ``echo`` returns it: the string sent, or the token ids sent, decoded."""
-        return req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(prompt_ids)
+        return req.prompt if isinstance(req.prompt, str) else self.worker.tokenizer.decode(prompt_ids)
 
     async def completions(self, req: P.CompletionRequest, request):
         stream, done = await self._generation(req, request, lambda: self.prompt_ids(req.prompt),
@@ -384,13 +384,13 @@ class Serving:
                 from drafteu import data
 
                 self._check_length(req.question, "question")
-                prompt = await run_in_threadpool(data.format_prompt, self.engine.tokenizer, req.question,
+                prompt = await run_in_threadpool(data.format_prompt, self.worker.tokenizer, req.question,
                                                  data.shots_for("score", req.shots))
             response = await self.encode(req.response, "response")
             if not prompt or not response:
                 which = "response" if prompt else given[0]
                 raise ApiError(400, f"{which} has no tokens", param=which)
-            context = self.engine.context
+            context = self.worker.context
             if context and len(prompt) + len(response) > context:
                 raise ApiError(400, f"the prompt + response ({len(prompt) + len(response)} tokens) exceed the "
                                f"model's context of {context} tokens", param="response", code="context_length_exceeded")
@@ -422,7 +422,7 @@ class Serving:
         the timeout cancels the job."""
         live: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        if self.engine.live:  # the speculative rounds, the continuous engine's segments
+        if self.worker.live:  # the speculative rounds, the continuous engine's segments
             job.on_tokens = lambda choice, part: loop.call_soon_threadsafe(live.put_nowait, (choice, part))
         tokens, logprobs = self.tokens, (req.logprobs if chat else req.logprobs is not None)
         offsets: dict[int, int] = {}  # completions: characters sent per choice (text_offset)
@@ -446,7 +446,7 @@ class Serving:
                     eu_tokens=eu_tokens, logprobs=legacy)])
             return "data: " + body.model_dump_json() + "\n\n"
 
-        future = self.engine.submit(job)
+        future = self.worker.submit(job)
         sent: dict[int, int] = {}
         deadline = time.monotonic() + self.timeout
         try:

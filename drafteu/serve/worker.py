@@ -1,7 +1,7 @@
 """The model side of `drafteu serve`: one worker thread that owns the models and runs their work one
 forward at a time, fed by a queue of futures that it drains into batches.
 
-Requests arrive on the event loop; ``Engine.submit`` puts a ``Job`` (a generation or a scoring) on a
+Requests arrive on the event loop; ``Worker.submit`` puts a ``Job`` (a generation or a scoring) on a
 thread-safe queue and returns an asyncio future.  The worker takes the first job, waits up to
 ``batch_wait_ms`` for more (up to ``max_batch``), then runs the batch: its generations through the
 generation strategy chosen once at load (``decoding.Decoding``: ``Batched``, the backend's batched
@@ -41,11 +41,11 @@ from drafteu.serve.jobs import Answer, Job
 
 log = logging.getLogger("drafteu.serve")
 
-__all__ = ["Answer", "Engine", "Job"]
+__all__ = ["Answer", "Job", "Worker"]
 
 
-class Engine:
-    """Target, proxy and draft ensemble of a run, and the worker that runs them."""
+class Worker:
+    """Target, proxy and draft ensemble of a run, and the thread that runs them (one forward at a time)."""
 
     def __init__(self, drafts: Path, *, target: str = "embedded", proxy: Path | None = None, backend: str = "hf",
                  engine: str = "batched", dtype: str = "auto", device: str = "auto", max_batch: int = 8,
