@@ -148,7 +148,7 @@ def main() -> None:
 
     import torch
 
-    from drafteu import data, generate, models, pipeline, runio
+    from drafteu import data, fileio, generate, models, pipeline
     from drafteu.config import load_experiment
     from drafteu.train.loop import examples_from_rows
 
@@ -159,7 +159,7 @@ def main() -> None:
     generate.run(generate.GenerateConfig(out=held_dir, target=cfg0.target, task="easy-word", split="test",
                                          questions=args.heldout_questions, samples=1, temperature=1.0,
                                          max_new_tokens=48, batch_size=16, shots=cfg0.data.shots, seed=cfg0.seed))
-    rows = runio.read_samples(held_dir / "samples.jsonl")
+    rows = fileio.read_samples(held_dir / "samples.jsonl")
     target = models.load(cfg0.target)
     rows = [r for r in rows if r["response_ids"]]
     held = examples_from_rows(rows, None)  # the answers' own tokens, aligned with the ground truth's

@@ -27,14 +27,14 @@ from divergence import ROOT  # noqa: E402, F401  (the repository root on sys.pat
 
 
 def _heldout_examples(run: Path, tokenizer):
-    from drafteu import runio
+    from drafteu import fileio
     from drafteu.train.batches import examples_from_rows
 
     parts = json.loads((run / "drafts" / "ddd" / "partitions.json").read_text())
     held = set(parts.get("heldout") or [])
     if not held:
         raise SystemExit(f"{run}: its drafts held out no questions (drafts.heldout); nothing to measure on")
-    rows = [r for r in runio.read_jsonl(run / "data" / "samples.jsonl") if r["qid"] in held]
+    rows = [r for r in fileio.read_jsonl(run / "data" / "samples.jsonl") if r["qid"] in held]
     return examples_from_rows(rows, tokenizer.eos_token_id)
 
 

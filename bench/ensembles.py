@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from drafteu import estimators, generate, models, runio
+    from drafteu import estimators, fileio, generate, models
     from drafteu.train import draft_base, drafts, proxy
     from drafteu.train.loop import TrainConfig
 
@@ -69,7 +69,7 @@ def main() -> None:
                           weight_decay=0.01, save_every=10))))
 
     # Mean JSD (variance), bias and EU per method on held-out responses, vs ground truth.
-    rows = runio.read_jsonl(args.heldout)[: args.heldout_n]
+    rows = fileio.read_jsonl(args.heldout)[: args.heldout_n]
     from drafteu.posterior import NoisyModel
 
     gt = estimators.GroundTruth(NoisyModel(models.load("embedded").model), size=3, seed=0)

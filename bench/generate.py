@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
 
-    from drafteu import generate, models, runio
+    from drafteu import fileio, generate, models
 
     models.load(args.target)  # convert/cache outside the timed runs
     settings = [(1, False), (1, True), (args.batch, False), (args.batch, True)]
@@ -42,7 +42,7 @@ def main() -> None:
             t0 = time.perf_counter()
             s = generate.run(cfg)
             wall = time.perf_counter() - t0
-            outputs.append([r["response_ids"] for r in runio.read_jsonl(Path(tmp) / "samples.jsonl")])
+            outputs.append([r["response_ids"] for r in fileio.read_jsonl(Path(tmp) / "samples.jsonl")])
         rows.append({"batch": batch, "cache": cache, "samples_s": s["samples_per_s"],
                      "tokens_s": s["tokens_per_s"], "tokens": s["new_tokens"], "wall": wall})
         print(rows[-1])

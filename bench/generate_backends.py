@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from drafteu import generate, hardware, models, runio
+    from drafteu import fileio, generate, hardware, models
 
     models.load(args.target, tokenizer_only=True)
     device = hardware.resolve_device("auto")
@@ -53,7 +53,7 @@ def main() -> None:
                 s = generate.run(cfg)
                 wall = time.perf_counter() - t0
                 outputs[(mode, backend)] = [r["response_ids"] for r in sorted(
-                    runio.read_jsonl(Path(tmp) / "samples.jsonl"), key=lambda r: (r["qid"], r["sample"]))]
+                    fileio.read_jsonl(Path(tmp) / "samples.jsonl"), key=lambda r: (r["qid"], r["sample"]))]
             rows.append({"mode": mode, "backend": backend, "rows": s["rows"], "tokens": s["new_tokens"],
                          "tokens_s": s["tokens_per_s"], "wall": wall, "accuracy": s["accuracy"]})
             print(rows[-1], flush=True)

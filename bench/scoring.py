@@ -30,7 +30,7 @@ def speed(run: Path, n: int) -> dict:
     import torch
 
     from drafteu.config import load_experiment
-    from drafteu.evaluate.scoring import TrialEstimators, score_jobs
+    from drafteu.evaluate.scoring_stage import TrialEstimators, score_jobs
     from drafteu.methods import TARGET_ONLY
     from drafteu.rundir import EnsembleSpec, eval_rows, key_of, token_eu
 

@@ -41,10 +41,10 @@ def _free_port() -> int:
 
 def untrained_ensemble(root: Path) -> Path:
     """K = 4 noisy copies of the embedded target (no training)."""
-    from drafteu import runio
+    from drafteu import fileio
     from drafteu.train import drafts
 
-    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
+    fileio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
                                                  "correct": True, "finish": "eos"}])
     drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
                                    target="embedded", method="untrained", partitions=1, per_partition=4))

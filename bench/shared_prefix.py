@@ -53,10 +53,10 @@ def proxy(run: Path, cfg, share: bool, steps: int, tmp: Path) -> dict:
 
 def prefix_share(run: Path, batch_size: int) -> float:
     """The mean fraction of a micro-batch's prompt tokens in its shared prefix (batches in file order)."""
-    from drafteu import rundir, runio
+    from drafteu import fileio, rundir
     from drafteu.train.batches import shared_prefix_len
 
-    rows = runio.read_samples(rundir.samples_path(run))
+    rows = fileio.read_samples(rundir.samples_path(run))
     shares = []
     for i in range(0, len(rows), batch_size):
         prompts = [r["prompt_ids"] for r in rows[i:i + batch_size]]

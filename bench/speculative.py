@@ -45,7 +45,7 @@ def real(args) -> str:
 
     from drafteu import data, estimators, hardware, models
     from drafteu.kvcache import PrefixCache, StaticPrefixCache
-    from drafteu.speculative import SpeculativeDecoder, plain_greedy
+    from drafteu.spec_decoding import SpeculativeDecoder, plain_greedy
 
     torch.manual_seed(0)
     plain_lm = models.load(args.target, dtype=args.dtype)
@@ -152,10 +152,10 @@ def real(args) -> str:
 def batched(args, plain_lm, ens, ens_p, prompts, eos) -> str:
     """Several requests at once (``--batch B``): plain greedy as one batched ``generate`` of the HF backend
     (what `drafteu serve --engine batched` runs) against the speculative decoder of several requests
-    (``speculative_batch``, what `--engine speculative` runs for concurrent requests), with and without
+    (``spec_decoding_batch``, what `--engine speculative` runs for concurrent requests), with and without
     EU, the prompts in groups of B, modes interleaved group by group; ``args.record["batched"]``."""
     from drafteu.generate import HFBackend, Sampling
-    from drafteu.speculative_batch import BatchedSpeculativeDecoder, Request
+    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder, Request
 
     backend = HFBackend(args.target, plain_lm.tokenizer, model=plain_lm.model, prefix_cache=False)
     gamma = args.gamma[0]
@@ -218,7 +218,7 @@ def step_costs(args, plain_lm, modes, prompt, stats, base_tps) -> str:
     import statistics
 
     from drafteu.kvcache import PrefixCache, StaticPrefixCache
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
 
     dev = next(plain_lm.model.parameters()).device
     gammas = sorted(set(args.gamma))
@@ -374,7 +374,7 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
     from drafteu import divergence
     from drafteu.fused import FusedDrafts
     from drafteu.kvcache import PrefixCache, StaticPrefixCache
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "Not run: no CUDA device on this machine."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.errors import DraftEUError
 
 
@@ -59,7 +59,7 @@ def save_adapter(peft_model, name: str, directory: Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    if not runio.is_main_process():
+    if not fileio.is_main_process():
         return
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")

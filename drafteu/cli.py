@@ -174,7 +174,7 @@ def _fail(message: str) -> None:
 def _stage(go, threads) -> None:
     """Run a command: a DraftEUError or an OSError (a full disk, a read-only or missing folder) is one
     line naming the path and what to do, never a traceback; finished work stays on disk."""
-    from drafteu import runio
+    from drafteu import fileio
 
     try:
         from drafteu import models
@@ -185,7 +185,7 @@ def _stage(go, threads) -> None:
     except DraftEUError as e:
         _fail(str(e))
     except OSError as e:
-        _fail(runio.describe_oserror(e))
+        _fail(fileio.describe_oserror(e))
 
 
 @config_command(ScoreConfig, "score")
@@ -377,8 +377,8 @@ def report(
     anything; with --publish, copy them where results are committed (PUBLISH/NAME.md, PUBLISH/NAME/*.png,
     PUBLISH/NAME.json; text above the generated part of an existing NAME.md is kept)."""
     def go():
+        from drafteu import fileio
         from drafteu import report as rep
-        from drafteu import runio
         from drafteu.config import load_experiment
 
         if not (run_dir / "config.yaml").is_file():
@@ -386,7 +386,7 @@ def report(
         cfg = load_experiment(run_dir / "config.yaml")
         if publish is not None:  # a bad --publish or --name is refused before anything is written
             rep.check_publish(publish, name or cfg.name)
-        with runio.locked(run_dir, "run"):
+        with fileio.locked(run_dir, "run"):
             console.print(f"wrote {rep.write(cfg, run_dir)}")
         if publish is not None:
             paths = rep.publish(run_dir, publish, name or cfg.name)

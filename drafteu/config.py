@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drafteu import draft_bases, runio
+from drafteu import draft_base_kinds, fileio
 from drafteu.errors import DraftEUError
 from drafteu.estimators import AGGREGATIONS
 from drafteu.hardware import DEVICE_HELP, KERNEL_HELP, SCORING_KERNELS
@@ -73,7 +73,7 @@ class DraftBaseSection(DraftBaseSettings):
     fields of `drafteu train-draft-base`) or 'quantize' (the target itself at low precision, the
     ``quantize`` fields; docs/method.md §15)."""
 
-    model: str = field(default=draft_bases.DEFAULT, metadata={"help": draft_bases.MODEL_HELP})
+    model: str = field(default=draft_base_kinds.DEFAULT, metadata={"help": draft_base_kinds.MODEL_HELP})
     data: DraftBaseData | None = field(default=None, metadata={
         "help": "the warm-up data: None = the run's draft data (the data section); a mapping of generate's "
                 "fields = target answers of its own (e.g. GSM8K train questions)"})
@@ -175,7 +175,7 @@ class EvalSection:
     location_fields = ("batch_size", "score_batch", "heatmap_examples")  # how answers are batched, what the report shows
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if self.draft_kernel not in SCORING_KERNELS:
             raise DraftEUError(f"eval.draft_kernel must be one of {', '.join(SCORING_KERNELS)}, got {self.draft_kernel!r}")
         if self.temperature < 0:
@@ -378,7 +378,7 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
-        node[leaf] = runio.plain(val)
+        node[leaf] = fileio.plain(val)
     try:
         return _build(ExperimentConfig, raw, "")
     except DraftEUError as e:

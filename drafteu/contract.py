@@ -1,7 +1,7 @@
 """The stage contract: what a stage's outputs were made from, and whether they are still current.
 
 A stage declares its *inputs*: the slice of the config it reads (dotted keys -> values, with the
-fields that only say where or how something runs left out, ``runio.identity``) and the stages
+fields that only say where or how something runs left out, ``fileio.identity``) and the stages
 whose outputs it consumes.  Its *digest* hashes the inputs, the upstream stages' digests and the
 stage's version, so a changed key changes the digest of its stage and of everything downstream.
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.errors import DraftEUError
 
 STAMP = "stage.json"
@@ -125,7 +125,7 @@ def digests(stages: tuple[Stage, ...], cfg) -> dict[str, tuple[str, dict, dict[s
                 raise ValueError(f"stage {s.name} consumes {u}, which does not come before it")
             upstream[u] = out[u][0]
         inputs = s.reads(cfg)
-        out[s.name] = (runio.digest({"stage": s.name, "version": s.version, "inputs": inputs,
+        out[s.name] = (fileio.digest({"stage": s.name, "version": s.version, "inputs": inputs,
                                      "upstream": upstream}), inputs, upstream)
     return out
 
@@ -137,7 +137,7 @@ def stamp_path(run: Path, name: str) -> Path:
 def read_stamp(path: Path) -> dict | None:
     """A stamp, or None when absent; a damaged stamp counts as absent (its stage is recomputed)."""
     try:
-        stamp = runio.json_load(path)
+        stamp = fileio.json_load(path)
     except (OSError, ValueError):
         return None
     return stamp if isinstance(stamp, dict) and "digest" in stamp else None
@@ -201,10 +201,10 @@ def begin(run: Path, d: Decision) -> None:
         remove(keep)  # (``recover`` emptied it; a leftover here holds nothing of the previous results)
         old = _paths(run, d.stage) + [p for p in [stamp_path(run, d.stage.name)] if p.exists()]
         # the list first: a kill mid-way through the renames still knows what to put back
-        runio.write_json(keep / ASIDE, {"stage": d.stage.name, "paths": [str(p.relative_to(run)) for p in old]})
+        fileio.write_json(keep / ASIDE, {"stage": d.stage.name, "paths": [str(p.relative_to(run)) for p in old]})
         _move([p.relative_to(run) for p in old], run, keep)
     if d.action != "resume":
-        runio.write_json(stamp_path(run, d.stage.name), {
+        fileio.write_json(stamp_path(run, d.stage.name), {
             "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "running",
             "inputs": d.inputs, "upstream": d.upstream, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -214,7 +214,7 @@ def finish(run: Path, d: Decision, seconds: float) -> None:
     path = stamp_path(run, d.stage.name)
     stamp = read_stamp(path) or {}
     compute = seconds + (stamp.get("seconds", 0.0) if d.action == "resume" else 0.0)
-    runio.write_json(path, {
+    fileio.write_json(path, {
         "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "done",
         "inputs": d.inputs, "upstream": d.upstream, "started": stamp.get("started"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(compute, 2)})
@@ -232,7 +232,7 @@ def _move(rels: list[Path], src: Path, dest: Path) -> None:
 def _put_back(run: Path, keep: Path, current: list[Path]) -> None:
     """Delete ``current`` (what a failed attempt wrote) and move what ``keep`` holds back to ``run``."""
     try:
-        rels = [Path(r) for r in runio.json_load(keep / ASIDE)["paths"]]
+        rels = [Path(r) for r in fileio.json_load(keep / ASIDE)["paths"]]
     except (OSError, ValueError, KeyError):
         rels = []  # killed before the list was written: nothing was moved yet
     for path in current:
@@ -276,7 +276,7 @@ def keep_run_files(run: Path) -> None:
     keep = Path(run) / PREVIOUS / "run"
     remove(keep)
     names = [n for n in RUN_FILES if (Path(run) / n).exists()]
-    runio.write_json(keep / ASIDE, {"stage": "run", "paths": names})
+    fileio.write_json(keep / ASIDE, {"stage": "run", "paths": names})
     for name in names:
         shutil.copy2(Path(run) / name, keep / name)
 
@@ -308,7 +308,7 @@ def remove(path: Path) -> None:
 
 
 def claim(directory: Path, inputs: dict, *, what: str) -> None:
-    """Make ``directory`` hold the outputs of ``inputs`` (a stage config's ``runio.identity``).
+    """Make ``directory`` hold the outputs of ``inputs`` (a stage config's ``fileio.identity``).
 
     A directory stamped with the same inputs is resumed; one without outputs (new, or stamped by
     a run that failed before computing anything) is stamped with them; one whose outputs were made
@@ -317,11 +317,11 @@ def claim(directory: Path, inputs: dict, *, what: str) -> None:
     directory = Path(directory)
     path = directory / STAMP
     stamp = read_stamp(path)
-    digest = runio.digest(inputs)
+    digest = fileio.digest(inputs)
     if stamp is not None and stamp["digest"] == digest:
         return
-    bookkeeping = (STAMP, "config.yaml", runio.LOCK, runio.LOCK_OWNER)
-    writing = tuple(f".{b}.tmp" for b in bookkeeping)  # runio.tmp_name of a stamp being written
+    bookkeeping = (STAMP, "config.yaml", fileio.LOCK, fileio.LOCK_OWNER)
+    writing = tuple(f".{b}.tmp" for b in bookkeeping)  # fileio.tmp_name of a stamp being written
     made = directory.is_dir() and any(p.name not in bookkeeping and not p.name.startswith(writing)
                                       for p in directory.iterdir())
     if made and stamp is None:  # under several processes the main one may have stamped it meanwhile
@@ -336,5 +336,5 @@ def claim(directory: Path, inputs: dict, *, what: str) -> None:
         raise DraftEUError(f"{directory} holds files without a record of the inputs they were made from "
                            f"({STAMP} is missing: an older drafteu, or not a drafteu output); use another "
                            "output directory, or delete it to start over")
-    if runio.is_main_process():
-        runio.write_json(path, {"digest": digest, "inputs": inputs})
+    if fileio.is_main_process():
+        fileio.write_json(path, {"digest": digest, "inputs": inputs})

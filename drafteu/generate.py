@@ -28,7 +28,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from drafteu import contract, data, models, runio
+from drafteu import contract, data, fileio, models
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.kvcache import cache_kw, lcp, output_cache
@@ -56,7 +56,7 @@ class SamplingSettings:
     location_fields = ("batch_size",)  # how many are generated at once: the rows do not depend on it
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if self.samples < 1:
             raise DraftEUError(f"samples must be >= 1, got {self.samples}")
         if self.questions is not None and self.questions < 1:
@@ -103,7 +103,7 @@ class GenerateConfig(SamplingSettings, EngineSettings):
         skip = [] if self.temperature > 0 else ["backend"]
         skip += [] if self.member is not None else ["noise", "family_seed"]
         skip += [] if self.task == "easy-word" else ["steps", "low", "high"]
-        return runio.fields_identity(self, tuple(skip))
+        return fileio.fields_identity(self, tuple(skip))
 
     def __post_init__(self):
         SamplingSettings.__post_init__(self)
@@ -338,13 +338,13 @@ def _backend(cfg: GenerateConfig, lm, max_len: int):
 def run(cfg: GenerateConfig) -> dict:
     """Generate the missing samples, append them, and write config.yaml + manifest.json (one process
     writes OUT at a time)."""
-    with runio.locked(cfg.out, "samples folder"):
+    with fileio.locked(cfg.out, "samples folder"):
         return _run(cfg)
 
 
 def _run(cfg: GenerateConfig) -> dict:
     started = time.time()
-    contract.claim(cfg.out, runio.identity(cfg), what="samples")  # resume only the same samples
+    contract.claim(cfg.out, fileio.identity(cfg), what="samples")  # resume only the same samples
     problems = data.load_task(cfg.task, cfg.split, n=cfg.questions, seed=cfg.seed, steps=cfg.steps,
                               low=cfg.low, high=cfg.high)
     shots = data.shots_for(cfg.task, cfg.shots)
@@ -362,9 +362,9 @@ def _run(cfg: GenerateConfig) -> dict:
                          "lower --max-new-tokens or --shots", cfg.target)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    runio.write_config(cfg.out, cfg)
+    fileio.write_config(cfg.out, cfg)
     path = cfg.out / "samples.jsonl"
-    done = {(r["qid"], r["sample"]) for r in runio.read_jsonl(path, repair=True)}
+    done = {(r["qid"], r["sample"]) for r in fileio.read_jsonl(path, repair=True)}
     work = [(p, k) for p in problems for k in range(cfg.samples) if (p.qid, k) not in done]
     backend = _backend(cfg, lm, len(longest) + cfg.max_new_tokens) if work else None
     member = cfg.member
@@ -387,11 +387,11 @@ def _run(cfg: GenerateConfig) -> dict:
                     p.qid, p.question, p.gold, cfg.target, member, k, prompts[p.qid], resp, text,
                     extracted, data.is_correct(extracted, p.gold), finish), strict=True)))
                 new_tokens += len(resp)
-            runio.append_jsonl(path, rows)
+            fileio.append_jsonl(path, rows)
             el = max(time.time() - t0, 1e-9)
             bar.update(advance=len(batch), info=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
 
-    rows = runio.read_jsonl(path)
+    rows = fileio.read_jsonl(path)
     accuracy = sum(bool(r["correct"]) for r in rows) / len(rows)
     elapsed = time.time() - t0
     summary = {
@@ -400,7 +400,7 @@ def _run(cfg: GenerateConfig) -> dict:
         "samples_per_s": len(work) / elapsed if work else None,
         "tokens_per_s": new_tokens / elapsed if work else None,
     }
-    runio.write_manifest(cfg.out, "generate", cfg, started, **summary)
+    fileio.write_manifest(cfg.out, "generate", cfg, started, **summary)
     return summary
 
 

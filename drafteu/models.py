@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from drafteu import hardware, packaged, runio
+from drafteu import fileio, hardware, packaged
 from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
@@ -163,7 +163,7 @@ def writable_cache() -> Path:
     if root.exists() and not root.is_dir():
         raise DraftEUError(f"{var} = {root} is a file; point DRAFTEU_CACHE to a folder drafteu may write "
                            "(converted models and draft bases are kept there)")
-    why = runio.unwritable(root)
+    why = fileio.unwritable(root)
     if why:
         raise DraftEUError(f"{var} = {root} cannot be written ({why}); point DRAFTEU_CACHE to a writable folder")
     return root

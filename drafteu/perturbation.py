@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import divergence, runio
+from drafteu import divergence, fileio
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel
@@ -156,5 +156,5 @@ def check(cfg: NoiseCheckConfig) -> list[dict]:
                     "modules": list(noisy.noise.target_modules)} | strength(noisy, [names] * len(pairs), pairs, plen,
                                                                           target=target))
     if cfg.json is not None:
-        runio.write_json(cfg.json, out)
+        fileio.write_json(cfg.json, out)
     return out

@@ -20,7 +20,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from drafteu import contract, draft_bases, generate, hardware, preflight, rundir, runio
+from drafteu import contract, draft_base_kinds, fileio, generate, hardware, preflight, rundir
 from drafteu.config import ExperimentConfig, GenerationSection, section_values
 from drafteu.contract import Context, Stage
 from drafteu.errors import DraftEUError
@@ -30,7 +30,7 @@ TEACHER_SEED_OFFSET = 7919  # the proxy's data teachers are not the ground-truth
 
 
 # ---------------------------------------------------------------------------------------------
-# What each stage reads: dotted config keys -> their identity (runio.identity: no locations).
+# What each stage reads: dotted config keys -> their identity (fileio.identity: no locations).
 
 
 def pick(cfg: ExperimentConfig, *keys: str) -> dict:
@@ -40,7 +40,7 @@ def pick(cfg: ExperimentConfig, *keys: str) -> dict:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        out[key] = runio.identity(value)
+        out[key] = fileio.identity(value)
     return out
 
 
@@ -59,13 +59,13 @@ def reads_data(cfg):
 
 def _own_data(db) -> bool:
     """Whether the draft base answers questions of its own to train on (else it reads the run's data)."""
-    kind = draft_bases.kind(db.model)
+    kind = draft_base_kinds.kind(db.model)
     return kind is not None and kind.own_data and db.data is not None
 
 
 def reads_draft_base(cfg):
     db = cfg.draft_base
-    kind = draft_bases.kind(db.model)
+    kind = draft_base_kinds.kind(db.model)
     if kind is None:
         return pick(cfg, "draft_base.model")  # a sibling: used as it is
     own_data = ("dtype", *backend_if_sampling(db.data.temperature)) if _own_data(db) else ()
@@ -73,7 +73,7 @@ def reads_draft_base(cfg):
 
 
 def after_draft_base(cfg):
-    return ("data",) if draft_bases.kind(cfg.draft_base.model) is not None and not _own_data(cfg.draft_base) else ()
+    return ("data",) if draft_base_kinds.kind(cfg.draft_base.model) is not None and not _own_data(cfg.draft_base) else ()
 
 
 def reads_drafts(cfg):
@@ -148,7 +148,7 @@ def stage_draft_base(ctx: Context) -> dict | None:
     answers that task's train questions, cached under ``draft_base/data-<key of the data recipe>``
     so that recipes differing only in depth or training share one data set."""
     cfg, run = ctx.cfg, ctx.run
-    kind = draft_bases.kind(cfg.draft_base.model)
+    kind = draft_base_kinds.kind(cfg.draft_base.model)
     if kind is None:
         return None  # a sibling model: nothing to build
     import shutil
@@ -160,29 +160,29 @@ def stage_draft_base(ctx: Context) -> dict | None:
     sec, out = cfg.draft_base, run / "draft_base"
     cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
     target = models.identity(cfg.target)
-    home = cache / f"{kind.label(sec)}-{runio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
+    home = cache / f"{kind.label(sec)}-{fileio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
     reused = sec.cache and _verified_entry(home / "model")
     samples = rundir.samples_path(run)
     gen = draft_base_data_cfg(cfg, home / "data") if kind.own_data else None
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
         if sec.cache:
-            gen = dataclasses.replace(gen, out=cache / f"data-{runio.digest([target, runio.identity(gen)])}")
-        if runio.is_main_process() and not reused:  # generation: the main process; training: every process
+            gen = dataclasses.replace(gen, out=cache / f"data-{fileio.digest([target, fileio.identity(gen)])}")
+        if fileio.is_main_process() and not reused:  # generation: the main process; training: every process
             generate.run(gen)
         wait_for_everyone()
         samples = gen.out / "samples.jsonl"
     if not sec.cache:
         return draft_base.run(draft_base_cfg(cfg, samples, out))
-    with runio.locked(home, "cached draft base"):  # two runs building one recipe: one trains, one waits
+    with fileio.locked(home, "cached draft base"):  # two runs building one recipe: one trains, one waits
         manifest = draft_base.run(draft_base_cfg(cfg, samples, home / "model"))
-        if runio.is_main_process() and not reused:  # what the entry is checked against before reuse
-            runio.write_json(home / "files.json", runio.files_digest(home / "model", skip=("trainer",)))
-    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": runio.identity(sec.data)}}
-    if runio.is_main_process():
+        if fileio.is_main_process() and not reused:  # what the entry is checked against before reuse
+            fileio.write_json(home / "files.json", fileio.files_digest(home / "model", skip=("trainer",)))
+    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": fileio.identity(sec.data)}}
+    if fileio.is_main_process():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(home / "model", tmp, ignore=shutil.ignore_patterns("trainer"))
-        runio.write_json(tmp / "manifest.json", manifest)
+        fileio.write_json(tmp / "manifest.json", manifest)
         shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
         tmp.rename(out)  # atomic: a killed copy leaves no half-written draft base
     wait_for_everyone()
@@ -200,8 +200,8 @@ def _verified_entry(model_dir: Path) -> bool:
     if not (model_dir / "manifest.json").exists() or not files.exists():
         return False
     try:
-        expected = runio.json_load(files)
-        found = runio.files_digest(model_dir, skip=("trainer",))
+        expected = fileio.json_load(files)
+        found = fileio.files_digest(model_dir, skip=("trainer",))
     except (OSError, ValueError):
         expected, found = None, {}
     if found == expected:
@@ -310,14 +310,14 @@ def stage_eval_samples(ctx: Context) -> dict:
 def _evaluation(name: str, fn):
     def run_stage(ctx: Context) -> dict:
         result = fn(ctx.cfg, ctx.run)
-        runio.write_json(rundir.eval_json(ctx.run, name), result)
+        fileio.write_json(rundir.eval_json(ctx.run, name), result)
         return result
 
     return run_stage
 
 
 def _stages() -> tuple[Stage, ...]:
-    from drafteu.evaluate import scoring, stages
+    from drafteu.evaluate import scoring_stage, stages
 
     def keys(*ks):  # eval.draft_kernel only when set: runs made before the option keep their identity
         return lambda cfg: pick(cfg, *ks, *(("eval.draft_kernel",) if cfg.eval.draft_kernel != "recipe" else ()))
@@ -337,7 +337,7 @@ def _stages() -> tuple[Stage, ...]:
         Stage("draft_base", stage_draft_base, reads_draft_base, after_draft_base,
               outputs=("draft_base", "draft_base_data"), every_process=True,
               products=lambda cfg, run: [run / "draft_base" / k.product, run / "draft_base" / "manifest.json"]
-              if (k := draft_bases.kind(cfg.draft_base.model)) else []),
+              if (k := draft_base_kinds.kind(cfg.draft_base.model)) else []),
         Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
               every_process=True, products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
         Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",),
@@ -346,7 +346,7 @@ def _stages() -> tuple[Stage, ...]:
               products=files("proxy/manifest.json", "proxy/adapter/adapter_model.safetensors")),
         Stage("eval_samples", stage_eval_samples, reads_eval_samples, outputs=(str(rundir.EVAL_SAMPLES),),
               products=files(f"{rundir.EVAL_SAMPLES}/samples.jsonl")),
-        Stage("score", lambda ctx: scoring.stage_score(ctx.cfg, ctx.run),
+        Stage("score", lambda ctx: scoring_stage.stage_score(ctx.cfg, ctx.run),
               keys(*model, "eval.family_size", "eval.tokur_size", "eval.trials", "eval.retrain_per_trial",
                    "eval.fidelity_questions"), lambda cfg: trained,
               outputs=(str(rundir.TOKEN_EU), str(rundir.TOKEN_EU_META), "eval/token_eu.part*.jsonl"),
@@ -407,7 +407,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
     if until is not None and until not in names:
         raise DraftEUError(f"--until {until!r}: not a stage; the stages are {', '.join(names)}")
     preflight.check(cfg, run_dir)  # config errors before any work
-    with runio.locked(run_dir, "run"):  # one process writes a run directory at a time
+    with fileio.locked(run_dir, "run"):  # one process writes a run directory at a time
         return _run(cfg, run_dir, log, names.index(until) + 1 if until is not None else len(names))
 
 
@@ -420,16 +420,16 @@ def _run(cfg: ExperimentConfig, run_dir: Path, log, stages: int) -> dict:
     hw = hardware.describe(device) | {"dtype": hardware.resolve_dtype(cfg.dtype, device), "mixed_precision": precision}
     log(f"device {hw['device']} ({hw['hardware']}), model dtype {hw['dtype']}, "
         f"training mixed precision {', '.join(f'{k} {v}' for k, v in precision.items())}")
-    main = runio.is_main_process()
+    main = fileio.is_main_process()
     if main:
         for name in contract.recover(run_dir, STAGES):  # a killed recompute: the previous results come back
             log(f"[{name}] a recompute did not finish: its previous outputs are back")
-    runio.barrier()
+    fileio.barrier()
     decisions = plan(cfg, run_dir)[:stages]
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         contract.keep_run_files(run_dir)
-        runio.write_config(run_dir, cfg)
+        fileio.write_config(run_dir, cfg)
     try:
         manifest = _run_stages(cfg, run_dir, log, decisions, hw, main)
     except BaseException:
@@ -449,9 +449,9 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log, decisions, hw: dict, 
     """Run the decided stages in order; returns the run manifest.  A stage that fails gets its previous
     outputs back (``contract.restore``) before the error goes on."""
     manifest_path = run_dir / "manifest.json"
-    manifest = runio.json_load(manifest_path) if manifest_path.exists() else {}
-    manifest.update({"stage": "reproduce", "name": cfg.name, "versions": runio.versions(),
-                     "config_hash": runio.config_hash(cfg), "hardware": hw,
+    manifest = fileio.json_load(manifest_path) if manifest_path.exists() else {}
+    manifest.update({"stage": "reproduce", "name": cfg.name, "versions": fileio.versions(),
+                     "config_hash": fileio.config_hash(cfg), "hardware": hw,
                      "digests": {d.stage.name: d.digest for d in decisions}})
     manifest.pop("stages", None)
     manifest["stages"] = {}
@@ -468,10 +468,10 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log, decisions, hw: dict, 
             if main:
                 contract.begin(run_dir, d)
             try:
-                runio.barrier()
+                fileio.barrier()
                 if main or d.stage.every_process:
                     d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
-                runio.barrier()
+                fileio.barrier()
             except BaseException:
                 if main and contract.restore(run_dir, d.stage):
                     log(f"[{name}] failed: its previous outputs are back")
@@ -485,10 +485,10 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log, decisions, hw: dict, 
                                     "compute_seconds": stamp.get("seconds", round(time.time() - t0, 2)),
                                     "action": d.action}
         if main:
-            runio.write_json(manifest_path, manifest)
+            fileio.write_json(manifest_path, manifest)
     manifest["last_run_seconds"] = round(time.time() - total, 1)
     manifest.setdefault("runs", []).append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                             "seconds": manifest["last_run_seconds"]})
     if main:
-        runio.write_json(manifest_path, manifest)
+        fileio.write_json(manifest_path, manifest)
     return manifest

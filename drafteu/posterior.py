@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.errors import DraftEUError
 from drafteu.progress import note
 
@@ -67,7 +67,7 @@ class NoiseConfig:
         return self.scale == "relative"
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise DraftEUError(f"sigma must be a finite number >= 0, got {self.sigma} (the paper uses 0.1)")
         if self.rank < 1:

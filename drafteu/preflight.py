@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from drafteu import draft_bases, hardware
+from drafteu import draft_base_kinds, hardware
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import DRAFT_METHODS
@@ -47,7 +47,7 @@ def check(cfg: ExperimentConfig, run_dir: Path) -> None:
     except DraftEUError as e:
         raise DraftEUError(f"target: {e}") from None
     db = cfg.draft_base
-    kind = draft_bases.kind(db.model)
+    kind = draft_base_kinds.kind(db.model)
     if kind is not None:
         kind.check(db, cfg.target, depth)
     else:
@@ -55,14 +55,14 @@ def check(cfg: ExperimentConfig, run_dir: Path) -> None:
             linear_modules(db.model)
         except DraftEUError as e:
             raise DraftEUError(f"draft_base.model: {e} (a sibling's hub id, local directory, GGUF file or packaged "
-                               f"name, or one of {', '.join(repr(k) for k in draft_bases.KINDS)})") from None
+                               f"name, or one of {', '.join(repr(k) for k in draft_base_kinds.KINDS)})") from None
         sibling(cfg.target, db.model, "draft_base.model")
     modules(cfg)
     n = cfg.data.questions if cfg.data.questions is not None else (200 if cfg.data.task == "easy-word" else None)
     if n is None:
         return  # a dataset's size is known only once it is read
     needs = []
-    if (k := draft_bases.kind(cfg.draft_base.model)) is not None and k.trains and cfg.draft_base.heldout > 0:
+    if (k := draft_base_kinds.kind(cfg.draft_base.model)) is not None and k.trains and cfg.draft_base.heldout > 0:
         needs.append((_groups(cfg.draft_base.heldout), f"draft_base.heldout {cfg.draft_base.heldout:g} splits them "
                       f"into {_groups(cfg.draft_base.heldout)} groups", "lower draft_base.heldout"))
     parts = [cfg.drafts.partitions] if any(DRAFT_METHODS[m].partitions for m in cfg.drafts.methods) else []
@@ -133,7 +133,7 @@ def modules(cfg: ExperimentConfig) -> None:
     from it), the target (noise, the proxy unless ``proxy.base`` is the draft base)."""
     target, depth = linear_modules(cfg.target)
     db = cfg.draft_base
-    if (kind := draft_bases.kind(db.model)) is not None:
+    if (kind := draft_base_kinds.kind(db.model)) is not None:
         base, base_depth = target, kind.depth(db, depth)
     else:
         base, base_depth = linear_modules(db.model)

@@ -12,7 +12,7 @@ import html
 import math
 from pathlib import Path
 
-from drafteu import draft_bases, figures, runio
+from drafteu import draft_base_kinds, figures, fileio
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import named
@@ -20,7 +20,7 @@ from drafteu.methods import named
 
 def _load(run: Path, name: str) -> dict | None:
     path = run / "eval" / f"{name}.json"
-    return runio.json_load(path) if path.exists() else None
+    return fileio.json_load(path) if path.exists() else None
 
 
 def _pm(d: dict, digits: int = 4) -> str:
@@ -162,7 +162,7 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
     )
 
     lines = []
-    base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    base = fileio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
     if base.get("kl_to_target") is not None:
         what = base.get("quantize") or f"{base.get('layers')} layers"
         lines += [f"Draft base ({base.get('kind', 'truncate')}, {what}): KL to the target {base['kl_to_target']:.4f} "
@@ -205,8 +205,8 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
 
 def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
     d, db, dr, p, e = cfg.data, cfg.draft_base, cfg.drafts, cfg.proxy, cfg.eval
-    man = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
-    base = kind.describe(db) if (kind := draft_bases.kind(db.model)) else db.model
+    man = fileio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    base = kind.describe(db) if (kind := draft_base_kinds.kind(db.model)) else db.model
     steps = dr.train.max_steps or f"{dr.train.epochs} epoch(s)"
     lines = [
         f"- Target: `{cfg.target}`; draft base: {base}.",
@@ -261,8 +261,8 @@ def write(cfg: ExperimentConfig, run: Path) -> Path:
     md += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
     md += ["Token-level EU heat-maps of generated answers are in report.html.", ""]
     text = "\n".join(md)
-    runio.write_text_atomic(run / "report.md", text)
-    runio.write_text_atomic(run / "report.html", _html(cfg, run, text, figs))
+    fileio.write_text_atomic(run / "report.md", text)
+    fileio.write_text_atomic(run / "report.html", _html(cfg, run, text, figs))
     return run / "report.md"
 
 
@@ -385,7 +385,7 @@ def _cost_section(run: Path, cst: dict) -> list[str]:
     if "modes" in cst:
         md += _cost_modes(cst)
     md += _cost_reading(cst)
-    base = runio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    base = fileio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
     if base.get("kernel"):
         ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
         md += ["", f"The drafts ran on {ran}; its weights take "
@@ -418,7 +418,7 @@ def check_publish(out: Path, name: str) -> None:
                            "embedded-study; the report goes to PUBLISH/NAME.md")
     if out.exists() and not out.is_dir():
         raise DraftEUError(f"--publish {out} is a file; give a folder, e.g. docs/results")
-    why = runio.unwritable(out)
+    why = fileio.unwritable(out)
     if why:
         raise DraftEUError(f"--publish {out} cannot be written ({why}); give a writable folder")
 
@@ -450,11 +450,11 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
         keep = old.split(GENERATED)[0] if GENERATED in old else old.rstrip() + "\n\n"
     body = (run / "report.md").read_text(encoding="utf-8").replace("](figures/", f"]({name}/")
     body = body.replace("are in report.html", f"are in [{name}/report.html]({name}/report.html)")
-    runio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")
-    manifest = runio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
-    numbers = {"config": runio.plain(cfg), "manifest": manifest,
+    fileio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")
+    manifest = fileio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    numbers = {"config": fileio.plain(cfg), "manifest": manifest,
                **{k: _load(run, k) for k in EVAL_JSONS if _load(run, k) is not None}}
-    runio.write_json(out / f"{name}.json", numbers)
+    fileio.write_json(out / f"{name}.json", numbers)
     return {"markdown": md_path, "json": out / f"{name}.json", "figures": fig_dir}
 
 

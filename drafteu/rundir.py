@@ -20,7 +20,7 @@
     report.md  report.html  figures/*.png
 
 Every stage reads and writes through the helpers here; the method behind each file is in docs/method.md.
-Generic atomic I/O (jsonl, JSON, YAML) is ``drafteu.runio``.
+Generic atomic I/O (jsonl, JSON, YAML) is ``drafteu.fileio``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import draft_bases, runio
+from drafteu import draft_base_kinds, fileio
 from drafteu.errors import DraftEUError
 from drafteu.methods import draft_method, named
 
@@ -91,7 +91,7 @@ def draft_dir(run: Path, cfg, spec: EnsembleSpec, trial: int) -> Path:
 
 def base_model(cfg, run: Path) -> str:
     """The draft base: the run's built one (truncated or quantized target), or the configured sibling."""
-    return str(Path(run) / "draft_base") if draft_bases.kind(cfg.draft_base.model) else cfg.draft_base.model
+    return str(Path(run) / "draft_base") if draft_base_kinds.kind(cfg.draft_base.model) else cfg.draft_base.model
 
 
 def samples_path(run: Path) -> Path:
@@ -120,7 +120,7 @@ EVAL_SAMPLES = Path("eval") / "samples"
 
 def eval_rows(run: Path) -> list[dict]:
     """The evaluated answers (eval/samples/samples.jsonl)."""
-    rows = runio.read_jsonl(Path(run) / EVAL_SAMPLES / "samples.jsonl")
+    rows = fileio.read_jsonl(Path(run) / EVAL_SAMPLES / "samples.jsonl")
     if not rows:
         raise DraftEUError(f"{run}/eval/samples holds no answers; the eval_samples stage did not run")
     return rows
@@ -139,7 +139,7 @@ def fidelity_rows(rows: list[dict], limit: int | None) -> list[dict]:
 
 def token_eu(run: Path) -> dict[tuple[str, str, int], dict]:
     """(answer key, method label, trial) -> the stored row of eval/token_eu.jsonl."""
-    return {(r["key"], r["method"], r["trial"]): r for r in runio.read_jsonl(Path(run) / TOKEN_EU)}
+    return {(r["key"], r["method"], r["trial"]): r for r in fileio.read_jsonl(Path(run) / TOKEN_EU)}
 
 
 def hallucination_map(run: Path, method: str) -> dict | None:
@@ -181,7 +181,7 @@ def rounded(t: torch.Tensor | None) -> list[float] | None:
 
 def _stage_of(manifest: Path) -> str | None:
     try:
-        return runio.json_load(manifest).get("stage")
+        return fileio.json_load(manifest).get("stage")
     except (OSError, ValueError):
         return None
 

@@ -12,11 +12,11 @@ from drafteu.config import MAX_FAMILY
 from drafteu.data import token_pieces
 from drafteu.errors import DraftEUError
 from drafteu.estimators import METHODS
+from drafteu.fileio import write_json
 from drafteu.generate import greedy_answer
 from drafteu.hardware import DEVICE_HELP, KERNEL_HELP, SCORING_KERNELS
 from drafteu.methods import ESTIMATORS, named
 from drafteu.posterior import NoiseConfig, NoisyModel
-from drafteu.runio import write_json
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`drafteu speculate`: the draft ensemble decodes an answer speculatively for the target and scores
-every emitted token's EU on the way (``speculative.SpeculativeDecoder``); the JSON of `drafteu
+every emitted token's EU on the way (``spec_decoding.SpeculativeDecoder``); the JSON of `drafteu
 score` plus a ``speculative`` block."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
-from drafteu.speculative import SpeculateOptions, SpeculativeDecoder
+from drafteu.spec_decoding import SpeculateOptions, SpeculativeDecoder
 
 
 @dataclass(kw_only=True)
@@ -54,8 +54,8 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     from drafteu.answers import to_json
     from drafteu.data import StreamPieces, token_pieces
     from drafteu.estimators import TokenScores
+    from drafteu.fileio import write_json
     from drafteu.methods import ESTIMATORS, named
-    from drafteu.runio import write_json
 
     if cfg.json is not None and Path(cfg.json).is_dir():
         raise DraftEUError(f"--json {cfg.json} is a directory; give a file path")

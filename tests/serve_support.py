@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.train import drafts
 
 KEY = "sk-test-key"
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def untrained_ensemble(root) -> object:
     """Three noisy copies of the embedded target (no training: untrained drafts on the target itself)."""
-    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1, 2], "response_ids": [3],
+    fileio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1, 2], "response_ids": [3],
                                                  "correct": True, "finish": "eos"}])
     drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
                                    target="embedded", method="untrained", partitions=1, per_partition=3))

@@ -55,7 +55,7 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(cycles)
     # the graph is real (lazy imports counted): the orchestrator sits on top of what it runs, and
     # only the CLI imports it
-    assert {"drafteu.evaluate.stages", "drafteu.evaluate.scoring", "drafteu.rundir"} <= graph["drafteu.pipeline"]
+    assert {"drafteu.evaluate.stages", "drafteu.evaluate.scoring_stage", "drafteu.rundir"} <= graph["drafteu.pipeline"]
     assert [m for m, deps in graph.items() if "drafteu.pipeline" in deps] == ["drafteu.cli"]
 
 
@@ -143,14 +143,14 @@ def test_the_scan_finds_a_name_written_anywhere():
 
 
 def test_no_module_branches_on_a_draft_base_kind():
-    """Over the whole package, no comparison names a draft-base kind outside draft_bases.py (a manifest
+    """Over the whole package, no comparison names a draft-base kind outside draft_base_kinds.py (a manifest
     or recipe field and the CLI's nested "quantize" section may still write the word): the pipeline,
     preflight, the run directory, the report and the builder ask the entry."""
-    from drafteu.draft_bases import KINDS
+    from drafteu.draft_base_kinds import KINDS
 
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "draft_bases.py":
+        if path.name == "draft_base_kinds.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []

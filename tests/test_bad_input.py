@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.cli import app
 
 from .test_pipeline import tiny_config
@@ -172,7 +172,7 @@ def test_sampled_generation_is_the_same_however_batched_or_resumed(tiny_dir, tmp
     common = dict(target=str(tiny_dir), questions=6, samples=2, temperature=1.0, max_new_tokens=8)
     generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=8, **common))
     generate.run(generate.GenerateConfig(out=tmp_path / "b", batch_size=3, prefix_cache=False, **common))
-    a, b = (runio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
+    a, b = (fileio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
     key = lambda r: (r["qid"], r["sample"])  # noqa: E731
     ids = lambda rows: {key(r): r["response_ids"] for r in rows}  # noqa: E731
     assert ids(a) == ids(b)
@@ -182,7 +182,7 @@ def test_sampled_generation_is_the_same_however_batched_or_resumed(tiny_dir, tmp
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:5]) + lines[5][:20])
     generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=4, **common))
-    assert ids(runio.read_jsonl(path)) == ids(a)
+    assert ids(fileio.read_jsonl(path)) == ids(a)
 
 
 def test_row_seeded_sampler_samples_the_tempered_top_p_distribution():
@@ -251,7 +251,7 @@ def test_two_reproduce_on_one_run_one_runs_the_other_is_refused(tmp_path, tiny_d
     first = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "reproduce", "-c", str(tmp_path / "c.yaml"),
                               "--run", str(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "DRAFTEU_THREADS": "1"})
-    owner = run / runio.LOCK_OWNER
+    owner = run / fileio.LOCK_OWNER
     deadline = time.time() + 120
     while not owner.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -260,7 +260,7 @@ def test_two_reproduce_on_one_run_one_runs_the_other_is_refused(tmp_path, tiny_d
     _one_line_error(res, "is in use by process", str(first.pid), "reproduce")
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
-    rows = runio.read_jsonl(run / "data" / "samples.jsonl")
+    rows = fileio.read_jsonl(run / "data" / "samples.jsonl")
     assert len(rows) == len({(r["qid"], r["sample"]) for r in rows}) == 8 * 2
     assert not owner.exists()
 
@@ -269,8 +269,8 @@ def test_a_dead_processs_lock_and_temporary_files_do_not_block_or_stay(finished_
     run = tmp_path / "run"
     shutil.copytree(finished_run / "r1", run)
     dead = _dead_pid()
-    runio.write_json(run / runio.LOCK_OWNER, {"pid": dead, "command": "drafteu reproduce", "started": "then"})
-    (run / runio.LOCK).touch()  # the lock file stays; the OS lock died with its process
+    fileio.write_json(run / fileio.LOCK_OWNER, {"pid": dead, "command": "drafteu reproduce", "started": "then"})
+    (run / fileio.LOCK).touch()  # the lock file stays; the OS lock died with its process
     leftovers = [run / f".manifest.json.tmp{dead}", run / "eval" / f".fidelity.json.tmp{dead}",
                  run / "drafts" / "ddd" / "s0_m0.tmp"]
     for p in leftovers[:2]:
@@ -365,7 +365,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path, tiny_di
     res = CliRunner().invoke(app, ["generate", "-o", str(out), "--target", str(tiny_dir), "-n", "2", "--samples", "1",
                                    "--max-new-tokens", "4"])
     _one_line_error(res, "No space left on device", "free some space")
-    assert len(runio.read_jsonl(out / "samples.jsonl")) == 2  # the rows written before are kept
+    assert len(fileio.read_jsonl(out / "samples.jsonl")) == 2  # the rows written before are kept
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     monkeypatch.setattr(Path, "write_text", real_write)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drafteu import contract, pipeline, runio
+from drafteu import contract, fileio, pipeline
 from drafteu.config import ExperimentConfig, load_experiment
 from drafteu.contract import Context, Stage
 from drafteu.errors import DraftEUError
@@ -144,7 +144,7 @@ def test_stages_read_every_key_their_work_depends_on(tmp_path, variant):
     root = Path(__file__).resolve().parents[1]
     base = load_experiment(root / "configs" / "demo.yaml", VARIANTS[variant])
     run = tmp_path / "run"
-    built = {k: [runio.identity(c) for c in v] for k, v in _builders(base, run).items()}
+    built = {k: [fileio.identity(c) for c in v] for k, v in _builders(base, run).items()}
     watched: dict[str, set[str]] = {}
     for stage in pipeline.STAGES:  # its own keys and, through their digests, its upstream stages'
         watched[stage.name] = set(stage.reads(base)).union(*(watched[u] for u in stage.after(base)))
@@ -165,7 +165,7 @@ def test_stages_read_every_key_their_work_depends_on(tmp_path, variant):
                 continue
             if any(key == d or key.startswith(d + ".") for d in watched[stage.name]):
                 continue
-            got = [runio.identity(c) for c in _builders(cfg, run)[stage.name]]
+            got = [fileio.identity(c) for c in _builders(cfg, run)[stage.name]]
             assert got == built[stage.name], f"stage {stage.name} depends on {key}, which it does not declare"
             checked += 1
     assert checked > 200
@@ -224,7 +224,7 @@ def test_the_evaluation_stages_read_only_keys_the_contract_watches(finished, tmp
     (attribute by attribute, traced) only config keys that it or a stage it consumes declares."""
     cfg = load_experiment(finished / "c.yaml")
     built = _builders(cfg, tmp_path)
-    allowed = _location_keys(cfg) | {k for k, v in OPTIONAL.items() if runio.identity(_value(cfg, k)) == v}
+    allowed = _location_keys(cfg) | {k for k, v in OPTIONAL.items() if fileio.identity(_value(cfg, k)) == v}
     watched: dict[str, set[str]] = {}
     undeclared, checked = {}, []
     for stage in pipeline.STAGES:
@@ -321,7 +321,7 @@ PRODUCT = {"data": "data/samples.jsonl", "draft_base": "draft_base/model.safeten
 @pytest.mark.parametrize("row", range(len(TABLE)), ids=lambda i: ",".join(TABLE[i][0]))
 def test_an_edit_recomputes_exactly_the_stages_that_depend_on_it(finished, row):
     edits, expected = TABLE[row]
-    cfg = load_experiment(finished / "c.yaml", {k: runio.plain(v) if not isinstance(v, str) else v
+    cfg = load_experiment(finished / "c.yaml", {k: fileio.plain(v) if not isinstance(v, str) else v
                                                 for k, v in edits.items()})
     untouched = load_experiment(finished / "c.yaml")
     assert all(d.action == "skip" for d in pipeline.plan(untouched, finished / "run"))
@@ -388,10 +388,10 @@ def test_a_reproduce_killed_in_every_stage_resumes_to_the_same_bytes(tmp_path, t
             return fn(*a, **kw)
         return wrapper
 
-    append, collate, write = runio.append_jsonl, loop.collate, runio.write_json
-    monkeypatch.setattr(runio, "append_jsonl", hooked("append", append))
+    append, collate, write = fileio.append_jsonl, loop.collate, fileio.write_json
+    monkeypatch.setattr(fileio, "append_jsonl", hooked("append", append))
     monkeypatch.setattr(loop, "collate", hooked("collate", collate))
-    monkeypatch.setattr(runio, "write_json", hooked("write", write))
+    monkeypatch.setattr(fileio, "write_json", hooked("write", write))
 
     def tracked(stage):
         def run_stage(ctx: Context):

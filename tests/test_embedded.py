@@ -67,12 +67,12 @@ def test_embedded_score_cli(tmp_path):
 
 
 def test_embedded_generate_easy_word(tmp_path):
-    from drafteu import generate, runio
+    from drafteu import fileio, generate
 
     cfg = generate.GenerateConfig(out=tmp_path, task="easy-word", split="test", questions=8, samples=1,
                                   temperature=0.0, max_new_tokens=96, batch_size=8)
     summary = generate.run(cfg)
-    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "samples.jsonl")
     assert summary["rows"] == 8 and all(r["finish"] == "eos" for r in rows)
     # 2-shot prompts make the model answer in \boxed{}; it gets some, not all, right (50% on 160)
     assert all("\\boxed{" in r["response"] and r["extracted"] is not None for r in rows)
@@ -81,9 +81,9 @@ def test_embedded_generate_easy_word(tmp_path):
 
 def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(tmp_path):
     """Speculative decoding on the real model: the target's greedy answer, EU equal to offline scoring."""
-    from drafteu import runio
+    from drafteu import fileio
     from drafteu.generate import greedy_answer
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
     from drafteu.train import drafts
 
     smol = models.load("embedded")  # fresh: other tests put noise adapters on the shared fixture
@@ -92,7 +92,7 @@ def test_embedded_speculative_greedy_is_the_targets_greedy_and_eu_matches_score(
     models.truncate_layers(smol.model, 6).save_pretrained(base)
     smol.tokenizer.save_pretrained(base)
     prompt = data.format_prompt(smol.tokenizer, QUESTION, data.shots_for("score", 2))
-    runio.append_jsonl(tmp_path / "samples.jsonl", [{"qid": "q0", "prompt_ids": prompt, "response_ids": [1],
+    fileio.append_jsonl(tmp_path / "samples.jsonl", [{"qid": "q0", "prompt_ids": prompt, "response_ids": [1],
                                                      "correct": False}])
     drafts.run(drafts.DraftsConfig(samples=tmp_path / "samples.jsonl", out=tmp_path / "drafts", base=str(base),
                                    method="untrained", partitions=1, per_partition=3))

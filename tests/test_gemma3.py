@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from drafteu import data, divergence, estimators, generate, models, perturbation, quantize, runio
+from drafteu import data, divergence, estimators, fileio, generate, models, perturbation, quantize
 from drafteu.kvcache import cache_kw, output_cache
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds
 from drafteu.sources import sliding_window
@@ -57,7 +57,7 @@ def test_plain_prompts_and_answers_of_a_base_model(gemma):
     root, _ = gemma
     lm = models.load(str(root / "target"))
     assert sliding_window(lm.model.config) == WINDOW
-    rows = runio.read_jsonl(root / "data" / "samples.jsonl")
+    rows = fileio.read_jsonl(root / "data" / "samples.jsonl")
     prompt = lm.tokenizer.decode(rows[0]["prompt_ids"])
     assert "Question:" in prompt and prompt.rstrip().endswith("Answer:")  # the plain format, no template
     assert all(len(r["prompt_ids"]) > WINDOW for r in rows)  # every answer crosses the window
@@ -75,7 +75,7 @@ def test_the_int8_self_draft_is_close_and_its_members_train(gemma):
 
 def test_the_proxy_records_its_held_out_fit_and_plateau(gemma):
     root, _ = gemma
-    man = runio.json_load(root / "proxy" / "manifest.json")
+    man = fileio.json_load(root / "proxy" / "manifest.json")
     curve = man["train"]["heldout_curve"]
     assert [s for s, _ in curve] == [1, 2] and all(v > 0 for _, v in curve)
     assert man["train"]["plateau"] is False  # two measurements cannot show a plateau
@@ -110,7 +110,7 @@ def test_fused_drafts_equal_peft_across_the_sliding_window():
 @pytest.mark.parametrize("propose", ["mix", 0])
 def test_speculative_greedy_is_the_targets_greedy_and_its_eu_the_offline_score(gemma, propose):
     from drafteu.generate import greedy_answer
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
 
     root, _ = gemma
     lm = models.load(str(root / "target"))
@@ -129,7 +129,7 @@ def test_speculative_greedy_is_the_targets_greedy_and_its_eu_the_offline_score(g
 def test_the_perturbations_strength_equals_full_forwards(gemma):
     root, _ = gemma
     lm = models.load(str(root / "target"))
-    rows = runio.read_jsonl(root / "data" / "samples.jsonl")[:4]
+    rows = fileio.read_jsonl(root / "data" / "samples.jsonl")[:4]
     pairs = [(r["prompt_ids"], r["response_ids"]) for r in rows if r["response_ids"]]
     noisy = NoisyModel(lm.model, NoiseConfig(sigma=0.5, scale="relative"))
     names = noisy.set_members("m", family_seeds(0, 3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from drafteu import data, generate, models, runio
+from drafteu import data, fileio, generate, models
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.generate import GenerateConfig, HFBackend, Sampling, partition, partition_stats
@@ -28,13 +28,13 @@ def test_rows_are_labelled_against_their_own_gold(tiny_dir, tmp_path, monkeypatc
     """Every answer extracted as the first question's gold: exactly that question's rows are right (the
     label compares the extracted answer with the row's gold, not anything else)."""
     first = generate.run(cfg(tiny_dir, tmp_path / "a"))
-    rows = runio.read_jsonl(tmp_path / "a" / "samples.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "a" / "samples.jsonl")
     golds = {r["qid"]: r["gold"] for r in rows}
     g0 = rows[0]["gold"]
     assert len(set(golds.values())) > 1 and first["rows"] == 6
     monkeypatch.setattr(data, "extract_answer", lambda text: g0)
     generate.run(cfg(tiny_dir, tmp_path / "b"))
-    labelled = runio.read_jsonl(tmp_path / "b" / "samples.jsonl")
+    labelled = fileio.read_jsonl(tmp_path / "b" / "samples.jsonl")
     assert [r["correct"] for r in labelled] == [r["gold"] == g0 for r in labelled]
     assert any(r["correct"] for r in labelled) and not all(r["correct"] for r in labelled)
 
@@ -42,8 +42,8 @@ def test_rows_are_labelled_against_their_own_gold(tiny_dir, tmp_path, monkeypatc
 def test_schema_and_determinism(tiny_dir, tmp_path):
     a = generate.run(cfg(tiny_dir, tmp_path / "a"))
     generate.run(cfg(tiny_dir, tmp_path / "b"))
-    ra = runio.read_jsonl(tmp_path / "a" / "samples.jsonl")
-    rb = runio.read_jsonl(tmp_path / "b" / "samples.jsonl")
+    ra = fileio.read_jsonl(tmp_path / "a" / "samples.jsonl")
+    rb = fileio.read_jsonl(tmp_path / "b" / "samples.jsonl")
     assert a["rows"] == 6 and len(ra) == 6 and a["questions"] == 3
     assert ra == rb  # same seed, same samples
     for r in ra:
@@ -64,18 +64,18 @@ def test_schema_and_determinism(tiny_dir, tmp_path):
     written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert written["out"] == str(tmp_path / "a") and written["samples"] == 2
     generate.run(cfg(tiny_dir, tmp_path / "c", seed=1))
-    other = runio.read_jsonl(tmp_path / "c" / "samples.jsonl")
+    other = fileio.read_jsonl(tmp_path / "c" / "samples.jsonl")
     assert [r["response_ids"] for r in other] != [r["response_ids"] for r in ra]
 
 
 def test_resume_after_kill(tiny_dir, tmp_path, monkeypatch):
     full = tmp_path / "full"
     generate.run(cfg(tiny_dir, full, questions=5, batch_size=2))
-    want = runio.read_jsonl(full / "samples.jsonl")
+    want = fileio.read_jsonl(full / "samples.jsonl")
 
     out = tmp_path / "killed"
     calls = {"n": 0}
-    real = runio.append_jsonl
+    real = fileio.append_jsonl
 
     def dying_append(path, rows):
         calls["n"] += 1
@@ -85,14 +85,14 @@ def test_resume_after_kill(tiny_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(path, rows)
 
-    monkeypatch.setattr(runio, "append_jsonl", dying_append)
+    monkeypatch.setattr(fileio, "append_jsonl", dying_append)
     with pytest.raises(KeyboardInterrupt):
         generate.run(cfg(tiny_dir, out, questions=5, batch_size=2))
-    monkeypatch.setattr(runio, "append_jsonl", real)
+    monkeypatch.setattr(fileio, "append_jsonl", real)
     torn = (out / "samples.jsonl").read_bytes()
     assert not torn.endswith(b"\n") and torn.count(b"\n") == 4  # two whole batches + a torn line
     summary = generate.run(cfg(tiny_dir, out, questions=5, batch_size=2))
-    got = runio.read_jsonl(out / "samples.jsonl")
+    got = fileio.read_jsonl(out / "samples.jsonl")
     assert summary["rows"] == 10 and summary["new_rows"] == 6
     keys = [(r["qid"], r["sample"]) for r in got]
     assert len(keys) == len(set(keys)) == 10  # nothing duplicated, nothing lost
@@ -112,8 +112,8 @@ def test_resume_refuses_a_different_config(tiny_dir, tmp_path):
 def test_member_samples_differ_from_target(tiny_dir, tmp_path):
     t = generate.run(cfg(tiny_dir, tmp_path / "t", temperature=0.0, samples=1))
     m = generate.run(cfg(tiny_dir, tmp_path / "m", temperature=0.0, samples=1, member=1))
-    rows_t = runio.read_jsonl(tmp_path / "t" / "samples.jsonl")
-    rows_m = runio.read_jsonl(tmp_path / "m" / "samples.jsonl")
+    rows_t = fileio.read_jsonl(tmp_path / "t" / "samples.jsonl")
+    rows_m = fileio.read_jsonl(tmp_path / "m" / "samples.jsonl")
     assert all(r["member"] == 1 for r in rows_m) and t["rows"] == m["rows"] == 3
     assert [r["response_ids"] for r in rows_t] != [r["response_ids"] for r in rows_m]
 
@@ -146,7 +146,7 @@ def test_partition_disjoint_deterministic_balanced():
 
 def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
     s = generate.run(cfg(tiny_dir, tmp_path, task=str(shared_data("gsm8k", "test.jsonl")), questions=2, samples=1, shots=0))
-    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "samples.jsonl")
     assert s["rows"] == 2 and rows[0]["gold"] == "18"
 
 
@@ -173,7 +173,7 @@ def test_cli_generate(tiny_dir, tmp_path):
                                    "--samples", "1", "--max-new-tokens", "4", "--temperature", "0"])
     assert res.exit_code == 0, res.output
     assert "2 samples of 2 questions" in res.output
-    rows = runio.read_jsonl(tmp_path / "samples.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "samples.jsonl")
     assert [r["sample"] for r in rows] == [0, 0] and all(r["finish"] in ("eos", "length") for r in rows)
 
 

@@ -16,10 +16,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import data, estimators, generate, models, runio
+from drafteu import data, estimators, fileio, generate, models
 from drafteu.cli import app
 from drafteu.generate import greedy_answer
-from drafteu.speculative import SpeculativeDecoder, plain_greedy
+from drafteu.spec_decoding import SpeculativeDecoder, plain_greedy
 
 from .test_pipeline import ALL_METHODS, tiny_config
 from .test_speculative import check_fused_equals_peft
@@ -47,11 +47,11 @@ def run(tmp_path_factory, tiny_dir):
 
 
 def test_reproduce_runs_every_method_on_the_device(run):
-    m = runio.json_load(run / "manifest.json")
+    m = fileio.json_load(run / "manifest.json")
     assert torch.device(m["hardware"]["device"]).type == torch.device(DEVICE).type
-    fid = runio.json_load(run / "eval" / "fidelity.json")
+    fid = fileio.json_load(run / "eval" / "fidelity.json")
     assert set(fid["methods"]) >= {*ALL_METHODS, "ddd 1x2", "tokur"}
-    for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl"):
+    for r in fileio.read_jsonl(run / "eval" / "token_eu.jsonl"):
         assert all(x == x and x >= -1e-4 for x in r["eu"])  # finite-or-not NaN, non-negative
         if r["variance"] is not None:
             assert all(abs(e - v - b) < 1e-3 for e, v, b in zip(r["eu"], r["variance"], r["bias"], strict=True))
@@ -101,7 +101,7 @@ def test_generation_on_the_device_equals_batch_one(tiny_dir, tmp_path):
     a = generate.run(generate.GenerateConfig(out=tmp_path / "a", batch_size=4, **cfg))
     b = generate.run(generate.GenerateConfig(out=tmp_path / "b", batch_size=1, **cfg))
     assert a["rows"] == b["rows"] == 4
-    ra, rb = (runio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
+    ra, rb = (fileio.read_jsonl(tmp_path / x / "samples.jsonl") for x in "ab")
     assert [r["response_ids"] for r in ra] == [r["response_ids"] for r in rb]
 
 

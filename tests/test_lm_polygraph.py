@@ -20,11 +20,11 @@ QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory):
     """K = 3 noisy copies of the embedded target as a drafts directory (no training)."""
-    from drafteu import runio
+    from drafteu import fileio
     from drafteu.train import drafts
 
     root = tmp_path_factory.mktemp("poly")
-    runio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
+    fileio.append_jsonl(root / "samples.jsonl", [{"qid": "q0", "sample": 0, "prompt_ids": [1], "response_ids": [2],
                                                  "correct": True, "finish": "eos"}])
     drafts.run(drafts.DraftsConfig(samples=root / "samples.jsonl", out=root / "drafts", base="embedded",
                                    target="embedded", method="untrained", partitions=1, per_partition=3))

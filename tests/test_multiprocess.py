@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from drafteu import generate, models, runio
+from drafteu import fileio, generate, models
 from drafteu.train import drafts, loop
 
 pytestmark = pytest.mark.integration
@@ -61,16 +61,16 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir):
 
     # one copy of the adapter, written once, and nothing half-written left behind
     ens = tmp_path / "two" / "ddd"
-    assert sorted(p.name for p in ens.iterdir() if p.name != runio.LOCK) == ["config.yaml", "manifest.json", "partitions.json", "s0_m0",
+    assert sorted(p.name for p in ens.iterdir() if p.name != fileio.LOCK) == ["config.yaml", "manifest.json", "partitions.json", "s0_m0",
                                                      "s0_m0.trainer", "stage.json"]
     assert sorted(p.name for p in (ens / "s0_m0").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    stats = runio.json_load(ens / "manifest.json")["train"]["s0_m0"]
+    stats = fileio.json_load(ens / "manifest.json")["train"]["s0_m0"]
     assert stats["processes"] == 2 and stats["steps"] == 6
-    assert runio.json_load(tmp_path / "one" / "ddd" / "manifest.json")["train"]["s0_m0"]["processes"] == 1
+    assert fileio.json_load(tmp_path / "one" / "ddd" / "manifest.json")["train"]["s0_m0"]["processes"] == 1
 
     # the loss goes down as with one process (same 8 sequences per optimizer step: 1 x 8 and 2 x 4)
     lm = models.load(str(tiny_dir), tokenizer_only=True)
-    examples = loop.examples_from_rows(runio.read_jsonl(samples), lm.tokenizer.eos_token_id)
+    examples = loop.examples_from_rows(fileio.read_jsonl(samples), lm.tokenizer.eos_token_id)
     before = _sft_loss(tiny_dir, None, examples, lm.tokenizer.pad_token_id)
     after1 = _sft_loss(tiny_dir, tmp_path / "one" / "ddd" / "s0_m0", examples, lm.tokenizer.pad_token_id)
     after2 = _sft_loss(tiny_dir, ens / "s0_m0", examples, lm.tokenizer.pad_token_id)
@@ -109,12 +109,12 @@ def test_two_processes_score_like_one(tmp_path, tiny_dir):
     assert two.returncode == 0, two.stderr[-3000:]
     a = (tmp_path / "one" / "eval" / "token_eu.jsonl").read_bytes()
     b = (tmp_path / "two" / "eval" / "token_eu.jsonl").read_bytes()
-    rows = runio.read_jsonl(tmp_path / "one" / "eval" / "token_eu.jsonl")
+    rows = fileio.read_jsonl(tmp_path / "one" / "eval" / "token_eu.jsonl")
     assert len(rows) > 50 and {r["trial"] for r in rows} == {0, 1}
     assert a == b
     assert not list((tmp_path / "two" / "eval").glob("token_eu.part*"))  # merged and removed
-    stamp = runio.json_load(tmp_path / "two" / "stages" / "score.json")
+    stamp = fileio.json_load(tmp_path / "two" / "stages" / "score.json")
     assert stamp["status"] == "done"
     for name in ("one", "two"):  # nothing upstream was recomputed
-        assert {s for s, v in runio.json_load(tmp_path / name / "manifest.json")["stages"].items()
+        assert {s for s, v in fileio.json_load(tmp_path / name / "manifest.json")["stages"].items()
                 if v["action"] != "skip"} == {"score"}

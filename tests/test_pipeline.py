@@ -9,11 +9,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import hardware, pipeline, rundir, runio
+from drafteu import fileio, hardware, pipeline, rundir
 from drafteu.cli import app
 from drafteu.config import load_experiment
 from drafteu.errors import DraftEUError
-from drafteu.evaluate import scoring
+from drafteu.evaluate import scoring_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
@@ -47,7 +47,7 @@ def _noise_drafts_equal_full_forwards(cfg, run: Path) -> None:
 
     from drafteu import divergence, estimators, models
 
-    sets = runio.json_load(run / "eval" / "perturbation.json")["sets"]
+    sets = fileio.json_load(run / "eval" / "perturbation.json")["sets"]
     rows = [r for r in rundir.fidelity_rows(rundir.eval_rows(run), cfg.eval.proxy_questions) if r["response_ids"]]
     target = models.load(cfg.target).model.eval()
     for method in ("untrained", "konly"):
@@ -108,23 +108,23 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
                 "drafts/ddd/manifest.json", "drafts/layouts/1x2/ddd/manifest.json",
                 "drafts/trials/t1/untrained/manifest.json", "drafts/trials/t1/konly/manifest.json"):
         assert (run / rel).exists(), rel
-    fid = runio.json_load(run / "eval" / "fidelity.json")
+    fid = fileio.json_load(run / "eval" / "fidelity.json")
     assert set(fid["methods"]) >= {"tokur", *ALL_METHODS, "ddd 1x2"}
     # the resolved precision is in every training manifest and in the run's
     expected = hardware.resolve_mixed_precision("auto", torch.device("cpu"))[0]
-    assert runio.json_load(run / "manifest.json")["hardware"]["mixed_precision"] == {
+    assert fileio.json_load(run / "manifest.json")["hardware"]["mixed_precision"] == {
         "draft_base": expected, "drafts": "bf16", "proxy": expected}
     for m in ALL_METHODS:
         if m not in ("untrained", "konly"):
-            trained = runio.json_load(run / "drafts" / m / "manifest.json")["train"]
+            trained = fileio.json_load(run / "drafts" / m / "manifest.json")["train"]
             assert {t["mixed_precision"] for t in trained.values()} == {"bf16"}, m
             assert {t["steps"] for t in trained.values()} == {1 if m in ("gkd", "minillm") else FAST["max_steps"]}, m
-    assert runio.json_load(run / "draft_base" / "manifest.json")["train"]["mixed_precision"] == expected
-    assert runio.json_load(run / "proxy" / "manifest.json")["train"]["mixed_precision"] == expected
+    assert fileio.json_load(run / "draft_base" / "manifest.json")["train"]["mixed_precision"] == expected
+    assert fileio.json_load(run / "proxy" / "manifest.json")["train"]["mixed_precision"] == expected
     assert all(len(m["trials"]) == 2 for m in fid["methods"].values())
     # token EU rows: trial 0 every method on every answer, trial 1 the redrawn ones on the firsts
-    rows = runio.read_jsonl(run / "eval" / "token_eu.jsonl")
-    answers = runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")
+    rows = fileio.read_jsonl(run / "eval" / "token_eu.jsonl")
+    answers = fileio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")
     assert len(answers) == 12
     t0 = [r for r in rows if r["trial"] == 0]
     assert len(t0) == 12 * (3 + len(ALL_METHODS) + 1)  # groundtruth, tokur, entropy, 7 methods, ddd 1x2
@@ -153,7 +153,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     assert text.startswith("# Reading\n\nkept\n") and "\nold\n" not in text and "## Fidelity" in text
     assert "](tiny-study/fidelity_scatter.png)" in text and (pub / "tiny-study" / "fidelity_scatter.png").exists()
     assert "(tiny-study/report.html)" in text and (pub / "tiny-study" / "report.html").exists()
-    numbers = runio.json_load(pub / "tiny-study.json")
+    numbers = fileio.json_load(pub / "tiny-study.json")
     assert numbers["fidelity"] == fid and numbers["config"]["drafts"]["baseline_steps"] == 1
     assert set(numbers) >= {"manifest", "proxy_robustness", "hallucination", "cost"}
     # a page written by hand before its first publish (no marker yet) is kept whole, above the report
@@ -170,7 +170,7 @@ def test_tiny_reproduce_end_to_end_and_rerun_skips(tmp_path, tiny_dir):
     res = CliRunner().invoke(app, ["reproduce", "--config", str(cfg_path), "--run", str(run)])
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime for p in (run / "eval").glob("*.json")} == before
-    assert len(runio.read_jsonl(run / "eval" / "token_eu.jsonl")) == len(rows)
+    assert len(fileio.read_jsonl(run / "eval" / "token_eu.jsonl")) == len(rows)
 
 
 def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
@@ -204,7 +204,7 @@ def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
                 if got.variance is not None:
                     assert r["variance"] == pytest.approx(got.variance.tolist(), rel=1e-4, abs=1e-5)
                 checked += 1
-    assert checked == len(runio.read_jsonl(run / "eval" / "token_eu.jsonl"))  # every stored row
+    assert checked == len(fileio.read_jsonl(run / "eval" / "token_eu.jsonl"))  # every stored row
 
 
 @pytest.mark.integration
@@ -212,11 +212,11 @@ def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir, monkeypatch):
     cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
     run = tmp_path / "run"
     pipeline.run(cfg, run, until="eval_samples")
-    scoring.stage_score(cfg, run)
+    scoring_stage.stage_score(cfg, run)
     path = run / "eval" / "token_eu.jsonl"
     full = path.read_bytes()
     path.unlink()
-    real, calls = runio.append_jsonl, {"n": 0}
+    real, calls = fileio.append_jsonl, {"n": 0}
 
     def dying(p, rows):
         calls["n"] += 1
@@ -225,14 +225,14 @@ def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir, monkeypatch):
             raise KeyboardInterrupt
         real(p, rows)
 
-    monkeypatch.setattr(runio, "append_jsonl", dying)
+    monkeypatch.setattr(fileio, "append_jsonl", dying)
     with pytest.raises(KeyboardInterrupt):
-        scoring.stage_score(cfg, run)
-    assert not path.exists() and len(runio.read_jsonl(scoring.part_path(run, 0), repair=True)) > 0
-    monkeypatch.setattr(runio, "append_jsonl", real)
-    scoring.stage_score(cfg, run)
+        scoring_stage.stage_score(cfg, run)
+    assert not path.exists() and len(fileio.read_jsonl(scoring_stage.part_path(run, 0), repair=True)) > 0
+    monkeypatch.setattr(fileio, "append_jsonl", real)
+    scoring_stage.stage_score(cfg, run)
     assert path.read_bytes() == full  # TokUR's fresh draws are resume-safe; the part is merged in order
-    assert not scoring.part_path(run, 0).exists()
+    assert not scoring_stage.part_path(run, 0).exists()
 
 
 def _write(tmp_path, d):
@@ -298,12 +298,12 @@ def test_draft_base_trains_once_per_recipe_on_its_own_data(tmp_path, tiny_dir, m
     assert a["cache"]["reused"] is False and b["cache"]["reused"] is True
     assert Path(a["cache"]["path"]).parent == _test_cache / "draft_base"
     data_dirs = list((_test_cache / "draft_base").glob("data-*"))
-    assert len(data_dirs) == 1 and len(runio.read_jsonl(data_dirs[0] / "samples.jsonl")) == 6  # its own data
+    assert len(data_dirs) == 1 and len(fileio.read_jsonl(data_dirs[0] / "samples.jsonl")) == 6  # its own data
     assert a["train_examples"] + a["heldout_examples"] == 6
     wa, wb = (load_file(tmp_path / r / "draft_base" / "model.safetensors") for r in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (tmp_path / "b" / "draft_base" / "trainer").exists()
-    assert runio.json_load(tmp_path / "b" / "draft_base" / "manifest.json")["cache"]["reused"] is True
+    assert fileio.json_load(tmp_path / "b" / "draft_base" / "manifest.json")["cache"]["reused"] is True
     d["draft_base"]["layers"] = 1
     (tmp_path / "c1.yaml").write_text(yaml.safe_dump(d))
     c = pipeline.stage_draft_base(pipeline.context(load_experiment(tmp_path / "c1.yaml"), tmp_path / "c", "draft_base"))

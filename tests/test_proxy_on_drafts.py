@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from drafteu import divergence, estimators, models, pipeline, rundir, runio
+from drafteu import divergence, estimators, fileio, models, pipeline, rundir
 from drafteu.config import load_experiment
 from drafteu.errors import DraftEUError
 from drafteu.fused import FusedDrafts
@@ -194,10 +194,10 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
     assert "draft_base" in decisions["proxy"].upstream  # p_mix is trained on the run's draft base
     run = tmp_path / "run"
     pipeline.run(cfg, run, until="cost")
-    assert runio.json_load(run / "proxy" / "manifest.json")["base"] == "draft_base"
+    assert fileio.json_load(run / "proxy" / "manifest.json")["base"] == "draft_base"
     _token_eu_equals_the_estimators(cfg, run)  # the stage's rows == DraftEnsemble with the run's proxy
-    assert "weight-only" in runio.json_load(run / "eval" / "cost.json")["draft_kernel"]
-    c = runio.json_load(run / "eval" / "cost.json")["methods"]["ddd"]
+    assert "weight-only" in fileio.json_load(run / "eval" / "cost.json")["draft_kernel"]
+    c = fileio.json_load(run / "eval" / "cost.json")["methods"]["ddd"]
     assert "row 3 on the draft base" in c["passes"]
     ens = estimators.DraftEnsemble(rundir.draft_dir(run, cfg, rundir.EnsembleSpec("ddd"), 0), models.load(cfg.target),
                                    rundir.proxy_adapter(run))
@@ -208,7 +208,7 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
     # eval.draft_kernel reaches every stage's ensembles (and, set, their identity: the scores are redone)
     import dataclasses
 
-    from drafteu.evaluate.scoring import TrialEstimators
+    from drafteu.evaluate.scoring_stage import TrialEstimators
 
     dyn = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, draft_kernel="dynamic"))
     trial = TrialEstimators(dyn, run, rundir.eval_rows(run)[:2])
@@ -216,11 +216,11 @@ def test_reproduce_scores_with_the_proxy_in_the_drafts_pass(tmp_path, tiny_dir):
     assert "int8 dynamic" in trial.estimators["ddd"].kernel
     redo = {x.stage.name: x.action for x in pipeline.plan(dyn, run)}
     assert redo["score"] == "recompute" and redo["proxy"] == "skip" and redo["drafts"] == "skip"
-    robust = runio.json_load(run / "eval" / "proxy_robustness.json")["estimates"]
+    robust = fileio.json_load(run / "eval" / "proxy_robustness.json")["estimates"]
     assert {"p_mix", "raw target", "K=1", "K=2"} <= set(robust)
     # the cost stage's two modes: full forwards run every answer whole (padded to the longest), the shared
     # prefix runs fewer positions; FLOPs of the work done = the paper's FLOPs x the positions per scored token
-    cst = runio.json_load(run / "eval" / "cost.json")
+    cst = fileio.json_load(run / "eval" / "cost.json")
     answers = rundir.eval_rows(run)[: cfg.eval.cost_responses]
     tokens = sum(len(r["response_ids"]) for r in answers)
     width = max(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in answers)
@@ -312,5 +312,5 @@ def test_score_cli_runs_the_drafts_on_the_kernel_asked(built, tiny_dir, tmp_path
     assert res.exit_code == 2 and "--draft-kernel 'bogus'" in res.output
     res = CliRunner().invoke(app, base + ["--draft-kernel", "dynamic", "--json", str(tmp_path / "o.json")])
     assert res.exit_code == 0, res.output
-    out = runio.json_load(tmp_path / "o.json")
+    out = fileio.json_load(tmp_path / "o.json")
     assert "int8 dynamic" in out["draft_kernel"] and len(out["tokens"]) >= 1

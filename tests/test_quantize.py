@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import estimators, models, quantize, runio
+from drafteu import estimators, fileio, models, quantize
 from drafteu.cli import app
 from drafteu.train import draft_base, drafts
 from drafteu.train.loop import TrainConfig
@@ -55,7 +55,7 @@ def test_a_quantized_base_builds_and_measures_its_distance_to_the_target(built, 
     assert m["int8"]["kl_to_target"] < 0.01
     # the measured KL is the one the manifest's function computes on the same answers
     target, draft = models.load(str(tiny_dir)), models.load(str(root / "int8"))
-    rows = runio.read_jsonl(root / "data" / "samples.jsonl")
+    rows = fileio.read_jsonl(root / "data" / "samples.jsonl")
     _, held = draft_base.split_heldout(rows, 0.25, 0)
     ex = draft_base.examples_from_rows(held, target.tokenizer.eos_token_id)
     kl = draft_base.kl_to_target(target.model, draft.model, ex, target.tokenizer.pad_token_id)
@@ -163,7 +163,7 @@ def test_the_bias_diagnostic_fires_on_far_drafts_and_not_on_close_ones(built, ti
 def test_speculative_decoding_on_a_quantized_ensemble_is_the_targets_greedy(built, tiny_dir):
     from drafteu import data
     from drafteu.generate import greedy_answer
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
 
     root, _ = built
     lm = models.load(str(tiny_dir))

@@ -296,7 +296,7 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
 
 def test_the_speculative_engine_decodes_concurrent_requests_together(ensemble, reference):
     """Requests that wait together are decoded speculatively in one batch (one forward per step for all of
-    them, ``speculative_batch``): each answer is still the target's greedy answer with the EU of
+    them, ``spec_decoding_batch``): each answer is still the target's greedy answer with the EU of
     `drafteu score`; a lone request keeps the single-request decoder (its prompt cache)."""
     lm, ens = reference
     s = Server(ensemble, engine="speculative", max_concurrency=4, max_queue=4, gamma=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafteu import runio
+from drafteu import fileio
 from drafteu.train import drafts, loop
 from drafteu.train.loop import TrainConfig
 
@@ -73,4 +73,4 @@ def test_a_shared_prefix_trains_to_the_same_weights(tmp_path):
     assert (weights[0] - weights[1]).abs().max() < 1e-4 and weights[0].abs().max() > 0.01
     short = [loop.Example([5] * 7 + [9], [4]), loop.Example([5] * 7 + [8], [4])]  # 7 shared tokens: too few
     assert "prefix_ids" not in loop.collate(short, 0, "cpu", share_prefix=True)
-    assert "share_prefix" not in runio.identity(TrainConfig())  # unset: old runs keep their identity
+    assert "share_prefix" not in fileio.identity(TrainConfig())  # unset: old runs keep their identity

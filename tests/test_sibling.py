@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from drafteu import models, rundir, runio
+from drafteu import fileio, models, rundir
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from tests.conftest import make_model, make_tokenizer
@@ -50,20 +50,20 @@ def test_reproduce_score_and_speculate_on_a_sibling_base(tmp_path, tiny_dir, sib
     assert res.exit_code == 0, res.output
     assert not (run / "draft_base" / "manifest.json").exists()  # the sibling is used as it is: nothing built
     for method in ("untrained", "ddd", "konly"):
-        manifest = runio.json_load(run / "drafts" / method / "manifest.json")
+        manifest = fileio.json_load(run / "drafts" / method / "manifest.json")
         assert manifest["base_absolute"] == str(sibling_dir.resolve()), method
-    proxy = runio.json_load(run / "proxy" / "manifest.json")
+    proxy = fileio.json_load(run / "proxy" / "manifest.json")
     assert proxy["base"] == "target" and proxy["target"] == str(tiny_dir)
-    fid = runio.json_load(run / "eval" / "fidelity.json")
+    fid = fileio.json_load(run / "eval" / "fidelity.json")
     assert {"tokur", "untrained", "ddd", "konly"} <= set(fid["methods"])
-    cost = runio.json_load(run / "eval" / "cost.json")
+    cost = fileio.json_load(run / "eval" / "cost.json")
     assert cost["methods"]["ddd"]["flops_per_token"] < cost["methods"]["tokur"]["flops_per_token"]
 
     # predictive entropy's pass stores the target's token NLL: perplexity, a free signal, at no cost
-    rows = {rundir.key_of(r): r for r in runio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")}
-    stored = next(r for r in runio.read_jsonl(run / "eval" / "token_eu.jsonl") if r["method"] == "entropy" and r["eu"])
+    rows = {rundir.key_of(r): r for r in fileio.read_jsonl(run / "eval" / "samples" / "samples.jsonl")}
+    stored = next(r for r in fileio.read_jsonl(run / "eval" / "token_eu.jsonl") if r["method"] == "entropy" and r["eu"])
     _nll_is_the_targets(tiny_dir, rows[stored["key"]], stored["nll"])
-    assert "perplexity" in runio.json_load(run / "eval" / "hallucination.json")["methods"]
+    assert "perplexity" in fileio.json_load(run / "eval" / "hallucination.json")["methods"]
 
     out = tmp_path / "score.json"
     res = CliRunner().invoke(app, ["score", "--target", str(tiny_dir), "-q", "Tom has 3 apples and buys 4 more.",

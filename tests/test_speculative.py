@@ -14,7 +14,7 @@ from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.generate import greedy_answer
 from drafteu.kvcache import cache_kw, output_cache
-from drafteu.speculative import SpeculativeDecoder, plain_greedy
+from drafteu.spec_decoding import SpeculativeDecoder, plain_greedy
 from drafteu.train import draft_base, drafts, proxy
 from drafteu.train.loop import TrainConfig
 
@@ -393,7 +393,7 @@ def test_compiled_steps_give_the_eager_tokens_and_eu(ensembles, tiny_dir, bias):
 # --- several requests decoded together (speculative_batch) -----------------------------------------------------
 
 def _batched(ens, **kw):
-    from drafteu.speculative_batch import BatchedSpeculativeDecoder
+    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder
 
     return BatchedSpeculativeDecoder.from_ensemble(ens, ens.target, **kw)
 
@@ -404,7 +404,7 @@ def test_batched_requests_equal_each_decoded_alone(ensembles, tiny_dir, kind, ga
     """Prompts of different lengths, different limits and an EOS in one batch: each answer is the target's
     greedy answer token for token, its EU and logprobs those of the request decoded alone (to float
     rounding), every token streamed once in order; rows leave the batch as they finish."""
-    from drafteu.speculative_batch import Request
+    from drafteu.spec_decoding_batch import Request
 
     lm, ens, single = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=gamma, bias="proxy")
     batched = _batched(ens, gamma=gamma, bias="proxy")
@@ -432,7 +432,7 @@ def test_batched_requests_equal_each_decoded_alone(ensembles, tiny_dir, kind, ga
 
 
 def test_batched_eu_off_and_target_bias(ensembles, tiny_dir):
-    from drafteu.speculative_batch import Request
+    from drafteu.spec_decoding_batch import Request
 
     lm, ens, _ = _decoder(ensembles, tiny_dir, "near")
     prompts = [_prompt(lm, q) for q in QUESTIONS]
@@ -448,7 +448,7 @@ def test_batched_eu_off_and_target_bias(ensembles, tiny_dir):
 def test_batched_cancellation_ends_one_request_mid_decoding(ensembles, tiny_dir):
     """A request cancelled after its first streamed tokens ends at the next round ("cancelled"), the
     others go on unchanged."""
-    from drafteu.speculative_batch import Request
+    from drafteu.spec_decoding_batch import Request
 
     lm, ens, _ = _decoder(ensembles, tiny_dir, "far")
     prompts = [_prompt(lm, q) for q in QUESTIONS]
@@ -462,7 +462,7 @@ def test_batched_cancellation_ends_one_request_mid_decoding(ensembles, tiny_dir)
 
 
 def test_batched_sampling_preserves_the_targets_distribution():
-    from drafteu.speculative_batch import BatchedSpeculativeDecoder, Request
+    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder, Request
 
     target, drafts_model, _ = _small_vocab_setup()
     prompt = [1, 5, 3, 4]

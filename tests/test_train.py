@@ -14,10 +14,10 @@ from drafteu import (
     diagnostics,
     divergence,
     estimators,
+    fileio,
     generate,
     models,
     posterior,
-    runio,
 )
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
@@ -45,7 +45,7 @@ def workdir(tmp_path_factory, tiny_dir):
 
 
 def test_draft_base_is_a_truncated_distilled_model(workdir, tiny_dir):
-    m = runio.json_load(workdir / "base" / "manifest.json")
+    m = fileio.json_load(workdir / "base" / "manifest.json")
     assert m["layers"] == 2 and m["train"]["steps"] == 3
     assert 0 <= m["top1_agreement_before"] <= 1 and 0 <= m["top1_agreement_after"] <= 1
     base = models.load(str(workdir / "base"))
@@ -62,7 +62,7 @@ def test_distillation_lowers_the_kl_to_the_target(tiny_dir, workdir):
     """The draft base's own objective (draft_base.distill_loss), measured on all the data, falls
     well below its value for the untrained truncation."""
     lm = models.load(str(tiny_dir))
-    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")
+    rows = fileio.read_jsonl(workdir / "data" / "samples.jsonl")
     ex = loop.examples_from_rows(rows, lm.tokenizer.eos_token_id)
     draft = models.truncate_layers(lm.model, 2)
     everything = loop.collate(ex, lm.tokenizer.pad_token_id, "cpu")
@@ -195,7 +195,7 @@ def test_osd_loss_is_the_mean_forward_kl_to_freshly_drawn_teachers(tiny_dir, wor
     from peft import LoraConfig
 
     lm = models.load(str(tiny_dir))
-    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")[:4]
+    rows = fileio.read_jsonl(workdir / "data" / "samples.jsonl")[:4]
     batch = loop.collate(loop.examples_from_rows(rows, lm.tokenizer.eos_token_id), lm.tokenizer.pad_token_id, "cpu")
     noisy = posterior.NoisyModel(lm.model, posterior.NoiseConfig(sigma=0.3))
     teachers = noisy.set_members("teacher", [1, 2])
@@ -261,7 +261,7 @@ def test_training_stops_on_a_held_out_plateau_and_says_whether_it_got_there(tiny
     """eval_every: the held-out loss is measured every N steps; training stops once it stops
     improving, and says so; a falling loss runs the schedule out and says it never flattened."""
     lm = models.load(str(tiny_dir))
-    ex = loop.examples_from_rows(runio.read_jsonl(workdir / "data" / "samples.jsonl"), lm.tokenizer.eos_token_id)
+    ex = loop.examples_from_rows(fileio.read_jsonl(workdir / "data" / "samples.jsonl"), lm.tokenizer.eos_token_id)
     cfg = TrainConfig(lr=1e-3, max_steps=12, batch_size=4, grad_accum=1, warmup_steps=0, mixed_precision="no",
                       eval_every=2)
     flat = iter([1.0, 0.999, 0.998] + [0.5] * 10)  # flat after the first measurement
@@ -279,7 +279,7 @@ def test_training_stops_on_a_held_out_plateau_and_says_whether_it_got_there(tiny
     assert again["steps"] == 6 and again["heldout_curve"] == [[2, 1.0], [4, 0.999], [6, 0.998]]
     with pytest.raises(DraftEUError, match="eval_every"):
         TrainConfig(eval_every=0)
-    assert "eval_every" not in runio.identity(TrainConfig())  # unset: old runs keep their identity
+    assert "eval_every" not in fileio.identity(TrainConfig())  # unset: old runs keep their identity
 
 
 def test_drafts_hold_out_questions_and_stop_on_their_plateau(workdir, tiny_dir):
@@ -296,7 +296,7 @@ def test_drafts_hold_out_questions_and_stop_on_their_plateau(workdir, tiny_dir):
     parts = json.loads((workdir / "drafts-held" / "ddd" / "partitions.json").read_text())
     held = set(parts["heldout"])
     assert held and m["heldout_questions"] == len(held) and not held & {q for p in parts["qids"] for q in p}
-    rows = [r for r in runio.read_jsonl(workdir / "data" / "samples.jsonl") if r["qid"] in held]
+    rows = [r for r in fileio.read_jsonl(workdir / "data" / "samples.jsonl") if r["qid"] in held]
     base = models.load(str(workdir / "base"))
     examples = loop.examples_from_rows(rows, base.tokenizer.eos_token_id)
     for name in m["adapters"]:
@@ -324,7 +324,7 @@ def test_the_proxys_held_out_check_keeps_what_does_not_train(workdir, tiny_dir):
     from peft import LoraConfig
 
     lm = models.load(str(tiny_dir))
-    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")[:6]
+    rows = fileio.read_jsonl(workdir / "data" / "samples.jsonl")[:6]
     ex = loop.examples_from_rows(rows, lm.tokenizer.eos_token_id)
     noisy = posterior.NoisyModel(lm.model, posterior.NoiseConfig(sigma=0.3))
     ref = noisy.set_members("ref", [11, 12, 13])
@@ -358,7 +358,7 @@ def test_training_steps_are_whole_and_follow_the_schedule(tiny_dir, workdir, tmp
     micro-batches (the last group is completed from the next shuffle) and each one changes the
     weights; the learning rate of each step is the configured warm-up + linear / cosine decay."""
     lm = models.load(str(tiny_dir))
-    rows = runio.read_jsonl(workdir / "data" / "samples.jsonl")[:10]
+    rows = fileio.read_jsonl(workdir / "data" / "samples.jsonl")[:10]
     ex = loop.examples_from_rows(rows, lm.tokenizer.eos_token_id)
     draft = models.truncate_layers(lm.model, 1)
     calls, steps = [], []
@@ -457,7 +457,7 @@ def test_train_cli_options_reach_the_config(workdir, tiny_dir, tmp_path):
                                    "--base", str(workdir / "base"), "--target", str(tiny_dir), "-o", str(tmp_path),
                                    "-S", "1", "-M", "1", "--max-steps", "2", "--batch-size", "2", "--lr", "0.01"])
     assert res.exit_code == 0, res.output
-    m = runio.json_load(tmp_path / "ddd" / "manifest.json")
+    m = fileio.json_load(tmp_path / "ddd" / "manifest.json")
     assert m["train"]["s0_m0"]["steps"] == 2
     import yaml
 

@@ -94,7 +94,7 @@ def test_hf_generation_stops_at_the_next_turn():
 def test_speculative_decoding_stops_at_the_next_turn_and_never_streams_it():
     from peft import LoraConfig, get_peft_model
 
-    from drafteu.speculative import SpeculativeDecoder
+    from drafteu.spec_decoding import SpeculativeDecoder
 
     tok = plain_tokenizer()
     target = looping_model(tok, " 7.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from drafteu import generate, runio
+from drafteu import fileio, generate
 from drafteu.generate import ROW_FIELDS, GenerateConfig
 
 pytest.importorskip("vllm")
@@ -19,7 +19,7 @@ def cfg(out, **kw):
 
 
 def _rows(out):
-    return sorted(runio.read_jsonl(out / "samples.jsonl"), key=lambda r: (r["qid"], r["sample"]))
+    return sorted(fileio.read_jsonl(out / "samples.jsonl"), key=lambda r: (r["qid"], r["sample"]))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_greedy_answers_equal_the_hf_backend(greedy):
         assert x["prompt_ids"] == y["prompt_ids"]
         assert x["response_ids"] == y["response_ids"], x["qid"]
         assert (x["response"], x["finish"], x["correct"]) == (y["response"], y["finish"], y["correct"])
-    assert vl["tokens_per_s"] > 0 and {k: runio.json_load(vl_dir / "manifest.json")[k] for k in vl} == vl  # the manifest's summary
+    assert vl["tokens_per_s"] > 0 and {k: fileio.json_load(vl_dir / "manifest.json")[k] for k in vl} == vl  # the manifest's summary
 
 
 def test_sampled_rows_are_well_formed_seeded_and_resume(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def _sampled_rows(tmp_path, monkeypatch):
     assert len({tuple(r["response_ids"]) for r in want}) > 12  # samples, not one greedy answer repeated
 
     monkeypatch.setattr(generate.VLLMBackend, "chunk", 5)
-    real, calls = runio.append_jsonl, {"n": 0}
+    real, calls = fileio.append_jsonl, {"n": 0}
 
     def dying_append(path, rows):
         calls["n"] += 1
@@ -90,11 +90,11 @@ def _sampled_rows(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(path, rows)
 
-    monkeypatch.setattr(runio, "append_jsonl", dying_append)
+    monkeypatch.setattr(fileio, "append_jsonl", dying_append)
     with pytest.raises(KeyboardInterrupt):
         generate.run(cfg(tmp_path / "killed", batch_size=1, **kw))
-    monkeypatch.setattr(runio, "append_jsonl", real)
-    assert len(runio.read_jsonl(tmp_path / "killed" / "samples.jsonl")) == 5
+    monkeypatch.setattr(fileio, "append_jsonl", real)
+    assert len(fileio.read_jsonl(tmp_path / "killed" / "samples.jsonl")) == 5
     summary = generate.run(cfg(tmp_path / "killed", batch_size=1, **kw))
     got = _rows(tmp_path / "killed")
     assert summary["new_rows"] == 19 and len(got) == 24

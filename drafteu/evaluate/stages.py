@@ -1,5 +1,5 @@
 """The evaluation stages of `drafteu reproduce`, reading the answers and token EU that
-``evaluate.scoring.stage_score`` stored: fidelity (Tables 1, 3, 5), proxy robustness (Table 4),
+``evaluate.scoring_stage.stage_score`` stored: fidelity (Tables 1, 3, 5), proxy robustness (Table 4),
 hallucination detection (Table 2) and cost (Table 6).  Each returns the JSON written to
 ``eval/<stage>.json``.
 """
@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drafteu import divergence, estimators, runio
+from drafteu import divergence, estimators, fileio
 from drafteu import perturbation as noise_strength
 from drafteu.config import ExperimentConfig
 from drafteu.evaluate import compare, cost, fidelity, hallucination
 from drafteu.evaluate.labels import cross_check, relabel
-from drafteu.evaluate.scoring import TrialEstimators
+from drafteu.evaluate.scoring_stage import TrialEstimators
 from drafteu.methods import DRAFT_METHODS, ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import family_seeds, member_seed
 from drafteu.progress import progress
@@ -201,7 +201,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     proposed = named("proposed")
     label = proposed if proposed in cfg.drafts.methods else labels(cfg)[0]
     path = run / "eval" / "proxy_bias.jsonl"
-    done = {(r["key"], r["estimate"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
+    done = {(r["key"], r["estimate"], r["trial"]) for r in fileio.read_jsonl(path, repair=True)}
     estimates = ["reference", "p_mix", "raw target"] + [f"K={k}" for k in e.proxy_ks]
     need = [(r, t) for t in range(e.trials) for r in rows
             if any((key_of(r), est, t) not in done for est in estimates[3:])]
@@ -234,7 +234,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             for row in [r for r, t in need if t == -1]:
                 pair = (row["prompt_ids"], row["response_ids"])
                 terms = bias_terms(pair, ref.hidden, ens.proxy_hidden, raw_target.hidden)
-                runio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
+                fileio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
                                           for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
                 bar.update(advance=1)
             for t in range(e.trials):
@@ -247,10 +247,10 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
                 for row in todo:
                     terms = bias_terms((row["prompt_ids"], row["response_ids"]),
                                        *(src.hidden for src in fresh_sources.values()))
-                    runio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
+                    fileio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
                                               for k, b in zip(fresh_sources, terms, strict=True)])
                     bar.update(advance=1, info=f"trial {t}")
-    stored = {(r["key"], r["estimate"], r["trial"]): np.array(r["bias"]) for r in runio.read_jsonl(path)}
+    stored = {(r["key"], r["estimate"], r["trial"]): np.array(r["bias"]) for r in fileio.read_jsonl(path)}
     keys = [key_of(r) for r in rows]
     truth = {k: stored[(k, "reference", -1)] for k in keys}
     result = {"ensemble": label, "reference_size": e.reference_size, "questions": len(keys), "estimates": {}}

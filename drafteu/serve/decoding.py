@@ -90,7 +90,7 @@ class Speculative:
     the target's logprobs from its verifying pass) streamed with every round's tokens; the answer keeps what
     its rounds computed (it is not scored again).  A lone job decodes on ``decoder`` (its prompt cache kept
     across jobs: a shared system prompt computed once); several decode together on ``batched``
-    (``speculative_batch``: one forward per step for all of them) where there is one (not for a sliding-window
+    (``spec_decoding_batch``: one forward per step for all of them) where there is one (not for a sliding-window
     model).  One choice per job, no nucleus cut and no stop strings (the decoder's rule); a cancelled job
     stops at its next round."""
 
@@ -117,7 +117,7 @@ class Speculative:
 
     def _request(self, job: Job):
         from drafteu.data import StreamPieces, TextStops, turn_stops
-        from drafteu.speculative_batch import Request
+        from drafteu.spec_decoding_batch import Request
 
         pieces = StreamPieces(self.tokenizer)
 

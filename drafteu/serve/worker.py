@@ -151,8 +151,8 @@ class Worker:
         from drafteu import estimators, models, rundir
         from drafteu.generate import BACKENDS
         from drafteu.methods import ESTIMATORS, named
-        from drafteu.speculative import SpeculativeDecoder
-        from drafteu.speculative_batch import BatchedSpeculativeDecoder
+        from drafteu.spec_decoding import SpeculativeDecoder
+        from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder
 
         s = self.spec
         drafts_dir, proxy_dir = rundir.resolve_drafts(s["drafts"], s["proxy"])

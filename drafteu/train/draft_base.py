@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import contract, draft_bases, models, runio
+from drafteu import contract, draft_base_kinds, fileio, models
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.methods import component
@@ -55,8 +55,8 @@ class DraftBaseConfig(DraftBaseSettings):
     samples: Path = field(metadata={"help": "samples.jsonl of target answers (drafteu generate)"})
     out: Path = field(metadata={"help": "output directory (an HF model directory + manifest)"})
     target: str = field(default="embedded", metadata={"help": "target model"})
-    kind: str = field(default=draft_bases.DEFAULT, metadata={
-        "help": "; ".join(f"{k.name} ({k.help})" for k in draft_bases.KINDS.values())})
+    kind: str = field(default=draft_base_kinds.DEFAULT, metadata={
+        "help": "; ".join(f"{k.name} ({k.help})" for k in draft_base_kinds.KINDS.values())})
     seed: int = field(default=0, metadata={"help": "seed of the data order and the held-out split"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
@@ -71,11 +71,11 @@ class DraftBaseConfig(DraftBaseSettings):
         """The recipe and the content of the samples file (not where it is); a kind's unused
         settings are not part of it."""
         path = Path(self.samples)
-        return runio.fields_identity(self, draft_bases.KINDS[self.kind].unused) | {
-            "samples_sha256": runio.file_digest(path) if path.is_file() else None}
+        return fileio.fields_identity(self, draft_base_kinds.KINDS[self.kind].unused) | {
+            "samples_sha256": fileio.file_digest(path) if path.is_file() else None}
 
 
-KINDS = tuple(draft_bases.KINDS)
+KINDS = tuple(draft_base_kinds.KINDS)
 MEASURED_ANSWERS = 64  # held-out answers a quantized base's KL and agreement are measured on
 
 
@@ -120,7 +120,7 @@ def distill_loss(target, draft, batch: dict, reduction: str = "mean") -> torch.T
 def run(cfg: DraftBaseConfig) -> dict:
     """Truncate, distil, save; returns the manifest (agreement before/after, timings).  One process
     writes OUT at a time."""
-    with runio.locked(cfg.out, "draft base"):
+    with fileio.locked(cfg.out, "draft base"):
         return _run(cfg)
 
 
@@ -154,12 +154,12 @@ def quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
     held = examples_from_rows(held_rows or rows, eos)[:MEASURED_ANSWERS]
     import torchao
 
-    runio.write_json(out / quantize.RECIPE, {"target": _portable(cfg.target), "quantize": runio.plain(cfg.quantize),
+    fileio.write_json(out / quantize.RECIPE, {"target": _portable(cfg.target), "quantize": fileio.plain(cfg.quantize),
                                              "library": f"torchao {torchao.__version__}"})
     draft = models.load(str(out), device=cfg.device).model
     device = next(draft.parameters()).device
-    runio.write_config(out, cfg)
-    return runio.write_manifest(
+    fileio.write_config(out, cfg)
+    return fileio.write_manifest(
         out, "draft_base", cfg, started, kind=cfg.kind, target=cfg.target, quantize=cfg.quantize.name,
         kernel=quantize.kernel(cfg.quantize, device), parameters=sum(p.numel() for p in draft.parameters()),
         weight_bytes=quantize.weight_bytes(draft), target_weight_bytes=quantize.weight_bytes(lm.model),
@@ -170,11 +170,11 @@ def quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
 def _run(cfg: DraftBaseConfig) -> dict:
     started = time.time()
     out = Path(cfg.out)
-    rows = runio.read_samples(cfg.samples)
-    contract.claim(out, runio.identity(cfg), what="a draft base")
-    kind = draft_bases.KINDS[cfg.kind]
+    rows = fileio.read_samples(cfg.samples)
+    contract.claim(out, fileio.identity(cfg), what="a draft base")
+    kind = draft_base_kinds.KINDS[cfg.kind]
     if (out / "manifest.json").exists() and (out / kind.product).exists():
-        return runio.json_load(out / "manifest.json")  # complete, from the same inputs: skip
+        return fileio.json_load(out / "manifest.json")  # complete, from the same inputs: skip
     return component(kind.builder)(cfg, rows, started)
 
 
@@ -201,8 +201,8 @@ def truncated(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
     after_kl = kl_to_target(target, draft, held_ex, pad) if held_ex else None
     draft.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
-    runio.write_config(out, cfg)
-    return runio.write_manifest(
+    fileio.write_config(out, cfg)
+    return fileio.write_manifest(
         out, "draft_base", cfg, started, kind=cfg.kind, layers=cfg.layers, target=cfg.target, kl_to_target=after_kl,
         parameters=sum(p.numel() for p in draft.parameters()), train_examples=len(train_ex),
         heldout_examples=len(held_ex), top1_agreement_before=before, top1_agreement_after=after, train=stats,

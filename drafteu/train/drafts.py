@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import adapters, contract, models, runio
+from drafteu import adapters, contract, fileio, models
 from drafteu.errors import DraftEUError
 from drafteu.generate import partition, partition_stats
 from drafteu.hardware import DEVICE_HELP
@@ -72,7 +72,7 @@ class DraftSettings:
     optional_fields = ("lora_layers", "heldout")  # off: the identity of ensembles made before the options existed
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if self.partitions < 1 or self.per_partition < 1:
             raise DraftEUError("partitions (S) and per_partition (M) must be >= 1")
         adapters.check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
@@ -115,8 +115,8 @@ class DraftsConfig(DraftSettings):
     def identity(self) -> dict:
         """The settings, the content of the samples file and what the base is (``contract.base_identity``)."""
         path = Path(self.samples)
-        return runio.fields_identity(self) | {"base": contract.base_identity(self.base),
-                                              "samples_sha256": runio.file_digest(path) if path.is_file() else None}
+        return fileio.fields_identity(self) | {"base": contract.base_identity(self.base),
+                                              "samples_sha256": fileio.file_digest(path) if path.is_file() else None}
 
     @property
     def size(self) -> int:
@@ -179,15 +179,15 @@ def _noise_adapters(base_model, names: list[str], noise: NoiseConfig, seeds: lis
 def run(cfg: DraftsConfig) -> dict:
     """Train (or build) every draft of the ensemble that is not complete yet; write the manifest.
     One process writes OUT/<method> at a time."""
-    with runio.locked(cfg.out / cfg.method, f"{cfg.method} ensemble"):
+    with fileio.locked(cfg.out / cfg.method, f"{cfg.method} ensemble"):
         return _run(cfg)
 
 
 def _run(cfg: DraftsConfig) -> dict:
     started = time.time()
     out = cfg.out / cfg.method
-    rows = runio.read_samples(cfg.samples)
-    contract.claim(out, runio.identity(cfg), what=f"a {cfg.method} ensemble")
+    rows = fileio.read_samples(cfg.samples)
+    contract.claim(out, fileio.identity(cfg), what=f"a {cfg.method} ensemble")
     names = adapter_names(cfg)
     # All checks before any training: vocabulary, partitions.
     target_tok = models.load(cfg.target, tokenizer_only=True)
@@ -199,12 +199,12 @@ def _run(cfg: DraftsConfig) -> dict:
     parts = partition(rows, cfg.partitions, seed=cfg.seed) if needs_parts else [rows] * cfg.partitions
     stats = partition_stats(parts) if needs_parts else []
     out.mkdir(parents=True, exist_ok=True)
-    runio.write_config(out, cfg)
+    fileio.write_config(out, cfg)
 
     timings, extra = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm, held)
     base_dir = cfg.base
     wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
-    manifest = runio.write_manifest(
+    manifest = fileio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
         # a local base is stored relative to the ensemble directory, so a copied or moved run keeps
         # loading its own base; hub ids and 'embedded' stay as they are
@@ -214,7 +214,7 @@ def _run(cfg: DraftsConfig) -> dict:
         target=cfg.target, adapters=names, partitions=stats, train=timings,
         **({"heldout_questions": len({r["qid"] for r in held})} if held else {}), **extra,
     )
-    if runio.is_main_process():
+    if fileio.is_main_process():
         (out / "partitions.json").write_text(json.dumps(
             {"seed": cfg.seed, "qids": [sorted({r["qid"] for r in p}) for p in parts] if needs_parts else None}
             | ({"heldout": sorted({r["qid"] for r in held})} if held else {})))

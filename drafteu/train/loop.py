@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import hardware, runio
+from drafteu import fileio, hardware
 from drafteu.errors import DraftEUError
 from drafteu.progress import note, progress
 from drafteu.train.batches import Example, collate, examples_from_rows, window_hidden, window_logits
@@ -79,7 +79,7 @@ class TrainConfig:
     optional_fields = ("eval_every", "share_prefix")  # unset: the identity of runs made before the option existed
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise DraftEUError("lr must be > 0, batch_size and grad_accum >= 1")
         if not self.epochs > 0:

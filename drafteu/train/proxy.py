@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from drafteu import adapters, contract, divergence, models, runio
+from drafteu import adapters, contract, divergence, fileio, models
 from drafteu.errors import DraftEUError
 from drafteu.hardware import DEVICE_HELP
 from drafteu.posterior import NoiseConfig, NoisyModel, family_seeds, member_seed
@@ -72,7 +72,7 @@ class ProxySettings:
     optional_fields = ("lora_layers",)  # unset: the identity of proxies made before the option existed
 
     def __post_init__(self):
-        runio.require_finite(self)
+        fileio.require_finite(self)
         if self.base not in BASES:
             raise DraftEUError(f"proxy base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.n_teacher < 1:
@@ -90,7 +90,7 @@ class ProxySettings:
     def identity(self) -> dict:
         """The settings (``base`` only when it is not the target: runs made before the option keep
         their identity)."""
-        return runio.fields_identity(self, skip=("base",) if self.base == "target" else ())
+        return fileio.fields_identity(self, skip=("base",) if self.base == "target" else ())
 
 
 @dataclass(kw_only=True)
@@ -123,7 +123,7 @@ class ProxyConfig(ProxySettings):
 
 
 def _content(path: Path) -> str | None:
-    return runio.file_digest(path) if Path(path).is_file() else None
+    return fileio.file_digest(path) if Path(path).is_file() else None
 
 
 def _mix_equally(files: list[Path], seed: int) -> list[dict]:
@@ -132,7 +132,7 @@ def _mix_equally(files: list[Path], seed: int) -> list[dict]:
 
     sets = []
     for f in files:
-        rows = runio.read_samples(f, "run drafteu generate --member K first")
+        rows = fileio.read_samples(f, "run drafteu generate --member K first")
         sets.append(rows)
     n = min(len(s) for s in sets)
     out = []
@@ -232,7 +232,7 @@ def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: di
 def run(cfg: ProxyConfig) -> dict:
     """Train p_mix by OSD; save the adapter; check it against the raw target on held-out data.  One
     process writes OUT at a time."""
-    with runio.locked(cfg.out, "proxy"):
+    with fileio.locked(cfg.out, "proxy"):
         return _run(cfg)
 
 
@@ -241,9 +241,9 @@ def _run(cfg: ProxyConfig) -> dict:
 
     started = time.time()
     rows = _mix_equally(cfg.samples, cfg.seed)
-    contract.claim(cfg.out, runio.identity(cfg), what="a proxy")
+    contract.claim(cfg.out, fileio.identity(cfg), what="a proxy")
     if (cfg.out / "manifest.json").exists() and (cfg.out / "adapter" / "adapter_model.safetensors").exists():
-        return runio.json_load(cfg.out / "manifest.json")  # complete, from the same inputs: skip
+        return fileio.json_load(cfg.out / "manifest.json")  # complete, from the same inputs: skip
     lm = models.load(cfg.target, device=cfg.device)
     pad, eos = lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id
     train_rows, held_rows = split_heldout(rows, cfg.heldout, cfg.seed)
@@ -291,8 +291,8 @@ def _run(cfg: ProxyConfig) -> dict:
     # fit measures after the last step unless a resumed checkpoint already had it: computed once
     check = dict(last) or (check_heldout() if held_ex else {})
     adapters.save_adapter(student, PROXY, cfg.out / "adapter")
-    runio.write_config(cfg.out, cfg)
-    return runio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
+    fileio.write_config(cfg.out, cfg)
+    return fileio.write_manifest(cfg.out, "proxy", cfg, started, target=cfg.target, train_examples=len(train_ex),
                                 heldout_examples=len(held_ex), n_teacher=cfg.n_teacher, train=stats, heldout=check,
                                 base=cfg.base, **extra)
 

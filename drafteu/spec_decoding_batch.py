@@ -1,6 +1,6 @@
 """Speculative decoding of several requests together, each token with its EU.
 
-``speculative.SpeculativeDecoder`` decodes one prompt; ``BatchedSpeculativeDecoder.generate`` decodes
+``spec_decoding.SpeculativeDecoder`` decodes one prompt; ``BatchedSpeculativeDecoder.generate`` decodes
 several in lockstep rounds: the K drafts propose gamma tokens for every live request (each step one
 forward of K x B rows, the fused K-adapter layout), the target verifies every request's proposals in
 one forward (with the proxy's row for p_mix), and each request then accepts, stops, streams its EU and
@@ -25,7 +25,7 @@ import torch
 
 from drafteu.errors import DraftEUError
 from drafteu.kvcache import RaggedCache, sliding_window
-from drafteu.speculative import (
+from drafteu.spec_decoding import (
     Generation,
     SpecResult,
     SpeculateOptions,

@@ -19,7 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from drafteu import estimators, models, runio
+from drafteu import estimators, fileio, models
 from drafteu.kvcache import lcp
 from drafteu.methods import ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import NoisyModel, family_seeds
@@ -75,13 +75,15 @@ class TrialEstimators:
         previous = list(self.estimators.values())
         if self.proxy is not None:
             self.proxy.invalidate()
-        sizes = {kind.size_setting: getattr(e, kind.size_setting) for kind in ESTIMATORS.values() if kind.size_setting}
+        built = {name: kind for name, kind in ESTIMATORS.items()
+                 if not kind.uses_drafts and (target_only is None or name in target_only)}
+        sizes = {kind.size_setting: getattr(e, kind.size_setting) for kind in built.values() if kind.size_setting}
         ctx = estimators.BuildContext(noisy=self.noisy, seed=cfg.seed + trial, prefix_len=plen, share_prompts=share,
                                       sizes=sizes, target=self.tokenizer_only, bases=self.bases, device=self.device,
                                       kernel=cfg.eval.draft_kernel)
-        self.estimators = {  # the target-only estimators, each built by its registry entry
-            name: kind.build(ctx) for name, kind in ESTIMATORS.items()
-            if not kind.uses_drafts and (target_only is None or name in target_only)}
+        # the target-only estimators, each built by its registry entry (reading only the sizes they use: a
+        # stage's reads are the keys it declares)
+        self.estimators = {name: kind.build(ctx) for name, kind in built.items()}
         drafts = ESTIMATORS[named("estimate")]
         for spec in specs:  # the trial's draft ensembles: p from one pass shared by all (or a row of theirs)
             if self.proxy_in_drafts:
@@ -132,7 +134,7 @@ def stage_score(cfg, run: Path) -> dict:
     rank, world = _processes()
     rows = eval_rows(run)
     path = part_path(run, rank)
-    done = {(r["key"], r["method"], r["trial"]) for r in runio.read_jsonl(path, repair=True)}
+    done = {(r["key"], r["method"], r["trial"]) for r in fileio.read_jsonl(path, repair=True)}
     jobs = score_jobs(cfg, rows)
     size = cfg.eval.score_batch
     # process r takes batches r, r + P, ... of each trial: the batches (and so every number, to the
@@ -156,12 +158,12 @@ def stage_score(cfg, run: Path) -> dict:
                         if not need:
                             continue
                         res = trial_est.score(need, [m])[m]
-                        runio.append_jsonl(path, [
+                        fileio.append_jsonl(path, [
                             {"key": key_of(r), "qid": r["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
                              "variance": rounded(s.variance), "bias": rounded(s.bias)}
                             | ({"nll": rounded(s.nll)} if s.nll is not None else {}) for r, s in zip(need, res, strict=True)])
                     bar.update(advance=len(batch), info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
-    runio.barrier()  # every part is complete before the merge
+    fileio.barrier()  # every part is complete before the merge
     if rank == 0:
         _merge(run, jobs, world)
     return {"answers": len(rows), "scored": scored, "processes": world}
@@ -170,8 +172,8 @@ def stage_score(cfg, run: Path) -> dict:
 def _merge(run: Path, jobs, world: int) -> None:
     """The parts as eval/token_eu.jsonl, in the order of (trial, answer, method); parts removed."""
     parts = [part_path(run, r) for r in range(world)]
-    found = {(r["key"], r["method"], r["trial"]): r for p in parts for r in runio.read_jsonl(p)}
+    found = {(r["key"], r["method"], r["trial"]): r for p in parts for r in fileio.read_jsonl(p)}
     ordered = [found[(key_of(row), m, t)] for t, methods, rows in jobs for row in rows for m in methods]
-    runio.write_text_atomic(run / TOKEN_EU, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    fileio.write_text_atomic(run / TOKEN_EU, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for p in parts:
         p.unlink(missing_ok=True)
