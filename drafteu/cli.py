@@ -347,7 +347,7 @@ def reproduce(
     fails).  Ends by writing RUN/report.md, RUN/report.html and RUN/figures/.
     """
     def go():
-        from drafteu import pipeline, preflight
+        from drafteu import pipeline
         from drafteu.config import load_experiment
 
         parsed = {}
@@ -358,8 +358,7 @@ def reproduce(
             parsed[key.strip()] = value  # coerced by the field's type in load_experiment
         cfg = load_experiment(config, parsed)
         out = run_dir or Path("runs") / cfg.name
-        preflight.check(cfg, out)  # config errors before anything is printed or written
-        console.print(f"reproduce {escape(cfg.name)} into {out}")
+        # pipeline.run checks the config (preflight) before it prints or writes anything
         m = pipeline.run(cfg, out, log=lambda s: console.print(s, highlight=False, markup=False), until=until)
         console.print(f"done in {m['last_run_seconds']:.0f} s" + ("" if until else
                                                                   f": {out / 'report.md'}, {out / 'report.html'}"))

@@ -56,6 +56,12 @@ def lcp(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """The prefix the scoring passes cache once for a batch of prompts: their longest common prefix when
+    there are several (a shared system prompt, the worked examples), else 0 (one prompt shares nothing)."""
+    return lcp(prompts) if len(prompts) > 1 else 0
+
+
 def sliding_window(config) -> int | None:
     """The attention window of a model's sliding-window layers (None when every layer sees everything)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -138,7 +138,7 @@ def _pairs(cfg: NoiseCheckConfig, tokenizer) -> list[tuple[list[int], list[int]]
 def check(cfg: NoiseCheckConfig) -> list[dict]:
     """``strength`` of a fixed K-member family for each sigma of ``cfg``, on the same answers."""
     from drafteu import models
-    from drafteu.kvcache import lcp
+    from drafteu.kvcache import shared_prefix
     from drafteu.posterior import family_seeds
 
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
@@ -146,7 +146,7 @@ def check(cfg: NoiseCheckConfig) -> list[dict]:
     pairs = _pairs(cfg, lm.tokenizer)
     if not pairs:
         raise DraftEUError(f"{cfg.answers} holds no non-empty answers to measure on")
-    plen = lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0
+    plen = shared_prefix([p for p, _ in pairs])
     noisy, out = NoisyModel(lm.model, cfg.noise), []
     target = HiddenSource(noisy.model, None, prefix_len=plen, context=noisy.base)  # the same for every sigma
     for sigma in cfg.sigma_values:

@@ -406,7 +406,8 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, log=print, until: str | None = 
     names = [s.name for s in STAGES]
     if until is not None and until not in names:
         raise DraftEUError(f"--until {until!r}: not a stage; the stages are {', '.join(names)}")
-    preflight.check(cfg, run_dir)  # config errors before any work
+    preflight.check(cfg, run_dir)  # config errors before anything is printed or written (the only check)
+    log(f"reproduce {cfg.name} into {run_dir}")
     with fileio.locked(run_dir, "run"):  # one process writes a run directory at a time
         return _run(cfg, run_dir, log, names.index(until) + 1 if until is not None else len(names))
 

@@ -12,15 +12,14 @@ import html
 import math
 from pathlib import Path
 
-from drafteu import draft_base_kinds, figures, fileio
+from drafteu import draft_base_kinds, figures, fileio, rundir
 from drafteu.config import ExperimentConfig
 from drafteu.errors import DraftEUError
 from drafteu.methods import named
 
 
 def _load(run: Path, name: str) -> dict | None:
-    path = run / "eval" / f"{name}.json"
-    return fileio.json_load(path) if path.exists() else None
+    return rundir.stage_result(run, name)
 
 
 def _pm(d: dict, digits: int = 4) -> str:
@@ -100,11 +99,11 @@ def claims(*results: dict | None) -> list[str]:
 
 
 def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
-    from drafteu import models, rundir
+    from drafteu import models
     from drafteu.data import token_pieces
     from drafteu.display import color
 
-    if not (run / "eval" / "token_eu.jsonl").exists():
+    if not (run / rundir.TOKEN_EU).exists():
         return ""
     rows = rundir.fidelity_rows(rundir.eval_rows(run), cfg.eval.heatmap_examples)  # different questions
     scores = rundir.token_eu(run)
@@ -152,7 +151,6 @@ def _perturbation_lines(pert: dict | None) -> list[str]:
 def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
     """The bias term next to the variance and the ground truth, the draft base's measured distance to
     the target, and the warning when the bias dominates (docs/method.md §15)."""
-    from drafteu import rundir
     from drafteu.diagnostics import (
         BASE_KL_WARN,
         BIAS_WARN_SHARE,
@@ -162,7 +160,7 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
     )
 
     lines = []
-    base = fileio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    base = rundir.draft_base_manifest(run)
     if base.get("kl_to_target") is not None:
         what = base.get("quantize") or f"{base.get('layers')} layers"
         lines += [f"Draft base ({base.get('kind', 'truncate')}, {what}): KL to the target {base['kl_to_target']:.4f} "
@@ -205,7 +203,7 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
 
 def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
     d, db, dr, p, e = cfg.data, cfg.draft_base, cfg.drafts, cfg.proxy, cfg.eval
-    man = fileio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    man = rundir.run_manifest(run)
     base = kind.describe(db) if (kind := draft_base_kinds.kind(db.model)) else db.model
     steps = dr.train.max_steps or f"{dr.train.epochs} epoch(s)"
     lines = [
@@ -385,7 +383,7 @@ def _cost_section(run: Path, cst: dict) -> list[str]:
     if "modes" in cst:
         md += _cost_modes(cst)
     md += _cost_reading(cst)
-    base = fileio.json_load(run / "draft_base" / "manifest.json") if (run / "draft_base" / "manifest.json").exists() else {}
+    base = rundir.draft_base_manifest(run)
     if base.get("kernel"):
         ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
         md += ["", f"The drafts ran on {ran}; its weights take "
@@ -451,7 +449,7 @@ def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     body = (run / "report.md").read_text(encoding="utf-8").replace("](figures/", f"]({name}/")
     body = body.replace("are in report.html", f"are in [{name}/report.html]({name}/report.html)")
     fileio.write_text_atomic(md_path, f"{keep}{GENERATED}\n\n{body}")
-    manifest = fileio.json_load(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    manifest = rundir.run_manifest(run)
     numbers = {"config": fileio.plain(cfg), "manifest": manifest,
                **{k: _load(run, k) for k in EVAL_JSONS if _load(run, k) is not None}}
     fileio.write_json(out / f"{name}.json", numbers)

@@ -110,7 +110,28 @@ def eval_json(run: Path, stage: str) -> Path:
     return Path(run) / "eval" / f"{stage}.json"
 
 
+def draft_base_manifest(run: Path) -> dict:
+    """The run's built draft base's manifest (its kind, its measured KL to the target), {} without one."""
+    return _json_or_empty(Path(run) / "draft_base" / "manifest.json")
+
+
+def run_manifest(run: Path) -> dict:
+    """The run's manifest.json (the stages' timings, the config's digest), {} without one."""
+    return _json_or_empty(Path(run) / "manifest.json")
+
+
+def stage_result(run: Path, stage: str) -> dict | None:
+    """An evaluation stage's JSON (``eval/<stage>.json``), or None before the stage has run."""
+    path = eval_json(run, stage)
+    return fileio.json_load(path) if path.exists() else None
+
+
+def _json_or_empty(path: Path) -> dict:
+    return fileio.json_load(path) if path.exists() else {}
+
+
 TOKEN_EU = Path("eval") / "token_eu.jsonl"
+PROXY_BIAS = Path("eval") / "proxy_bias.jsonl"
 TOKEN_EU_META = Path("eval") / "token_eu.meta.json"  # written by older versions; removed with the scores
 EVAL_SAMPLES = Path("eval") / "samples"
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from drafteu import estimators, fileio, models
-from drafteu.kvcache import lcp
+from drafteu.kvcache import shared_prefix
 from drafteu.methods import ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import NoisyModel, family_seeds
 from drafteu.progress import progress
@@ -60,7 +60,7 @@ class TrialEstimators:
         self.noisy.model.eval()
         self.tokenizer_only = models.load(cfg.target, tokenizer_only=True)
         self.shared = shared
-        self.prefix_len = lcp([r["prompt_ids"] for r in rows]) if shared and rows and len(rows) > 1 else 0
+        self.prefix_len = shared_prefix([r["prompt_ids"] for r in rows]) if shared else 0
         self.proxy = None if self.proxy_in_drafts else \
             HiddenSource(self.noisy.model, ["proxy"], prefix_len=self.prefix_len, share_prompts=shared)
         self.bases = estimators.DraftBases()  # the ensembles of a trial share one loaded draft base

@@ -23,6 +23,7 @@ from drafteu.methods import DRAFT_METHODS, ESTIMATORS, TARGET_ONLY, named
 from drafteu.posterior import family_seeds, member_seed
 from drafteu.progress import progress
 from drafteu.rundir import (
+    PROXY_BIAS,
     EnsembleSpec,
     draft_dir,
     ensembles,
@@ -125,7 +126,7 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     ensembles built of noise (untrained, K-only; trial 0's): each set's mean MI against ln K and its
     KL to the raw target, and for the drafts' noise also the KL to the draft it perturbs."""
     from drafteu import models
-    from drafteu.kvcache import lcp
+    from drafteu.kvcache import shared_prefix
     from drafteu.posterior import NoisyModel
 
     e = cfg.eval
@@ -133,7 +134,7 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
     pairs = [(list(r["prompt_ids"]), list(r["response_ids"])) for r in rows]
     lm = models.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
     noisy = NoisyModel(lm.model, cfg.noise)
-    plen = lcp([p for p, _ in pairs]) if len(pairs) > 1 else 0
+    plen = shared_prefix([p for p, _ in pairs])
     family = noisy.set_members("family", family_seeds(cfg.seed, e.family_size))
     reference = ESTIMATORS[named("reference")]  # TokUR: its draws, as it scores
     tokur = reference.build(estimators.BuildContext(noisy=noisy, seed=cfg.seed,
@@ -200,7 +201,7 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
     rows = fidelity_rows(eval_rows(run), e.proxy_questions)
     proposed = named("proposed")
     label = proposed if proposed in cfg.drafts.methods else labels(cfg)[0]
-    path = run / "eval" / "proxy_bias.jsonl"
+    path = run / PROXY_BIAS
     done = {(r["key"], r["estimate"], r["trial"]) for r in fileio.read_jsonl(path, repair=True)}
     estimates = ["reference", "p_mix", "raw target"] + [f"K={k}" for k in e.proxy_ks]
     need = [(r, t) for t in range(e.trials) for r in rows
@@ -414,7 +415,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     ``COST_MODES`` (interleaved: method by method, mode by mode, both orders).  ``flops_per_token`` is
     the paper's parameter count x passes; ``fed_flops_per_token`` scales it by the positions each pass
     really ran (prompts, the shared prefix and padding included) per scored token."""
-    from drafteu.kvcache import lcp
+    from drafteu.kvcache import shared_prefix
 
     rows = eval_rows(run)[: cfg.eval.cost_responses]
     trial_est = TrialEstimators(cfg, run, rows, shared=False)  # every method pays for every token it needs
@@ -423,7 +424,7 @@ def stage_cost(cfg: ExperimentConfig, run: Path) -> dict:
     n_target = cost.parameters(trial_est.lm.model)
     tokens = sum(len(r["response_ids"]) for r in rows)
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
-    plen = lcp([r["prompt_ids"] for r in rows]) if len(rows) > 1 else 0
+    plen = shared_prefix([r["prompt_ids"] for r in rows])
     methods = list(TARGET_ONLY) + labels(cfg)
     wall, fed = _timed(trial_est, rows, methods, plen, tokens)
     flops, passes, parts = _counted(trial_est, methods)
