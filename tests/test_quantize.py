@@ -60,6 +60,14 @@ def test_a_quantized_base_builds_and_measures_its_distance_to_the_target(built, 
     ex = draft_base.examples_from_rows(held, target.tokenizer.eos_token_id)
     kl = draft_base.kl_to_target(target.model, draft.model, ex, target.tokenizer.pad_token_id)
     assert kl == pytest.approx(m["int8"]["kl_to_target"], rel=1e-6)
+    # one pass of each model gives both numbers: the KL is the draft base's objective (distill_loss) on those
+    # tokens, the agreement the manifest's
+    batch = draft_base.collate(ex, target.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        objective = float(draft_base.distill_loss(target.model, draft.model, batch, reduction="sum"))
+    agree, kl_both = draft_base.closeness(target.model, draft.model, ex, target.tokenizer.pad_token_id, batch_size=len(ex))
+    assert kl_both == pytest.approx(objective / float(batch["loss_mask"].sum()), rel=1e-4)
+    assert agree == pytest.approx(m["int8"]["top1_agreement_after"], rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ddd", "idd", "untrained", "konly"])

@@ -92,20 +92,30 @@ def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[di
 
 
 @torch.no_grad()
-def top1_agreement(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
-    """Fraction of response positions where draft and target (teacher-forced) agree on the argmax."""
+def closeness(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> tuple[float, float]:
+    """(top-1 agreement, mean forward KL(p_target || q_draft)) over the response tokens of ``examples``, both
+    from one teacher-forced pass of each model per batch (their logits a chunk of positions at a time)."""
+    from drafteu import divergence
+
     device = next(draft.parameters()).device
-    agree = total = 0.0
+    agree = kl = total = 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
         mask = batch["loss_mask"]
         if mask.sum() == 0:
             continue
-        same, = reduce_window(lambda p, q: ((p[0].argmax(-1) == q[0].argmax(-1)).float(),), mask,
-                              window_hidden(target, batch), window_hidden(draft, batch))
+        same, div = reduce_window(lambda p, q: ((p[0].argmax(-1) == q[0].argmax(-1)).float(),
+                                                divergence.kl(p[0].float(), q[0].float())),
+                                  mask, window_hidden(target, batch), window_hidden(draft, batch))
         agree += float(same.sum())
+        kl += float(div.sum())
         total += float(mask.sum())
-    return agree / max(total, 1.0)
+    return agree / max(total, 1.0), kl / max(total, 1.0)
+
+
+def top1_agreement(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Fraction of response positions where draft and target (teacher-forced) agree on the argmax."""
+    return closeness(target, draft, examples, pad_id, batch_size)[0]
 
 
 def distill_loss(target, draft, batch: dict, reduction: str = "mean") -> torch.Tensor:
@@ -124,16 +134,9 @@ def run(cfg: DraftBaseConfig) -> dict:
         return _run(cfg)
 
 
-@torch.no_grad()
 def kl_to_target(target, draft, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
     """Mean per-token forward KL(p_target || q_draft) over the response tokens of ``examples``."""
-    device = next(draft.parameters()).device
-    total = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id, device)
-        total += float(distill_loss(target, draft, batch, reduction="sum"))
-        count += float(batch["loss_mask"].sum())
-    return total / max(count, 1.0)
+    return closeness(target, draft, examples, pad_id, batch_size)[1]
 
 
 def _portable(spec: str) -> str:
@@ -158,13 +161,13 @@ def quantized(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
                                              "library": f"torchao {torchao.__version__}"})
     draft = models.load(str(out), device=cfg.device).model
     device = next(draft.parameters()).device
+    agree, kl = closeness(lm.model, draft, held, pad)
     fileio.write_config(out, cfg)
     return fileio.write_manifest(
         out, "draft_base", cfg, started, kind=cfg.kind, target=cfg.target, quantize=cfg.quantize.name,
         kernel=quantize.kernel(cfg.quantize, device), parameters=sum(p.numel() for p in draft.parameters()),
         weight_bytes=quantize.weight_bytes(draft), target_weight_bytes=quantize.weight_bytes(lm.model),
-        heldout_examples=len(held), kl_to_target=kl_to_target(lm.model, draft, held, pad),
-        top1_agreement_after=top1_agreement(lm.model, draft, held, pad), top1_agreement_before=None)
+        heldout_examples=len(held), kl_to_target=kl, top1_agreement_after=agree, top1_agreement_before=None)
 
 
 def _run(cfg: DraftBaseConfig) -> dict:
@@ -197,8 +200,7 @@ def truncated(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
 
     loss_fn = functools.partial(distill_loss, target)
     stats = fit(draft, train_ex, loss_fn, cfg.train, out / "trainer", pad_id=pad, seed=cfg.seed, desc="draft base")
-    after = top1_agreement(target, draft, held_ex, pad) if held_ex else None
-    after_kl = kl_to_target(target, draft, held_ex, pad) if held_ex else None
+    after, after_kl = closeness(target, draft, held_ex, pad) if held_ex else (None, None)
     draft.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     fileio.write_config(out, cfg)
