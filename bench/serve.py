@@ -97,34 +97,20 @@ def long_score(url: str, tokens: int) -> dict:
     return {"tokens": len(resp.json()["tokens"]), "before": before, "after": after, "peak": peak}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: 4 noisy copies of the embedded target)")
-    ap.add_argument("--target", default="embedded")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=3, help="requests per client")
-    ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--backend", default="hf", help="generation: hf (the batched engine's static batches) or vllm "
-                                                    "(vLLM's async engine: continuous batching)")
-    ap.add_argument("--score-tokens", type=int, default=3151, help="response tokens of the long /v1/score")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    args = ap.parse_args()
-
+def measure(args, drafts_dir: Path, engine: str) -> tuple[list[str], dict, dict]:
+    """One server with ``--engine engine``: (table rows, {(clients, eu): p50 / p99 / rps / tps}, memory)."""
     import httpx
-    import torch
     import uvicorn
 
     from drafteu.serve import ServeConfig, build
 
-    tmp = tempfile.TemporaryDirectory()
-    drafts_dir = args.drafts or untrained_ensemble(Path(tmp.name))
     port = _free_port()
     cfg = ServeConfig(drafts=drafts_dir, target=args.target, port=port, model_name="bench", device=args.device,
                       max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency), backend=args.backend,
+                      engine=engine, gamma=args.gamma,
                       timeout=1200.0)  # the long /v1/score's client waits as long (a 2-core CPU shared with vLLM's engine needs it)
-    engine, app = build(cfg)
-    engine.start()
+    worker, app = build(cfg)
+    worker.start()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
@@ -135,7 +121,8 @@ def main() -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    asyncio.run(clients(url, 1, 1, args.max_tokens, True))  # warm-up
+    for eu in (True, False):  # warm-up (both decoders of the speculative engine)
+        asyncio.run(clients(url, 1, 1, args.max_tokens, eu))
     rows, per = [], {}
     for c in args.concurrency:
         for eu in (True, False):  # interleaved per concurrency: machine noise hits both alike
@@ -143,34 +130,83 @@ def main() -> None:
             lat.sort()
             p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
             per[c, eu] = {"p50": statistics.median(lat), "p99": p99, "rps": len(lat) / wall, "tps": tokens / wall}
-            rows.append(f"| {c} | {'on' if eu else 'off'} | {len(lat)} | {per[c, eu]['rps']:.2f} | "
+            rows.append(f"| {engine} | {c} | {'on' if eu else 'off'} | {len(lat)} | {per[c, eu]['rps']:.2f} | "
                         f"{per[c, eu]['tps']:.1f} | {per[c, eu]['p50']:.2f} | {p99:.2f} |")
             print(rows[-1], flush=True)
-    mem = long_score(url, args.score_tokens)
+    mem = long_score(url, args.score_tokens) if args.score_tokens else None
     server.should_exit = True
-    engine.stop()
+    worker.stop()
+    return rows, per, mem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: 4 noisy copies of the embedded target)")
+    ap.add_argument("--target", default="embedded")
+    ap.add_argument("--engine", nargs="+", default=["batched"], choices=["batched", "speculative"],
+                    help="serve's engines to measure, one server after the other (same requests)")
+    ap.add_argument("--gamma", type=int, default=2, help="the speculative engine's tokens proposed per round")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="hf", help="generation: hf (the batched engine's static batches) or vllm "
+                                                    "(vLLM's async engine: continuous batching)")
+    ap.add_argument("--score-tokens", type=int, default=3151, help="response tokens of the long /v1/score (0: skip)")
+    ap.add_argument("--json", type=Path, help="also write every number here")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = ap.parse_args()
+
+    import json
+
+    import torch
+
+    tmp = tempfile.TemporaryDirectory()
+    drafts_dir = args.drafts or untrained_ensemble(Path(tmp.name))
+    rows, per, mem = [], {}, None
+    for engine in args.engine:
+        r, p, m = measure(args, drafts_dir, engine)
+        rows += r
+        per |= {(engine, *k): v for k, v in p.items()}
+        mem = mem or m
     lo, hi = min(args.concurrency), max(args.concurrency)
-    eu_cost = per[lo, True]["p50"] / per[lo, False]["p50"] - 1
-    scale = per[hi, True]["rps"] / per[lo, True]["rps"]
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    lines = []
+    for engine in args.engine:
+        eu_cost = per[engine, lo, True]["p50"] / per[engine, lo, False]["p50"] - 1
+        scale = per[engine, hi, True]["rps"] / per[engine, lo, True]["rps"]
+        kept = per[engine, hi, True]["tps"] / per[engine, hi, False]["tps"]
+        lines += [f"- {engine}: the EU's share of a request's latency with {lo} client **{eu_cost:+.0%}** of the p50 "
+                  f"without it; {hi} clients' throughput with EU / without **{kept:.2f}x**; with {hi} clients / with "
+                  f"{lo} (EU on) **{scale:.2f}x**."]
+    if len(args.engine) > 1:
+        a, b = args.engine[:2]
+        lines.append(f"- {b} / {a} (EU on): {lo} client p50 **{per[b, lo, True]['p50'] / per[a, lo, True]['p50']:.2f}x**, "
+                     f"{hi} clients tokens/s **{per[b, hi, True]['tps'] / per[a, hi, True]['tps']:.2f}x**.")
+    if mem is not None:
+        lines.append(f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set from "
+                     f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start)"
+                     + ("; vLLM's engine runs in a process of its own, not counted" if args.backend != "hf" else "") + ".")
     body = "\n".join([
-        f"`python bench/serve.py {shown_args()}`: `drafteu serve` ("
-        f"{'batched engine, HF backend' if args.backend == 'hf' else 'vLLM async engine, continuous batching'}) on "
-        f"{'4 noisy copies of the embedded target' if args.drafts is None else args.drafts} as the drafts, "
-        f"{args.requests} greedy chat completions of up to {args.max_tokens} tokens per client, clients started "
-        f"together, over loopback; {torch.get_num_threads()} torch threads on {device}. EU off: the same server "
-        "and requests with `\"eu\": false` (no scoring pass).", "",
-        "| clients | EU | requests | requests/s | tokens/s | p50 (s) | p99 (s) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", *rows, "",
-        f"- The EU's share of a request's latency with {lo} client: **{eu_cost:+.0%}** of the p50 without it "
-        "(goal: <= 20%).",
-        f"- Throughput with {hi} clients / with {lo} (EU on): **{scale:.2f}x** (goal: >= 2x).",
-        f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set from "
-        f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start)"
-        + ("; vLLM's engine runs in a process of its own, not counted" if args.backend != "hf" else "") + ".",
-    ])
-    key = f"serve-{device}" + ("" if args.backend == "hf" else f"-{args.backend}")
-    write_section(args.out, key, f"drafteu serve: throughput and latency, {args.backend} backend", body)
+        f"`python bench/serve.py {shown_args()}`: `drafteu serve` (engines: {', '.join(args.engine)}; "
+        f"{'HF backend' if args.backend == 'hf' else 'vLLM async engine, continuous batching'}) on "
+        f"{'4 noisy copies of the embedded target' if args.drafts is None else args.drafts} as the drafts, target "
+        f"`{args.target}`, {args.requests} greedy chat completions of up to {args.max_tokens} tokens per client, "
+        f"clients started together, over loopback; {torch.get_num_threads()} torch threads on {device}; one server per "
+        "engine, one after the other. EU off: the same server and requests with `\"eu\": false` (the batched engine "
+        "skips the scoring pass, the speculative one decodes without the EU's work).", "",
+        "| engine | clients | EU | requests | requests/s | tokens/s | p50 (s) | p99 (s) |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |", *rows, "", *lines])
+    if args.json:
+        args.json.write_text(json.dumps({"target": args.target, "drafts": str(drafts_dir), "device": device,
+                                         "engines": args.engine, "gamma": args.gamma, "memory": mem,
+                                         "runs": [{"engine": e, "clients": c, "eu": eu, **v}
+                                                  for (e, c, eu), v in per.items()]}, indent=1))
+    name = "" if args.target == "embedded" else f"-{args.target}"
+    key = f"serve-{device}{name}" + ("" if args.backend == "hf" else f"-{args.backend}") + \
+        ("" if args.engine == ["batched"] else "-" + "-".join(args.engine))
+    write_section(args.out, key, f"drafteu serve: throughput and latency, {args.backend} backend"
+                  + ("" if args.target == "embedded" else f", target {args.target}"), body)
     print(body)
 
 

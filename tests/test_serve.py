@@ -344,6 +344,15 @@ def test_the_speculative_engine_decodes_concurrent_requests_together(ensemble, r
                 assert greedy_answer(lm.model, lm.tokenizer, prompt_ids, 8) == ids
             want = ens.score(prompt_ids, ids)
             assert [t["eu"] for t in choice["eu_tokens"]] == pytest.approx(want.eu.tolist(), rel=1e-3, abs=1e-4)
+        # "eu": false decodes on the decoders without the EU's work: the same answer, no EU fields
+        body = {"model": "drafteu-test", "messages": [{"role": "user", "content": questions[1]}], "max_tokens": 8,
+                "temperature": 0, "eu": False}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=300)
+        assert r.status_code == 200 and "eu_tokens" not in r.json()["choices"][0]
+        assert r.json()["choices"][0]["message"]["content"] == out[1].json()["choices"][0]["message"]["content"]
+        plain, _ = decoding.decoders(False)
+        assert not plain.eu and decoding.decoders(True)[0].eu
     finally:
         s.close()
 

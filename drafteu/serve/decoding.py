@@ -88,16 +88,26 @@ class Batched:
 class Speculative:
     """Speculative decoding by the draft ensemble, ``gamma`` tokens proposed per round: EU (and, when asked,
     the target's logprobs from its verifying pass) streamed with every round's tokens; the answer keeps what
-    its rounds computed (it is not scored again).  A lone job decodes on ``decoder`` (its prompt cache kept
-    across jobs: a shared system prompt computed once); several decode together on ``batched``
-    (``spec_decoding_batch``: one forward per step for all of them) where there is one (not for a sliding-window
-    model).  One choice per job, no nucleus cut and no stop strings (the decoder's rule); a cancelled job
-    stops at its next round."""
+    its rounds computed (it is not scored again).  ``build(eu)`` gives (the single-request decoder, the
+    several-request one or None) with EU on or off - a job asking ``"eu": false`` decodes without the EU's
+    work - made once each when first needed.  A lone job decodes on the single-request decoder (its prompt
+    cache kept across jobs: a shared system prompt computed once); several decode together on the batched
+    one (``spec_decoding_batch``: one forward per step for all of them) where there is one (not for a
+    sliding-window model).  One choice per job, no nucleus cut and no stop strings (the decoder's rule); a
+    cancelled job stops at its next round."""
 
     live = True
 
-    def __init__(self, decoder, tokenizer, eos, batched=None):
-        self.decoder, self.tokenizer, self.eos, self.batched = decoder, tokenizer, eos, batched
+    def __init__(self, build, tokenizer, eos):
+        self.build, self.tokenizer, self.eos = build, tokenizer, eos
+        self._decoders: dict[bool, tuple] = {}
+        self.decoder, self.batched = self.decoders(True)
+
+    def decoders(self, eu: bool) -> tuple:
+        """(single-request decoder, batched decoder or None) with the EU on or off."""
+        if eu not in self._decoders:
+            self._decoders[eu] = self.build(eu)
+        return self._decoders[eu]
 
     def refuses(self, job: Job) -> tuple[str, str] | None:
         if job.n > 1 or job.top_p < 1 or job.stop:
@@ -106,13 +116,18 @@ class Speculative:
         return None
 
     def decode(self, jobs: list[Job]) -> list[list[Decoded]]:
-        todo = [job for job in jobs if not job.cancelled]
-        if self.batched is None or len(todo) < 2:
-            done = {id(job): self._finish(job, self.decoder.generate(**self._request(job).__dict__, eos_ids=self.eos))
-                    for job in todo}
-        else:
-            results = self.batched.generate([self._request(job) for job in todo], eos_ids=self.eos)
-            done = {id(job): self._finish(job, res) for job, res in zip(todo, results, strict=True)}
+        done = {}
+        for eu in (True, False):
+            todo = [job for job in jobs if not job.cancelled and bool(job.eu) == eu]
+            if not todo:
+                continue
+            single, batched = self.decoders(eu)
+            if batched is None or len(todo) < 2:
+                for job in todo:
+                    done[id(job)] = self._finish(job, single.generate(**vars(self._request(job)), eos_ids=self.eos))
+            else:
+                results = batched.generate([self._request(job) for job in todo], eos_ids=self.eos)
+                done |= {id(job): self._finish(job, res) for job, res in zip(todo, results, strict=True)}
         return [[done[id(job)]] if id(job) in done else [] for job in jobs]
 
     def _request(self, job: Job):

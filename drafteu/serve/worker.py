@@ -170,13 +170,17 @@ class Worker:
         # the generation strategy, chosen once: speculative decoding by the drafts, the backend's own async
         # engine (continuous batching, on the event loop), or the backend's batched generate in this worker
         if s["engine"] == "speculative":
-            decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"])
-            try:  # several requests in one forward per step; a sliding-window model decodes them one by one
-                batched = BatchedSpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"])
-            except DraftEUError as e:
-                log.info("speculative engine: one request at a time (%s)", e)
-                batched = None
-            self.decoding = Speculative(decoder, self.tokenizer, self.eos, batched)
+            def build(eu: bool):
+                decoder = SpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target, gamma=s["gamma"], eu=eu)
+                try:  # several requests in one forward per step; a sliding-window model decodes them one by one
+                    batched = BatchedSpeculativeDecoder.from_ensemble(self.ensemble, self.ensemble.target,
+                                                                      gamma=s["gamma"], eu=eu)
+                except DraftEUError as e:
+                    log.info("speculative engine: one request at a time (%s)", e)
+                    batched = None
+                return decoder, batched
+
+            self.decoding = Speculative(build, self.tokenizer, self.eos)
         elif backend.serving is not None:
             self.continuous = ContinuousDecoder(
                 backend.serving(s["target"], self.tokenizer, dtype=s["dtype"], device=s["device"],
