@@ -60,10 +60,11 @@ def real(args) -> str:
     prompts = [data.format_prompt(tok, p.question, data.shots_for(args.task, args.shots)) for p in problems]
     k = len(ens.names)
 
-    def spec(propose, eu, bias, gamma, compile="off"):
+    def spec(propose, eu, bias, gamma, compile="off", adaptive=False):
         e = ens_p if bias == "proxy" else ens
         return SpeculativeDecoder.from_ensemble(e, e.target, gamma=gamma, propose=propose, bias=bias, eu=eu,
-                                                compile=compile)
+                                                compile=compile, adaptive=adaptive,
+                                                gamma_max=max(gamma, args.gamma_max))
 
     modes = {"plain greedy (target)": None}
     if args.compile:
@@ -74,6 +75,10 @@ def real(args) -> str:
             modes[f"{head}, no EU"] = spec(propose, False, "target", gamma)
             modes[f"{head}, EU (bias vs target)"] = spec(propose, True, "target", gamma)
             modes[f"{head}, EU (bias vs p_mix)"] = spec(propose, True, "proxy", gamma)
+            if args.adaptive:
+                head_a = f"gamma {gamma} adaptive (<= {max(gamma, args.gamma_max)}), propose {pname}"
+                modes[f"{head_a}, no EU"] = spec(propose, False, "target", gamma, adaptive=True)
+                modes[f"{head_a}, EU (bias vs p_mix)"] = spec(propose, True, "proxy", gamma, adaptive=True)
             if args.compile:
                 modes[f"{head}, no EU, compiled"] = spec(propose, False, "target", gamma, "on")
                 modes[f"{head}, EU (bias vs p_mix), compiled"] = spec(propose, True, "proxy", gamma, "on")
@@ -503,6 +508,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="dtype of the target (auto = float32 for the embedded model)")
     ap.add_argument("--draft-dtype", default="auto", help="dtype of the drafts (auto, float32, bfloat16)")
     ap.add_argument("--propose", nargs="+", default=["mix", "0"], help="proposers: mix and/or draft indices")
+    ap.add_argument("--adaptive", action="store_true", help="also each gamma adapted per round (from the acceptance)")
+    ap.add_argument("--gamma-max", type=int, default=8, help="with --adaptive: the largest gamma")
     ap.add_argument("--gpu", action="store_true", help="step times on CUDA with random weights of the paper's shapes")
     ap.add_argument("--random-shapes", choices=sorted(SHAPES), default=None,
                     help="step times with random weights of these shapes on --device (a smoke run: tiny on cpu)")

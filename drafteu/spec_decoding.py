@@ -61,12 +61,18 @@ class SpeculateOptions:
     bias: str = field(default="auto", metadata={"help": "p of the bias term KL(q_mix || p): 'proxy' (p_mix, in the "
                                                 "verification batch), 'target' (the verifying target, free), or "
                                                 "'auto' (proxy when there is one)"})
+    adaptive: bool = field(default=False, metadata={
+        "help": "gamma adapts every round: +2 after a round whose proposals were all accepted, -1 after one with a "
+                "rejection, within 1..gamma_max (transformers' assisted-generation heuristic); off: gamma fixed"})
+    gamma_max: int = field(default=8, metadata={"help": "with adaptive: the most tokens proposed in a round"})
     eu: bool = field(default=True, metadata={"help": "compute per-token EU (off: plain speculative decoding)"})
     compile: str = field(default="auto", metadata={"help": COMPILE_HELP})
 
     def __post_init__(self):
         if self.gamma < 1:
             raise DraftEUError(f"gamma must be >= 1 (tokens proposed per round), got {self.gamma}")
+        if self.adaptive and self.gamma_max < self.gamma:
+            raise DraftEUError(f"gamma_max ({self.gamma_max}) must be >= gamma ({self.gamma}): gamma starts there")
         if self.propose != "mix":
             try:
                 self.propose = int(self.propose)
@@ -145,6 +151,7 @@ class Generation:
     p_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) logits of p for the bias term
     t_at: dict[int, torch.Tensor] = field(default_factory=dict)  # (V,) the raw target's logits (logprobs)
     logprobs: int | None = None  # how many top logprobs per token (None: no logprobs)
+    gamma: int = 1  # tokens proposed in the next round (``next_gamma`` when adaptive)
     var_out: list[float] = field(default_factory=list)
     bias_out: list[float] = field(default_factory=list)
     streamed: int = 0
@@ -375,13 +382,15 @@ class SpeculativeDecoder:
                          logprobs=logprobs)
         if logprobs is not None:
             st.res.logprobs, st.res.top = [], []
-        gamma, eu = self.options.gamma, self.options.eu
+        eu = self.options.eu
+        st.gamma = self.options.gamma
         t0 = time.perf_counter()
         while len(st.seq) - st.prompt_len < max_new_tokens:
             if cancelled is not None and cancelled():
                 st.res.finish = "cancelled"
                 break
             base = len(st.seq)
+            gamma = st.gamma
             props, r_probs = _timed(st, "draft_s", self.proposer.propose, st, gamma, eu)
             n_acc, nxt = _timed(st, "verify_s", self.verifier.verify, st, props, r_probs, gamma, eu)
             self._accept(st, base, props, n_acc, nxt)
@@ -400,7 +409,7 @@ class SpeculativeDecoder:
 
     def _accept(self, st: Generation, base: int, props: list[int], n_acc: int, nxt: int) -> None:
         """Append the accepted proposals and the target's token; roll caches and stale distributions back."""
-        accept(st, base, props, n_acc, nxt, self.options.gamma)
+        accept(st, base, props, n_acc, nxt, self.options)
         for c in self.caches.values():
             c.rollback(base + n_acc)
 
@@ -415,9 +424,19 @@ class SpeculativeDecoder:
         emit(st, self.options.eu, on_tokens, hold)
 
 
-def accept(st: Generation, base: int, props: list[int], n_acc: int, nxt: int, gamma: int) -> None:
+def next_gamma(gamma: int, n_acc: int, options: SpeculateOptions) -> int:
+    """The next round's gamma after ``n_acc`` of ``gamma`` proposals were accepted: fixed, or (``adaptive``)
+    +2 after a fully accepted round and -1 after a rejection, within 1..gamma_max."""
+    if not options.adaptive:
+        return options.gamma
+    return min(options.gamma_max, gamma + 2) if n_acc == gamma else max(1, gamma - 1)
+
+
+def accept(st: Generation, base: int, props: list[int], n_acc: int, nxt: int, options: SpeculateOptions) -> None:
     """Append a round's accepted proposals and the target's token to ``st``; drop the distributions computed
-    after a rejected proposal (stale).  The caches' rollback is the caller's."""
+    after a rejected proposal (stale); set the next round's gamma.  The caches' rollback is the caller's."""
+    gamma = len(props)
+    st.gamma = next_gamma(gamma, n_acc, options)
     st.res.proposed += gamma
     st.res.accepted += n_acc
     st.res.rounds += 1

@@ -117,6 +117,7 @@ class BatchedSpeculativeDecoder:
                              logprobs=r.logprobs)
             if r.logprobs is not None:
                 st.res.logprobs, st.res.top = [], []
+            st.gamma = self.gamma
             rows.append(_Row(r, st))
         drafts = RaggedCache(self.drafts, self.names, len(rows))
         target = RaggedCache(self.target, self.target_rows, len(rows))
@@ -181,12 +182,16 @@ class BatchedSpeculativeDecoder:
         return out
 
     def _propose(self, live: list[_Row], drafts: RaggedCache) -> None:
-        """gamma proposals per row from the drafts' mixture; the K distributions kept for the EU."""
+        """Each row's gamma proposals from the drafts' mixture (a row whose gamma is reached feeds nothing
+        more); the K distributions kept for the EU."""
         for row in live:
             row.props, row.r_probs = [], []
-        for _ in range(self.gamma):
-            fed = self._feed(drafts, live, [row.st.seq + row.props for row in live])
+        for step in range(max(row.st.gamma for row in live)):
+            fed = self._feed(drafts, live, [row.st.seq + row.props if step < row.st.gamma else drafts.ids[b]
+                                            for b, row in enumerate(live)])
             for row, (logits, first) in zip(live, fed, strict=True):
+                if step >= row.st.gamma:
+                    continue
                 row.st.keep_drafts(logits, first)
                 q = logits[:, -1]
                 if row.st.temperature == 0:
@@ -208,8 +213,8 @@ class BatchedSpeculativeDecoder:
                 for j in range(out.shape[1]):
                     st.t_at[first + j] = out[0, j]
             base = len(st.seq)
-            n_acc, nxt = accept_rule(st, out[0, -(self.gamma + 1):], row.props, row.r_probs)
-            accept(st, base, row.props, n_acc, nxt, self.gamma)
+            n_acc, nxt = accept_rule(st, out[0, -(len(row.props) + 1):], row.props, row.r_probs)
+            accept(st, base, row.props, n_acc, nxt, self.options)
             for cache in (drafts, target):
                 cache.rollback(b, base + n_acc)
 

@@ -98,7 +98,7 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     if cfg.eu and res.token_ids:
         result["diagnostic"] = estimators.bias_diagnostic(res.variance, res.bias, ens.base_kl, ens.proxy_fit)
     result["speculative"] = {
-        "gamma": cfg.gamma, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
+        "gamma": cfg.gamma, "adaptive": cfg.adaptive, "gamma_max": cfg.gamma_max, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
         "draft_dtype": cfg.draft_dtype, "compiled": dec.compile,
         "proposed": res.proposed, "accepted": res.accepted, "acceptance": res.acceptance, "rounds": res.rounds,
         "tokens": len(res.token_ids), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,

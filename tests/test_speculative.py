@@ -509,3 +509,36 @@ def test_speculative_bench_measures_several_requests_at_once(ensembles, tiny_dir
                           "speculative, gamma 2, EU (bias vs p_mix)"}
     assert all(m["outputs_differing_from_plain_greedy"] == 0 and m["tokens_per_s"] > 0 for m in modes.values())
     assert "| speculative, gamma 2, EU (bias vs p_mix) |" in table
+
+
+def test_adaptive_gamma_follows_acceptance_and_keeps_the_targets_answers(ensembles, tiny_dir):
+    """``adaptive``: gamma grows by 2 after a fully accepted round and shrinks by 1 after a rejection (within
+    1..gamma_max); the answers stay the target's greedy answers and the EU the offline score's, alone and
+    batched (each request its own gamma)."""
+    from drafteu.spec_decoding import SpeculateOptions, next_gamma
+    from drafteu.spec_decoding_batch import Request
+
+    opts = SpeculateOptions(gamma=2, adaptive=True, gamma_max=5)
+    assert [next_gamma(2, 2, opts), next_gamma(4, 4, opts), next_gamma(2, 0, opts), next_gamma(1, 0, opts)] == [4, 5, 1, 1]
+    assert next_gamma(3, 3, SpeculateOptions(gamma=3)) == 3  # fixed
+    with pytest.raises(DraftEUError, match="gamma_max"):
+        SpeculateOptions(gamma=4, adaptive=True, gamma_max=2)
+    eos = set()
+    for kind in ("near", "far"):
+        lm, ens, single = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=2, adaptive=True, gamma_max=5,
+                                   bias="proxy")
+        fixed = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=2, bias="proxy")[2]
+        prompts = [_prompt(lm, q) for q in QUESTIONS]
+        batched = _batched(ens, gamma=2, adaptive=True, gamma_max=5, bias="proxy").generate(
+            [Request(p, 24) for p in prompts], eos_ids=eos)
+        for p, b in zip(prompts, batched, strict=True):
+            res = single.generate(p, 24, eos_ids=eos)
+            with ens.base_target():  # the target without the proxy adapter its model carries
+                ref = plain_greedy(lm.model, p, 24, eos)
+            assert res.token_ids == b.token_ids == ref
+            off = ens.score(p, res.token_ids)
+            for r in (res, b):
+                assert torch.allclose(r.variance, off.variance, atol=1e-4) and torch.allclose(r.bias, off.bias, atol=1e-4)
+            assert b.proposed == res.proposed and b.rounds == res.rounds  # the same gamma path, batched or alone
+            if kind == "near":  # proposals mostly accepted: gamma grows, so fewer rounds than fixed gamma 2
+                assert res.rounds < fixed.generate(p, 24, eos_ids=eos).rounds
