@@ -207,13 +207,47 @@ def begin(run: Path, d: Decision) -> None:
         fileio.write_json(stamp_path(run, d.stage.name), {
             "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "running",
             "inputs": d.inputs, "upstream": d.upstream, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    else:  # the sittings before this one: finished ones in "seconds", a killed one's last heartbeat in "sitting"
+        path = stamp_path(run, d.stage.name)
+        stamp = read_stamp(path) or {}
+        stamp["seconds"] = round(stamp.get("seconds", 0.0) + stamp.pop("sitting", 0.0), 2)
+        fileio.write_json(path, stamp)
+
+
+class Heartbeat:
+    """While a stage runs (main process), its running stamp's ``sitting`` holds this sitting's seconds so far,
+    rewritten every ``every`` seconds: a sitting killed mid-stage still counts (``begin`` folds it into the
+    stamp's ``seconds`` on resume, ``finish`` adds them up).  A context manager around the stage's work."""
+
+    def __init__(self, run: Path, d: Decision, every: float = 60.0):
+        import threading
+
+        self.path, self.every, self.t0 = stamp_path(run, d.stage.name), every, time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{d.stage.name}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            stamp = read_stamp(self.path)
+            if stamp is None or stamp.get("status") != "running":
+                return
+            stamp["sitting"] = round(time.time() - self.t0, 2)
+            fileio.write_json(self.path, stamp)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def finish(run: Path, d: Decision, seconds: float) -> None:
     """After the stage finished (main process): its outputs are current for its inputs."""
     path = stamp_path(run, d.stage.name)
     stamp = read_stamp(path) or {}
-    compute = seconds + (stamp.get("seconds", 0.0) if d.action == "resume" else 0.0)
+    compute = seconds + (stamp.get("seconds", 0.0) if d.action == "resume" else 0.0)  # + the sittings before
     fileio.write_json(path, {
         "stage": d.stage.name, "version": d.stage.version, "digest": d.digest, "status": "done",
         "inputs": d.inputs, "upstream": d.upstream, "started": stamp.get("started"),

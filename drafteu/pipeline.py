@@ -16,6 +16,7 @@ and K-only noise) and bootstrap-resamples the evaluated questions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -470,8 +471,9 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log, decisions, hw: dict, 
                 contract.begin(run_dir, d)
             try:
                 fileio.barrier()
-                if main or d.stage.every_process:
-                    d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
+                with contract.Heartbeat(run_dir, d) if main else contextlib.nullcontext():
+                    if main or d.stage.every_process:
+                        d.stage.run(Context(cfg, run_dir, d.digest, d.upstream))
                 fileio.barrier()
             except BaseException:
                 if main and contract.restore(run_dir, d.stage):

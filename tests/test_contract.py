@@ -60,6 +60,29 @@ def test_decide_skips_resumes_and_recomputes(tmp_path):
     assert contract.decide(stage, tmp_path, digest, inputs, up).action == "run"  # a damaged stamp is no stamp
 
 
+def test_a_killed_sittings_time_counts_in_the_stages_seconds(tmp_path):
+    """The heartbeat keeps the running stamp's ``sitting`` current; a sitting killed mid-stage (no ``finish``)
+    is folded into ``seconds`` when the stage resumes, and ``finish`` adds the sittings up."""
+    import time
+
+    stage = _stage()
+    digest, inputs, up = contract.digests((stage,), 1)["s"]
+    d = contract.decide(stage, tmp_path, digest, inputs, up)
+    contract.begin(tmp_path, d)
+    with contract.Heartbeat(tmp_path, d, every=0.05):
+        time.sleep(0.3)  # then "killed": no finish
+    first = contract.read_stamp(contract.stamp_path(tmp_path, "s"))["sitting"]
+    assert 0.1 <= first <= 1.0
+    resumed = contract.decide(stage, tmp_path, digest, inputs, up)
+    assert resumed.action == "resume"
+    contract.begin(tmp_path, resumed)
+    stamp = contract.read_stamp(contract.stamp_path(tmp_path, "s"))
+    assert "sitting" not in stamp and stamp["seconds"] == pytest.approx(first)
+    contract.finish(tmp_path, resumed, 2.0)
+    done = contract.read_stamp(contract.stamp_path(tmp_path, "s"))
+    assert done["status"] == "done" and done["seconds"] == pytest.approx(first + 2.0, abs=0.01)
+
+
 def test_claim_refuses_outputs_of_other_inputs(tmp_path):
     out = tmp_path / "o"
     contract.claim(out, {"lr": 1}, what="x")
