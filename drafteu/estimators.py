@@ -466,6 +466,17 @@ class DraftEnsemble(Estimator):
         """K, the drafts."""
         return len(self.names)
 
+    def draft_runner(self):
+        """The K drafts' batched forward (``adapters.k_adapter_model``) without the proxy's row: what a speculative
+        decoder proposes with.  The ensemble's own runner when p is not a row of it."""
+        if not self.proxy_in_drafts:
+            return self.runner
+        if getattr(self, "_draft_runner", None) is None:
+            from drafteu import adapters
+
+            self._draft_runner = adapters.k_adapter_model(self.drafts, self.names)
+        return self._draft_runner
+
     def passes(self) -> list[Pass]:
         out = [Pass(self.source, len(self.rows), self.drafts, len(self.rows), "draft",
                     trunk=getattr(self.runner, "trunk", 0),

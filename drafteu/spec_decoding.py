@@ -348,7 +348,7 @@ class SpeculativeDecoder:
                 raise DraftEUError(f"propose {options.propose}: the ensemble has drafts 0..{len(ens.names) - 1}; "
                                    "give one of them, or 'mix'")
             designated = merged_draft(ens, ens.adapters[options.propose])
-        return cls.from_models(target, ens.runner if fused else ens.drafts, ens.names, ens.vocab, options,
+        return cls.from_models(target, ens.draft_runner() if fused else ens.drafts, ens.names, ens.vocab, options,
                                designated=designated, fused=fused, prefix_cache=prefix_cache)
 
     # -- one generation: propose -> verify -> accept -> stop -> emit EU -----------------------------------

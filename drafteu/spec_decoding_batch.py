@@ -97,8 +97,8 @@ class BatchedSpeculativeDecoder:
     @classmethod
     def from_ensemble(cls, ens, target, options: SpeculateOptions | None = None, **option_fields):
         """From an ``estimators.DraftEnsemble`` and the target model (with the proxy adapter when the
-        ensemble has one): its fused K-adapter runner proposes."""
-        return cls(target, ens.runner, ens.names, ens.vocab, options, **option_fields)
+        ensemble has one): its K drafts' fused runner proposes (without a proxy row of theirs)."""
+        return cls(target, ens.draft_runner(), ens.names, ens.vocab, options, **option_fields)
 
     @torch.no_grad()
     def generate(self, requests: list[Request], eos_ids: set[int] | frozenset = frozenset()) -> list[SpecResult]:

@@ -121,6 +121,25 @@ def test_a_proxy_trained_on_the_draft_base_is_row_k_of_the_drafts_pass(built, ti
         assert torch.equal(top_ids, logp.topk(2, dim=-1).indices)
 
 
+def test_speculative_decoding_with_the_proxy_on_the_draft_base_decodes_with_the_k_drafts(built, tiny_dir):
+    """An ensemble whose proxy is row K of the drafts' pass (what `serve` loads for such a run): both speculative
+    decoders propose from the K drafts alone (the proxy row is not a draft) and give the target's greedy answer."""
+    from drafteu.spec_decoding import SpeculativeDecoder, plain_greedy
+    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder, Request
+
+    root, _ = built
+    target = models.load(str(tiny_dir))
+    ens = estimators.DraftEnsemble(root / "drafts" / "ddd", target, root / "proxy" / "adapter")
+    assert ens.proxy_in_drafts
+    prompts = [[5, 6, 7, 8], [5, 6, 12, 13, 14]]
+    single = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2)  # no proxy on the target: bias "target"
+    batched = BatchedSpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2)
+    results = batched.generate([Request(p, 8) for p in prompts])
+    for p, b in zip(prompts, results, strict=True):
+        want = plain_greedy(target.model, p, 8, set())
+        assert single.generate(p, 8).token_ids == b.token_ids == want
+
+
 def test_drafts_and_proxy_on_the_top_layers_share_the_trunk(built, tiny_dir):
     """Drafts and the proxy with LoRA on the top layer only: the K + 1 rows run the layer below once
     (``FusedDrafts.trunk``), with the numbers of one PEFT forward per adapter."""
