@@ -9,64 +9,41 @@ import torch
 from scipy.stats import chisquare
 from typer.testing import CliRunner
 
-from drafteu import data, estimators, generate, models
+from drafteu import estimators, models
 from drafteu.cli import app
 from drafteu.errors import DraftEUError
 from drafteu.generate import greedy_answer
 from drafteu.kvcache import cache_kw, output_cache
 from drafteu.spec_decoding import SpeculativeDecoder, plain_greedy
-from drafteu.train import draft_base, drafts, proxy
-from drafteu.train.loop import TrainConfig
 
 from .conftest import make_model
+from .spec_support import (
+    QUESTIONS,
+    build_ensembles,
+    exact_pairs,
+    prompt_of,
+    small_vocab_setup,
+    spec_decoder,
+)
 
 pytestmark = pytest.mark.integration
-FAST = dict(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=1, save_every=1)
-QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "What is 6 times 7?"]
 
 
 @pytest.fixture(scope="module")
 def ensembles(tmp_path_factory, tiny_dir):
-    """Two draft ensembles on the tiny target and a proxy:
-    'far' (untrained copies of a 2-layer truncation: mostly rejected proposals) and
-    'near' (copies of the target with small noise: mostly accepted, exercises the bonus token)."""
-    root = tmp_path_factory.mktemp("spec")
-    common = dict(target=str(tiny_dir), questions=6, max_new_tokens=6, batch_size=8)
-    generate.run(generate.GenerateConfig(out=root / "data", samples=1, **common))
-    samples = root / "data" / "samples.jsonl"
-    draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / "base", target=str(tiny_dir), layers=2,
-                                              heldout=0.0, train=TrainConfig(**FAST)))
-    from drafteu.posterior import NoiseConfig
-
-    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "far", base=str(root / "base"), target=str(tiny_dir),
-                                   method="untrained", partitions=1, per_partition=3))
-    drafts.run(drafts.DraftsConfig(samples=samples, out=root / "near", base=str(tiny_dir), target=str(tiny_dir),
-                                   method="untrained", partitions=1, per_partition=3,
-                                   noise=NoiseConfig(sigma=0.02)))
-    proxy.run(proxy.ProxyConfig(samples=[samples], out=root / "proxy", target=str(tiny_dir), heldout=0.0,
-                                train=TrainConfig(**FAST)))
-    return root
-
-
-def _decoder(root, tiny_dir, kind, proxy_on=False, **kw):
-    lm = models.load(str(tiny_dir))
-    ens = estimators.DraftEnsemble(root / kind / "untrained", lm, root / "proxy" / "adapter" if proxy_on else None)
-    return lm, ens, SpeculativeDecoder.from_ensemble(ens, ens.target, **kw)
-
-
-def _prompt(lm, q):
-    return data.format_prompt(lm.tokenizer, q, data.shots_for("score", 0))
+    """The tiny target's 'far' and 'near' draft ensembles and a proxy (``spec_support.build_ensembles``)."""
+    return build_ensembles(tmp_path_factory, tiny_dir)
 
 
 @pytest.mark.parametrize("kind", ["far", "near"])
 @pytest.mark.parametrize("propose", ["mix", 1])
 @pytest.mark.parametrize("gamma", [1, 3])
 def test_greedy_output_is_the_targets_greedy_output(ensembles, tiny_dir, kind, propose, gamma):
-    lm, ens, dec = _decoder(ensembles, tiny_dir, kind, gamma=gamma, propose=propose, bias="target")
+    lm, ens, dec = spec_decoder(ensembles, tiny_dir, kind, gamma=gamma, propose=propose, bias="target")
     eos = {lm.tokenizer.eos_token_id}
     accepted = 0
     for q in QUESTIONS:
-        prompt = _prompt(lm, q)
+        prompt = prompt_of(lm, q)
         with ens.base_target():
             ref = greedy_answer(lm.model, lm.tokenizer, prompt, 24)  # HF generate, plain greedy
         res = dec.generate(prompt, 24, eos_ids=eos)
@@ -82,8 +59,8 @@ def test_greedy_output_is_the_targets_greedy_output(ensembles, tiny_dir, kind, p
 @pytest.mark.parametrize("bias", ["target", "proxy"])
 def test_eu_equals_offline_score(ensembles, tiny_dir, propose, bias):
     for kind in ("far", "near"):
-        lm, ens, dec = _decoder(ensembles, tiny_dir, kind, proxy_on=bias == "proxy", gamma=3, propose=propose, bias=bias)
-        prompt = _prompt(lm, QUESTIONS[0])
+        lm, ens, dec = spec_decoder(ensembles, tiny_dir, kind, proxy_on=bias == "proxy", gamma=3, propose=propose, bias=bias)
+        prompt = prompt_of(lm, QUESTIONS[0])
         streamed = []
         res = dec.generate(prompt, 20, eos_ids={lm.tokenizer.eos_token_id},
                            on_tokens=lambda ids, v, b, out=streamed: out.extend(zip(ids, v.tolist(), b.tolist(),
@@ -95,37 +72,16 @@ def test_eu_equals_offline_score(ensembles, tiny_dir, propose, bias):
 
 
 def test_eu_off_gives_the_same_tokens(ensembles, tiny_dir):
-    lm, ens, dec = _decoder(ensembles, tiny_dir, "near", gamma=2, propose="mix", bias="target", eu=False)
-    prompt = _prompt(lm, QUESTIONS[1])
+    lm, ens, dec = spec_decoder(ensembles, tiny_dir, "near", gamma=2, propose="mix", bias="target", eu=False)
+    prompt = prompt_of(lm, QUESTIONS[1])
     res = dec.generate(prompt, 16, eos_ids={lm.tokenizer.eos_token_id})
     assert res.variance is None
     assert res.token_ids == plain_greedy(lm.model, prompt, 16, {lm.tokenizer.eos_token_id})
 
 
-def _small_vocab_setup():
-    """Target and two drafts over an 8-token vocabulary (non-uniform next-token distributions)."""
-    from peft import LoraConfig, get_peft_model
-
-    target = make_model(8, layers=2, seed=0)
-    base = make_model(8, layers=1, seed=1)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False), adapter_name="d0")
-    peft.add_adapter("d1", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    return target, peft.eval(), make_model(8, layers=1, seed=2)
-
-
-def _exact_pairs(model, prompt):
-    """Target's exact joint distribution of the next two tokens (64 outcomes)."""
-    with torch.no_grad():
-        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
-        rows = torch.tensor([prompt + [a] for a in range(8)])
-        p2 = torch.softmax(model(rows).logits[:, -1].double(), -1)
-    return (p1[:, None] * p2).flatten()
-
-
 @pytest.mark.parametrize("propose", ["mix", 0])
 def test_sampling_preserves_the_targets_distribution(propose):
-    target, drafts_model, designated = _small_vocab_setup()
+    target, drafts_model, designated = small_vocab_setup()
     prompt = [1, 5, 3, 4]
     dec = SpeculativeDecoder.from_models(target, drafts_model, ["d0", "d1"], 8, gamma=2, propose=propose, bias="target",
                                          eu=propose == "mix", designated=designated if propose == 0 else None)
@@ -134,13 +90,13 @@ def test_sampling_preserves_the_targets_distribution(propose):
     for seed in range(n):
         toks = dec.generate(prompt, 2, temperature=1.0, seed=seed).token_ids
         counts[toks[0] * 8 + toks[1]] += 1
-    exact = _exact_pairs(target, prompt)
+    exact = exact_pairs(target, prompt)
     keep = exact * n >= 5  # chi-square needs expected counts >= 5; pool the rest
     obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
     exp = torch.cat([exact[keep], exact[~keep].sum()[None]]) * n
     assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
     # the same test does reject the drafts' own distribution (it has power)
-    qd = _exact_pairs(designated, prompt) if propose == 0 else None
+    qd = exact_pairs(designated, prompt) if propose == 0 else None
     if qd is not None:
         exp_q = torch.cat([qd[keep], qd[~keep].sum()[None]]) * n
         assert chisquare(obs.numpy(), exp_q.numpy() * obs.sum().item() / exp_q.sum().item()).pvalue < 1e-6
@@ -180,10 +136,10 @@ def test_cli_bf16_drafts_give_the_targets_greedy_answer(ensembles, tiny_dir, tmp
     assert res.exit_code == 0, res.output
     js = json.loads(out.read_text())
     lm = models.load(str(tiny_dir))
-    assert [t["id"] for t in js["tokens"]] == greedy_answer(lm.model, lm.tokenizer, _prompt(lm, QUESTIONS[1]), 12)
+    assert [t["id"] for t in js["tokens"]] == greedy_answer(lm.model, lm.tokenizer, prompt_of(lm, QUESTIONS[1]), 12)
     assert js["speculative"]["draft_dtype"] == "bfloat16"
     ens = estimators.DraftEnsemble(ensembles / "near" / "untrained", lm, dtype="bfloat16")
-    off = ens.score(_prompt(lm, QUESTIONS[1]), [t["id"] for t in js["tokens"]])  # same dtype offline
+    off = ens.score(prompt_of(lm, QUESTIONS[1]), [t["id"] for t in js["tokens"]])  # same dtype offline
     assert torch.allclose(torch.tensor([t["variance"] for t in js["tokens"]]), off.variance, atol=2e-2)
     bad = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
                                    "--question", QUESTIONS[1], "--draft-dtype", "half-ish"])
@@ -220,8 +176,8 @@ def test_cli_rejects_drafts_with_another_vocabulary(ensembles, tmp_path, tiny_di
 def test_stops_at_eos_anywhere_in_a_round(ensembles, tiny_dir, kind):
     """EOS as a proposal, as the corrected token, or as the first token after a bonus: the answer
     stops before it and every emitted token still has its EU (equal to offline scoring)."""
-    lm, ens, dec = _decoder(ensembles, tiny_dir, kind, gamma=3, propose="mix", bias="target")
-    prompt = _prompt(lm, QUESTIONS[0])
+    lm, ens, dec = spec_decoder(ensembles, tiny_dir, kind, gamma=3, propose="mix", bias="target")
+    prompt = prompt_of(lm, QUESTIONS[0])
     ref = plain_greedy(lm.model, prompt, 24, set())
     for cut in range(1, 8):
         eos = {ref[cut]}
@@ -302,9 +258,9 @@ def test_fused_base_row_equals_peft_base_and_proxy_rows():
 def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
     """One decoder answering several prompts (sharing the system prompt, and once the same prompt
     twice) gives the tokens and EU of a fresh decoder per prompt; plain greedy likewise."""
-    lm, ens, dec = _decoder(ensembles, tiny_dir, "near", proxy_on=True, gamma=2, propose=propose, bias="proxy")
+    lm, ens, dec = spec_decoder(ensembles, tiny_dir, "near", proxy_on=True, gamma=2, propose=propose, bias="proxy")
     eos = {lm.tokenizer.eos_token_id}
-    prompts = [_prompt(lm, q) for q in (QUESTIONS[0], QUESTIONS[1], QUESTIONS[1])]
+    prompts = [prompt_of(lm, q) for q in (QUESTIONS[0], QUESTIONS[1], QUESTIONS[1])]
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
     assert shared > 10  # the system prompt is a shared prefix the cache re-uses
     from drafteu.kvcache import PrefixCache
@@ -322,7 +278,7 @@ def test_prompt_cache_across_generations(ensembles, tiny_dir, propose):
             assert plain_greedy(lm.model, prompt, 12, eos, cache=plain_cache) == plain_greedy(lm.model, prompt, 12, eos)
 
 
-def test_speculative_bench_times_drafteus_decoder():
+def test_speculative_bench_times_drafteusspec_decoder():
     """bench/speculative.py --gpu's code path (drafteu's SpeculativeDecoder / PrefixCache on random
     weights), on tiny shapes on the CPU."""
     import importlib.util
@@ -372,173 +328,21 @@ def test_compiled_steps_give_the_eager_tokens_and_eu(ensembles, tiny_dir, bias):
     """compile=on (static KV caches + torch.compile; CPU inductor here, CUDA graphs on CUDA) decodes
     the same tokens with the same EU as the eager decoder, across prompts sharing a prefix."""
     _needs_compiler()
-    lm, ens, eager = _decoder(ensembles, tiny_dir, "near", proxy_on=bias == "proxy", gamma=2, bias=bias,
+    lm, ens, eager = spec_decoder(ensembles, tiny_dir, "near", proxy_on=bias == "proxy", gamma=2, bias=bias,
                               compile="off")
     compiled = SpeculativeDecoder.from_ensemble(ens, ens.target, gamma=2, bias=bias, compile="on")
     assert compiled.compile and not eager.compile
     eos = {lm.tokenizer.eos_token_id}
     for q in QUESTIONS:
-        prompt = _prompt(lm, q)
+        prompt = prompt_of(lm, q)
         a, b = eager.generate(prompt, 12, eos_ids=eos), compiled.generate(prompt, 12, eos_ids=eos)
         assert a.token_ids == b.token_ids
         assert torch.allclose(a.variance, b.variance, atol=1e-4)
         assert torch.allclose(a.bias, b.bias, atol=1e-4)
     if bias == "target":
         with ens.base_target():
-            prompt = _prompt(lm, QUESTIONS[0])
+            prompt = prompt_of(lm, QUESTIONS[0])
             assert plain_greedy(lm.model, prompt, 12, eos, compile="on") == plain_greedy(lm.model, prompt, 12, eos,
                                                                                          compile="off")
 
 
-# --- several requests decoded together (speculative_batch) -----------------------------------------------------
-
-def _batched(ens, **kw):
-    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder
-
-    return BatchedSpeculativeDecoder.from_ensemble(ens, ens.target, **kw)
-
-
-@pytest.mark.parametrize("kind", ["far", "near"])
-@pytest.mark.parametrize("gamma", [1, 3])
-def test_batched_requests_equal_each_decoded_alone(ensembles, tiny_dir, kind, gamma):
-    """Prompts of different lengths, different limits and an EOS in one batch: each answer is the target's
-    greedy answer token for token, its EU and logprobs those of the request decoded alone (to float
-    rounding), every token streamed once in order; rows leave the batch as they finish."""
-    from drafteu.spec_decoding_batch import Request
-
-    lm, ens, single = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=gamma, bias="proxy")
-    batched = _batched(ens, gamma=gamma, bias="proxy")
-    prompts = [_prompt(lm, q) for q in QUESTIONS + ["Add 12 and 30.", QUESTIONS[0]]]
-    limits = [20, 7, 16, 3]
-    eos = {lm.tokenizer.eos_token_id}
-    streamed = [[] for _ in prompts]
-    requests = [Request(p, n, logprobs=2, on_tokens=lambda ids, v, b, lps, out=s: out.extend(ids))
-                for p, n, s in zip(prompts, limits, streamed, strict=True)]
-    results = batched.generate(requests, eos_ids=eos)
-    accepted = 0
-    for p, n, res, s in zip(prompts, limits, results, streamed, strict=True):
-        alone = single.generate(p, n, eos_ids=eos, logprobs=2)
-        with ens.base_target():
-            assert res.token_ids == alone.token_ids == greedy_answer(lm.model, lm.tokenizer, p, n)
-        assert s == res.token_ids and res.finish == alone.finish
-        assert torch.allclose(res.variance, alone.variance, atol=1e-4)
-        assert torch.allclose(res.bias, alone.bias, atol=1e-4)
-        assert res.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
-        assert [[t for t, _ in top] for top in res.top] == [[t for t, _ in top] for top in alone.top]
-        assert res.rounds == alone.rounds and res.accepted == alone.accepted
-        accepted += res.accepted
-    if kind == "near":
-        assert accepted > 0  # the accept path and the bonus token are exercised
-
-
-def test_batched_eu_off_and_target_bias(ensembles, tiny_dir):
-    from drafteu.spec_decoding_batch import Request
-
-    lm, ens, _ = _decoder(ensembles, tiny_dir, "near")
-    prompts = [_prompt(lm, q) for q in QUESTIONS]
-    eos = {lm.tokenizer.eos_token_id}
-    off = _batched(ens, gamma=2, eu=False).generate([Request(p, 12) for p in prompts], eos_ids=eos)
-    on = _batched(ens, gamma=2, bias="target").generate([Request(p, 12) for p in prompts], eos_ids=eos)
-    for p, a, b in zip(prompts, off, on, strict=True):
-        assert a.variance is None and a.token_ids == b.token_ids == plain_greedy(lm.model, p, 12, eos)
-        score = ens.score(p, b.token_ids)  # no proxy: the bias against the raw target, as offline
-        assert torch.allclose(b.variance, score.variance, atol=1e-4) and torch.allclose(b.bias, score.bias, atol=1e-4)
-
-
-def test_batched_cancellation_ends_one_request_mid_decoding(ensembles, tiny_dir):
-    """A request cancelled after its first streamed tokens ends at the next round ("cancelled"), the
-    others go on unchanged."""
-    from drafteu.spec_decoding_batch import Request
-
-    lm, ens, _ = _decoder(ensembles, tiny_dir, "far")
-    prompts = [_prompt(lm, q) for q in QUESTIONS]
-    eos = {lm.tokenizer.eos_token_id}
-    seen = []
-    requests = [Request(prompts[0], 20, on_tokens=lambda ids, v, b: seen.extend(ids), cancelled=lambda: len(seen) >= 2),
-                Request(prompts[1], 20)]
-    first, second = _batched(ens, gamma=1, bias="target").generate(requests, eos_ids=eos)
-    assert first.finish == "cancelled" and 2 <= len(first.token_ids) < 20
-    assert second.token_ids == plain_greedy(lm.model, prompts[1], 20, eos)
-
-
-def test_batched_sampling_preserves_the_targets_distribution():
-    from drafteu.spec_decoding_batch import BatchedSpeculativeDecoder, Request
-
-    target, drafts_model, _ = _small_vocab_setup()
-    prompt = [1, 5, 3, 4]
-    dec = BatchedSpeculativeDecoder(target, drafts_model, ["d0", "d1"], 8, gamma=2, bias="target")
-    n, counts = 1500, torch.zeros(64)
-    for start in range(0, n, 250):  # 250 requests per batch, each its own seed
-        for res in dec.generate([Request(prompt, 2, temperature=1.0, seed=s) for s in range(start, start + 250)]):
-            counts[res.token_ids[0] * 8 + res.token_ids[1]] += 1
-    exact = _exact_pairs(target, prompt)
-    keep = exact * n >= 5
-    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    exp = torch.cat([exact[keep], exact[~keep].sum()[None]]) * n
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
-
-
-def test_batched_decoder_refuses_what_it_cannot_do(ensembles, tiny_dir):
-    lm, ens, _ = _decoder(ensembles, tiny_dir, "far")
-    with pytest.raises(DraftEUError, match="propose='mix'"):
-        _batched(ens, propose=0)
-    with pytest.raises(DraftEUError, match="proxy"):
-        _batched(ens, bias="proxy")
-
-
-def test_speculative_bench_measures_several_requests_at_once(ensembles, tiny_dir):
-    """bench/speculative.py --batch: plain batched generate and the speculative decoder of several requests
-    side by side on the same prompts; the greedy outputs agree (none differ from plain greedy)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "speculative.py"
-    spec = importlib.util.spec_from_file_location("bench_speculative", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    lm, ens, _ = _decoder(ensembles, tiny_dir, "near")
-    _, ens_p, _ = _decoder(ensembles, tiny_dir, "near", proxy_on=True)
-
-    class Args:
-        target, batch, gamma, max_new_tokens, record = str(tiny_dir), 3, [2], 10, {}
-
-    prompts = [_prompt(lm, q) for q in QUESTIONS + ["Add 12 and 30.", "Name a colour."]]
-    table = bench.batched(Args, lm, ens, ens_p, prompts, {lm.tokenizer.eos_token_id})
-    modes = Args.record["batched"]["modes"]
-    assert set(modes) == {"plain greedy (target), batched generate", "speculative, gamma 2, no EU",
-                          "speculative, gamma 2, EU (bias vs p_mix)"}
-    assert all(m["outputs_differing_from_plain_greedy"] == 0 and m["tokens_per_s"] > 0 for m in modes.values())
-    assert "| speculative, gamma 2, EU (bias vs p_mix) |" in table
-
-
-def test_adaptive_gamma_follows_acceptance_and_keeps_the_targets_answers(ensembles, tiny_dir):
-    """``adaptive``: gamma grows by 2 after a fully accepted round and shrinks by 1 after a rejection (within
-    1..gamma_max); the answers stay the target's greedy answers and the EU the offline score's, alone and
-    batched (each request its own gamma)."""
-    from drafteu.spec_decoding import SpeculateOptions, next_gamma
-    from drafteu.spec_decoding_batch import Request
-
-    opts = SpeculateOptions(gamma=2, adaptive=True, gamma_max=5)
-    assert [next_gamma(2, 2, opts), next_gamma(4, 4, opts), next_gamma(2, 0, opts), next_gamma(1, 0, opts)] == [4, 5, 1, 1]
-    assert next_gamma(3, 3, SpeculateOptions(gamma=3)) == 3  # fixed
-    with pytest.raises(DraftEUError, match="gamma_max"):
-        SpeculateOptions(gamma=4, adaptive=True, gamma_max=2)
-    eos = set()
-    for kind in ("near", "far"):
-        lm, ens, single = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=2, adaptive=True, gamma_max=5,
-                                   bias="proxy")
-        fixed = _decoder(ensembles, tiny_dir, kind, proxy_on=True, gamma=2, bias="proxy")[2]
-        prompts = [_prompt(lm, q) for q in QUESTIONS]
-        batched = _batched(ens, gamma=2, adaptive=True, gamma_max=5, bias="proxy").generate(
-            [Request(p, 24) for p in prompts], eos_ids=eos)
-        for p, b in zip(prompts, batched, strict=True):
-            res = single.generate(p, 24, eos_ids=eos)
-            with ens.base_target():  # the target without the proxy adapter its model carries
-                ref = plain_greedy(lm.model, p, 24, eos)
-            assert res.token_ids == b.token_ids == ref
-            off = ens.score(p, res.token_ids)
-            for r in (res, b):
-                assert torch.allclose(r.variance, off.variance, atol=1e-4) and torch.allclose(r.bias, off.bias, atol=1e-4)
-            assert b.proposed == res.proposed and b.rounds == res.rounds  # the same gamma path, batched or alone
-            if kind == "near":  # proposals mostly accepted: gamma grows, so fewer rounds than fixed gamma 2
-                assert res.rounds < fixed.generate(p, 24, eos_ids=eos).rounds
