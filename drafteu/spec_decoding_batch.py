@@ -25,15 +25,17 @@ import torch
 
 from drafteu.errors import DraftEUError
 from drafteu.kvcache import RaggedCache, sliding_window
-from drafteu.spec_decoding import (
+from drafteu.spec_rounds import (
     Generation,
     SpecResult,
     SpeculateOptions,
     accept,
     accept_rule,
+    check_request,
     emit,
     needs_bonus,
     stop_at,
+    verifier_rows,
 )
 
 
@@ -71,7 +73,7 @@ class BatchedSpeculativeDecoder:
 
         from drafteu.adapters import k_adapter_model
 
-        options = options or SpeculateOptions(**option_fields)
+        options, self.target_rows, self.bias_row = verifier_rows(target, options or SpeculateOptions(**option_fields))
         if options.propose != "mix":
             raise DraftEUError("several requests decode together with the drafts' mixture proposing (propose='mix'); "
                                "propose=k decodes one request at a time")
@@ -79,19 +81,10 @@ class BatchedSpeculativeDecoder:
             config = getattr(model, "config", None)
             if config is not None and sliding_window(config):
                 raise DraftEUError("a sliding-window model decodes one request at a time")
-        has_proxy = "proxy" in getattr(target, "peft_config", {})
-        bias = options.bias if options.bias != "auto" else ("proxy" if has_proxy else "target")
-        if options.eu and bias == "proxy" and not has_proxy:
-            raise DraftEUError("bias='proxy' needs the proxy adapter on the target (train one with drafteu "
-                               "train-proxy, or use bias='target')")
-        self.options, self.gamma, self.eu, self.bias = options, options.gamma, options.eu, bias
+        self.options, self.gamma, self.eu, self.bias = options, options.gamma, options.eu, options.bias
         self.vocab, self.names = vocab, list(names)
         self.drafts = k_adapter_model(drafts, names) if isinstance(drafts, PeftModel) else drafts
-        with_proxy = options.eu and bias == "proxy"
-        self.target_rows = ["__base__", "proxy"] if with_proxy else (["__base__"] if isinstance(target, PeftModel)
-                                                                     else None)
         self.target = k_adapter_model(target, self.target_rows) if self.target_rows else target
-        self.bias_row = 1 if with_proxy else 0
         self.device = next(target.parameters()).device
 
     @classmethod
@@ -103,21 +96,14 @@ class BatchedSpeculativeDecoder:
     @torch.no_grad()
     def generate(self, requests: list[Request], eos_ids: set[int] | frozenset = frozenset()) -> list[SpecResult]:
         """Decode every request; each result as ``SpeculativeDecoder.generate``'s for that request alone."""
-        for r in requests:
-            if not r.prompt_ids:
-                raise DraftEUError("the prompt is empty")
-            if r.max_new_tokens < 1:
-                raise DraftEUError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
-            if r.temperature < 0:
-                raise DraftEUError(f"temperature must be >= 0, got {r.temperature}")
         rows = []
         for r in requests:
+            check_request(r.prompt_ids, r.max_new_tokens, r.temperature)
             st = Generation(seq=list(r.prompt_ids), prompt_len=len(r.prompt_ids), temperature=r.temperature,
-                             gen=torch.Generator().manual_seed(r.seed), vocab=self.vocab, device=self.device,
-                             logprobs=r.logprobs)
+                            gen=torch.Generator().manual_seed(r.seed), vocab=self.vocab, device=self.device,
+                            logprobs=r.logprobs, gamma=self.gamma)
             if r.logprobs is not None:
                 st.res.logprobs, st.res.top = [], []
-            st.gamma = self.gamma
             rows.append(_Row(r, st))
         drafts = RaggedCache(self.drafts, self.names, len(rows))
         target = RaggedCache(self.target, self.target_rows, len(rows))
@@ -129,25 +115,23 @@ class BatchedSpeculativeDecoder:
             live = self._leave(live, done, drafts, target)
             if not live:
                 break
-            t = time.perf_counter()
+            t = [time.perf_counter()]
             self._propose(live, drafts)
-            t_draft = time.perf_counter() - t
+            t.append(time.perf_counter())
             self._verify(live, target, drafts)
-            t_verify = time.perf_counter() - t - t_draft
-            t = time.perf_counter()
+            t.append(time.perf_counter())
             finished = [row for row in live if stop_at(row.st, eos_ids, row.req.max_new_tokens, row.req.stops)]
             bonus = [row for row in finished if self.eu and needs_bonus(row.st, True)]
             if bonus:
                 self._bonus(live, bonus, drafts)
             for row in live:
                 st, stops = row.st, row.req.stops
-                ended = row in finished
-                hold = 0 if ended or not stops else stops.held(st.seq[st.prompt_len:])
+                hold = 0 if row in finished or not stops else stops.held(st.seq[st.prompt_len:])
                 emit(st, self.eu, row.req.on_tokens, hold)
-                st.timings["draft_s"] += t_draft / len(live)
-                st.timings["verify_s"] += t_verify / len(live)
-            for row in live:
-                row.st.timings["eu_s"] += (time.perf_counter() - t) / len(live)
+            t.append(time.perf_counter())
+            for row in live:  # the round's time, split evenly between the requests it decoded
+                for key, a, b in zip(("draft_s", "verify_s", "eu_s"), t, t[1:], strict=False):
+                    row.st.timings[key] += (b - a) / len(live)
             live = self._leave(live, finished, drafts, target)
         out = []
         for row in rows:
