@@ -81,7 +81,7 @@ bench: setup
 	$(BIN)/python bench/divergence.py
 
 lint: setup
-	$(BIN)/ruff check drafteu tests bench
+	$(BIN)/ruff check drafteu tests bench examples
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(POLY_VENV) runs .pytest_cache

@@ -141,7 +141,8 @@ def main() -> None:
         "| T | V | " + " | ".join(f"{i} (ms)" for i in args.impl) + " | "
         + " | ".join(f"{i} / floor" for i in args.impl if i != "floor") + " | "
         + " | ".join(f"{i} peak (MiB)" for i in args.impl if i != "floor") + " | |Δ| |",
-        "| ---: | ---: | " + " | ".join("---:" for _ in range(3 * len(args.impl) - 2 * ("floor" in args.impl) + 1)) + " |",
+        "| ---: | ---: | " + " | ".join("---:" for _ in range(3 * len(args.impl) - 2 * ("floor" in args.impl) + 1))
+        + " |",
     ]
     for t in args.t:
         for v in args.vocab:
@@ -195,7 +196,8 @@ def write_section(path: Path, key: str, title: str, body: str) -> None:
     """Replace (or append) the section between markers ``key`` in ``path``."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     block = f"{start}\n## {title} ({key.split('-')[-1]})\n\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by the scripts in `bench/`; each table says how.\n"
+    head = "# Benchmarks\n\nNumbers measured by the scripts in `bench/`; each table says how.\n"
+    text = path.read_text() if path.exists() else head
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:

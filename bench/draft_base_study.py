@@ -1,9 +1,9 @@
 """Study: which draft base is to the embedded target what Llama-3.2-1B is to Llama-3.1-8B?
 
 For each recipe (truncation depth x warm-up steps x distillation data: target answers to easy-word
-*train* questions, or to GSM8K train questions with the same token budget), the draft base is built by the pipeline's own cached stage
-(``pipeline.stage_draft_base`` with ``draft_base.data`` and ``cache``), so a recipe trained here is
-re-used by any experiment config with the same recipe.  Each base is then measured on held-out
+*train* questions, or to GSM8K train questions with the same token budget), the draft base is built by the
+pipeline's own cached stage (``pipeline.stage_draft_base`` with ``draft_base.data`` and ``cache``), so a recipe
+trained here is re-used by any experiment config with the same recipe.  Each base is then measured on held-out
 target answers (easy-word *test* questions, sampled at temperature 1 like the evaluation):
 
 - top-1 agreement with the target (teacher-forced), mean KL(p_target || q) and KL(q || p_target)
@@ -103,7 +103,8 @@ def measure(target_lm, draft, held, pad, truth, prompt) -> dict:
     return {"top1_agreement": top1_agreement(target_lm.model, draft, held, pad), "kl_target_to_draft": float(pq.mean()),
             "kl_draft_to_target": float(qp.mean()), "bias_over_truth": float(qp.mean() / gt.mean()),
             "bias_spearman": spearman(qp, gt), "bias_rmse": rmse(qp, gt),
-            "step_ms": steps["draft"], "target_step_ms": steps["target"], "step_vs_target": steps["draft"] / steps["target"]}
+            "step_ms": steps["draft"], "target_step_ms": steps["target"],
+            "step_vs_target": steps["draft"] / steps["target"]}
 
 
 def training_minutes(manifest: dict) -> dict:
@@ -239,20 +240,21 @@ def write(args, results, gt_mi, target_step, n_rows, n_tokens, threads) -> None:
         f"`python bench/draft_base_study.py {shown_args()}`".replace(" `", "`") + f" — {threads} CPU threads. "
         f"Held-out: {n_rows} target answers to easy-word test questions ({n_tokens} response tokens, temperature 1). "
         f"Ground-truth EU on those tokens (MI of the K = 3 noisy family): **{gt_mi:.4f} nats/token**. Target decode "
-        f"step {target_step:.1f} ms (batch 1, prompt cached; median over recipes, each draft timed interleaved with the "
-        "target). Steps 0 = the truncated target, untrained. ≈: a recipe resumed after a kill whose checkpoint predates "
-        "recording the time before it; its measured part scaled to all steps.", "",
-        "| layers | warm-up steps | data | training (CPU-min) | params (M) | top-1 agreement | KL(p ‖ q) | KL(q ‖ p) = bias "
-        "term of one draft | bias / ground truth | Spearman vs ground truth | RMSE vs ground truth | decode step vs target |",
+        f"step {target_step:.1f} ms (batch 1, prompt cached; median over recipes, each draft timed interleaved with "
+        "the target). Steps 0 = the truncated target, untrained. ≈: a recipe resumed after a kill whose checkpoint "
+        "predates recording the time before it; its measured part scaled to all steps.", "",
+        "| layers | warm-up steps | data | training (CPU-min) | params (M) | top-1 agreement | KL(p ‖ q) | KL(q ‖ p) = "
+        "bias term of one draft | bias / ground truth | Spearman vs "
+        "ground truth | RMSE vs ground truth | decode step vs target |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         data_name = {"word": "easy-word", "gsm8k": "GSM8K", "-": "-"}[r["data"]]
         approx = "≈ " if r["minutes_estimated"] else ""
-        lines.append(f"| {r['layers']} | {r['steps']} | {data_name} | {approx}{r['train_minutes']:.1f} | {r['params_m']:.0f} | "
-                     f"{r['top1_agreement']:.3f} | {r['kl_target_to_draft']:.3f} | {r['kl_draft_to_target']:.3f} | "
-                     f"{r['bias_over_truth']:.0f}x | {r['bias_spearman']:.3f} | {r['bias_rmse']:.3f} | "
-                     f"{r['step_vs_target']:.2f} |")
+        lines.append(f"| {r['layers']} | {r['steps']} | {data_name} | {approx}{r['train_minutes']:.1f} | "
+                     f"{r['params_m']:.0f} | {r['top1_agreement']:.3f} | {r['kl_target_to_draft']:.3f} | "
+                     f"{r['kl_draft_to_target']:.3f} | {r['bias_over_truth']:.0f}x | {r['bias_spearman']:.3f} | "
+                     f"{r['bias_rmse']:.3f} | {r['step_vs_target']:.2f} |")
     lines += ["", "![draft-base study](draft_base_study.png)", ""]
     md = args.out / "draft-base-study.md"
     kept = md.read_text().partition(READING)[1:] if md.exists() else ("", "")

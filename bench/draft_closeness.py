@@ -110,7 +110,8 @@ def measure(run: Path, self_draft: bool, batch_size: int) -> dict:
             kl, agree = kl + float(k.sum()), agree + float(a.sum())
         results[label] = {"kl_target_to_draft": kl / tokens, "top1_agreement": agree / tokens}
     # pass times: the target and each distinct model, alternating order, twice
-    distinct = [("target", target.model, None)] + [(lbl, m, n) for lbl, m, n in drafts if n is None or lbl.endswith("s0_m0")]
+    distinct = [("target", target.model, None)] + [(lbl, m,
+                                                    n) for lbl, m, n in drafts if n is None or lbl.endswith("s0_m0")]
     wall = {lbl: 0.0 for lbl, _, _ in distinct}
     for order in (distinct, distinct[::-1]):
         for lbl, m, n in order:

@@ -97,8 +97,8 @@ def main() -> None:
     tokens = int(truth_all.numel())
 
     lines = [
-        f"`python bench/ensembles.py` — embedded SmolLM2-135M target; draft base = its first {args.layers} of 30 layers "
-        f"warmed up by logit distillation on {base_m['train_examples']} target samples "
+        f"`python bench/ensembles.py` — embedded SmolLM2-135M target; draft base = its first {args.layers} of 30 "
+        f"layers warmed up by logit distillation on {base_m['train_examples']} target samples "
         f"({base_m['train']['steps']} steps); drafts 2 x 3 LoRA (r 16), {args.steps} steps of 8 sequences each, "
         f"lr {args.lr}; proxy: OSD with 2 fresh teachers per batch, {args.proxy_steps} steps on "
         f"{args.teacher_questions} questions x {args.teacher_samples} samples x 3 noisy teachers. "
@@ -112,7 +112,8 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m, r in table.items():
-        lines.append(f"| {m} | {r['jsd']:.4f} | {r['bias']:.4f} | {r['eu']:.4f} | {r['rmse']:.4f} | {r['spearman']:.3f} |")
+        lines.append(f"| {m} | {r['jsd']:.4f} | {r['bias']:.4f} | {r['eu']:.4f} | {r['rmse']:.4f} | "
+                     f"{r['spearman']:.3f} |")
     lines += ["", f"Ground-truth mean EU on these tokens: {float(truth_all.mean()):.4f}.", ""]
     h = proxy_m.get("heldout", {})
     if h:

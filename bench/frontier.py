@@ -80,23 +80,28 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * (1 + len(varying)) + ["---:"] * 11) + " |"]
     for r in rows:
         d, full, shared = r["auroc_diff"], r["modes"].get("full forwards", {}), r["modes"].get("prefix shared", {})
-        cells = [r["run"], *(json.dumps(r["config"][k]) for k in varying), f"{r['mean_eu']:.4f} ({r['mean_truth']:.4f})", pm(r["rmse"]), pm(r["spearman"], 3),
+        cells = [r["run"], *(json.dumps(r["config"][k]) for k in varying),
+                 f"{r['mean_eu']:.4f} ({r['mean_truth']:.4f})", pm(r["rmse"]), pm(r["spearman"], 3),
                  f"{r['variance']:.4f}", f"{r['bias_vs_truth']:.2f}x",
                  f"{r['auroc']['value']:.3f} ({r['auroc_ref']['value']:.3f})",
-                 f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d.get("difference") is not None else "",
+                 f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                 if d.get("difference") is not None else "",
                  f"{r['flops']:.2f}x", f"{full.get('wall', float('nan')):.2f}x",
                  f"{shared.get('fed_flops', float('nan')):.2f}x", f"{shared.get('wall', float('nan')):.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     machines = sorted({r["hardware"] for r in rows})
     # one line per kernel; each run's own auto measurement (it varies run to run) said apart
     kernels = sorted({re.sub(r" \(auto: [^)]*\)", "", r["kernel"]) for r in rows if r["kernel"]})
-    measured = "; ".join(f"{r['run']} {m.group(1)}" for r in rows if (m := re.search(r"\(auto: ([^)]*)\)", r["kernel"])))
-    ms = "; ".join(f"{r['run']} {r['modes']['full forwards']['ref_ms']:.1f} / {r['modes']['prefix shared']['ref_ms']:.1f}"
+    measured = "; ".join(f"{r['run']} {m.group(1)}" for r in rows
+                         if (m := re.search(r"\(auto: ([^)]*)\)", r["kernel"])))
+    ms = "; ".join(f"{r['run']} {r['modes']['full forwards']['ref_ms']:.1f} / "
+                   f"{r['modes']['prefix shared']['ref_ms']:.1f}"
                    for r in rows if "full forwards" in r["modes"] and "prefix shared" in r["modes"])
-    return "\n".join(lines + ["", f"Timed on: {', '.join(machines)}; the members' kernel: {'; '.join(kernels) or 'the recipe'}"
+    return "\n".join(lines + ["", f"Timed on: {', '.join(machines)}; the members' kernel: "
+                                  f"{'; '.join(kernels) or 'the recipe'}"
                               + (f" (what `eval.draft_kernel: auto` measured: {measured})." if measured else "."),
-                              f"TokUR's own ms per scored token in each run's cost stage (full forwards / prefix shared), "
-                              f"the spread of the baseline the wall ratios divide by: {ms}."])
+                              "TokUR's own ms per scored token in each run's cost stage (full forwards / prefix "
+                              f"shared), the spread of the baseline the wall ratios divide by: {ms}."])
 
 
 def main() -> None:

@@ -60,7 +60,8 @@ def main() -> None:
     same = outputs[("greedy", "hf")] == outputs[("greedy", "vllm")]
     hw = hardware.describe(device)
     lines = [
-        f"`python bench/generate_backends.py {shown_args()}`".replace(" `", "`") + f" — {args.target}, {args.task} test, "
+        f"`python bench/generate_backends.py {shown_args()}`".replace(" `", "`")
+        + f" — {args.target}, {args.task} test, "
         f"{args.questions} questions, max {args.max_new_tokens} new tokens, {args.shots}-shot prompts, on "
         f"{hw['hardware']} ({torch.get_num_threads()} threads). HF backend: batch {args.batch} with the shared-prefix "
         "KV cache; vLLM: the whole chunk handed to the engine (prefix caching on). Greedy answers identical: "

@@ -49,7 +49,8 @@ def labelled_metrics():
             return "wrong" if self.wrong else "correct"
 
         def __call__(self, stats, target_texts):
-            ok = [data.is_correct(data.extract_answer(t), g) for t, g in zip(stats["greedy_texts"], target_texts, strict=True)]
+            ok = [data.is_correct(data.extract_answer(t), g)
+                  for t, g in zip(stats["greedy_texts"], target_texts, strict=True)]
             return np.array([float(o != self.wrong) for o in ok])
 
     return [Checked(False), Checked(True)]

@@ -127,16 +127,18 @@ def main() -> None:
         s = speed(args.run, args.answers)
         one, many = s["wall"].values()
         lines += [f"The score stage's work (trial 0: {', '.join(s['methods'])}) on {s['answers']} answers "
-                  f"({s['tokens']} tokens) of `{args.run.name}`, {s['threads']} threads, one process, warm, modes timed "
-                  "A B B A (mean of two passes each):", "",
+                  f"({s['tokens']} tokens) of `{args.run.name}`, {s['threads']} threads, one process, warm, modes "
+                  "timed A B B A (mean of two passes each):", "",
                   "| mode | wall (s) | answers/s |", "| --- | ---: | ---: |"]
         lines += [f"| {m} | {w:.1f} | {s['answers'] / w:.2f} |" for m, w in s["wall"].items()]
         lines += ["", f"**Batched / batch 1: {one / many:.2f}x** the answers per second.  Largest difference of a "
                   f"token's EU between the modes: {s['max_diff']:.1e}; against the run's stored token EU "
-                  f"(6 significant digits, scored by the previous one-answer-at-a-time code): {s['max_diff_stored']:.1e}.", ""]
+                  "(6 significant digits, scored by the previous one-answer-at-a-time code): "
+                  f"{s['max_diff_stored']:.1e}.", ""]
     targets = args.memory_target or ["embedded"]
-    lines += ["Resident memory of scoring one answer (`score` of the estimator `drafteu score` builds), a fresh process "
-              "per row: after loading the models, and the peak while scoring (the high-water mark reset after loading):",
+    lines += ["Resident memory of scoring one answer (`score` of the estimator `drafteu score` builds), a fresh "
+              "process per row: after loading the models, and the peak "
+              "while scoring (the high-water mark reset after loading):",
               "", "| target, code | method | answer tokens | loaded (MiB) | peak scoring (MiB) |",
               "| --- | --- | ---: | ---: | ---: |"]
     codes = [(None, "this code")] + ([(args.baseline_code, f"baseline ({args.baseline_code.name})")]

@@ -51,7 +51,8 @@ def untrained_ensemble(root: Path) -> Path:
     return root / "drafts" / "untrained"
 
 
-async def clients(url: str, concurrency: int, requests: int, max_tokens: int, eu: bool) -> tuple[list[float], int, float]:
+async def clients(url: str, concurrency: int, requests: int, max_tokens: int,
+                  eu: bool) -> tuple[list[float], int, float]:
     """(latencies, completion tokens, wall seconds) of ``concurrency`` clients x ``requests`` each."""
     import httpx
 
@@ -107,8 +108,8 @@ def measure(args, drafts_dir: Path, engine: str) -> tuple[list[str], dict, dict]
     port = _free_port()
     cfg = ServeConfig(drafts=drafts_dir, target=args.target, port=port, model_name="bench", device=args.device,
                       max_concurrency=max(args.concurrency), max_queue=4 * max(args.concurrency), backend=args.backend,
-                      engine=engine, gamma=args.gamma,
-                      timeout=1200.0)  # the long /v1/score's client waits as long (a 2-core CPU shared with vLLM's engine needs it)
+                      # the long /v1/score's client waits as long (a 2-core CPU shared with vLLM's engine needs it)
+                      engine=engine, gamma=args.gamma, timeout=1200.0)
     worker, app = build(cfg)
     worker.start()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -141,7 +142,8 @@ def measure(args, drafts_dir: Path, engine: str) -> tuple[list[str], dict, dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: 4 noisy copies of the embedded target)")
+    ap.add_argument("--drafts", type=Path, help="a run or drafts directory (default: "
+                                                "4 noisy copies of the embedded target)")
     ap.add_argument("--target", default="embedded")
     ap.add_argument("--engine", nargs="+", default=["batched"], choices=["batched", "speculative"],
                     help="serve's engines to measure, one server after the other (same requests)")
@@ -181,12 +183,15 @@ def main() -> None:
                   f"{lo} (EU on) **{scale:.2f}x**."]
     if len(args.engine) > 1:
         a, b = args.engine[:2]
-        lines.append(f"- {b} / {a} (EU on): {lo} client p50 **{per[b, lo, True]['p50'] / per[a, lo, True]['p50']:.2f}x**, "
+        lines.append(f"- {b} / {a} (EU on): {lo} client p50 "
+                     f"**{per[b, lo, True]['p50'] / per[a, lo, True]['p50']:.2f}x**, "
                      f"{hi} clients tokens/s **{per[b, hi, True]['tps'] / per[a, hi, True]['tps']:.2f}x**.")
     if mem is not None:
-        lines.append(f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set from "
-                     f"{mem['before']:.2f} GB to {mem['after']:.2f} GB after it (peak {mem['peak']:.2f} GB, since start)"
-                     + ("; vLLM's engine runs in a process of its own, not counted" if args.backend != "hf" else "") + ".")
+        lines.append(f"- Memory: one `/v1/score` of a {mem['tokens']}-token response took the server's resident set "
+                     f"from {mem['before']:.2f} GB to {mem['after']:.2f} GB after it "
+                     f"(peak {mem['peak']:.2f} GB, since start)"
+                     + ("; vLLM's engine runs in a process of its own, not counted" if args.backend != "hf" else "")
+                     + ".")
     body = "\n".join([
         f"`python bench/serve.py {shown_args()}`: `drafteu serve` (engines: {', '.join(args.engine)}; "
         f"{'HF backend' if args.backend == 'hf' else 'vLLM async engine, continuous batching'}) on "

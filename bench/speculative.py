@@ -121,7 +121,8 @@ def real(args) -> str:
                    "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "K": k,
                    "device": hardware.describe(device), "target_dtype": str(next(plain_lm.model.parameters()).dtype),
                    "draft_dtype": args.draft_dtype,
-                   "modes": {m: {"tokens_per_s": s["tokens"] / s["seconds"], "vs_plain": (s["tokens"] / s["seconds"]) / base_tps,
+                   "modes": {m: {"tokens_per_s": s["tokens"] / s["seconds"],
+                                 "vs_plain": (s["tokens"] / s["seconds"]) / base_tps,
                                  "acceptance": s["accepted"] / s["proposed"] if s["proposed"] else None,
                                  "outputs_differing_from_plain_greedy": s["mismatch"]} for m, s in stats.items()}}
     lines = [
@@ -129,11 +130,11 @@ def real(args) -> str:
         f"({plain_lm.model.config.num_hidden_layers} layers, {next(plain_lm.model.parameters()).dtype}) on {device} "
         f"({torch.get_num_threads()} threads); drafts: `{args.drafts}` (K = {k} LoRA drafts on a "
         f"{ens.drafts.get_base_model().config.num_hidden_layers}-layer base, {args.draft_dtype} weights), "
-        f"proxy `{args.proxy}`; {len(prompts)} {args.task} test prompts ({args.shots}-shot), greedy, ≤ {args.max_new_tokens} new "
-        "tokens; all modes interleaved prompt by prompt in one process; every mode (plain included) keeps its KV "
-        "caches across prompts, so the shared worked examples are computed once. Time per token split into "
-        "drafting, verification and EU. Compiled modes: static KV caches + torch.compile (inductor), warmed up "
-        "(compiled) before timing.",
+        f"proxy `{args.proxy}`; {len(prompts)} {args.task} test prompts ({args.shots}-shot), greedy, ≤ "
+        f"{args.max_new_tokens} new tokens; all modes interleaved prompt by prompt in one process; every mode (plain "
+        "included) keeps its KV caches across prompts, so the shared worked examples are computed once. Time per token "
+        "split into drafting, verification and EU. Compiled modes: static KV caches + torch.compile (inductor), warmed "
+        "up (compiled) before timing.",
         "",
         "| mode | tokens/s | vs plain target | acceptance | EU overhead vs same proposer without EU "
         "| ms/token draft / verify / EU | outputs ≠ plain greedy |",
@@ -367,7 +368,8 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
     with_proxy = FusedDrafts(target, ["__base__", "proxy"])
     t = {}
     for kind, make in kinds:
-        tgt, tgt_proxy, ens = make(base_only, ["__base__"]), make(with_proxy, ["__base__", "proxy"]), make(drafts, names)
+        tgt, tgt_proxy = make(base_only, ["__base__"]), make(with_proxy, ["__base__", "proxy"])
+        ens = make(drafts, names)
         t[kind, "target", 1] = ms(tgt, 1)
         t[kind, "drafts", 1] = ms(ens, 1)
         for g in args.gamma:
@@ -380,7 +382,8 @@ def step_times(args, device: str = "cuda", shapes: str = "paper", context: int =
         table.append(f"| {kind} | target, 1 token (plain decoding step) | {t[kind, 'target', 1]:.2f} |")
         for g in args.gamma:
             table.append(f"| {kind} | verify {g + 1} tokens, target | {t[kind, 'target', g + 1]:.2f} |")
-            table.append(f"| {kind} | verify {g + 1} tokens, target + proxy row (fused) | {t[kind, 'proxy', g + 1]:.2f} |")
+            table.append(f"| {kind} | verify {g + 1} tokens, target + proxy row (fused) | "
+                         f"{t[kind, 'proxy', g + 1]:.2f} |")
         table.append(f"| {kind} | K = {len(names)} drafts (fused), 1 token | {t[kind, 'drafts', 1]:.2f} |")
     for g in args.gamma:
         table.append(f"| — | eu_decomposition of a round ({g + 1} positions) | {eu[g]:.2f} |")
@@ -466,7 +469,8 @@ def main() -> None:
         if args.compile is None:
             args.compile = device.startswith("cuda")
         section = step_times(args, device, shapes)
-        key, title = f"speculative-{device.split(':')[0]}-{shapes}", f"Speculative decoding step times, {device}, {shapes} shapes"
+        key = f"speculative-{device.split(':')[0]}-{shapes}"
+        title = f"Speculative decoding step times, {device}, {shapes} shapes"
     else:
         section = real(args)
         name = "embedded" if args.target == "embedded" else args.target

@@ -105,7 +105,8 @@ def worker(spec: str, vocab: int, length: int, loss: str, mode: str, steps: int)
                 value = (per * mask).sum() / mask.sum()
             else:
                 kw = {"targets": batch["targets"]} if loss == "sft" else {"teachers": t}
-                value = window_loss(window_hidden(noisy.model, batch), mask, kind="ce" if loss == "sft" else "forward_kl",
+                value = window_loss(window_hidden(noisy.model, batch), mask,
+                                    kind="ce" if loss == "sft" else "forward_kl",
                                     **kw)
             value.backward()
         opt.step()
@@ -134,8 +135,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--max-full-gb", type=float, default=12.0,
-                    help="skip the full path where its logits alone would take more (a model's own vocabulary: "
-                         "counted as 262,144)")
+                    help="skip the full path where its logits alone would take "
+                         "more (a model's own vocabulary: counted as 262,144)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -172,16 +173,18 @@ def main() -> None:
              "resident set; growth: over the loaded model; step: seconds per optimizer step (mean of "
              f"{args.steps} after a warm-up).", "",
              "| loss | vocabulary | answer tokens | full: peak MB | growth MB | step s | chunked: peak MB | growth MB "
-             "| step s | chunked / full step | same loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| step s | chunked / full step | same loss |", "| --- | ---: | ---: | ---: | ---: | "
+                                                             "---: | ---: | ---: | ---: | ---: | --- |"]
     for full, ch in zip(rows[::2], rows[1::2], strict=True):
         if "skipped" in full:
             lines.append(f"| {full['loss']} | {full['vocab']:,} | {full['length']} | not run: its logits alone "
-                         f"~{full['skipped']:.0f} GB | | | {ch['peak_mb']:,} | {ch['growth_mb']:,} | {ch['step_s']:.2f} | | |")
+                         f"~{full['skipped']:.0f} GB | | | {ch['peak_mb']:,} | {ch['growth_mb']:,} | "
+                         f"{ch['step_s']:.2f} | | |")
             continue
         same = abs(full["loss_value"] - ch["loss_value"]) <= 1e-3 * max(1.0, abs(full["loss_value"]))
-        lines.append(f"| {full['loss']} | {full['vocab']:,} | {full['length']} | {full['peak_mb']:,} | {full['growth_mb']:,} "
-                     f"| {full['step_s']:.2f} | {ch['peak_mb']:,} | {ch['growth_mb']:,} | {ch['step_s']:.2f} | "
-                     f"{ch['step_s'] / full['step_s']:.2f}x | {'yes' if same else 'no'} |")
+        lines.append(f"| {full['loss']} | {full['vocab']:,} | {full['length']} | {full['peak_mb']:,} | "
+                     f"{full['growth_mb']:,} | {full['step_s']:.2f} | {ch['peak_mb']:,} | {ch['growth_mb']:,} | "
+                     f"{ch['step_s']:.2f} | {ch['step_s'] / full['step_s']:.2f}x | {'yes' if same else 'no'} |")
     key = "train-memory-" + ("random" if args.model == "random" else args.model)
     write_section(args.out, key, "Training memory: full logits vs chunked losses", "\n".join(lines))
 

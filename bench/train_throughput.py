@@ -48,7 +48,8 @@ def main() -> None:
     rows = []
     for precision in ("no", "bf16"):
         out = subprocess.run([sys.executable, __file__, "--worker", precision, "--samples", str(args.samples),
-                              "--base", args.base, "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                              "--base", args.base, "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1])
     import torch

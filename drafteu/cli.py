@@ -52,7 +52,8 @@ FLAGS = {"question": ("--question", "-q"), "out": ("--out", "-o"), "family_size"
          "partitions": ("--partitions", "-S"), "per_partition": ("--per-partition", "-M"), "json": ("--json",),
          "questions": ("--questions", "-n"), "n_teacher": ("--n-teacher", "--teachers")}
 # Nested config sections as flat options: section -> {field: option name} ("*": every field, same name).
-NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme", "scale": "noise_scale"}
+NOISE = {"sigma": "sigma", "rank": "rank", "target_modules": "noise_modules", "scheme": "scheme",
+         "scale": "noise_scale"}
 NESTED = {"noise": NOISE, "train": "*", "init_noise": {"sigma": "init_sigma"}, "quantize": "*"}
 
 
@@ -111,8 +112,8 @@ def config_command(cls, name: str | None = None, *, skip: tuple[str, ...] = (), 
                     build.append((f.name, sub, opt_name, conv))
                 continue
             typ, conv = _option_type(hints[f.name])
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ, default=typer.Option(
-                _cli_default(default), *FLAGS.get(f.name, ()), help=f.metadata.get("help", ""))))
+            option = typer.Option(_cli_default(default), *FLAGS.get(f.name, ()), help=f.metadata.get("help", ""))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ, default=option))
             build.append((f.name, None, f.name, conv))
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
         params += own

@@ -91,8 +91,10 @@ class DraftsSection(DraftSettings):
 
     methods: list[str] = field(default_factory=lambda: [n for n, m in DRAFT_METHODS.items() if m.default],
                                metadata={"help": "draft methods: " + ", ".join(DRAFT_METHODS)})
-    layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table 5), e.g. [[1, 6], [3, 2]]"})
-    init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise (sigma; rank, modules and scheme from `noise`)"})
+    layouts: list[list[int]] = field(default_factory=list, metadata={"help": "extra DDD S x M layouts (Table "
+                                                                             "5), e.g. [[1, 6], [3, 2]]"})
+    init_sigma: float = field(default=0.5, metadata={"help": "IDD/FDD initialization noise (sigma; "
+                                                             "rank, modules and scheme from `noise`)"})
     sigma: float = field(default=0.1, metadata={"help": "untrained / K-only / GKD / MiniLLM noise (sigma)"})
     baseline_steps: int | None = field(default=None, metadata={
         "help": "max_steps of the on-policy GKD / MiniLLM drafts (None: train.max_steps); each of their steps "
@@ -159,25 +161,31 @@ class EvalSection:
     family_size: int = field(default=3, metadata={"help": "K_T of the ground-truth family"})
     tokur_size: int = field(default=3, metadata={"help": "K of TokUR"})
     trials: int = field(default=5, metadata={"help": "independent trials (docs/method.md §5)"})
-    retrain_per_trial: bool = field(default=False, metadata={"help": "retrain every draft ensemble per trial (GPU configs)"})
-    fidelity_questions: int | None = field(default=None, metadata={"help": "questions whose first answer is scored against the ground truth (None: all)"})
+    retrain_per_trial: bool = field(default=False, metadata={"help": "retrain every draft ensemble "
+                                                                     "per trial (GPU configs)"})
+    fidelity_questions: int | None = field(default=None, metadata={"help": "questions whose first answer is scored "
+                                                                           "against the ground truth (None: all)"})
     aggregations: list[str] = field(default_factory=lambda: ["mean", "max", "sum"])
     fit_fraction: float = field(default=0.5, metadata={"help": "share of questions the logistic map is fitted on"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals"})
     ece_bins: int = 15
     reference_size: int = field(default=16, metadata={"help": "K_ref of the proxy-robustness reference family"})
-    proxy_ks: list[int] = field(default_factory=lambda: [3, 10], metadata={"help": "K of the fresh target copies in Table 4"})
-    proxy_questions: int | None = field(default=None, metadata={"help": "questions used for proxy robustness (None: all)"})
+    proxy_ks: list[int] = field(default_factory=lambda: [3, 10], metadata={"help": "K of the fresh target "
+                                                                                   "copies in Table 4"})
+    proxy_questions: int | None = field(default=None, metadata={"help": "questions used for proxy "
+                                                                        "robustness (None: all)"})
     cost_responses: int = field(default=16, metadata={"help": "responses timed per method for the cost table"})
     heatmap_examples: int = field(default=3, metadata={"help": "answers shown as EU heat-maps in the report"})
     draft_kernel: str = field(default="recipe", metadata={"help": KERNEL_HELP})
 
-    location_fields = ("batch_size", "score_batch", "heatmap_examples")  # how answers are batched, what the report shows
+    # how answers are batched, what the report shows
+    location_fields = ("batch_size", "score_batch", "heatmap_examples")
 
     def __post_init__(self):
         fileio.require_finite(self)
         if self.draft_kernel not in SCORING_KERNELS:
-            raise DraftEUError(f"eval.draft_kernel must be one of {', '.join(SCORING_KERNELS)}, got {self.draft_kernel!r}")
+            raise DraftEUError(f"eval.draft_kernel must be one of {', '.join(SCORING_KERNELS)}, got "
+                               f"{self.draft_kernel!r}")
         if self.temperature < 0:
             raise DraftEUError(f"eval.temperature must be >= 0 (0: greedy answers), got {self.temperature}")
         if self.questions is not None and self.questions < 1:
@@ -239,7 +247,8 @@ def _build(cls, value, where: str):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - names)
         if unknown:
-            raise DraftEUError(f"unknown key(s) {unknown} in {where or 'the config'}; known: {', '.join(sorted(names))}")
+            raise DraftEUError(f"unknown key(s) {unknown} in {where or 'the config'}; "
+                               f"known: {', '.join(sorted(names))}")
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
         try:
             return cls(**kwargs)
@@ -320,7 +329,8 @@ def coerce(text: str, typ, key: str):
     if typ is Path:
         return Path(text)
     if typ is bool:
-        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
         if text.strip().lower() not in words:
             raise DraftEUError(f"--set {key}={text}: expects true or false")
         return words[text.strip().lower()]
@@ -385,5 +395,6 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
         raise DraftEUError(f"{path}: {e}") from e
 
 
-__all__ += ["ExperimentConfig", "load_experiment", "DataSection", "GenerationSection", "DraftBaseSection", "DraftsSection",
+__all__ += ["ExperimentConfig", "load_experiment", "DataSection", "GenerationSection", "DraftBaseSection",
+            "DraftsSection",
             "ProxySection", "EvalSection"]

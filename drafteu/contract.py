@@ -180,7 +180,8 @@ def decide(stage: Stage, run: Path, digest: str, inputs: dict, upstream: dict[st
         missing = [p for p in products if not Path(p).exists()]
         d.action = "skip" if stamp.get("status") == "done" and not missing else "resume"
         if missing and stamp.get("status") == "done":
-            d.why = f"{Path(missing[0]).relative_to(run)} is missing" + (f" (+{len(missing) - 1} more)" * (len(missing) > 1))
+            more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+            d.why = f"{Path(missing[0]).relative_to(run)} is missing{more}"
         return d
     d.action = "recompute"
     why = changes(stamp.get("inputs", {}), inputs)
@@ -365,7 +366,8 @@ def claim(directory: Path, inputs: dict, *, what: str) -> None:
     if made and stamp is not None:
         diff = changes(stamp.get("inputs", {}), inputs)
         raise DraftEUError(f"{directory} holds {what} made from other inputs ({'; '.join(diff[:6])}"
-                           f"{'; ...' if len(diff) > 6 else ''}); use another output directory, or delete it to start over")
+                           f"{'; ...' if len(diff) > 6 else ''}); use another output directory, or delete it to "
+                           "start over")
     if made:
         raise DraftEUError(f"{directory} holds files without a record of the inputs they were made from "
                            f"({STAMP} is missing: an older drafteu, or not a drafteu output); use another "

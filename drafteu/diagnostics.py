@@ -81,8 +81,8 @@ def bias_diagnostic(variance: torch.Tensor, bias: torch.Tensor, base_kl: float |
     warnings = []
     if why:
         warnings.append(f"{' and '.join(why)}: these drafts are too far from the target for their EU to be epistemic "
-                        "(docs/method.md §15); a closer draft base - the target quantized (draft_base.model: quantize) "
-                        "or a sibling - fixes it")
+                        "(docs/method.md §15); a closer draft base - the target "
+                        "quantized (draft_base.model: quantize) or a sibling - fixes it")
     if proxy_fit_warning(fit):
         warnings.append(proxy_fit_warning(fit))
     return {"bias_share": share, "base_kl_to_target": base_kl, "proxy_fit": fit, "warn_share_above": BIAS_WARN_SHARE,
@@ -106,4 +106,5 @@ def draft_fit(ensemble_dir: Path) -> dict | None:
 
     return {"count": len(curves), "questions": man.get("heldout_questions"), "first": mean(lambda c: c[0]),
             "best": mean(min), "last": mean(lambda c: c[-1]),
-            "plateau": sum(bool(t.get("plateau")) for t in curves.values()), "steps": [t["steps"] for t in curves.values()]}
+            "plateau": sum(bool(t.get("plateau")) for t in curves.values()),
+            "steps": [t["steps"] for t in curves.values()]}

@@ -42,6 +42,6 @@ def heatmap(result: dict, scale: float | None = None) -> Group:
     )
     parts = [text, Text(""), legend, table]
     if riskiest is not None:
-        parts.insert(2, Text(f"riskiest span (underlined; max EU {riskiest['max_eu']:.3g}, mean {riskiest['mean_eu']:.3g}): "
-                             f"{riskiest['text'][:120]}"))
+        parts.insert(2, Text(f"riskiest span (underlined; max EU {riskiest['max_eu']:.3g}, mean "
+                             f"{riskiest['mean_eu']:.3g}): {riskiest['text'][:120]}"))
     return Group(*parts)

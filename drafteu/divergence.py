@@ -51,8 +51,8 @@ __all__ = [
     "log_softmax",
 ]
 
-# Largest number of float32 entries one intermediate tensor may hold (4M entries = 16 MiB: below glibc's 32 MiB mmap threshold, so chunk buffers are reused
-# instead of page-faulted in afresh).
+# Largest number of float32 entries one intermediate tensor may hold (4M entries = 16 MiB: below glibc's 32 MiB
+# mmap threshold, so chunk buffers are reused instead of page-faulted in afresh).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 # Compiled path: the fused kernels keep few full-size intermediates, so chunks can be large (2^28
 # float32 entries = 1 GiB; a chunk is ~150 positions at K = 6, V = 128256).

@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, headless): the fidelity scatter, proxy robustness (Table 4),
-hallucination AUROC (Table 2), selective answering (risk-coverage) and cost (Table 6), each from its stage's JSON, written to
-``RUN/figures/`` for ``drafteu.report``."""
+hallucination AUROC (Table 2), selective answering (risk-coverage) and cost (Table 6), each from its
+stage's JSON, written to ``RUN/figures/`` for ``drafteu.report``."""
 
 from __future__ import annotations
 

@@ -44,9 +44,12 @@ ROW_FIELDS = ("qid", "question", "gold", "model", "member", "sample", "prompt_id
 class SamplingSettings:
     """What to sample: shared by `drafteu generate` and the data section of an experiment config."""
 
-    task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or a HF dataset id (openai/gsm8k)"})
-    questions: int | None = field(default=None, metadata={"help": "use the first N questions (easy-word: generate N; default 200 there, all elsewhere)"})
-    samples: int = field(default=4, metadata={"help": "answers per question (paper: 4 for drafts, 5 per teacher for the proxy)"})
+    task: str = field(default="easy-word", metadata={"help": "easy-word, a .jsonl path, or "
+                                                             "a HF dataset id (openai/gsm8k)"})
+    questions: int | None = field(default=None, metadata={"help": "use the first N questions (easy-word: generate N; "
+                                                                  "default 200 there, all elsewhere)"})
+    samples: int = field(default=4, metadata={"help": "answers per question (paper: 4 for "
+                                                      "drafts, 5 per teacher for the proxy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     max_new_tokens: int = field(default=400, metadata={"help": "length limit of an answer (paper: 400)"})
@@ -78,8 +81,10 @@ class GenerateConfig(SamplingSettings, EngineSettings):
     out: Path = field(metadata={"help": "output directory (samples.jsonl, config.yaml, manifest.json)"})
     target: str = field(default="embedded", metadata={"help": "model: embedded, hub id, local dir or .gguf"})
     split: str = field(default="train", metadata={"help": "dataset split: train or test"})
-    prefix_cache: bool = field(default=True, metadata={"help": "compute the prompts' shared prefix (system + shots) once and reuse its KV cache"})
-    member: int | None = field(default=None, metadata={"help": "sample from member k of the noisy target family instead of the target"})
+    prefix_cache: bool = field(default=True, metadata={"help": "compute the prompts' shared prefix (system + shots) "
+                                                               "once and reuse its KV cache"})
+    member: int | None = field(default=None, metadata={"help": "sample from member k of the noisy "
+                                                               "target family instead of the target"})
     family_seed: int = field(default=0, metadata={"help": "seed of the noisy family (with --member)"})
     noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "with --member: the family's noise"})
     steps: int = field(default=1, metadata={"help": "easy-word: 1- or 2-step problems"})
@@ -372,7 +377,8 @@ def _run(cfg: GenerateConfig) -> dict:
     t0 = time.time()
     # a backend that schedules its own batches (vLLM) gets larger chunks (each is appended: a kill loses one)
     chunk = max(cfg.batch_size, backend_cls.chunk)
-    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, (contextlib.closing(backend) if backend else contextlib.nullcontext()):
+    closing = contextlib.closing(backend) if backend else contextlib.nullcontext()
+    with progress("generate", total=len(work) + len(done), completed=len(done)) as bar, closing:
         for start in range(0, len(work), chunk):
             batch = work[start : start + chunk]
             # one seed per (question, sample): the same samples however the work is batched or resumed
@@ -389,7 +395,8 @@ def _run(cfg: GenerateConfig) -> dict:
                 new_tokens += len(resp)
             fileio.append_jsonl(path, rows)
             el = max(time.time() - t0, 1e-9)
-            bar.update(advance=len(batch), info=f"{(start + len(batch)) / el:.2f} samples/s, {new_tokens / el:.1f} tok/s")
+            bar.update(advance=len(batch), info=f"{(start + len(batch)) / el:.2f} samples/s, "
+                                                f"{new_tokens / el:.1f} tok/s")
 
     rows = fileio.read_jsonl(path)
     accuracy = sum(bool(r["correct"]) for r in rows) / len(rows)

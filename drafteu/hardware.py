@@ -40,7 +40,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DraftEUError(f"--device {spec}: this torch build sees no CUDA device "
-                               f"(torch {torch.__version__}); use --device auto or cpu, or install a CUDA build of torch")
+                               f"(torch {torch.__version__}); use --device auto or cpu, or install a CUDA "
+                               "build of torch")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DraftEUError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible "
                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")

@@ -40,7 +40,8 @@ class DraftMethod:
 
 
 DRAFT_METHODS: dict[str, DraftMethod] = {m.name: m for m in (
-    DraftMethod("untrained", "Untrained (noisy copies of the draft base)", False, False, False, "noise", "baseline drafts"),
+    DraftMethod("untrained", "Untrained (noisy copies of the draft base)", False, False, False, "noise",
+                "baseline drafts"),
     DraftMethod("ddd", "DDD (data-diverse drafts)", True, True, False, "sft", "proposed"),
     DraftMethod("idd", "IDD (initialization-diverse drafts)", True, False, True, "sft"),
     DraftMethod("fdd", "FDD (data- and initialization-diverse)", True, True, True, "sft"),

@@ -315,7 +315,9 @@ def load(
     path, gguf_file = resolve(spec)
     if gguf_file is None and not Path(path).exists() and not tokenizer_only:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        note(f"{spec}: not a local path; {'looking in the local hub cache only (HF_HUB_OFFLINE)' if offline else 'loading it from the Hugging Face hub (HF_HUB_OFFLINE=1 fails at once without a network)'}")
+        where = ("looking in the local hub cache only (HF_HUB_OFFLINE)" if offline else
+                 "loading it from the Hugging Face hub (HF_HUB_OFFLINE=1 fails at once without a network)")
+        note(f"{spec}: not a local path; {where}")
     if gguf_file is not None:
         path = str(converted_gguf(path, gguf_file))
     try:

@@ -89,15 +89,18 @@ class NoiseCheckConfig:
     """`drafteu noise-check`: how strong candidate noise settings are on a model, before a run."""
 
     answers: Path = field(metadata={"help": "answers to measure on: a run directory (its evaluation answers) or a "
-                                    "JSONL file as for `score --answers` ({\"question\": ..., \"answer\": ...} per line)"})
+                                    "JSONL file as for `score --answers` "
+                                    "({\"question\": ..., \"answer\": ...} per line)"})
     target: str = field(default="embedded", metadata={"help": "target model: 'embedded', a hub id, a local directory "
                                                       "or a .gguf file"})
     sigmas: str = field(default="0.1", metadata={"help": "comma-separated sigmas to measure, e.g. 0.05,0.1,0.2"})
     noise: NoiseConfig = field(default_factory=NoiseConfig, metadata={"help": "the noise (its sigma is replaced by "
                                                                       "each of --sigmas)"})
-    family_size: int = field(default=3, metadata={"help": "K: noise members per answer (the ground truth's family size)"})
+    family_size: int = field(default=3,
+                             metadata={"help": "K: noise members per answer (the ground truth's family size)"})
     limit: int = field(default=8, metadata={"help": "answers measured (the first ones)"})
-    shots: int = field(default=2, metadata={"help": "with a JSONL file: worked examples before each question, as in score"})
+    shots: int = field(default=2, metadata={"help": "with a JSONL file: worked examples "
+                                                    "before each question, as in score"})
     seed: int = field(default=0, metadata={"help": "seed of the members"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the target: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})

@@ -74,7 +74,8 @@ def reads_draft_base(cfg):
 
 
 def after_draft_base(cfg):
-    return ("data",) if draft_base_kinds.kind(cfg.draft_base.model) is not None and not _own_data(cfg.draft_base) else ()
+    trained = draft_base_kinds.kind(cfg.draft_base.model) is not None
+    return ("data",) if trained and not _own_data(cfg.draft_base) else ()
 
 
 def reads_drafts(cfg):
@@ -84,7 +85,8 @@ def reads_drafts(cfg):
 def reads_teachers(cfg):
     if cfg.proxy.data != "teachers":
         return pick(cfg, "proxy.data")
-    return pick(cfg, "target", "seed", "dtype", "noise", *(f"data.{k}" for k in SAMPLING if k not in ("questions", "samples")),
+    return pick(cfg, "target", "seed", "dtype", "noise",
+                *(f"data.{k}" for k in SAMPLING if k not in ("questions", "samples")),
                 "proxy.data", "proxy.teachers", "proxy.questions", "proxy.samples",
                 *backend_if_sampling(cfg.data.temperature))
 
@@ -110,7 +112,8 @@ def reads_eval_samples(cfg):
 
 
 def _generate_cfg(cfg: ExperimentConfig, out: Path, **kw) -> generate.GenerateConfig:
-    base = section_values(cfg.data, generate.SamplingSettings) | section_values(cfg.generation, GenerationSection) | dict(
+    sampling = section_values(cfg.data, generate.SamplingSettings) | section_values(cfg.generation, GenerationSection)
+    base = sampling | dict(
         out=out, target=cfg.target, split="train", noise=cfg.noise, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
     return generate.GenerateConfig(**(base | kw))
 
@@ -242,7 +245,8 @@ def drafts_cfgs(cfg: ExperimentConfig, run: Path) -> list:
     """Every ensemble the drafts stage builds, trial by trial; copies (K only) after the ensemble whose
     s0_m0 they re-use."""
     return [_drafts_cfg(cfg, run, spec, trial) for trial in range(cfg.eval.trials)
-            for spec in sorted(rundir.trial_ensembles(cfg, trial), key=lambda e: bool(DRAFT_METHODS[e.method].copies_of))]
+            for spec in sorted(rundir.trial_ensembles(cfg, trial),
+                               key=lambda e: bool(DRAFT_METHODS[e.method].copies_of))]
 
 
 def ensemble_files(dcfg) -> list[Path]:
@@ -340,7 +344,8 @@ def _stages() -> tuple[Stage, ...]:
               products=lambda cfg, run: [run / "draft_base" / k.product, run / "draft_base" / "manifest.json"]
               if (k := draft_base_kinds.kind(cfg.draft_base.model)) else []),
         Stage("drafts", stage_drafts, reads_drafts, lambda cfg: ("data", "draft_base"), outputs=("drafts",),
-              every_process=True, products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
+              every_process=True,
+              products=lambda cfg, run: [p for d in drafts_cfgs(cfg, run) for p in ensemble_files(d)]),
         Stage("teachers", stage_teachers, reads_teachers, outputs=("proxy_data",),
               products=lambda cfg, run: [g.out / "samples.jsonl" for g in teacher_cfgs(cfg, run)]),
         Stage("proxy", stage_proxy, reads_proxy, after_proxy, outputs=("proxy",), every_process=True,
@@ -366,8 +371,10 @@ def _stages() -> tuple[Stage, ...]:
                    lambda cfg: ("score",), ("eval/fidelity.json",), version=3),  # 3: the perturbation's strength
         evaluation("hallucination", stages.stage_hallucination,
                    keys("seed", "eval.aggregations", "eval.fit_fraction", "eval.bootstrap", "eval.ece_bins"),
-                   lambda cfg: ("score",), ("eval/hallucination.json",), version=4),  # 3: the map's score scaling; 4: perplexity, EU added to entropy
-        evaluation("cost", stages.stage_cost, keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
+                   lambda cfg: ("score",), ("eval/hallucination.json",),
+                   version=4),  # 3: the map's score scaling; 4: perplexity, EU added to entropy
+        evaluation("cost", stages.stage_cost,
+                   keys(*model, "eval.cost_responses", "eval.family_size", "eval.tokur_size"),
                    lambda cfg: trained, ("eval/cost.json",), version=7),
         # 3: quantized weights counted; 4: shared trunk; 5: batched; 6: both modes (prefix shared / full forwards);
         # 7: the draft's and target's parameters (the report's reading of the cost)

@@ -295,7 +295,8 @@ def apply_init_noise(peft_model, adapter: str, noise: NoiseConfig, seed: int) ->
         a, b = lora_a[adapter].weight, module.lora_B[adapter].weight  # (r, in), (out, r)
         r = min(noise.rank, a.shape[0])
         u, eps = draw_noise(NoiseConfig(sigma=noise.sigma, rank=r, scheme=noise.scheme, scale=noise.scale,
-                                        target_modules=noise.target_modules), seed, name, module.get_base_layer().weight)
+                                        target_modules=noise.target_modules), seed, name,
+                                        module.get_base_layer().weight)
         scale = module.scaling[adapter]
         b[:, :r] = u.to(b)
         a[:r] = (eps / scale).to(a)

@@ -124,7 +124,8 @@ def kernel(q: QuantizeSettings, device: torch.device) -> str:
     if device.type == "cuda" and q.bits == 8:
         return "int8 weight-only matmul (torchao Int8Tensor; fused into the GEMM under torch.compile)"
     if q.bits == 8:
-        return "int8 weights converted to the activation dtype per matmul, then a float GEMM (torchao Int8Tensor, eager)"
+        return ("int8 weights converted to the activation dtype per matmul, then a float GEMM "
+                "(torchao Int8Tensor, eager)")
     return ("int4 weights (stored in int8) dequantized per matmul, then a float GEMM (torchao IntxUnpackedToInt8Tensor)"
             + ("" if device.type == "cuda" else "; torchao 0.18 has no int4 CPU kernel"))
 

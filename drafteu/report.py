@@ -55,15 +55,18 @@ def _cost_modes(cst: dict) -> list[str]:
         row = [m]
         for mode in names:
             r = modes[mode]["methods"][m]
-            row += [f"{r['fed_flops_per_token'] / 1e9:.3f}", f"{modes[mode]['fed_flops_rel_reference'].get(m, float('nan')):.2f}x",
+            row += [f"{r['fed_flops_per_token'] / 1e9:.3f}",
+                    f"{modes[mode]['fed_flops_rel_reference'].get(m, float('nan')):.2f}x",
                     f"{r['ms_per_token']:.1f}", f"{modes[mode]['wall_rel_reference'].get(m, float('nan')):.2f}x"]
         rows.append(row)
     head = ["method"] + [h for mode in names for h in (f"GFLOPs / token, {mode}", f"vs {ref}", f"ms / token, {mode}",
                                                         f"vs {ref}")]
-    return ["", f"The same answers in both modes, interleaved: *prefix shared* caches the {cst.get('shared_prefix', 0)} "
+    return ["", "The same answers in both modes, interleaved: *prefix shared* caches the "
+                f"{cst.get('shared_prefix', 0)} "
             "prompt tokens every answer starts with and runs a prompt once for its answers (what a deployment pays; "
-            f"{ref} re-draws its noise per prompt, so its cache is per prompt); *full forwards* runs every answer whole "
-            "(the paper's accounting). GFLOPs count the positions each pass ran (prompts and padding included).", "",
+            f"{ref} re-draws its noise per prompt, so its cache is per prompt); *full forwards* runs every answer "
+            "whole (the paper's accounting). GFLOPs count the positions each pass ran (prompts and padding included).",
+            "",
             _table(head, rows)]
 
 
@@ -113,7 +116,8 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
     for row in rows:
         pieces = token_pieces(tok, row["response_ids"])
         verdict = "correct" if row["correct"] else "wrong"
-        parts.append(f"<h4>{html.escape(row['question'])} <small>({verdict}; gold {html.escape(str(row['gold']))})</small></h4>")
+        parts.append(f"<h4>{html.escape(row['question'])} <small>({verdict}; gold "
+                     f"{html.escape(str(row['gold']))})</small></h4>")
         for m in methods:
             r = scores.get((rundir.key_of(row), m, 0))
             if r is None:
@@ -122,7 +126,8 @@ def heatmaps(cfg: ExperimentConfig, run: Path) -> str:
             spans = "".join(
                 f'<span title="{e:.4g}" style="background:{color(e / top)}">{html.escape(p)}</span>'
                 for p, e in zip(pieces, r["eu"], strict=True))
-            parts.append(f'<div class="hm"><b>{html.escape(m)}</b> <small>(max {top:.3g} nats)</small><br>{spans}</div>')
+            parts.append(f'<div class="hm"><b>{html.escape(m)}</b> <small>(max {top:.3g} nats)</small><br>'
+                         f'{spans}</div>')
     return "\n".join(parts)
 
 
@@ -140,7 +145,8 @@ def _perturbation_lines(pert: dict | None) -> list[str]:
     lines.append(_table(
         ["members", "σ", "K", "mean MI", "MI / ln K", "KL(member ‖ target)", "KL(mean ‖ target)",
          "KL(member ‖ the draft perturbed)"],
-        [[n, f"{r.get('sigma', pert['sigma']):g}", str(r["members"]), f"{r['mean_mi']:.4f}", f"{r['share_of_ln_k']:.1%}",
+        [[n, f"{r.get('sigma', pert['sigma']):g}", str(r["members"]), f"{r['mean_mi']:.4f}",
+          f"{r['share_of_ln_k']:.1%}",
           f"{r['kl_member_to_target']:.4f}", f"{r['kl_mean_to_target']:.4f}",
           f"{r['kl_member_to_centre']:.4f}" if "kl_member_to_centre" in r else "-"] for n, r in sets.items()]))
     warned = [f"**Warning** ({n}): {r['warning']}." for n, r in sets.items()  # the family's: with fidelity's
@@ -176,14 +182,14 @@ def _bias_lines(cfg: ExperimentConfig, run: Path, fid: dict) -> list[str]:
         lines.append("")
         worst = [m for m, b in fid["bias"].items() if b["share"] > BIAS_WARN_SHARE]
         if worst:
-            lines += [f"**Warning**: the bias term is over {BIAS_WARN_SHARE:.0%} of the EU of {', '.join(worst)}: these "
-                      "drafts are too far from the target for their EU to be epistemic (docs/method.md §15).", ""]
+            lines += [f"**Warning**: the bias term is over {BIAS_WARN_SHARE:.0%} of the EU of {', '.join(worst)}: "
+                      "these drafts are too far from the target for their EU to be epistemic (docs/method.md §15).", ""]
         fit = proxy_fit(run / "proxy")
         if fit:
             reached = {True: "; OSD stopped on its held-out plateau", False: "; OSD ended before its held-out plateau",
                        None: ""}[fit["plateau"]]
-            lines += [f"Proxy fit (held out): KL(family mean ‖ p_mix) {fit['kl_to_family_mean']:.4f} nats/token, against "
-                      f"{fit['raw_target_kl']:.4f} for the raw target{reached}.", ""]
+            lines += [f"Proxy fit (held out): KL(family mean ‖ p_mix) {fit['kl_to_family_mean']:.4f} nats/token, "
+                      f"against {fit['raw_target_kl']:.4f} for the raw target{reached}.", ""]
             if proxy_fit_warning(fit):
                 lines += [f"**Warning**: {proxy_fit_warning(fit)}.", ""]
         for method in fid["bias"]:
@@ -214,15 +220,17 @@ def _setup(cfg: ExperimentConfig, run: Path) -> list[str]:
         + (f", extra DDD layouts {dr.layouts}" if dr.layouts else "")
         + f"; LoRA r {dr.lora_r}" + (f" on the top {dr.lora_layers} layers" if dr.lora_layers else "")
         + f"; {steps} steps of {dr.train.batch_size} x {dr.train.grad_accum} sequences, lr {dr.train.lr}"
-        + (f"; scored with eval.draft_kernel {e.draft_kernel} (what ran: the cost section)." if e.draft_kernel != "recipe"
-           else "."),
-        f"- Proxy (OSD): data from {f'{p.teachers} fixed noisy teachers' if p.data == 'teachers' else 'the draft data'}; "
+        + (f"; scored with eval.draft_kernel {e.draft_kernel} (what ran: the cost section)."
+           if e.draft_kernel != "recipe" else "."),
+        "- Proxy (OSD): data from "
+        f"{f'{p.teachers} fixed noisy teachers' if p.data == 'teachers' else 'the draft data'}; "
         f"{p.n_teacher} fresh teachers per batch; {p.train.max_steps or str(p.train.epochs) + ' epochs'} steps; "
         + ("its LoRA on the draft base (row K of the drafts' pass, no target pass)" if p.base == "draft_base"
            else "its LoRA on the target") + (f", on the top {p.lora_layers} layers." if p.lora_layers else "."),
-        f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground truth = "
-        f"MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = {e.tokur_size}; "
-        f"{e.trials} trials ({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, docs/method.md §5'}).",
+        f"- Evaluation: {e.split} questions {e.questions or 'all'} x {e.repeats} answers (T = {e.temperature}); ground "
+        f"truth = MI of a fixed K = {e.family_size} family (σ = {cfg.noise.sigma}, rank {cfg.noise.rank}); TokUR K = "
+        f"{e.tokur_size}; {e.trials} trials "
+        f"({'retrained' if e.retrain_per_trial else 'redrawn noise + bootstrap of questions, docs/method.md §5'}).",
     ]
     stages = man.get("stages", {})
     if stages:
@@ -341,12 +349,13 @@ def _calibration_section(cal: dict | None) -> list[str]:
         return []
     chosen = cal["chosen"]
     md = ["", "### Calibration: P(wrong) you can check", "",
-          f"P(wrong) from {cal['method']}'s {cal['aggregation']} token EU: a Platt (logistic) and an isotonic map, each "
-          f"scored by {cal['folds']}-fold log-loss over the {cal['n_fit']} fit answers (folds of questions); the lower, "
-          f"**{chosen}**, is the map `drafteu score` and `drafteu serve` report P(wrong) with (`p_wrong`, its provenance in "
-          f"`p_wrong_map`). Both maps on the {cal['n_test']} test answers:", ""]
+          f"P(wrong) from {cal['method']}'s {cal['aggregation']} token EU: a Platt (logistic) and an isotonic map, "
+          f"each scored by {cal['folds']}-fold log-loss over the {cal['n_fit']} fit answers (folds of questions); the "
+          f"lower, **{chosen}**, is the map `drafteu score` and `drafteu serve` report P(wrong) with (`p_wrong`, its "
+          f"provenance in `p_wrong_map`). Both maps on the {cal['n_test']} test answers:", ""]
     md.append(_table(["map", "cross-validated log-loss (fit)", "ECE (test)", "Brier (test)", "log-loss (test)"], [
-        [k + (" (chosen)" if k == chosen else ""), f"{cal['cv_log_loss'][k]:.4f}", f"{t['ece']:.4f}", f"{t['brier']:.4f}",
+        [k + (" (chosen)" if k == chosen else ""), f"{cal['cv_log_loss'][k]:.4f}", f"{t['ece']:.4f}",
+         f"{t['brier']:.4f}",
          f"{t['log_loss']:.4f}"] for k, t in cal["test"].items()]))
     return md
 
@@ -361,8 +370,8 @@ def _selective_section(sel: dict | None) -> list[str]:
     md = ["", "### Selective answering (risk-coverage)", "",
           f"Answer only the share of answers a signal ({sel['aggregation']} token score) is least uncertain about: the "
           "accuracy of those kept, with 95% intervals over question resamples (every answer counts; no map is fitted). "
-          f"Random selection keeps the overall accuracy, {sel['random']:.1%}; an oracle that drops the wrong answers first "
-          f"reaches {', '.join(f'{oracle[c]:.1%} at {float(c):.0%}' for c in cov)}.", ""]
+          f"Random selection keeps the overall accuracy, {sel['random']:.1%}; an oracle that drops the wrong answers "
+          f"first reaches {', '.join(f'{oracle[c]:.1%} at {float(c):.0%}' for c in cov)}.", ""]
     md.append(_table(["signal", *(f"accuracy at {float(c):.0%} answered" for c in cov)],
                      [[m, *(_ci(r["at"][c]) for c in cov)] for m, r in sel["methods"].items()]))
     return md
@@ -377,9 +386,11 @@ def _cost_section(run: Path, cst: dict) -> list[str]:
            f"interleaved answer by answer in one process on `{cst['device']}` ({cst['threads']} threads). FLOPs count "
            "every model pass per token; the proxy pass is part of every draft method.", ""]
     ref = cst["reference"]
-    md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"], [
+    md.append(_table(["method", "passes per token", "GFLOPs / token", f"FLOPs vs {ref}", "wall (s)", f"wall vs {ref}"],
+                     [
         [m, r["passes"], f"{r['flops_per_token'] / 1e9:.3f}", f"{cst['flops_rel_reference'].get(m, float('nan')):.2f}x",
-         f"{r['wall_s']:.2f}", f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
+         f"{r['wall_s']:.2f}",
+         f"{cst['wall_rel_reference'].get(m, float('nan')):.2f}x"] for m, r in cst["methods"].items()]))
     if "modes" in cst:
         md += _cost_modes(cst)
     md += _cost_reading(cst)
@@ -387,7 +398,8 @@ def _cost_section(run: Path, cst: dict) -> list[str]:
     if base.get("kernel"):
         ran = cst.get("draft_kernel") or f"the quantized base as it is: {base['kernel']}"
         md += ["", f"The drafts ran on {ran}; its weights take "
-               f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's {base['target_weight_bytes'] / 2**20:.0f} MiB."]
+               f"{base['weight_bytes'] / 2**20:.0f} MiB against the target's "
+               f"{base['target_weight_bytes'] / 2**20:.0f} MiB."]
     md.append("")
     return md
 
@@ -398,7 +410,8 @@ def _cost_reading(cst: dict) -> list[str]:
     rel = cst["flops_rel_reference"].get(prop)
     if params is None or rel is None or rel < 0.9:
         return []
-    return ["", f"{prop} costs {rel:.2f}x {ref}'s FLOPs here because each of its {params['members']} draft passes runs a "
+    return ["", f"{prop} costs {rel:.2f}x {ref}'s FLOPs here because each of its {params['members']} draft passes runs "
+                "a "
             f"model of {params['draft'] / params['target']:.0%} of the target's parameters, plus the proxy's pass, "
             f"against {params['target_passes']} target passes: the method saves compute only with drafts much smaller "
             "than the target, as in docs/results/qwen-gsm8k.md's cost table (0.5B drafts for a 1.5B target)."]
@@ -423,8 +436,8 @@ def check_publish(out: Path, name: str) -> None:
 
 def publish(run: Path, out: Path, name: str) -> dict[str, Path]:
     """Copy a run's results where they are committed: ``out/<name>.md`` (the report, figures linked
-    as ``<name>/<figure>.png``), the figures and report.html in ``out/<name>/``, and ``out/<name>.json`` (config, stage times and every
-    eval/*.json: each number the report shows).  Text above ``GENERATED`` in an existing
+    as ``<name>/<figure>.png``), the figures and report.html in ``out/<name>/``, and ``out/<name>.json``
+    (config, stage times and every eval/*.json: each number the report shows).  Text above ``GENERATED`` in an existing
     ``<name>.md`` (a reading of the results) is kept."""
     import shutil
 
@@ -469,7 +482,8 @@ def _html(cfg: ExperimentConfig, run: Path, md: str, figs: list[Path]) -> str:
     hm = heatmaps(cfg, run)
     if hm:
         body += ["<h2>Token-level EU of generated answers (trial 0)</h2>",
-                 "<p>Background: white (0) to red (the largest EU of that method on that answer); hover for nats.</p>", hm]
+                 "<p>Background: white (0) to red (the largest EU of that method on that answer); "
+                 "hover for nats.</p>", hm]
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;line-height:1.45}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}"

@@ -63,7 +63,8 @@ class EnsembleSpec:
 def ensembles(cfg) -> list[EnsembleSpec]:
     """Every ensemble an experiment scores: its methods, then the extra DDD layouts."""
     proposed = named("proposed")  # the layouts are the proposed method's (DDD's)
-    return [EnsembleSpec(m) for m in cfg.drafts.methods] + [EnsembleSpec(proposed, (s, m)) for s, m in cfg.drafts.layouts]
+    layouts = [EnsembleSpec(proposed, (s, m)) for s, m in cfg.drafts.layouts]
+    return [EnsembleSpec(m) for m in cfg.drafts.methods] + layouts
 
 
 def labels(cfg) -> list[str]:

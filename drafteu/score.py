@@ -53,7 +53,8 @@ class ScoreConfig:
     seed: int = field(default=0, metadata={"help": "seed of the noise family (same seed, same numbers)"})
     shots: int = field(default=2, metadata={"help": "worked examples before the question (0..2), as in generate"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of a generated answer"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of every model (target, drafts, proxy): auto, float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of every model (target, drafts, "
+                                                         "proxy): auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     draft_kernel: str = field(default="recipe", metadata={"help": "with --method drafts: " + KERNEL_HELP})
     json: Path | None = field(default=None, metadata={"help": "write the per-token result as JSON here"})

@@ -183,7 +183,8 @@ class SpeculativeDecoder:
             raise DraftEUError(f"propose {options.propose}: the ensemble has drafts 0..{len(names) - 1}; "
                                "give one of them, or 'mix'")
         if options.propose != "mix" and designated is None:
-            raise DraftEUError("propose=k needs the designated draft model (SpeculativeDecoder.from_ensemble builds it)")
+            raise DraftEUError("propose=k needs the designated draft model "
+                               "(SpeculativeDecoder.from_ensemble builds it)")
         compiled = resolve_compile(options.compile, device)
         if compiled and not fused:
             raise DraftEUError("compiled steps need the fused drafts (fused=True): PEFT's mixed-adapter batch "
@@ -296,8 +297,8 @@ def _timed(st: Generation, key: str, fn, *args):
 
 
 def merged_draft(ens, name: str):
-    """A copy of the ensemble's base with draft ``name``'s adapter (its directory's name) merged in (plain, fast model); on a
-    quantized base, which cannot take a merge, the base with that one adapter on."""
+    """A copy of the ensemble's base with draft ``name``'s adapter (its directory's name) merged in (plain,
+    fast model); on a quantized base, which cannot take a merge, the base with that one adapter on."""
     from peft import PeftModel
 
     from drafteu import models

@@ -20,7 +20,8 @@ class SpeculateConfig(SpeculateOptions):
     question: str = field(metadata={"help": "the question (problem text) to answer"})
     drafts: Path = field(metadata={"help": "a reproduce run directory or a drafts directory (as for score)"})
     target: str = field(default="embedded", metadata={"help": "target model: embedded, hub id, local dir or .gguf"})
-    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) when DRAFTS is a drafts directory"})
+    proxy: Path | None = field(default=None, metadata={"help": "the proxy (train-proxy output) "
+                                                               "when DRAFTS is a drafts directory"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (output identical to the target's greedy "
                                                       "decoding); > 0 samples with the speculative-sampling rule"})
     max_new_tokens: int = field(default=256, metadata={"help": "length limit of the answer"})
@@ -98,7 +99,10 @@ def run(cfg: SpeculateConfig, on_pieces=None) -> dict:
     if cfg.eu and res.token_ids:
         result["diagnostic"] = estimators.bias_diagnostic(res.variance, res.bias, ens.base_kl, ens.proxy_fit)
     result["speculative"] = {
-        "gamma": cfg.gamma, "adaptive": cfg.adaptive, "gamma_max": cfg.gamma_max, "propose": cfg.propose, "bias": bias, "eu": cfg.eu, "temperature": cfg.temperature,
+        # gamma: the fixed draft length, or the first round's when adaptive; gamma_mean: what the rounds proposed
+        "gamma": cfg.gamma, "adaptive": cfg.adaptive, "gamma_max": cfg.gamma_max,
+        "gamma_mean": res.proposed / res.rounds if res.rounds else None, "propose": cfg.propose, "bias": bias,
+        "eu": cfg.eu, "temperature": cfg.temperature,
         "draft_dtype": cfg.draft_dtype, "compiled": dec.compile,
         "proposed": res.proposed, "accepted": res.accepted, "acceptance": res.acceptance, "rounds": res.rounds,
         "tokens": len(res.token_ids), "seconds": res.seconds, "tokens_per_s": res.tokens_per_s,

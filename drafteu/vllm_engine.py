@@ -184,7 +184,8 @@ def size_cpu_memory(*, available_gib: float, total_gib: float, weights_gib: floa
     if weights_gib + kv > 0.9 * available_gib:
         raise DraftEUError(f"vLLM on the CPU needs ~{weights_gib:.1f} GiB of weights + {kv} GiB of KV cache, but only "
                            f"{available_gib:.1f} of {total_gib:.1f} GiB are free; free memory, or use --backend hf")
-    return {"utilization": math.floor(90 * available_gib / total_gib) / 100, "kv_gib": kv, "available_gib": available_gib,
+    return {"utilization": math.floor(90 * available_gib / total_gib) / 100, "kv_gib": kv,
+            "available_gib": available_gib,
             "total_gib": total_gib, "sequences": sequences, "max_len": max_len}
 
 
@@ -214,8 +215,8 @@ def _start_errors(spec: str):
     except (ValueError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DraftEUError(f"vLLM could not start on {spec} ({first}); check that vLLM supports this model "
-                           "architecture and that --max-model-len / --gpu-memory-utilization fit the device, "
-                           "or use --backend hf") from None
+                           "architecture and that --max-model-len / "
+                           "--gpu-memory-utilization fit the device, or use --backend hf") from None
 
 
 class AsyncVLLM:

@@ -93,7 +93,8 @@ def _name_literals(tree: ast.AST, registered: dict[str, str]):
     skip = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
             skip.add(id(body[0].value))  # a docstring
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             skip |= {id(n) for n in ast.walk(node.value)}
@@ -136,8 +137,8 @@ def test_the_scan_finds_a_name_written_anywhere():
     found; a docstring, ``__all__`` and the registered class's own name are not, another class's is."""
     names, registered = _registered()
     code = ('__all__ = ["entropy"]\n'
-            'def f(m, k="idd"):\n    "ddd docstring"\n    if m == "tokur" or m in ("gkd", "x"):\n        return {"fdd": g("konly")}\n'
-            'class TokUR:\n    name = "tokur"\nclass Other:\n    name = "groundtruth"\n')
+            'def f(m, k="idd"):\n    "ddd docstring"\n    if m == "tokur" or m in ("gkd", "x"):\n        return '
+            '{"fdd": g("konly")}\nclass TokUR:\n    name = "tokur"\nclass Other:\n    name = "groundtruth"\n')
     found = sorted(v for _, v in _name_literals(ast.parse(code), registered) if v in names)
     assert found == ["fdd", "gkd", "groundtruth", "idd", "konly", "tokur"]
 
@@ -179,3 +180,21 @@ def test_every_generation_backend_is_built_and_called_alike():
         shapes.add(tuple(inspect.signature(cls.__init__).parameters))
     assert len(shapes) == 1, shapes
     BACKENDS["hf"].require(cheap=True)  # transformers is a dependency
+
+
+def test_the_code_passes_ruff_at_the_width_it_uses():
+    """ruff's rules from pyproject.toml (E501 included: lines of at most 120 characters) over the
+    package, the tests, the benchmarks and the examples: `make lint` as a test, so CI enforces it."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the dev extra: make setup installs it)")
+    root = PACKAGE.parent
+    out = subprocess.run([ruff, "check", "--no-cache", "drafteu", "tests", "bench", "examples"], cwd=root,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -340,7 +340,8 @@ def test_a_cache_folder_that_is_a_file_or_unwritable_is_named(tmp_path, tiny_dir
     res = CliRunner().invoke(app, ["reproduce", "-c", str(tmp_path / "c.yaml"), "--run", str(tmp_path / "r")])
     _one_line_error(res, "DRAFTEU_CACHE", str(afile), "is a file")
     assert not (tmp_path / "r").exists()
-    res = CliRunner().invoke(app, ["score", "-q", "What is 2 + 3?", "--answer", "5"])  # the embedded GGUF is converted there
+    res = CliRunner().invoke(app,
+                             ["score", "-q", "What is 2 + 3?", "--answer", "5"])  # the embedded GGUF is converted there
     _one_line_error(res, "DRAFTEU_CACHE", "is a file")
     assert "not a valid GGUF" not in res.output
 

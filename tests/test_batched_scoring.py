@@ -129,7 +129,8 @@ def test_draft_ensemble_batched_equals_full_forwards(tmp_path, arch, trunk):
         for n in ens.names:
             ens.drafts.set_adapter(n)
             q.append(full(ens.drafts, p + r, len(r)))
-        refs.append(D.eu_decomposition(torch.stack(q)[..., : ens.vocab], full(ens.target, p + r, len(r))[..., : ens.vocab]))
+        refs.append(D.eu_decomposition(torch.stack(q)[..., : ens.vocab],
+                                       full(ens.target, p + r, len(r))[..., : ens.vocab]))
     for variant in VARIANTS:
         configure([ens.source, ens.proxy_source], variant)
         got = ens.score_batch(PAIRS)

@@ -119,7 +119,8 @@ OTHER = {"target": "other-model", "dtype": "float32", "device": "cpu", "name": "
          "data.task": "tasks/other.jsonl",
          "generation.backend": "vllm", "draft_base.model": "sibling", "draft_base.data": {"questions": 5},
          "drafts.methods": ["ddd"], "drafts.layouts": [[1, 1]], "drafts.lora_modules": "q_proj",
-         "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "proxy.base": "draft_base", "eval.draft_kernel": "dynamic",
+         "proxy.data": "samples", "proxy.lora_modules": ["q_proj"], "proxy.base": "draft_base",
+         "eval.draft_kernel": "dynamic",
          "eval.task": "tasks/other.jsonl",
          "eval.split": "train", "eval.aggregations": ["max"], "eval.proxy_ks": [2],
          "draft_base.quantize.bits": 4, "draft_base.quantize.group_size": 32, "draft_base.quantize.scheme": "dynamic"}
@@ -337,7 +338,8 @@ def finished(tmp_path_factory, tiny_dir):
 PRODUCT = {"data": "data/samples.jsonl", "draft_base": "draft_base/model.safetensors",
            "drafts": "drafts/ddd/s0_m0/adapter_model.safetensors", "teachers": "proxy_data/t0/samples.jsonl",
            "proxy": "proxy/adapter/adapter_model.safetensors", "eval_samples": "eval/samples/samples.jsonl",
-           "score": "eval/token_eu.jsonl", "perturbation": "eval/perturbation.json", "proxy_robustness": "eval/proxy_robustness.json",
+           "score": "eval/token_eu.jsonl", "perturbation": "eval/perturbation.json",
+           "proxy_robustness": "eval/proxy_robustness.json",
            "fidelity": "eval/fidelity.json", "hallucination": "eval/hallucination.json", "cost": "eval/cost.json"}
 
 

@@ -41,7 +41,8 @@ def test_embedded_truncated_draft(smol):
 
 def test_embedded_family_batched_equals_loop_and_sigma_zero(smol):
     prompt = data.format_prompt(smol.tokenizer, QUESTION)
-    response = smol.tokenizer(" Tom has 3 + 4 = 7 apples. The answer is \\boxed{7}.", add_special_tokens=False).input_ids
+    response = smol.tokenizer(" Tom has 3 + 4 = 7 apples. The answer is \\boxed{7}.",
+                              add_special_tokens=False).input_ids
     ids, keep = estimators.response_inputs(prompt, response)
     noisy = NoisyModel(smol.model, NoiseConfig(sigma=0.1))
     names = noisy.set_members("family", [1, 2, 3])

@@ -151,7 +151,8 @@ def test_hallucination_intervals_resample_whole_questions(rng):
     prob3, label3 = np.repeat(base_p, 3), np.repeat(base_y, 3)
     q3 = [f"q{i // 3}" for i in range(300)]
     by_question = hallucination.question_bootstrap(prob3, label3, q3, 1000, seed=0)["brier"]
-    by_answer = hallucination.metrics_batch(prob3, label3, np.random.default_rng(0).integers(0, 300, (1000, 300)))["brier"]
+    by_answer = hallucination.metrics_batch(prob3, label3,
+                                            np.random.default_rng(0).integers(0, 300, (1000, 300)))["brier"]
     width = lambda a: np.subtract(*np.percentile(a, [97.5, 2.5]))  # noqa: E731
     assert width(by_question) > 1.4 * width(by_answer)
 

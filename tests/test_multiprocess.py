@@ -61,7 +61,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir):
 
     # one copy of the adapter, written once, and nothing half-written left behind
     ens = tmp_path / "two" / "ddd"
-    assert sorted(p.name for p in ens.iterdir() if p.name != fileio.LOCK) == ["config.yaml", "manifest.json", "partitions.json", "s0_m0",
+    assert sorted(p.name for p in ens.iterdir() if p.name != fileio.LOCK) == ["config.yaml", "manifest.json",
+                                                                              "partitions.json", "s0_m0",
                                                      "s0_m0.trainer", "stage.json"]
     assert sorted(p.name for p in (ens / "s0_m0").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     stats = fileio.json_load(ens / "manifest.json")["train"]["s0_m0"]

@@ -209,7 +209,8 @@ def _token_eu_equals_the_estimators(cfg, run: Path) -> None:
 
 @pytest.mark.integration
 def test_scoring_resumes_after_a_kill(tmp_path, tiny_dir, monkeypatch):
-    cfg = load_experiment(_write(tmp_path, tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
+    cfg = load_experiment(_write(tmp_path,
+                                 tiny_config(tiny_dir) | {"eval": tiny_config(tiny_dir)["eval"] | {"trials": 1}}))
     run = tmp_path / "run"
     pipeline.run(cfg, run, until="eval_samples")
     scoring_stage.stage_score(cfg, run)

@@ -151,7 +151,8 @@ def test_drafts_and_proxy_on_the_top_layers_share_the_trunk(built, tiny_dir):
                                    train=fast))
     proxy.run(proxy.ProxyConfig(samples=[samples], out=root / "top-proxy", target=str(tiny_dir), base="draft_base",
                                 draft_base=str(root / "int8"), heldout=0.0, lora_layers=1, train=fast))
-    ens = estimators.DraftEnsemble(root / "top-drafts" / "ddd", models.load(str(tiny_dir)), root / "top-proxy" / "adapter")
+    ens = estimators.DraftEnsemble(root / "top-drafts" / "ddd", models.load(str(tiny_dir)),
+                                   root / "top-proxy" / "adapter")
     depth = ens.drafts.get_base_model().config.num_hidden_layers
     assert ens.proxy_in_drafts and ens.runner.trunk == depth - 1  # every layer below the top one, once
     pairs = [([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 12], [13, 14])]
@@ -193,11 +194,12 @@ def test_osd_on_the_draft_base_moves_p_mix_towards_the_family_mean(built, tiny_d
     from drafteu import posterior
 
     root, _ = built
+    train = TrainConfig(lr=1e-2, max_steps=40, batch_size=4, grad_accum=1, warmup_steps=2, save_every=40,
+                        mixed_precision="no")
     h = proxy.run(proxy.ProxyConfig(
         samples=[root / "data" / "samples.jsonl"], out=root / "proxy-long", target=str(tiny_dir), base="draft_base",
         draft_base=str(root / "int8"), heldout=0.25, reference_size=8, noise=posterior.NoiseConfig(sigma=0.3),
-        n_teacher=4, lora_dropout=0.0, train=TrainConfig(lr=1e-2, max_steps=40, batch_size=4, grad_accum=1,
-                                                         warmup_steps=2, save_every=40, mixed_precision="no")))["heldout"]
+        n_teacher=4, lora_dropout=0.0, train=train))["heldout"]
     assert h["tokens"] > 0 and h["kl_ref_mean_to_proxy"] < 0.8 * h["kl_ref_mean_to_target"]
 
 
@@ -260,16 +262,16 @@ def test_proxy_keys_are_checked_against_the_model_they_apply_to(tmp_path, tiny_d
     d = tiny_config(tiny_dir)
     d["draft_base"] = {"model": "quantize", "heldout": 0.25}
     for patch, message in (({"lora_layers": 99}, "proxy.lora_layers is 99, but the draft base has"),
-                           ({"lora_modules": ["bogus_proj"]}, "proxy.lora_modules: bogus_proj is not a linear module "
-                                                              "of the draft base")):
+                           ({"lora_modules": ["bogus_proj"]}, "proxy.lora_modules: bogus_proj is "
+                                                              "not a linear module of the draft base")):
         d["proxy"] = tiny_config(tiny_dir)["proxy"] | {"base": "draft_base"} | patch
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
         with pytest.raises(DraftEUError, match=message):
             preflight.modules(load_experiment(tmp_path / "c.yaml"))
 
 
-def test_members_score_on_int8_dynamic_or_float_weights_when_asked_or_measured_faster(built, int4_drafts, tiny_dir, monkeypatch,
-                                                                     tmp_path):
+def test_members_score_on_int8_dynamic_or_float_weights_when_asked_or_measured_faster(built, int4_drafts, tiny_dir,
+                                                                                      monkeypatch, tmp_path):
     """``kernel``: an int8 weight-only self-draft's members score with int8 activations (the same int8
     weights; numbers close to, not equal to, the recipe's), ``auto`` follows the machine's measurement,
     and anything else falls back to the recipe with the reason said."""
@@ -299,7 +301,8 @@ def test_members_score_on_int8_dynamic_or_float_weights_when_asked_or_measured_f
         assert torch.allclose(a.variance, b.variance, atol=1e-6, rtol=1e-4)
     # auto: the measurements decide (int8 dynamic first, then float weights over a slow conversion)
     for dyn, wo, want in ((0.5, 1.3, "int8 dynamic"), (1.3, 1.3, "dequantized once to float"),
-                          (1.3, 1.0, "int8 weight-only, per channel (auto"), (None, 1.3, "no int8 dynamic kernel measured")):
+                          (1.3, 1.0, "int8 weight-only, per channel (auto"),
+                          (None, 1.3, "no int8 dynamic kernel measured")):
         monkeypatch.setattr(hardware, "int8_dynamic_speed", lambda device_type, s=dyn: s)
         monkeypatch.setattr(hardware, "int8_weight_only_speed", lambda device_type, s=wo: s)
         assert want in estimators.DraftEnsemble(root / "drafts" / "ddd", target, kernel="auto").kernel, (dyn, wo)

@@ -29,7 +29,8 @@ def built(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("quant")
     samples = tiny_answers(root, tiny_dir)
     bases = {}
-    for name, q in (("int8", quantize.QuantizeSettings(bits=8)), ("int4", quantize.QuantizeSettings(bits=4, group_size=16))):
+    for name, q in (("int8", quantize.QuantizeSettings(bits=8)),
+                    ("int4", quantize.QuantizeSettings(bits=4, group_size=16))):
         bases[name] = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / name, target=str(tiny_dir),
                                                                 kind="quantize", quantize=q, heldout=0.25))
     bases["far"] = draft_base.run(draft_base.DraftBaseConfig(samples=samples, out=root / "far", target=str(tiny_dir),
@@ -65,7 +66,8 @@ def test_a_quantized_base_builds_and_measures_its_distance_to_the_target(built, 
     batch = draft_base.collate(ex, target.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         objective = float(draft_base.distill_loss(target.model, draft.model, batch, reduction="sum"))
-    agree, kl_both = draft_base.closeness(target.model, draft.model, ex, target.tokenizer.pad_token_id, batch_size=len(ex))
+    agree, kl_both = draft_base.closeness(target.model, draft.model, ex, target.tokenizer.pad_token_id,
+                                          batch_size=len(ex))
     assert kl_both == pytest.approx(objective / float(batch["loss_mask"].sum()), rel=1e-4)
     assert agree == pytest.approx(m["int8"]["top1_agreement_after"], rel=1e-6)
 
@@ -74,7 +76,8 @@ def test_a_quantized_base_builds_and_measures_its_distance_to_the_target(built, 
 def test_lora_members_train_on_a_quantized_base(built, tiny_dir, method):
     root, _ = built
     cfg = drafts.DraftsConfig(samples=root / "data" / "samples.jsonl", out=root / "drafts", base=str(root / "int8"),
-                              target=str(tiny_dir), method=method, partitions=2, per_partition=1, train=TrainConfig(**FAST))
+                              target=str(tiny_dir), method=method, partitions=2, per_partition=1,
+                              train=TrainConfig(**FAST))
     m = drafts.run(cfg)
     assert m["base"] == "../../int8"  # the quantized base itself: K-only merges nothing into it
     ens = estimators.DraftEnsemble(root / "drafts" / method, models.load(str(tiny_dir)))
@@ -143,7 +146,8 @@ def test_the_bias_diagnostic_fires_on_far_drafts_and_not_on_close_ones(built, ti
 
     root, m = built
     stranger = tmp_path / "stranger"
-    make_model(len(models.load(str(tiny_dir), tokenizer_only=True).tokenizer), layers=4, seed=7).save_pretrained(stranger)
+    make_model(len(models.load(str(tiny_dir), tokenizer_only=True).tokenizer), layers=4,
+               seed=7).save_pretrained(stranger)
     models.load(str(tiny_dir), tokenizer_only=True).tokenizer.save_pretrained(stranger)
     from drafteu.posterior import NoiseConfig
 

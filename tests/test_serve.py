@@ -52,7 +52,8 @@ def test_chat_answers_carry_the_eu_drafteu_score_computes(server, reference):
                                        logprobs=True, top_logprobs=2)
     choice = r.choices[0]
     tokens = choice.logprobs.content
-    prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True)["input_ids"])
     ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
     # a greedy answer is the target's plain greedy decoding
     from drafteu.generate import greedy_answer
@@ -119,11 +120,13 @@ def test_sampling_with_a_seed_is_reproducible_and_n_gives_distinct_answers(serve
 
 @pytest.mark.parametrize("body, status, needle", [
     ("{not json", 400, "not valid JSON"),
-    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400,
+     "temperature"),
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
     ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "n": 20}, 400, "n"),
     ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x " * 9000}], "max_tokens": 8}, 400, "context"),
+    ({"model": "drafteu-test", "messages": [{"role": "user", "content": "x " * 9000}], "max_tokens": 8}, 400,
+     "context"),
     ({"model": "drafteu-test", "messages": []}, 400, "messages"),
 ])
 def test_bad_requests_get_openais_envelope(server, body, status, needle):
@@ -203,7 +206,8 @@ def _resident_mib() -> float:
 
 def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(ensemble):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "serve", "--drafts", str(ensemble), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "drafteu.cli", "serve", "--drafts", str(ensemble), "--port",
+                             str(port),
                              "--model-name", "m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "DRAFTEU_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
@@ -267,7 +271,8 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
                        timeout=300)
         assert r.status_code == 200, r.text
         choice = ChatCompletion.model_validate(r.json()).choices[0]
-        prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        prompt_ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                           tokenize=True)["input_ids"])
         ids = lm.tokenizer(choice.message.content, add_special_tokens=False)["input_ids"]
         from drafteu.generate import greedy_answer
 
@@ -289,7 +294,8 @@ def test_the_speculative_engine_answers_with_the_eu_and_logprobs_drafteu_score_c
             ChatCompletionChunk.model_validate(ch)
         streamed = [t for ch in chunks for c in ch["choices"] for t in (c.get("eu_tokens") or [])]
         assert [t["eu"] for t in streamed] == pytest.approx([t.eu for t in tokens], rel=1e-3, abs=1e-4)
-        assert "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"]) == choice.message.content
+        streamed = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
+        assert streamed == choice.message.content
     finally:
         s.close()
 

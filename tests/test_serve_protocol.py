@@ -179,10 +179,12 @@ def test_a_prompt_of_token_ids_is_the_same_prompt_and_ids_are_checked(server):
         assert got.status_code == 200, got.text
         assert got.json()["choices"][0]["text"] == want["choices"][0]["text"]
         assert got.json()["usage"]["prompt_tokens"] == len(ids)
-    for form, needle in ((ids + [len(tok) + 5], "outside the model's vocabulary"), ([prompt, prompt], "one prompt per request"),
+    for form, needle in ((ids + [len(tok) + 5], "outside the model's vocabulary"), ([prompt, prompt], "one prompt "
+                                                                                                      "per request"),
                          ([ids, ids], "one prompt per request"), ([1.5, 2], "token ids"), ([], "empty"), (7, "string")):
         r = _post(server, "/v1/completions", body | {"prompt": form})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and needle in r.json()["error"]["message"], r.text
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "prompt" and needle in error["message"], r.text
 
 
 def test_malformed_unknown_and_oversized_requests_get_the_envelope_and_bounded_metrics(server):
@@ -200,12 +202,14 @@ def test_malformed_unknown_and_oversized_requests_get_the_envelope_and_bounded_m
         httpx.get(server.url + f"/v1/made-up-{i}", headers={"Authorization": "Bearer wrong"})
     metrics = httpx.get(server.url + "/metrics").text
     assert "made-up" not in metrics and 'endpoint="other"' in metrics
-    assert [m["id"] for m in httpx.get(server.url + "/v1/models", headers=H).json()["data"]] == ["drafteu-test", "alias"]
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models", headers=H).json()["data"]] == ["drafteu-test",
+                                                                                                 "alias"]
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--dtype", "bogus"], "unknown dtype"), (["--device", "bogus"], "unknown device"),
-    (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"), (["--batch-wait-ms", "nan"], "batch-wait"),
+    (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"),
+    (["--batch-wait-ms", "nan"], "batch-wait"),
     (["--api-key", ""], "--api-key is empty"), (["--gamma", "0"], "--gamma must be in 1..16"),
     (["--review-above", "0.7", "--abstain-above", "0.5"], "must not exceed"),
 ])
@@ -324,7 +328,8 @@ def test_the_server_routes_answers_on_p_wrong_and_withholds_only_when_asked(rout
     chunks = _events(routed, "/v1/chat/completions", body)
     assert [c["choices"][0]["eu"]["decision"]["action"] for c in chunks if c["choices"] and c["choices"][0].get("eu")] \
         == ["review"]
-    for extra, param in (({"withhold": True, "stream": True}, "withhold needs"), ({"abstain_above": 1.5}, "abstain_above"),
+    for extra, param in (({"withhold": True, "stream": True}, "withhold needs"),
+                         ({"abstain_above": 1.5}, "abstain_above"),
                          ({"review_above": 0.7, "abstain_above": 0.6}, "review_above must not exceed")):
         bad = _post(routed, "/v1/chat/completions", body | extra)
         assert bad.status_code == 400 and param in bad.text, bad.text

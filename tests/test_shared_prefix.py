@@ -17,7 +17,8 @@ def _shared_prefix_examples(seed: int = 1, vocab: int = 64):
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(3, vocab, (12,), generator=g).tolist()  # a "system prompt" of 12 tokens
     return [loop.Example(prefix + torch.randint(3, vocab, (n,), generator=g).tolist(),
-                         torch.randint(3, vocab, (r,), generator=g).tolist()) for n, r in [(3, 5), (7, 2), (1, 6), (4, 4)]]
+                         torch.randint(3, vocab, (r,), generator=g).tolist())
+            for n, r in [(3, 5), (7, 2), (1, 6), (4, 4)]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

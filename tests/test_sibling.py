@@ -150,4 +150,5 @@ def test_the_report_says_why_drafts_of_the_targets_size_cost_more():
     assert "ddd costs 1.67x tokur's FLOPs" in line and "100% of the target's parameters" in line
     assert "docs/results/qwen-gsm8k.md" in line
     cheap = cst | {"flops_rel_reference": {"ddd": 0.63}, "params": cst["params"] | {"draft": 494_000_000 // 3}}
-    assert report._cost_reading(cheap) == [] and report._cost_reading({"reference": "tokur", "flops_rel_reference": {}}) == []
+    assert report._cost_reading(cheap) == [] and report._cost_reading({"reference": "tokur",
+                                                                       "flops_rel_reference": {}}) == []

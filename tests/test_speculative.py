@@ -59,7 +59,8 @@ def test_greedy_output_is_the_targets_greedy_output(ensembles, tiny_dir, kind, p
 @pytest.mark.parametrize("bias", ["target", "proxy"])
 def test_eu_equals_offline_score(ensembles, tiny_dir, propose, bias):
     for kind in ("far", "near"):
-        lm, ens, dec = spec_decoder(ensembles, tiny_dir, kind, proxy_on=bias == "proxy", gamma=3, propose=propose, bias=bias)
+        lm, ens, dec = spec_decoder(ensembles, tiny_dir, kind, proxy_on=bias == "proxy", gamma=3, propose=propose,
+                                    bias=bias)
         prompt = prompt_of(lm, QUESTIONS[0])
         streamed = []
         res = dec.generate(prompt, 20, eos_ids={lm.tokenizer.eos_token_id},
@@ -115,14 +116,17 @@ def test_bad_arguments_are_clear_errors(ensembles, tiny_dir):
 
 def test_cli_streams_and_writes_the_score_json(ensembles, tiny_dir, tmp_path):
     out = tmp_path / "spec.json"
-    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+    res = CliRunner().invoke(app,
+                             ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
                                    "--proxy", str(ensembles / "proxy"), "--question", QUESTIONS[0], "--shots", "0",
                                    "--max-new-tokens", "12", "--gamma", "3", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "acceptance" in res.output and "tokens/s" in res.output
     js = json.loads(out.read_text())
     assert {"answer", "tokens", "sequence", "speculative"} <= set(js)
-    assert js["speculative"]["bias"] == "proxy"
+    sp = js["speculative"]
+    assert sp["bias"] == "proxy" and sp["gamma"] == 3 and not sp["adaptive"]
+    assert sp["gamma_mean"] == pytest.approx(sp["proposed"] / sp["rounds"]) and 1 <= sp["gamma_mean"] <= 3
     for t in js["tokens"]:
         assert abs(t["eu"] - t["variance"] - t["bias"]) < 1e-5
 
@@ -130,7 +134,8 @@ def test_cli_streams_and_writes_the_score_json(ensembles, tiny_dir, tmp_path):
 def test_cli_bf16_drafts_give_the_targets_greedy_answer(ensembles, tiny_dir, tmp_path):
     """--draft-dtype bfloat16: the drafts propose in bf16, the float32 target still decides every token."""
     out = tmp_path / "spec.json"
-    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+    res = CliRunner().invoke(app,
+                             ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
                                    "--question", QUESTIONS[1], "--shots", "0", "--max-new-tokens", "12",
                                    "--gamma", "2", "--draft-dtype", "bfloat16", "--json", str(out)])
     assert res.exit_code == 0, res.output
@@ -141,7 +146,8 @@ def test_cli_bf16_drafts_give_the_targets_greedy_answer(ensembles, tiny_dir, tmp
     ens = estimators.DraftEnsemble(ensembles / "near" / "untrained", lm, dtype="bfloat16")
     off = ens.score(prompt_of(lm, QUESTIONS[1]), [t["id"] for t in js["tokens"]])  # same dtype offline
     assert torch.allclose(torch.tensor([t["variance"] for t in js["tokens"]]), off.variance, atol=2e-2)
-    bad = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
+    bad = CliRunner().invoke(app,
+                             ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "near" / "untrained"),
                                    "--question", QUESTIONS[1], "--draft-dtype", "half-ish"])
     assert bad.exit_code == 2 and "unknown dtype" in bad.output
 
@@ -153,7 +159,8 @@ def test_cli_bf16_drafts_give_the_targets_greedy_answer(ensembles, tiny_dir, tmp
     (["--bias", "proxy"], "needs a proxy"),
 ])
 def test_cli_bad_input(ensembles, tiny_dir, args, message):
-    res = CliRunner().invoke(app, ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "far" / "untrained"),
+    res = CliRunner().invoke(app,
+                             ["speculate", "--target", str(tiny_dir), "--drafts", str(ensembles / "far" / "untrained"),
                                    "--question", "What is 2 + 2?", *args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output

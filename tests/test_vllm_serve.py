@@ -96,7 +96,8 @@ def test_the_eu_streams_while_the_answer_still_decodes(server):
             if not line.startswith("data: {"):
                 continue
             chunks.append(json.loads(line[6:]))
-            if first_seen_while_decoding is None and chunks[-1]["choices"] and chunks[-1]["choices"][0].get("eu_tokens"):
+            choices = chunks[-1]["choices"]
+            if first_seen_while_decoding is None and choices and choices[0].get("eu_tokens"):
                 first_seen_while_decoding = len(server.worker.finished) == before  # its decoding has not ended
     assert first_seen_while_decoding is True
     assert len(server.worker.finished) == before + 1 and server.worker.finished[-1][1] == 160

@@ -161,8 +161,10 @@ def stage_score(cfg, run: Path) -> dict:
                         fileio.append_jsonl(path, [
                             {"key": key_of(r), "qid": r["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
                              "variance": rounded(s.variance), "bias": rounded(s.bias)}
-                            | ({"nll": rounded(s.nll)} if s.nll is not None else {}) for r, s in zip(need, res, strict=True)])
-                    bar.update(advance=len(batch), info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
+                            | ({"nll": rounded(s.nll)} if s.nll is not None else {})
+                            for r, s in zip(need, res, strict=True)])
+                    bar.update(advance=len(batch),
+                               info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
     fileio.barrier()  # every part is complete before the merge
     if rank == 0:
         _merge(run, jobs, world)

@@ -156,8 +156,10 @@ def stage_perturbation(cfg: ExperimentConfig, run: Path) -> dict:
             for spec in drafts:
                 name = f"{spec.label} drafts"
                 out["sets"][name] = {"sigma": cfg.drafts.sigma} | _draft_noise(
-                    draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases, next(lm.model.parameters()).device,
-                    relative=cfg.noise.relative, kernel=cfg.eval.draft_kernel)  # the drafts' noise: cfg.noise with drafts.sigma
+                    draft_dir(run, cfg, spec, 0), tokenizer, target, pairs, plen, bases,
+                    next(lm.model.parameters()).device,
+                    relative=cfg.noise.relative,
+                    kernel=cfg.eval.draft_kernel)  # the drafts' noise: cfg.noise with drafts.sigma
                 bar.update(advance=1, info=name)
     return out
 
@@ -211,7 +213,8 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         trial_est = TrialEstimators(cfg, run, rows)
         trial_est.set_trial(0, [EnsembleSpec.from_label(label)], target_only=[named("baseline")])  # the raw target
         ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
-        ref = HiddenSource(noisy.model, noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
+        ref = HiddenSource(noisy.model,
+                           noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
                            prefix_len=plen)
         raw_target = trial_est.estimators[named("baseline")].source  # the target, adapters off
         fresh_sources = {k: HiddenSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
@@ -260,7 +263,8 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
         for t in range(e.trials):
             tt = -1 if est in ("p_mix", "raw target") else t
             vals = {k: stored[(k, est, tt)] for k in keys}
-            per_trial.append(fidelity.trial_metrics(vals, truth, fidelity.bootstrap_questions(keys, cfg.seed * 1000 + t)))
+            per_trial.append(fidelity.trial_metrics(vals, truth,
+                                                    fidelity.bootstrap_questions(keys, cfg.seed * 1000 + t)))
         result["estimates"][est] = {"trials": per_trial, **fidelity.summarize(per_trial)}
     big = f"K={max(e.proxy_ks)}"
     p_mix, fresh = ({k: stored[(k, est, t)] for k in keys} for est, t in (("p_mix", -1), (big, 0)))
@@ -336,7 +340,8 @@ def _selective(first: dict, label: np.ndarray, qids: list[str], cfg: ExperimentC
 PERPLEXITY = "perplexity"  # the target's token NLL as a free signal beside predictive entropy (mean: log perplexity)
 
 
-def _added_to(eu: np.ndarray, free: np.ndarray, label: np.ndarray, qids: list[str], cfg: ExperimentConfig) -> dict | None:
+def _added_to(eu: np.ndarray, free: np.ndarray, label: np.ndarray, qids: list[str],
+              cfg: ExperimentConfig) -> dict | None:
     """AUROC(map on [eu, free]) - AUROC(map on free) on the test answers, paired over test questions."""
     both = hallucination.fitted_test_scores(np.stack([eu, free], 1), label, qids, fit_fraction=cfg.eval.fit_fraction,
                                             seed=cfg.seed)

@@ -37,7 +37,8 @@ except ImportError as e:  # the module is only imported by LM-Polygraph, or by a
     raise ImportError("drafteu.integrations.lm_polygraph needs LM-Polygraph: pip install 'drafteu[polygraph]'") from e
 
 LEVELS = ("sequence", "token")
-OUTPUTS = ("eu", "p_wrong")  # what a sequence-level estimator returns: the aggregated EU, or P(wrong) from the run's map
+# what a sequence-level estimator returns: the aggregated EU, or P(wrong) from the run's map
+OUTPUTS = ("eu", "p_wrong")
 
 
 def strip_padding(row: list[int], pad_id: int | None, side: str = "left") -> list[int]:

@@ -32,7 +32,8 @@ class ServeConfig(EngineSettings):
                                                        "directory (without one the bias term uses the raw target)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/* (default: "
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: "
+                                                                "Bearer KEY' on /v1/* (default: "
                                                         "$DRAFTEU_API_KEY; unset: no key)"})
     model_name: str | None = field(default=None, metadata={"help": "the model id clients ask for (default: "
                                                            "drafteu/<run directory name>)"})
@@ -45,7 +46,8 @@ class ServeConfig(EngineSettings):
         "help": "generation backend of the batched engine: hf (transformers' generate; requests that arrive together "
                 "decode as one batch) or vllm (vLLM's async engine: continuous batching, tokens and their EU streamed "
                 "in segments while decoding, a request aborted when its client leaves)"})
-    max_concurrency: int = field(default=8, metadata={"help": "requests processed at once (a batch holds up to this many)"})
+    max_concurrency: int = field(default=8, metadata={"help": "requests processed at once (a "
+                                                              "batch holds up to this many)"})
     max_queue: int = field(default=32, metadata={"help": "requests waiting beyond that; more get 429 with Retry-After"})
     timeout: float = field(default=120.0, metadata={"help": "seconds a request may take (504 after)"})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "how long the engine waits for more requests to batch"})
@@ -59,8 +61,8 @@ class ServeConfig(EngineSettings):
         "help": "P(wrong) above which an answer's decision is 'review' (needs a run with a hallucination map; a "
                 "request's review_above overrides it)"})
     abstain_above: float | None = field(default=None, metadata={
-        "help": "P(wrong) above which an answer's decision is 'abstain' (the text is still sent unless the request "
-                "asks withhold: true)"})
+        "help": "P(wrong) above which an answer's decision is 'abstain' (the "
+                "text is still sent unless the request asks withhold: true)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,7 +99,8 @@ class ServeConfig(EngineSettings):
             raise DraftEUError("--api-key is empty: give a key, or leave the option out to serve without one")
         if self.api_key is None:  # an empty variable counts as unset
             self.api_key = os.environ.get("DRAFTEU_API_KEY", "").strip() or None
-        if any(not n.strip() for n in self.served_model_name) or (self.model_name is not None and not self.model_name.strip()):
+        blank_alias = self.model_name is not None and not self.model_name.strip()
+        if any(not n.strip() for n in self.served_model_name) or blank_alias:
             raise DraftEUError("--model-name / --served-model-name: model ids must not be empty")
 
     @property
@@ -131,12 +134,13 @@ def build(cfg: ServeConfig):
     if (cfg.review_above, cfg.abstain_above) != (None, None):
         method = ensembles.read_drafts_manifest(drafts_dir).get("method", "drafts")
         if rundir.hallucination_map(cfg.drafts, method) is None:
-            raise DraftEUError(f"--review-above / --abstain-above decide on P(wrong), which needs a run directory whose "
-                               f"hallucination stage fitted a map for {method!r}; {cfg.drafts} has none")
+            raise DraftEUError("--review-above / --abstain-above decide on P(wrong), which needs a run directory "
+                               f"whose hallucination stage fitted a map for {method!r}; {cfg.drafts} has none")
     from drafteu.generate import BACKENDS
 
     BACKENDS[cfg.backend].require()
-    worker = Worker(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine, gamma=cfg.gamma,
+    worker = Worker(cfg.drafts, target=cfg.target, proxy=cfg.proxy, backend=cfg.backend, engine=cfg.engine,
+                    gamma=cfg.gamma,
                     dtype=cfg.dtype, device=cfg.device, max_batch=cfg.max_concurrency, batch_wait_ms=cfg.batch_wait_ms,
                     settings=EngineSettings(**{f: getattr(cfg, f) for f in EngineSettings.__dataclass_fields__}))
     app = build_app(worker, model_name=cfg.names, api_key=cfg.api_key, max_concurrency=cfg.max_concurrency,

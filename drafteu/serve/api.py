@@ -51,7 +51,8 @@ class Metrics:
 
     def __init__(self, worker: Worker, admission: Admission):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("drafteu_requests", "requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter("drafteu_requests", "requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
         self.latency = Histogram("drafteu_request_seconds", "request latency", ["endpoint"], registry=r,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.tokens = Counter("drafteu_tokens", "tokens by kind", ["kind"], registry=r)

@@ -253,7 +253,8 @@ class Serving:
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {', '.join(map(repr, self.names))}",
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, self.names))}",
                            param="model", code="model_not_found")
 
     # -- tokenizing (in a worker thread; the length checked before) ------------------------------------------
@@ -274,8 +275,8 @@ class Serving:
 
         def template():
             try:
-                ids = self.worker.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                                add_generation_prompt=True, tokenize=True)
+                chat = [{"role": m.role, "content": m.text()} for m in messages]
+                ids = self.worker.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
             except Exception as e:  # a template that refuses the roles given
                 raise ApiError(400, f"messages: {e}", param="messages") from None
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
@@ -346,7 +347,8 @@ class Serving:
         vocab = len(self.worker.tokenizer)
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ApiError(400, f"prompt: token id {bad} is outside the model's vocabulary (0..{vocab - 1})", param="prompt")
+            raise ApiError(400, f"prompt: token id {bad} is outside the model's vocabulary (0..{vocab - 1})",
+                           param="prompt")
         return list(prompt)
 
     def echo_text(self, req: P.CompletionRequest, prompt_ids: list[int]) -> str:

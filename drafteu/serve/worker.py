@@ -208,10 +208,12 @@ class Worker:
         decoded = self.decoding.decode(generating) if generating else []
         for job, choices in zip(generating, decoded, strict=True):
             self.finished.extend((job.kind, len(d.token_ids), job.cancelled) for d in choices)
-        work = [(job, d) for job, choices in zip(generating, decoded, strict=True) if not job.cancelled for d in choices]
+        work = [(job, d) for job, choices in zip(generating, decoded, strict=True) if not job.cancelled
+                for d in choices]
         # decoded by the continuous engine (counted in ``finished`` there): only finished here
         work += [(job, d) for job in batch if job.kind == "finish" and not job.cancelled for d in job.decoded]
-        work += [(job, Decoded(job.response_ids, "length")) for job in batch if job.kind == "score" and not job.cancelled]
+        work += [(job, Decoded(job.response_ids, "length")) for job in batch
+                 if job.kind == "score" and not job.cancelled]
         results = self._answers(work)
         for job in {id(j): j for j, _ in work}.values():
             if not job.cancelled:

@@ -57,7 +57,8 @@ class DraftSettings:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
+    lora_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules "
+                                                                      "(comma-separated or all-linear)"})
     lora_layers: int | None = field(default=None, metadata={
         "help": "LoRA on the top N decoder layers only (None: every layer); the K drafts then share the layers "
                 "below, which run once for all of them (docs/method.md §15)"})
@@ -99,7 +100,8 @@ class DraftsConfig(DraftSettings):
                                metadata={"help": "untrained / K-only / GKD / MiniLLM noise"})
     seed: int = field(default=0, metadata={"help": "seed of partitions, LoRA init and data order"})
     konly_from: Path | None = field(default=None, metadata={"help": "konly: the trained draft adapter to perturb "
-                                    "(a DDD ensemble's s0_m0 of the same data and seed; default: trained into OUT/konly/draft)"})
+                                    "(a DDD ensemble's s0_m0 of the same data and "
+                                    "seed; default: trained into OUT/konly/draft)"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
     def __post_init__(self):
@@ -154,7 +156,8 @@ def train_one(cfg: DraftsConfig, base_dir: str, rows: list[dict], name: str, see
 
     torch.manual_seed(seed)  # LoRA A init
     base = models.load(base_dir, device=cfg.device).model
-    peft_model = get_peft_model(base, adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules,
+    peft_model = get_peft_model(base,
+                                adapters.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules,
                                                            adapters.top_layers(base, cfg.lora_layers), base),
                                 adapter_name=name)
     if init_noise:
@@ -248,7 +251,8 @@ def _konly(cfg, out, names, rows, parts, base_lm, held):
 
 
 @torch.no_grad()
-def konly_adapters(base_model, trained: Path, names: list[str], noise: NoiseConfig, seeds: list[int], out: Path) -> None:
+def konly_adapters(base_model, trained: Path, names: list[str], noise: NoiseConfig, seeds: list[int],
+                   out: Path) -> None:
     """K-only members as single adapters: member k is the trained LoRA and noise draw k side by side,
     W + s B_t A_t + U_k eps_k exactly (the ranks concatenated on the noise modules: A = [A_t; eps],
     B = [s B_t, U], scaling 1).  Nothing is merged into the base, so a quantized base keeps its

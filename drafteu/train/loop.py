@@ -58,12 +58,13 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
-    warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps (capped at 10% of training when larger)"})
+    warmup_steps: int = field(default=150, metadata={"help": "linear warm-up steps (capped "
+                                                             "at 10% of training when larger)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "linear or cosine decay after warm-up"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where the hardware has "
-                                 "native bf16: CUDA with bf16, CPUs with AMX or AVX512-BF16; float32 elsewhere), "
-                                 "bf16, or no"})
+                                 "native bf16: CUDA with bf16, CPUs with AMX or "
+                                 "AVX512-BF16; float32 elsewhere), bf16, or no"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
     eval_every: int | None = field(default=None, metadata={
         "help": "with held-out data: measure the held-out loss every N optimizer steps and stop once it stops "

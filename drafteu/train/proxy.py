@@ -59,7 +59,8 @@ class ProxySettings:
     lora_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"help": "proxy LoRA modules"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, epochs=12, batch_size=8, grad_accum=8, warmup_steps=0, weight_decay=0.01, scheduler="linear"))
-    warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the steps (when warmup_steps is 0)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up as a fraction of the "
+                                                               "steps (when warmup_steps is 0)"})
     heldout: float = field(default=0.1, metadata={"help": "fraction of questions held out for the KL check (0: none)"})
     reference_size: int = field(default=8, metadata={"help": "K_ref of the held-out reference family"})
     lora_layers: int | None = field(default=None, metadata={
@@ -214,7 +215,8 @@ def _kl_to_mean(members: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tenso
     return (divergence.kl(divergence.mixture(members), model[0]),)
 
 
-def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict, vocab: int | None = None) -> torch.Tensor:
+def osd_loss(noisy: NoisyModel, teachers: list[str], seed: int, model, batch: dict,
+             vocab: int | None = None) -> torch.Tensor:
     """One OSD micro-batch: draw the teachers' noise afresh - from (seed, the micro-batch index), so a
     resumed run draws what an uninterrupted one does - and return the mean over teachers of the
     forward KL(p_teacher || p_mix) on the response tokens (``losses.window_loss``, a chunk of positions
@@ -309,4 +311,5 @@ def _student(cfg: ProxyConfig, target: models.LoadedModel, config):
     vocab = models.shared_vocab_size(target, base)
     torch.manual_seed(member_seed("proxy", cfg.seed))  # as on the target: loading may have drawn
     student = get_peft_model(base.model, config(base.model), adapter_name=PROXY)
-    return student, vocab, {"draft_base": str(cfg.draft_base), "draft_base_identity": contract.base_identity(cfg.draft_base, resolve=True)}
+    return student, vocab, {"draft_base": str(cfg.draft_base),
+                            "draft_base_identity": contract.base_identity(cfg.draft_base, resolve=True)}

@@ -39,8 +39,8 @@ def chain(llm: ChatOpenAI):
     """question -> the answer posted, flagged for review, or replaced by an abstention."""
     post = RunnableLambda(lambda d: {"route": "posted", "text": d["text"]})
     review = RunnableLambda(lambda d: {"route": "queued for review", "text": d["text"], "p_wrong": d["p_wrong"]})
-    abstain = RunnableLambda(lambda d: {"route": "abstained",
-                                        "text": f"I am not confident enough to answer (P(wrong) = {d['p_wrong']:.2f})."})
+    abstain = RunnableLambda(lambda d: {
+        "route": "abstained", "text": f"I am not confident enough to answer (P(wrong) = {d['p_wrong']:.2f})."})
     branch = RunnableBranch((lambda d: d["action"] == "abstain", abstain), (lambda d: d["action"] == "review", review),
                             post)
     return llm | RunnableLambda(decision) | branch
