@@ -155,8 +155,6 @@ def stage_draft_base(ctx: Context) -> dict | None:
     kind = draft_base_kinds.kind(cfg.draft_base.model)
     if kind is None:
         return None  # a sibling model: nothing to build
-    import shutil
-
     from drafteu import models
     from drafteu.train import draft_base
     from drafteu.train.loop import wait_for_everyone
@@ -164,10 +162,11 @@ def stage_draft_base(ctx: Context) -> dict | None:
     sec, out = cfg.draft_base, run / "draft_base"
     cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
     target = models.identity(cfg.target)
-    home = cache / f"{kind.label(sec)}-{fileio.digest([target, ctx.digest])}" if sec.cache else run / "draft_base_data"
-    reused = sec.cache and _verified_entry(home / "model")
+    entry = draft_base.CachedBase(cache / f"{kind.label(sec)}-{fileio.digest([target, ctx.digest])}")
+    reused = sec.cache and entry.verified()
     samples = rundir.samples_path(run)
-    gen = draft_base_data_cfg(cfg, home / "data") if kind.own_data else None
+    gen = draft_base_data_cfg(cfg, (entry.home if sec.cache else run / "draft_base_data") / "data") \
+        if kind.own_data else None
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
         if sec.cache:
             gen = dataclasses.replace(gen, out=cache / f"data-{fileio.digest([target, fileio.identity(gen)])}")
@@ -177,45 +176,12 @@ def stage_draft_base(ctx: Context) -> dict | None:
         samples = gen.out / "samples.jsonl"
     if not sec.cache:
         return draft_base.run(draft_base_cfg(cfg, samples, out))
-    with fileio.locked(home, "cached draft base"):  # two runs building one recipe: one trains, one waits
-        manifest = draft_base.run(draft_base_cfg(cfg, samples, home / "model"))
-        if fileio.is_main_process() and not reused:  # what the entry is checked against before reuse
-            fileio.write_json(home / "files.json", fileio.files_digest(home / "model", skip=("trainer",)))
-    manifest = manifest | {"cache": {"path": str(home), "reused": reused, "data": fileio.identity(sec.data)}}
+    manifest = entry.build(draft_base_cfg(cfg, samples, entry.model), reused)
+    manifest = manifest | {"cache": {"path": str(entry.home), "reused": reused, "data": fileio.identity(sec.data)}}
     if fileio.is_main_process():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(home / "model", tmp, ignore=shutil.ignore_patterns("trainer"))
-        fileio.write_json(tmp / "manifest.json", manifest)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
-        tmp.rename(out)  # atomic: a killed copy leaves no half-written draft base
+        entry.copy_to(out, manifest)
     wait_for_everyone()
     return manifest
-
-
-def _verified_entry(model_dir: Path) -> bool:
-    """Whether a cached draft base is complete and its files are the ones it was made with; a
-    damaged entry is said and removed, so this run rebuilds it (the entry's data is kept)."""
-    import shutil
-
-    from drafteu.progress import note
-
-    files = model_dir.parent / "files.json"
-    if not (model_dir / "manifest.json").exists() or not files.exists():
-        return False
-    try:
-        expected = fileio.json_load(files)
-        found = fileio.files_digest(model_dir, skip=("trainer",))
-    except (OSError, ValueError):
-        expected, found = None, {}
-    if found == expected:
-        return True
-    bad = sorted(k for k in set(found) | set(expected or {}) if (expected or {}).get(k) != found.get(k))
-    note(f"the cached draft base {model_dir} is damaged ({', '.join(bad[:3]) or 'files.json'} differs from when it "
-         "was made): rebuilding it")
-    shutil.rmtree(model_dir, ignore_errors=True)
-    files.unlink(missing_ok=True)
-    return False
 
 
 def _drafts_cfg(cfg: ExperimentConfig, run: Path, spec: rundir.EnsembleSpec, trial: int):

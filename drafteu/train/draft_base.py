@@ -209,3 +209,62 @@ def truncated(cfg: DraftBaseConfig, rows: list[dict], started: float) -> dict:
         parameters=sum(p.numel() for p in draft.parameters()), train_examples=len(train_ex),
         heldout_examples=len(held_ex), top1_agreement_before=before, top1_agreement_after=after, train=stats,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine cache (``draft_base.cache``): a recipe built once per machine, copied into each run.
+
+
+class CachedBase:
+    """A draft base built once in ``home``: ``home/model`` (the model and its manifest) and
+    ``home/files.json`` (its files' digests when it was made, checked before every reuse).  Where
+    ``home`` lies and what keys it is the caller's (the pipeline: the target and the stage's digest)."""
+
+    def __init__(self, home: Path):
+        self.home, self.model, self.files = home, home / "model", home / "files.json"
+
+    def verified(self) -> bool:
+        """Whether the entry is complete and its files are the ones it was made with; a damaged
+        entry is said and removed, so it is rebuilt (the entry's data is kept)."""
+        import shutil
+
+        from drafteu.progress import note
+
+        if not (self.model / "manifest.json").exists() or not self.files.exists():
+            return False
+        try:
+            expected = fileio.json_load(self.files)
+            found = fileio.files_digest(self.model, skip=("trainer",))
+        except (OSError, ValueError):
+            expected, found = None, {}
+        if found == expected:
+            return True
+        bad = sorted(k for k in set(found) | set(expected or {}) if (expected or {}).get(k) != found.get(k))
+        note(f"the cached draft base {self.model} is damaged ({', '.join(bad[:3]) or 'files.json'} differs from when "
+             "it was made): rebuilding it")
+        shutil.rmtree(self.model, ignore_errors=True)
+        self.files.unlink(missing_ok=True)
+        return False
+
+    def build(self, cfg: DraftBaseConfig, reused: bool) -> dict:
+        """``run(cfg)`` into the entry (``cfg.out`` is ``self.model``; a complete entry is not redone) under
+        the entry's lock: two runs building one recipe, one trains and the other waits."""
+        if Path(cfg.out) != self.model:
+            raise ValueError(f"the cached base's config writes to {cfg.out}, not to {self.model}")
+        with fileio.locked(self.home, "cached draft base"):
+            manifest = run(cfg)
+            if fileio.is_main_process() and not reused:  # what the entry is checked against before reuse
+                fileio.write_json(self.files, fileio.files_digest(self.model, skip=("trainer",)))
+        return manifest
+
+    def copy_to(self, out: Path, manifest: dict) -> None:
+        """The entry's model, without its trainer state, as ``out`` with ``manifest``; atomic: a killed
+        copy leaves no half-written draft base (the copy keeps runs relocatable)."""
+        import shutil
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.model, tmp, ignore=shutil.ignore_patterns("trainer"))
+        fileio.write_json(tmp / "manifest.json", manifest)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
+        tmp.rename(out)
