@@ -157,7 +157,6 @@ def stage_draft_base(ctx: Context) -> dict | None:
         return None  # a sibling model: nothing to build
     from drafteu import models
     from drafteu.train import draft_base
-    from drafteu.train.loop import wait_for_everyone
 
     sec, out = cfg.draft_base, run / "draft_base"
     cache = (models.writable_cache() if sec.cache else models.cache_dir()) / "draft_base"
@@ -172,7 +171,7 @@ def stage_draft_base(ctx: Context) -> dict | None:
             gen = dataclasses.replace(gen, out=cache / f"data-{fileio.digest([target, fileio.identity(gen)])}")
         if fileio.is_main_process() and not reused:  # generation: the main process; training: every process
             generate.run(gen)
-        wait_for_everyone()
+        fileio.barrier()
         samples = gen.out / "samples.jsonl"
     if not sec.cache:
         return draft_base.run(draft_base_cfg(cfg, samples, out))
@@ -180,7 +179,7 @@ def stage_draft_base(ctx: Context) -> dict | None:
     manifest = manifest | {"cache": {"path": str(entry.home), "reused": reused, "data": fileio.identity(sec.data)}}
     if fileio.is_main_process():
         entry.copy_to(out, manifest)
-    wait_for_everyone()
+    fileio.barrier()
     return manifest
 
 

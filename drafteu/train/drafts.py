@@ -41,7 +41,7 @@ from drafteu.methods import DRAFT_METHODS, named
 from drafteu.posterior import NoiseConfig, NoisyModel, apply_init_noise, member_seed
 from drafteu.train.batches import window_hidden
 from drafteu.train.draft_base import split_heldout
-from drafteu.train.loop import TrainConfig, collate, examples_from_rows, fit, wait_for_everyone
+from drafteu.train.loop import TrainConfig, collate, examples_from_rows, fit
 from drafteu.train.losses import window_loss
 
 METHODS = tuple(DRAFT_METHODS)
@@ -206,7 +206,7 @@ def _run(cfg: DraftsConfig) -> dict:
 
     timings, extra = BUILDERS[method.trainer](cfg, out, names, rows, parts, base_lm, held)
     base_dir = cfg.base
-    wait_for_everyone()  # under accelerate launch: every adapter is saved before the manifest says so
+    fileio.barrier()  # under accelerate launch: every adapter is saved before the manifest says so
     manifest = fileio.write_manifest(
         out, "drafts", cfg, started, method=cfg.method, S=cfg.partitions, M=cfg.per_partition,
         # a local base is stored relative to the ensemble directory, so a copied or moved run keeps

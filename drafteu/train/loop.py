@@ -176,12 +176,6 @@ def resolve_precision(cfg: TrainConfig, device: torch.device, desc: str) -> str:
     return mp
 
 
-def wait_for_everyone() -> None:
-    """A barrier across ``accelerate launch`` / ``torchrun`` processes (a no-op in one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def optimizer_steps(n_examples: int, cfg: TrainConfig, processes: int = 1) -> int:
     """Optimizer steps of a training run: ``max_steps``, else the steps the epochs take (each step
     whole: the last is completed from the next shuffle, see the module docstring)."""
@@ -335,7 +329,7 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     if heldout is not None and (not curve or curve[-1][0] != step):
         measure()
     save()
-    wait_for_everyone()
+    fileio.barrier()
     model.eval()
     seconds = time.time() - t0
     # "seconds": the training time of every step, across kills and resumes (None when an older
