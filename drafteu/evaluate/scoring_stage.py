@@ -153,22 +153,28 @@ def stage_score(cfg, run: Path) -> dict:
                 trial_est.set_trial(trial, [EnsembleSpec.from_label(m) for m in methods if m not in TARGET_ONLY])
                 for start in range(0, len(rs), size):
                     batch = rs[start:start + size]
-                    for m in methods:  # each method on the batch's answers it lacks, in one batched pass
-                        need = [r for r in batch if (key_of(r), m, trial) not in done]
-                        if not need:
-                            continue
-                        res = trial_est.score(need, [m])[m]
-                        fileio.append_jsonl(path, [
-                            {"key": key_of(r), "qid": r["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
-                             "variance": rounded(s.variance), "bias": rounded(s.bias)}
-                            | ({"nll": rounded(s.nll)} if s.nll is not None else {})
-                            for r, s in zip(need, res, strict=True)])
+                    _score_batch(trial_est, trial, methods, batch, done, path)
                     bar.update(advance=len(batch),
                                info=f"trial {trial}" + (f", process {rank} of {world}" if world > 1 else ""))
     fileio.barrier()  # every part is complete before the merge
     if rank == 0:
         _merge(run, jobs, world)
     return {"answers": len(rows), "scored": scored, "processes": world}
+
+
+def _score_batch(trial_est: TrialEstimators, trial: int, methods: list[str], batch: list[dict], done: set,
+                 path: Path) -> None:
+    """Each method on the answers of ``batch`` it lacks (``done``), in one batched pass, appended to ``path``."""
+    for m in methods:
+        need = [r for r in batch if (key_of(r), m, trial) not in done]
+        if not need:
+            continue
+        res = trial_est.score(need, [m])[m]
+        fileio.append_jsonl(path, [
+            {"key": key_of(r), "qid": r["qid"], "method": m, "trial": trial, "eu": rounded(s.eu),
+             "variance": rounded(s.variance), "bias": rounded(s.bias)}
+            | ({"nll": rounded(s.nll)} if s.nll is not None else {})
+            for r, s in zip(need, res, strict=True)])
 
 
 def _merge(run: Path, jobs, world: int) -> None:

@@ -210,50 +210,66 @@ def stage_proxy_robustness(cfg: ExperimentConfig, run: Path) -> dict:
             if any((key_of(r), est, t) not in done for est in estimates[3:])]
     need += [(r, -1) for r in rows if any((key_of(r), est, -1) not in done for est in estimates[:3])]
     if need:
-        trial_est = TrialEstimators(cfg, run, rows)
-        trial_est.set_trial(0, [EnsembleSpec.from_label(label)], target_only=[named("baseline")])  # the raw target
-        ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
-        ref = HiddenSource(noisy.model,
-                           noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
-                           prefix_len=plen)
-        raw_target = trial_est.estimators[named("baseline")].source  # the target, adapters off
-        fresh_sources = {k: HiddenSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
-        v = ens.vocab
+        _measure_proxy_bias(cfg, run, rows, label, need)
+    return _summarize_proxy_bias(cfg, run, rows, label, estimates)
 
-        def cut(h):  # a copy: the sources' memoized batches (the entropy estimator's) keep their vocabulary
-            return dataclasses.replace(h, vocab=v)
 
-        def bias_terms(pair, *sources):
-            """KL(q_mix || mixture of each source) at every response position of one answer (a source: a
-            function of the pairs giving Hidden - a HiddenSource's ``hidden``, or p_mix wherever it runs)."""
-            hidden = [ens.draft_hidden([pair])] + [cut(s([pair])) for s in sources]
+def _measure_proxy_bias(cfg: ExperimentConfig, run: Path, rows: list[dict], label: str,
+                       need: list[tuple[dict, int]]) -> None:
+    """The bias term of ``need``'s (answer, trial) pairs against the reference, p_mix, the raw target
+    (trial -1: drawn once) and K fresh noisy targets (per trial), appended to ``PROXY_BIAS``."""
+    e, path = cfg.eval, run / PROXY_BIAS
+    trial_est = TrialEstimators(cfg, run, rows)
+    trial_est.set_trial(0, [EnsembleSpec.from_label(label)], target_only=[named("baseline")])  # the raw target
+    ens, noisy, plen = trial_est.estimators[label], trial_est.noisy, trial_est.prefix_len
+    ref = HiddenSource(noisy.model,
+                       noisy.set_members("ref", family_seeds(cfg.seed, e.reference_size, tag="reference")),
+                       prefix_len=plen)
+    raw_target = trial_est.estimators[named("baseline")].source  # the target, adapters off
+    fresh_sources = {k: HiddenSource(noisy.model, [], prefix_len=plen) for k in e.proxy_ks}
+    v = ens.vocab
 
-            def fn(q, *ps):
-                qm = divergence.mixture(q)
-                return tuple(divergence.kl(qm, divergence.mixture(p)) for p in ps)
+    def cut(h):  # a copy: the sources' memoized batches (the entropy estimator's) keep their vocabulary
+        return dataclasses.replace(h, vocab=v)
 
-            return reduce_chunks(fn, *hidden)
+    def bias_terms(pair, *sources):
+        """KL(q_mix || mixture of each source) at every response position of one answer (a source: a
+        function of the pairs giving Hidden - a HiddenSource's ``hidden``, or p_mix wherever it runs)."""
+        hidden = [ens.draft_hidden([pair])] + [cut(s([pair])) for s in sources]
 
-        with progress("proxy robustness", total=len(need)) as bar:
-            for row in [r for r, t in need if t == -1]:
-                pair = (row["prompt_ids"], row["response_ids"])
-                terms = bias_terms(pair, ref.hidden, ens.proxy_hidden, raw_target.hidden)
-                fileio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
-                                          for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
-                bar.update(advance=1)
-            for t in range(e.trials):
-                todo = [r for r, tt in need if tt == t]
-                if not todo:
-                    continue
-                for k in e.proxy_ks:  # redrawn in place: set_names drops the stale prefix cache
-                    fresh_sources[k].set_names(
-                        noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)]))
-                for row in todo:
-                    terms = bias_terms((row["prompt_ids"], row["response_ids"]),
-                                       *(src.hidden for src in fresh_sources.values()))
-                    fileio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
-                                              for k, b in zip(fresh_sources, terms, strict=True)])
-                    bar.update(advance=1, info=f"trial {t}")
+        def fn(q, *ps):
+            qm = divergence.mixture(q)
+            return tuple(divergence.kl(qm, divergence.mixture(p)) for p in ps)
+
+        return reduce_chunks(fn, *hidden)
+
+    with progress("proxy robustness", total=len(need)) as bar:
+        for row in [r for r, t in need if t == -1]:
+            pair = (row["prompt_ids"], row["response_ids"])
+            terms = bias_terms(pair, ref.hidden, ens.proxy_hidden, raw_target.hidden)
+            fileio.append_jsonl(path, [{"key": key_of(row), "trial": -1, "estimate": name, "bias": _round(b)}
+                                      for name, b in zip(("reference", "p_mix", "raw target"), terms, strict=True)])
+            bar.update(advance=1)
+        for t in range(e.trials):
+            todo = [r for r, tt in need if tt == t]
+            if not todo:
+                continue
+            for k in e.proxy_ks:  # redrawn in place: set_names drops the stale prefix cache
+                fresh_sources[k].set_names(
+                    noisy.set_members(f"fresh{k}_", [member_seed("robust", cfg.seed, t, k, j) for j in range(k)]))
+            for row in todo:
+                terms = bias_terms((row["prompt_ids"], row["response_ids"]),
+                                   *(src.hidden for src in fresh_sources.values()))
+                fileio.append_jsonl(path, [{"key": key_of(row), "trial": t, "estimate": f"K={k}", "bias": _round(b)}
+                                          for k, b in zip(fresh_sources, terms, strict=True)])
+                bar.update(advance=1, info=f"trial {t}")
+
+
+def _summarize_proxy_bias(cfg: ExperimentConfig, run: Path, rows: list[dict], label: str,
+                         estimates: list[str]) -> dict:
+    """Table 4 from the stored bias terms: each estimate against the reference per trial, and the
+    paired comparison of p_mix with the largest fresh family."""
+    e, path = cfg.eval, run / PROXY_BIAS
     stored = {(r["key"], r["estimate"], r["trial"]): np.array(r["bias"]) for r in fileio.read_jsonl(path)}
     keys = [key_of(r) for r in rows]
     truth = {k: stored[(k, "reference", -1)] for k in keys}
