@@ -134,12 +134,25 @@ def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | Non
     app.include_router(router)
     routes = {r.path for r in router.routes}  # the metrics' endpoint labels; any other path is "other"
 
-    def error_response(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    _error_handlers(app, max_body_bytes)
+    _envelope(app, api_key, max_body_bytes, metrics, routes)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.state.drain = lambda: setattr(admission, "draining", True)
+    app.state.in_flight = lambda: admission.in_flight
+    return app
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    """Every error as OpenAI's error object: ours, the request's validation, Starlette's HTTP errors
+    (404, 405, 413, unreadable JSON) and anything unexpected (500, logged)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(e)
+        return _error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -148,7 +161,7 @@ def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | Non
         kind = first.get("type", "")
         message = "the request body is not valid JSON" if kind == "json_invalid" else \
             f"{where or 'the request'}: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
-        return error_response(ApiError(400, message, param=where, code=kind or None))
+        return _error_response(ApiError(400, message, param=where, code=kind or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
@@ -158,16 +171,22 @@ def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | Non
                    413: f"the request body is over the server's limit of {max_body_bytes} bytes",
                    400: "the request body could not be read as JSON (invalid UTF-8, or nested too deeply)"
                    }.get(e.status_code, str(e.detail))
-        return error_response(ApiError(e.status_code, message, code=codes.get(e.status_code, "invalid_request"),
-                                       headers=dict(e.headers or {})))
+        return _error_response(ApiError(e.status_code, message, code=codes.get(e.status_code, "invalid_request"),
+                                        headers=dict(e.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e: Exception):
         log.exception("unexpected error")
-        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+
+def _envelope(app: FastAPI, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+              routes: set[str]) -> None:
+    """Around every request: its id (``x-request-id``, given or made), the API key on ``/v1/*``, the
+    declared body length against the limit, the metrics by endpoint and status, one log line."""
 
     @app.middleware("http")
-    async def _envelope(request: Request, call_next):
+    async def _around(request: Request, call_next):
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         path = request.url.path
@@ -175,15 +194,15 @@ def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | Non
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
-                response = error_response(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                                   "authentication_error", code="invalid_api_key"))
+                response = _error_response(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                                    "authentication_error", code="invalid_api_key"))
                 return _done(request, response, rid, t0)
         try:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = 0
         if length > max_body_bytes:
-            return _done(request, error_response(ApiError(
+            return _done(request, _error_response(ApiError(
                 413, f"the request body ({length} bytes) is over the server's limit of {max_body_bytes} bytes",
                 code="body_too_large")), rid, t0)
         response = await call_next(request)
@@ -199,11 +218,6 @@ def build_app(worker: Worker, *, model_name: str | list[str], api_key: str | Non
             metrics.latency.labels(label).observe(seconds)
         log.info("%s %s %s %d %.3fs", rid, request.method, path, response.status_code, seconds)
         return response
-
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
-    app.state.drain = lambda: setattr(admission, "draining", True)
-    app.state.in_flight = lambda: admission.in_flight
-    return app
 
 
 class _BodyLimit:

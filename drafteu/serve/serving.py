@@ -426,27 +426,8 @@ class Serving:
         loop = asyncio.get_running_loop()
         if self.worker.live:  # the speculative rounds, the continuous engine's segments
             job.on_tokens = lambda choice, part: loop.call_soon_threadsafe(live.put_nowait, (choice, part))
-        tokens, logprobs = self.tokens, (req.logprobs if chat else req.logprobs is not None)
-        offsets: dict[int, int] = {}  # completions: characters sent per choice (text_offset)
+        chunk = _Chunks(self.tokens, req, rid, created, chat)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choice: int, part: Answer | None, finish: str | None = None, summary: dict | None = None,
-                  first: bool = False) -> str:
-            eu_tokens = tokens.eu(part) if part is not None else None
-            if chat:
-                delta = P.Delta(role="assistant" if first else None, content=part.text if part is not None else None)
-                body = P.ChatChunk(id=rid, created=created, model=req.model, choices=[P.ChatChunkChoice(
-                    index=choice, delta=delta, finish_reason=finish, eu=summary, eu_tokens=eu_tokens,
-                    logprobs=P.Logprobs(content=tokens.content(part)) if logprobs and part is not None else None)])
-            else:
-                legacy = None
-                if logprobs and part is not None:
-                    legacy = tokens.legacy(part, offsets.get(choice, 0))
-                    offsets[choice] = offsets.get(choice, 0) + len(part.text)
-                body = P.CompletionChunk(id=rid, created=created, model=req.model, choices=[P.CompletionChunkChoice(
-                    index=choice, text=part.text if part is not None else "", finish_reason=finish, eu=summary,
-                    eu_tokens=eu_tokens, logprobs=legacy)])
-            return "data: " + body.model_dump_json() + "\n\n"
 
         future = self.worker.submit(job)
         sent: dict[int, int] = {}
@@ -458,9 +439,7 @@ class Serving:
             if not chat and req.echo:
                 echoed = self.echo_text(req, job.prompt_ids)
                 for i in range(job.n):
-                    offsets[i] = len(echoed)
-                    yield "data: " + P.CompletionChunk(id=rid, created=created, model=req.model, choices=[
-                        P.CompletionChunkChoice(index=i, text=echoed)]).model_dump_json() + "\n\n"
+                    yield chunk.echo(i, echoed)
             while not future.done() or not live.empty():
                 getter = asyncio.ensure_future(live.get())
                 done, _ = await asyncio.wait({future, getter}, timeout=max(0.0, deadline - time.monotonic()),
@@ -488,16 +467,57 @@ class Serving:
                     yield chunk(i, _slice(a, j, min(len(a.token_ids), j + 8)))
                 yield chunk(i, None, a.finish_reason, a.summary)
             if include_usage:
-                usage = _usage(job.prompt_ids, answers)
-                model = P.ChatChunk if chat else P.CompletionChunk
-                yield "data: " + model(id=rid, created=created, model=req.model, choices=[],
-                                       usage=usage).model_dump_json() + "\n\n"
+                yield chunk.usage(_usage(job.prompt_ids, answers))
             yield "data: [DONE]\n\n"
         finally:
             if not future.done():
                 job.cancelled = True
                 future.cancel()
             self.admission.release()
+
+
+class _Chunks:
+    """The server-sent events of one streamed request: a chunk of an answer's tokens (its EU, and its
+    logprobs when asked; completions count the characters sent per choice for ``text_offset``), the
+    echoed prompt, the usage chunk."""
+
+    def __init__(self, tokens, req, rid: str, created: int, chat: bool):
+        self.tokens, self.req, self.rid, self.created, self.chat = tokens, req, rid, created, chat
+        self.logprobs = req.logprobs if chat else req.logprobs is not None
+        self.offsets: dict[int, int] = {}
+
+    def __call__(self, choice: int, part: Answer | None, finish: str | None = None, summary: dict | None = None,
+                 first: bool = False) -> str:
+        tokens, req = self.tokens, self.req
+        eu_tokens = tokens.eu(part) if part is not None else None
+        if self.chat:
+            delta = P.Delta(role="assistant" if first else None, content=part.text if part is not None else None)
+            body = P.ChatChunk(id=self.rid, created=self.created, model=req.model, choices=[P.ChatChunkChoice(
+                index=choice, delta=delta, finish_reason=finish, eu=summary, eu_tokens=eu_tokens,
+                logprobs=P.Logprobs(content=tokens.content(part)) if self.logprobs and part is not None else None)])
+        else:
+            legacy = None
+            if self.logprobs and part is not None:
+                legacy = tokens.legacy(part, self.offsets.get(choice, 0))
+                self.offsets[choice] = self.offsets.get(choice, 0) + len(part.text)
+            body = P.CompletionChunk(id=self.rid, created=self.created, model=req.model, choices=[
+                P.CompletionChunkChoice(index=choice, text=part.text if part is not None else "", finish_reason=finish,
+                                        eu=summary, eu_tokens=eu_tokens, logprobs=legacy)])
+        return _event(body)
+
+    def echo(self, choice: int, text: str) -> str:
+        """A completion's echoed prompt (its characters count towards the choice's ``text_offset``)."""
+        self.offsets[choice] = len(text)
+        return _event(P.CompletionChunk(id=self.rid, created=self.created, model=self.req.model,
+                                        choices=[P.CompletionChunkChoice(index=choice, text=text)]))
+
+    def usage(self, usage) -> str:
+        model = P.ChatChunk if self.chat else P.CompletionChunk
+        return _event(model(id=self.rid, created=self.created, model=self.req.model, choices=[], usage=usage))
+
+
+def _event(body) -> str:
+    return "data: " + body.model_dump_json() + "\n\n"
 
 
 def _slice(a: Answer, start: int, end: int) -> Answer:
