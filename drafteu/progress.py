@@ -7,12 +7,32 @@ import time
 from contextlib import contextmanager
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``17m``, ``3h05m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class _Lines:
-    """Non-terminal fallback: one line every ``every`` seconds and at the end."""
+    """Non-terminal fallback: one line every ``every`` seconds and at the end, with the time this
+    sitting has run and, once it has made progress, the time left at its rate (a resumed job's earlier
+    work does not count towards the rate)."""
 
     def __init__(self, desc: str, total: int, completed: int, every: float = 30.0):
         self.desc, self.total, self.done, self.info = desc, total, completed, ""
         self.every, self.last = every, time.time()
+        self.start, self.t0 = completed, self.last
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now if now is not None else time.time()) - self.t0
+        made, left = self.done - self.start, self.total - self.done
+        eta = f", ~{_duration(elapsed * left / made)} left" if made > 0 and left > 0 else ""
+        info = f" {self.info}" if self.info else ""
+        return f"{self.desc}: {self.done}/{self.total}{info} ({_duration(elapsed)}{eta})"
 
     def update(self, completed: int | None = None, advance: int = 0, info: str | None = None) -> None:
         self.done = completed if completed is not None else self.done + advance
@@ -21,7 +41,7 @@ class _Lines:
             self.emit()
 
     def emit(self) -> None:
-        print(f"{self.desc}: {self.done}/{self.total} {self.info}", file=sys.stderr, flush=True)
+        print(self.line(), file=sys.stderr, flush=True)
         self.last = time.time()
 
 

@@ -201,3 +201,18 @@ def test_the_console_shows_drafteus_output_not_other_packages_import_notes(tiny_
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert not [n for n in notes if n in res.stderr + res.stdout], res.stderr
+
+
+def test_progress_lines_in_a_log_say_the_time_left_at_this_sittings_rate(capsys):
+    """Off a terminal (a background job's log) progress is plain lines with the elapsed time and, once the
+    sitting has made progress, the time left at its own rate: a resumed job's earlier work is not counted."""
+    from drafteu import progress
+
+    lines = progress._Lines("score", total=280, completed=40, every=0.0)
+    t0 = lines.t0
+    assert lines.line(now=t0 + 30) == "score: 40/280 (30s)"  # nothing made yet: no estimate
+    lines.update(advance=16, info="trial 0")
+    assert lines.line(now=t0 + 1800) == "score: 56/280 trial 0 (30m, ~7h00m left)"  # 16 in 30 min, 224 to go
+    lines.update(completed=280)
+    assert lines.line(now=t0 + 3 * 3600 + 5 * 60) == "score: 280/280 trial 0 (3h05m)"
+    assert "score: 280/280 trial 0 (" in capsys.readouterr().err  # emitted on stderr
