@@ -100,7 +100,7 @@ def test_completions_are_openais_schema_and_text_offsets_point_into_the_text(ser
 
 
 def test_top_logprobs_carry_each_tokens_own_bytes(server):
-    from drafteu.serve.serving import token_bytes, top_token
+    from drafteu.serve.wire import token_bytes, top_token
 
     tok = server.worker.tokenizer
     ids = tok("日本", add_special_tokens=False)["input_ids"]
