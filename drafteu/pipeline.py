@@ -164,8 +164,8 @@ def stage_draft_base(ctx: Context) -> dict | None:
     entry = draft_base.CachedBase(cache / f"{kind.label(sec)}-{fileio.digest([target, ctx.digest])}")
     reused = sec.cache and entry.verified()
     samples = rundir.samples_path(run)
-    gen = draft_base_data_cfg(cfg, (entry.home if sec.cache else run / "draft_base_data") / "data") \
-        if kind.own_data else None
+    data_home = entry.home if sec.cache else run / "draft_base_data"
+    gen = draft_base_data_cfg(cfg, data_home / "data") if kind.own_data else None
     if gen is not None:  # keyed by the data recipe alone: bases of other depths share it
         if sec.cache:
             gen = dataclasses.replace(gen, out=cache / f"data-{fileio.digest([target, fileio.identity(gen)])}")

@@ -10,6 +10,7 @@ skipped (point the drafts stage at the sibling instead).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -247,12 +248,10 @@ class CachedBase:
         return False
 
     def build(self, cfg: DraftBaseConfig, reused: bool) -> dict:
-        """``run(cfg)`` into the entry (``cfg.out`` is ``self.model``; a complete entry is not redone) under
-        the entry's lock: two runs building one recipe, one trains and the other waits."""
-        if Path(cfg.out) != self.model:
-            raise ValueError(f"the cached base's config writes to {cfg.out}, not to {self.model}")
+        """``run(cfg)`` into the entry's model directory (a complete entry is not redone) under the entry's
+        lock: two runs building one recipe, one trains and the other waits."""
         with fileio.locked(self.home, "cached draft base"):
-            manifest = run(cfg)
+            manifest = run(dataclasses.replace(cfg, out=self.model))
             if fileio.is_main_process() and not reused:  # what the entry is checked against before reuse
                 fileio.write_json(self.files, fileio.files_digest(self.model, skip=("trainer",)))
         return manifest
