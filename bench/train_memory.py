@@ -1,13 +1,15 @@
-"""Benchmark: training memory and step time, full (B, W, V) logits vs drafteu's chunked losses.
+"""Benchmark: training memory and step time, full (B, W, V) logits vs drafteu's chunked losses, and the
+chunked losses with activation checkpointing (``train.activation_checkpointing``).
 
-Each setting runs in its own subprocess, one after the other (full then chunked at every shape, so a
-drift of the machine touches both alike): a LoRA (r 16, all linear modules) on a model with the given
+Each setting runs in its own subprocess, one after the other (full, chunked, checkpointed at every
+shape, so a drift of the machine touches them alike): a LoRA (r 16, all linear modules) on a model with the given
 vocabulary trains ``--steps`` optimizer steps on a micro-batch of 8 sequences (a 64-token prompt + an
 answer of the given length), after one warm-up step.  Two objectives: ``sft`` (the drafts' cross-entropy
 on the answer) and ``osd`` (the proxy's forward KL against 2 noisy teachers: three window-sized logits
 tensors in the full path).  The full path is what drafteu's trainers computed before the chunked losses:
 the model's window logits, then the loss on them.  Reported: the process's peak resident set, its growth
-over the loaded model (what the step adds), and seconds per optimizer step.
+over the loaded model (what the step adds), seconds per optimizer step, and whether the first step's
+loss (the same weights in every mode) equals the full path's.
 
     python bench/train_memory.py                       # random models, vocabularies 49k / 152k / 262k
     python bench/train_memory.py --model gemma3-270m --vocabs 0 --lengths 384 --losses sft --steps 2
@@ -28,6 +30,7 @@ from divergence import ROOT, write_section  # noqa: E402
 
 PROMPT = 64
 BATCH = 8
+MODES = ("full", "chunked", "checkpointed")
 
 
 def _rss_mb() -> float:
@@ -64,6 +67,7 @@ def worker(spec: str, vocab: int, length: int, loss: str, mode: str, steps: int)
     from drafteu import divergence, hardware
     from drafteu.posterior import NoiseConfig, NoisyModel
     from drafteu.train.batches import Example, collate, window_hidden, window_logits
+    from drafteu.train.loop import activation_checkpointing
     from drafteu.train.losses import window_loss
 
     model = _model(spec, vocab)
@@ -113,15 +117,16 @@ def worker(spec: str, vocab: int, length: int, loss: str, mode: str, steps: int)
         opt.zero_grad()
         return float(value)
 
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        value = step()
-    seconds = (time.perf_counter() - t0) / steps
+    with activation_checkpointing(noisy.model, mode == "checkpointed"):
+        first = step()  # warm-up; its loss is the untrained weights', the same in every mode
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            value = step()
+        seconds = (time.perf_counter() - t0) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": spec, "vocab": vocab, "length": length, "loss": loss, "mode": mode, "precision": precision,
             "threads": torch.get_num_threads(), "peak_mb": round(peak), "growth_mb": round(peak - base_rss),
-            "step_s": round(seconds, 3), "loss_value": round(value, 5)}
+            "step_s": round(seconds, 3), "first_loss": first, "loss_value": round(value, 5)}
 
 
 def main() -> None:
@@ -131,6 +136,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="64,128,256,512", help="answer lengths")
     ap.add_argument("--losses", default="sft,osd")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(MODES), help="full (the model's window logits, then the loss), "
+                    "chunked (drafteu's losses), checkpointed (chunked + activation checkpointing)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -147,7 +154,7 @@ def main() -> None:
     for loss in args.losses.split(","):
         for vocab in [int(v) for v in args.vocabs.split(",")]:
             for length in [int(n) for n in args.lengths.split(",")]:
-                for mode in ("full", "chunked"):
+                for mode in args.modes.split(","):
                     need = _full_logits_gb(vocab or 262144, length, loss)
                     if mode == "full" and need > args.max_full_gb:
                         rows.append({"loss": loss, "vocab": vocab, "length": length, "mode": mode, "skipped": need})
@@ -169,22 +176,25 @@ def main() -> None:
 
     lines = [f"`python bench/train_memory.py {' '.join(sys.argv[1:])}` - model {args.model}, micro-batch {BATCH} x "
              f"({PROMPT}-token prompt + answer), LoRA r 16 on all linear modules, {rows[0]['threads']} threads, mixed "
-             f"precision {rows[0]['precision']} ({hardware.native_bf16(torch.device('cpu'))[1]}). Peak: the process's "
-             "resident set; growth: over the loaded model; step: seconds per optimizer step (mean of "
-             f"{args.steps} after a warm-up).", "",
-             "| loss | vocabulary | answer tokens | full: peak MB | growth MB | step s | chunked: peak MB | growth MB "
-             "| step s | chunked / full step | same loss |", "| --- | ---: | ---: | ---: | ---: | "
-                                                             "---: | ---: | ---: | ---: | ---: | --- |"]
-    for full, ch in zip(rows[::2], rows[1::2], strict=True):
-        if "skipped" in full:
-            lines.append(f"| {full['loss']} | {full['vocab']:,} | {full['length']} | not run: its logits alone "
-                         f"~{full['skipped']:.0f} GB | | | {ch['peak_mb']:,} | {ch['growth_mb']:,} | "
-                         f"{ch['step_s']:.2f} | | |")
+             f"precision {rows[0]['precision']} ({hardware.native_bf16(torch.device('cpu'))[1]}). Modes: full (the "
+             "model's window logits, then the loss), chunked (drafteu's losses), checkpointed (chunked + activation "
+             "checkpointing). Peak: the process's resident set; growth: over the loaded model; step: seconds per "
+             f"optimizer step (mean of {args.steps} after a warm-up); first loss: the warm-up step's, the same "
+             "weights in every mode (relative difference to the full path's).", "",
+             "| loss | vocabulary | answer tokens | mode | peak MB | growth MB | step s | step / full | first loss |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    full = {}
+    for r in rows:
+        head = f"| {r['loss']} | {r['vocab']:,} | {r['length']} | {r['mode']} |"
+        if "skipped" in r:
+            lines.append(f"{head} not run: its logits alone ~{r['skipped']:.0f} GB | | | | |")
             continue
-        same = abs(full["loss_value"] - ch["loss_value"]) <= 1e-3 * max(1.0, abs(full["loss_value"]))
-        lines.append(f"| {full['loss']} | {full['vocab']:,} | {full['length']} | {full['peak_mb']:,} | "
-                     f"{full['growth_mb']:,} | {full['step_s']:.2f} | {ch['peak_mb']:,} | {ch['growth_mb']:,} | "
-                     f"{ch['step_s']:.2f} | {ch['step_s'] / full['step_s']:.2f}x | {'yes' if same else 'no'} |")
+        shape = (r["loss"], r["vocab"], r["length"])
+        ref = full.setdefault(shape, r) if r["mode"] == "full" else full.get(shape)
+        ratio = f"{r['step_s'] / ref['step_s']:.2f}x" if ref and r is not ref else ""
+        diff = abs(r["first_loss"] - ref["first_loss"]) / max(1.0, abs(ref["first_loss"])) if ref else None
+        first = f"{r['first_loss']:.5f}" + ("" if diff is None or r is ref else f" ({diff:.1e})")
+        lines.append(f"{head} {r['peak_mb']:,} | {r['growth_mb']:,} | {r['step_s']:.2f} | {ratio} | {first} |")
     key = "train-memory-" + ("random" if args.model == "random" else args.model)
     write_section(args.out, key, "Training memory: full logits vs chunked losses", "\n".join(lines))
 

@@ -137,7 +137,7 @@ def window_hidden(model, batch: dict, adapters: list[str] | None = None) -> Wind
             out = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
             out = _gather(out, batch["gather"], k)
         else:
-            out = model(**inputs, **names, logits_to_keep=batch["keep"]).logits[:, :-1]
+            out = model(**inputs, **names, use_cache=False, logits_to_keep=batch["keep"]).logits[:, :-1]
     return Window(out.reshape(k, b, *out.shape[1:]) if adapters else out, head)
 
 

@@ -18,6 +18,11 @@ Several processes (``accelerate launch`` or ``torchrun``; gloo on CPUs): process
 micro-batches r, r + P, ..., every process runs the same number of steps, DDP averages the
 gradients, and only the main process writes checkpoints and adapters.
 
+Memory: the losses never hold a (B, T, V) tensor (``train.losses``); what a micro-batch still holds is its
+activations, every decoder layer's, kept for the backward.  ``activation_checkpointing`` keeps only each
+layer's input and recomputes the layer in the backward (transformers' own checkpointing, non-reentrant):
+the same gradients for about a third more compute, the activations' memory of one layer instead of all.
+
 Precision: ``mixed_precision: auto`` is bf16 autocast only where bf16 is native
 (``drafteu.hardware``); each stage enters a fresh accelerate state (``accelerate_stage``), so a
 TRL baseline's settings never leak into the next stage.
@@ -30,6 +35,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,11 +77,19 @@ class TrainConfig:
                 f"improving ({PLATEAU_PATIENCE} measurements in a row without a {PLATEAU_TOLERANCE:.0%} gain on the "
                 "best); null: train for the configured steps, measured at the end"})
 
-    location_fields = ("save_every",)  # how often progress is saved: resume is exact, so not what is trained
+    # how often progress is saved (resume is exact) and whether activations are recomputed (the same
+    # gradients): how it is trained, not what
+    location_fields = ("save_every", "activation_checkpointing")
     share_prefix: bool | None = field(default=None, metadata={
         "help": "run the prompts' common prefix (system prompt, worked examples) once per micro-batch and continue "
                 "every sequence from its KV cache: the same loss to float rounding, a fraction of the prompt's "
                 "compute; null or false: every sequence whole"})
+
+    activation_checkpointing: bool | None = field(default=None, metadata={
+        "help": "keep only each decoder layer's input in the forward and recompute the layer in the backward: the "
+                "same gradients for about a third more compute, the activations' memory of one layer instead of all "
+                "(docs/benchmarks.md, training memory); not with share_prefix, whose prefix cache a recomputed layer "
+                "would not see; null or false: keep every layer's activations"})
 
     optional_fields = ("eval_every", "share_prefix")  # unset: the identity of runs made before the option existed
 
@@ -95,6 +109,10 @@ class TrainConfig:
             raise DraftEUError("warmup_steps and weight_decay must be >= 0, save_every >= 1")
         if self.eval_every is not None and self.eval_every < 1:
             raise DraftEUError(f"eval_every must be >= 1 (or null), got {self.eval_every}")
+        if self.activation_checkpointing and self.share_prefix:
+            raise DraftEUError("activation_checkpointing and share_prefix cannot both be on: a layer recomputed in "
+                               "the backward runs without the shared prefix's KV cache; turn one off (share_prefix "
+                               "saves compute, activation_checkpointing memory)")
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
@@ -264,6 +282,41 @@ def fit(
     return stats | {"mixed_precision": precision}
 
 
+@contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool, desc: str = "train"):
+    """Within the block, ``model``'s transformers model (under PEFT or not) recomputes each decoder layer
+    in the backward instead of keeping its activations (transformers' checkpointing, non-reentrant: the
+    same gradients); off again after it, so later passes of the same model run as before."""
+    if not enabled:
+        yield
+        return
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        name = type(inner or model).__name__
+        raise DraftEUError(f"{desc}: {name} has no activation checkpointing; set train.activation_checkpointing "
+                           "to false (or null) for this model")
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():  # transformers >= 5.x renamed the methods; the older names warn
+        warnings.simplefilter("ignore", FutureWarning)
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if hasattr(inner, "activation_checkpointing_disable"):
+                inner.activation_checkpointing_disable()
+            else:
+                inner.gradient_checkpointing_disable()
+        if hasattr(inner, "_require_grads_hook"):  # the enable's hook on the embeddings, left by the disable
+            inner.disable_input_require_grads()
+
+
 def plateau(curve: list[tuple[int, float]]) -> bool:
     """Whether the last PLATEAU_PATIENCE held-out measurements of ``curve`` [(step, loss)] all fail to
     improve on the best before them by PLATEAU_TOLERANCE (relative)."""
@@ -307,7 +360,8 @@ def _fit(acc, model, params, examples, loss_fn, cfg: TrainConfig, ckpt_dir: Path
     model.train()
     t0, tokens_at_start = time.time(), tokens
     every = cfg.eval_every if heldout is not None else None
-    with progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar:
+    with (activation_checkpointing(unwrapped, bool(cfg.activation_checkpointing), desc),
+          progress(f"{desc} steps", total=steps_total, completed=step, enabled=acc.is_main_process) as bar):
         while step < steps_total and not (every and plateau(curve)):
             lr = scheduler.get_last_lr()[0]
             for value, n_tokens in _accumulate(acc, model, loss_fn, examples, order, step, cfg, pad_id, desc):
