@@ -52,11 +52,12 @@ def _model(spec: str, vocab: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _full_logits_gb(vocab: int, length: int, loss: str) -> float:
-    """GB of window-sized logits the full path holds at once: the student's float32 logits, their bf16
-    copy and gradient, and (osd) two teachers' - a lower bound of its peak."""
-    window = BATCH * length * vocab
-    return window * (4 + 2 + 4 + (2 * 2 if loss == "osd" else 0)) / 1e9
+def _full_step_gb(vocab: int, length: int, loss: str) -> float:
+    """GB the full path's step adds over the loaded model: its window-sized tensors, at the bytes per
+    window element measured on the random model at 49k-262k vocabularies (sft: ~17 - the float32 logits,
+    their bf16 copy, softmax and gradients; osd: ~75 - two teachers' distributions, the KL's float32
+    intermediates and their gradients)."""
+    return BATCH * length * vocab * (17 if loss == "sft" else 75) / 1e9
 
 
 def worker(spec: str, vocab: int, length: int, loss: str, mode: str, steps: int) -> dict:
@@ -115,7 +116,7 @@ def worker(spec: str, vocab: int, length: int, loss: str, mode: str, steps: int)
             value.backward()
         opt.step()
         opt.zero_grad()
-        return float(value)
+        return float(value.detach())
 
     with activation_checkpointing(noisy.model, mode == "checkpointed"):
         first = step()  # warm-up; its loss is the untrained weights', the same in every mode
@@ -139,33 +140,46 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="full (the model's window logits, then the loss), "
                     "chunked (drafteu's losses), checkpointed (chunked + activation checkpointing)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--json", type=Path, help="write the rows here as they come; rows already in the "
+                    "file (an interrupted run of the same command) are kept, not re-run")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--max-full-gb", type=float, default=12.0,
-                    help="skip the full path where its logits alone would take "
-                         "more (a model's own vocabulary: counted as 262,144)")
+                    help="skip the full path where its step would add more (estimated from the window's size; a "
+                         "model's own vocabulary is counted as 262,144)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         vocab, length, loss, mode, steps = args.worker
         print(json.dumps(worker(args.model, int(vocab), int(length), loss, mode, int(steps))))
         return
+    # rows of an earlier, interrupted run of the same command (--json) are kept, their settings not re-run
+    done = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     rows = []
     for loss in args.losses.split(","):
         for vocab in [int(v) for v in args.vocabs.split(",")]:
             for length in [int(n) for n in args.lengths.split(",")]:
                 for mode in args.modes.split(","):
-                    need = _full_logits_gb(vocab or 262144, length, loss)
+                    setting = f"{loss}/{vocab}/{length}/{mode}"
+                    kept = [r for r in done if r.get("setting") == setting]
+                    if kept:
+                        rows.append(kept[0])
+                        continue
+                    need = _full_step_gb(vocab or 262144, length, loss)
                     if mode == "full" and need > args.max_full_gb:
-                        rows.append({"loss": loss, "vocab": vocab, "length": length, "mode": mode, "skipped": need})
+                        rows.append({"loss": loss, "vocab": vocab, "length": length, "mode": mode, "skipped": need,
+                                     "setting": setting})
                         print(rows[-1], flush=True)
                         continue
                     out = subprocess.run([sys.executable, __file__, "--model", args.model, "--worker", str(vocab),
                                           str(length), loss, mode, str(args.steps)], capture_output=True, text=True)
-                    if out.returncode != 0:
-                        raise SystemExit(out.stderr[-2000:])
-                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    if out.returncode != 0:  # a kill (the machine's memory) leaves no traceback: say so
+                        why = f"killed by signal {-out.returncode}" if out.returncode < 0 else out.stderr[-2000:]
+                        raise SystemExit(f"{setting}: {why}; the rows so far are in --json, rerun to go on, "
+                                         "--max-full-gb lower to skip the largest full settings")
+                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"setting": setting})
                     print(rows[-1], flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(rows, indent=1))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.no_write:
@@ -174,7 +188,10 @@ def main() -> None:
 
     from drafteu import hardware
 
-    lines = [f"`python bench/train_memory.py {' '.join(sys.argv[1:])}` - model {args.model}, micro-batch {BATCH} x "
+    argv = sys.argv[1:]
+    if "--json" in argv:  # where this machine kept the rows: not part of what was measured
+        del argv[argv.index("--json"):argv.index("--json") + 2]
+    lines = [f"`python bench/train_memory.py {' '.join(argv)}` - model {args.model}, micro-batch {BATCH} x "
              f"({PROMPT}-token prompt + answer), LoRA r 16 on all linear modules, {rows[0]['threads']} threads, mixed "
              f"precision {rows[0]['precision']} ({hardware.native_bf16(torch.device('cpu'))[1]}). Modes: full (the "
              "model's window logits, then the loss), chunked (drafteu's losses), checkpointed (chunked + activation "
@@ -187,7 +204,7 @@ def main() -> None:
     for r in rows:
         head = f"| {r['loss']} | {r['vocab']:,} | {r['length']} | {r['mode']} |"
         if "skipped" in r:
-            lines.append(f"{head} not run: its logits alone ~{r['skipped']:.0f} GB | | | | |")
+            lines.append(f"{head} not run: it would add ~{r['skipped']:.0f} GB | | | | |")
             continue
         shape = (r["loss"], r["vocab"], r["length"])
         ref = full.setdefault(shape, r) if r["mode"] == "full" else full.get(shape)
@@ -195,8 +212,10 @@ def main() -> None:
         diff = abs(r["first_loss"] - ref["first_loss"]) / max(1.0, abs(ref["first_loss"])) if ref else None
         first = f"{r['first_loss']:.5f}" + ("" if diff is None or r is ref else f" ({diff:.1e})")
         lines.append(f"{head} {r['peak_mb']:,} | {r['growth_mb']:,} | {r['step_s']:.2f} | {ratio} | {first} |")
-    key = "train-memory-" + ("random" if args.model == "random" else args.model)
-    write_section(args.out, key, "Training memory: full logits vs chunked losses", "\n".join(lines))
+    # one section per model and answer lengths: the random table, Gemma's goal shape, the demo's shape
+    key = f"train-memory-{args.model}" + ("" if args.model == "random" else "-" + args.lengths.replace(",", "-"))
+    title = f"Training memory on {args.model}: full logits vs chunked losses, answer tokens"
+    write_section(args.out, key, title, "\n".join(lines))
 
 
 if __name__ == "__main__":
