@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from drafteu import divergence
 from drafteu.train import losses
 from drafteu.train.batches import Example, collate, window_hidden, window_logits
+from drafteu.train.loop import activation_checkpointing
 from tests.conftest import make_gemma3, make_model
 
 EXAMPLES = [Example([1, 5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]),
@@ -99,6 +100,34 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(tokenizer, arch, share
     with torch.no_grad():  # a measurement: the same number, no graph
         measured = losses.window_loss(window_hidden(student, batch), mask, kind=kind, **kw)
     assert not measured.requires_grad and float(measured) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("share_prefix", [False, True], ids=["whole", "shared-prefix"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokenizer, arch, share_prefix):
+    """train.activation_checkpointing recomputes the decoder layers in the backward - with a shared
+    prefix, against its replayed KV cache (Gemma 3: sliding-window layers too) - and the loss and the
+    gradients are those of the kept activations."""
+    student = _student(arch, len(tokenizer)).train()  # no dropout: both passes compute the same thing
+    batch = collate(EXAMPLES, 0, "cpu", share_prefix=share_prefix)
+    layer = student.get_base_model().model.layers[0]
+    runs = []
+    # inside the layer, so its recomputation counts too; training passes only (not the head's check)
+    hook = layer.mlp.register_forward_pre_hook(lambda m, _: runs.append(1) if m.training else None)
+    got = {}
+    for on in (False, True):
+        runs.clear()
+        with activation_checkpointing(student, on):
+            loss = losses.window_loss(window_hidden(student, batch), batch["loss_mask"], kind="ce",
+                                      targets=batch["targets"])
+            loss.backward()
+        got[on] = float(loss.detach()), _grads(student), len(runs)
+    hook.remove()
+    # the prefix's forward (one row) is kept; the sequences' forward runs once more in the backward
+    assert got[False][2] == 1 + share_prefix and got[True][2] == got[False][2] + 1
+    assert got[True][0] == pytest.approx(got[False][0], rel=1e-6)
+    _close(got[True][1], got[False][1], 1e-5)
+    assert not student.get_base_model().is_gradient_checkpointing and "_can_checkpoint_with_cache" not in vars(layer)
 
 
 def test_a_trainable_head_gets_the_full_computations_gradient(tokenizer):

@@ -57,21 +57,23 @@ def test_a_shared_prefix_gives_the_whole_sequences_loss_gradient_and_teachers(ar
 
 
 def test_a_shared_prefix_trains_to_the_same_weights(tmp_path):
-    """fit with train.share_prefix reaches the weights of whole-sequence training (no dropout), and a
-    batch whose prompts share too little is laid out whole."""
+    """fit with train.share_prefix reaches the weights of whole-sequence training (no dropout), with
+    activation checkpointing too (the prefix's cache replayed), and a batch whose prompts share too
+    little is laid out whole."""
     from peft import LoraConfig, get_peft_model
 
     ex = _shared_prefix_examples(seed=2)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     weights = []
-    for share in (None, True):
+    for share, recompute in ((None, None), (True, None), (True, True)):
         torch.manual_seed(0)
         peft = get_peft_model(make_model(64, layers=2), lora, adapter_name="d")
         cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=2, grad_accum=2, warmup_steps=0, mixed_precision="no",
-                          share_prefix=share)
-        loop.fit(peft, ex, drafts._sft_loss, cfg, tmp_path / str(share), pad_id=0)
+                          share_prefix=share, activation_checkpointing=recompute)
+        loop.fit(peft, ex, drafts._sft_loss, cfg, tmp_path / f"{share}-{recompute}", pad_id=0)
         weights.append(torch.cat([p.detach().flatten() for n, p in peft.named_parameters() if "lora_" in n]))
     assert (weights[0] - weights[1]).abs().max() < 1e-4 and weights[0].abs().max() > 0.01
+    assert (weights[2] - weights[1]).abs().max() < 1e-6
     short = [loop.Example([5] * 7 + [9], [4]), loop.Example([5] * 7 + [8], [4])]  # 7 shared tokens: too few
     assert "prefix_ids" not in loop.collate(short, 0, "cpu", share_prefix=True)
     assert "share_prefix" not in fileio.identity(TrainConfig())  # unset: old runs keep their identity

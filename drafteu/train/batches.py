@@ -12,6 +12,11 @@ sequence, whose rest follows right-padded (so a sliding window sees the same tok
 sequence), and the response window is gathered from the last hidden states before the output head.
 The loss and its gradient equal the whole sequences' to float rounding (the repeat's backward sums
 the rows' gradients into the one prefix); LoRA dropout draws one mask for the prefix.
+
+With activation checkpointing on (``TrainConfig.activation_checkpointing``), the prefix's forward
+keeps its activations (one row) and fills the cache as before; the continuation's layers are
+recomputed in the backward, so each cache layer is made replayable: before every update it returns to
+its state after the prefix, and a recomputed layer attends to exactly what its first run did.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from drafteu.errors import DraftEUError
 from drafteu.kvcache import cache_kw, lcp, output_cache
 from drafteu.sources import HiddenSource
 from drafteu.train.losses import Head, Window
@@ -134,7 +141,8 @@ def window_hidden(model, batch: dict, adapters: list[str] | None = None) -> Wind
     with source.hidden_out() if head is not None else contextlib.nullcontext():
         if "prefix_ids" in batch:
             cache = _prefix_cache(model, batch, adapters, names)
-            out = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
+            with _layers_set(_checkpointed(model), _can_checkpoint_with_cache=True):  # the replayable cache
+                out = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
             out = _gather(out, batch["gather"], k)
         else:
             out = model(**inputs, **names, use_cache=False, logits_to_keep=batch["keep"]).logits[:, :-1]
@@ -148,12 +156,65 @@ def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torc
 
 
 def _prefix_cache(model, batch: dict, adapters, names: dict):
-    """The prefix's KV cache (one row per adapter), each row repeated for the batch's sequences."""
+    """The prefix's KV cache (one row per adapter), each row repeated for the batch's sequences;
+    replayable where the continuation's layers are recomputed in the backward."""
     b = batch["input_ids"].shape[0]
     prefix = batch["prefix_ids"].expand(len(adapters) if adapters else 1, -1)
     pre_names = {"adapter_names": list(adapters)} if adapters else {}
-    cache = output_cache(model(input_ids=prefix, **pre_names, use_cache=True, logits_to_keep=1))
+    checkpointed = _checkpointed(model)
+    with _layers_set(checkpointed, gradient_checkpointing=False):  # one row: kept, and it fills its cache
+        cache = output_cache(model(input_ids=prefix, **pre_names, use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(b)  # row k * b + i: adapter k, sequence i (adapter-major, as ``names``)
+    return _replayable(cache) if checkpointed else cache
+
+
+def _checkpointed(model) -> list[torch.nn.Module]:
+    """The modules transformers' activation checkpointing acts on in this pass (training mode,
+    gradients on): the decoder layers it recomputes and the model that turns its cache off; none
+    otherwise."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    mods = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    if any(isinstance(m, GradientCheckpointingLayer) for m in mods) and \
+            not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+        raise DraftEUError("train.activation_checkpointing with train.share_prefix needs a transformers whose "
+                           "checkpointed layers can keep a KV cache (5.2x and later); upgrade transformers or turn "
+                           "one of the two off")
+    return mods
+
+
+@contextlib.contextmanager
+def _layers_set(layers: list[torch.nn.Module], **values):
+    """Set attributes of ``layers`` for the block, then put back what each had."""
+    missing = object()
+    before = [{k: vars(m).get(k, missing) for k in values} for m in layers]
+    for m in layers:
+        for k, v in values.items():
+            setattr(m, k, v)
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, before, strict=True):
+            for k, v in old.items():
+                if v is missing:
+                    delattr(m, k)
+                else:
+                    setattr(m, k, v)
+
+
+def _replayable(cache):
+    """``cache`` with every layer put back to its present state before each update: the first run of
+    a layer appends to the prefix as usual, and its recomputation in the backward sees the prefix
+    again, not the prefix and the first run's keys (a layer's update replaces its tensors, never
+    writes into them, so the state is its attributes)."""
+    for layer in cache.layers:
+        state, update = dict(vars(layer)), layer.update
+
+        def replay(*args, _layer=layer, _state=state, _update=update, **kwargs):
+            vars(_layer).update(_state)
+            return _update(*args, **kwargs)
+
+        layer.update = replay
     return cache
 
 

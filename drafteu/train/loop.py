@@ -88,8 +88,8 @@ class TrainConfig:
     activation_checkpointing: bool | None = field(default=None, metadata={
         "help": "keep only each decoder layer's input in the forward and recompute the layer in the backward: the "
                 "same gradients for about a third more compute, the activations' memory of one layer instead of all "
-                "(docs/benchmarks.md, training memory); not with share_prefix, whose prefix cache a recomputed layer "
-                "would not see; null or false: keep every layer's activations"})
+                "(docs/benchmarks.md, training memory); with share_prefix the prefix's cache is replayed for the "
+                "recomputed layers; null or false: keep every layer's activations"})
 
     optional_fields = ("eval_every", "share_prefix")  # unset: the identity of runs made before the option existed
 
@@ -109,10 +109,6 @@ class TrainConfig:
             raise DraftEUError("warmup_steps and weight_decay must be >= 0, save_every >= 1")
         if self.eval_every is not None and self.eval_every < 1:
             raise DraftEUError(f"eval_every must be >= 1 (or null), got {self.eval_every}")
-        if self.activation_checkpointing and self.share_prefix:
-            raise DraftEUError("activation_checkpointing and share_prefix cannot both be on: a layer recomputed in "
-                               "the backward runs without the shared prefix's KV cache; turn one off (share_prefix "
-                               "saves compute, activation_checkpointing memory)")
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
