@@ -395,41 +395,6 @@ def test_training_steps_are_whole_and_follow_the_schedule(tiny_dir, workdir, tmp
     assert [f(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
 
 
-def test_activation_checkpointing_recomputes_the_layers_and_trains_the_same_weights(tiny_dir, workdir, tmp_path):
-    """train.activation_checkpointing: each decoder layer runs again in the backward (the forward
-    keeps only its input), the LoRA trains to the same weights, and the model is back to normal after
-    fit (tests/test_losses.py checks the gradients, with and without a shared prefix)."""
-    from peft import LoraConfig, get_peft_model
-
-    lm = models.load(str(tiny_dir))
-    ex = loop.examples_from_rows(fileio.read_jsonl(workdir / "data" / "samples.jsonl")[:8],
-                                 lm.tokenizer.eos_token_id)
-    trained, calls = {}, {}
-    for on in (False, True):
-        torch.manual_seed(0)
-        draft = get_peft_model(models.truncate_layers(lm.model, 2), LoraConfig(r=4, target_modules="all-linear"))
-        mlp = draft.get_base_model().model.layers[0].mlp  # inside the layer: its recompute calls it again
-        calls[on] = 0
-
-        def count(module, _, on=on):
-            calls[on] += module.training and torch.is_grad_enabled()  # training passes only
-
-        hook = mlp.register_forward_pre_hook(count)
-        cfg = TrainConfig(lr=1e-3, max_steps=2, batch_size=4, grad_accum=1, warmup_steps=0, mixed_precision="no",
-                          activation_checkpointing=on)
-        loop.fit(draft, ex, drafts._sft_loss, cfg, tmp_path / str(on), pad_id=lm.tokenizer.pad_token_id)
-        hook.remove()
-        trained[on] = {n: p.detach().clone() for n, p in draft.named_parameters() if "lora_" in n}
-        assert not draft.get_base_model().is_gradient_checkpointing  # off again after training
-    assert calls[False] == 2 and calls[True] == 4  # 2 micro-batches; each layer once more in every backward
-    assert trained[True].keys() == trained[False].keys()
-    for n, w in trained[True].items():
-        assert torch.allclose(w, trained[False][n], atol=1e-6), n
-    assert not all(torch.equal(w, torch.zeros_like(w)) for n, w in trained[True].items() if "lora_B" in n)
-    # how it is trained, not what: the same identity with or without it
-    assert fileio.identity(TrainConfig(activation_checkpointing=True)) == fileio.identity(TrainConfig())
-
-
 def test_clear_errors_before_training(workdir, tiny_dir, tmp_path):
     base = dict(samples=workdir / "data" / "samples.jsonl", out=tmp_path, base=str(workdir / "base"),
                 target=str(tiny_dir))

@@ -140,8 +140,9 @@ def window_hidden(model, batch: dict, adapters: list[str] | None = None) -> Wind
     head = Head.of(inner) if hidden_ok else None
     with source.hidden_out() if head is not None else contextlib.nullcontext():
         if "prefix_ids" in batch:
-            cache = _prefix_cache(model, batch, adapters, names)
-            with _layers_set(_checkpointed(model), _can_checkpoint_with_cache=True):  # the replayable cache
+            checkpointed = _checkpointed(model)
+            cache = _prefix_cache(model, batch, adapters, names, checkpointed)
+            with _layers_set(checkpointed, _can_checkpoint_with_cache=True):  # the replayable cache
                 out = model(**inputs, **names, **cache_kw(cache), use_cache=True, logits_to_keep=0).logits
             out = _gather(out, batch["gather"], k)
         else:
@@ -155,13 +156,12 @@ def window_logits(model, batch: dict, adapters: list[str] | None = None) -> torc
     return window_hidden(model, batch, adapters).logits()
 
 
-def _prefix_cache(model, batch: dict, adapters, names: dict):
+def _prefix_cache(model, batch: dict, adapters, names: dict, checkpointed: list[torch.nn.Module]):
     """The prefix's KV cache (one row per adapter), each row repeated for the batch's sequences;
-    replayable where the continuation's layers are recomputed in the backward."""
+    replayable where the continuation's layers are recomputed in the backward (``checkpointed``)."""
     b = batch["input_ids"].shape[0]
     prefix = batch["prefix_ids"].expand(len(adapters) if adapters else 1, -1)
     pre_names = {"adapter_names": list(adapters)} if adapters else {}
-    checkpointed = _checkpointed(model)
     with _layers_set(checkpointed, gradient_checkpointing=False):  # one row: kept, and it fills its cache
         cache = output_cache(model(input_ids=prefix, **pre_names, use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(b)  # row k * b + i: adapter k, sequence i (adapter-major, as ``names``)

@@ -293,24 +293,23 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool, desc: str = 
         name = type(inner or model).__name__
         raise DraftEUError(f"{desc}: {name} has no activation checkpointing; set train.activation_checkpointing "
                            "to false (or null) for this model")
-    kwargs = {"use_reentrant": False}
-    with warnings.catch_warnings():  # transformers >= 5.x renamed the methods; the older names warn
-        warnings.simplefilter("ignore", FutureWarning)
-        if hasattr(inner, "activation_checkpointing_enable"):
-            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _checkpointing_call(inner, "enable", {"use_reentrant": False})
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            if hasattr(inner, "activation_checkpointing_disable"):
-                inner.activation_checkpointing_disable()
-            else:
-                inner.gradient_checkpointing_disable()
+        _checkpointing_call(inner, "disable")
         if hasattr(inner, "_require_grads_hook"):  # the enable's hook on the embeddings, left by the disable
             inner.disable_input_require_grads()
+
+
+def _checkpointing_call(model, action: str, kwargs: dict | None = None) -> None:
+    """transformers' ``activation_checkpointing_<action>`` (its name since 5.2x), or the older
+    ``gradient_checkpointing_<action>``, which newer versions keep with a FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        name = "activation" if hasattr(model, f"activation_checkpointing_{action}") else "gradient"
+        extra = {} if kwargs is None else {f"{name}_checkpointing_kwargs": kwargs}
+        getattr(model, f"{name}_checkpointing_{action}")(**extra)
 
 
 def plateau(curve: list[tuple[int, float]]) -> bool:
